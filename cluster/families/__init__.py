@@ -1,0 +1,18 @@
+"""Model families: a family maps a Hugging Face config.json to ModelConfig and
+names every checkpoint tensor in one table."""
+from __future__ import annotations
+
+from cluster.families.base import Family, UnsupportedModelError
+from cluster.families import mixtral, olmoe, qwen2_moe, qwen3_moe
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (mixtral.FAMILY, qwen2_moe.FAMILY, qwen3_moe.FAMILY, olmoe.FAMILY)}
+
+
+def get_family(model_type: str | None) -> Family:
+    if model_type not in FAMILIES:
+        known = ", ".join(sorted(FAMILIES))
+        raise UnsupportedModelError(f"unsupported model_type {model_type!r} in config.json (supported: {known})")
+    return FAMILIES[model_type]
+
+
+__all__ = ["FAMILIES", "Family", "UnsupportedModelError", "get_family"]

@@ -1,0 +1,107 @@
+"""What a model family is: a config parser and one tensor-name table."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from cluster.config import ModelConfig
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's config.json describes something we cannot run."""
+
+
+# Our tensor names. `{layer}` / `{expert_id}` are filled in per use.
+# Every family maps (a subset of) these to its checkpoint names; nowhere else
+# in the code base does a checkpoint tensor name appear.
+QWEN_STYLE_TENSORS: dict[str, str] = {
+    "embed": "model.embed_tokens.weight",
+    "final_norm": "model.norm.weight",
+    "lm_head": "lm_head.weight",
+    "attn_norm": "model.layers.{layer}.input_layernorm.weight",
+    "q_proj": "model.layers.{layer}.self_attn.q_proj.weight",
+    "k_proj": "model.layers.{layer}.self_attn.k_proj.weight",
+    "v_proj": "model.layers.{layer}.self_attn.v_proj.weight",
+    "o_proj": "model.layers.{layer}.self_attn.o_proj.weight",
+    "q_bias": "model.layers.{layer}.self_attn.q_proj.bias",
+    "k_bias": "model.layers.{layer}.self_attn.k_proj.bias",
+    "v_bias": "model.layers.{layer}.self_attn.v_proj.bias",
+    "q_norm": "model.layers.{layer}.self_attn.q_norm.weight",
+    "k_norm": "model.layers.{layer}.self_attn.k_norm.weight",
+    "mlp_norm": "model.layers.{layer}.post_attention_layernorm.weight",
+    "router": "model.layers.{layer}.mlp.gate.weight",
+    "expert_gate": "model.layers.{layer}.mlp.experts.{expert_id}.gate_proj.weight",
+    "expert_up": "model.layers.{layer}.mlp.experts.{expert_id}.up_proj.weight",
+    "expert_down": "model.layers.{layer}.mlp.experts.{expert_id}.down_proj.weight",
+    "shared_gate": "model.layers.{layer}.mlp.shared_expert.gate_proj.weight",
+    "shared_up": "model.layers.{layer}.mlp.shared_expert.up_proj.weight",
+    "shared_down": "model.layers.{layer}.mlp.shared_expert.down_proj.weight",
+    "shared_router": "model.layers.{layer}.mlp.shared_expert_gate.weight",
+    "dense_gate": "model.layers.{layer}.mlp.gate_proj.weight",
+    "dense_up": "model.layers.{layer}.mlp.up_proj.weight",
+    "dense_down": "model.layers.{layer}.mlp.down_proj.weight",
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    parse_config: Callable[[dict[str, Any]], ModelConfig]
+    tensors: dict[str, str]
+
+    def tensor_name(self, ours: str, layer: int | None = None, expert_id: int | None = None) -> str:
+        return self.tensors[ours].format(layer=layer, expert_id=expert_id)
+
+
+def require(cfg: dict[str, Any], *keys: str) -> Any:
+    """First present key of `keys`; a clear error when none is."""
+    for key in keys:
+        if cfg.get(key) is not None:
+            return cfg[key]
+    raise UnsupportedModelError(f"config.json lacks required field {keys[0]!r}")
+
+
+def rope_theta(cfg: dict[str, Any]) -> float:
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise UnsupportedModelError(f"config.json: rope_type {rope_type!r} is not supported (only 'default')")
+    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+def eos_ids(cfg: dict[str, Any]) -> tuple[int, ...]:
+    eos = cfg.get("eos_token_id")
+    if eos is None:
+        return ()
+    ids = tuple(eos) if isinstance(eos, list) else (eos,)
+    return tuple(i for i in ids if 0 <= i < cfg["vocab_size"])
+
+
+def common_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Fields every family reads the same way."""
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"config.json: hidden_act {cfg['hidden_act']!r} is not supported (only 'silu')")
+    hidden = int(require(cfg, "hidden_size"))
+    heads = int(require(cfg, "num_attention_heads"))
+    return dict(
+        model_type=cfg["model_type"],
+        vocab_size=int(require(cfg, "vocab_size")),
+        hidden_size=hidden,
+        num_layers=int(require(cfg, "num_hidden_layers")),
+        num_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta(cfg),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=eos_ids(cfg),
+    )
+
+
+def sparse_layers(cfg: dict[str, Any], num_layers: int) -> tuple[bool, ...]:
+    """Qwen-style layer pattern: decoder_sparse_step and mlp_only_layers."""
+    step = int(cfg.get("decoder_sparse_step", 1) or 1)
+    dense = set(cfg.get("mlp_only_layers") or [])
+    return tuple(layer not in dense and (layer + 1) % step == 0 for layer in range(num_layers))

@@ -1,0 +1,60 @@
+"""Expert compute. Shapes: N rows, D hidden, I expert intermediate, E experts.
+
+`ExpertExecutor` is the seam between the MoE layer and where experts live:
+the in-process `LocalExperts` below, or remote expert workers (deployments/).
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cluster.model.weights import MLPWeights
+
+
+def swiglu(x: Tensor, w: MLPWeights) -> Tensor:
+    gate_up = F.linear(x, w.gate_up)  # [N, 2I]
+    gate, up = gate_up.chunk(2, dim=-1)  # [N, I] each
+    return F.linear(F.silu(gate) * up, w.down)  # [N, D]
+
+
+class ExpertExecutor(Protocol):
+    def run(self, layer: int, rows: Tensor, counts: Sequence[int]) -> Tensor:
+        """rows [N, D] sorted by expert_id, counts[e] rows for expert e → outputs [N, D], same order."""
+
+
+class LocalExperts:
+    """Experts in this process: one matmul chain per expert that received rows."""
+
+    def __init__(self, experts: dict[tuple[int, int], MLPWeights]):
+        self.experts = experts
+
+    def run(self, layer: int, rows: Tensor, counts: Sequence[int]) -> Tensor:
+        out = torch.empty_like(rows)
+        start = 0
+        for expert_id, n in enumerate(counts):
+            if n:
+                out[start:start + n] = swiglu(rows[start:start + n], self.experts[(layer, expert_id)])
+                start += n
+        return out
+
+
+def reference_moe(x: Tensor, router: Tensor, experts: dict[tuple[int, int], MLPWeights], layer: int,
+                  top_k: int, normalize: bool) -> Tensor:
+    """The slow, obviously-correct MoE: loop over experts, mask the tokens that chose each.
+
+    Kept in the tree as the reference every fast or distributed path is tested against.
+    """
+    probs = torch.softmax(F.linear(x, router).float(), dim=-1)  # [T, E]
+    weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, K]
+    if normalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    for expert_id in range(router.shape[0]):
+        token, slot = torch.where(ids == expert_id)
+        if len(token):
+            y = swiglu(x[token], experts[(layer, expert_id)])
+            out[token] += weights[token, slot, None].to(x.dtype) * y
+    return out

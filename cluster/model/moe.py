@@ -1,0 +1,39 @@
+"""The MoE block as four named steps: route → dispatch → expert compute → combine.
+
+Shapes: T tokens, K top-k, N = T*K rows, D hidden, E experts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cluster.model.dispatch import combine, dispatch, gather_rows
+from cluster.model.experts import ExpertExecutor, swiglu
+from cluster.model.gating import route
+from cluster.model.weights import LayerWeights
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What the router chose for one layer: kept for routing you can see."""
+
+    layer: int
+    ids: Tensor  # [T, K]
+    weights: Tensor  # [T, K]
+
+
+def moe_block(x: Tensor, w: LayerWeights, layer: int, top_k: int, normalize: bool,
+              experts: ExpertExecutor) -> tuple[Tensor, Routing]:
+    weights, ids = route(F.linear(x, w.router), top_k, normalize)  # [T, K]
+    plan = dispatch(ids, w.router.shape[0])
+    rows = experts.run(layer, gather_rows(x, plan), plan.counts)  # [N, D]
+    out = combine(rows, plan, weights)  # [T, D]
+    if w.shared is not None:
+        shared = swiglu(x, w.shared)  # [T, D]
+        if w.shared_router is not None:
+            shared = torch.sigmoid(F.linear(x, w.shared_router)) * shared
+        out = out + shared
+    return out, Routing(layer, ids, weights)
