@@ -1,0 +1,78 @@
+"""The `moe-cluster` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cluster.checkpoint import CheckpointError
+from cluster.engine import InvalidRequest, LLMEngine, SamplingParams
+from cluster.families import UnsupportedModelError
+
+DEMO_MODEL = "models/demo"
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise InvalidRequest(f"--prompt-ids: expected comma-separated integers, got {text!r}", "prompt") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    engine = LLMEngine.from_pretrained(args.model, device=args.device, show_progress=not args.quiet,
+                                       max_model_len=args.max_model_len)
+    prompt = _token_ids(args.prompt_ids) if args.prompt_ids is not None else args.prompt
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()),
+                            logprobs=args.logprobs)
+    [out] = engine.generate([prompt], params)
+    if args.json:
+        result = {"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason,
+                  "prompt_ids": out.prompt_ids, "usage": {"prompt_tokens": len(out.prompt_ids),
+                                                          "completion_tokens": len(out.token_ids),
+                                                          "expert_tokens": out.expert_tokens}}
+        if args.logprobs is not None:
+            result["logprobs"] = [{"token_id": s.token_id, "logprob": s.logprob,
+                                   "top_logprobs": [[t, lp] for t, lp in s.top_logprobs]} for s in out.logprobs]
+        print(json.dumps(result))
+    else:
+        text = out.text if engine.tokenizer else " ".join(map(str, out.token_ids))
+        print((args.prompt or "") + text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moe-cluster", description="Serve Mixture-of-Experts models on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text in-process (no Ray)")
+    g.add_argument("--model", default=DEMO_MODEL, help="checkpoint directory (config.json + safetensors)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer.json)")
+    src.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--logprobs", type=int, default=None, help="also return the top-N logprobs per token")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--device", default="cpu", help="cpu or cuda")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.add_argument("--quiet", action="store_true", help="no loading progress on stderr")
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (InvalidRequest, CheckpointError, UnsupportedModelError) as e:
+        print(f"moe-cluster: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

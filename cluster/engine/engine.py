@@ -1,0 +1,164 @@
+"""The in-process engine: add requests, step, read outputs.
+
+    engine = LLMEngine.from_pretrained("models/demo")
+    [out] = engine.generate(["def main("], SamplingParams(max_tokens=32, temperature=0))
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from cluster.config import ModelConfig
+from cluster.engine.params import InvalidRequest, SamplingParams
+from cluster.engine.sampling import Sampled, sample_row
+from cluster.engine.scheduler import Scheduler
+from cluster.engine.sequence import Sequence
+from cluster.loader import load_backbone, load_experts, open_model, stderr_progress
+from cluster.model.batch import make_batch
+from cluster.model.experts import ExpertExecutor, LocalExperts
+from cluster.model.kv_cache import KVCache
+from cluster.model.transformer import MoETransformer
+from cluster.tokenizer import TextTokenizer
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    request_id: str
+    token_id: int
+    text_delta: str
+    sampled: Sampled
+    finish_reason: str | None  # None while running; "stop" | "length" | "abort" when done
+
+
+@dataclass(frozen=True)
+class Completion:
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[Sampled]
+    expert_tokens: int
+
+
+class LLMEngine:
+    def __init__(self, cfg: ModelConfig, model: MoETransformer, tokenizer: TextTokenizer | None = None,
+                 max_num_seqs: int = 64, max_model_len: int = 1024, max_num_batched_tokens: int = 4096,
+                 device: str = "cpu"):
+        self.cfg, self.model, self.tokenizer, self.device = cfg, model, tokenizer, device
+        self.max_model_len = max_model_len
+        self.cache = KVCache(cfg.num_layers, max_num_seqs, max_model_len, cfg.num_kv_heads, cfg.head_dim,
+                             device=device)
+        self.scheduler = Scheduler(self.cache, max_num_batched_tokens)
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: str = "cpu", experts: ExpertExecutor | None = None,
+                        max_model_len: int | None = None, show_progress: bool = False, **kwargs) -> "LLMEngine":
+        ckpt, family, cfg = open_model(path)
+        progress = stderr_progress("loading backbone") if show_progress else None
+        backbone = load_backbone(ckpt, family, cfg, device=device, progress=progress)
+        if experts is None:
+            if show_progress:
+                print(f"loading {len(cfg.expert_pairs())} experts", end="", flush=True,
+                      file=__import__("sys").stderr)
+            experts = LocalExperts(load_experts(ckpt, family, cfg, cfg.expert_pairs(), device=device))
+            if show_progress:
+                print(" done", file=__import__("sys").stderr)
+        max_len = min(max_model_len or 2048, cfg.max_position_embeddings)
+        model = MoETransformer(cfg, backbone, experts, max_len, device)
+        return cls(cfg, model, TextTokenizer.from_checkpoint(path), max_model_len=max_len, device=device, **kwargs)
+
+    # -- requests ---------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequest("this checkpoint has no tokenizer.json: send token ids", "prompt")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise InvalidRequest("prompt: must not be empty", "prompt")
+        bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < self.cfg.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"prompt: token id {bad!r} is outside [0, {self.cfg.vocab_size})", "prompt")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequest(
+                f"max_tokens: prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"the context length ({self.max_model_len})", "max_tokens")
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        prompt_ids = self.encode(prompt)
+        self.validate(prompt_ids, params)
+        request_id = request_id or f"req-{next(self._ids)}"
+        self.scheduler.add(Sequence(request_id, prompt_ids, params))
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request (e.g. its client went away); its KV-cache slot is freed at once."""
+        seq = self.scheduler.find(request_id)
+        if seq is None:
+            return False
+        seq.finish_reason = "abort"
+        self.scheduler.finish(seq)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # -- stepping ---------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        seqs = self.scheduler.schedule()
+        if not seqs:
+            return []
+        items = [(s.slot, *s.next_input()) for s in seqs]
+        batch = make_batch(items, self.device)
+        logits, routing = self.model.forward(batch, self.cache)  # [B, V]
+        moe_rows = len(routing) * self.cfg.top_k
+        outputs = []
+        for i, seq in enumerate(seqs):
+            seq.expert_tokens += batch.chunks[i].num_tokens * moe_rows
+            seq.prefilled = True
+            outputs.append(self._advance(seq, sample_row(logits[i].cpu(), seq.params, seq.generator)))
+        return outputs
+
+    def _advance(self, seq: Sequence, sampled: Sampled) -> StepOutput:
+        seq.output_ids.append(sampled.token_id)
+        if seq.params.logprobs is not None:
+            seq.logprobs.append(sampled)
+        old_text = seq.text
+        seq.finish_reason = self._finish_reason(seq, sampled.token_id)
+        if seq.finish_reason:
+            self.scheduler.finish(seq)
+        return StepOutput(seq.request_id, sampled.token_id, seq.text[len(old_text):], sampled, seq.finish_reason)
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if (token in self.cfg.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            return "stop"
+        if self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.output_ids)
+            cut = min((i for i in (seq.text.find(s) for s in p.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                seq.text = seq.text[:cut]
+                return "stop"
+        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    # -- convenience ------------------------------------------------------------------------
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        seqs = {rid: self.scheduler.find(rid) for rid in ids}
+        while self.has_unfinished():
+            self.step()
+        return [self._completion(seqs[rid]) for rid in ids]
+
+    @staticmethod
+    def _completion(seq: Sequence) -> Completion:
+        return Completion(seq.request_id, seq.prompt_ids, seq.output_ids, seq.text, seq.finish_reason,
+                          seq.logprobs, seq.expert_tokens)

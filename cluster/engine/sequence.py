@@ -1,0 +1,39 @@
+"""A request's life inside the engine."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from cluster.engine.params import SamplingParams
+from cluster.engine.sampling import Sampled
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[Sampled] = field(default_factory=list)
+    text: str = ""
+    slot: int | None = None
+    prefilled: bool = False
+    finish_reason: str | None = None
+    expert_tokens: int = 0  # (token, expert) pairs this request used, over all MoE layers
+    generator: torch.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def next_input(self) -> tuple[list[int], int]:
+        """New tokens to run this step and the position of the first one."""
+        if not self.prefilled:
+            return self.prompt_ids, 0
+        return [self.output_ids[-1]], self.num_tokens - 1

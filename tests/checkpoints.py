@@ -1,0 +1,35 @@
+"""Tiny random Hugging Face MoE checkpoints, written with transformers (fp32)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=512, initializer_range=0.1, tie_word_embeddings=False)
+
+FAMILIES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(moe_intermediate_size=32, shared_expert_intermediate_size=48, intermediate_size=96,
+                       num_experts=8, num_experts_per_tok=2, mlp_only_layers=[1], decoder_sparse_step=1,
+                       norm_topk_prob=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(moe_intermediate_size=32, intermediate_size=96, num_experts=8, num_experts_per_tok=2,
+                       head_dim=24, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
+              dict(intermediate_size=32, num_experts=8, num_experts_per_tok=2, clip_qkv=None,
+                   norm_topk_prob=False, eos_token_id=None, pad_token_id=None)),
+}
+
+
+def make_checkpoint(family: str, out: Path, seed: int = 0, **overrides) -> Path:
+    import transformers
+
+    config_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**{**COMMON, **extra, **overrides})
+    model = getattr(transformers, model_cls)(config).eval()
+    model.save_pretrained(out)
+    return out

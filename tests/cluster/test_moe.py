@@ -1,0 +1,70 @@
+"""The fast MoE path (route → dispatch → experts → combine) against the loop-over-experts reference."""
+import itertools
+
+import pytest
+import torch
+
+from cluster.model.dispatch import dispatch
+from cluster.model.experts import LocalExperts, reference_moe
+from cluster.model.moe import moe_block
+from cluster.model.weights import AttentionWeights, LayerWeights, MLPWeights
+
+D, I = 16, 24
+
+
+def _layer(num_experts: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g) * 0.3  # noqa: E731
+    experts = {(0, e): MLPWeights(rnd(2 * I, D), rnd(D, I)) for e in range(num_experts)}
+    attn = AttentionWeights(*(torch.empty(0) for _ in range(4)))
+    return LayerWeights(torch.ones(D), attn, torch.ones(D), router=rnd(num_experts, D)), experts
+
+
+@pytest.mark.parametrize("num_experts,top_k,num_tokens,normalize",
+                         [(e, k, t, n) for e, k, t, n in itertools.product([1, 4, 8, 16], [1, 2, 4], [0, 1, 2, 7, 64],
+                                                                           [True, False]) if k <= e])
+def test_fast_path_matches_reference(num_experts, top_k, num_tokens, normalize):
+    layer, experts = _layer(num_experts, seed=num_experts * 100 + top_k)
+    x = torch.randn(num_tokens, D, generator=torch.Generator().manual_seed(num_tokens))
+    out, routing = moe_block(x, layer, 0, top_k, normalize, LocalExperts(experts))
+    ref = reference_moe(x, layer.router, experts, 0, top_k, normalize)
+    assert out.shape == (num_tokens, D)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert routing.ids.shape == (num_tokens, top_k)
+
+
+def test_experts_without_tokens_get_no_compute():
+    layer, experts = _layer(8, seed=1)
+    calls = []
+
+    class Spy(LocalExperts):
+        def run(self, layer_id, rows, counts):
+            calls.append(list(counts))
+            return super().run(layer_id, rows, counts)
+
+    # every token's router logits point at experts 2 and 5
+    router = torch.full((8, D), -5.0)
+    router[2] = router[5] = 5.0
+    layer = LayerWeights(layer.attn_norm, layer.attn, layer.mlp_norm, router=router)
+    x = torch.ones(6, D)
+    out, _ = moe_block(x, layer, 0, 2, True, Spy(experts))
+    assert calls == [[0, 0, 6, 0, 0, 6, 0, 0]]
+    torch.testing.assert_close(out, reference_moe(x, router, experts, 0, 2, True))
+
+
+def test_dispatch_groups_rows_by_expert():
+    ids = torch.tensor([[3, 0], [0, 2], [3, 1]])
+    plan = dispatch(ids, 4)
+    assert plan.counts == (2, 1, 1, 2)
+    assert ids.reshape(-1)[plan.order].tolist() == [0, 0, 1, 2, 3, 3]
+    assert plan.token_index.tolist() == [0, 1, 2, 1, 0, 2]
+
+
+def test_nan_router_logits_are_served():
+    layer, experts = _layer(8, seed=3)
+    router = layer.router.clone()
+    router[4] = float("nan")
+    layer = LayerWeights(layer.attn_norm, layer.attn, layer.mlp_norm, router=router)
+    out, routing = moe_block(torch.randn(10, D), layer, 0, 2, True, LocalExperts(experts))
+    assert ((routing.ids >= 0) & (routing.ids < 8)).all()
+    assert all(len(set(r)) == 2 for r in routing.ids.tolist())
