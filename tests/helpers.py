@@ -11,12 +11,12 @@ from cluster.model.kv_cache import KVCache
 def our_greedy_logits(engine: LLMEngine, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy decoding through the engine's model and KV cache, keeping every step's logits."""
     cfg = engine.cfg
-    cache = KVCache(cfg.num_layers, 1, len(prompt) + steps + 1, cfg.num_kv_heads, cfg.head_dim)
+    cache = KVCache(cfg.num_layers, 1, len(prompt) + steps + 1, cfg.num_kv_heads, cfg.head_dim, device=engine.device)
     tokens, logits_per_step, new, pos = [], [], list(prompt), 0
     for _ in range(steps):
-        logits, _ = engine.model.forward(make_batch([(0, new, pos)]), cache)
+        logits, _ = engine.model.forward(make_batch([(0, new, pos)], engine.device), cache)
         pos += len(new)
-        logits_per_step.append(logits[0])
+        logits_per_step.append(logits[0].cpu())
         tokens.append(int(logits[0].argmax()))
         new = [tokens[-1]]
     return tokens, logits_per_step

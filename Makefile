@@ -1,0 +1,25 @@
+# Two entry points, each sets up .venv on first use:
+#   make run   - the main job on the bundled demo model
+#   make test  - the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch pinned first: 2.13.0 is the CPU wheel on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+.PHONY: run test bench
+run: $(STAMP)
+	$(BIN)/moe-cluster generate --model models/demo --prompt "def parse_args(argv):" --max-tokens 48
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/engine_bench.py

@@ -1,0 +1,135 @@
+"""The in-process engine: batching invariance, sampling controls, stops, aborts, validation."""
+import pytest
+import torch
+
+from cluster.engine import InvalidRequest, LLMEngine, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint_factory):
+    return LLMEngine.from_pretrained(str(checkpoint_factory("qwen2_moe")), max_num_seqs=16, max_model_len=256)
+
+
+def _run_recording_logits(engine, prompts, params):
+    """Drive engine.step(), keeping each request's logits per step (rows follow the step's outputs)."""
+    forward, seen = engine.model.forward, {}
+
+    def spy(batch, cache):
+        logits, routing = forward(batch, cache)
+        spy.last = logits
+        return logits, routing
+
+    engine.model.forward = spy
+    try:
+        ids = [engine.add_request(p, params) for p in prompts]
+        tokens = {rid: [] for rid in ids}
+        while engine.has_unfinished():
+            for row, out in enumerate(engine.step()):
+                tokens[out.request_id].append(out.token_id)
+                seen.setdefault(out.request_id, []).append(spy.last[row].clone())
+    finally:
+        engine.model.forward = forward
+    return [tokens[r] for r in ids], [seen[r] for r in ids]
+
+
+def test_batch_of_8_equals_each_prompt_alone(engine):
+    prompts = [[(7 * i + j) % 120 + 1 for j in range(n)] for i, n in enumerate([1, 3, 9, 17, 30, 4, 55, 2])]
+    batched_tokens, batched_logits = _run_recording_logits(engine, prompts, GREEDY)
+    for prompt, tokens, logits in zip(prompts, batched_tokens, batched_logits):
+        alone_tokens, alone_logits = _run_recording_logits(engine, [prompt], GREEDY)
+        assert tokens == alone_tokens[0]
+        worst = max((a - b).abs().max().item() for a, b in zip(logits, alone_logits[0]))
+        assert worst < 1e-5, worst
+
+
+def test_sequences_join_and_leave_between_steps(engine):
+    a = engine.add_request([1, 2, 3], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    engine.step()
+    b = engine.add_request([4, 5], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    running = []
+    while engine.has_unfinished():
+        running.append(sorted(o.request_id for o in engine.step()))
+    assert running == [[a, b], [a, b], [b], [b], [b]]
+    assert len(engine.cache.free_slots) == 16
+
+
+def test_more_requests_than_slots_all_finish(checkpoint_factory):
+    engine = LLMEngine.from_pretrained(str(checkpoint_factory("mixtral")), max_num_seqs=3, max_model_len=64)
+    outs = engine.generate([[i + 1] * (i + 1) for i in range(10)], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert [len(o.token_ids) for o in outs] == [4] * 10
+    assert len(engine.cache.free_slots) == 3
+
+
+def test_seed_makes_sampling_reproducible(engine):
+    p = SamplingParams(max_tokens=16, temperature=1.0, seed=123, ignore_eos=True)
+    a, b = engine.generate([[1, 2, 3], [1, 2, 3]], p)
+    assert a.token_ids == b.token_ids
+    c = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=16, temperature=1.0, seed=7, ignore_eos=True))[0]
+    assert c.token_ids != a.token_ids
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(engine):
+    greedy = engine.generate([[9, 8, 7]], GREEDY)[0].token_ids
+    for p in (SamplingParams(max_tokens=12, temperature=1.5, top_k=1, seed=1, ignore_eos=True),
+              SamplingParams(max_tokens=12, temperature=1.5, top_p=1e-6, seed=1, ignore_eos=True)):
+        assert engine.generate([[9, 8, 7]], p)[0].token_ids == greedy
+
+
+def test_top_k_restricts_choices(engine):
+    p = SamplingParams(max_tokens=1, temperature=5.0, top_k=3, logprobs=3, ignore_eos=True)
+    for seed in range(20):
+        out = engine.generate([[4, 4]], SamplingParams(**{**p.__dict__, "seed": seed}))[0]
+        assert out.token_ids[0] in {t for t, _ in out.logprobs[0].top_logprobs}
+
+
+def test_logprobs(engine):
+    out = engine.generate([[5, 6]], SamplingParams(max_tokens=3, temperature=0, logprobs=2, ignore_eos=True))[0]
+    assert len(out.logprobs) == 3
+    for s in out.logprobs:
+        top_ids = [t for t, _ in s.top_logprobs]
+        assert s.token_id == top_ids[0] and s.logprob == pytest.approx(s.top_logprobs[0][1])
+        assert s.logprob <= 0
+
+
+def test_stop_token_ids_and_max_tokens(engine):
+    full = engine.generate([[3, 1, 4]], GREEDY)[0].token_ids
+    stop_at = full[4]
+    out = engine.generate([[3, 1, 4]], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(stop_at,),
+                                                      ignore_eos=True))[0]
+    assert out.token_ids == full[: full.index(stop_at) + 1] and out.finish_reason == "stop"
+    assert engine.generate([[3, 1, 4]], GREEDY)[0].finish_reason == "length"
+
+
+def test_abort_frees_the_kv_slot(engine):
+    rid = engine.add_request([1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    assert len(engine.cache.free_slots) == 15
+    assert engine.abort(rid)
+    assert len(engine.cache.free_slots) == 16 and not engine.has_unfinished()
+    assert engine.generate([[1, 2]], GREEDY)[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1.0), "temperature"),
+    (dict(temperature=float("nan")), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"), (dict(logprobs=100), "logprobs"), (dict(stop=("",)), "stop")])
+def test_bad_sampling_params_name_the_field(kwargs, param):
+    with pytest.raises(InvalidRequest) as e:
+        SamplingParams(**kwargs)
+    assert e.value.param == param and param in str(e.value)
+
+
+@pytest.mark.parametrize("prompt,param", [([], "prompt"), ([-1], "prompt"), ([128], "prompt"),
+                                          ("text but no tokenizer", "prompt")])
+def test_bad_prompts(engine, prompt, param):
+    with pytest.raises(InvalidRequest) as e:
+        engine.add_request(prompt, GREEDY)
+    assert e.value.param == param
+
+
+def test_prompt_plus_max_tokens_over_context(engine):
+    with pytest.raises(InvalidRequest, match="exceeds the context length") as e:
+        engine.add_request([1] * 250, SamplingParams(max_tokens=10))
+    assert e.value.param == "max_tokens"
