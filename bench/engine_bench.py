@@ -1,10 +1,16 @@
-"""Engine benchmark: our in-process engine vs transformers `generate`, same workload, one run.
+"""Engine benchmark: our in-process engine vs transformers `generate`, same workloads, one run.
 
     .venv/bin/python bench/engine_bench.py [--model models/demo] [--prompts 32] [--max-tokens 128] [--json]
 
-Greedy decoding of N prompts (8-64 tokens of held-out code and prose) for a
-fixed number of new tokens each (EOS ignored, so both do the same work).
-Transformers runs the whole batch at once (left padding), its fastest mode.
+Greedy decoding of prompts of 8-64 tokens of held-out code and prose, EOS
+ignored so both sides generate exactly the same tokens. Two workloads:
+
+- uniform: N prompts x M new tokens. Transformers runs them as one batch
+  (left padding): its best case, every sequence ends on the same step.
+- mixed:   2N requests whose max_tokens spread evenly over 16..2M, as in real
+  traffic, at most N at a time on both sides. Transformers runs static batches
+  of N (each lasts as long as its longest request); our engine refills a slot
+  as soon as a request finishes (continuous batching).
 """
 from __future__ import annotations
 
@@ -31,27 +37,42 @@ def make_prompts(engine: LLMEngine, count: int) -> list[list[int]]:
     return prompts
 
 
-def run_ours(engine: LLMEngine, prompts, max_tokens: int) -> tuple[float, list[list[int]]]:
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+def run_ours(engine: LLMEngine, prompts, max_tokens: list[int]) -> tuple[float, list[list[int]]]:
+    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in max_tokens]
     engine.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm-up
     t0 = time.perf_counter()
     outs = engine.generate(prompts, params)
     return time.perf_counter() - t0, [o.token_ids for o in outs]
 
 
-def run_transformers(model_path: str, prompts, max_tokens: int) -> tuple[float, list[list[int]]]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+def _hf_batch(model, prompts, max_tokens: list[int]) -> list[list[int]]:
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    kw = dict(do_sample=False, pad_token_id=0)
+    longest = max(max_tokens)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
+                         do_sample=False, pad_token_id=0)
+    return [row[width:width + m] for row, m in zip(out.tolist(), max_tokens)]
+
+
+def run_transformers(model, prompts, max_tokens: list[int], batch: int) -> tuple[float, list[list[int]]]:
+    """Static batches of `batch` requests, in arrival order; each batch runs to its longest request."""
     with torch.inference_mode():
-        model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=4, **kw)  # warm-up
-        t0 = time.perf_counter()
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens, **kw)
-    return time.perf_counter() - t0, out[:, width:].tolist()
+        _hf_batch(model, prompts[:2], [4, 4])  # warm-up
+        t0, tokens = time.perf_counter(), []
+        for i in range(0, len(prompts), batch):
+            tokens += _hf_batch(model, prompts[i:i + batch], max_tokens[i:i + batch])
+    return time.perf_counter() - t0, tokens
+
+
+def compare(engine, hf_model, prompts, max_tokens: list[int], batch: int) -> dict:
+    ours_s, ours_tokens = run_ours(engine, prompts, max_tokens)
+    hf_s, hf_tokens = run_transformers(hf_model, prompts, max_tokens, batch)
+    n = sum(max_tokens)
+    return {"requests": len(prompts), "new_tokens": n,
+            "ours_tokens_per_s": round(n / ours_s, 1), "transformers_tokens_per_s": round(n / hf_s, 1),
+            "ratio_ours_over_transformers": round(hf_s / ours_s, 2),
+            "identical_greedy_sequences": sum(a == b for a, b in zip(ours_tokens, hf_tokens))}
 
 
 def main() -> None:
@@ -61,24 +82,24 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
-    engine = LLMEngine.from_pretrained(args.model, max_num_seqs=args.prompts, max_model_len=512)
-    prompts = make_prompts(engine, args.prompts)
-    ours_s, ours_tokens = run_ours(engine, prompts, args.max_tokens)
-    hf_s, hf_tokens = run_transformers(args.model, prompts, args.max_tokens)
-    n = args.prompts * args.max_tokens
-    result = {
-        "workload": f"{args.prompts} prompts x {args.max_tokens} new tokens, greedy, torch threads "
-                    f"{torch.get_num_threads()}",
-        "ours_tokens_per_s": round(n / ours_s, 1), "transformers_tokens_per_s": round(n / hf_s, 1),
-        "ratio_ours_over_transformers": round(hf_s / ours_s, 2),
-        "ours_seconds": round(ours_s, 2), "transformers_seconds": round(hf_s, 2),
-        "identical_greedy_sequences": sum(a == b for a, b in zip(ours_tokens, hf_tokens)),
-    }
+    from transformers import AutoModelForCausalLM
+
+    n, m = args.prompts, args.max_tokens
+    engine = LLMEngine.from_pretrained(args.model, max_num_seqs=n, max_model_len=64 + 2 * m + 8)
+    hf_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    prompts = make_prompts(engine, 2 * n)
+    mixed = [16 + (2 * m - 16) * ((i * 37) % (2 * n)) // (2 * n - 1) for i in range(2 * n)]
+    result = {"threads": torch.get_num_threads(),
+              "uniform": compare(engine, hf_model, prompts[:n], [m] * n, n),
+              "mixed": compare(engine, hf_model, prompts, mixed, n)}
     if args.json:
         print(json.dumps(result))
         return
-    for k, v in result.items():
-        print(f"{k:32} {v}")
+    print(f"torch threads: {result['threads']}")
+    for name in ("uniform", "mixed"):
+        print(f"[{name}]")
+        for k, v in result[name].items():
+            print(f"  {k:32} {v}")
 
 
 if __name__ == "__main__":

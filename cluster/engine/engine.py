@@ -118,11 +118,13 @@ class LLMEngine:
         batch = make_batch(items, self.device)
         logits, routing = self.model.forward(batch, self.cache)  # [B, V]
         moe_rows = len(routing) * self.cfg.top_k
+        logits = logits.cpu()
+        argmax = logits.argmax(-1).tolist()  # one call for the whole batch: most requests are greedy
         outputs = []
         for i, seq in enumerate(seqs):
             seq.expert_tokens += batch.chunks[i].num_tokens * moe_rows
             seq.prefilled = True
-            outputs.append(self._advance(seq, sample_row(logits[i].cpu(), seq.params, seq.generator)))
+            outputs.append(self._advance(seq, sample_row(logits[i], seq.params, seq.generator, argmax[i])))
         return outputs
 
     def _advance(self, seq: Sequence, sampled: Sampled) -> StepOutput:

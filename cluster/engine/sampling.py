@@ -33,10 +33,11 @@ def _filter(logits: Tensor, params: SamplingParams) -> Tensor:
     return logits
 
 
-def sample_row(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Sampled:
-    """logits [V] fp32 → the next token (plus logprobs when asked)."""
+def sample_row(logits: Tensor, params: SamplingParams, generator: torch.Generator | None,
+               argmax: int | None = None) -> Sampled:
+    """logits [V] fp32 → the next token (plus logprobs when asked); `argmax` if the caller has it already."""
     if params.greedy:
-        token = int(torch.argmax(logits))
+        token = int(torch.argmax(logits)) if argmax is None else argmax
     else:
         probs = torch.softmax(_filter(logits, params), -1)
         token = int(torch.multinomial(probs, 1, generator=generator))

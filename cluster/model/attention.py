@@ -13,7 +13,7 @@ from torch import Tensor
 from cluster.config import ModelConfig
 from cluster.model.batch import Batch, SeqChunk
 from cluster.model.kv_cache import KVCache
-from cluster.model.layers import Rotary, rms_norm
+from cluster.model.layers import apply_rotary, rms_norm
 from cluster.model.weights import AttentionWeights
 
 
@@ -35,32 +35,32 @@ def _project(x: Tensor, w: AttentionWeights, cfg: ModelConfig) -> tuple[Tensor, 
 def _decode(q: Tensor, batch: Batch, chunks: list[SeqChunk], cache: KVCache, layer: int) -> Tensor:
     rows = torch.tensor([c.start for c in chunks], device=q.device)
     lens = torch.tensor([c.context_len for c in chunks], device=q.device)
-    k, v = cache.read(layer, batch.slots[rows], int(lens.max()))  # [B, C, H_kv, hd]
-    mask = torch.arange(k.shape[1], device=q.device)[None, :] < lens[:, None]  # [B, C]
+    k, v = cache.read(layer, batch.slots[rows], int(lens.max()))  # [B, H_kv, C, hd]
+    mask = torch.arange(k.shape[2], device=q.device)[None, :] < lens[:, None]  # [B, C]
     out = F.scaled_dot_product_attention(
-        q[rows][:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),  # [B, H, 1, hd], [B, H_kv, C, hd]
+        q[rows][:, :, None, :], k, v,  # [B, H, 1, hd], [B, H_kv, C, hd]
         attn_mask=mask[:, None, None, :], enable_gqa=True)
     return rows, out[:, :, 0, :]  # [B, H, hd]
 
 
 def _prefill(q: Tensor, chunk: SeqChunk, cache: KVCache, layer: int) -> Tensor:
     slot = torch.tensor([chunk.slot], device=q.device)
-    k, v = cache.read(layer, slot, chunk.context_len)  # [1, C, H_kv, hd]
+    k, v = cache.read(layer, slot, chunk.context_len)  # [1, H_kv, C, hd]
     qs = q[chunk.start:chunk.start + chunk.num_tokens].transpose(0, 1)[None]  # [1, H, n, hd]
     past = chunk.context_len - chunk.num_tokens
     mask = None
     if past:  # new tokens see the whole cached prefix, then causally among themselves
         i = torch.arange(chunk.num_tokens, device=q.device)[:, None] + past
         mask = torch.arange(chunk.context_len, device=q.device)[None, :] <= i
-    out = F.scaled_dot_product_attention(qs, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+    out = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask,
                                          is_causal=not past, enable_gqa=True)
     return out[0].transpose(0, 1)  # [n, H, hd]
 
 
 def attention(x: Tensor, w: AttentionWeights, cfg: ModelConfig, layer: int, batch: Batch,
-              cache: KVCache, rotary: Rotary) -> Tensor:
+              cache: KVCache, rope: tuple[Tensor, Tensor]) -> Tensor:
     q, k, v = _project(x, w, cfg)
-    q, k = rotary.apply(q, batch.positions), rotary.apply(k, batch.positions)
+    q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
     cache.write(layer, batch.slots, batch.positions, k, v)
     out = torch.empty_like(q)  # [T, H, hd]
     decodes = [c for c in batch.chunks if c.num_tokens == 1]

@@ -20,9 +20,13 @@ class Rotary:
         emb = torch.cat([freqs, freqs], dim=-1)  # [L, hd]
         self.cos, self.sin = emb.cos().to(device), emb.sin().to(device)
 
-    def apply(self, x: Tensor, positions: Tensor) -> Tensor:
-        """x [T, H, hd], positions [T]."""
-        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]  # [T, 1, hd]
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return (x * cos + rotated * sin).to(x.dtype)
+    def at(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin for the batch's positions [T]: looked up once per step, used by every layer."""
+        return self.cos[positions][:, None, :], self.sin[positions][:, None, :]  # [T, 1, hd]
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [T, H, hd]; cos, sin [T, 1, hd]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)

@@ -30,9 +30,9 @@ class MoETransformer:
         """Run the batch's new tokens; return logits of each chunk's last token [B, V] and the routing."""
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         x = self.weights.embed[batch.token_ids]  # [T, D]
-        routing = []
+        routing, rope = [], self.rotary.at(batch.positions)
         for layer, w in enumerate(self.weights.layers):
-            x = x + attention(rms_norm(x, w.attn_norm, eps), w.attn, cfg, layer, batch, cache, self.rotary)
+            x = x + attention(rms_norm(x, w.attn_norm, eps), w.attn, cfg, layer, batch, cache, rope)
             h = rms_norm(x, w.mlp_norm, eps)
             if w.router is None:
                 x = x + swiglu(h, w.dense)
