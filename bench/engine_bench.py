@@ -47,8 +47,8 @@ def run_ours(engine: LLMEngine, prompts, max_tokens: list[int]) -> tuple[float, 
 
 def _hf_batch(model, prompts, max_tokens: list[int]) -> list[list[int]]:
     width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     longest = max(max_tokens)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
                          do_sample=False, pad_token_id=0)
@@ -80,22 +80,23 @@ def main() -> None:
     p.add_argument("--model", default="models/demo")
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (both sides run there)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     from transformers import AutoModelForCausalLM
 
     n, m = args.prompts, args.max_tokens
-    engine = LLMEngine.from_pretrained(args.model, max_num_seqs=n, max_model_len=64 + 2 * m + 8)
-    hf_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    engine = LLMEngine.from_pretrained(args.model, max_num_seqs=n, max_model_len=64 + 2 * m + 8, device=args.device)
+    hf_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device).eval()
     prompts = make_prompts(engine, 2 * n)
     mixed = [16 + (2 * m - 16) * ((i * 37) % (2 * n)) // (2 * n - 1) for i in range(2 * n)]
-    result = {"threads": torch.get_num_threads(),
+    result = {"threads": torch.get_num_threads(), "device": args.device,
               "uniform": compare(engine, hf_model, prompts[:n], [m] * n, n),
               "mixed": compare(engine, hf_model, prompts, mixed, n)}
     if args.json:
         print(json.dumps(result))
         return
-    print(f"torch threads: {result['threads']}")
+    print(f"device: {args.device}, torch threads: {result['threads']}")
     for name in ("uniform", "mixed"):
         print(f"[{name}]")
         for k, v in result[name].items():
