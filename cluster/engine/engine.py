@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -62,11 +63,10 @@ class LLMEngine:
         backbone = load_backbone(ckpt, family, cfg, device=device, progress=progress)
         if experts is None:
             if show_progress:
-                print(f"loading {len(cfg.expert_pairs())} experts", end="", flush=True,
-                      file=__import__("sys").stderr)
+                print(f"loading {len(cfg.expert_pairs())} experts", end="", flush=True, file=sys.stderr)
             experts = LocalExperts(load_experts(ckpt, family, cfg, cfg.expert_pairs(), device=device))
             if show_progress:
-                print(" done", file=__import__("sys").stderr)
+                print(" done", file=sys.stderr)
         max_len = min(max_model_len or 2048, cfg.max_position_embeddings)
         model = MoETransformer(cfg, backbone, experts, max_len, device)
         return cls(cfg, model, TextTokenizer.from_checkpoint(path), max_model_len=max_len, device=device, **kwargs)

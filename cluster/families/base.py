@@ -105,3 +105,15 @@ def sparse_layers(cfg: dict[str, Any], num_layers: int) -> tuple[bool, ...]:
     step = int(cfg.get("decoder_sparse_step", 1) or 1)
     dense = set(cfg.get("mlp_only_layers") or [])
     return tuple(layer not in dense and (layer + 1) % step == 0 for layer in range(num_layers))
+
+
+def qwen_moe_fields(cfg: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """Routed-expert fields that qwen2_moe and qwen3_moe read alike."""
+    return dict(
+        num_experts=int(require(cfg, "num_experts", "num_local_experts")),
+        top_k=int(require(cfg, "num_experts_per_tok")),
+        expert_intermediate_size=int(require(cfg, "moe_intermediate_size")),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        moe_layers=sparse_layers(cfg, num_layers),
+        dense_intermediate_size=int(cfg.get("intermediate_size") or 0),
+    )
