@@ -9,7 +9,7 @@ from cluster.engine import LLMEngine, SamplingParams
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "deployments.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_generate_json_matches_engine(checkpoint_factory):

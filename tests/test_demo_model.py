@@ -55,3 +55,19 @@ def test_routing_is_domain_specialised():
     result = report(str(DEMO), count=16, length=128)
     assert result["max_hottest_over_mean"] >= 1.5
     assert max(r["tv_distance_code_vs_prose"] for r in result["layers"]) >= 0.1
+
+
+def test_streamed_deltas_add_up_to_the_final_text(engine):
+    from cluster.engine import SamplingParams as SP
+
+    full = engine.generate(["class Foo:\n"], SP(max_tokens=40, temperature=0, ignore_eos=True))[0].text
+    for stop in ((), (full[12:15],)):
+        rid = engine.add_request("class Foo:\n", SP(max_tokens=40, temperature=0, ignore_eos=True, stop=stop))
+        deltas, final = [], None
+        while engine.has_unfinished():
+            for o in engine.step():
+                assert o.request_id == rid
+                deltas.append(o.text_delta)
+                final = o
+        expected = full[: full.find(stop[0])] if stop else full
+        assert "".join(deltas) == expected and final.finish_reason == ("stop" if stop else "length")

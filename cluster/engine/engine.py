@@ -24,6 +24,11 @@ from cluster.model.transformer import MoETransformer
 from cluster.tokenizer import TextTokenizer
 
 
+# Routing of one token: per MoE layer, (layer, expert ids, weights). For generated token i it is
+# the routing of the forward pass that produced token i (its input: the previous token).
+TokenRouting = tuple[tuple[int, tuple[int, ...], tuple[float, ...]], ...]
+
+
 @dataclass(frozen=True)
 class StepOutput:
     request_id: str
@@ -31,6 +36,10 @@ class StepOutput:
     text_delta: str
     sampled: Sampled
     finish_reason: str | None  # None while running; "stop" | "length" | "abort" when done
+    routing: TokenRouting | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    expert_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,7 @@ class Completion:
     finish_reason: str
     logprobs: list[Sampled]
     expert_tokens: int
+    routing: list[TokenRouting]
 
 
 class LLMEngine:
@@ -124,18 +134,22 @@ class LLMEngine:
         for i, seq in enumerate(seqs):
             seq.expert_tokens += batch.chunks[i].num_tokens * moe_rows
             seq.prefilled = True
-            outputs.append(self._advance(seq, sample_row(logits[i], seq.params, seq.generator, argmax[i])))
+            row_routing = _routing_at(routing, int(batch.last_rows[i])) if seq.params.return_routing else None
+            outputs.append(self._advance(seq, sample_row(logits[i], seq.params, seq.generator, argmax[i]),
+                                         row_routing))
         return outputs
 
-    def _advance(self, seq: Sequence, sampled: Sampled) -> StepOutput:
+    def _advance(self, seq: Sequence, sampled: Sampled, routing: TokenRouting | None) -> StepOutput:
         seq.output_ids.append(sampled.token_id)
         if seq.params.logprobs is not None:
             seq.logprobs.append(sampled)
-        old_text = seq.text
+        if routing is not None:
+            seq.routing.append(routing)
         seq.finish_reason = self._finish_reason(seq, sampled.token_id)
         if seq.finish_reason:
             self.scheduler.finish(seq)
-        return StepOutput(seq.request_id, sampled.token_id, seq.text[len(old_text):], sampled, seq.finish_reason)
+        return StepOutput(seq.request_id, sampled.token_id, _text_delta(seq), sampled, seq.finish_reason,
+                          routing, len(seq.prompt_ids), len(seq.output_ids), seq.expert_tokens)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
@@ -163,4 +177,24 @@ class LLMEngine:
     @staticmethod
     def _completion(seq: Sequence) -> Completion:
         return Completion(seq.request_id, seq.prompt_ids, seq.output_ids, seq.text, seq.finish_reason,
-                          seq.logprobs, seq.expert_tokens)
+                          seq.logprobs, seq.expert_tokens, seq.routing)
+
+
+def _text_delta(seq: Sequence) -> str:
+    """New text safe to hand out: a streamed prefix must never be taken back.
+
+    Until the request ends, hold back what could still become a stop string
+    (its length - 1 characters) and a trailing partial UTF-8 character.
+    """
+    ready = seq.text
+    if not seq.finish_reason:
+        hold = max((len(s) for s in seq.params.stop), default=1) - 1
+        ready = ready[: len(ready) - hold] if hold else ready
+        ready = ready.rstrip("\ufffd")
+    delta = ready[seq.sent_chars:]
+    seq.sent_chars = max(seq.sent_chars, len(ready))
+    return delta
+
+
+def _routing_at(routing, row: int) -> TokenRouting:
+    return tuple((r.layer, tuple(r.ids[row].tolist()), tuple(r.weights[row].tolist())) for r in routing)

@@ -22,6 +22,8 @@ class Sequence:
     prefilled: bool = False
     finish_reason: str | None = None
     expert_tokens: int = 0  # (token, expert) pairs this request used, over all MoE layers
+    routing: list = field(default_factory=list)  # per generated token, when params.return_routing
+    sent_chars: int = 0  # text already handed out as deltas
     generator: torch.Generator = field(init=False)
 
     def __post_init__(self) -> None:

@@ -31,10 +31,20 @@ class LocalExperts:
     def __init__(self, experts: dict[tuple[int, int], MLPWeights]):
         self.experts = experts
 
+    def holds(self, layer: int, expert_id: int) -> bool:
+        return (layer, expert_id) in self.experts
+
+    def slots(self) -> list[tuple[int, int]]:
+        return sorted(self.experts)
+
     def run(self, layer: int, rows: Tensor, counts: Sequence[int]) -> Tensor:
+        return self.run_subset(layer, rows, range(len(counts)), counts)
+
+    def run_subset(self, layer: int, rows: Tensor, expert_ids: Sequence[int], counts: Sequence[int]) -> Tensor:
+        """rows grouped by expert: the first counts[0] rows go to expert_ids[0], and so on."""
         out = torch.empty_like(rows)
         start = 0
-        for expert_id, n in enumerate(counts):
+        for expert_id, n in zip(expert_ids, counts):
             if n:
                 out[start:start + n] = swiglu(rows[start:start + n], self.experts[(layer, expert_id)])
                 start += n

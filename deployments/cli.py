@@ -1,9 +1,13 @@
-"""The `moe-cluster` command line."""
+"""The `moe-cluster` command line: `generate` runs in-process, `serve` starts the Ray Serve application."""
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import signal
 import sys
+import threading
 
 from cluster.checkpoint import CheckpointError
 from cluster.engine import InvalidRequest, LLMEngine, SamplingParams
@@ -42,6 +46,46 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_ray(address: str | None, cfg) -> None:
+    import ray
+
+    if address:
+        ray.init(address=address)
+        return
+    # Embedded single-node cluster: enough logical CPUs for the router and every worker
+    # (Ray CPUs are scheduling units here; torch threads are set per replica).
+    needed = cfg.router_num_cpus + cfg.num_workers * cfg.worker.num_cpus
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), include_dashboard=False)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ray import serve
+
+    from deployments.app import build_app
+    from deployments.config import app_config, load_serve_config
+
+    conf = load_serve_config(args.config)
+    app_conf = conf["applications"][0]
+    overrides = {"model": args.model, "num_workers": args.num_workers}
+    cfg = app_config({**app_conf.get("args", {}), **{k: v for k, v in overrides.items() if v is not None}})
+    http = {**conf.get("http_options", {}), "host": args.host, **({"port": args.http_port} if args.http_port else {})}
+    grpc = {**conf.get("grpc_options", {}), **({"port": args.grpc_port} if args.grpc_port else {})}
+    print(f"starting moe-cluster: model {cfg.model}, {cfg.num_workers} expert worker(s)", file=sys.stderr)
+    _start_ray(args.address, cfg)
+    serve.start(http_options=http, grpc_options=grpc)
+    serve.run(build_app(cfg), name=app_conf.get("name", "moe"), route_prefix="/")
+    base = f"http://{http['host']}:{http.get('port', 8000)}"
+    print(f"ready: HTTP {base}/v1/completions (OpenAI API), gRPC {http['host']}:{grpc.get('port', 9000)} "
+          f"(protos/moe_serving.proto), metrics {base}/metrics. Ctrl-C stops.", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print("shutting down", file=sys.stderr, flush=True)
+    serve.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-cluster", description="Serve Mixture-of-Experts models on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -62,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--quiet", action="store_true", help="no loading progress on stderr")
     g.set_defaults(func=cmd_generate)
+    s = sub.add_parser("serve", help="serve the model on Ray Serve (HTTP + gRPC)")
+    s.add_argument("--config", default="deployments/serve_local.yaml", help="Ray Serve config YAML")
+    s.add_argument("--model", default=None, help="checkpoint directory (overrides the config)")
+    s.add_argument("--num-workers", type=int, default=None, help="expert workers (overrides the config)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--http-port", type=int, default=None)
+    s.add_argument("--grpc-port", type=int, default=None)
+    s.add_argument("--address", default=None, help="existing Ray cluster to join (default: start one here)")
+    s.set_defaults(func=cmd_serve)
     return p
 
 
@@ -69,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (InvalidRequest, CheckpointError, UnsupportedModelError) as e:
+    except (InvalidRequest, CheckpointError, UnsupportedModelError, ValueError, OSError) as e:
         print(f"moe-cluster: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,59 @@
+"""The serving application's settings (the `args` of the Serve application), validated by pydantic."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class WorkerOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per expert worker replica")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per expert worker; > 0 puts its experts on cuda")
+    memory: int | None = Field(None, ge=0, description="bytes of memory reserved per expert worker (Ray resource)")
+    label_selector: dict[str, str] = Field(default_factory=dict,
+                                           description="node labels an expert worker must land on")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per expert worker")
+
+
+class AppConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("models/demo", description="checkpoint directory (config.json + safetensors)")
+    served_model_name: str | None = Field(None, description="name clients pass as `model` (default: the directory name)")
+    num_workers: int = Field(2, ge=0, description="expert workers; 0 keeps the experts in the router process")
+    data_plane_host: str = Field("127.0.0.1", description="address the expert workers' gRPC data plane binds to")
+    router_device: str = Field("cpu", description="device of the router's backbone: cpu or cuda")
+    router_num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved for the router replica")
+    router_num_gpus: float = Field(0.0, ge=0, description="GPUs for the router replica")
+    max_num_seqs: int = Field(64, ge=1, description="sequences decoded together (KV-cache slots)")
+    max_model_len: int = Field(1024, ge=8, description="context length: prompt + max_tokens")
+    max_num_batched_tokens: int = Field(4096, ge=1, description="prompt tokens admitted per step")
+    worker: WorkerOptions = Field(default_factory=WorkerOptions)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model).name
+
+
+def describe(e: ValidationError) -> str:
+    """One line per bad field: 'worker.num_cpus: Input should be greater than or equal to 0'."""
+    return "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+
+
+def load_serve_config(path: str) -> dict[str, Any]:
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    if not isinstance(data, dict) or not data.get("applications"):
+        raise ValueError(f"{path}: not a Ray Serve config (needs an 'applications' list)")
+    return data
+
+
+def app_config(args: dict[str, Any]) -> AppConfig:
+    try:
+        return AppConfig(**args)
+    except ValidationError as e:
+        raise ValueError(f"bad application config: {describe(e)}") from None

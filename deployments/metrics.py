@@ -1,0 +1,23 @@
+"""Prometheus metrics of the router (low cardinality: no per-request labels)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+REGISTRY = CollectorRegistry()
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+REQUESTS = Counter("moe_requests", "requests by API and outcome", ["api", "outcome"], registry=REGISTRY)
+GENERATED_TOKENS = Counter("moe_generated_tokens", "tokens generated", registry=REGISTRY)
+EXPERT_TOKENS = Counter("moe_expert_tokens", "(token, expert) pairs computed", registry=REGISTRY)
+TTFT = Histogram("moe_time_to_first_token_seconds", "time to first token", buckets=_LATENCY_BUCKETS,
+                 registry=REGISTRY)
+ITL = Histogram("moe_inter_token_latency_seconds", "time between tokens of a stream", buckets=_LATENCY_BUCKETS,
+                registry=REGISTRY)
+RUNNING = Gauge("moe_running_sequences", "sequences in the running batch", registry=REGISTRY)
+WAITING = Gauge("moe_waiting_sequences", "requests queued for a KV-cache slot", registry=REGISTRY)
+
+
+def render(stats: dict[str, float]) -> bytes:
+    RUNNING.set(stats["running"])
+    WAITING.set(stats["waiting"])
+    return generate_latest(REGISTRY)

@@ -1,0 +1,208 @@
+"""The router: backbone + gating + continuous batching, serving HTTP (OpenAI) and gRPC.
+
+It fans each MoE layer's rows out to the expert workers over the gRPC data
+plane (deployments/data_plane.py); with no workers the experts stay in-process.
+"""
+
+import json
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+
+from cluster.engine import Completion, InvalidRequest, LLMEngine, SamplingParams
+from cluster.engine.async_engine import AsyncEngine, EngineDeadError
+from cluster.loader import open_model
+from cluster.placement import round_robin
+from deployments import grpc_api, metrics
+from deployments.chat import load_template, render
+from deployments.config import AppConfig, app_config
+from deployments.data_plane import RemoteExperts
+from deployments.openai_api import ChatCompletionRequest, CompletionRequest, chunk_json, completion_json, error_body
+from protos import moe_serving_pb2 as pb
+
+app = FastAPI(title="moe-cluster")
+
+
+class RequestFailed(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+    def response(self) -> JSONResponse:
+        kind = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
+                415: "invalid_request_error", 503: "overloaded_error"}.get(self.status, "internal_error")
+        return JSONResponse(error_body(self.message, kind, self.param, self.status), status_code=self.status)
+
+
+def build_engine(cfg: AppConfig, workers: list, addresses: list[str]) -> tuple[LLMEngine, RemoteExperts | None]:
+    remote = None
+    if workers:
+        _, _, model_cfg = open_model(cfg.model)
+        cache = dict(enumerate(addresses))
+
+        def resolve(worker: int, refresh: bool = False) -> str:
+            if refresh or worker not in cache:
+                # A replaced worker has a new address: ask its deployment (from the engine thread).
+                cache[worker] = workers[worker].get_address.remote().result(timeout_s=60)
+            return cache[worker]
+
+        remote = RemoteExperts(round_robin(model_cfg.expert_pairs(), len(workers)), resolve)
+    engine = LLMEngine.from_pretrained(cfg.model, device=cfg.router_device, experts=remote,
+                                       max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
+                                       max_num_batched_tokens=cfg.max_num_batched_tokens)
+    return engine, remote
+
+
+@serve.deployment(max_ongoing_requests=1024, health_check_period_s=5)
+@serve.ingress(app)
+class Router:
+    async def __init__(self, config: dict, workers: list | None = None):
+        self.cfg = app_config(config)
+        self.workers = list(workers or [])
+        addresses = [await h.get_address.remote() for h in self.workers]
+        engine, self.remote = build_engine(self.cfg, self.workers, addresses)
+        self.engine = AsyncEngine(engine)
+        self.template = load_template(self.cfg.model)
+
+    # -- HTTP: small endpoints ---------------------------------------------------------------
+    @app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok", "model": self.cfg.model_name, "expert_workers": len(self.workers)}
+
+    @app.get("/v1/models")
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "owned_by": "moe-cluster",
+                                            "created": 0}]}
+
+    @app.get("/metrics")
+    async def prometheus(self) -> Response:
+        return PlainTextResponse(metrics.render(self.engine.stats()).decode(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/admin/stats")
+    async def stats(self) -> dict:
+        """Engine counters and where the router's step time went (for bench/serve_bench.py)."""
+        return {**self.engine.stats(), "data_plane": self.remote.timer.snapshot() if self.remote else None}
+
+    # -- HTTP: completions -------------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._serve_http(request, CompletionRequest, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._serve_http(request, ChatCompletionRequest, chat=True)
+
+    async def _serve_http(self, request: Request, model_cls: type[BaseModel], chat: bool):
+        try:
+            req = await self._parse(request, model_cls)
+            prompt = render(self.template, [m.model_dump() for m in req.messages]) if chat else req.prompt
+            params = req.sampling_params() if chat else req.sampling_params(req.logprobs)
+            prompt_ids = self.engine.prepare(prompt, params)
+        except RequestFailed as e:
+            metrics.REQUESTS.labels("http", "rejected").inc()
+            return e.response()
+        except InvalidRequest as e:
+            metrics.REQUESTS.labels("http", "rejected").inc()
+            return RequestFailed(400, str(e), e.param).response()
+        rid = ("chatcmpl-" if chat else "cmpl-") + request.headers.get("x-request-id", str(time.time_ns()))
+        with_logprobs = params.logprobs is not None
+        decode = self.engine.engine.tokenizer.decode if self.engine.engine.tokenizer else (lambda ids: "")
+        if req.stream:
+            return StreamingResponse(self._sse(rid, prompt_ids, params, decode, with_logprobs, chat),
+                                     media_type="text/event-stream")
+        try:
+            out = await self._run(rid, prompt_ids, params)
+        except EngineDeadError as e:
+            metrics.REQUESTS.labels("http", "failed").inc()
+            return RequestFailed(500, f"generation failed: {e}").response()
+        return JSONResponse(completion_json(rid, self.cfg.model_name, out, decode, with_logprobs, chat))
+
+    async def _parse(self, request: Request, model_cls: type[BaseModel]) -> BaseModel:
+        if "application/json" not in request.headers.get("content-type", ""):
+            raise RequestFailed(415, "Content-Type must be application/json")
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise RequestFailed(400, "request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise RequestFailed(400, "request body must be a JSON object")
+        try:
+            req = model_cls.model_validate(body)
+        except ValidationError as e:
+            err = e.errors()[0]
+            param = ".".join(str(x) for x in err["loc"]) or None
+            raise RequestFailed(400, f"{param}: {err['msg']}", param) from None
+        if req.model and req.model != self.cfg.model_name:
+            raise RequestFailed(404, f"model {req.model[:100]!r} not found (serving {self.cfg.model_name!r})", "model")
+        return req
+
+    async def _stream(self, prompt_ids: list[int], params: SamplingParams):
+        """Engine outputs, timing TTFT and inter-token latency."""
+        last = start = time.perf_counter()
+        async for o in self.engine.generate(prompt_ids, params):
+            now = time.perf_counter()
+            (metrics.ITL if last != start else metrics.TTFT).observe(now - last)
+            last = now
+            metrics.GENERATED_TOKENS.inc()
+            if o.finish_reason:
+                metrics.EXPERT_TOKENS.inc(o.expert_tokens)
+            yield o
+
+    async def _run(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        outs = [o async for o in self._stream(prompt_ids, params)]
+        metrics.REQUESTS.labels("http", "ok").inc()
+        last = outs[-1]
+        return Completion(rid, prompt_ids, [o.token_id for o in outs], "".join(o.text_delta for o in outs),
+                          last.finish_reason, [o.sampled for o in outs] if params.logprobs is not None else [],
+                          last.expert_tokens, [o.routing for o in outs if o.routing is not None])
+
+    async def _sse(self, rid, prompt_ids, params, decode, with_logprobs: bool, chat: bool):
+        try:
+            async for o in self._stream(prompt_ids, params):
+                yield f"data: {json.dumps(chunk_json(rid, self.cfg.model_name, o, decode, with_logprobs, chat))}\n\n"
+            metrics.REQUESTS.labels("http", "ok").inc()
+        except EngineDeadError as e:
+            metrics.REQUESTS.labels("http", "failed").inc()
+            yield f"data: {json.dumps(error_body(f'generation failed: {e}', 'internal_error', None, 500))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    # -- gRPC (protos/moe_serving.proto, through Serve's gRPC proxy) ------------------------
+    def _grpc_prepare(self, request: pb.CompleteRequest, grpc_context):
+        try:
+            if request.model and request.model != self.cfg.model_name:
+                raise RequestFailed(404, f"model {request.model[:100]!r} not found")
+            params = grpc_api.sampling_params(request)
+            return self.engine.prepare(grpc_api.prompt_of(request), params), params
+        except (RequestFailed, InvalidRequest) as e:
+            status = e.status if isinstance(e, RequestFailed) else 400
+            grpc_context.set_code(grpc_api.STATUS[status])
+            grpc_context.set_details(str(e)[:500])
+            metrics.REQUESTS.labels("grpc", "rejected").inc()
+            raise  # Serve turns an exception raised after set_code into that status (streams too)
+
+    async def Complete(self, request: pb.CompleteRequest, grpc_context) -> pb.CompleteReply:
+        prompt_ids, params = self._grpc_prepare(request, grpc_context)
+        out = await self._run(f"cmpl-{time.time_ns()}", prompt_ids, params)
+        return pb.CompleteReply(id=out.request_id, text=out.text, token_ids=out.token_ids,
+                                finish_reason=out.finish_reason,
+                                usage=grpc_api.usage(len(prompt_ids), len(out.token_ids), out.expert_tokens),
+                                logprobs=[grpc_api.token_logprob(s) for s in out.logprobs],
+                                routing=[grpc_api.token_routing(r) for r in out.routing])
+
+    async def Generate(self, request: pb.CompleteRequest, grpc_context):
+        prompt_ids, params = self._grpc_prepare(request, grpc_context)
+        rid = f"cmpl-{time.time_ns()}"
+        async for o in self._stream(prompt_ids, params):
+            reply = pb.GenerateReply(id=rid, text_delta=o.text_delta, token_id=o.token_id,
+                                     finish_reason=o.finish_reason or "")
+            if params.logprobs is not None:
+                reply.logprob.CopyFrom(grpc_api.token_logprob(o.sampled))
+            if o.routing is not None:
+                reply.routing.CopyFrom(grpc_api.token_routing(o.routing))
+            if o.finish_reason:
+                reply.usage.CopyFrom(grpc_api.usage(o.prompt_tokens, o.completion_tokens, o.expert_tokens))
+            yield reply
+        metrics.REQUESTS.labels("grpc", "ok").inc()

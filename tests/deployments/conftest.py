@@ -1,0 +1,53 @@
+"""A real Ray instance and Serve (HTTP + gRPC on 127.0.0.1) shared by the serving tests."""
+import shutil
+import socket
+import tempfile
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    def __init__(self, http_port: int, grpc_port: int):
+        self.http_port, self.grpc_port = http_port, grpc_port
+        self.base = f"http://127.0.0.1:{http_port}"
+        self.grpc_target = f"127.0.0.1:{grpc_port}"
+        self.current = None
+
+    def deploy(self, model: str, num_workers: int, **extra) -> "Cluster":
+        from ray import serve
+
+        from deployments.app import build_app
+        from deployments.config import app_config
+
+        key = (model, num_workers, tuple(sorted(extra.items())))
+        if key != self.current:
+            args = dict(model=model, num_workers=num_workers, router_num_cpus=0.5, max_num_seqs=16,
+                        max_model_len=512, worker={"num_cpus": 0.25, "torch_threads": 1}, **extra)
+            serve.run(build_app(app_config(args)), name="moe", route_prefix="/")
+            self.current = key
+        return self
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    temp_dir = tempfile.mkdtemp(prefix="/tmp/moe-ray-")  # short: Ray's socket paths must stay < 108 chars
+    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    c = Cluster(free_port(), free_port())
+    serve.start(http_options={"host": "127.0.0.1", "port": c.http_port},
+                grpc_options={"port": c.grpc_port,
+                              "grpc_servicer_functions": ["protos.moe_serving_pb2_grpc.add_MoeServingServicer_to_server"]})
+    try:
+        yield c
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)

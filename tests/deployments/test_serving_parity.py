@@ -1,0 +1,44 @@
+"""Greedy output through the distributed server (HTTP and gRPC) equals the in-process engine's."""
+import pytest
+
+from cluster.engine import LLMEngine, SamplingParams
+from tests.deployments.clients import concurrently, grpc_request, grpc_stub, http_complete, http_stream
+from tests.test_demo_model import DEMO
+
+pytestmark = pytest.mark.slow
+
+TEXT_PROMPTS = ["def main(", "The license", "import os\nimport sys\n", "class Parser:\n    def __init__(self"]
+ID_PROMPTS = [[5, 17, 33], [100], list(range(3, 40, 2)), [7, 7, 7, 7, 8]]
+MAX_TOKENS = [12, 20, 8, 16]
+
+
+def expected_tokens(model: str, prompts) -> list[list[int]]:
+    engine = LLMEngine.from_pretrained(model, max_model_len=512)
+    outs = engine.generate(prompts, [SamplingParams(max_tokens=m, temperature=0) for m in MAX_TOKENS])
+    return [o.token_ids for o in outs]
+
+
+@pytest.fixture(scope="module", params=["demo", "mixtral", "qwen2_moe"])
+def model(request, checkpoint_factory):
+    if request.param == "demo":
+        path, prompts = str(DEMO), TEXT_PROMPTS
+    else:
+        path, prompts = str(checkpoint_factory(request.param)), ID_PROMPTS
+    return path, prompts, expected_tokens(path, prompts)
+
+
+@pytest.mark.parametrize("num_workers", [1, 2, 4])
+def test_http_and_grpc_match_in_process(cluster, model, num_workers):
+    path, prompts, expected = model
+    cluster.deploy(path, num_workers)
+    got = concurrently(lambda i: http_complete(cluster.base, prompts[i], MAX_TOKENS[i])["choices"][0]["token_ids"],
+                       range(len(prompts)))
+    assert got == expected
+    stub = grpc_stub(cluster.grpc_target)
+    got = concurrently(lambda i: list(stub.Complete(grpc_request(prompts[i], MAX_TOKENS[i]), timeout=120).token_ids),
+                       range(len(prompts)))
+    assert got == expected
+    streamed = [m.token_id for m in stub.Generate(grpc_request(prompts[2], MAX_TOKENS[2]), timeout=120)]
+    assert streamed == expected[2]
+    chunks = http_stream(cluster.base, prompts[1], MAX_TOKENS[1])
+    assert [c["choices"][0]["token_ids"][0] for c in chunks] == expected[1]
