@@ -31,6 +31,9 @@ class RequestFailed(Exception):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
 
+    def __reduce__(self):  # Serve ships exceptions between processes
+        return RequestFailed, (self.status, self.message, self.param)
+
     def response(self) -> JSONResponse:
         kind = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
                 415: "invalid_request_error", 503: "overloaded_error"}.get(self.status, "internal_error")
