@@ -1,5 +1,5 @@
 # Two entry points, each sets up .venv on first use:
-#   make run   - the main job on the bundled demo model
+#   make run   - the main job: the server (Ray Serve, HTTP :8000, gRPC :9000) on the bundled demo model
 #   make test  - the whole test suite (what CI runs)
 PYTHON ?= python3
 VENV := .venv
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 
 .PHONY: run test bench
 run: $(STAMP)
-	$(BIN)/moe-cluster generate --model models/demo --prompt "def parse_args(argv):" --max-tokens 48
+	$(BIN)/moe-cluster serve --model models/demo --num-workers 2
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
