@@ -27,6 +27,7 @@ class SamplingFields(BaseModel):
     stream: bool = False
     n: int = 1
     return_routing: bool = False
+    ignore_eos: bool = False
 
     def sampling_params(self, logprobs: int | None) -> SamplingParams:
         if self.n != MAX_N:
@@ -34,7 +35,8 @@ class SamplingFields(BaseModel):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(max_tokens=16 if self.max_tokens is None else self.max_tokens,
                               temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
-                              stop=stop, logprobs=logprobs, return_routing=self.return_routing)
+                              stop=stop, logprobs=logprobs, return_routing=self.return_routing,
+                              ignore_eos=self.ignore_eos)
 
 
 class CompletionRequest(SamplingFields):
