@@ -1,4 +1,4 @@
-"""Ray Serve layer (expert workers, router, ingress): arrives with the serving issue.
+"""Ray Serve layer: expert workers, the router (HTTP + gRPC APIs), the app builder and the CLI.
 
-Nothing here yet; `cluster/` runs on its own through `moe-cluster generate`.
+`cluster/` holds the model and engine and knows nothing of Ray; this package places them.
 """

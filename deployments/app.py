@@ -34,7 +34,8 @@ def build_app(cfg: AppConfig) -> Application:
         name = f"expert-worker-{i}"
         slots = [list(s) for s in placement.workers[i]]
         workers.append(ExpertWorker.options(name=name, ray_actor_options=worker_actor_options(cfg))
-                       .bind(cfg.model, slots, name, cfg.data_plane_host, cfg.worker.torch_threads))
+                       .bind(cfg.model, slots, name, cfg.data_plane_host, cfg.worker.torch_threads,
+                             "cuda" if cfg.worker.num_gpus > 0 else "cpu"))
     router = Router.options(ray_actor_options={"num_cpus": cfg.router_num_cpus, "num_gpus": cfg.router_num_gpus})
     return router.bind(cfg.model_dump(), workers)
 

@@ -93,12 +93,13 @@ class RemoteExperts:
         # Blocking calls on long-lived threads: grpc's `.future()` starts a new thread per call
         # (measured ~2.8 ms each here), more than the expert compute it waits for.
         self._pool = futures.ThreadPoolExecutor(max_workers=max(2, placement.num_workers), thread_name_prefix="experts")
-        self._set_placement(placement)
+        self.swap_placement(placement)
 
-    def _set_placement(self, placement: Placement) -> None:
-        copies = placement.copies()
-        # One table read per step: a swap replaces the whole dict at once.
-        self._owner = {slot: workers[0] for slot, workers in copies.items()}
+    def swap_placement(self, placement: Placement) -> None:
+        """Atomically switch to a new table: `run` reads `_owner` once per call, so a layer's
+        fan-out sees either the old table or the new one, never a mix."""
+        owner = {slot: workers[0] for slot, workers in placement.copies().items()}
+        self.placement, self._owner = placement, owner
 
     def _stub(self, worker: int, refresh: bool = False) -> expert_pb2_grpc.ExpertServiceStub:
         if refresh or worker not in self._stubs:

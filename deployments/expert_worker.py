@@ -15,10 +15,10 @@ log = logging.getLogger("ray.serve")
 
 @serve.deployment(health_check_period_s=5, max_ongoing_requests=16)
 class ExpertWorker:
-    def __init__(self, model: str, slots: list[list[int]], name: str, host: str, torch_threads: int = 1):
+    def __init__(self, model: str, slots: list[list[int]], name: str, host: str, torch_threads: int = 1,
+                 device: str = "cpu"):
         torch.set_num_threads(torch_threads)
-        # GPU when Ray gave this replica one (num_gpus > 0 in the config), else CPU.
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device  # "cuda" when the config gives workers GPUs (worker.num_gpus > 0)
         ckpt, family, cfg = open_model(model)
         experts = LocalExperts(load_experts(ckpt, family, cfg, [tuple(s) for s in slots], device=self.device))
         self.server, port = start_server(ExpertServicer(name, experts, self.device), host)

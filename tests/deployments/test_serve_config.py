@@ -1,0 +1,34 @@
+"""The bundled Serve config is a valid Ray Serve config whose application builds."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deployments.app import app_builder
+from deployments.config import app_config
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def test_serve_local_yaml_is_a_serve_config_that_builds(monkeypatch):
+    from ray.serve.schema import ServeDeploySchema
+
+    monkeypatch.chdir(ROOT)
+    conf = yaml.safe_load((ROOT / "deployments" / "serve_local.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(conf) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(conf)
+    [app] = schema.applications
+    assert app.import_path == "deployments.app:app_builder"
+    assert conf["grpc_options"]["grpc_servicer_functions"] == [
+        "protos.moe_serving_pb2_grpc.add_MoeServingServicer_to_server"]
+    assert app_builder(app.args) is not None
+
+
+@pytest.mark.parametrize("args,message", [
+    ({"num_workers": -1}, "num_workers: Input should be greater than or equal to 0"),
+    ({"worker": {"num_cpus": "lots"}}, "worker.num_cpus"),
+    ({"typo_field": 1}, "typo_field: Extra inputs are not permitted"),
+])
+def test_bad_app_config_names_the_field(args, message):
+    with pytest.raises(ValueError, match=message):
+        app_config(args)
