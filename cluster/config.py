@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cluster.model.gating import Gating
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -33,6 +35,25 @@ class ModelConfig:
     shared_expert_gate: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # DeepSeek gating variants (defaults: plain softmax top-k).
+    scoring: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "max"
+    routed_scaling_factor: float = 1.0
+    # Multi-head latent attention (DeepSeek); attention="mha" ignores these.
+    attention: str = "mha"
+    q_lora_rank: int = 0  # 0: q comes from one projection
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # rotary on interleaved pairs (DeepSeek) instead of halves
+
+    @property
+    def gating(self) -> Gating:
+        return Gating(self.top_k, self.norm_topk_prob, self.scoring, self.n_group, self.topk_group,
+                      self.group_score, self.routed_scaling_factor)
 
     @property
     def moe_layer_ids(self) -> tuple[int, ...]:

@@ -13,7 +13,7 @@ import torch
 from cluster.checkpoint import Checkpoint, CheckpointError
 from cluster.config import ModelConfig
 from cluster.families import Family, get_family
-from cluster.model.weights import AttentionWeights, BackboneWeights, LayerWeights, MLPWeights
+from cluster.model.weights import AttentionWeights, BackboneWeights, LayerWeights, MLAWeights, MLPWeights
 
 Progress = Callable[[int, int], None]
 
@@ -67,6 +67,20 @@ def _attention(r: _Reader, cfg: ModelConfig, layer: int) -> AttentionWeights:
     )
 
 
+def _mla(r: _Reader, cfg: ModelConfig, layer: int) -> MLAWeights:
+    d, h = cfg.hidden_size, cfg.num_heads
+    q_dim = h * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+    q = {"q": r.get("q_proj", (q_dim, d), layer)} if not cfg.q_lora_rank else {
+        "q_a": r.get("q_a_proj", (cfg.q_lora_rank, d), layer),
+        "q_a_norm": r.get("q_a_norm", (cfg.q_lora_rank,), layer),
+        "q_b": r.get("q_b_proj", (q_dim, cfg.q_lora_rank), layer)}
+    return MLAWeights(
+        kv_a=r.get("kv_a_proj", (cfg.kv_lora_rank + cfg.qk_rope_head_dim, d), layer),
+        kv_a_norm=r.get("kv_a_norm", (cfg.kv_lora_rank,), layer),
+        kv_b=r.get("kv_b_proj", (h * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank), layer),
+        o=r.get("o_proj", (d, h * cfg.v_head_dim), layer), **q)
+
+
 def _layer(r: _Reader, cfg: ModelConfig, layer: int) -> LayerWeights:
     d = cfg.hidden_size
     moe = cfg.moe_layers[layer]
@@ -75,9 +89,10 @@ def _layer(r: _Reader, cfg: ModelConfig, layer: int) -> LayerWeights:
         shared = r.mlp("shared", cfg.shared_expert_intermediate_size, d, layer)
     return LayerWeights(
         attn_norm=r.get("attn_norm", (d,), layer),
-        attn=_attention(r, cfg, layer),
+        attn=_mla(r, cfg, layer) if cfg.attention == "mla" else _attention(r, cfg, layer),
         mlp_norm=r.get("mlp_norm", (d,), layer),
         router=r.get("router", (cfg.num_experts, d), layer) if moe else None,
+        router_bias=r.maybe("router_bias", (cfg.num_experts,), layer) if moe else None,
         dense=None if moe else r.mlp("dense", cfg.dense_intermediate_size, d, layer),
         shared=shared,
         shared_router=r.get("shared_router", (1, d), layer) if shared is not None and cfg.shared_expert_gate else None,

@@ -11,7 +11,7 @@ from cluster.model.kv_cache import KVCache
 def our_greedy_logits(engine: LLMEngine, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy decoding through the engine's model and KV cache, keeping every step's logits."""
     cfg = engine.cfg
-    cache = KVCache(cfg.num_layers, 1, len(prompt) + steps + 1, cfg.num_kv_heads, cfg.head_dim, device=engine.device)
+    cache = KVCache.for_model(cfg, 1, len(prompt) + steps + 1, device=engine.device)
     tokens, logits_per_step, new, pos = [], [], list(prompt), 0
     for _ in range(steps):
         logits, _ = engine.model.forward(make_batch([(0, new, pos)], engine.device), cache)
@@ -23,9 +23,16 @@ def our_greedy_logits(engine: LLMEngine, prompt: list[int], steps: int) -> tuple
 
 
 def hf_greedy_logits(hf_model, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
-    out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                            output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-    return out.sequences[0, len(prompt):].tolist(), [step[0].float() for step in out.logits]
+    """Greedy decoding with transformers' own forward and KV cache: raw argmax, EOS not special
+    (generate()'s min_new_tokens would mask EOS out of the choice)."""
+    tokens, logits = [], []
+    with torch.no_grad():
+        out = hf_model(torch.tensor([prompt]), use_cache=True)
+        for _ in range(steps):
+            logits.append(out.logits[0, -1].float())
+            tokens.append(int(logits[-1].argmax()))
+            out = hf_model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens, logits
 
 
 def load_hf(path):

@@ -36,7 +36,7 @@ def windows(engine: LLMEngine, domain: str, count: int, length: int) -> list[lis
 def expert_counts(engine: LLMEngine, prompts: list[list[int]]) -> torch.Tensor:
     """Tokens routed to each expert: [num_moe_layers, num_experts]."""
     cfg = engine.cfg
-    cache = KVCache(cfg.num_layers, len(prompts), max(map(len, prompts)), cfg.num_kv_heads, cfg.head_dim)
+    cache = KVCache.for_model(cfg, len(prompts), max(map(len, prompts)))
     _, routing = engine.model.forward(make_batch([(i, p, 0) for i, p in enumerate(prompts)]), cache)
     return torch.stack([torch.bincount(r.ids.reshape(-1), minlength=cfg.num_experts) for r in routing]).float()
 

@@ -60,8 +60,7 @@ class LLMEngine:
                  device: str = "cpu"):
         self.cfg, self.model, self.tokenizer, self.device = cfg, model, tokenizer, device
         self.max_model_len = max_model_len
-        self.cache = KVCache(cfg.num_layers, max_num_seqs, max_model_len, cfg.num_kv_heads, cfg.head_dim,
-                             device=device)
+        self.cache = KVCache.for_model(cfg, max_num_seqs, max_model_len, device=device)
         self.scheduler = Scheduler(self.cache, max_num_batched_tokens)
         self._ids = itertools.count()
 

@@ -3,9 +3,10 @@ names every checkpoint tensor in one table."""
 from __future__ import annotations
 
 from cluster.families.base import Family, UnsupportedModelError
-from cluster.families import mixtral, olmoe, qwen2_moe, qwen3_moe
+from cluster.families import deepseek, mixtral, olmoe, qwen2_moe, qwen3_moe
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (mixtral.FAMILY, qwen2_moe.FAMILY, qwen3_moe.FAMILY, olmoe.FAMILY)}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (mixtral.FAMILY, qwen2_moe.FAMILY, qwen3_moe.FAMILY, olmoe.FAMILY,
+                                                         deepseek.V2, deepseek.V3)}
 
 
 def get_family(model_type: str | None) -> Family:

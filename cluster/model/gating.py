@@ -1,24 +1,54 @@
 """Gating: router logits → top-k expert ids and weights. Pure functions, fp32.
 
-Shapes: T tokens, E experts, K top-k.
+Shapes: T tokens, E experts, K top-k, G expert groups.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 
-def route(logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
-    """softmax → top-k → optional renormalisation; returns (weights [T, K] fp32, ids [T, K] int64).
+@dataclass(frozen=True)
+class Gating:
+    """How a family turns router logits into a choice (defaults: Mixtral/Qwen softmax top-k)."""
 
-    NaN logits are treated as the lowest score, so a NaN never wins a slot
-    while a real score is left; a row of all NaN gets uniform weights. Ids are
-    always in [0, E) and distinct per token (topk picks distinct positions).
+    top_k: int
+    normalize: bool = True  # renormalise the chosen weights to sum to 1
+    scoring: str = "softmax"  # "softmax" | "sigmoid" (DeepSeek-V3)
+    n_group: int = 1  # group-limited routing: experts split into n_group groups ...
+    topk_group: int = 1  # ... and only the best topk_group groups may be chosen from
+    group_score: str = "max"  # a group's score: "max" (DeepSeek-V2) | "top2_sum" (DeepSeek-V3)
+    scale: float = 1.0  # routed_scaling_factor, applied last
+
+
+def _group_mask(scores: Tensor, g: Gating) -> Tensor:
+    """[T, E] True where the expert's group is among the topk_group best groups."""
+    grouped = scores.view(scores.shape[0], g.n_group, -1)  # [T, G, E/G]
+    group = grouped.max(-1).values if g.group_score == "max" else grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]
+    best = torch.topk(group, g.topk_group, dim=-1).indices  # [T, topk_group]
+    keep = torch.zeros_like(group, dtype=torch.bool).scatter_(1, best, True)  # [T, G]
+    return keep[:, :, None].expand_as(grouped).reshape(scores.shape)  # [T, E]
+
+
+def route(logits: Tensor, g: Gating, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """scores → (group limit) → top-k → optional renormalisation → scale.
+
+    Returns (weights [T, K] fp32, ids [T, K] int64). `bias` (DeepSeek-V3's
+    e_score_correction_bias, [E]) shifts which experts are chosen but not their
+    weights. NaN logits are treated as the lowest score, so a NaN never wins a
+    slot while a real score is left; ids are always in [0, E) and distinct per
+    token (topk picks distinct positions).
     """
     logits = logits.float()
     logits = torch.where(torch.isnan(logits), torch.finfo(torch.float32).min, logits)  # [T, E]
-    probs = torch.softmax(logits, dim=-1)  # [T, E]
-    weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, K]
-    if normalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids
+    scores = torch.sigmoid(logits) if g.scoring == "sigmoid" else torch.softmax(logits, dim=-1)  # [T, E]
+    choice = scores if bias is None else scores + bias.float()
+    if g.n_group > 1:
+        choice = choice.masked_fill(~_group_mask(choice, g), float("-inf"))
+    ids = torch.topk(choice, g.top_k, dim=-1).indices  # [T, K]
+    weights = scores.gather(1, ids)  # [T, K]
+    if g.normalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * g.scale, ids

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from cluster.model.dispatch import combine, dispatch, gather_rows
 from cluster.model.experts import ExpertExecutor, swiglu
-from cluster.model.gating import route
+from cluster.model.gating import Gating, route
 from cluster.model.weights import LayerWeights
 
 
@@ -25,9 +25,9 @@ class Routing:
     weights: Tensor  # [T, K]
 
 
-def moe_block(x: Tensor, w: LayerWeights, layer: int, top_k: int, normalize: bool,
+def moe_block(x: Tensor, w: LayerWeights, layer: int, gating: Gating,
               experts: ExpertExecutor) -> tuple[Tensor, Routing]:
-    weights, ids = route(F.linear(x, w.router), top_k, normalize)  # [T, K]
+    weights, ids = route(F.linear(x, w.router), gating, w.router_bias)  # [T, K]
     plan = dispatch(ids, w.router.shape[0])
     rows = experts.run(layer, gather_rows(x, plan), plan.counts)  # [N, D]
     out = combine(rows, plan, weights)  # [T, D]

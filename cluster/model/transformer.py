@@ -11,6 +11,7 @@ from torch import Tensor
 
 from cluster.config import ModelConfig
 from cluster.model.attention import attention
+from cluster.model.mla import mla_attention
 from cluster.model.batch import Batch
 from cluster.model.experts import ExpertExecutor, swiglu
 from cluster.model.kv_cache import KVCache
@@ -31,13 +32,14 @@ class MoETransformer:
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         x = self.weights.embed[batch.token_ids]  # [T, D]
         routing, rope = [], self.rotary.at(batch.positions)
+        attend = mla_attention if cfg.attention == "mla" else attention
         for layer, w in enumerate(self.weights.layers):
-            x = x + attention(rms_norm(x, w.attn_norm, eps), w.attn, cfg, layer, batch, cache, rope)
+            x = x + attend(rms_norm(x, w.attn_norm, eps), w.attn, cfg, layer, batch, cache, rope)
             h = rms_norm(x, w.mlp_norm, eps)
             if w.router is None:
                 x = x + swiglu(h, w.dense)
                 continue
-            out, r = moe_block(h, w, layer, cfg.top_k, cfg.norm_topk_prob, self.experts)
+            out, r = moe_block(h, w, layer, cfg.gating, self.experts)
             x = x + out
             routing.append(r)
         last = rms_norm(x[batch.last_rows], self.weights.final_norm, eps)  # [B, D]

@@ -36,11 +36,26 @@ class AttentionWeights:
 
 
 @dataclass(frozen=True)
+class MLAWeights:
+    """Multi-head latent attention (DeepSeek-V2/V3)."""
+
+    kv_a: Tensor  # [kv_lora + rope, D]: the compressed latent and the shared rotary key
+    kv_a_norm: Tensor  # [kv_lora]
+    kv_b: Tensor  # [H * (nope + v), kv_lora]: latent → per-head key (no rope) and value
+    o: Tensor  # [D, H * v]
+    q: Tensor | None = None  # [H * (nope + rope), D] when q_lora_rank is 0
+    q_a: Tensor | None = None  # [q_lora, D]
+    q_a_norm: Tensor | None = None  # [q_lora]
+    q_b: Tensor | None = None  # [H * (nope + rope), q_lora]
+
+
+@dataclass(frozen=True)
 class LayerWeights:
     attn_norm: Tensor
-    attn: AttentionWeights
+    attn: AttentionWeights | MLAWeights
     mlp_norm: Tensor
     router: Tensor | None = None  # [E, D] on MoE layers
+    router_bias: Tensor | None = None  # [E] DeepSeek-V3 e_score_correction_bias: steers the choice only
     dense: MLPWeights | None = None  # on dense layers
     shared: MLPWeights | None = None  # shared expert (qwen2_moe)
     shared_router: Tensor | None = None  # [1, D] sigmoid gate of the shared expert

@@ -34,7 +34,9 @@ def _run_recording_logits(engine, prompts, params):
     return [tokens[r] for r in ids], [seen[r] for r in ids]
 
 
-def test_batch_of_8_equals_each_prompt_alone(engine):
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_batch_of_8_equals_each_prompt_alone(checkpoint_factory, family):
+    engine = LLMEngine.from_pretrained(str(checkpoint_factory(family)), max_num_seqs=16, max_model_len=256)
     prompts = [[(7 * i + j) % 120 + 1 for j in range(n)] for i, n in enumerate([1, 3, 9, 17, 30, 4, 55, 2])]
     batched_tokens, batched_logits = _run_recording_logits(engine, prompts, GREEDY)
     for prompt, tokens, logits in zip(prompts, batched_tokens, batched_logits):

@@ -6,6 +6,7 @@ import torch
 
 from cluster.model.dispatch import dispatch
 from cluster.model.experts import LocalExperts, reference_moe
+from cluster.model.gating import Gating
 from cluster.model.moe import moe_block
 from cluster.model.weights import AttentionWeights, LayerWeights, MLPWeights
 
@@ -26,7 +27,7 @@ def _layer(num_experts: int, seed: int):
 def test_fast_path_matches_reference(num_experts, top_k, num_tokens, normalize):
     layer, experts = _layer(num_experts, seed=num_experts * 100 + top_k)
     x = torch.randn(num_tokens, D, generator=torch.Generator().manual_seed(num_tokens))
-    out, routing = moe_block(x, layer, 0, top_k, normalize, LocalExperts(experts))
+    out, routing = moe_block(x, layer, 0, Gating(top_k, normalize), LocalExperts(experts))
     ref = reference_moe(x, layer.router, experts, 0, top_k, normalize)
     assert out.shape == (num_tokens, D)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -47,7 +48,7 @@ def test_experts_without_tokens_get_no_compute():
     router[2] = router[5] = 5.0
     layer = LayerWeights(layer.attn_norm, layer.attn, layer.mlp_norm, router=router)
     x = torch.ones(6, D)
-    out, _ = moe_block(x, layer, 0, 2, True, Spy(experts))
+    out, _ = moe_block(x, layer, 0, Gating(2, True), Spy(experts))
     assert calls == [[0, 0, 6, 0, 0, 6, 0, 0]]
     torch.testing.assert_close(out, reference_moe(x, router, experts, 0, 2, True))
 
@@ -65,6 +66,6 @@ def test_nan_router_logits_are_served():
     router = layer.router.clone()
     router[4] = float("nan")
     layer = LayerWeights(layer.attn_norm, layer.attn, layer.mlp_norm, router=router)
-    out, routing = moe_block(torch.randn(10, D), layer, 0, 2, True, LocalExperts(experts))
+    out, routing = moe_block(torch.randn(10, D), layer, 0, Gating(2, True), LocalExperts(experts))
     assert ((routing.ids >= 0) & (routing.ids < 8)).all()
     assert all(len(set(r)) == 2 for r in routing.ids.tolist())

@@ -42,3 +42,18 @@ def test_http_and_grpc_match_in_process(cluster, model, num_workers):
     assert streamed == expected[2]
     chunks = http_stream(cluster.base, prompts[1], MAX_TOKENS[1])
     assert [c["choices"][0]["token_ids"][0] for c in chunks] == expected[1]
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_deepseek_through_two_workers(cluster, checkpoint_factory, family):
+    """Shared experts run in the router, routed experts on the workers: output unchanged."""
+    path = str(checkpoint_factory(family))
+    expected = expected_tokens(path, ID_PROMPTS)
+    cluster.deploy(path, 2)
+    got = concurrently(lambda i: http_complete(cluster.base, ID_PROMPTS[i], MAX_TOKENS[i])["choices"][0]["token_ids"],
+                       range(len(ID_PROMPTS)))
+    assert got == expected
+    stub = grpc_stub(cluster.grpc_target)
+    got = concurrently(lambda i: list(stub.Complete(grpc_request(ID_PROMPTS[i], MAX_TOKENS[i]), timeout=120).token_ids),
+                       range(len(ID_PROMPTS)))
+    assert got == expected
