@@ -1,0 +1,79 @@
+"""Placement algorithms: table-driven cases and a production-scale simulation."""
+import time
+
+import numpy as np
+import pytest
+
+from cluster.placement import Placement, round_robin
+from cluster.rebalance import Worker, imbalance, plan, replicate
+
+
+@pytest.mark.parametrize("loads,extra,expected", [
+    ([10, 1, 1, 1], 0, [1, 1, 1, 1]),
+    ([10, 1, 1, 1], 1, [2, 1, 1, 1]),
+    ([10, 1, 1, 1], 3, [4, 1, 1, 1]),
+    ([8, 4, 1, 1], 3, [3, 2, 1, 1]),
+    ([0, 0, 0, 0], 2, [2, 2, 1, 1]),  # ties: lowest expert id first
+])
+def test_replicate_gives_copies_to_the_highest_load_per_copy(loads, extra, expected):
+    assert replicate(np.array(loads, dtype=float), extra).tolist() == expected
+
+
+def test_hot_expert_is_split_and_balanced():
+    loads = np.array([[60.0, 10, 10, 10, 5, 5]])  # one layer, expert 0 is hot
+    result = plan(loads, [0], [Worker()] * 3, extra_per_layer=3)
+    copies = result.placement.copies()
+    assert len(copies[(0, 0)]) >= 2 and len(set(copies[(0, 0)])) == len(copies[(0, 0)])
+    assert result.max_over_mean <= 1.1
+    assert imbalance(loads, [0], result.placement, 3) == pytest.approx(result.max_over_mean)
+    before = imbalance(loads, [0], round_robin([(0, e) for e in range(6)], 3), 3)
+    assert before > 1.5
+
+
+def test_every_slot_keeps_a_copy_and_capacity_is_respected():
+    rng = np.random.default_rng(0)
+    loads = rng.random((3, 16))
+    result = plan(loads, [0, 1, 2], [Worker()] * 4, extra_per_layer=4)
+    result.placement.check_covers([(layer, e) for layer in range(3) for e in range(16)])
+    for slots in result.placement.workers:
+        assert all(sum(1 for lyr, _ in slots if lyr == layer) <= 5 for layer in range(3))
+
+
+def test_replanning_the_same_loads_moves_nothing():
+    rng = np.random.default_rng(1)
+    loads = rng.zipf(1.5, size=(4, 32)).astype(float)
+    workers = [Worker()] * 8
+    first = plan(loads, list(range(4)), workers, 8)
+    again = plan(loads, list(range(4)), workers, 8, current=first.placement)
+    assert again.moves == 0 and again.placement == first.placement
+
+
+def test_hierarchical_balances_nearly_as_well_as_global():
+    rng = np.random.default_rng(2)
+    loads = np.stack([rng.permutation(1.0 / np.arange(1, 65)) for _ in range(2)])
+    workers = [Worker(f"node-{i // 4}") for i in range(16)]
+    hier = plan(loads, [0, 1], workers, 16, hierarchical=True)
+    flat = plan(loads, [0, 1], workers, 16)
+    assert hier.max_over_mean <= 1.1 * flat.max_over_mean
+    assert hier.max_over_mean < imbalance(loads, [0, 1], round_robin([(l, e) for l in (0, 1) for e in range(64)], 16), 16)
+
+
+def test_production_scale_simulation():
+    """58 MoE layers x 256 experts, 8 nodes x 8 workers, 32 extra slots per layer, Zipf loads."""
+    rng = np.random.default_rng(0)
+    layers, experts = 58, 256
+    loads = np.stack([rng.permutation(1.0 / np.arange(1, experts + 1) ** 0.8) for _ in range(layers)]) * 1e5
+    workers = [Worker(f"node-{i // 8}") for i in range(64)]
+    baseline = round_robin([(layer, e) for layer in range(layers) for e in range(experts)], 64)
+    before = imbalance(loads, list(range(layers)), baseline, 64)
+    t0 = time.perf_counter()
+    result = plan(loads, list(range(layers)), workers, 32)
+    seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    hier = plan(loads, list(range(layers)), workers, 32, hierarchical=True)
+    hier_seconds = time.perf_counter() - t0
+    print(f"max/mean worker load: round-robin {before:.2f} -> global {result.max_over_mean:.3f} "
+          f"({seconds:.2f} s), hierarchical {hier.max_over_mean:.3f} ({hier_seconds:.2f} s)")
+    assert before > 1.5
+    assert result.max_over_mean <= 1.05
+    assert hier.max_over_mean <= 1.15
