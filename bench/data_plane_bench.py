@@ -20,21 +20,6 @@ from cluster.loader import open_model  # noqa: E402
 from cluster.placement import round_robin  # noqa: E402
 from deployments.data_plane import RemoteExperts  # noqa: E402
 
-WORKER = """
-import sys, time, torch
-torch.set_num_threads(1)
-from cluster.loader import open_model, load_experts
-from cluster.model.experts import LocalExperts
-from cluster.placement import round_robin
-from deployments.data_plane import ExpertServicer, start_server
-model, index, workers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-ckpt, family, cfg = open_model(model)
-slots = round_robin(cfg.expert_pairs(), workers).workers[index]
-server, port = start_server(ExpertServicer(f"w{index}", LocalExperts(load_experts(ckpt, family, cfg, slots)), "cpu"),
-                            "127.0.0.1")
-print(port, flush=True)
-time.sleep(3600)
-"""
 
 
 def timed(engine: LLMEngine, prompts, max_tokens: int) -> float:
@@ -51,13 +36,13 @@ def main() -> None:
     p.add_argument("--seqs", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64)
     args = p.parse_args()
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, args.model, str(i), str(args.workers)],
-                              stdout=subprocess.PIPE, text=True) for i in range(args.workers)]
+    _, _, cfg = open_model(args.model)
+    placement = round_robin(cfg.expert_pairs(), args.workers)
+    procs = [subprocess.Popen([sys.executable, "-m", "deployments.standalone_worker", args.model, json.dumps(slots)],
+                              stdout=subprocess.PIPE, text=True) for slots in placement.workers]
     try:
         ports = [int(proc.stdout.readline()) for proc in procs]
-        _, _, cfg = open_model(args.model)
-        remote = RemoteExperts(round_robin(cfg.expert_pairs(), args.workers),
-                               lambda w, refresh=False: f"127.0.0.1:{ports[w]}")
+        remote = RemoteExperts(placement, lambda w, refresh=False: f"127.0.0.1:{ports[w]}")
         engine = LLMEngine.from_pretrained(args.model, experts=remote, max_num_seqs=args.seqs, max_model_len=512)
         prompts = make_prompts(engine, args.seqs)
         remote_tps = timed(engine, prompts, args.max_tokens)

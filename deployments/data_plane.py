@@ -82,13 +82,32 @@ class StepTimer:
             return dict(self.totals)
 
 
+class ExpertUnavailable(RuntimeError):
+    """No live copy of an expert could serve a layer's rows."""
+
+
+def _split(start: int, n: int, parts: int) -> list[tuple[int, int]]:
+    """Rows [start, start + n) in `parts` contiguous chunks of near-equal size."""
+    sizes = [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+    offsets = [start + sum(sizes[:i]) for i in range(parts)]
+    return list(zip(offsets, sizes))
+
+
 class RemoteExperts:
     """ExpertExecutor over gRPC. `resolve(worker, refresh)` returns a worker's data-plane address
-    (refresh=True: look it up again, the worker may have been replaced)."""
+    (refresh=True: look it up again, the worker may have been replaced).
 
-    def __init__(self, placement: Placement, resolve: Callable[[int, bool], str]):
-        self.placement, self.resolve = placement, resolve
+    An expert's rows are split evenly among its copies, using only copies on the
+    router's own node (`local_workers`) when there are any. When a call fails, its
+    rows are re-sent to other copies of the same experts: expert compute is a pure
+    function, so a retry is safe and no request has to fail.
+    """
+
+    def __init__(self, placement: Placement, resolve: Callable[[int, bool], str],
+                 local_workers: frozenset[int] = frozenset()):
+        self.resolve, self.local_workers = resolve, local_workers
         self.timer = StepTimer()
+        self.failovers = 0
         self._stubs: dict[int, tuple[str, expert_pb2_grpc.ExpertServiceStub]] = {}
         # Blocking calls on long-lived threads: grpc's `.future()` starts a new thread per call
         # (measured ~2.8 ms each here), more than the expert compute it waits for.
@@ -96,10 +115,9 @@ class RemoteExperts:
         self.swap_placement(placement)
 
     def swap_placement(self, placement: Placement) -> None:
-        """Atomically switch to a new table: `run` reads `_owner` once per call, so a layer's
+        """Atomically switch to a new table: `run` reads `_copies` once per call, so a layer's
         fan-out sees either the old table or the new one, never a mix."""
-        owner = {slot: workers[0] for slot, workers in placement.copies().items()}
-        self.placement, self._owner = placement, owner
+        self.placement, self._copies = placement, placement.copies()
 
     def _stub(self, worker: int, refresh: bool = False) -> expert_pb2_grpc.ExpertServiceStub:
         if refresh or worker not in self._stubs:
@@ -108,14 +126,23 @@ class RemoteExperts:
             self._stubs[worker] = (address, expert_pb2_grpc.ExpertServiceStub(channel))
         return self._stubs[worker][1]
 
-    def run(self, layer: int, rows: Tensor, counts: Sequence[int]) -> Tensor:
-        owner = self._owner
-        groups: dict[int, list[tuple[int, int, int]]] = {}  # worker -> (expert_id, start, count)
+    def _groups(self, copies, layer: int, counts: Sequence[int]) -> dict[int, list[tuple[int, int, int]]]:
+        """worker -> [(expert_id, first row, rows)] for one layer."""
+        groups: dict[int, list[tuple[int, int, int]]] = {}
         start = 0
         for expert_id, n in enumerate(counts):
             if n:
-                groups.setdefault(owner[(layer, expert_id)], []).append((expert_id, start, n))
+                workers = copies[(layer, expert_id)]
+                preferred = [w for w in workers if w in self.local_workers] or list(workers)
+                for worker, (s, k) in zip(preferred, _split(start, n, len(preferred))):
+                    if k:
+                        groups.setdefault(worker, []).append((expert_id, s, k))
                 start += n
+        return groups
+
+    def run(self, layer: int, rows: Tensor, counts: Sequence[int]) -> Tensor:
+        copies = self._copies
+        groups = self._groups(copies, layer, counts)
         t0 = time.perf_counter()
         calls = {w: self._send(w, layer, rows, g) for w, g in groups.items()}
         t1 = time.perf_counter()
@@ -123,7 +150,11 @@ class RemoteExperts:
         wait = deser = 0.0
         for worker, (future, index) in calls.items():
             t = time.perf_counter()
-            reply = self._result(future, worker, layer, rows, groups[worker])
+            try:
+                reply = future.result()
+            except grpc.RpcError as e:
+                self._failover(copies, worker, layer, rows, groups[worker], out, e)
+                continue
             t2 = time.perf_counter()
             out[index] = from_proto(reply.output).to(rows.device)
             wait, deser = wait + t2 - t, deser + time.perf_counter() - t2
@@ -140,10 +171,20 @@ class RemoteExperts:
         req, index = self._request(layer, rows, group)
         return self._pool.submit(self._stub(worker).Forward, req), index
 
-    def _result(self, future, worker: int, layer: int, rows: Tensor, group):
-        try:
-            return future.result()
-        except grpc.RpcError:
-            # The worker may have been replaced (new address): look it up again and retry once.
-            req, _ = self._request(layer, rows, group)
-            return self._stub(worker, refresh=True).Forward(req)
+    def _failover(self, copies, failed: int, layer: int, rows: Tensor, group, out: Tensor, error) -> None:
+        """Re-send a failed worker's rows: to other copies where they exist, else to the same
+        worker once more at a fresh address (it may have been replaced)."""
+        self.failovers += 1
+        for expert_id, start, n in group:
+            others = [w for w in copies[(layer, expert_id)] if w != failed]
+            for worker in others + [failed]:
+                try:
+                    req, index = self._request(layer, rows, [(expert_id, start, n)])
+                    reply = self._stub(worker, refresh=worker == failed).Forward(req, timeout=30)
+                    out[index] = from_proto(reply.output).to(rows.device)
+                    break
+                except grpc.RpcError as e:
+                    error = e
+            else:
+                raise ExpertUnavailable(f"layer {layer} expert {expert_id}: no live copy answered "
+                                        f"({error.code().name})") from None

@@ -1,0 +1,99 @@
+"""The gRPC expert data plane without Ray: copies, token splitting, failover, placement swaps."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cluster.engine import LLMEngine, SamplingParams
+from cluster.loader import open_model
+from cluster.placement import Placement, round_robin
+from deployments.data_plane import ExpertUnavailable, RemoteExperts, _split
+
+PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+PROMPTS = [[5, 17, 33], [100, 3], list(range(3, 40, 2)), [7, 7, 7, 7, 8]]
+
+
+@pytest.fixture
+def workers(checkpoint_factory):
+    """Start standalone worker processes for given slot lists; killed at the end."""
+    procs = []
+
+    def start(model: str, slot_lists) -> list[subprocess.Popen]:
+        for slots in slot_lists:
+            procs.append(subprocess.Popen([sys.executable, "-m", "deployments.standalone_worker", model,
+                                           json.dumps([list(s) for s in slots])], stdout=subprocess.PIPE, text=True))
+        return procs[-len(slot_lists):]
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def _engine(model, placement, procs, **kw):
+    ports = [int(p.stdout.readline()) for p in procs]
+    remote = RemoteExperts(placement, lambda w, refresh=False: f"127.0.0.1:{ports[w]}", **kw)
+    return LLMEngine.from_pretrained(model, experts=remote, max_num_seqs=8, max_model_len=128), remote
+
+
+def test_split_is_even_and_contiguous():
+    assert _split(10, 7, 3) == [(10, 3), (13, 2), (15, 2)]
+    assert _split(0, 1, 2) == [(0, 1), (1, 0)]
+
+
+def test_copies_share_rows_and_output_is_unchanged(checkpoint_factory, workers):
+    model = str(checkpoint_factory("mixtral"))
+    _, _, cfg = open_model(model)
+    both = Placement((tuple(cfg.expert_pairs()), tuple(cfg.expert_pairs())))  # every expert twice
+    expected = [o.token_ids for o in LLMEngine.from_pretrained(model).generate(PROMPTS, PARAMS)]
+    engine, remote = _engine(model, both, workers(model, both.workers))
+    assert [o.token_ids for o in engine.generate(PROMPTS, PARAMS)] == expected
+    assert remote.timer.snapshot()["calls"] > 0
+
+
+def test_killed_worker_with_a_second_copy_loses_no_request(checkpoint_factory, workers):
+    model = str(checkpoint_factory("mixtral"))
+    _, _, cfg = open_model(model)
+    both = Placement((tuple(cfg.expert_pairs()), tuple(cfg.expert_pairs())))
+    expected = [o.token_ids for o in LLMEngine.from_pretrained(model).generate(PROMPTS, PARAMS)]
+    procs = workers(model, both.workers)
+    engine, remote = _engine(model, both, procs)
+    ids = [engine.add_request(p, PARAMS) for p in PROMPTS]
+    seqs = {rid: engine.scheduler.find(rid) for rid in ids}
+    for _ in range(3):
+        engine.step()
+    procs[1].kill()
+    procs[1].wait()
+    while engine.has_unfinished():
+        engine.step()
+    assert [seqs[rid].output_ids for rid in ids] == expected
+    assert remote.failovers > 0
+
+
+def test_killed_worker_without_a_copy_fails_clearly(checkpoint_factory, workers):
+    model = str(checkpoint_factory("mixtral"))
+    _, _, cfg = open_model(model)
+    placement = round_robin(cfg.expert_pairs(), 2)
+    procs = workers(model, placement.workers)
+    engine, _ = _engine(model, placement, procs)
+    procs[0].kill()
+    procs[0].wait()
+    with pytest.raises(ExpertUnavailable, match="no live copy answered"):
+        engine.generate(PROMPTS[:1], PARAMS)
+
+
+def test_placement_swap_mid_generation(checkpoint_factory, workers):
+    model = str(checkpoint_factory("qwen2_moe"))
+    _, _, cfg = open_model(model)
+    one, other = round_robin(cfg.expert_pairs(), 2), Placement((tuple(cfg.expert_pairs()),) * 2)
+    expected = [o.token_ids for o in LLMEngine.from_pretrained(model).generate(PROMPTS, PARAMS)]
+    engine, remote = _engine(model, other, workers(model, other.workers))
+    ids = [engine.add_request(p, PARAMS) for p in PROMPTS]
+    seqs = {rid: engine.scheduler.find(rid) for rid in ids}
+    step = 0
+    while engine.has_unfinished():
+        remote.swap_placement(one if step % 2 else other)
+        engine.step()
+        step += 1
+    assert [seqs[rid].output_ids for rid in ids] == expected
