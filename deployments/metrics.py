@@ -15,9 +15,15 @@ ITL = Histogram("moe_inter_token_latency_seconds", "time between tokens of a str
                 registry=REGISTRY)
 RUNNING = Gauge("moe_running_sequences", "sequences in the running batch", registry=REGISTRY)
 WAITING = Gauge("moe_waiting_sequences", "requests queued for a KV-cache slot", registry=REGISTRY)
+# One series per MoE layer: bounded by the model, not by traffic.
+EXPERT_IMBALANCE = Gauge("moe_layer_expert_load_max_over_mean",
+                         "hottest expert's load / mean expert load (EMA of tokens per step)", ["layer"],
+                         registry=REGISTRY)
 
 
-def render(stats: dict[str, float]) -> bytes:
+def render(stats: dict[str, float], load: dict) -> bytes:
     RUNNING.set(stats["running"])
     WAITING.set(stats["waiting"])
+    for layer, ratio in zip(load["layers"], load["max_over_mean"]):
+        EXPERT_IMBALANCE.labels(str(layer)).set(ratio)
     return generate_latest(REGISTRY)

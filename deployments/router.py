@@ -82,7 +82,15 @@ class Router:
 
     @app.get("/metrics")
     async def prometheus(self) -> Response:
-        return PlainTextResponse(metrics.render(self.engine.stats()).decode(), media_type="text/plain; version=0.0.4")
+        body = metrics.render(self.engine.stats(), self.engine.engine.load.snapshot())
+        return PlainTextResponse(body.decode(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/admin/load")
+    async def load(self) -> dict:
+        """The (layer x expert) load matrix (EMA tokens per step, totals) and the current placement."""
+        placement = self.remote.placement if self.remote else None
+        workers = [[list(slot) for slot in slots] for slots in placement.workers] if placement else "in-process"
+        return {"load": self.engine.engine.load.snapshot(), "placement": {"workers": workers}}
 
     @app.get("/admin/stats")
     async def stats(self) -> dict:

@@ -16,6 +16,7 @@ from cluster.engine.params import InvalidRequest, SamplingParams
 from cluster.engine.sampling import Sampled, sample_row
 from cluster.engine.scheduler import Scheduler
 from cluster.engine.sequence import Sequence
+from cluster.load import LoadTracker
 from cluster.loader import load_backbone, load_experts, open_model, stderr_progress
 from cluster.model.batch import make_batch
 from cluster.model.experts import ExpertExecutor, LocalExperts
@@ -62,6 +63,7 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self.cache = KVCache.for_model(cfg, max_num_seqs, max_model_len, device=device)
         self.scheduler = Scheduler(self.cache, max_num_batched_tokens)
+        self.load = LoadTracker(cfg.moe_layer_ids, cfg.num_experts)
         self._ids = itertools.count()
 
     @classmethod
@@ -126,6 +128,7 @@ class LLMEngine:
         items = [(s.slot, *s.next_input()) for s in seqs]
         batch = make_batch(items, self.device)
         logits, routing = self.model.forward(batch, self.cache)  # [B, V]
+        self.load.record(routing)
         moe_rows = len(routing) * self.cfg.top_k
         logits = logits.cpu()
         argmax = logits.argmax(-1).tolist()  # one call for the whole batch: most requests are greedy

@@ -64,6 +64,18 @@ def test_health_and_metrics(server):
     assert requests.get(f"{server.base}/health", timeout=30).json()["status"] == "ok"
     text = requests.get(f"{server.base}/metrics", timeout=30).text
     assert "moe_generated_tokens_total" in text and "moe_time_to_first_token_seconds_bucket" in text
+    assert 'moe_layer_expert_load_max_over_mean{layer="3"}' in text
+
+
+def test_admin_load_matrix_and_placement(server):
+    http_complete(server.base, "import os\n", 4)
+    body = requests.get(f"{server.base}/admin/load", timeout=30).json()
+    load = body["load"]
+    assert load["layers"] == [0, 1, 2, 3] and len(load["ema_tokens_per_step"][0]) == 8
+    assert sum(load["total_tokens"][0]) > 0
+    workers = body["placement"]["workers"]
+    assert len(workers) == 2 and sorted(tuple(s) for w in workers for s in w) == \
+        [(layer, e) for layer in range(4) for e in range(8)]
 
 
 def _post(server, body, headers=None, raw=None):
