@@ -7,6 +7,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from deployments.policy import AutoscalePolicy, load_policy
+
 
 class WorkerOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -33,6 +35,12 @@ class AppConfig(BaseModel):
     max_model_len: int = Field(1024, ge=8, description="context length: prompt + max_tokens")
     max_num_batched_tokens: int = Field(4096, ge=1, description="prompt tokens admitted per step")
     worker: WorkerOptions = Field(default_factory=WorkerOptions)
+    autoscaler: AutoscalePolicy | None = Field(None, description="hot-expert autoscaling policy (inline); "
+                                                                 "off when neither this nor policy_file is set")
+    policy_file: str | None = Field(None, description="hot-expert autoscaling policy YAML (deployments/policies/)")
+
+    def policy(self) -> AutoscalePolicy | None:
+        return load_policy(self.policy_file) if self.policy_file else self.autoscaler
 
     @property
     def model_name(self) -> str:

@@ -15,6 +15,10 @@ ITL = Histogram("moe_inter_token_latency_seconds", "time between tokens of a str
                 registry=REGISTRY)
 RUNNING = Gauge("moe_running_sequences", "sequences in the running batch", registry=REGISTRY)
 WAITING = Gauge("moe_waiting_sequences", "requests queued for a KV-cache slot", registry=REGISTRY)
+REBALANCES = Counter("moe_rebalances", "expert placement changes by outcome", ["outcome"], registry=REGISTRY)
+WEIGHT_BYTES_MOVED = Counter("moe_weight_bytes_moved", "expert weight bytes loaded for new copies", registry=REGISTRY)
+REBALANCE_SECONDS = Histogram("moe_rebalance_seconds", "time per placement change (load, switch, drain, retire)",
+                              buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=REGISTRY)
 # One series per MoE layer: bounded by the model, not by traffic.
 EXPERT_IMBALANCE = Gauge("moe_layer_expert_load_max_over_mean",
                          "hottest expert's load / mean expert load (EMA of tokens per step)", ["layer"],

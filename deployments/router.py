@@ -4,6 +4,7 @@ It fans each MoE layer's rows out to the expert workers over the gRPC data
 plane (deployments/data_plane.py); with no workers the experts stay in-process.
 """
 
+import asyncio
 import json
 import time
 
@@ -17,10 +18,12 @@ from cluster.engine.async_engine import AsyncEngine, EngineDeadError
 from cluster.loader import open_model
 from cluster.placement import round_robin
 from deployments import grpc_api, metrics
+from deployments.autoscaler import ExpertAutoscaler
 from deployments.chat import load_template, render
 from deployments.config import AppConfig, app_config
 from deployments.data_plane import RemoteExperts
 from deployments.openai_api import ChatCompletionRequest, CompletionRequest, chunk_json, completion_json, error_body
+from deployments.policy import AutoscalePolicy, describe
 from protos import moe_serving_pb2 as pb
 
 app = FastAPI(title="moe-cluster")
@@ -69,6 +72,11 @@ class Router:
         engine, self.remote = build_engine(self.cfg, self.workers, addresses)
         self.engine = AsyncEngine(engine)
         self.template = load_template(self.cfg.model)
+        policy = self.cfg.policy()
+        self.autoscaler = None
+        if policy is not None and self.remote is not None:
+            self.autoscaler = ExpertAutoscaler(policy, engine.load, self.remote, self.workers)
+            self._autoscale_task = asyncio.get_running_loop().create_task(self.autoscaler.run())
 
     # -- HTTP: small endpoints ---------------------------------------------------------------
     @app.get("/health")
@@ -91,6 +99,26 @@ class Router:
         placement = self.remote.placement if self.remote else None
         workers = [[list(slot) for slot in slots] for slots in placement.workers] if placement else "in-process"
         return {"load": self.engine.engine.load.snapshot(), "placement": {"workers": workers}}
+
+    @app.get("/admin/autoscaler")
+    async def autoscaler_state(self) -> dict:
+        if self.autoscaler is None:
+            return {"enabled": False, "reason": "no policy configured or no expert workers"}
+        return {"policy": self.autoscaler.policy.model_dump(), "history": self.autoscaler.history[-50:]}
+
+    @app.put("/admin/policy")
+    async def set_policy(self, request: Request):
+        """Change the autoscaling policy on a running cluster (validated; no restart)."""
+        if self.autoscaler is None:
+            return RequestFailed(404, "the autoscaler is not running (no policy configured or no workers)").response()
+        try:
+            body = json.loads(await request.body())
+            policy = AutoscalePolicy(**{**self.autoscaler.policy.model_dump(), **body})
+        except (ValueError, TypeError) as e:
+            message = describe(e) if isinstance(e, ValidationError) else "body must be a JSON object of policy fields"
+            return RequestFailed(400, message).response()
+        self.autoscaler.set_policy(policy)
+        return {"policy": policy.model_dump()}
 
     @app.get("/admin/stats")
     async def stats(self) -> dict:

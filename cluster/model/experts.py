@@ -26,10 +26,21 @@ class ExpertExecutor(Protocol):
 
 
 class LocalExperts:
-    """Experts in this process: one matmul chain per expert that received rows."""
+    """Experts in this process: one matmul chain per expert that received rows.
+
+    `add` and `remove` replace the whole dict (copy-on-write): a call in flight
+    keeps the table it started with, so slots can change while traffic flows.
+    """
 
     def __init__(self, experts: dict[tuple[int, int], MLPWeights]):
         self.experts = experts
+
+    def add(self, experts: dict[tuple[int, int], MLPWeights]) -> None:
+        self.experts = {**self.experts, **experts}
+
+    def remove(self, slots: list[tuple[int, int]]) -> None:
+        gone = set(slots)
+        self.experts = {k: v for k, v in self.experts.items() if k not in gone}
 
     def holds(self, layer: int, expert_id: int) -> bool:
         return (layer, expert_id) in self.experts
@@ -42,11 +53,11 @@ class LocalExperts:
 
     def run_subset(self, layer: int, rows: Tensor, expert_ids: Sequence[int], counts: Sequence[int]) -> Tensor:
         """rows grouped by expert: the first counts[0] rows go to expert_ids[0], and so on."""
-        out = torch.empty_like(rows)
+        experts, out = self.experts, torch.empty_like(rows)
         start = 0
         for expert_id, n in zip(expert_ids, counts):
             if n:
-                out[start:start + n] = swiglu(rows[start:start + n], self.experts[(layer, expert_id)])
+                out[start:start + n] = swiglu(rows[start:start + n], experts[(layer, expert_id)])
                 start += n
         return out
 

@@ -1,4 +1,5 @@
 """A real Ray instance and Serve (HTTP + gRPC on 127.0.0.1) shared by the serving tests."""
+import json
 import shutil
 import socket
 import tempfile
@@ -25,10 +26,10 @@ class Cluster:
         from deployments.app import build_app
         from deployments.config import app_config
 
-        key = (model, num_workers, tuple(sorted(extra.items())))
+        args = dict(model=model, num_workers=num_workers, router_num_cpus=0.5, max_num_seqs=16,
+                    max_model_len=512, worker={"num_cpus": 0.25, "torch_threads": 1}, **extra)
+        key = json.dumps(args, sort_keys=True)
         if key != self.current:
-            args = dict(model=model, num_workers=num_workers, router_num_cpus=0.5, max_num_seqs=16,
-                        max_model_len=512, worker={"num_cpus": 0.25, "torch_threads": 1}, **extra)
             serve.run(build_app(app_config(args)), name="moe", route_prefix="/")
             self.current = key
         return self

@@ -1,0 +1,44 @@
+"""The hot-expert autoscaling policy: every knob, validated (user YAML → pydantic)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class AutoscalePolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="run the rebalancing loop at all")
+    interval_s: float = Field(10.0, gt=0, description="seconds between looks at the expert loads")
+    window_steps: int = Field(50, ge=1, description="decode steps the load estimate averages over (EMA span)")
+    hot_threshold: float = Field(1.2, ge=1.0, description="act only when the worst layer's max/mean worker "
+                                                          "load is at least this")
+    min_gain: float = Field(0.05, ge=0, description="skip a change that lowers max/mean worker load by less")
+    cooldown_s: float = Field(30.0, ge=0, description="minimum seconds between two rebalances (no flapping)")
+    extra_slots_per_layer: int = Field(2, ge=0, description="expert copies beyond one per expert, per layer")
+    max_copies_per_expert: int = Field(4, ge=1, description="most copies of one expert (capped by worker count)")
+    hierarchical: bool = Field(False, description="balance across nodes first, then workers inside a node")
+    drain_s: float = Field(2.0, ge=0, description="wait after switching tables before old copies are retired")
+
+    @property
+    def ema_alpha(self) -> float:
+        return 2.0 / (self.window_steps + 1)
+
+
+def describe(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+
+
+def load_policy(path: str | Path) -> AutoscalePolicy:
+    """A policy file; errors name the file, the field and the reason."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: cannot read policy ({e})") from None
+    try:
+        return AutoscalePolicy(**data)
+    except (ValidationError, TypeError) as e:
+        reason = describe(e) if isinstance(e, ValidationError) else str(e)
+        raise ValueError(f"{path}: {reason}") from None

@@ -1,0 +1,23 @@
+import pytest
+
+from deployments.policy import AutoscalePolicy, load_policy
+from tests.test_demo_model import DEMO
+
+
+def test_bundled_policy_loads():
+    policy = load_policy(DEMO.parent.parent / "deployments" / "policies" / "default.yaml")
+    assert policy == AutoscalePolicy()  # the file spells out the defaults
+
+
+@pytest.mark.parametrize("text,message", [
+    ("interval_s: 0\n", "interval_s: Input should be greater than 0"),
+    ("hot_threshold: 0.5\n", "hot_threshold: Input should be greater than or equal to 1"),
+    ("extra_slots: 2\n", "extra_slots: Extra inputs are not permitted"),
+    ("window_steps: many\n", "window_steps: Input should be a valid integer"),
+    ("- a list\n", "policy.yaml"),
+])
+def test_bad_policy_names_the_field(tmp_path, text, message):
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_policy(path)
