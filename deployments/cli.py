@@ -66,7 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     conf = load_serve_config(args.config)
     app_conf = conf["applications"][0]
-    overrides = {"model": args.model, "num_workers": args.num_workers}
+    overrides = {"model": args.model, "num_workers": args.num_workers, "api_key": args.api_key}
     cfg = app_config({**app_conf.get("args", {}), **{k: v for k, v in overrides.items() if v is not None}})
     http = {**conf.get("http_options", {}), "host": args.host, **({"port": args.http_port} if args.http_port else {})}
     grpc = {**conf.get("grpc_options", {}), **({"port": args.grpc_port} if args.grpc_port else {})}
@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--http-port", type=int, default=None)
     s.add_argument("--grpc-port", type=int, default=None)
     s.add_argument("--address", default=None, help="existing Ray cluster to join (default: start one here)")
+    s.add_argument("--api-key", default=None,
+                   help="require this key on every route but /health (or set MOE_CLUSTER_API_KEY)")
     s.set_defaults(func=cmd_serve)
     return p
 

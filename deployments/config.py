@@ -1,6 +1,7 @@
 """The serving application's settings (the `args` of the Serve application), validated by pydantic."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,17 @@ class AppConfig(BaseModel):
     autoscaler: AutoscalePolicy | None = Field(None, description="hot-expert autoscaling policy (inline); "
                                                                  "off when neither this nor policy_file is set")
     policy_file: str | None = Field(None, description="hot-expert autoscaling policy YAML (deployments/policies/)")
+    api_key: str | None = Field(None, description="require this key (HTTP `Authorization: Bearer`, gRPC metadata) "
+                                                  "on every route but /health; prefer the MOE_CLUSTER_API_KEY "
+                                                  "environment variable, which is used when this is unset")
+    max_queued_requests: int = Field(256, ge=0, description="requests that may wait for a KV-cache slot; "
+                                                            "beyond that new ones get 503 / RESOURCE_EXHAUSTED")
+    request_timeout_s: float = Field(300.0, gt=0, description="a request still running after this gets 408 / "
+                                                              "DEADLINE_EXCEEDED and its work is released")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="HTTP request bodies larger than this get 413")
+
+    def resolved_api_key(self) -> str | None:
+        return self.api_key or os.environ.get("MOE_CLUSTER_API_KEY") or None
 
     def policy(self) -> AutoscalePolicy | None:
         return load_policy(self.policy_file) if self.policy_file else self.autoscaler

@@ -39,5 +39,16 @@ def token_routing(routing) -> pb.TokenRouting:
                                    for layer, ids, ws in routing])
 
 
-STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+          404: grpc.StatusCode.NOT_FOUND, 408: grpc.StatusCode.DEADLINE_EXCEEDED,
           503: grpc.StatusCode.RESOURCE_EXHAUSTED, 500: grpc.StatusCode.INTERNAL}
+
+
+def api_key_of(metadata) -> str | None:
+    """The key a gRPC client sent: `authorization: Bearer KEY` or `x-api-key: KEY`."""
+    for key, value in metadata or ():
+        if key == "authorization" and value.startswith("Bearer "):
+            return value[len("Bearer "):]
+        if key == "x-api-key":
+            return value
+    return None

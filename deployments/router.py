@@ -5,6 +5,7 @@ plane (deployments/data_plane.py); with no workers the experts stay in-process.
 """
 
 import asyncio
+import hmac
 import json
 import time
 
@@ -43,6 +44,10 @@ class RequestFailed(Exception):
         return JSONResponse(error_body(self.message, kind, self.param, self.status), status_code=self.status)
 
 
+class RequestTimedOut(Exception):
+    pass
+
+
 def build_engine(cfg: AppConfig, workers: list, addresses: list[str]) -> tuple[LLMEngine, RemoteExperts | None]:
     remote = None
     if workers:
@@ -78,30 +83,56 @@ class Router:
             self.autoscaler = ExpertAutoscaler(policy, engine.load, self.remote, self.workers)
             self._autoscale_task = asyncio.get_running_loop().create_task(self.autoscaler.run())
 
+    # -- guards ------------------------------------------------------------------------------
+    def _key_ok(self, presented: str | None) -> bool:
+        key = self.cfg.resolved_api_key()
+        return key is None or (presented is not None and hmac.compare_digest(presented.encode(), key.encode()))
+
+    def _deny(self, request: Request) -> JSONResponse | None:
+        """401 unless the API key (when one is configured) came as `Authorization: Bearer KEY`."""
+        auth = request.headers.get("authorization", "")
+        if self._key_ok(auth[len("Bearer "):] if auth.startswith("Bearer ") else None):
+            return None
+        metrics.REQUESTS.labels("http", "unauthorized").inc()
+        return RequestFailed(401, "missing or wrong API key (send Authorization: Bearer <key>)").response()
+
+    def _check_capacity(self) -> None:
+        if self.engine.active >= self.cfg.max_num_seqs + self.cfg.max_queued_requests:
+            raise RequestFailed(503, f"server overloaded: {self.engine.active} requests in progress; retry later")
+
     # -- HTTP: small endpoints ---------------------------------------------------------------
     @app.get("/health")
     async def health(self) -> dict:
+        """Liveness: open without an API key."""
         return {"status": "ok", "model": self.cfg.model_name, "expert_workers": len(self.workers)}
 
     @app.get("/v1/models")
-    async def models(self) -> dict:
+    async def models(self, request: Request):
+        if denied := self._deny(request):
+            return denied
         return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "owned_by": "moe-cluster",
                                             "created": 0}]}
 
     @app.get("/metrics")
-    async def prometheus(self) -> Response:
+    async def prometheus(self, request: Request) -> Response:
+        if denied := self._deny(request):
+            return denied
         body = metrics.render(self.engine.stats(), self.engine.engine.load.snapshot())
         return PlainTextResponse(body.decode(), media_type="text/plain; version=0.0.4")
 
     @app.get("/admin/load")
-    async def load(self) -> dict:
+    async def load(self, request: Request):
         """The (layer x expert) load matrix (EMA tokens per step, totals) and the current placement."""
+        if denied := self._deny(request):
+            return denied
         placement = self.remote.placement if self.remote else None
         workers = [[list(slot) for slot in slots] for slots in placement.workers] if placement else "in-process"
         return {"load": self.engine.engine.load.snapshot(), "placement": {"workers": workers}}
 
     @app.get("/admin/autoscaler")
-    async def autoscaler_state(self) -> dict:
+    async def autoscaler_state(self, request: Request):
+        if denied := self._deny(request):
+            return denied
         if self.autoscaler is None:
             return {"enabled": False, "reason": "no policy configured or no expert workers"}
         return {"policy": self.autoscaler.policy.model_dump(), "history": self.autoscaler.history[-50:]}
@@ -109,6 +140,8 @@ class Router:
     @app.put("/admin/policy")
     async def set_policy(self, request: Request):
         """Change the autoscaling policy on a running cluster (validated; no restart)."""
+        if denied := self._deny(request):
+            return denied
         if self.autoscaler is None:
             return RequestFailed(404, "the autoscaler is not running (no policy configured or no workers)").response()
         try:
@@ -121,8 +154,10 @@ class Router:
         return {"policy": policy.model_dump()}
 
     @app.get("/admin/stats")
-    async def stats(self) -> dict:
+    async def stats(self, request: Request):
         """Engine counters and where the router's step time went (for bench/serve_bench.py)."""
+        if denied := self._deny(request):
+            return denied
         return {**self.engine.stats(), "data_plane": self.remote.timer.snapshot() if self.remote else None}
 
     # -- HTTP: completions -------------------------------------------------------------------
@@ -135,7 +170,10 @@ class Router:
         return await self._serve_http(request, ChatCompletionRequest, chat=True)
 
     async def _serve_http(self, request: Request, model_cls: type[BaseModel], chat: bool):
+        if denied := self._deny(request):
+            return denied
         try:
+            self._check_capacity()
             req = await self._parse(request, model_cls)
             prompt = render(self.template, [m.model_dump() for m in req.messages]) if chat else req.prompt
             params = req.sampling_params() if chat else req.sampling_params(req.logprobs)
@@ -154,6 +192,9 @@ class Router:
                                      media_type="text/event-stream")
         try:
             out = await self._run(rid, prompt_ids, params)
+        except RequestTimedOut:
+            metrics.REQUESTS.labels("http", "timeout").inc()
+            return RequestFailed(408, f"request timed out after {self.cfg.request_timeout_s} s").response()
         except EngineDeadError as e:
             metrics.REQUESTS.labels("http", "failed").inc()
             return RequestFailed(500, f"generation failed: {e}").response()
@@ -162,8 +203,14 @@ class Router:
     async def _parse(self, request: Request, model_cls: type[BaseModel]) -> BaseModel:
         if "application/json" not in request.headers.get("content-type", ""):
             raise RequestFailed(415, "Content-Type must be application/json")
+        limit = self.cfg.max_body_bytes
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise RequestFailed(413, f"request body over {limit} bytes")
+        raw = await request.body()
+        if len(raw) > limit:
+            raise RequestFailed(413, f"request body over {limit} bytes")
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise RequestFailed(400, "request body is not valid JSON") from None
         if not isinstance(body, dict):
@@ -179,9 +226,19 @@ class Router:
         return req
 
     async def _stream(self, prompt_ids: list[int], params: SamplingParams):
-        """Engine outputs, timing TTFT and inter-token latency."""
+        """Engine outputs, timing TTFT and inter-token latency; stops at the request timeout
+        (leaving the engine's generator aborts the sequence and frees its KV-cache slot)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.request_timeout_s
         last = start = time.perf_counter()
-        async for o in self.engine.generate(prompt_ids, params):
+        outputs = self.engine.generate(prompt_ids, params)
+        while True:
+            try:
+                o = await asyncio.wait_for(anext(outputs), max(deadline - loop.time(), 0))
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                raise RequestTimedOut() from None
             now = time.perf_counter()
             (metrics.ITL if last != start else metrics.TTFT).observe(now - last)
             last = now
@@ -203,6 +260,10 @@ class Router:
             async for o in self._stream(prompt_ids, params):
                 yield f"data: {json.dumps(chunk_json(rid, self.cfg.model_name, o, decode, with_logprobs, chat))}\n\n"
             metrics.REQUESTS.labels("http", "ok").inc()
+        except RequestTimedOut:
+            metrics.REQUESTS.labels("http", "timeout").inc()
+            message = f"request timed out after {self.cfg.request_timeout_s} s"
+            yield f"data: {json.dumps(error_body(message, 'timeout_error', None, 408))}\n\n"
         except EngineDeadError as e:
             metrics.REQUESTS.labels("http", "failed").inc()
             yield f"data: {json.dumps(error_body(f'generation failed: {e}', 'internal_error', None, 500))}\n\n"
@@ -211,6 +272,9 @@ class Router:
     # -- gRPC (protos/moe_serving.proto, through Serve's gRPC proxy) ------------------------
     def _grpc_prepare(self, request: pb.CompleteRequest, grpc_context):
         try:
+            if not self._key_ok(grpc_api.api_key_of(grpc_context.invocation_metadata())):
+                raise RequestFailed(401, "missing or wrong API key (metadata authorization: Bearer <key>)")
+            self._check_capacity()
             if request.model and request.model != self.cfg.model_name:
                 raise RequestFailed(404, f"model {request.model[:100]!r} not found")
             params = grpc_api.sampling_params(request)
@@ -222,9 +286,18 @@ class Router:
             metrics.REQUESTS.labels("grpc", "rejected").inc()
             raise  # Serve turns an exception raised after set_code into that status (streams too)
 
+    def _grpc_timeout(self, grpc_context):
+        grpc_context.set_code(grpc_api.STATUS[408])
+        grpc_context.set_details(f"request timed out after {self.cfg.request_timeout_s} s")
+        metrics.REQUESTS.labels("grpc", "timeout").inc()
+        raise RequestTimedOut()
+
     async def Complete(self, request: pb.CompleteRequest, grpc_context) -> pb.CompleteReply:
         prompt_ids, params = self._grpc_prepare(request, grpc_context)
-        out = await self._run(f"cmpl-{time.time_ns()}", prompt_ids, params)
+        try:
+            out = await self._run(f"cmpl-{time.time_ns()}", prompt_ids, params)
+        except RequestTimedOut:
+            self._grpc_timeout(grpc_context)
         return pb.CompleteReply(id=out.request_id, text=out.text, token_ids=out.token_ids,
                                 finish_reason=out.finish_reason,
                                 usage=grpc_api.usage(len(prompt_ids), len(out.token_ids), out.expert_tokens),
@@ -234,14 +307,21 @@ class Router:
     async def Generate(self, request: pb.CompleteRequest, grpc_context):
         prompt_ids, params = self._grpc_prepare(request, grpc_context)
         rid = f"cmpl-{time.time_ns()}"
-        async for o in self._stream(prompt_ids, params):
-            reply = pb.GenerateReply(id=rid, text_delta=o.text_delta, token_id=o.token_id,
-                                     finish_reason=o.finish_reason or "")
-            if params.logprobs is not None:
-                reply.logprob.CopyFrom(grpc_api.token_logprob(o.sampled))
-            if o.routing is not None:
-                reply.routing.CopyFrom(grpc_api.token_routing(o.routing))
-            if o.finish_reason:
-                reply.usage.CopyFrom(grpc_api.usage(o.prompt_tokens, o.completion_tokens, o.expert_tokens))
-            yield reply
+        try:
+            async for o in self._stream(prompt_ids, params):
+                yield self._generate_reply(rid, o, params)
+        except RequestTimedOut:
+            self._grpc_timeout(grpc_context)
         metrics.REQUESTS.labels("grpc", "ok").inc()
+
+    @staticmethod
+    def _generate_reply(rid: str, o, params: SamplingParams) -> pb.GenerateReply:
+        reply = pb.GenerateReply(id=rid, text_delta=o.text_delta, token_id=o.token_id,
+                                 finish_reason=o.finish_reason or "")
+        if params.logprobs is not None:
+            reply.logprob.CopyFrom(grpc_api.token_logprob(o.sampled))
+        if o.routing is not None:
+            reply.routing.CopyFrom(grpc_api.token_routing(o.routing))
+        if o.finish_reason:
+            reply.usage.CopyFrom(grpc_api.usage(o.prompt_tokens, o.completion_tokens, o.expert_tokens))
+        return reply

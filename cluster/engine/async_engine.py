@@ -35,6 +35,7 @@ class AsyncEngine:
         self._stop = threading.Event()
         self.step_seconds = 0.0
         self.steps = 0
+        self.active = 0  # requests between generate() start and end (event-loop side only)
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -51,6 +52,7 @@ class AsyncEngine:
         self._inbox.put(("add", request_id, prompt_ids, params, asyncio.get_running_loop(), out))
         self._wake.set()
         finished = False
+        self.active += 1
         try:
             while True:
                 item = await out.get()
@@ -61,6 +63,7 @@ class AsyncEngine:
                     finished = True
                     return
         finally:
+            self.active -= 1
             if not finished:
                 self.abort(request_id)
 
@@ -71,7 +74,8 @@ class AsyncEngine:
     def stats(self) -> dict[str, float]:
         s = self.engine.scheduler
         return {"running": len(s.running), "waiting": len(s.waiting), "steps": self.steps,
-                "step_seconds": self.step_seconds}
+                "step_seconds": self.step_seconds, "active_requests": self.active,
+                "free_kv_slots": len(self.engine.cache.free_slots)}
 
     def shutdown(self) -> None:
         self._stop.set()

@@ -26,8 +26,8 @@ class Cluster:
         from deployments.app import build_app
         from deployments.config import app_config
 
-        args = dict(model=model, num_workers=num_workers, router_num_cpus=0.5, max_num_seqs=16,
-                    max_model_len=512, worker={"num_cpus": 0.25, "torch_threads": 1}, **extra)
+        args = {**dict(model=model, num_workers=num_workers, router_num_cpus=0.5, max_num_seqs=16,
+                       max_model_len=512, worker={"num_cpus": 0.25, "torch_threads": 1}), **extra}
         key = json.dumps(args, sort_keys=True)
         if key != self.current:
             serve.run(build_app(app_config(args)), name="moe", route_prefix="/")

@@ -1,0 +1,105 @@
+"""Security and load limits on a running server: API key, body/header size, queue limit,
+request timeout, client disconnect (its KV-cache slot is freed)."""
+import json
+import time
+
+import grpc
+import pytest
+import requests
+
+from tests.deployments.clients import grpc_request, grpc_stub
+from tests.test_demo_model import DEMO
+
+pytestmark = pytest.mark.slow
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+LIMITS = dict(api_key=KEY, max_num_seqs=2, max_queued_requests=1, request_timeout_s=6.0, max_body_bytes=65536)
+
+
+@pytest.fixture(scope="module")
+def server(cluster):
+    return cluster.deploy(str(DEMO), 2, **LIMITS)
+
+
+def post(server, body, headers=AUTH, **kw):
+    return requests.post(f"{server.base}/v1/completions", json=body, headers=headers, timeout=120, **kw)
+
+
+def stats(server) -> dict:
+    return requests.get(f"{server.base}/admin/stats", headers=AUTH, timeout=30).json()
+
+
+def wait_idle(server, timeout=30.0) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        s = stats(server)
+        if s["active_requests"] == 0 and s["free_kv_slots"] == LIMITS["max_num_seqs"]:
+            return s
+        time.sleep(0.2)
+    raise AssertionError(f"server did not go idle: {s}")
+
+
+def test_api_key_on_every_route_but_health(server):
+    body = {"prompt": "def f(", "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = post(server, body, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == 401
+    assert post(server, body).status_code == 200
+    assert requests.get(f"{server.base}/health", timeout=30).status_code == 200
+    for path in ("/v1/models", "/metrics", "/admin/load", "/admin/stats"):
+        assert requests.get(f"{server.base}{path}", timeout=30).status_code == 401
+        assert requests.get(f"{server.base}{path}", headers=AUTH, timeout=30).status_code == 200
+    stub = grpc_stub(server.grpc_target)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Complete(grpc_request("def f(", 2), timeout=60)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    reply = stub.Complete(grpc_request("def f(", 2), metadata=[("authorization", f"Bearer {KEY}")], timeout=60)
+    assert len(reply.token_ids) == 2
+
+
+def test_body_and_header_limits(server):
+    r = post(server, {"prompt": "x" * 100_000, "max_tokens": 2})
+    assert r.status_code == 413 and len(r.content) < 1000
+    r = requests.post(f"{server.base}/v1/completions", headers={**AUTH, "X-Junk": "a" * 200_000},
+                      json={"prompt": "x", "max_tokens": 2}, timeout=60)
+    assert r.status_code < 500  # refused or served, never a crash
+    assert post(server, {"prompt": "def f(", "max_tokens": 2}).status_code == 200  # still serving
+
+
+def test_request_timeout_releases_the_work(server):
+    r = post(server, {"prompt": "def f(", "max_tokens": 500, "ignore_eos": True})
+    assert r.status_code == 408 and "timed out" in r.json()["error"]["message"]
+    wait_idle(server)
+
+
+def test_client_disconnect_frees_its_kv_slot(server):
+    body = {"prompt": "def f(", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with post(server, body, stream=True) as r:
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith(b"data: "))
+        assert json.loads(first[6:])["choices"][0]["text"] is not None
+        assert stats(server)["free_kv_slots"] == LIMITS["max_num_seqs"] - 1
+    after = wait_idle(server)  # the closed stream's sequence left the batch, its slot is free
+    assert after["free_kv_slots"] == LIMITS["max_num_seqs"]
+    assert post(server, {"prompt": "def f(", "max_tokens": 3}).status_code == 200
+
+
+def test_queue_limit_gives_503_and_resource_exhausted(server):
+    body = {"prompt": "def f(", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    streams = [post(server, body, stream=True) for _ in range(3)]  # 2 running + 1 queued: the limit
+    lines = [s.iter_lines() for s in streams]  # keep the readers alive: dropping one closes its stream
+    try:
+        for reader in lines[:2]:
+            next(line for line in reader if line.startswith(b"data: "))
+        busy = stats(server)
+        r = post(server, {"prompt": "def f(", "max_tokens": 2})
+        assert r.status_code == 503, (busy["active_requests"], busy["running"], busy["waiting"])
+        assert r.json()["error"]["type"] == "overloaded_error"
+        with pytest.raises(grpc.RpcError) as e:
+            grpc_stub(server.grpc_target).Complete(grpc_request("def f(", 2), timeout=60,
+                                                   metadata=[("authorization", f"Bearer {KEY}")])
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        for s in streams:
+            s.close()
+    wait_idle(server)
