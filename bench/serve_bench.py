@@ -72,7 +72,8 @@ def breakdown(before: dict, after: dict) -> dict:
     step_s = after["step_seconds"] - before["step_seconds"]
     out = {"steps": steps, "step_ms": round(1000 * step_s / max(steps, 1), 2)}
     if after.get("data_plane"):
-        dp = {k: after["data_plane"][k] - before["data_plane"][k] for k in after["data_plane"]}
+        dp = {k: after["data_plane"][k] - before["data_plane"][k]
+              for k in ("serialize_s", "wait_s", "deserialize_s", "calls")}
         network = dp["serialize_s"] + dp["wait_s"] + dp["deserialize_s"]
         out.update({f"{k[:-2]}_ms_per_step": round(1000 * dp[k] / max(steps, 1), 2)
                     for k in ("serialize_s", "wait_s", "deserialize_s")})
@@ -89,7 +90,7 @@ def start_server(model: str, workers: int, port: int) -> None:
     from deployments.config import app_config
 
     ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="/tmp/moe-bench-"),
-             log_to_driver=False)
+             log_to_driver=False, _node_ip_address="127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = app_config({"model": model, "num_workers": workers, "router_num_cpus": 0.5, "max_num_seqs": 64,
                       "max_model_len": 512, "worker": {"num_cpus": 0.25, "torch_threads": 1}})

@@ -55,7 +55,8 @@ def _start_ray(address: str | None, cfg) -> None:
     # Embedded single-node cluster: enough logical CPUs for the router and every worker
     # (Ray CPUs are scheduling units here; torch threads are set per replica).
     needed = cfg.router_num_cpus + cfg.num_workers * cfg.worker.num_cpus
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), include_dashboard=False)
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), include_dashboard=False,
+             _node_ip_address="127.0.0.1")  # a one-machine cluster: Ray's own ports stay on loopback
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

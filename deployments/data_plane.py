@@ -108,6 +108,7 @@ class RemoteExperts:
         self.resolve, self.local_workers = resolve, local_workers
         self.timer = StepTimer()
         self.failovers = 0
+        self.calls_per_worker: dict[int, int] = {}
         self._stubs: dict[int, tuple[str, expert_pb2_grpc.ExpertServiceStub]] = {}
         # Blocking calls on long-lived threads: grpc's `.future()` starts a new thread per call
         # (measured ~2.8 ms each here), more than the expert compute it waits for.
@@ -146,6 +147,8 @@ class RemoteExperts:
         t0 = time.perf_counter()
         calls = {w: self._send(w, layer, rows, g) for w, g in groups.items()}
         t1 = time.perf_counter()
+        for w in calls:
+            self.calls_per_worker[w] = self.calls_per_worker.get(w, 0) + 1
         out = torch.empty_like(rows)
         wait = deser = 0.0
         for worker, (future, index) in calls.items():

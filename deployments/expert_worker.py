@@ -31,6 +31,12 @@ class ExpertWorker:
     def get_address(self) -> str:
         return self.address
 
+    def get_node_id(self) -> str:
+        """The Ray node this replica runs on: the router prefers copies on its own node."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def held_slots(self) -> list[list[int]]:
         return [list(s) for s in self.experts.slots()]
 

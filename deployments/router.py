@@ -12,6 +12,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+import ray
 from ray import serve
 
 from cluster.engine import Completion, InvalidRequest, LLMEngine, SamplingParams
@@ -48,7 +49,8 @@ class RequestTimedOut(Exception):
     pass
 
 
-def build_engine(cfg: AppConfig, workers: list, addresses: list[str]) -> tuple[LLMEngine, RemoteExperts | None]:
+def build_engine(cfg: AppConfig, workers: list, addresses: list[str],
+                 local_workers: frozenset[int] = frozenset()) -> tuple[LLMEngine, RemoteExperts | None]:
     remote = None
     if workers:
         _, _, model_cfg = open_model(cfg.model)
@@ -60,7 +62,7 @@ def build_engine(cfg: AppConfig, workers: list, addresses: list[str]) -> tuple[L
                 cache[worker] = workers[worker].get_address.remote().result(timeout_s=60)
             return cache[worker]
 
-        remote = RemoteExperts(round_robin(model_cfg.expert_pairs(), len(workers)), resolve)
+        remote = RemoteExperts(round_robin(model_cfg.expert_pairs(), len(workers)), resolve, local_workers)
     engine = LLMEngine.from_pretrained(cfg.model, device=cfg.router_device, experts=remote,
                                        max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
                                        max_num_batched_tokens=cfg.max_num_batched_tokens)
@@ -74,7 +76,10 @@ class Router:
         self.cfg = app_config(config)
         self.workers = list(workers or [])
         addresses = [await h.get_address.remote() for h in self.workers]
-        engine, self.remote = build_engine(self.cfg, self.workers, addresses)
+        node = ray.get_runtime_context().get_node_id()
+        self.worker_nodes = [await h.get_node_id.remote() for h in self.workers]
+        local = frozenset(w for w, n in enumerate(self.worker_nodes) if n == node)
+        engine, self.remote = build_engine(self.cfg, self.workers, addresses, local)
         self.engine = AsyncEngine(engine)
         self.template = load_template(self.cfg.model)
         policy = self.cfg.policy()
@@ -158,7 +163,12 @@ class Router:
         """Engine counters and where the router's step time went (for bench/serve_bench.py)."""
         if denied := self._deny(request):
             return denied
-        return {**self.engine.stats(), "data_plane": self.remote.timer.snapshot() if self.remote else None}
+        data_plane = None
+        if self.remote:
+            data_plane = {**self.remote.timer.snapshot(), "failovers": self.remote.failovers,
+                          "calls_per_worker": self.remote.calls_per_worker, "worker_nodes": self.worker_nodes,
+                          "local_workers": sorted(self.remote.local_workers)}
+        return {**self.engine.stats(), "data_plane": data_plane}
 
     # -- HTTP: completions -------------------------------------------------------------------
     @app.post("/v1/completions")

@@ -41,7 +41,8 @@ def cluster():
     from ray import serve
 
     temp_dir = tempfile.mkdtemp(prefix="/tmp/moe-ray-")  # short: Ray's socket paths must stay < 108 chars
-    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False,
+             _node_ip_address="127.0.0.1")  # all Ray traffic on loopback
     c = Cluster(free_port(), free_port())
     serve.start(http_options={"host": "127.0.0.1", "port": c.http_port},
                 grpc_options={"port": c.grpc_port,

@@ -97,3 +97,12 @@ def test_placement_swap_mid_generation(checkpoint_factory, workers):
         engine.step()
         step += 1
     assert [seqs[rid].output_ids for rid in ids] == expected
+
+
+def test_local_copies_are_preferred(checkpoint_factory, workers):
+    model = str(checkpoint_factory("mixtral"))
+    _, _, cfg = open_model(model)
+    both = Placement((tuple(cfg.expert_pairs()), tuple(cfg.expert_pairs())))
+    engine, remote = _engine(model, both, workers(model, both.workers), local_workers=frozenset({1}))
+    engine.generate(PROMPTS, PARAMS)
+    assert remote.calls_per_worker.get(0, 0) == 0 and remote.calls_per_worker[1] > 0
