@@ -32,15 +32,20 @@ class Placement:
             raise ValueError(f"placement leaves {len(missing)} expert slot(s) without a copy, e.g. {missing[:3]}")
 
 
-def round_robin(slots: list[Slot], num_workers: int) -> Placement:
-    """One copy of every slot; expert e of every layer goes to worker e % num_workers.
+def round_robin(slots: list[Slot], num_workers: int, copies: int = 1) -> Placement:
+    """`copies` copies of every slot; copy c of expert e (every layer) goes to worker
+    (e + c) % num_workers, so copies of one expert are always on different workers.
 
     Keeping an expert id on one worker across layers spreads each layer's
     experts evenly, so every worker gets a share of every layer's tokens.
+    More than one copy lets a worker fail without failing a request.
     """
     if num_workers < 1:
         raise ValueError("num_workers must be ≥ 1")
+    if not 1 <= copies <= num_workers:
+        raise ValueError(f"copies must be between 1 and num_workers ({num_workers}), got {copies}")
     workers: list[list[Slot]] = [[] for _ in range(num_workers)]
     for layer, expert_id in slots:
-        workers[expert_id % num_workers].append((layer, expert_id))
+        for c in range(copies):
+            workers[(expert_id + c) % num_workers].append((layer, expert_id))
     return Placement(tuple(tuple(w) for w in workers))

@@ -28,14 +28,14 @@ def worker_actor_options(cfg: AppConfig) -> dict[str, Any]:
 
 def build_app(cfg: AppConfig) -> Application:
     _, _, model_cfg = open_model(cfg.model)  # fail fast, before anything is deployed
-    placement = round_robin(model_cfg.expert_pairs(), cfg.num_workers) if cfg.num_workers else None
+    placement = round_robin(model_cfg.expert_pairs(), cfg.num_workers, cfg.expert_copies) if cfg.num_workers else None
     workers = []
     for i in range(cfg.num_workers):
         name = f"expert-worker-{i}"
         slots = [list(s) for s in placement.workers[i]]
         workers.append(ExpertWorker.options(name=name, ray_actor_options=worker_actor_options(cfg))
                        .bind(cfg.model, slots, name, cfg.data_plane_host, cfg.worker.torch_threads,
-                             "cuda" if cfg.worker.num_gpus > 0 else "cpu"))
+                             "cuda" if cfg.worker.num_gpus > 0 else "cpu", cfg.worker.service_time_per_token_s))
     router = Router.options(ray_actor_options={"num_cpus": cfg.router_num_cpus, "num_gpus": cfg.router_num_gpus})
     return router.bind(cfg.model_dump(), workers)
 

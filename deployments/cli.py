@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from cluster.checkpoint import CheckpointError
 from cluster.engine import InvalidRequest, LLMEngine, SamplingParams
@@ -82,9 +83,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    print("shutting down", file=sys.stderr, flush=True)
+    _drain(serve.get_app_handle(app_conf.get("name", "moe")), cfg.drain_timeout_s)
     serve.shutdown()
     return 0
+
+
+def _drain(router, timeout_s: float) -> None:
+    """New requests get 503 from now on; in-flight ones may finish for up to `timeout_s`."""
+    left = router.drain.remote().result(timeout_s=30)
+    print(f"shutting down: draining {left} in-flight request(s) (up to {timeout_s:g} s)", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + timeout_s
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = router.in_flight.remote().result(timeout_s=30)
+    if left:
+        print(f"drain window over: {left} request(s) cut off", file=sys.stderr, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from deployments.policy import AutoscalePolicy, load_policy
 
@@ -20,6 +20,9 @@ class WorkerOptions(BaseModel):
     label_selector: dict[str, str] = Field(default_factory=dict,
                                            description="node labels an expert worker must land on")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per expert worker")
+    service_time_per_token_s: float = Field(0.0, ge=0, description="benchmarks only: make each worker behave like "
+                                            "a device of fixed capacity (calls one at a time, at least this many "
+                                            "seconds per row); 0 = off")
 
 
 class AppConfig(BaseModel):
@@ -28,6 +31,12 @@ class AppConfig(BaseModel):
     model: str = Field("models/demo", description="checkpoint directory (config.json + safetensors)")
     served_model_name: str | None = Field(None, description="name clients pass as `model` (default: the directory name)")
     num_workers: int = Field(2, ge=0, description="expert workers; 0 keeps the experts in the router process")
+    expert_copies: int = Field(1, ge=1, description="copies of every expert at start (on different workers); "
+                                                  "2 lets a worker die without failing a request")
+    expert_call_timeout_s: float = Field(10.0, gt=0, description="deadline of one expert call; a call past it is "
+                                                                 "re-sent to another copy and the worker marked down")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM: how long in-flight requests may run on "
+                                                           "while new ones get 503")
     data_plane_host: str = Field("127.0.0.1", description="address the expert workers' gRPC data plane binds to")
     router_device: str = Field("cpu", description="device of the router's backbone: cpu or cuda")
     router_num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved for the router replica")
@@ -47,6 +56,12 @@ class AppConfig(BaseModel):
     request_timeout_s: float = Field(300.0, gt=0, description="a request still running after this gets 408 / "
                                                               "DEADLINE_EXCEEDED and its work is released")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="HTTP request bodies larger than this get 413")
+
+    @model_validator(mode="after")
+    def _copies_fit(self) -> "AppConfig":
+        if self.num_workers and self.expert_copies > self.num_workers:
+            raise ValueError(f"expert_copies ({self.expert_copies}) must not exceed num_workers ({self.num_workers})")
+        return self
 
     def resolved_api_key(self) -> str | None:
         return self.api_key or os.environ.get("MOE_CLUSTER_API_KEY") or None

@@ -6,6 +6,7 @@ Shapes: N rows, D hidden.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from concurrent import futures
@@ -18,8 +19,10 @@ from torch import Tensor
 
 from cluster.model.experts import LocalExperts
 from cluster.placement import Placement
+from deployments import metrics
 from protos import expert_pb2, expert_pb2_grpc
 
+log = logging.getLogger("ray.serve")
 _MAX_MESSAGE = 256 << 20
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", _MAX_MESSAGE), ("grpc.max_receive_message_length", _MAX_MESSAGE)]
 _NP = {"float32": np.float32, "float16": np.float16}
@@ -38,8 +41,14 @@ def from_proto(p: expert_pb2.Tensor) -> Tensor:
 
 
 class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
-    def __init__(self, name: str, experts: LocalExperts, device: str):
+    """`service_time_per_token_s` > 0 makes the worker behave like a device of fixed capacity
+    (benchmarks only): calls run one at a time and each takes at least that long per row,
+    so a worker's time grows with its load even on a machine whose cores are all shared."""
+
+    def __init__(self, name: str, experts: LocalExperts, device: str, service_time_per_token_s: float = 0.0):
         self.name, self.experts, self.device = name, experts, device
+        self.service_time_per_token_s = service_time_per_token_s
+        self._device_lock = threading.Lock()
 
     def Forward(self, request, context):
         counts = dict(zip(request.expert_id, request.count))
@@ -48,7 +57,13 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"{self.name} holds no copy of layer {request.layer} expert(s) {missing}")
         rows = from_proto(request.hidden).to(self.device)
-        out = self.experts.run_subset(request.layer, rows, list(request.expert_id), list(request.count))
+        if self.service_time_per_token_s <= 0:
+            out = self.experts.run_subset(request.layer, rows, list(request.expert_id), list(request.count))
+            return expert_pb2.ForwardReply(output=to_proto(out))
+        with self._device_lock:  # one call at a time, like one accelerator
+            t0 = time.perf_counter()
+            out = self.experts.run_subset(request.layer, rows, list(request.expert_id), list(request.count))
+            time.sleep(max(0.0, self.service_time_per_token_s * len(rows) - (time.perf_counter() - t0)))
         return expert_pb2.ForwardReply(output=to_proto(out))
 
     def Health(self, request, context):
@@ -97,19 +112,29 @@ class RemoteExperts:
     """ExpertExecutor over gRPC. `resolve(worker, refresh)` returns a worker's data-plane address
     (refresh=True: look it up again, the worker may have been replaced).
 
-    An expert's rows are split evenly among its copies, using only copies on the
-    router's own node (`local_workers`) when there are any. When a call fails, its
-    rows are re-sent to other copies of the same experts: expert compute is a pure
-    function, so a retry is safe and no request has to fail.
+    An expert's rows are split evenly among its live copies, using only copies on
+    the router's own node (`local_workers`) when there are any. Every call has a
+    deadline. A call that fails or times out is re-sent to another live copy of the
+    same experts (expert compute is a pure function, so a retry is safe and no
+    request has to fail); the worker is marked down and a background thread waits
+    for it (or Serve's replacement) to answer a health check, lets `heal` restore its
+    slots, and puts it back. With no live copy, `run` raises ExpertUnavailable at
+    once: a clear error, never a hang.
     """
 
     def __init__(self, placement: Placement, resolve: Callable[[int, bool], str],
-                 local_workers: frozenset[int] = frozenset()):
-        self.resolve, self.local_workers = resolve, local_workers
+                 local_workers: frozenset[int] = frozenset(), call_timeout_s: float = 10.0,
+                 heal: Callable[[int, list[tuple[int, int]]], None] | None = None, heal_timeout_s: float = 600.0):
+        self.resolve, self.local_workers, self.heal = resolve, local_workers, heal
+        self.call_timeout_s, self.heal_timeout_s = call_timeout_s, heal_timeout_s
         self.timer = StepTimer()
         self.failovers = 0
+        self.failures: dict[str, int] = {}  # gRPC status name -> failed expert calls
         self.calls_per_worker: dict[int, int] = {}
         self._stubs: dict[int, tuple[str, expert_pb2_grpc.ExpertServiceStub]] = {}
+        self._down: set[int] = set()
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
         # Blocking calls on long-lived threads: grpc's `.future()` starts a new thread per call
         # (measured ~2.8 ms each here), more than the expert compute it waits for.
         self._pool = futures.ThreadPoolExecutor(max_workers=max(2, placement.num_workers), thread_name_prefix="experts")
@@ -120,21 +145,75 @@ class RemoteExperts:
         fan-out sees either the old table or the new one, never a mix."""
         self.placement, self._copies = placement, placement.copies()
 
-    def _stub(self, worker: int, refresh: bool = False) -> expert_pb2_grpc.ExpertServiceStub:
-        if refresh or worker not in self._stubs:
-            address = self.resolve(worker, refresh)
-            channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-            self._stubs[worker] = (address, expert_pb2_grpc.ExpertServiceStub(channel))
-        return self._stubs[worker][1]
+    # -- health ------------------------------------------------------------------------------
+    def down_workers(self) -> list[int]:
+        with self._lock:
+            return sorted(self._down)
+
+    def uncovered(self) -> list[tuple[int, int]]:
+        """Slots with no live copy right now (readiness: empty when every expert can be served)."""
+        down = set(self.down_workers())
+        return sorted(slot for slot, ws in self._copies.items() if all(w in down for w in ws))
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def _mark_down(self, worker: int, error: grpc.RpcError) -> None:
+        code = error.code().name if hasattr(error, "code") else "UNKNOWN"
+        with self._lock:
+            self.failures[code] = self.failures.get(code, 0) + 1
+            metrics.EXPERT_CALL_FAILURES.labels(code).inc()
+            if worker in self._down:
+                return
+            self._down.add(worker)
+        log.warning("expert worker %d failed (%s); its rows go to other copies until it is back", worker, code)
+        threading.Thread(target=self._heal, args=(worker,), name=f"heal-{worker}", daemon=True).start()
+
+    def _heal(self, worker: int) -> None:
+        """Bounded: until the worker answers a health check (then it is back) or heal_timeout_s."""
+        deadline = time.monotonic() + self.heal_timeout_s
+        while not self._closed.is_set() and time.monotonic() < deadline:
+            try:
+                address = self.resolve(worker, True)
+                stub = expert_pb2_grpc.ExpertServiceStub(grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
+                stub.Health(expert_pb2.HealthRequest(), timeout=2)
+                if self.heal is not None:  # a replacement starts with its original slots: restore the table's
+                    self.heal(worker, list(self.placement.workers[worker]))
+                with self._lock:
+                    self._stubs[worker] = (address, stub)
+                    self._down.discard(worker)
+                log.warning("expert worker %d is back at %s", worker, address)
+                return
+            except Exception:  # noqa: BLE001 - not back yet (dead actor, refused connection, ...)
+                self._closed.wait(0.5)
+
+    # -- the data path ---------------------------------------------------------------------
+    def _stub(self, worker: int) -> expert_pb2_grpc.ExpertServiceStub:
+        with self._lock:
+            known = self._stubs.get(worker)
+        if known is None:
+            address = self.resolve(worker, False)
+            known = (address, expert_pb2_grpc.ExpertServiceStub(grpc.insecure_channel(address, options=CHANNEL_OPTIONS)))
+            with self._lock:
+                self._stubs[worker] = known
+        return known[1]
+
+    def _live(self, copies, layer: int, expert_id: int, exclude: set[int]) -> list[int]:
+        live = [w for w in copies[(layer, expert_id)] if w not in exclude]
+        if not live:
+            raise ExpertUnavailable(f"layer {layer} expert {expert_id}: no live copy (worker(s) "
+                                    f"{list(copies[(layer, expert_id)])} down); retry once it is back")
+        return live
 
     def _groups(self, copies, layer: int, counts: Sequence[int]) -> dict[int, list[tuple[int, int, int]]]:
         """worker -> [(expert_id, first row, rows)] for one layer."""
         groups: dict[int, list[tuple[int, int, int]]] = {}
+        down = set(self.down_workers())
         start = 0
         for expert_id, n in enumerate(counts):
             if n:
-                workers = copies[(layer, expert_id)]
-                preferred = [w for w in workers if w in self.local_workers] or list(workers)
+                live = self._live(copies, layer, expert_id, down)
+                preferred = [w for w in live if w in self.local_workers] or live
                 for worker, (s, k) in zip(preferred, _split(start, n, len(preferred))):
                     if k:
                         groups.setdefault(worker, []).append((expert_id, s, k))
@@ -172,22 +251,26 @@ class RemoteExperts:
 
     def _send(self, worker: int, layer: int, rows: Tensor, group):
         req, index = self._request(layer, rows, group)
-        return self._pool.submit(self._stub(worker).Forward, req), index
+        return self._pool.submit(self._stub(worker).Forward, req, timeout=self.call_timeout_s), index
 
     def _failover(self, copies, failed: int, layer: int, rows: Tensor, group, out: Tensor, error) -> None:
-        """Re-send a failed worker's rows: to other copies where they exist, else to the same
-        worker once more at a fresh address (it may have been replaced)."""
+        """Re-send a failed (or timed-out) worker's rows to other live copies of the same experts."""
         self.failovers += 1
+        self._mark_down(failed, error)
         for expert_id, start, n in group:
-            others = [w for w in copies[(layer, expert_id)] if w != failed]
-            for worker in others + [failed]:
+            req, index = self._request(layer, rows, [(expert_id, start, n)])
+            tried = {failed}  # each copy at most once: bounded even if a worker flaps
+            while True:
                 try:
-                    req, index = self._request(layer, rows, [(expert_id, start, n)])
-                    reply = self._stub(worker, refresh=worker == failed).Forward(req, timeout=30)
+                    worker = self._live(copies, layer, expert_id, set(self.down_workers()) | tried)[0]
+                except ExpertUnavailable:
+                    raise ExpertUnavailable(f"layer {layer} expert {expert_id}: worker {failed} failed "
+                                            f"({error.code().name}) and no other live copy answered; "
+                                            "retry once it is back") from None
+                tried.add(worker)
+                try:
+                    reply = self._stub(worker).Forward(req, timeout=self.call_timeout_s)
                     out[index] = from_proto(reply.output).to(rows.device)
                     break
                 except grpc.RpcError as e:
-                    error = e
-            else:
-                raise ExpertUnavailable(f"layer {layer} expert {expert_id}: no live copy answered "
-                                        f"({error.code().name})") from None
+                    self._mark_down(worker, e)  # then try the next live copy, if any

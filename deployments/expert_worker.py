@@ -17,14 +17,14 @@ log = logging.getLogger("ray.serve")
 @serve.deployment(health_check_period_s=5, max_ongoing_requests=16)
 class ExpertWorker:
     def __init__(self, model: str, slots: list[list[int]], name: str, host: str, torch_threads: int = 1,
-                 device: str = "cpu"):
+                 device: str = "cpu", service_time_per_token_s: float = 0.0):
         torch.set_num_threads(torch_threads)
         self.device = device  # "cuda" when the config gives workers GPUs (worker.num_gpus > 0)
         self.name = name
         self.ckpt, self.family, self.cfg = open_model(model)
         self.experts = LocalExperts(load_experts(self.ckpt, self.family, self.cfg, [tuple(s) for s in slots],
                                                  device=self.device))
-        self.server, port = start_server(ExpertServicer(name, self.experts, self.device), host)
+        self.server, port = start_server(ExpertServicer(name, self.experts, self.device, service_time_per_token_s), host)
         self.address = f"{host}:{port}"
         log.info("%s: %d expert slots on %s, data plane at %s", name, len(slots), self.device, self.address)
 

@@ -19,6 +19,10 @@ REBALANCES = Counter("moe_rebalances", "expert placement changes by outcome", ["
 WEIGHT_BYTES_MOVED = Counter("moe_weight_bytes_moved", "expert weight bytes loaded for new copies", registry=REGISTRY)
 REBALANCE_SECONDS = Histogram("moe_rebalance_seconds", "time per placement change (load, switch, drain, retire)",
                               buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=REGISTRY)
+EXPERT_CALL_FAILURES = Counter("moe_expert_call_failures", "expert calls that failed or timed out (re-sent to "
+                               "another copy when one is live)", ["code"], registry=REGISTRY)
+WORKERS_DOWN = Gauge("moe_expert_workers_down", "expert workers the router is waiting on to come back",
+                     registry=REGISTRY)
 # One series per MoE layer: bounded by the model, not by traffic.
 EXPERT_IMBALANCE = Gauge("moe_layer_expert_load_max_over_mean",
                          "hottest expert's load / mean expert load (EMA of tokens per step)", ["layer"],

@@ -11,6 +11,7 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+import grpc
 from pydantic import BaseModel, ValidationError
 import ray
 from ray import serve
@@ -23,7 +24,7 @@ from deployments import grpc_api, metrics
 from deployments.autoscaler import ExpertAutoscaler
 from deployments.chat import load_template, render
 from deployments.config import AppConfig, app_config
-from deployments.data_plane import RemoteExperts
+from deployments.data_plane import ExpertUnavailable, RemoteExperts
 from deployments.openai_api import ChatCompletionRequest, CompletionRequest, chunk_json, completion_json, error_body
 from deployments.policy import AutoscalePolicy, describe
 from protos import moe_serving_pb2 as pb
@@ -49,6 +50,11 @@ class RequestTimedOut(Exception):
     pass
 
 
+def _failure_status(e: EngineDeadError) -> int:
+    """503 when an expert had no live copy (retry later: it is being replaced), else 500."""
+    return 503 if isinstance(e.__cause__, ExpertUnavailable) else 500
+
+
 def build_engine(cfg: AppConfig, workers: list, addresses: list[str],
                  local_workers: frozenset[int] = frozenset()) -> tuple[LLMEngine, RemoteExperts | None]:
     remote = None
@@ -62,7 +68,12 @@ def build_engine(cfg: AppConfig, workers: list, addresses: list[str],
                 cache[worker] = workers[worker].get_address.remote().result(timeout_s=60)
             return cache[worker]
 
-        remote = RemoteExperts(round_robin(model_cfg.expert_pairs(), len(workers)), resolve, local_workers)
+        def heal(worker: int, slots: list) -> None:
+            # Serve's replacement replica starts with its original slots; load the table's.
+            workers[worker].load_slots.remote([list(s) for s in slots]).result(timeout_s=300)
+
+        placement = round_robin(model_cfg.expert_pairs(), len(workers), cfg.expert_copies)
+        remote = RemoteExperts(placement, resolve, local_workers, call_timeout_s=cfg.expert_call_timeout_s, heal=heal)
     engine = LLMEngine.from_pretrained(cfg.model, device=cfg.router_device, experts=remote,
                                        max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
                                        max_num_batched_tokens=cfg.max_num_batched_tokens)
@@ -81,6 +92,7 @@ class Router:
         local = frozenset(w for w, n in enumerate(self.worker_nodes) if n == node)
         engine, self.remote = build_engine(self.cfg, self.workers, addresses, local)
         self.engine = AsyncEngine(engine)
+        self.draining = False
         self.template = load_template(self.cfg.model)
         policy = self.cfg.policy()
         self.autoscaler = None
@@ -102,6 +114,8 @@ class Router:
         return RequestFailed(401, "missing or wrong API key (send Authorization: Bearer <key>)").response()
 
     def _check_capacity(self) -> None:
+        if self.draining:
+            raise RequestFailed(503, "server is shutting down; send new requests elsewhere")
         if self.engine.active >= self.cfg.max_num_seqs + self.cfg.max_queued_requests:
             raise RequestFailed(503, f"server overloaded: {self.engine.active} requests in progress; retry later")
 
@@ -110,6 +124,24 @@ class Router:
     async def health(self) -> dict:
         """Liveness: open without an API key."""
         return {"status": "ok", "model": self.cfg.model_name, "expert_workers": len(self.workers)}
+
+    @app.get("/ready")
+    async def ready(self):
+        """Readiness: 503 while draining or while some expert has no live copy (open without a key)."""
+        uncovered = self.remote.uncovered() if self.remote else []
+        if self.draining or uncovered:
+            reason = "draining" if self.draining else f"{len(uncovered)} expert slot(s) without a live copy"
+            return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+        return {"status": "ready"}
+
+    # -- lifecycle (called through the deployment handle by `moe-cluster serve` on SIGTERM) --
+    def drain(self) -> int:
+        """Refuse new requests (503) from now on; returns the requests still in flight."""
+        self.draining = True
+        return self.engine.active
+
+    def in_flight(self) -> int:
+        return self.engine.active
 
     @app.get("/v1/models")
     async def models(self, request: Request):
@@ -122,6 +154,7 @@ class Router:
     async def prometheus(self, request: Request) -> Response:
         if denied := self._deny(request):
             return denied
+        metrics.WORKERS_DOWN.set(len(self.remote.down_workers()) if self.remote else 0)
         body = metrics.render(self.engine.stats(), self.engine.engine.load.snapshot())
         return PlainTextResponse(body.decode(), media_type="text/plain; version=0.0.4")
 
@@ -166,6 +199,7 @@ class Router:
         data_plane = None
         if self.remote:
             data_plane = {**self.remote.timer.snapshot(), "failovers": self.remote.failovers,
+                          "failures": self.remote.failures, "down_workers": self.remote.down_workers(),
                           "calls_per_worker": self.remote.calls_per_worker, "worker_nodes": self.worker_nodes,
                           "local_workers": sorted(self.remote.local_workers)}
         return {**self.engine.stats(), "data_plane": data_plane}
@@ -207,7 +241,7 @@ class Router:
             return RequestFailed(408, f"request timed out after {self.cfg.request_timeout_s} s").response()
         except EngineDeadError as e:
             metrics.REQUESTS.labels("http", "failed").inc()
-            return RequestFailed(500, f"generation failed: {e}").response()
+            return RequestFailed(_failure_status(e), f"generation failed: {e}").response()
         return JSONResponse(completion_json(rid, self.cfg.model_name, out, decode, with_logprobs, chat))
 
     async def _parse(self, request: Request, model_cls: type[BaseModel]) -> BaseModel:
@@ -276,7 +310,9 @@ class Router:
             yield f"data: {json.dumps(error_body(message, 'timeout_error', None, 408))}\n\n"
         except EngineDeadError as e:
             metrics.REQUESTS.labels("http", "failed").inc()
-            yield f"data: {json.dumps(error_body(f'generation failed: {e}', 'internal_error', None, 500))}\n\n"
+            status = _failure_status(e)
+            kind = "service_unavailable_error" if status == 503 else "internal_error"
+            yield f"data: {json.dumps(error_body(f'generation failed: {e}', kind, None, status))}\n\n"
         yield "data: [DONE]\n\n"
 
     # -- gRPC (protos/moe_serving.proto, through Serve's gRPC proxy) ------------------------
@@ -291,10 +327,19 @@ class Router:
             return self.engine.prepare(grpc_api.prompt_of(request), params), params
         except (RequestFailed, InvalidRequest) as e:
             status = e.status if isinstance(e, RequestFailed) else 400
-            grpc_context.set_code(grpc_api.STATUS[status])
+            draining = status == 503 and self.draining
+            grpc_context.set_code(grpc.StatusCode.UNAVAILABLE if draining else grpc_api.STATUS[status])
             grpc_context.set_details(str(e)[:500])
             metrics.REQUESTS.labels("grpc", "rejected").inc()
             raise  # Serve turns an exception raised after set_code into that status (streams too)
+
+    @staticmethod
+    def _grpc_failed(grpc_context, e: EngineDeadError):
+        unavailable = _failure_status(e) == 503
+        grpc_context.set_code(grpc.StatusCode.UNAVAILABLE if unavailable else grpc.StatusCode.INTERNAL)
+        grpc_context.set_details(f"generation failed: {e}"[:500])
+        metrics.REQUESTS.labels("grpc", "failed").inc()
+        raise e
 
     def _grpc_timeout(self, grpc_context):
         grpc_context.set_code(grpc_api.STATUS[408])
@@ -308,6 +353,8 @@ class Router:
             out = await self._run(f"cmpl-{time.time_ns()}", prompt_ids, params)
         except RequestTimedOut:
             self._grpc_timeout(grpc_context)
+        except EngineDeadError as e:
+            self._grpc_failed(grpc_context, e)
         return pb.CompleteReply(id=out.request_id, text=out.text, token_ids=out.token_ids,
                                 finish_reason=out.finish_reason,
                                 usage=grpc_api.usage(len(prompt_ids), len(out.token_ids), out.expert_tokens),
@@ -322,6 +369,8 @@ class Router:
                 yield self._generate_reply(rid, o, params)
         except RequestTimedOut:
             self._grpc_timeout(grpc_context)
+        except EngineDeadError as e:
+            self._grpc_failed(grpc_context, e)
         metrics.REQUESTS.labels("grpc", "ok").inc()
 
     @staticmethod

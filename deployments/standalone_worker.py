@@ -1,14 +1,14 @@
 """An expert worker without Ray: one process serving the gRPC data plane for some slots.
 
-    python -m deployments.standalone_worker MODEL '[[layer, expert_id], ...]' [NAME]
+    python -m deployments.standalone_worker MODEL '[[layer, expert_id], ...]' [NAME] [--service-time-per-token S]
 
 Prints the port it listens on (127.0.0.1), then serves until killed. Used by
 bench/data_plane_bench.py and the data-plane fault tests.
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import threading
 
 import torch
@@ -19,12 +19,18 @@ from deployments.data_plane import ExpertServicer, start_server
 
 
 def main() -> None:
-    model, slots = sys.argv[1], [tuple(s) for s in json.loads(sys.argv[2])]
-    name = sys.argv[3] if len(sys.argv) > 3 else "worker"
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("slots", help="JSON list of [layer, expert_id]")
+    p.add_argument("name", nargs="?", default="worker")
+    p.add_argument("--service-time-per-token", type=float, default=0.0,
+                   help="model a device of fixed capacity (seconds per row; benchmarks and fault tests)")
+    args = p.parse_args()
+    slots = [tuple(s) for s in json.loads(args.slots)]
     torch.set_num_threads(1)
-    ckpt, family, cfg = open_model(model)
-    server, port = start_server(ExpertServicer(name, LocalExperts(load_experts(ckpt, family, cfg, slots)), "cpu"),
-                                "127.0.0.1")
+    ckpt, family, cfg = open_model(args.model)
+    experts = LocalExperts(load_experts(ckpt, family, cfg, slots))
+    server, port = start_server(ExpertServicer(args.name, experts, "cpu", args.service_time_per_token), "127.0.0.1")
     print(port, flush=True)
     threading.Event().wait()
 

@@ -77,3 +77,13 @@ def test_production_scale_simulation():
     assert before > 1.5
     assert result.max_over_mean <= 1.05
     assert hier.max_over_mean <= 1.15
+
+
+def test_round_robin_copies_land_on_different_workers():
+    slots = [(layer, e) for layer in (0, 1) for e in range(4)]
+    p = round_robin(slots, 3, copies=2)
+    copies = p.copies()
+    assert all(len(set(ws)) == 2 for ws in copies.values()) and set(copies) == set(slots)
+    assert copies[(0, 2)] == (0, 2)  # copy c of expert e on worker (e + c) % num_workers
+    with pytest.raises(ValueError, match="copies must be between 1 and num_workers"):
+        round_robin(slots, 2, copies=3)

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -19,10 +20,11 @@ def workers(checkpoint_factory):
     """Start standalone worker processes for given slot lists; killed at the end."""
     procs = []
 
-    def start(model: str, slot_lists) -> list[subprocess.Popen]:
+    def start(model: str, slot_lists, *extra: str) -> list[subprocess.Popen]:
         for slots in slot_lists:
             procs.append(subprocess.Popen([sys.executable, "-m", "deployments.standalone_worker", model,
-                                           json.dumps([list(s) for s in slots])], stdout=subprocess.PIPE, text=True))
+                                           json.dumps([list(s) for s in slots]), *extra],
+                                          stdout=subprocess.PIPE, text=True))
         return procs[-len(slot_lists):]
 
     yield start
@@ -31,8 +33,9 @@ def workers(checkpoint_factory):
         p.wait()
 
 
-def _engine(model, placement, procs, **kw):
-    ports = [int(p.stdout.readline()) for p in procs]
+def _engine(model, placement, procs, ports=None, **kw):
+    ports = ports if ports is not None else []
+    ports[:] = [int(p.stdout.readline()) for p in procs]
     remote = RemoteExperts(placement, lambda w, refresh=False: f"127.0.0.1:{ports[w]}", **kw)
     return LLMEngine.from_pretrained(model, experts=remote, max_num_seqs=8, max_model_len=128), remote
 
@@ -79,8 +82,12 @@ def test_killed_worker_without_a_copy_fails_clearly(checkpoint_factory, workers)
     engine, _ = _engine(model, placement, procs)
     procs[0].kill()
     procs[0].wait()
-    with pytest.raises(ExpertUnavailable, match="no live copy answered"):
+    with pytest.raises(ExpertUnavailable, match="no other live copy answered"):
         engine.generate(PROMPTS[:1], PARAMS)
+    t0 = time.monotonic()  # while it is down, new work fails at once: a clear error, not a hang
+    with pytest.raises(ExpertUnavailable, match="no live copy"):
+        engine.generate(PROMPTS[:1], PARAMS)
+    assert time.monotonic() - t0 < 5
 
 
 def test_placement_swap_mid_generation(checkpoint_factory, workers):
@@ -106,3 +113,43 @@ def test_local_copies_are_preferred(checkpoint_factory, workers):
     engine, remote = _engine(model, both, workers(model, both.workers), local_workers=frozenset({1}))
     engine.generate(PROMPTS, PARAMS)
     assert remote.calls_per_worker.get(0, 0) == 0 and remote.calls_per_worker[1] > 0
+
+
+def test_timed_out_call_is_retried_on_another_copy(checkpoint_factory, workers):
+    """Worker 0 is a 'device' far slower than the call deadline: its rows go to worker 1."""
+    model = str(checkpoint_factory("mixtral"))
+    _, _, cfg = open_model(model)
+    both = Placement((tuple(cfg.expert_pairs()), tuple(cfg.expert_pairs())))
+    expected = [o.token_ids for o in LLMEngine.from_pretrained(model).generate(PROMPTS, PARAMS)]
+    slow = workers(model, both.workers[:1], "--service-time-per-token", "5")
+    fast = workers(model, both.workers[1:])
+    engine, remote = _engine(model, both, slow + fast, call_timeout_s=0.5)
+    try:
+        assert [o.token_ids for o in engine.generate(PROMPTS, PARAMS)] == expected
+        assert remote.failures.get("DEADLINE_EXCEEDED", 0) >= 1 and remote.failovers >= 1
+    finally:
+        remote.close()
+
+
+def test_replaced_worker_is_healed_back_into_service(checkpoint_factory, workers):
+    model = str(checkpoint_factory("mixtral"))
+    _, _, cfg = open_model(model)
+    both = Placement((tuple(cfg.expert_pairs()), tuple(cfg.expert_pairs())))
+    procs, ports, healed = workers(model, both.workers), [], []
+    engine, remote = _engine(model, both, procs, ports, heal=lambda w, slots: healed.append((w, len(slots))))
+    try:
+        engine.generate(PROMPTS[:1], PARAMS)
+        procs[0].kill()
+        procs[0].wait()
+        engine.generate(PROMPTS[:1], PARAMS)  # served by worker 1 alone
+        assert remote.down_workers() == [0] and remote.uncovered() == []
+        ports[0] = int(workers(model, both.workers[:1])[0].stdout.readline())  # "Serve's replacement"
+        deadline = time.monotonic() + 60
+        while remote.down_workers() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert remote.down_workers() == [] and healed == [(0, len(both.workers[0]))]
+        before = remote.calls_per_worker.get(0, 0)
+        engine.generate(PROMPTS, PARAMS)
+        assert remote.calls_per_worker[0] > before  # back in service
+    finally:
+        remote.close()

@@ -28,6 +28,7 @@ def test_serve_local_yaml_is_a_serve_config_that_builds(monkeypatch):
     ({"num_workers": -1}, "num_workers: Input should be greater than or equal to 0"),
     ({"worker": {"num_cpus": "lots"}}, "worker.num_cpus"),
     ({"typo_field": 1}, "typo_field: Extra inputs are not permitted"),
+    ({"num_workers": 2, "expert_copies": 3}, r"expert_copies \(3\) must not exceed num_workers \(2\)"),
 ])
 def test_bad_app_config_names_the_field(args, message):
     with pytest.raises(ValueError, match=message):
