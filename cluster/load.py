@@ -57,6 +57,12 @@ class LoadTracker:
                     "total_tokens": self.total.tolist(), "max_over_mean": max_over_mean(ema).tolist()}
 
 
+    def pairs(self) -> "torch.Tensor":
+        """[L, E, E] co-activation counts so far (a copy)."""
+        with self._lock:
+            return self.coactivation.clone()
+
+
 def max_over_mean(loads: torch.Tensor) -> torch.Tensor:
     """[L, E] → [L]: the hottest expert's load over the mean expert load (1.0 = even)."""
     mean = loads.mean(-1)

@@ -24,8 +24,9 @@ log = logging.getLogger("ray.serve")
 
 
 class ExpertAutoscaler:
-    def __init__(self, policy: AutoscalePolicy, tracker, remote: RemoteExperts, workers: list):
+    def __init__(self, policy: AutoscalePolicy, tracker, remote: RemoteExperts, workers: list, expert_bytes: int = 0):
         self.policy, self.tracker, self.remote, self.workers = policy, tracker, remote, workers
+        self.expert_bytes = expert_bytes  # one routed expert's weights, for the memory budget
         self.last_change = 0.0
         self.history: list[dict] = []
 
@@ -52,8 +53,11 @@ class ExpertAutoscaler:
             return "balanced", None, before, before
         if time.monotonic() - self.last_change < self.policy.cooldown_s:
             return "cooldown", None, before, before
-        new = plan(loads, layers, [Worker()] * current.num_workers, self.policy.extra_slots_per_layer, current,
-                   self.policy.hierarchical, self.policy.max_copies_per_expert)
+        slots = self.policy.layer_slots(len(layers), self.expert_bytes)
+        coactivation = self.tracker.pairs().numpy() if self.policy.co_activation else None
+        new = plan(loads, layers, [Worker(layer_slots=slots)] * current.num_workers,
+                   self.policy.extra_slots_per_layer, current, self.policy.hierarchical,
+                   self.policy.max_copies_per_expert, coactivation)
         if before - new.max_over_mean < self.policy.min_gain:
             return "small_gain", None, before, new.max_over_mean
         return "rebalance", new.placement, before, new.max_over_mean

@@ -27,6 +27,11 @@ WORKERS_DOWN = Gauge("moe_expert_workers_down", "expert workers the router is wa
 EXPERT_IMBALANCE = Gauge("moe_layer_expert_load_max_over_mean",
                          "hottest expert's load / mean expert load (EMA of tokens per step)", ["layer"],
                          registry=REGISTRY)
+WORKER_IMBALANCE = Gauge("moe_layer_worker_load_max_over_mean",
+                         "most-loaded expert worker / mean worker load under the current placement", ["layer"],
+                         registry=REGISTRY)
+COPIES = Gauge("moe_expert_copies", "expert copies held per worker (current placement)", ["worker"],
+               registry=REGISTRY)
 
 
 def render(stats: dict[str, float], load: dict) -> bytes:

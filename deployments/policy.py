@@ -20,7 +20,20 @@ class AutoscalePolicy(BaseModel):
     extra_slots_per_layer: int = Field(2, ge=0, description="expert copies beyond one per expert, per layer")
     max_copies_per_expert: int = Field(4, ge=1, description="most copies of one expert (capped by worker count)")
     hierarchical: bool = Field(False, description="balance across nodes first, then workers inside a node")
+    co_activation: bool = Field(False, description="co-locate experts often chosen for the same token (from the "
+                                                   "router's co-activation counts), when balance allows")
+    slots_per_worker: int | None = Field(None, ge=1, description="most routed-expert copies one worker may hold, "
+                                                                 "all layers together (None: no limit)")
+    memory_budget_bytes: int | None = Field(None, ge=1, description="most expert weight bytes one worker may hold "
+                                                                    "(fp32 copies; None: no limit)")
     drain_s: float = Field(2.0, ge=0, description="wait after switching tables before old copies are retired")
+
+    def layer_slots(self, num_layers: int, expert_bytes: int) -> int | None:
+        """Copies of one layer's experts a worker may hold under the slot and memory limits."""
+        limits = [self.slots_per_worker] if self.slots_per_worker else []
+        if self.memory_budget_bytes:
+            limits.append(self.memory_budget_bytes // max(expert_bytes, 1))
+        return min(limits) // max(num_layers, 1) if limits else None
 
     @property
     def ema_alpha(self) -> float:

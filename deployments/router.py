@@ -12,6 +12,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 import grpc
+import numpy as np
 from pydantic import BaseModel, ValidationError
 import ray
 from ray import serve
@@ -20,6 +21,7 @@ from cluster.engine import Completion, InvalidRequest, LLMEngine, SamplingParams
 from cluster.engine.async_engine import AsyncEngine, EngineDeadError
 from cluster.loader import open_model
 from cluster.placement import round_robin
+from cluster.rebalance import worker_imbalance
 from deployments import grpc_api, metrics
 from deployments.autoscaler import ExpertAutoscaler
 from deployments.chat import load_template, render
@@ -97,7 +99,9 @@ class Router:
         policy = self.cfg.policy()
         self.autoscaler = None
         if policy is not None and self.remote is not None:
-            self.autoscaler = ExpertAutoscaler(policy, engine.load, self.remote, self.workers)
+            _, _, model_cfg = open_model(self.cfg.model)
+            expert_bytes = 3 * model_cfg.hidden_size * model_cfg.expert_intermediate_size * 4  # fp32 gate/up/down
+            self.autoscaler = ExpertAutoscaler(policy, engine.load, self.remote, self.workers, expert_bytes)
             self._autoscale_task = asyncio.get_running_loop().create_task(self.autoscaler.run())
 
     # -- guards ------------------------------------------------------------------------------
@@ -134,6 +138,13 @@ class Router:
             return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
         return {"status": "ready"}
 
+    def _worker_imbalance(self) -> list[float]:
+        """Per MoE layer: most-loaded worker / mean worker load (EMA loads, current placement)."""
+        load = self.engine.engine.load
+        loads = np.array(load.snapshot()["ema_tokens_per_step"])
+        placement = self.remote.placement
+        return worker_imbalance(loads, list(load.moe_layers), placement, placement.num_workers)
+
     # -- lifecycle (called through the deployment handle by `moe-cluster serve` on SIGTERM) --
     def drain(self) -> int:
         """Refuse new requests (503) from now on; returns the requests still in flight."""
@@ -155,6 +166,11 @@ class Router:
         if denied := self._deny(request):
             return denied
         metrics.WORKERS_DOWN.set(len(self.remote.down_workers()) if self.remote else 0)
+        if self.remote:
+            for layer, ratio in zip(self.engine.engine.load.moe_layers, self._worker_imbalance()):
+                metrics.WORKER_IMBALANCE.labels(str(layer)).set(ratio)
+            for worker, slots in enumerate(self.remote.placement.workers):
+                metrics.COPIES.labels(str(worker)).set(len(slots))
         body = metrics.render(self.engine.stats(), self.engine.engine.load.snapshot())
         return PlainTextResponse(body.decode(), media_type="text/plain; version=0.0.4")
 
@@ -201,7 +217,9 @@ class Router:
             data_plane = {**self.remote.timer.snapshot(), "failovers": self.remote.failovers,
                           "failures": self.remote.failures, "down_workers": self.remote.down_workers(),
                           "calls_per_worker": self.remote.calls_per_worker, "worker_nodes": self.worker_nodes,
-                          "local_workers": sorted(self.remote.local_workers)}
+                          "local_workers": sorted(self.remote.local_workers),
+                          "worker_max_over_mean": [round(r, 3) for r in self._worker_imbalance()],
+                          "copies": sum(len(slots) for slots in self.remote.placement.workers)}
         return {**self.engine.stats(), "data_plane": data_plane}
 
     # -- HTTP: completions -------------------------------------------------------------------

@@ -87,3 +87,25 @@ def test_round_robin_copies_land_on_different_workers():
     assert copies[(0, 2)] == (0, 2)  # copy c of expert e on worker (e + c) % num_workers
     with pytest.raises(ValueError, match="copies must be between 1 and num_workers"):
         round_robin(slots, 2, copies=3)
+
+
+def test_slot_capacity_and_memory_budget_are_respected():
+    loads = np.array([[40.0, 10, 5, 5, 5, 5, 5, 5]])
+    workers = [Worker(layer_slots=2), Worker(layer_slots=2), Worker(layer_slots=4), Worker(layer_slots=4)]
+    p = plan(loads, [0], workers, extra_per_layer=8)  # room for 12 copies: 8 experts + 4 extra, not 8
+    assert [len(slots) for slots in p.placement.workers][:2] == [2, 2]
+    assert all(len(s) <= w.layer_slots for s, w in zip(p.placement.workers, workers))
+    assert sum(map(len, p.placement.workers)) == 12
+    with pytest.raises(ValueError, match="at most 6 expert copies per layer .* each layer has 8 experts"):
+        plan(loads, [0], [Worker(layer_slots=3)] * 2, extra_per_layer=0)
+
+
+def test_co_activation_co_locates_experts_chosen_together():
+    loads = np.ones((1, 4))
+    coact = np.zeros((1, 4, 4))
+    coact[0, 0, 1] = coact[0, 2, 3] = 100  # tokens pick (0, 1) together and (2, 3) together
+    plain = plan(loads, [0], [Worker()] * 2, 0)
+    paired = plan(loads, [0], [Worker()] * 2, 0, coactivation=coact)
+    assert sorted(plain.placement.workers) == [((0, 0), (0, 2)), ((0, 1), (0, 3))]
+    assert sorted(paired.placement.workers) == [((0, 0), (0, 1)), ((0, 2), (0, 3))]
+    assert paired.max_over_mean == plain.max_over_mean == 1.0  # balance is not given up for it

@@ -21,3 +21,10 @@ def test_bad_policy_names_the_field(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ValueError, match=message):
         load_policy(path)
+
+
+def test_slot_and_memory_limits_become_copies_per_layer():
+    assert AutoscalePolicy().layer_slots(4, 1000) is None
+    assert AutoscalePolicy(slots_per_worker=20).layer_slots(4, 1000) == 5
+    assert AutoscalePolicy(memory_budget_bytes=12_000).layer_slots(4, 1000) == 3  # 12 copies fit, 3 per layer
+    assert AutoscalePolicy(slots_per_worker=20, memory_budget_bytes=12_000).layer_slots(4, 1000) == 3

@@ -1,0 +1,31 @@
+"""The Grafana dashboard queries only metrics the router exports, and is up to date."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from deployments import metrics
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+DASHBOARD = ROOT / "k8s" / "grafana" / "moe-cluster-dashboard.json"
+
+
+def exported_series() -> set[str]:
+    names = set()
+    for family in metrics.REGISTRY.collect():
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
+        names.update(family.name + s for s in suffixes)
+    return names
+
+
+def test_every_query_names_an_exported_metric():
+    queries = [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"]]
+    used = {name for q in queries for name in re.findall(r"\bmoe_[a-z_]+", q)}
+    assert used and used <= exported_series(), used - exported_series()
+
+
+def test_dashboard_file_is_generated_from_the_tool():
+    out = subprocess.run([sys.executable, "tools/grafana_dashboard.py"], cwd=ROOT, capture_output=True, text=True,
+                         check=True, env={"PYTHONPATH": str(ROOT)}).stdout
+    assert json.loads(out) == json.loads(DASHBOARD.read_text())
