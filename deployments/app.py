@@ -16,13 +16,14 @@ from deployments.expert_worker import ExpertWorker
 from deployments.router import Router
 
 
-def worker_actor_options(cfg: AppConfig) -> dict[str, Any]:
+def worker_actor_options(cfg: AppConfig, worker: int = 0) -> dict[str, Any]:
     w = cfg.worker
     options: dict[str, Any] = {"num_cpus": w.num_cpus, "num_gpus": w.num_gpus}
     if w.memory:
         options["memory"] = w.memory
-    if w.label_selector:
-        options["label_selector"] = dict(w.label_selector)
+    selector = w.label_selectors[worker % len(w.label_selectors)] if w.label_selectors else w.label_selector
+    if selector:
+        options["label_selector"] = dict(selector)
     return options
 
 
@@ -33,7 +34,7 @@ def build_app(cfg: AppConfig) -> Application:
     for i in range(cfg.num_workers):
         name = f"expert-worker-{i}"
         slots = [list(s) for s in placement.workers[i]]
-        workers.append(ExpertWorker.options(name=name, ray_actor_options=worker_actor_options(cfg))
+        workers.append(ExpertWorker.options(name=name, ray_actor_options=worker_actor_options(cfg, i))
                        .bind(cfg.model, slots, name, cfg.data_plane_host, cfg.worker.torch_threads,
                              "cuda" if cfg.worker.num_gpus > 0 else "cpu", cfg.worker.service_time_per_token_s))
     router = Router.options(ray_actor_options={"num_cpus": cfg.router_num_cpus, "num_gpus": cfg.router_num_gpus})

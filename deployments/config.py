@@ -19,6 +19,10 @@ class WorkerOptions(BaseModel):
     memory: int | None = Field(None, ge=0, description="bytes of memory reserved per expert worker (Ray resource)")
     label_selector: dict[str, str] = Field(default_factory=dict,
                                            description="node labels an expert worker must land on")
+    label_selectors: list[dict[str, str]] = Field(default_factory=list,
+                                                  description="per-worker node labels: worker i uses entry "
+                                                              "i mod len (overrides label_selector); e.g. one "
+                                                              "worker per node, or some next to the router")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per expert worker")
     service_time_per_token_s: float = Field(0.0, ge=0, description="benchmarks only: make each worker behave like "
                                             "a device of fixed capacity (calls one at a time, at least this many "

@@ -1,6 +1,6 @@
 """Run by test_multinode.py in its own process: a real two-node Ray cluster on this machine
 (head labelled role=router, a second node labelled role=experts, both on 127.0.0.1), the app
-deployed with expert workers pinned to the experts node by label selector. Prints one JSON line."""
+deployed with expert workers pinned to nodes by per-worker label selectors. Prints one JSON line."""
 import json
 import os
 import sys
@@ -28,9 +28,11 @@ def main() -> None:
     ray.init(address=cluster.address, _node_ip_address="127.0.0.1")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        cfg = app_config({"model": model, "num_workers": 2, "router_num_cpus": 0.5, "max_num_seqs": 8,
-                          "max_model_len": 256, "worker": {"num_cpus": 0.5, "torch_threads": 1,
-                                                           "label_selector": {"moe-cluster/role": "experts"}}})
+        # Worker 0 next to the router, workers 1 and 2 on the experts node; every expert on two workers.
+        selectors = [{"moe-cluster/role": "router"}, {"moe-cluster/role": "experts"}, {"moe-cluster/role": "experts"}]
+        cfg = app_config({"model": model, "num_workers": 3, "expert_copies": 2, "router_num_cpus": 0.5,
+                          "max_num_seqs": 8, "max_model_len": 256,
+                          "worker": {"num_cpus": 0.5, "torch_threads": 1, "label_selectors": selectors}})
         serve.run(build_app(cfg), name="moe", route_prefix="/")
         nodes = {n["NodeID"]: n.get("Labels", {}).get("moe-cluster/role") for n in ray.nodes() if n["Alive"]}
         base = f"http://127.0.0.1:{port}"

@@ -1,5 +1,5 @@
-"""Two Ray nodes on this machine: expert workers land where their label selector says, the
-router (on the head) has no local copy and reaches them over the gRPC data plane."""
+"""Two Ray nodes on this machine: expert workers land where their label selectors say, the
+router uses copies on its own node first and reaches the other node over the gRPC data plane."""
 import json
 import os
 import subprocess
@@ -26,9 +26,10 @@ def test_workers_follow_label_selectors_across_nodes(checkpoint_factory):
     roles = out["node_roles"]
     assert sorted(roles.values()) == ["experts", "router"]
     dp = out["data_plane"]
-    assert [roles[n] for n in dp["worker_nodes"]] == ["experts", "experts"]  # the label selector held
-    assert dp["local_workers"] == []  # the router is on the head: every expert call crosses nodes, over gRPC
-    assert dp["calls"] > 0 and set(dp["calls_per_worker"]) == {"0", "1"}
+    assert [roles[n] for n in dp["worker_nodes"]] == ["router", "experts", "experts"]  # the selectors held
+    assert dp["local_workers"] == [0]  # the router's own node: its copies are used first
+    # experts with a copy on worker 0 are served there; the others cross to the experts node over gRPC
+    assert set(dp["calls_per_worker"]) == {"0", "1", "2"} and dp["failovers"] == 0
     local = LLMEngine.from_pretrained(model)
     expected = [o.token_ids for o in local.generate([[5, 17, 33], [100, 3]],
                                                     SamplingParams(max_tokens=8, temperature=0))]
