@@ -33,9 +33,10 @@ class ExpertAutoscaler:
     def set_policy(self, policy: AutoscalePolicy) -> None:
         self.policy = policy
         self.tracker.alpha = policy.ema_alpha
+        self.remote.token_split = policy.token_split
 
     async def run(self) -> None:
-        self.tracker.alpha = self.policy.ema_alpha
+        self.set_policy(self.policy)
         while True:
             await asyncio.sleep(self.policy.interval_s)
             if self.policy.enabled:

@@ -112,8 +112,10 @@ class RemoteExperts:
     """ExpertExecutor over gRPC. `resolve(worker, refresh)` returns a worker's data-plane address
     (refresh=True: look it up again, the worker may have been replaced).
 
-    An expert's rows are split evenly among its live copies, using only copies on
-    the router's own node (`local_workers`) when there are any. Every call has a
+    An expert's rows go to its live copies on the router's own node
+    (`local_workers`) when there are any, else to all its live copies: split evenly
+    among them (token_split "even"), or all to the copy whose worker has the fewest
+    rows so far in this layer ("least_loaded"). Every call has a
     deadline. A call that fails or times out is re-sent to another live copy of the
     same experts (expert compute is a pure function, so a retry is safe and no
     request has to fail); the worker is marked down and a background thread waits
@@ -124,8 +126,10 @@ class RemoteExperts:
 
     def __init__(self, placement: Placement, resolve: Callable[[int, bool], str],
                  local_workers: frozenset[int] = frozenset(), call_timeout_s: float = 10.0,
-                 heal: Callable[[int, list[tuple[int, int]]], None] | None = None, heal_timeout_s: float = 600.0):
+                 heal: Callable[[int, list[tuple[int, int]]], None] | None = None, heal_timeout_s: float = 600.0,
+                 token_split: str = "even"):
         self.resolve, self.local_workers, self.heal = resolve, local_workers, heal
+        self.token_split = token_split  # "even" or "least_loaded" (the policy's token_split)
         self.call_timeout_s, self.heal_timeout_s = call_timeout_s, heal_timeout_s
         self.timer = StepTimer()
         self.failovers = 0
@@ -208,15 +212,19 @@ class RemoteExperts:
     def _groups(self, copies, layer: int, counts: Sequence[int]) -> dict[int, list[tuple[int, int, int]]]:
         """worker -> [(expert_id, first row, rows)] for one layer."""
         groups: dict[int, list[tuple[int, int, int]]] = {}
+        rows: dict[int, int] = {}  # rows given to each worker so far in this layer
         down = set(self.down_workers())
         start = 0
         for expert_id, n in enumerate(counts):
             if n:
                 live = self._live(copies, layer, expert_id, down)
                 preferred = [w for w in live if w in self.local_workers] or live
+                if self.token_split == "least_loaded":  # all rows to one copy: fewer, larger calls
+                    preferred = [min(preferred, key=lambda w: rows.get(w, 0))]
                 for worker, (s, k) in zip(preferred, _split(start, n, len(preferred))):
                     if k:
                         groups.setdefault(worker, []).append((expert_id, s, k))
+                        rows[worker] = rows.get(worker, 0) + k
                 start += n
         return groups
 

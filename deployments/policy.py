@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -26,6 +27,9 @@ class AutoscalePolicy(BaseModel):
                                                                  "all layers together (None: no limit)")
     memory_budget_bytes: int | None = Field(None, ge=1, description="most expert weight bytes one worker may hold "
                                                                     "(fp32 copies; None: no limit)")
+    token_split: Literal["even", "least_loaded"] = Field(
+        "even", description="how an expert's rows are shared among its copies (router's own node first): split "
+                            "evenly, or all to the copy whose worker has the fewest rows so far in the layer")
     drain_s: float = Field(2.0, ge=0, description="wait after switching tables before old copies are retired")
 
     def layer_slots(self, num_layers: int, expert_bytes: int) -> int | None:

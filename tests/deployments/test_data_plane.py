@@ -45,12 +45,13 @@ def test_split_is_even_and_contiguous():
     assert _split(0, 1, 2) == [(0, 1), (1, 0)]
 
 
-def test_copies_share_rows_and_output_is_unchanged(checkpoint_factory, workers):
+@pytest.mark.parametrize("split", ["even", "least_loaded"])
+def test_copies_share_rows_and_output_is_unchanged(checkpoint_factory, workers, split):
     model = str(checkpoint_factory("mixtral"))
     _, _, cfg = open_model(model)
     both = Placement((tuple(cfg.expert_pairs()), tuple(cfg.expert_pairs())))  # every expert twice
     expected = [o.token_ids for o in LLMEngine.from_pretrained(model).generate(PROMPTS, PARAMS)]
-    engine, remote = _engine(model, both, workers(model, both.workers))
+    engine, remote = _engine(model, both, workers(model, both.workers), token_split=split)
     assert [o.token_ids for o in engine.generate(PROMPTS, PARAMS)] == expected
     assert remote.timer.snapshot()["calls"] > 0
 
@@ -153,3 +154,15 @@ def test_replaced_worker_is_healed_back_into_service(checkpoint_factory, workers
         assert remote.calls_per_worker[0] > before  # back in service
     finally:
         remote.close()
+
+
+@pytest.mark.parametrize("split,expected", [
+    ("even", {0: [(0, 0, 2), (1, 4, 1)], 1: [(0, 2, 2), (1, 5, 1)]}),
+    ("least_loaded", {0: [(0, 0, 4)], 1: [(1, 4, 2)]}),
+])
+def test_token_split_rules(split, expected):
+    both = Placement((((0, 0), (0, 1)), ((0, 0), (0, 1))))
+    remote = RemoteExperts(both, lambda w, refresh=False: "unused:0", token_split=split)
+    assert remote._groups(both.copies(), 0, [4, 2]) == expected
+    remote.local_workers = frozenset({1})  # a copy on the router's node wins either way
+    assert remote._groups(both.copies(), 0, [4, 2]) == {1: [(0, 0, 4), (1, 4, 2)]}
