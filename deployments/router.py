@@ -99,7 +99,7 @@ class Router:
         policy = self.cfg.policy()
         self.autoscaler = None
         if policy is not None and self.remote is not None:
-            _, _, model_cfg = open_model(self.cfg.model)
+            model_cfg = engine.cfg
             expert_bytes = 3 * model_cfg.hidden_size * model_cfg.expert_intermediate_size * 4  # fp32 gate/up/down
             self.autoscaler = ExpertAutoscaler(policy, engine.load, self.remote, self.workers, expert_bytes)
             self._autoscale_task = asyncio.get_running_loop().create_task(self.autoscaler.run())
