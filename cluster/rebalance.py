@@ -104,15 +104,22 @@ def _layer_items(loads: np.ndarray, copies: np.ndarray) -> list[tuple[float, int
 
 
 def _capacities(workers: list[Worker], copies: int) -> dict[int, int]:
-    share = math.ceil(copies / len(workers))  # even share: memory stays balanced too
+    limited = sum(w.layer_slots for w in workers if w.layer_slots is not None)
+    free = sum(w.layer_slots is None for w in workers)
+    share = math.ceil(max(copies - limited, 0) / free) if free else 0  # even share: memory stays balanced too
     return {i: share if w.layer_slots is None else w.layer_slots for i, w in enumerate(workers)}
+
+
+def _active(workers: list[Worker]) -> list[int]:
+    """Workers that may hold copies (a retired worker has layer_slots=0)."""
+    return [i for i, w in enumerate(workers) if w.layer_slots != 0]
 
 
 def _place_layer(loads, copies, workers: list[Worker], current: dict[int, list[int]], hierarchical: bool,
                  affinity: np.ndarray | None = None):
     items = _layer_items(loads, copies)
     capacity = _capacities(workers, len(items))
-    target = loads.sum() / len(workers) * 1.02
+    target = loads.sum() / len(_active(workers)) * 1.02
     if not hierarchical:
         return _pack(items, list(range(len(workers))), capacity, current, target, affinity)
     nodes = sorted({w.node for w in workers})
@@ -160,21 +167,23 @@ def plan(loads: np.ndarray, moe_layers: list[int], workers: list[Worker], extra_
         affinity = None if coactivation is None else coactivation[li] + coactivation[li].T
         assigned = _place_layer(loads[li], copies, workers, now, hierarchical, affinity)
         worker_load = np.zeros(len(workers))
+        active = _active(workers)
         for e, ws in assigned.items():
             moves += len(set(ws) - set(now.get(e, [])))
             for w in ws:
                 slots[w].append((layer, e))
                 worker_load[w] += loads[li][e] / copies[e]
-        if worker_load.mean() > 0:
-            worst = max(worst, float(worker_load.max() / worker_load.mean()))
+        if worker_load[active].mean() > 0:
+            worst = max(worst, float(worker_load[active].max() / worker_load[active].mean()))
     return Plan(Placement(tuple(tuple(sorted(s)) for s in slots)), moves, worst)
 
 
 def worker_imbalance(loads: np.ndarray, moe_layers: list[int], placement: Placement,
-                     num_workers: int) -> list[float]:
+                     num_workers: int, active: list[int] | None = None) -> list[float]:
     """Per layer: max/mean worker load for a placement, tokens split evenly among copies
-    (1.0 = perfect; 0.0 for a layer with no load yet)."""
+    (1.0 = perfect; 0.0 for a layer with no load yet), over the `active` workers (default all)."""
     copies = placement.copies()
+    active = list(range(num_workers)) if active is None else active
     out = []
     for li, layer in enumerate(moe_layers):
         worker_load = np.zeros(num_workers)
@@ -182,10 +191,28 @@ def worker_imbalance(loads: np.ndarray, moe_layers: list[int], placement: Placem
             ws = copies.get((layer, e), ())
             for w in ws:
                 worker_load[w] += loads[li][e] / len(ws)
-        out.append(float(worker_load.max() / worker_load.mean()) if worker_load.mean() > 0 else 0.0)
+        mine = worker_load[active]
+        out.append(float(mine.max() / mine.mean()) if mine.mean() > 0 else 0.0)
     return out
 
 
-def imbalance(loads: np.ndarray, moe_layers: list[int], placement: Placement, num_workers: int) -> float:
+def imbalance(loads: np.ndarray, moe_layers: list[int], placement: Placement, num_workers: int,
+              active: list[int] | None = None) -> float:
     """Worst layer's max/mean worker load for a placement, tokens split evenly among copies."""
-    return max(worker_imbalance(loads, moe_layers, placement, num_workers), default=0.0)
+    return max(worker_imbalance(loads, moe_layers, placement, num_workers, active), default=0.0)
+
+
+def hand_back(placement: Placement, worker: int, active: list[int]) -> Placement:
+    """`worker` leaves: its copies go away, and each slot it held the last copy of moves to
+    the active worker holding the fewest slots (so every expert keeps a copy)."""
+    copies = placement.copies()
+    slots = [list(s) for s in placement.workers]
+    others = [w for w in active if w != worker]
+    if not others:
+        raise ValueError("the last worker cannot leave")
+    for slot in placement.workers[worker]:
+        if copies[slot] == (worker,):
+            target = min(others, key=lambda w: len(slots[w]))
+            slots[target].append(slot)
+    slots[worker] = []
+    return Placement(tuple(tuple(sorted(s)) for s in slots))

@@ -12,7 +12,7 @@ from ray.serve import Application
 from cluster.loader import open_model
 from cluster.placement import round_robin
 from deployments.config import AppConfig, app_config
-from deployments.expert_worker import ExpertWorker
+from deployments.expert_worker import ExpertPoolWorker, ExpertWorker
 from deployments.router import Router
 
 
@@ -38,7 +38,24 @@ def build_app(cfg: AppConfig) -> Application:
                        .bind(cfg.model, slots, name, cfg.data_plane_host, cfg.worker.torch_threads,
                              "cuda" if cfg.worker.num_gpus > 0 else "cpu", cfg.worker.service_time_per_token_s))
     router = Router.options(ray_actor_options={"num_cpus": cfg.router_num_cpus, "num_gpus": cfg.router_num_gpus})
-    return router.bind(cfg.model_dump(), workers)
+    return router.bind(cfg.model_dump(), workers, _pool(cfg))
+
+
+def _pool(cfg: AppConfig):
+    """The autoscaled expert pool, when the policy asks for one (max_pool_workers > 0)."""
+    policy = cfg.policy()
+    if not cfg.num_workers or policy is None or policy.max_pool_workers == 0:
+        return None
+    autoscaling = {"min_replicas": policy.min_pool_workers, "max_replicas": policy.max_pool_workers,
+                   "initial_replicas": policy.min_pool_workers, "metrics_interval_s": 1.0,
+                   "look_back_period_s": 5.0, "upscale_delay_s": policy.pool_upscale_delay_s,
+                   "downscale_delay_s": policy.pool_downscale_delay_s,
+                   "policy": {"policy_function": "deployments.pool_policy:scale_on_busy"}}
+    return (ExpertPoolWorker.options(name="expert-pool", ray_actor_options=worker_actor_options(cfg),
+                                     autoscaling_config=autoscaling)
+            .bind(cfg.model, cfg.app_name, cfg.data_plane_host, cfg.worker.torch_threads,
+                  "cuda" if cfg.worker.num_gpus > 0 else "cpu", cfg.worker.service_time_per_token_s,
+                  policy.pool_target_busy))
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -68,7 +68,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     conf = load_serve_config(args.config)
     app_conf = conf["applications"][0]
-    overrides = {"model": args.model, "num_workers": args.num_workers, "api_key": args.api_key}
+    overrides = {"model": args.model, "num_workers": args.num_workers, "api_key": args.api_key,
+                 "app_name": app_conf.get("name", "moe")}
     cfg = app_config({**app_conf.get("args", {}), **{k: v for k, v in overrides.items() if v is not None}})
     http = {**conf.get("http_options", {}), "host": args.host, **({"port": args.http_port} if args.http_port else {})}
     grpc = {**conf.get("grpc_options", {}), **({"port": args.grpc_port} if args.grpc_port else {})}

@@ -33,6 +33,8 @@ class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field("models/demo", description="checkpoint directory (config.json + safetensors)")
+    app_name: str = Field("moe", description="the Serve application's name (expert-pool replicas find the router "
+                                             "by it); keep it equal to the name in the Serve config")
     served_model_name: str | None = Field(None, description="name clients pass as `model` (default: the directory name)")
     num_workers: int = Field(2, ge=0, description="expert workers; 0 keeps the experts in the router process")
     expert_copies: int = Field(1, ge=1, description="copies of every expert at start (on different workers); "

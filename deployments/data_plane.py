@@ -45,9 +45,12 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
     (benchmarks only): calls run one at a time and each takes at least that long per row,
     so a worker's time grows with its load even on a machine whose cores are all shared."""
 
-    def __init__(self, name: str, experts: LocalExperts, device: str, service_time_per_token_s: float = 0.0):
+    def __init__(self, name: str, experts: LocalExperts, device: str, service_time_per_token_s: float = 0.0,
+                 loader: Callable[[list[tuple[int, int]]], int] | None = None):
         self.name, self.experts, self.device = name, experts, device
         self.service_time_per_token_s = service_time_per_token_s
+        self.loader = loader  # (layer, expert_id) pairs -> weight bytes read
+        self.busy_s = 0.0  # time spent computing: the worker's load, for pool autoscaling
         self._device_lock = threading.Lock()
 
     def Forward(self, request, context):
@@ -57,14 +60,26 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"{self.name} holds no copy of layer {request.layer} expert(s) {missing}")
         rows = from_proto(request.hidden).to(self.device)
+        t0 = time.perf_counter()
         if self.service_time_per_token_s <= 0:
             out = self.experts.run_subset(request.layer, rows, list(request.expert_id), list(request.count))
-            return expert_pb2.ForwardReply(output=to_proto(out))
-        with self._device_lock:  # one call at a time, like one accelerator
-            t0 = time.perf_counter()
-            out = self.experts.run_subset(request.layer, rows, list(request.expert_id), list(request.count))
-            time.sleep(max(0.0, self.service_time_per_token_s * len(rows) - (time.perf_counter() - t0)))
+        else:
+            with self._device_lock:  # one call at a time, like one accelerator
+                t0 = time.perf_counter()
+                out = self.experts.run_subset(request.layer, rows, list(request.expert_id), list(request.count))
+                time.sleep(max(0.0, self.service_time_per_token_s * len(rows) - (time.perf_counter() - t0)))
+        self.busy_s += time.perf_counter() - t0
         return expert_pb2.ForwardReply(output=to_proto(out))
+
+    def Load(self, request, context):
+        if self.loader is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{self.name} cannot load experts")
+        slots = [s for s in zip(request.layer, request.expert_id) if not self.experts.holds(*s)]
+        return expert_pb2.SlotsReply(bytes_loaded=self.loader(slots) if slots else 0)
+
+    def Retire(self, request, context):
+        self.experts.remove(list(zip(request.layer, request.expert_id)))
+        return expert_pb2.SlotsReply()
 
     def Health(self, request, context):
         slots = [f"{layer}:{e}" for layer, e in self.experts.slots()]
@@ -137,6 +152,7 @@ class RemoteExperts:
         self.calls_per_worker: dict[int, int] = {}
         self._stubs: dict[int, tuple[str, expert_pb2_grpc.ExpertServiceStub]] = {}
         self._down: set[int] = set()
+        self._fixed: dict[int, str] = {}  # workers that joined at run time: their address never changes
         self._lock = threading.Lock()
         self._closed = threading.Event()
         # Blocking calls on long-lived threads: grpc's `.future()` starts a new thread per call
@@ -148,6 +164,34 @@ class RemoteExperts:
         """Atomically switch to a new table: `run` reads `_copies` once per call, so a layer's
         fan-out sees either the old table or the new one, never a mix."""
         self.placement, self._copies = placement, placement.copies()
+
+    # -- membership and copies ----------------------------------------------------------------
+    def add_worker(self, address: str, local: bool) -> int:
+        """A worker that joined at run time (an expert-pool replica): empty until handed copies."""
+        with self._lock:
+            worker = self.placement.num_workers
+            self._fixed[worker] = address
+            if local:
+                self.local_workers = self.local_workers | {worker}
+        self.swap_placement(Placement(self.placement.workers + ((),)))
+        return worker
+
+    def worker_at(self, address: str) -> int | None:
+        """The index of a worker that joined at run time, by its address."""
+        with self._lock:
+            return next((w for w, a in self._fixed.items() if a == address), None)
+
+    def load(self, worker: int, slots: list[tuple[int, int]]) -> int:
+        """Have a worker load copies (blocking; it keeps serving meanwhile); returns bytes read."""
+        req = expert_pb2.SlotsRequest(layer=[s[0] for s in slots], expert_id=[s[1] for s in slots])
+        return self._stub(worker).Load(req, timeout=600).bytes_loaded
+
+    def retire(self, worker: int, slots: list[tuple[int, int]]) -> None:
+        req = expert_pb2.SlotsRequest(layer=[s[0] for s in slots], expert_id=[s[1] for s in slots])
+        self._stub(worker).Retire(req, timeout=60)
+
+    def _address(self, worker: int, refresh: bool) -> str:
+        return self._fixed.get(worker) or self.resolve(worker, refresh)
 
     # -- health ------------------------------------------------------------------------------
     def down_workers(self) -> list[int]:
@@ -178,10 +222,11 @@ class RemoteExperts:
         deadline = time.monotonic() + self.heal_timeout_s
         while not self._closed.is_set() and time.monotonic() < deadline:
             try:
-                address = self.resolve(worker, True)
+                address = self._address(worker, True)
                 stub = expert_pb2_grpc.ExpertServiceStub(grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
                 stub.Health(expert_pb2.HealthRequest(), timeout=2)
-                if self.heal is not None:  # a replacement starts with its original slots: restore the table's
+                if self.heal is not None and worker not in self._fixed:  # a replacement starts with its
+                    # original slots: restore the table's
                     self.heal(worker, list(self.placement.workers[worker]))
                 with self._lock:
                     self._stubs[worker] = (address, stub)
@@ -196,7 +241,7 @@ class RemoteExperts:
         with self._lock:
             known = self._stubs.get(worker)
         if known is None:
-            address = self.resolve(worker, False)
+            address = self._address(worker, False)
             known = (address, expert_pb2_grpc.ExpertServiceStub(grpc.insecure_channel(address, options=CHANNEL_OPTIONS)))
             with self._lock:
                 self._stubs[worker] = known

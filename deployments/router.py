@@ -85,13 +85,13 @@ def build_engine(cfg: AppConfig, workers: list, addresses: list[str],
 @serve.deployment(max_ongoing_requests=1024, health_check_period_s=5)
 @serve.ingress(app)
 class Router:
-    async def __init__(self, config: dict, workers: list | None = None):
+    async def __init__(self, config: dict, workers: list | None = None, pool=None):
         self.cfg = app_config(config)
         self.workers = list(workers or [])
         addresses = [await h.get_address.remote() for h in self.workers]
-        node = ray.get_runtime_context().get_node_id()
+        self.node = ray.get_runtime_context().get_node_id()
         self.worker_nodes = [await h.get_node_id.remote() for h in self.workers]
-        local = frozenset(w for w, n in enumerate(self.worker_nodes) if n == node)
+        local = frozenset(w for w, n in enumerate(self.worker_nodes) if n == self.node)
         engine, self.remote = build_engine(self.cfg, self.workers, addresses, local)
         self.engine = AsyncEngine(engine)
         self.draining = False
@@ -101,7 +101,7 @@ class Router:
         if policy is not None and self.remote is not None:
             model_cfg = engine.cfg
             expert_bytes = 3 * model_cfg.hidden_size * model_cfg.expert_intermediate_size * 4  # fp32 gate/up/down
-            self.autoscaler = ExpertAutoscaler(policy, engine.load, self.remote, self.workers, expert_bytes)
+            self.autoscaler = ExpertAutoscaler(policy, engine.load, self.remote, expert_bytes)
             self._autoscale_task = asyncio.get_running_loop().create_task(self.autoscaler.run())
 
     # -- guards ------------------------------------------------------------------------------
@@ -143,7 +143,8 @@ class Router:
         load = self.engine.engine.load
         loads = np.array(load.snapshot()["ema_tokens_per_step"])
         placement = self.remote.placement
-        return worker_imbalance(loads, list(load.moe_layers), placement, placement.num_workers)
+        active = self.autoscaler.active() if self.autoscaler else None
+        return worker_imbalance(loads, list(load.moe_layers), placement, placement.num_workers, active)
 
     # -- lifecycle (called through the deployment handle by `moe-cluster serve` on SIGTERM) --
     def drain(self) -> int:
@@ -153,6 +154,27 @@ class Router:
 
     def in_flight(self) -> int:
         return self.engine.active
+
+    # -- the expert pool (ExpertPoolWorker replicas, scaled by Serve) -----------------------
+    async def register_worker(self, address: str, node_id: str) -> int:
+        """A pool replica joins, empty: the next rebalance hands it copies of the hottest experts."""
+        if self.remote is None or self.autoscaler is None:
+            raise RuntimeError("the expert pool needs expert workers and an autoscaling policy")
+        async with self.autoscaler.lock:  # not in the middle of a table change
+            known = self.remote.worker_at(address)
+            if known is not None:
+                return known
+            worker = self.remote.add_worker(address, node_id == self.node)
+            self.worker_nodes.append(node_id)
+            self.autoscaler.last_change = 0.0  # a new worker: no cooldown before using it
+        return worker
+
+    async def unregister_worker(self, address: str) -> int:
+        """A pool replica is stopping: it hands its copies back before it goes."""
+        worker = self.remote.worker_at(address)
+        if worker is None or self.autoscaler is None:
+            return 0
+        return await self.autoscaler.remove_worker(worker)
 
     @app.get("/v1/models")
     async def models(self, request: Request):
@@ -219,7 +241,9 @@ class Router:
                           "calls_per_worker": self.remote.calls_per_worker, "worker_nodes": self.worker_nodes,
                           "local_workers": sorted(self.remote.local_workers),
                           "worker_max_over_mean": [round(r, 3) for r in self._worker_imbalance()],
-                          "copies": sum(len(slots) for slots in self.remote.placement.workers)}
+                          "copies": sum(len(slots) for slots in self.remote.placement.workers),
+                          "copies_per_worker": [len(slots) for slots in self.remote.placement.workers],
+                          "retired_workers": sorted(self.autoscaler.retired) if self.autoscaler else []}
         return {**self.engine.stats(), "data_plane": data_plane}
 
     # -- HTTP: completions -------------------------------------------------------------------

@@ -30,7 +30,13 @@ def main() -> None:
     torch.set_num_threads(1)
     ckpt, family, cfg = open_model(args.model)
     experts = LocalExperts(load_experts(ckpt, family, cfg, slots))
-    server, port = start_server(ExpertServicer(args.name, experts, "cpu", args.service_time_per_token), "127.0.0.1")
+    def load(wanted):
+        before = ckpt.bytes_read
+        experts.add(load_experts(ckpt, family, cfg, wanted))
+        return ckpt.bytes_read - before
+
+    servicer = ExpertServicer(args.name, experts, "cpu", args.service_time_per_token, load)
+    server, port = start_server(servicer, "127.0.0.1")
     print(port, flush=True)
     threading.Event().wait()
 

@@ -44,6 +44,16 @@ class ExpertServiceStub:
                 request_serializer=protos_dot_expert__pb2.HealthRequest.SerializeToString,
                 response_deserializer=protos_dot_expert__pb2.HealthReply.FromString,
                 _registered_method=True)
+        self.Load = channel.unary_unary(
+                '/moe_cluster.expert.ExpertService/Load',
+                request_serializer=protos_dot_expert__pb2.SlotsRequest.SerializeToString,
+                response_deserializer=protos_dot_expert__pb2.SlotsReply.FromString,
+                _registered_method=True)
+        self.Retire = channel.unary_unary(
+                '/moe_cluster.expert.ExpertService/Retire',
+                request_serializer=protos_dot_expert__pb2.SlotsRequest.SerializeToString,
+                response_deserializer=protos_dot_expert__pb2.SlotsReply.FromString,
+                _registered_method=True)
 
 
 class ExpertServiceServicer:
@@ -61,6 +71,18 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Load(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Retire(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +95,16 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=protos_dot_expert__pb2.HealthRequest.FromString,
                     response_serializer=protos_dot_expert__pb2.HealthReply.SerializeToString,
+            ),
+            'Load': grpc.unary_unary_rpc_method_handler(
+                    servicer.Load,
+                    request_deserializer=protos_dot_expert__pb2.SlotsRequest.FromString,
+                    response_serializer=protos_dot_expert__pb2.SlotsReply.SerializeToString,
+            ),
+            'Retire': grpc.unary_unary_rpc_method_handler(
+                    servicer.Retire,
+                    request_deserializer=protos_dot_expert__pb2.SlotsRequest.FromString,
+                    response_serializer=protos_dot_expert__pb2.SlotsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +161,60 @@ class ExpertService:
             '/moe_cluster.expert.ExpertService/Health',
             protos_dot_expert__pb2.HealthRequest.SerializeToString,
             protos_dot_expert__pb2.HealthReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Load(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe_cluster.expert.ExpertService/Load',
+            protos_dot_expert__pb2.SlotsRequest.SerializeToString,
+            protos_dot_expert__pb2.SlotsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Retire(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe_cluster.expert.ExpertService/Retire',
+            protos_dot_expert__pb2.SlotsRequest.SerializeToString,
+            protos_dot_expert__pb2.SlotsReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cluster.placement import Placement, round_robin
-from cluster.rebalance import Worker, imbalance, plan, replicate
+from cluster.rebalance import Worker, hand_back, imbalance, plan, replicate
 
 
 @pytest.mark.parametrize("loads,extra,expected", [
@@ -109,3 +109,21 @@ def test_co_activation_co_locates_experts_chosen_together():
     assert sorted(plain.placement.workers) == [((0, 0), (0, 2)), ((0, 1), (0, 3))]
     assert sorted(paired.placement.workers) == [((0, 0), (0, 1)), ((0, 2), (0, 3))]
     assert paired.max_over_mean == plain.max_over_mean == 1.0  # balance is not given up for it
+
+
+def test_a_leaving_worker_hands_back_the_copies_only_it_held():
+    p = Placement((((0, 0), (0, 1)), ((0, 1), (0, 2)), ((0, 0), (0, 3), (0, 4))))
+    new = hand_back(p, 2, [0, 1, 2])
+    assert new.workers[2] == ()
+    assert set(new.copies()) == set(p.copies())  # every expert still has a copy
+    assert sorted(new.workers[0] + new.workers[1]) == sorted(p.workers[0] + p.workers[1] + ((0, 3), (0, 4)))
+    assert abs(len(new.workers[0]) - len(new.workers[1])) <= 1  # to the workers holding the fewest
+    with pytest.raises(ValueError, match="last worker"):
+        hand_back(Placement((((0, 0),),)), 0, [0])
+
+
+def test_retired_workers_get_nothing_and_do_not_count():
+    loads = np.array([[8.0, 4, 2, 2]])
+    workers = [Worker(), Worker(), Worker(layer_slots=0)]
+    p = plan(loads, [0], workers, 2)
+    assert p.placement.workers[2] == () and p.max_over_mean < 1.2

@@ -28,3 +28,8 @@ def test_slot_and_memory_limits_become_copies_per_layer():
     assert AutoscalePolicy(slots_per_worker=20).layer_slots(4, 1000) == 5
     assert AutoscalePolicy(memory_budget_bytes=12_000).layer_slots(4, 1000) == 3  # 12 copies fit, 3 per layer
     assert AutoscalePolicy(slots_per_worker=20, memory_budget_bytes=12_000).layer_slots(4, 1000) == 3
+
+
+def test_pool_bounds_are_checked():
+    with pytest.raises(ValueError, match=r"min_pool_workers \(3\) must not exceed max_pool_workers \(1\)"):
+        AutoscalePolicy(min_pool_workers=3, max_pool_workers=1)
