@@ -108,6 +108,7 @@ class ExpertAutoscaler:
             self.retired.add(worker)
             self.remote.swap_placement(new)
             await asyncio.sleep(self.policy.drain_s)
-        self.history.append({"time": time.time(), "worker_left": worker, "copies_handed_back": sum(map(len, moved.values()))})
-        log.info("expert pool worker %d left; %d copies handed back", worker, sum(map(len, moved.values())))
-        return sum(map(len, moved.values()))
+        handed_back = sum(map(len, moved.values()))
+        self.history.append({"time": time.time(), "worker_left": worker, "copies_handed_back": handed_back})
+        log.info("expert pool worker %d left; %d copies handed back", worker, handed_back)
+        return handed_back

@@ -123,6 +123,10 @@ def _split(start: int, n: int, parts: int) -> list[tuple[int, int]]:
     return list(zip(offsets, sizes))
 
 
+def _slots_request(slots: list[tuple[int, int]]) -> expert_pb2.SlotsRequest:
+    return expert_pb2.SlotsRequest(layer=[s[0] for s in slots], expert_id=[s[1] for s in slots])
+
+
 class RemoteExperts:
     """ExpertExecutor over gRPC. `resolve(worker, refresh)` returns a worker's data-plane address
     (refresh=True: look it up again, the worker may have been replaced).
@@ -134,16 +138,15 @@ class RemoteExperts:
     deadline. A call that fails or times out is re-sent to another live copy of the
     same experts (expert compute is a pure function, so a retry is safe and no
     request has to fail); the worker is marked down and a background thread waits
-    for it (or Serve's replacement) to answer a health check, lets `heal` restore its
-    slots, and puts it back. With no live copy, `run` raises ExpertUnavailable at
+    for it (or Serve's replacement) to answer a health check, has it load the
+    table's slots (a replacement starts with its original ones), and puts it back. With no live copy, `run` raises ExpertUnavailable at
     once: a clear error, never a hang.
     """
 
     def __init__(self, placement: Placement, resolve: Callable[[int, bool], str],
                  local_workers: frozenset[int] = frozenset(), call_timeout_s: float = 10.0,
-                 heal: Callable[[int, list[tuple[int, int]]], None] | None = None, heal_timeout_s: float = 600.0,
-                 token_split: str = "even"):
-        self.resolve, self.local_workers, self.heal = resolve, local_workers, heal
+                 heal_timeout_s: float = 600.0, token_split: str = "even"):
+        self.resolve, self.local_workers = resolve, local_workers
         self.token_split = token_split  # "even" or "least_loaded" (the policy's token_split)
         self.call_timeout_s, self.heal_timeout_s = call_timeout_s, heal_timeout_s
         self.timer = StepTimer()
@@ -181,14 +184,12 @@ class RemoteExperts:
         with self._lock:
             return next((w for w, a in self._fixed.items() if a == address), None)
 
-    def load(self, worker: int, slots: list[tuple[int, int]]) -> int:
+    def load(self, worker: int, slots: list[tuple[int, int]], stub=None) -> int:
         """Have a worker load copies (blocking; it keeps serving meanwhile); returns bytes read."""
-        req = expert_pb2.SlotsRequest(layer=[s[0] for s in slots], expert_id=[s[1] for s in slots])
-        return self._stub(worker).Load(req, timeout=600).bytes_loaded
+        return (stub or self._stub(worker)).Load(_slots_request(slots), timeout=600).bytes_loaded
 
     def retire(self, worker: int, slots: list[tuple[int, int]]) -> None:
-        req = expert_pb2.SlotsRequest(layer=[s[0] for s in slots], expert_id=[s[1] for s in slots])
-        self._stub(worker).Retire(req, timeout=60)
+        self._stub(worker).Retire(_slots_request(slots), timeout=60)
 
     def _address(self, worker: int, refresh: bool) -> str:
         return self._fixed.get(worker) or self.resolve(worker, refresh)
@@ -225,9 +226,7 @@ class RemoteExperts:
                 address = self._address(worker, True)
                 stub = expert_pb2_grpc.ExpertServiceStub(grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
                 stub.Health(expert_pb2.HealthRequest(), timeout=2)
-                if self.heal is not None and worker not in self._fixed:  # a replacement starts with its
-                    # original slots: restore the table's
-                    self.heal(worker, list(self.placement.workers[worker]))
+                self.load(worker, list(self.placement.workers[worker]), stub)  # loads only what it lacks
                 with self._lock:
                     self._stubs[worker] = (address, stub)
                     self._down.discard(worker)

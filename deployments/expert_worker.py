@@ -36,11 +36,11 @@ class _ExpertHost:
         log.info("%s: %d expert slots on %s, data plane at %s", name, len(slots), self.device, self.address)
 
     def _load(self, slots: list[tuple[int, int]]) -> int:
-        """Partial loading of more copies while the data plane keeps serving; returns bytes read."""
-        wanted = [tuple(s) for s in slots if not self.experts.holds(*s)]
+        """Partial loading of more copies (the data plane's Load, on its own thread, while it keeps
+        serving); returns bytes read."""
         before = self.ckpt.bytes_read
-        self.experts.add(load_experts(self.ckpt, self.family, self.cfg, wanted, device=self.device))
-        log.info("%s: loaded %d expert copies", self.name, len(wanted))
+        self.experts.add(load_experts(self.ckpt, self.family, self.cfg, slots, device=self.device))
+        log.info("%s: loaded %d expert copies", self.name, len(slots))
         return self.ckpt.bytes_read - before
 
     def get_address(self) -> str:
@@ -49,16 +49,6 @@ class _ExpertHost:
     def get_node_id(self) -> str:
         """The Ray node this replica runs on: the router prefers copies on its own node."""
         return ray.get_runtime_context().get_node_id()
-
-    def held_slots(self) -> list[list[int]]:
-        return [list(s) for s in self.experts.slots()]
-
-    async def load_slots(self, slots: list[list[int]]) -> int:
-        return await asyncio.to_thread(self._load, [tuple(s) for s in slots])
-
-    def retire_slots(self, slots: list[list[int]]) -> None:
-        self.experts.remove([tuple(s) for s in slots])
-        log.info("%s: retired %d expert copies", self.name, len(slots))
 
     def check_health(self) -> None:
         # The data-plane server runs on its own threads; a replica that lost it is unhealthy.

@@ -70,12 +70,8 @@ def build_engine(cfg: AppConfig, workers: list, addresses: list[str],
                 cache[worker] = workers[worker].get_address.remote().result(timeout_s=60)
             return cache[worker]
 
-        def heal(worker: int, slots: list) -> None:
-            # Serve's replacement replica starts with its original slots; load the table's.
-            workers[worker].load_slots.remote([list(s) for s in slots]).result(timeout_s=300)
-
         placement = round_robin(model_cfg.expert_pairs(), len(workers), cfg.expert_copies)
-        remote = RemoteExperts(placement, resolve, local_workers, call_timeout_s=cfg.expert_call_timeout_s, heal=heal)
+        remote = RemoteExperts(placement, resolve, local_workers, call_timeout_s=cfg.expert_call_timeout_s)
     engine = LLMEngine.from_pretrained(cfg.model, device=cfg.router_device, experts=remote,
                                        max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
                                        max_num_batched_tokens=cfg.max_num_batched_tokens)

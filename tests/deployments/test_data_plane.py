@@ -136,22 +136,25 @@ def test_replaced_worker_is_healed_back_into_service(checkpoint_factory, workers
     model = str(checkpoint_factory("mixtral"))
     _, _, cfg = open_model(model)
     both = Placement((tuple(cfg.expert_pairs()), tuple(cfg.expert_pairs())))
-    procs, ports, healed = workers(model, both.workers), [], []
-    engine, remote = _engine(model, both, procs, ports, heal=lambda w, slots: healed.append((w, len(slots))))
+    expected = [o.token_ids for o in LLMEngine.from_pretrained(model).generate(PROMPTS, PARAMS)]
+    procs, ports = workers(model, both.workers), []
+    engine, remote = _engine(model, both, procs, ports)
     try:
         engine.generate(PROMPTS[:1], PARAMS)
         procs[0].kill()
         procs[0].wait()
         engine.generate(PROMPTS[:1], PARAMS)  # served by worker 1 alone
         assert remote.down_workers() == [0] and remote.uncovered() == []
-        ports[0] = int(workers(model, both.workers[:1])[0].stdout.readline())  # "Serve's replacement"
+        # "Serve's replacement", started empty: healing must load the table's slots onto it
+        ports[0] = int(workers(model, [[]])[0].stdout.readline())
         deadline = time.monotonic() + 60
         while remote.down_workers() and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert remote.down_workers() == [] and healed == [(0, len(both.workers[0]))]
-        before = remote.calls_per_worker.get(0, 0)
-        engine.generate(PROMPTS, PARAMS)
+        assert remote.down_workers() == []
+        before, failovers = remote.calls_per_worker.get(0, 0), remote.failovers
+        assert [o.token_ids for o in engine.generate(PROMPTS, PARAMS)] == expected
         assert remote.calls_per_worker[0] > before  # back in service
+        assert remote.failovers == failovers  # and it held every slot it was sent rows for
     finally:
         remote.close()
 
