@@ -27,9 +27,11 @@ class MoETransformer:
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, max_len, device)
 
     @torch.inference_mode()
-    def forward(self, batch: Batch, cache: KVCache) -> tuple[Tensor, list[Routing]]:
-        """Run the batch's new tokens; return logits of each chunk's last token [B, V] and the routing."""
+    def forward(self, batch: Batch, cache: KVCache, rows: Tensor | None = None) -> tuple[Tensor, list[Routing]]:
+        """Run the batch's new tokens; return the logits of `rows` (default: each chunk's last token,
+        [B, V]) and the routing."""
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
+        self.experts.begin_step()
         x = self.weights.embed[batch.token_ids]  # [T, D]
         routing, rope = [], self.rotary.at(batch.positions)
         attend = mla_attention if cfg.attention == "mla" else attention
@@ -42,5 +44,5 @@ class MoETransformer:
             out, r = moe_block(h, w, layer, cfg.gating, self.experts)
             x = x + out
             routing.append(r)
-        last = rms_norm(x[batch.last_rows], self.weights.final_norm, eps)  # [B, D]
+        last = rms_norm(x[batch.last_rows if rows is None else rows], self.weights.final_norm, eps)  # [B, D]
         return F.linear(last, self.weights.lm_head).float(), routing  # [B, V]
