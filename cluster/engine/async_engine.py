@@ -21,7 +21,7 @@ import uuid
 from typing import AsyncIterator, Callable
 
 from cluster.engine.engine import LLMEngine, StepOutput
-from cluster.engine.params import InvalidRequest, SamplingParams
+from cluster.engine.params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -165,13 +165,12 @@ class AsyncEngine:
 
 
 def _unpack(items: list) -> tuple[list[StepOutput], bool]:
-    """Outputs up to a failure (raised: the request's error) or the final one."""
+    """Outputs up to a failure (raised as it is: the request's own error, the step's error such as
+    an expert without a live copy, or EngineDeadError when the loop died) or the final one."""
     batch = []
     for item in items:
-        if isinstance(item, (SequenceFailed, InvalidRequest)):
-            raise item
         if isinstance(item, BaseException):
-            raise EngineDeadError(str(item)) from item
+            raise item
         batch.append(item)
         if item.finish_reason:
             return batch, True
