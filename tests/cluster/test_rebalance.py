@@ -92,10 +92,13 @@ def test_round_robin_copies_land_on_different_workers():
 def test_slot_capacity_and_memory_budget_are_respected():
     loads = np.array([[40.0, 10, 5, 5, 5, 5, 5, 5]])
     workers = [Worker(layer_slots=2), Worker(layer_slots=2), Worker(layer_slots=4), Worker(layer_slots=4)]
-    p = plan(loads, [0], workers, extra_per_layer=8)  # room for 12 copies: 8 experts + 4 extra, not 8
-    assert [len(slots) for slots in p.placement.workers][:2] == [2, 2]
+    p = plan(loads, [0], workers, extra_per_layer=8)  # room for 12 copies: 8 experts + at most 4 extra
     assert all(len(s) <= w.layer_slots for s, w in zip(p.placement.workers, workers))
-    assert sum(map(len, p.placement.workers)) == 12
+    assert p.max_over_mean == pytest.approx(1.0)  # one extra copy of expert 0 is enough: 20 per worker
+    assert sum(map(len, p.placement.workers)) == 9  # the 3 more that fit would not lower max/mean
+    hot = plan(np.array([[70.0, 2, 2, 2, 2, 2, 2, 2]]), [0], workers, extra_per_layer=8)
+    assert len(hot.placement.copies()[(0, 0)]) == 4  # one per worker: the most that fit
+    assert all(len(s) <= w.layer_slots for s, w in zip(hot.placement.workers, workers))
     with pytest.raises(ValueError, match="at most 6 expert copies per layer .* each layer has 8 experts"):
         plan(loads, [0], [Worker(layer_slots=3)] * 2, extra_per_layer=0)
 
