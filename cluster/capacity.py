@@ -70,16 +70,26 @@ class LayerRoom:
         self.limited = self.room < UNLIMITED  # [W]
         self.active = [w for w in range(len(workers)) if self.room[w] > 0 and self.per_layer[w] > 0]
         _check(limits, self.room, self.limited, num_layers, num_experts, self.active)
-        self.base = self._even(num_layers) if held is None or not self._holds(held, num_experts) else \
+        self.base = self._even(num_layers, num_experts) if held is None or not self._holds(held, num_experts) else \
             np.where(self.limited[:, None], held, 0)  # [W, L] copies kept for each layer
         self.left = self.room.copy()  # [W] room not yet used by planned layers
         self.pending = self.base.sum(axis=1)  # [W] room kept for the layers not planned yet
 
-    def _even(self, num_layers: int) -> np.ndarray:
+    def _even(self, num_layers: int, num_experts: int) -> np.ndarray:
+        """[W, L] the copies every layer must have (one per expert), spread over the limited workers
+        in proportion to their room and evenly over the layers; none when some worker has no limit."""
         base = np.zeros((len(self.room), num_layers), dtype=np.int64)
+        limited = [w for w in self.active if self.limited[w]]
+        if len(limited) < len(self.active):
+            return base
+        room = np.minimum(self.room[limited], self.per_layer[limited] * num_layers)
+        need = num_layers * num_experts
+        share = room * need // room.sum()
+        for i in np.argsort(share - room, kind="stable")[: need - int(share.sum())]:
+            share[i] += 1  # the rest, one each, to the workers with the most room left
         filled = np.zeros(num_layers, dtype=np.int64)
-        for w in np.flatnonzero(self.limited):
-            base[w] = _spread(int(self.room[w]), int(self.per_layer[w]), filled)
+        for w, total in zip(limited, share):
+            base[w] = _spread(int(total), int(self.per_layer[w]), filled)
             filled += base[w]
         return base
 

@@ -15,7 +15,7 @@ exists at all (`fits`), the packer finds one.
 from __future__ import annotations
 
 import heapq
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Sequence
 
 import numpy as np
@@ -58,7 +58,7 @@ def fits(copies: np.ndarray, caps: np.ndarray) -> bool:
 def items(copies: np.ndarray, per_copy: np.ndarray) -> list[int]:
     """Copies as a list of expert ids, heaviest copy first (copies of one expert together)."""
     order = np.lexsort((np.arange(len(copies)), -per_copy))
-    return [int(e) for e in order for _ in range(int(copies[e]))]
+    return np.repeat(order, copies[order]).tolist()
 
 
 class Packing:
@@ -71,25 +71,27 @@ class Packing:
 
     def __init__(self, cap: Sequence[int], per_copy: np.ndarray, limit: Sequence[int] | None = None,
                  scale: Sequence[float] | None = None):
-        self.cap, self.per_copy = [int(c) for c in cap], per_copy
+        self.cap, self.per_copy = [int(c) for c in cap], [float(x) for x in per_copy]
         self.limit = [1] * len(self.cap) if limit is None else [int(x) for x in limit]
         self.scale = [1.0] * len(self.cap) if scale is None else [float(s) for s in scale]
+        self.inv = [1.0 / s for s in self.scale]
         self.load = [0.0] * len(self.cap)
         self.count = [0] * len(self.cap)
-        self.held: list[Counter] = [Counter() for _ in self.cap]
+        self.held: list[dict[int, int]] = [{} for _ in self.cap]
         self.where: dict[int, list[int]] = {}
 
     def _open(self, b: int, e: int) -> bool:
-        return self.count[b] < self.cap[b] and self.held[b][e] < self.limit[b]
+        return self.count[b] < self.cap[b] and self.held[b].get(e, 0) < self.limit[b]
 
     def _put(self, e: int, b: int) -> None:
-        self.load[b] += float(self.per_copy[e])
-        self.held[b][e] += 1
+        self.load[b] += self.per_copy[e]
+        held = self.held[b]
+        held[e] = held.get(e, 0) + 1
         self.count[b] += 1
         self.where.setdefault(e, []).append(b)
 
     def _take(self, e: int, b: int) -> None:
-        self.load[b] -= float(self.per_copy[e])
+        self.load[b] -= self.per_copy[e]
         self.held[b][e] -= 1
         self.count[b] -= 1
         if not self.held[b][e]:
@@ -102,7 +104,7 @@ class Packing:
         `sticky[e]`: bins that hold e now; `affinity [E, E]`: how often two experts are
         chosen together; `target`: most load (per unit of scale) a preferred bin may reach.
         Returns the copies that found no place (empty whenever a placement exists)."""
-        heap = [(self.load[b] / self.scale[b], b) for b in bins if self.cap[b] > 0]
+        heap = [(self.load[b] * self.inv[b], b) for b in bins if self.cap[b] > 0]
         heapq.heapify(heap)
         left: list[int] = []
         allowed, sticky = set(bins), sticky or {}
@@ -118,11 +120,11 @@ class Packing:
                 left.append(e)
                 continue
             self._put(e, b)
-            heapq.heappush(heap, (self.load[b] / self.scale[b], b))
+            heapq.heappush(heap, (self.load[b] * self.inv[b], b))
         return left
 
     def _under(self, b: int, e: int, target: float) -> bool:
-        return self._open(b, e) and self.load[b] + float(self.per_copy[e]) <= target * self.scale[b]
+        return self._open(b, e) and self.load[b] + self.per_copy[e] <= target * self.scale[b]
 
     def _preferred(self, e: int, allowed: set[int], sticky: dict[int, Sequence[int]], target: float,
                    affinity: np.ndarray | None) -> int | None:
@@ -138,11 +140,12 @@ class Packing:
         """The least-loaded bin with room that may take another copy of e. Full bins leave the
         heap for good (a bin's count never drops during `place`)."""
         skipped, choice = [], None
+        load, inv, count, cap = self.load, self.inv, self.count, self.cap
         while heap:
             key, b = heapq.heappop(heap)
-            if key != self.load[b] / self.scale[b] or self.count[b] >= self.cap[b]:
+            if key != load[b] * inv[b] or count[b] >= cap[b]:
                 continue  # stale entry or full bin
-            if self.held[b][e] < self.limit[b]:
+            if e not in self.held[b] or self.held[b][e] < self.limit[b]:
                 choice = b
                 break
             skipped.append((key, b))
@@ -154,7 +157,7 @@ class Packing:
         """Every bin with room is at its limit for e: find bins b0 → b1 → … → bk where b0 may take e,
         each b(i) hands a copy of some expert to b(i+1), and bk has room; shift those copies along
         and return b0, which now has room for e. None when no such chain exists."""
-        roots = [b for b in bins if self.cap[b] > 0 and self.held[b][e] < self.limit[b]]
+        roots = [b for b in bins if self.cap[b] > 0 and self.held[b].get(e, 0) < self.limit[b]]
         parent: dict[int, tuple[int, int] | None] = {b: None for b in roots}
         queue = deque(roots)
         while queue:
@@ -163,7 +166,7 @@ class Packing:
                 return self._shift(b, parent, heap)
             for x in list(self.held[b]):
                 for nxt in bins:
-                    if nxt not in parent and self.cap[nxt] > 0 and self.held[nxt][x] < self.limit[nxt]:
+                    if nxt not in parent and self.cap[nxt] > 0 and self.held[nxt].get(x, 0) < self.limit[nxt]:
                         parent[nxt] = (b, x)
                         queue.append(nxt)
         return None
@@ -177,5 +180,5 @@ class Packing:
             b = prev
             path.append(b)
         for p in path:
-            heapq.heappush(heap, (self.load[p] / self.scale[p], p))
+            heapq.heappush(heap, (self.load[p] * self.inv[p], p))
         return b

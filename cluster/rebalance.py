@@ -28,6 +28,7 @@ __all__ = ["Plan", "Worker", "hand_back", "imbalance", "plan", "replicate", "wor
 
 TARGET_SLACK = 1.02  # a copy stays on / joins a preferred worker while it stays under mean × this
 EXTRA_GAIN = 1e-3  # extra copies are kept only when they lower a layer's max/mean by more than this
+SEARCH_STEPS = 4  # packings tried per layer besides the one with every extra copy that fits
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def _pack(layer: _Layer, copies: np.ndarray, caps: np.ndarray) -> dict[int, list
             for n in by_node.where.get(e, ()):
                 per_node[n].append(e)
         for mine, m in zip(per_node, members):
-            node_target = sum(per_copy[e] for e in mine) / max(len(m), 1) * TARGET_SLACK
+            node_target = float(per_copy[mine].sum()) / max(len(m), 1) * TARGET_SLACK
             todo += pk.place(mine, m, layer.sticky, node_target, layer.affinity)
         todo = sorted(todo, key=lambda e: (-per_copy[e], e))
     left = pk.place(todo, layer.active, layer.sticky, target, None if layer.hierarchical else layer.affinity)
@@ -106,26 +107,30 @@ def _pack(layer: _Layer, copies: np.ndarray, caps: np.ndarray) -> dict[int, list
 
 
 def _plan_layer(layer: _Layer, room: LayerRoom, index: int, extra: int, max_copies: int) -> dict[int, list[int]]:
-    """One layer's copies and their workers: the fewest extra copies (greedy order) whose packing
-    is within EXTRA_GAIN of what all the extra copies that fit would give. The count does not
-    depend on where copies are now (replanning the same loads keeps the same copies)."""
+    """One layer's copies and their workers. Extra copies are added in greedy order; of the counts
+    tried (all that fit, the fewest the load bound allows, then a few bisection steps between),
+    the fewest whose packing is within EXTRA_GAIN of the best one win. The count does not depend
+    on where copies are now, so replanning the same loads keeps the same copies."""
     n_exp, free = len(layer.loads), replace(layer, sticky={})
     order = copy_order(layer.loads, extra, min(max_copies, int((room.caps(index) > 0).sum())))
     counts = lambda m: copy_counts(n_exp, order, m)  # noqa: E731
     feasible = lambda m: fits(counts(m), room.caps(index, n_exp + m))  # noqa: E731
     hi = next(m for m in range(len(order), -1, -1) if feasible(m))
-    best = _pack(free, counts(hi), room.caps(index, n_exp + hi))
-    goal = free.ratio(best) + EXTRA_GAIN
-    lo = _first(0, hi, lambda m: free.bound(counts(m)) <= goal)  # fewer extras cannot reach the goal
-    probe = lo  # the bound is usually tight (one hot expert): try it first, then bisect
-    while lo < hi:
-        where = _pack(free, counts(probe), room.caps(index, n_exp + probe)) if feasible(probe) else None
-        if where is not None and free.ratio(where) <= goal:
-            hi, best = probe, where
-        else:
-            lo = probe + 1
+    tried = {hi: _pack(free, counts(hi), room.caps(index, n_exp + hi))}
+    ratio = {hi: free.ratio(tried[hi])}
+    lo = _first(0, hi, lambda m: free.bound(counts(m)) <= ratio[hi] + EXTRA_GAIN)  # fewer cannot do as well
+    probe = lo  # the bound is often tight (a few hot experts): try it first, then bisect
+    for _ in range(SEARCH_STEPS):
+        if lo >= hi:
+            break
+        if feasible(probe):
+            tried[probe] = _pack(free, counts(probe), room.caps(index, n_exp + probe))
+            ratio[probe] = free.ratio(tried[probe])
+        good = probe in ratio and ratio[probe] <= min(ratio.values()) + EXTRA_GAIN
+        lo, hi = (lo, probe) if good else (probe + 1, hi)
         probe = (lo + hi) // 2
-    return _pack(layer, counts(hi), room.caps(index, n_exp + hi)) if layer.sticky else best
+    m = min(m for m in ratio if ratio[m] <= min(ratio.values()) + EXTRA_GAIN)
+    return _pack(layer, counts(m), room.caps(index, n_exp + m)) if layer.sticky else tried[m]
 
 
 def _first(lo: int, hi: int, ok) -> int:
@@ -144,10 +149,7 @@ def _by_layer(current: Placement | None) -> dict[int, dict[int, list[int]]]:
 
 
 def _counts(where: dict[int, list[int]], num_workers: int) -> np.ndarray:
-    counts = np.zeros(num_workers, dtype=np.int64)
-    for ws in where.values():
-        np.add.at(counts, ws, 1)
-    return counts
+    return np.bincount([w for ws in where.values() for w in ws], minlength=num_workers).astype(np.int64)
 
 
 def _keeps(layer: _Layer, now: dict[int, list[int]], new: dict[int, list[int]], caps: np.ndarray,
