@@ -87,17 +87,20 @@ def test_profile_round_trip(tmp_path):
     assert json.loads(path.read_text())["format"] == "moe-cluster/load-profile"
 
 
+HEAD = '{"format": "moe-cluster/load-profile", "version": 1, '
+
+
 @pytest.mark.parametrize("body,error", [
     ("{not json", "cannot read load profile"),
     ('{"format": "other"}', "not a load profile"),
     ('{"format": "moe-cluster/load-profile", "version": 2}', "version 2 is not supported"),
-    ('{"format": "moe-cluster/load-profile", "version": 1, "layers": [0]}', "lacks loads"),
-    ('{"format": "moe-cluster/load-profile", "version": 1, "layers": [0, 1], "loads": [[1, 2], [3]]}', "differ"),
-    ('{"format": "moe-cluster/load-profile", "version": 1, "layers": [0], "loads": [[1, -2]]}', "≥ 0"),
-    ('{"format": "moe-cluster/load-profile", "version": 1, "layers": [0], "loads": [[1, NaN]]}', "finite"),
-    ('{"format": "moe-cluster/load-profile", "version": 1, "layers": [0, 1], "loads": [[1, 2]]}', "1 rows"),
-    ('{"format": "moe-cluster/load-profile", "version": 1, "layers": [2, 2], "loads": [[1], [2]]}', "repeat"),
-    ('{"format": "moe-cluster/load-profile", "version": 1, "layers": [0], "loads": [[1]], "meta": 3}', "meta"),
+    (HEAD + '"layers": [0]}', "lacks loads"),
+    (HEAD + '"layers": [0, 1], "loads": [[1, 2], [3]]}', "differ"),
+    (HEAD + '"layers": [0], "loads": [[1, -2]]}', "≥ 0"),
+    (HEAD + '"layers": [0], "loads": [[1, NaN]]}', "finite"),
+    (HEAD + '"layers": [0, 1], "loads": [[1, 2]]}', "1 rows"),
+    (HEAD + '"layers": [2, 2], "loads": [[1], [2]]}', "repeat"),
+    (HEAD + '"layers": [0], "loads": [[1]], "meta": 3}', "meta"),
 ])
 def test_bad_profiles_are_refused_naming_the_file_and_the_problem(tmp_path, body, error):
     path = tmp_path / "bad.json"
