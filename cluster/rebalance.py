@@ -141,10 +141,13 @@ def _first(lo: int, hi: int, ok) -> int:
     return hi
 
 
-def _by_layer(current: Placement | None) -> dict[int, dict[int, list[int]]]:
+def _by_layer(current: Placement | None, num_workers: int | None = None) -> dict[int, dict[int, list[int]]]:
+    """layer → expert → workers holding a copy (only workers < num_workers, when given)."""
     out: dict[int, dict[int, list[int]]] = {}
     for (layer, e), ws in (current.copies() if current else {}).items():
-        out.setdefault(layer, {})[e] = list(ws)
+        ws = [w for w in ws if num_workers is None or w < num_workers]
+        if ws:
+            out.setdefault(layer, {})[e] = ws
     return out
 
 
@@ -185,14 +188,15 @@ def plan(loads: np.ndarray, moe_layers: list[int], workers: list[Worker], extra_
     """
     loads = np.asarray(loads, dtype=float)
     old, nodes = _by_layer(current), tuple(w.node for w in workers)
-    held = np.stack([_counts(old.get(layer, {}), len(workers)) for layer in moe_layers], axis=1)  # [W, L]
+    known = _by_layer(current, len(workers))  # copies on workers that still exist
+    held = np.stack([_counts(known.get(layer, {}), len(workers)) for layer in moe_layers], axis=1)  # [W, L]
     room = LayerRoom(workers, num_layers=loads.shape[0], num_experts=loads.shape[1], expert_bytes=expert_bytes,
                      held=held)
     max_copies = min(max_copies or len(workers), len(room.active))
     chosen: dict[int, dict[int, list[int]]] = {}
     need = loads.max(axis=1) / np.maximum(loads.sum(axis=1), 1e-300)  # skewed layers pick room first
     for li in np.argsort(-need, kind="stable"):
-        now = old.get(moe_layers[li], {})
+        now = known.get(moe_layers[li], {})
         affinity = None if coactivation is None else coactivation[li] + coactivation[li].T
         layer = _Layer(loads[li], room.active, nodes, now, hierarchical, affinity)
         where = _plan_layer(layer, room, li, extra_per_layer, max_copies)

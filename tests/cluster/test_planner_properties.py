@@ -33,7 +33,8 @@ def cases(draw):
                   max_copies=draw(st.none() | st.integers(1, 5)), coactivation=coactivation, expert_bytes=expert_bytes)
     if draw(st.booleans()):
         slots = [(layer, e) for layer in range(n_layers) for e in range(n_exp)]
-        kwargs["current"] = round_robin(slots, n_workers, draw(st.integers(1, n_workers)))
+        held_by = n_workers + draw(st.integers(0, 1))  # a worker beyond the list: it left
+        kwargs["current"] = round_robin(slots, held_by, draw(st.integers(1, held_by)))
     return loads, workers, kwargs
 
 
