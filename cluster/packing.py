@@ -108,10 +108,17 @@ class Packing:
         heapq.heapify(heap)
         left: list[int] = []
         allowed, sticky = set(bins), sticky or {}
+        load, inv, count, cap, held, limit = self.load, self.inv, self.count, self.cap, self.held, self.limit
         for e in experts:
             b = None
             if e in sticky or affinity is not None:
                 b = self._preferred(e, allowed, sticky, target, affinity)
+            elif heap:  # fast path: the lightest bin is current, has room and may take e
+                key, top = heap[0]
+                if key == load[top] * inv[top] and count[top] < cap[top] and held[top].get(e, 0) < limit[top]:
+                    self._put(e, top)
+                    heapq.heapreplace(heap, (load[top] * inv[top], top))
+                    continue
             if b is None:
                 b = self._least(e, heap)
             if b is None:

@@ -28,7 +28,7 @@ __all__ = ["Plan", "Worker", "hand_back", "imbalance", "plan", "replicate", "wor
 
 TARGET_SLACK = 1.02  # a copy stays on / joins a preferred worker while it stays under mean × this
 EXTRA_GAIN = 1e-3  # extra copies are kept only when they lower a layer's max/mean by more than this
-SEARCH_STEPS = 4  # packings tried per layer besides the one with every extra copy that fits
+SEARCH_STEPS = 3  # packings tried per layer besides the one with every extra copy that fits
 
 
 @dataclass(frozen=True)
@@ -109,9 +109,10 @@ def _pack(layer: _Layer, copies: np.ndarray, caps: np.ndarray) -> dict[int, list
 def _plan_layer(layer: _Layer, room: LayerRoom, index: int, extra: int, max_copies: int) -> dict[int, list[int]]:
     """One layer's copies and their workers. Extra copies are added in greedy order; of the counts
     tried (all that fit, the fewest the load bound allows, then a few bisection steps between),
-    the fewest whose packing is within EXTRA_GAIN of the best one win. The count does not depend
-    on where copies are now, so replanning the same loads keeps the same copies."""
-    n_exp, free = len(layer.loads), replace(layer, sticky={})
+    the fewest whose plain packing (flat, no preferences) is within EXTRA_GAIN of the best one win;
+    then the layer's own packing places them. The count does not depend on where copies are now,
+    so replanning the same loads keeps the same copies."""
+    n_exp, free = len(layer.loads), replace(layer, sticky={}, hierarchical=False, affinity=None)
     order = copy_order(layer.loads, extra, min(max_copies, int((room.caps(index) > 0).sum())))
     counts = lambda m: copy_counts(n_exp, order, m)  # noqa: E731
     feasible = lambda m: fits(counts(m), room.caps(index, n_exp + m))  # noqa: E731
@@ -130,7 +131,8 @@ def _plan_layer(layer: _Layer, room: LayerRoom, index: int, extra: int, max_copi
         lo, hi = (lo, probe) if good else (probe + 1, hi)
         probe = (lo + hi) // 2
     m = min(m for m in ratio if ratio[m] <= min(ratio.values()) + EXTRA_GAIN)
-    return _pack(layer, counts(m), room.caps(index, n_exp + m)) if layer.sticky else tried[m]
+    plain = not layer.sticky and not layer.hierarchical and layer.affinity is None
+    return tried[m] if plain else _pack(layer, counts(m), room.caps(index, n_exp + m))
 
 
 def _first(lo: int, hi: int, ok) -> int:
