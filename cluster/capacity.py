@@ -69,6 +69,8 @@ class LayerRoom:
                                   dtype=np.int64)  # [W]
         self.limited = self.room < UNLIMITED  # [W]
         self.active = [w for w in range(len(workers)) if self.room[w] > 0 and self.per_layer[w] > 0]
+        self.retired = np.ones(len(workers), dtype=bool)  # [W] holds nothing, does not count
+        self.retired[self.active] = False
         _check(limits, self.room, self.limited, num_layers, num_experts, self.active)
         self.base = self._even(num_layers, num_experts) if held is None or not self._holds(held, num_experts) else \
             np.where(self.limited[:, None], held, 0)  # [W, L] copies kept for each layer
@@ -95,10 +97,8 @@ class LayerRoom:
 
     def _holds(self, held: np.ndarray, num_experts: int) -> bool:
         """Do these per-layer counts fit every limit, with room for every expert in every layer?"""
-        inactive = np.ones(len(self.room), dtype=bool)
-        inactive[self.active] = False
         return bool((held.sum(axis=1) <= self.room).all() and (held <= self.per_layer[:, None]).all()
-                    and not held[inactive].any() and (held.sum(axis=0) >= num_experts).all())
+                    and not held[self.retired].any() and (held.sum(axis=0) >= num_experts).all())
 
     def caps(self, layer: int, copies: int | None = None) -> np.ndarray:
         """[W] most copies of layer `layer` (an index into the loads) each worker may take.
@@ -111,9 +111,7 @@ class LayerRoom:
             rest = copies - int(cap[[w for w in self.active if self.limited[w]]].sum())
             share = max(math.ceil(max(rest, 0) / len(free)), math.ceil(copies / len(self.active)))
             cap[free] = share
-        inactive = np.ones(len(cap), dtype=bool)
-        inactive[self.active] = False
-        cap[inactive] = 0
+        cap[self.retired] = 0
         return cap
 
     def commit(self, layer: int, counts: np.ndarray) -> None:
@@ -126,7 +124,7 @@ def _check(limits: list[dict[str, int]], room: np.ndarray, limited: np.ndarray, 
            num_experts: int, active: list[int]) -> None:
     """Raise, naming the limit, when not even one copy per expert fits."""
     if not active:
-        raise ValueError("no worker may hold expert copies (every worker has a limit of 0)")
+        raise ValueError("no worker may hold expert copies (no workers, or every worker has a limit of 0)")
     if not limited[active].all():
         return
     total = int(room[active].sum())
@@ -136,6 +134,8 @@ def _check(limits: list[dict[str, int]], room: np.ndarray, limited: np.ndarray, 
     if names == ["layer_slots"]:
         raise ValueError(f"the workers hold at most {total // num_layers} expert copies per layer (layer_slots) "
                          f"but each layer has {num_experts} experts")
-    raise ValueError(f"the workers hold at most {total} expert copies ({' / '.join(names)}: "
-                     f"{', '.join(str(int(room[w])) for w in active)} per worker) but {num_layers} MoE layer(s) "
-                     f"x {num_experts} experts need {num_layers * num_experts}; raise the limit or add workers")
+    low, high = int(room[active].min()), int(room[active].max())
+    each = f"{low}" if low == high else f"{low}-{high}"
+    raise ValueError(f"the workers hold at most {total} expert copies ({' / '.join(names)}: {each} per worker) "
+                     f"but {num_layers} MoE layer(s) x {num_experts} experts need {num_layers * num_experts}; "
+                     f"raise the limit or add workers")
