@@ -103,7 +103,8 @@ class Packing:
         """Place copies (`experts`, one id per copy, heaviest first) into `bins`.
         `sticky[e]`: bins that hold e now; `affinity [E, E]`: how often two experts are
         chosen together; `target`: most load (per unit of scale) a preferred bin may reach.
-        Returns the copies that found no place (empty whenever a placement exists)."""
+        Returns the copies that found no place: none whenever these copies, with those placed
+        before, fit into these bins (e.g. whenever `fits` holds and `bins` are all bins)."""
         heap = [(self.load[b] * self.inv[b], b) for b in bins if self.cap[b] > 0]
         heapq.heapify(heap)
         left: list[int] = []
