@@ -9,6 +9,7 @@ Used by `moe-cluster serve` and by plain Serve configs:
 """
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from ray import serve
@@ -31,7 +32,7 @@ def spec_of(cfg: AppConfig) -> AppSpec:
     _, _, model_cfg = open_model(cfg.model)  # fail fast, before anything is deployed
     placement = round_robin(model_cfg.expert_pairs(), cfg.num_workers, cfg.expert_copies) if cfg.num_workers else None
     expert_bytes = 3 * model_cfg.hidden_size * model_cfg.expert_intermediate_size * EXPERT_WEIGHT_BYTES
-    return AppSpec(cfg, placement, cfg.policy(), resolve_secret(cfg.data_plane_secret), model_cfg.moe_layer_ids,
+    return AppSpec(uuid.uuid4().hex, cfg, placement, cfg.policy(), resolve_secret(cfg.data_plane_secret), model_cfg.moe_layer_ids,
                    model_cfg.num_experts, expert_bytes)
 
 
@@ -67,7 +68,8 @@ def _pool(spec: AppSpec, controller):
     deployment = serve.deployment(ExpertPoolWorker, name="expert-pool", health_check_period_s=5,
                                   max_ongoing_requests=16)
     return (deployment.options(ray_actor_options=worker_actor_options(cfg), autoscaling_config=autoscaling)
-            .bind(cfg.model, controller, cfg.data_plane_host, spec.data_plane_secret, cfg.worker.torch_threads,
+            .bind(cfg.model, controller, spec.build_id, cfg.data_plane_host, spec.data_plane_secret,
+                  cfg.worker.torch_threads,
                   "cuda" if cfg.worker.num_gpus > 0 else "cpu", cfg.worker.service_time_per_token_s,
                   pool.target_busy))
 

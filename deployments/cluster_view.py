@@ -44,7 +44,8 @@ def load_view(reports, live, table: Table | None, moe_layers) -> dict:
         "version": table.version, "workers": [[list(e) for e in experts] for experts in table.placement.workers]}
     return {"load": {"layers": list(moe_layers), "ema_tokens_per_step": loads.tolist(), "total_tokens": totals.tolist(),
                      "max_over_mean": max_over_mean(_tensor(loads)).tolist()},
-            "placement": placement, "routers": len(mine)}
+            "placement": placement, "routers": len(mine),
+            "tokens_per_router": {r.router_id: int(np.sum(r.total_tokens)) for r in mine}}
 
 
 def _tensor(a: np.ndarray):

@@ -31,6 +31,10 @@ from deployments.table_state import TableState
 log = logging.getLogger("ray.serve")
 
 
+class WrongBuild(RuntimeError):
+    """A replica of another build of the application (both run during Serve's rolling updates)."""
+
+
 class PlacementController:
     """Serve deployment (options applied in deployments/app.py)."""
 
@@ -52,10 +56,15 @@ class PlacementController:
         self._loop_task = asyncio.get_running_loop().create_task(self._policy_forever())
 
     # -- routers -------------------------------------------------------------------------------
-    async def current_table(self) -> Table | None:
+    async def current_table(self, build_id: str) -> Table | None:
+        """A new router's first table; refused to a router of another build (rolling update)."""
+        if build_id != self.spec.build_id:
+            raise WrongBuild(f"controller of build {self.spec.build_id[:8]}, router of {build_id[:8]}")
         return self.state.table
 
-    async def report(self, report: RouterReport) -> ControllerReply:
+    async def report(self, report: RouterReport) -> ControllerReply | None:
+        if report.build_id != self.spec.build_id:
+            return None  # a router of the other build during a rolling update: neither side acts on it
         self.report_count += 1
         self.reports[report.router_id] = report
         self.state.seen(report.router_id, report.table_version, report.node_id, report.stats)
@@ -78,7 +87,12 @@ class PlacementController:
             if task is None or task.done():
                 self._healing[worker] = asyncio.get_running_loop().create_task(self._heal(worker, generation))
 
+    async def _confirmed(self) -> None:
+        """Table changes wait until a router routes by our version (after a restart: the restored one)."""
+        await asyncio.wait_for(self.state.confirmed.wait(), 60)
+
     async def _heal(self, worker: int, generation: int) -> None:
+        await self._confirmed()
         table = self.state.table
         ref = await self.membership.heal(worker, table.workers[worker], list(table.placement.workers[worker]))
         if ref is None:
@@ -93,11 +107,17 @@ class PlacementController:
             self.state.publish(table.changed(workers=refs))
 
     # -- the expert pool -----------------------------------------------------------------------
-    async def register_worker(self, address: str, node_id: str) -> int:
+    async def register_worker(self, address: str, node_id: str, build_id: str) -> int:
         """A pool replica joins, empty: the next rebalance hands it copies of the hottest experts."""
+        if build_id != self.spec.build_id:
+            raise WrongBuild("a pool worker of another build")
         table = self.state.table
         if table is None:
             raise RuntimeError("the expert pool needs fixed expert workers (num_workers ≥ 1)")
+        known = next((w for w, ref in enumerate(table.workers) if ref.address == address and not ref.retired), None)
+        if known is not None:  # the usual case: a pool replica re-registering every second
+            return known
+        await self._confirmed()
         async with self.rebalancer.lock:
             table = self.state.table
             known = next((w for w, ref in enumerate(table.workers) if ref.address == address and not ref.retired),
@@ -111,6 +131,7 @@ class PlacementController:
 
     async def unregister_worker(self, address: str) -> int:
         """A pool replica is stopping: its copies are handed back first. Returns copies moved."""
+        await self._confirmed()
         async with self.rebalancer.lock:
             table = self.state.table
             worker = next((w for w, ref in enumerate(table.workers) if ref.address == address and not ref.retired),

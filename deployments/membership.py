@@ -29,13 +29,24 @@ class Membership:
         self.secret, self.connect = secret, connect
         self._transports: dict[str, GrpcTransport] = {}
 
-    async def fixed_refs(self) -> tuple[WorkerRef, ...]:
-        """Where the fixed workers are now (at start: their first replicas)."""
-        refs = []
-        for handle in self.fixed:
-            address, node = await handle.get_address.remote(), await handle.get_node_id.remote()
-            refs.append(WorkerRef(address, node))
-        return tuple(refs)
+    async def fixed_refs(self, limit_s: float = 120.0) -> tuple[WorkerRef, ...]:
+        """Where the fixed workers are now. During a rolling update a handle may still reach a replica
+        of the previous version: an address counts only once its data plane accepts this
+        application's secret (a new version has a new one)."""
+        return tuple([await self._verified(w, limit_s) for w in range(len(self.fixed))])
+
+    async def _verified(self, worker: int, limit_s: float) -> WorkerRef:
+        deadline = time.monotonic() + limit_s
+        while True:
+            ref = await self._locate(worker, WorkerRef(""))
+            try:
+                await self.holds(ref)
+                return ref
+            except Exception as e:  # noqa: BLE001 - an old replica (wrong secret) or not serving yet
+                self.forget(ref.address)
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"expert worker {worker} at {ref.address} does not answer: {e}") from None
+                await asyncio.sleep(0.2)
 
     def transport(self, address: str) -> GrpcTransport:
         if address not in self._transports:
@@ -65,7 +76,7 @@ class Membership:
             handle = self.fixed[worker]
             address = await asyncio.wait_for(handle.get_address.remote(), 30)
             node = await asyncio.wait_for(handle.get_node_id.remote(), 30)
-            if address != ref.address:
+            if address != ref.address and ref.address:
                 self.forget(ref.address)
             return WorkerRef(address, node, ref.generation)
         return ref  # a pool worker keeps its address; if it is gone, Serve replaces it as a new member

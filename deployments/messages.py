@@ -18,6 +18,7 @@ from deployments.policy import AutoscalePolicy
 class AppSpec:
     """Everything build_app computed once and bound into the deployments."""
 
+    build_id: str  # unique per build_app: during Serve's rolling updates, replicas of two builds coexist
     cfg: AppConfig
     placement: Placement | None  # the initial placement (None: experts stay in the routers)
     policy: AutoscalePolicy | None
@@ -37,6 +38,7 @@ class RouterSettings:
 
 @dataclass(frozen=True)
 class RouterReport:
+    build_id: str  # a report from a router of another build (rolling update) is ignored
     router_id: str
     node_id: str
     table_version: int  # the table this router routes by now (switched at a step boundary)

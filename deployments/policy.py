@@ -29,8 +29,11 @@ class AutoscalePolicy(BaseModel):
                                                    "router's co-activation counts), when balance allows")
     slots_per_worker: int | None = Field(None, ge=1, description="most routed-expert copies one worker may hold, "
                                                                  "all layers together (None: no limit)")
-    memory_budget_bytes: int | None = Field(None, ge=1, description="most expert weight bytes one worker may hold "
-                                                                    "(fp32 copies; None: no limit)")
+    memory_budget_bytes: int | None = Field(None, ge=1, description="most bytes of expert copies one worker may "
+                                            "hold, at the serving dtype (None: no limit)")
+    extra_copy_bytes_per_worker: int | None = Field(None, ge=0, description="most bytes of extra copies one worker "
+                                                    "may hold beyond its even share of one copy per expert "
+                                                    "(the memory redundancy costs; None: no limit)")
     token_split: Literal["even", "least_loaded"] = Field(
         "even", description="how an expert's rows are shared among its copies (router's own node first): split "
                             "evenly, or all to the copy whose worker has the fewest rows so far in the layer")
@@ -38,12 +41,14 @@ class AutoscalePolicy(BaseModel):
                                     "switched to within this is abandoned: nothing is retired, it is counted "
                                     "and logged, and the next one can run")
 
-    def layer_slots(self, num_layers: int, expert_bytes: int) -> int | None:
-        """Copies of one layer's experts a worker may hold under the slot and memory limits."""
-        limits = [self.slots_per_worker] if self.slots_per_worker else []
-        if self.memory_budget_bytes:
-            limits.append(self.memory_budget_bytes // max(expert_bytes, 1))
-        return min(limits) // max(num_layers, 1) if limits else None
+    def worker_budget_bytes(self, num_copies: int, active_workers: int, expert_bytes: int) -> int | None:
+        """Bytes of expert copies one worker may hold: the memory budget, and/or its even share of
+        `num_copies` (one per expert) plus the extra-copy allowance; None when neither is set."""
+        limits = [self.memory_budget_bytes] if self.memory_budget_bytes is not None else []
+        if self.extra_copy_bytes_per_worker is not None:
+            share = -(-num_copies // max(active_workers, 1)) * expert_bytes
+            limits.append(share + self.extra_copy_bytes_per_worker)
+        return min(limits) if limits else None
 
     @property
     def ema_alpha(self) -> float:

@@ -30,7 +30,8 @@ log = logging.getLogger("ray.serve")
 
 @dataclass(frozen=True)
 class Decision:
-    reason: str  # "rebalance" or why not: balanced, cooldown, small_gain, no_change, no_load
+    reason: str  # "rebalance", "retire" (extra copies no longer worth their memory) or why not: balanced,
+    # cooldown, small_gain, no_change, no_load
     placement: Placement | None
     before: float
     after: float
@@ -54,28 +55,37 @@ class Rebalancer:
         self.history: list[dict] = []
         self._pending_retire: list[tuple[int, int, list[Expert]]] = []  # (version, worker, experts)
 
+    def _workers(self, table: Table) -> list[Worker]:
+        policy, active = self.policy, table.active()
+        experts = sum(1 for _ in table.placement.copies())
+        budget = policy.worker_budget_bytes(experts, len(active), self.expert_bytes)
+        return [Worker(node=ref.node_id or "node-0", layer_slots=0 if ref.retired else None,
+                       slots=policy.slots_per_worker, budget_bytes=budget) for ref in table.workers]
+
     def decide(self, loads: np.ndarray, coactivation: np.ndarray | None) -> Decision:
         table, policy = self.state.table, self.policy
         if loads.sum() <= 0:
             return Decision("no_load", None, 0.0, 0.0)
         current, active = table.placement, table.active()
         before = imbalance(loads, self.moe_layers, current, current.num_workers, active)
-        if before < policy.hot_threshold:
-            return Decision("balanced", None, before, before)
         if time.monotonic() - self.last_change < policy.cooldown_s:
             return Decision("cooldown", None, before, before)
-        slots = policy.layer_slots(len(self.moe_layers), self.expert_bytes)
-        workers = [Worker(node=ref.node_id or "node-0", layer_slots=0 if ref.retired else slots)
-                   for ref in table.workers]
-        new = plan(loads, self.moe_layers, workers, policy.extra_slots_per_layer, current, policy.hierarchical,
-                   policy.max_copies_per_expert, coactivation if policy.co_activation else None)
-        if [set(w) for w in new.placement.workers] == [set(w) for w in current.workers]:
+        new = plan(loads, self.moe_layers, self._workers(table), policy.extra_slots_per_layer, current,
+                   policy.hierarchical, policy.max_copies_per_expert, coactivation if policy.co_activation else None,
+                   expert_bytes=self.expert_bytes)
+        if not new.changed:
             return Decision("no_change", None, before, new.max_over_mean)  # min_gain 0 must not move nothing
+        if new.moves == 0 and new.retires > 0 and new.max_over_mean <= max(before, policy.hot_threshold):
+            return Decision("retire", new.placement, before, new.max_over_mean)  # traffic evened out: free memory
+        if before < policy.hot_threshold:
+            return Decision("balanced", None, before, before)
         if before - new.max_over_mean < policy.min_gain:
             return Decision("small_gain", None, before, new.max_over_mean)
         return Decision("rebalance", new.placement, before, new.max_over_mean)
 
     async def step(self, loads: np.ndarray, coactivation: np.ndarray | None) -> str:
+        if not self.state.confirmed.is_set():
+            return "unconfirmed"  # a restarted controller has not heard the routers' table yet
         async with self.lock:
             await self.retry_retirements()
             decision = self.decide(loads, coactivation)

@@ -45,7 +45,7 @@ class Router:
         self.id, self.node = _replica_id(), ray.get_runtime_context().get_node_id()
         self.remote = None
         if spec.placement is not None:
-            table = await controller.current_table.remote()
+            table = await self._first_table()
             secret = spec.data_plane_secret
             self.remote = RemoteExperts(table, lambda ref: GrpcTransport(ref.address, secret), node_id=self.node,
                                         call_timeout_s=self.cfg.expert_call_timeout_s, on_down=self._worker_down)
@@ -58,6 +58,17 @@ class Router:
         self._report_now = asyncio.Event()
         self._send_table = False
         self._reporter = self._loop.create_task(self._report_forever())
+
+    async def _first_table(self, limit_s: float = 120.0):
+        """From the controller of this build (a rolling update may route to the previous one first)."""
+        deadline = time.monotonic() + limit_s
+        while True:
+            try:
+                return await self.controller.current_table.remote(self.spec.build_id)
+            except Exception:  # noqa: BLE001 - the other build's controller, or ours not up yet
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
 
     # -- requests -----------------------------------------------------------------------------
     async def generate(self, req: GenerateRequest):
@@ -112,14 +123,16 @@ class Router:
         if self.spec.policy is not None and self.spec.policy.co_activation:
             coactivation = load.pairs().tolist()
         remote = self.remote
-        return RouterReport(self.id, self.node, remote.table.version if remote else -1,
+        return RouterReport(self.spec.build_id, self.id, self.node, remote.table.version if remote else -1,
                             snapshot["ema_tokens_per_step"], snapshot["total_tokens"], coactivation,
                             tuple(remote.down_workers()) if remote else (), self.stats(),
                             remote.table if remote and self._send_table else None)
 
     async def _report_once(self) -> None:
-        reply: ControllerReply = await asyncio.wait_for(self.controller.report.remote(self._report()),
-                                                        CONTROLLER_TIMEOUT_S)
+        reply: ControllerReply | None = await asyncio.wait_for(self.controller.report.remote(self._report()),
+                                                               CONTROLLER_TIMEOUT_S)
+        if reply is None:
+            return  # the other build's controller (rolling update): ours answers the next report
         self._send_table = reply.send_table
         if self.remote is not None:
             if reply.table is not None:

@@ -34,6 +34,9 @@ class TableState:
         self.routers: dict[str, RouterSeen] = {}
         self._changed = asyncio.Event()
         self.restored = False  # True once the table came from a router after a controller restart
+        # Set once a router routes by our version: before that (a restarted controller), our table
+        # may be older than the routers' and nothing may change it.
+        self.confirmed = asyncio.Event()
 
     def publish(self, table: Table) -> None:
         if self.table is not None and table.version <= self.table.version:
@@ -42,6 +45,8 @@ class TableState:
 
     def seen(self, router_id: str, version: int, node_id: str, stats: dict) -> None:
         self.routers[router_id] = RouterSeen(version, node_id, time.monotonic(), stats)
+        if self.table is not None and version == self.table.version:
+            self.confirmed.set()
         self._changed.set()
 
     def live_routers(self) -> dict[str, RouterSeen]:

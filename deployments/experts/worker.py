@@ -71,10 +71,10 @@ class ExpertPoolWorker(ExpertHost):
     reports the fraction of time spent computing experts (and the target);
     `deployments.pool_policy.scale_on_busy` decides."""
 
-    def __init__(self, model: str, controller, host: str, secret: str, torch_threads: int = 1,
+    def __init__(self, model: str, controller, build_id: str, host: str, secret: str, torch_threads: int = 1,
                  device: str = "cpu", service_time_per_token_s: float = 0.0, target_busy: float = 0.6):
         super().__init__(model, [], "expert-pool", host, secret, torch_threads, device, service_time_per_token_s)
-        self.controller, self.target_busy = controller, target_busy
+        self.controller, self.build_id, self.target_busy = controller, build_id, target_busy
         self.registered = False
         self._last = (time.monotonic(), 0.0)
 
@@ -82,7 +82,8 @@ class ExpertPoolWorker(ExpertHost):
         """Join the table; repeated on every stats call (idempotent), so a restarted controller
         learns of this worker again."""
         try:
-            await asyncio.wait_for(self.controller.register_worker.remote(self.address, self.get_node_id()), 10)
+            await asyncio.wait_for(self.controller.register_worker.remote(self.address, self.get_node_id(),
+                                                                          self.build_id), 10)
             self.registered = True
         except Exception as e:  # noqa: BLE001 - the controller may be starting
             log.info("expert pool: controller not reachable yet (%s)", type(e).__name__)

@@ -117,3 +117,38 @@ def test_queue_limit_gives_503_and_resource_exhausted(server):
         for s in streams:
             s.close()
     wait_idle(server)
+
+
+def test_drain_refuses_new_requests_and_cuts_streams_with_an_error_event(server, cluster):
+    """What `moe-cluster serve` does on SIGTERM (its drain calls these on the controller): new requests
+    get 503 with Retry-After and /ready turns 503; when the window is over, a stream still running
+    ends with an error event and then [DONE]."""
+    from ray import serve
+
+    controller = serve.get_deployment_handle("controller", "moe")
+    body = {"prompt": "def f(", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    try:
+        with post(server, body, stream=True) as stream:
+            lines = stream.iter_lines()
+            next(line for line in lines if line.startswith(b"data: "))
+            controller.start_drain.remote().result(timeout_s=30)
+            r = _wait_status(server, 503)
+            assert r.json()["error"]["type"] == "service_unavailable_error" and r.headers["Retry-After"] == "1"
+            assert requests.get(f"{server.base}/ready", headers=AUTH, timeout=30).status_code == 503
+            controller.cut.remote().result(timeout_s=30)
+            events = [line[6:] for line in lines if line.startswith(b"data: ")]
+        assert events[-1] == b"[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["code"] == 503 and "shut down" in error["message"]
+    finally:
+        cluster.current = None  # this deployment is drained: the next test deploys afresh
+
+
+def _wait_status(server, status: int, limit_s: float = 10.0):
+    deadline = time.time() + limit_s  # the ingress learns of the drain within its 0.5 s poll
+    while True:
+        r = post(server, {"prompt": "def f(", "max_tokens": 1})
+        if r.status_code == status or time.time() > deadline:
+            assert r.status_code == status, r.text
+            return r
+        time.sleep(0.1)

@@ -23,11 +23,13 @@ def test_bad_policy_names_the_field(tmp_path, text, message):
         load_policy(path)
 
 
-def test_slot_and_memory_limits_become_copies_per_layer():
-    assert AutoscalePolicy().layer_slots(4, 1000) is None
-    assert AutoscalePolicy(slots_per_worker=20).layer_slots(4, 1000) == 5
-    assert AutoscalePolicy(memory_budget_bytes=12_000).layer_slots(4, 1000) == 3  # 12 copies fit, 3 per layer
-    assert AutoscalePolicy(slots_per_worker=20, memory_budget_bytes=12_000).layer_slots(4, 1000) == 3
+def test_worker_byte_budget_from_the_policy():
+    assert AutoscalePolicy().worker_budget_bytes(32, 4, 1000) is None
+    assert AutoscalePolicy(memory_budget_bytes=12_000).worker_budget_bytes(32, 4, 1000) == 12_000
+    # even share of 32 copies over 4 workers (8 000 bytes) + 3 000 bytes of extra copies
+    assert AutoscalePolicy(extra_copy_bytes_per_worker=3_000).worker_budget_bytes(32, 4, 1000) == 11_000
+    assert AutoscalePolicy(memory_budget_bytes=10_000, extra_copy_bytes_per_worker=3_000)\
+        .worker_budget_bytes(32, 4, 1000) == 10_000
 
 
 def test_deployment_options_are_not_runtime_policy():

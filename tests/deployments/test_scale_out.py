@@ -1,0 +1,146 @@
+"""Many routers share one expert pool; the placement controller owns the table (issue 12).
+
+Real Ray Serve on 127.0.0.1: 2 routers + 3 expert workers. Every test counts the
+requests it sent, that succeeded and that failed (printed with -s); loops are bounded.
+"""
+import time
+
+import pytest
+import ray
+import requests
+
+from cluster.engine import LLMEngine, SamplingParams
+from tests.deployments.clients import concurrently, grpc_request, grpc_stub, http_complete
+from tests.deployments.test_faults import PROMPTS, Load, _expected
+
+pytestmark = pytest.mark.slow
+POLICY = dict(interval_s=0.5, window_steps=4, hot_threshold=1.0, min_gain=0.01, cooldown_s=0,
+              extra_slots_per_layer=3, max_copies_per_expert=2)
+SKEWED = [[5, 17, 33], [5, 17, 34], [5, 17, 33, 9]]  # similar prompts: the same few experts run hot
+
+
+def _admin(base: str, what: str) -> dict:
+    return requests.get(f"{base}/admin/{what}", timeout=30).json()
+
+
+def _replicas(deployment: str) -> list[str]:
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith(f"SERVE_REPLICA::moe#{deployment}#"))
+
+
+def _wait(what: str, ok, limit_s: float = 120):
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            value = ok()
+        except (KeyError, TypeError, requests.RequestException):
+            value = None  # e.g. a 503 body while the controller starts
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not within {limit_s} s")
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint_factory):
+    return str(checkpoint_factory("mixtral"))
+
+
+def _two_routers(cluster, model, **extra):
+    c = cluster.deploy(model, 3, routers={"min": 2, "max": 2, "num_cpus": 0.25}, **extra)
+    _wait("both routers reporting", lambda: len(_admin(c.base, "stats")["routers"]) == 2)
+    return c
+
+
+def test_two_routers_three_workers_match_in_process(cluster, model):
+    c = _two_routers(cluster, model)
+    prompts = PROMPTS * 3
+    lengths = [6, 9, 12, 15] * 3
+    local = LLMEngine.from_pretrained(model)
+    expected = [o.token_ids for o in local.generate(prompts, [SamplingParams(max_tokens=n, temperature=0)
+                                                              for n in lengths])]
+    got = concurrently(lambda i: http_complete(c.base, prompts[i], lengths[i])["choices"][0]["token_ids"],
+                       range(len(prompts)))
+    assert got == expected
+    stub = grpc_stub(c.grpc_target)
+    assert list(stub.Complete(grpc_request(prompts[0], lengths[0]), timeout=60).token_ids) == expected[0]
+    steps = _wait("both routers served", lambda: [r["steps"] for r in _admin(c.base, "stats")["routers"].values()
+                                                   if r["steps"] > 0] or None)
+    print(f"\nsteps per router: {steps}")
+    assert len(steps) == 2  # the proxy spread the requests over both routers
+
+
+def test_skewed_load_on_both_routers_one_rebalance_both_switch(cluster, model):
+    c = _two_routers(cluster, model, autoscaler=POLICY)
+    local = LLMEngine.from_pretrained(model)
+    expected = [o.token_ids for o in local.generate(SKEWED, SamplingParams(max_tokens=10, temperature=0))]
+    sent = ok = 0
+    deadline = time.monotonic() + 120
+    history: list = []
+    spread = False
+    while time.monotonic() < deadline and not (spread and [h for h in history if h["outcome"] == "done"]):
+        results = concurrently(lambda i: http_complete(c.base, SKEWED[i % 3], 10), range(6))
+        sent += len(results)
+        ok += sum(r["choices"][0]["token_ids"] == expected[i % 3] for i, r in enumerate(results))
+        history = _admin(c.base, "autoscaler")["history"]
+        spread = all(_admin(c.base, "load")["tokens_per_router"].values())
+    done = [h for h in history if h["outcome"] == "done"]
+    assert done, f"no rebalance within 120 s: {history}"
+    version = done[-1]["table_version"]
+    load, routers = _admin(c.base, "load"), _admin(c.base, "stats")["routers"]
+    print(f"\nsent {sent}, identical {ok}; changes {[(h['outcome'], h['table_version']) for h in history]}; "
+          f"tokens per router {load['tokens_per_router']}")
+    assert ok == sent and len(routers) == 2
+    # the controller plans on both routers' expert load: its matrix is their sum, and both sent some
+    per_router = load["tokens_per_router"]
+    assert len(per_router) == 2 and all(per_router.values())
+    assert sum(map(sum, load["load"]["total_tokens"])) == sum(per_router.values())
+    # "done" means every router switched before the old copies were retired
+    assert all(r["table_version"] >= version for r in routers.values())
+    assert load["placement"]["version"] >= version
+
+
+def test_router_killed_under_load_loses_no_request(cluster, model):
+    c = _two_routers(cluster, model, engine_step_delay_s=0.02)  # requests last long enough to be cut
+    expected = _expected(model)
+    load = Load(c.base, clients=4)
+    try:
+        load.wait_ok(8)
+        victim = _replicas("router")[0]
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        killed_at = load.ok
+        load.wait_ok(killed_at + 12)  # the other router serves; requests in flight were resumed there
+        _wait("Serve replaced the router", lambda: len(_replicas("router")) == 2 and victim not in _replicas("router"))
+        load.wait_ok(load.ok + 4)
+    finally:
+        summary = load.stop()
+    resumed = next((float(x.split()[-1]) for x in requests.get(f"{c.base}/metrics", timeout=30).text.splitlines()
+                    if x.startswith("moe_requests_resumed_total")), 0.0)
+    print(f"\nkill a router under load: {summary}; requests resumed on the other router: {resumed:g}")
+    assert load.failed == [], load.failed[:5]
+    assert all(outs == {expected[p]} for p, outs in load.outputs.items())  # resumed output is identical
+
+
+def test_controller_killed_under_load_fails_nothing_and_rebalancing_resumes(cluster, model):
+    c = _two_routers(cluster, model, autoscaler={**POLICY, "hot_threshold": 1.0})
+    expected = _expected(model)
+    load = Load(c.base, clients=3)
+    try:
+        load.wait_ok(6)
+        version = _wait("a first placement change", lambda: _admin(c.base, "load")["placement"]["version"] > 1 and
+                        _admin(c.base, "load")["placement"]["version"])
+        [victim] = _replicas("controller")
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        load.wait_ok(load.ok + 10)  # traffic never waits on the controller
+        _wait("a new controller", lambda: _replicas("controller") and _replicas("controller") != [victim])
+        restored = _wait("the table restored from the routers",
+                         lambda: (_admin(c.base, "load").get("placement") or {}).get("version", 0) >= version
+                         and _admin(c.base, "load")["placement"]["version"])
+        requests.put(f"{c.base}/admin/policy", json={"extra_slots_per_layer": 5}, timeout=30)  # a new plan to make
+        _wait("rebalancing resumed", lambda: any(h["outcome"] == "done"
+                                                 for h in _admin(c.base, "autoscaler")["history"]), 120)
+    finally:
+        summary = load.stop()
+    print(f"\nkill the placement controller under load: {summary}; table v{version} before, v{restored} restored")
+    assert load.failed == [], load.failed[:5]
+    assert all(outs == {expected[p]} for p, outs in load.outputs.items())
