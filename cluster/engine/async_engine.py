@@ -3,7 +3,7 @@
 One thread owns the LLMEngine (it is not thread-safe): handlers post
 commands to its inbox and read their request's outputs from an asyncio queue.
 A request whose consumer goes away (client disconnect) is aborted and its
-KV-cache slot freed on the next loop turn.
+KV-cache blocks freed on the next loop turn.
 """
 from __future__ import annotations
 
@@ -75,7 +75,8 @@ class AsyncEngine:
         s = self.engine.scheduler
         return {"running": len(s.running), "waiting": len(s.waiting), "steps": self.steps,
                 "step_seconds": self.step_seconds, "active_requests": self.active,
-                "free_kv_slots": len(self.engine.cache.free_slots)}
+                "free_kv_slots": self.engine.free_seq_slots, "free_kv_blocks": self.engine.cache.num_free_blocks,
+                "kv_blocks": self.engine.cache.num_blocks, "preemptions": s.num_preemptions}
 
     def shutdown(self) -> None:
         self._stop.set()

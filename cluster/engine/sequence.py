@@ -18,8 +18,8 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[Sampled] = field(default_factory=list)
     text: str = ""
-    slot: int | None = None
-    prefilled: bool = False
+    blocks: list[int] = field(default_factory=list)  # its KV-cache block table
+    prefilled: bool = False  # its tokens are in the KV cache (False again after a preemption)
     finish_reason: str | None = None
     expert_tokens: int = 0  # (token, expert) pairs this request used, over all MoE layers
     routing: list = field(default_factory=list)  # per generated token, when params.return_routing
@@ -35,7 +35,8 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
     def next_input(self) -> tuple[list[int], int]:
-        """New tokens to run this step and the position of the first one."""
+        """New tokens to run this step and the position of the first one. A sequence that is not in
+        the cache (new, or preempted) runs all its tokens: recomputing them gives the same output."""
         if not self.prefilled:
-            return self.prompt_ids, 0
+            return self.prompt_ids + self.output_ids, 0
         return [self.output_ids[-1]], self.num_tokens - 1
