@@ -25,13 +25,10 @@ import torch
 from torch import Tensor
 
 from cluster.checkpoint import Checkpoint, CheckpointError
+from cluster.errors import UnsupportedModelError
 
 _FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 _MXFP4_GROUP = 32
-
-
-class UnsupportedQuantization(ValueError):
-    """A quantization_config we cannot dequantise."""
 
 
 @dataclass(frozen=True)
@@ -51,15 +48,15 @@ def parse_quantization(config: dict[str, Any]) -> Quantization:
     if method == "fp8":
         block = q.get("weight_block_size")
         if not (isinstance(block, list) and len(block) == 2):
-            raise UnsupportedQuantization(
+            raise UnsupportedModelError(
                 f"config.json: quantization_config.weight_block_size {block!r} is not supported "
                 "(per-tensor fp8 is not implemented; block-quantised [rows, cols] is)")
         if q.get("fmt", "e4m3") != "e4m3":
-            raise UnsupportedQuantization(f"config.json: quantization_config.fmt {q['fmt']!r} is not supported (e4m3)")
+            raise UnsupportedModelError(f"config.json: quantization_config.fmt {q['fmt']!r} is not supported (e4m3)")
         return Quantization("fp8", (int(block[0]), int(block[1])))
     if method == "mxfp4":
         return Quantization("mxfp4")
-    raise UnsupportedQuantization(
+    raise UnsupportedModelError(
         f"config.json: quantization_config.quant_method {method!r} is not supported (fp8 with weight_block_size, "
         "mxfp4; or an unquantised checkpoint)")
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from cluster.config import ModelConfig
-from cluster.families.errors import UnsupportedModelError
+from cluster.errors import UnsupportedModelError
 from cluster.families.rope_config import parse_rope
 from cluster.precision import checkpoint_dtype
 from cluster.quant import parse_quantization
@@ -106,7 +106,7 @@ def sliding_windows(cfg: dict[str, Any], num_layers: int, default: Callable[[int
     return tuple(int(window) if s else None for s in sliding)
 
 
-def common_fields(cfg: dict[str, Any], default_theta: float = 10000.0, default_partial: float = 1.0,
+def common_fields(cfg: dict[str, Any], default_theta: float = 10000.0, default_partial: float | None = None,
                   rope_head_dim: int | None = None) -> dict[str, Any]:
     """Fields every family reads the same way."""
     refuse_if(cfg.get("hidden_act", "silu") != "silu", "hidden_act", f"{cfg.get('hidden_act')!r}: only 'silu'")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cluster.families.errors import UnsupportedModelError
+from cluster.errors import UnsupportedModelError
 from cluster.model.rope import Rope
 
 _COMMON = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
@@ -41,7 +41,9 @@ def _original_max(cfg: dict[str, Any], p: dict[str, Any]) -> int:
 
 
 def parse_rope(cfg: dict[str, Any], head_dim: int, default_theta: float = 10000.0,
-               default_partial: float = 1.0) -> Rope:
+               default_partial: float | None = None) -> Rope:
+    """default_partial: the family's partial_rotary_factor when config.json gives none; None: the family
+    rotates whole heads (transformers ignores or breaks on the field there), so a factor is refused."""
     field, p = _params(cfg)
     kind = p.get("rope_type", p.get("type", "default"))
     if kind not in _KEYS:
@@ -50,7 +52,10 @@ def parse_rope(cfg: dict[str, Any], head_dim: int, default_theta: float = 10000.
     unknown = sorted(set(p) - _COMMON - _KEYS[kind])
     if unknown:
         raise UnsupportedModelError(f"config.json: {field}.{unknown[0]} is not supported for rope_type {kind!r}")
-    partial = float(p.get("partial_rotary_factor", cfg.get("partial_rotary_factor", default_partial)))
+    partial = float(p.get("partial_rotary_factor", cfg.get("partial_rotary_factor", default_partial or 1.0)))
+    if default_partial is None and partial != 1.0:
+        raise UnsupportedModelError(f"config.json: partial_rotary_factor {partial} is not supported for "
+                                    f"{cfg.get('model_type')} (it rotates whole heads)")
     max_pos = int(cfg.get("max_position_embeddings", 4096))
     rope = dict(kind=kind, theta=float(p.get("rope_theta", cfg.get("rope_theta", default_theta))),
                 dim=int(head_dim * partial), max_position_embeddings=max_pos)
