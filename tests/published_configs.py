@@ -9,6 +9,8 @@ checkpoints take seconds to build and run.
 """
 from __future__ import annotations
 
+import copy
+
 _MIXTRAL = {
     "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
     "hidden_act": "silu", "initializer_range": 0.02, "model_type": "mixtral", "num_experts_per_tok": 2,
@@ -219,5 +221,5 @@ _SIZES["Qwen3-Coder-30B-A3B-Instruct"] = _SIZES["Qwen3-30B-A3B+YaRN"] = _SIZES["
 
 
 def tiny(name: str) -> dict:
-    """The published config with only its sizes shrunk."""
-    return {**PUBLISHED[name], **_SIZES[name]}
+    """The published config with only its sizes shrunk (a deep copy: transformers edits nested dicts)."""
+    return copy.deepcopy({**PUBLISHED[name], **_SIZES[name]})
