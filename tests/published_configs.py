@@ -18,6 +18,13 @@ _MIXTRAL = {
     "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
     "use_cache": True,
 }
+_QWEN2 = {
+    "architectures": ["Qwen2MoeForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "decoder_sparse_step": 1, "hidden_act": "silu", "initializer_range": 0.02, "model_type": "qwen2_moe",
+    "norm_topk_prob": False, "output_router_logits": False, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.001, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+    "use_sliding_window": False, "vocab_size": 151936,
+}
 _QWEN3 = {
     "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
     "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048,
@@ -59,25 +66,17 @@ PUBLISHED: dict[str, dict] = {
         "num_attention_heads": 48, "num_hidden_layers": 56, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0,
         "transformers_version": "4.38.0", "vocab_size": 32768},
     "Qwen1.5-MoE-A2.7B-Chat": {
-        "architectures": ["Qwen2MoeForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
-        "decoder_sparse_step": 1, "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 2048,
-        "initializer_range": 0.02, "intermediate_size": 5632, "max_position_embeddings": 8192,
-        "max_window_layers": 21, "model_type": "qwen2_moe", "moe_intermediate_size": 1408, "norm_topk_prob": False,
+        **_QWEN2, "eos_token_id": 151645, "hidden_size": 2048, "intermediate_size": 5632,
+        "max_position_embeddings": 8192, "max_window_layers": 21, "moe_intermediate_size": 1408,
         "num_attention_heads": 16, "num_experts": 60, "num_experts_per_tok": 4, "num_hidden_layers": 24,
-        "num_key_value_heads": 16, "output_router_logits": False, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
-        "router_aux_loss_coef": 0.001, "shared_expert_intermediate_size": 5632, "sliding_window": 32768,
-        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.39.0.dev0",
-        "use_cache": True, "use_sliding_window": False, "vocab_size": 151936},
+        "num_key_value_heads": 16, "shared_expert_intermediate_size": 5632, "sliding_window": 32768,
+        "transformers_version": "4.39.0.dev0"},
     "Qwen2-57B-A14B": {
-        "architectures": ["Qwen2MoeForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
-        "decoder_sparse_step": 1, "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 3584,
-        "initializer_range": 0.02, "intermediate_size": 18944, "max_position_embeddings": 131072,
-        "max_window_layers": 28, "model_type": "qwen2_moe", "moe_intermediate_size": 2560, "norm_topk_prob": False,
+        **_QWEN2, "eos_token_id": 151643, "hidden_size": 3584, "intermediate_size": 18944,
+        "max_position_embeddings": 131072, "max_window_layers": 28, "moe_intermediate_size": 2560,
         "num_attention_heads": 28, "num_experts": 64, "num_experts_per_tok": 8, "num_hidden_layers": 28,
-        "num_key_value_heads": 4, "output_router_logits": False, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
-        "router_aux_loss_coef": 0.001, "shared_expert_intermediate_size": 20480, "sliding_window": 131072,
-        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.40.1",
-        "use_cache": True, "use_sliding_window": False, "vocab_size": 151936},
+        "num_key_value_heads": 4, "shared_expert_intermediate_size": 20480, "sliding_window": 131072,
+        "transformers_version": "4.40.1"},
     "Qwen3-30B-A3B": {
         **_QWEN3, "bos_token_id": 151643, "intermediate_size": 6144, "max_position_embeddings": 40960,
         "max_window_layers": 48, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001},

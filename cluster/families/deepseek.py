@@ -10,7 +10,14 @@ from cluster.config import ModelConfig
 from cluster.families.base import (QWEN_STYLE_TENSORS, Family, common_fields, refuse_if, require)
 from cluster.model.rope import Rope, yarn_mscale
 
-_ATTN = "model.layers.{layer}.self_attn."
+_ATTN, _MLP = "model.layers.{layer}.self_attn.", "model.layers.{layer}.mlp."
+# The MoE block's own names beyond the Qwen-style ones: GLM-4.5 stores its gate bias and shared experts alike.
+MOE_TENSORS = {
+    "router_bias": _MLP + "gate.e_score_correction_bias",
+    "shared_gate": _MLP + "shared_experts.gate_proj.weight",
+    "shared_up": _MLP + "shared_experts.up_proj.weight",
+    "shared_down": _MLP + "shared_experts.down_proj.weight",
+}
 TENSORS = {
     **{k: v for k, v in QWEN_STYLE_TENSORS.items() if not k.startswith(("shared_", "q_", "k_", "v_"))},
     "q_proj": _ATTN + "q_proj.weight",
@@ -20,10 +27,7 @@ TENSORS = {
     "kv_a_proj": _ATTN + "kv_a_proj_with_mqa.weight",
     "kv_a_norm": _ATTN + "kv_a_layernorm.weight",
     "kv_b_proj": _ATTN + "kv_b_proj.weight",
-    "router_bias": "model.layers.{layer}.mlp.gate.e_score_correction_bias",
-    "shared_gate": "model.layers.{layer}.mlp.shared_experts.gate_proj.weight",
-    "shared_up": "model.layers.{layer}.mlp.shared_experts.up_proj.weight",
-    "shared_down": "model.layers.{layer}.mlp.shared_experts.down_proj.weight",
+    **MOE_TENSORS,
 }
 _TOPK_METHODS = {2: ("greedy", "group_limited_greedy"), 3: ("noaux_tc",)}
 

@@ -8,16 +8,9 @@ from typing import Any
 
 from cluster.config import ModelConfig
 from cluster.families.base import QWEN_STYLE_TENSORS, Family, common_fields, require
-from cluster.families.deepseek import first_dense_layers
+from cluster.families.deepseek import MOE_TENSORS, first_dense_layers
 
-_MLP = "model.layers.{layer}.mlp."
-TENSORS = {
-    **{k: v for k, v in QWEN_STYLE_TENSORS.items() if not k.startswith("shared_")},
-    "router_bias": _MLP + "gate.e_score_correction_bias",
-    "shared_gate": _MLP + "shared_experts.gate_proj.weight",
-    "shared_up": _MLP + "shared_experts.up_proj.weight",
-    "shared_down": _MLP + "shared_experts.down_proj.weight",
-}
+TENSORS = {**{k: v for k, v in QWEN_STYLE_TENSORS.items() if not k.startswith("shared_")}, **MOE_TENSORS}
 
 
 def parse_config(cfg: dict[str, Any]) -> ModelConfig:
