@@ -106,10 +106,18 @@ def sliding_windows(cfg: dict[str, Any], num_layers: int, default: Callable[[int
     return tuple(int(window) if s else None for s in sliding)
 
 
+# Fields other architectures use to change the math; none of our families implements them, so a
+# config that sets one is refused rather than served wrong.
+_FOREIGN = ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "sliding_window_pattern",
+            "qk_layernorm", "use_parallel_residual")
+
+
 def common_fields(cfg: dict[str, Any], default_theta: float = 10000.0, default_partial: float | None = None,
                   rope_head_dim: int | None = None) -> dict[str, Any]:
     """Fields every family reads the same way."""
     refuse_if(cfg.get("hidden_act", "silu") != "silu", "hidden_act", f"{cfg.get('hidden_act')!r}: only 'silu'")
+    for field in _FOREIGN:
+        refuse_if(bool(cfg.get(field)), field, f"{cfg.get(field)!r}: not implemented for {cfg.get('model_type')}")
     hidden = int(require(cfg, "hidden_size"))
     heads = int(require(cfg, "num_attention_heads"))
     head_dim = int(cfg.get("head_dim") or hidden // heads)

@@ -54,30 +54,31 @@ def _slots(table: list[int], num_tokens: int, block_size: int) -> Tensor:
     return torch.tensor(table, dtype=torch.long)[pos // block_size] * block_size + pos % block_size
 
 
-def _decode_group(chunks: list[SeqChunk], device: str) -> DecodeGroup | None:
-    decodes = [c for c in chunks if c.num_tokens == 1]
+def _decode_group(chunks: list[SeqChunk], host_slots: list[Tensor], device: str) -> DecodeGroup | None:
+    decodes = [(c, s) for c, s in zip(chunks, host_slots) if c.num_tokens == 1]
     if not decodes:
         return None
-    width = max(c.context_len for c in decodes)
-    slots = torch.zeros(len(decodes), width, dtype=torch.long)
-    for i, c in enumerate(decodes):
-        slots[i, :c.context_len] = c.context_slots
+    width = max(c.context_len for c, _ in decodes)
+    slots = torch.zeros(len(decodes), width, dtype=torch.long)  # [B, C], built on the host, moved once
+    for i, (c, s) in enumerate(decodes):
+        slots[i, :c.context_len] = s
     as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
-    return DecodeGroup(as_long([c.start for c in decodes]), as_long([c.context_len for c in decodes]),
+    return DecodeGroup(as_long([c.start for c, _ in decodes]), as_long([c.context_len for c, _ in decodes]),
                        slots.to(device))
 
 
 def make_batch(items: list[tuple[list[int], list[int], int]], block_size: int, device: str = "cpu") -> Batch:
     """items: (block table, new token ids, position of the first new token) per sequence."""
-    ids, pos, slot_mapping, chunks, last = [], [], [], [], []
+    ids, pos, host_slots, chunks, last = [], [], [], [], []
     for table, tokens, start_pos in items:
         context = start_pos + len(tokens)
         slots = _slots(table, context, block_size)  # [C]
         chunks.append(SeqChunk(len(ids), len(tokens), context, slots.to(device)))
+        host_slots.append(slots)
         ids += tokens
         pos += range(start_pos, context)
-        slot_mapping.append(slots[start_pos:])
         last.append(len(ids) - 1)
+    slot_mapping = torch.cat([s[c.context_len - c.num_tokens:] for c, s in zip(chunks, host_slots)])  # [T]
     as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
-    return Batch(as_long(ids), as_long(pos), torch.cat(slot_mapping).to(device), tuple(chunks), as_long(last),
-                 _decode_group(chunks, device))
+    return Batch(as_long(ids), as_long(pos), slot_mapping.to(device), tuple(chunks), as_long(last),
+                 _decode_group(chunks, host_slots, device))

@@ -28,6 +28,8 @@ def _parse(name: str, **changes):
     ("DeepSeek-V2-Lite-Chat", {"attention_bias": True}, "attention_bias"),
     ("Mixtral-8x7B-Instruct-v0.1", {"hidden_act": "gelu"}, "hidden_act"),
     ("Mixtral-8x7B-Instruct-v0.1", {"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ("Mixtral-8x7B-Instruct-v0.1", {"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
+    ("Kimi-K2-Instruct", {"qk_layernorm": True}, "qk_layernorm"),
     ("Mixtral-8x7B-Instruct-v0.1", {"rope_scaling": {"rope_type": "su", "factor": 2.0}}, "rope_scaling.rope_type"),
     ("gpt-oss-20b", {"layer_types": ["sliding_attention", "chunked_attention"] * 2}, "layer_types"),
     ("gpt-oss-20b", {"layer_types": ["sliding_attention"]}, "layer_types"),
