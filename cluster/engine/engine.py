@@ -77,9 +77,8 @@ class LLMEngine:
         self.default_sampling = generation.as_dict()  # what a request that gives none of them gets
         self.stop_ids = frozenset(cfg.eos_token_ids) | frozenset(generation.eos_token_ids)
         self.no_tokenizer_reason = no_tokenizer_reason or "this checkpoint has no tokenizer.json: send token ids"
-        experts = getattr(model.experts, "experts", {})
-        self.memory = memory_report(self.dtype, self.cache, model.weights.nbytes,
-                                    sum(w.nbytes for w in experts.values()))
+        local = model.experts.experts.values() if isinstance(model.experts, LocalExperts) else ()  # remote: 0 here
+        self.memory = memory_report(self.dtype, self.cache, model.weights.nbytes, sum(w.nbytes for w in local))
         self._ids = itertools.count()
 
     @classmethod
