@@ -92,7 +92,7 @@ def start_server(model: str, workers: int, port: int) -> None:
     ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="/tmp/moe-bench-"),
              log_to_driver=False, _node_ip_address="127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    cfg = app_config({"model": model, "num_workers": workers, "router_num_cpus": 0.5, "max_num_seqs": 64,
+    cfg = app_config({"model": model, "num_workers": workers, "routers": {"num_cpus": 0.5}, "max_num_seqs": 64,
                       "max_model_len": 512, "worker": {"num_cpus": 0.25, "torch_threads": 1}})
     serve.run(build_app(cfg), name="moe", route_prefix="/")
 

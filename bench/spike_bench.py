@@ -148,7 +148,7 @@ def run_mode(args, prompts, autoscale: bool) -> Recorder:
              log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-        cfg = app_config({"model": args.model, "num_workers": args.workers, "router_num_cpus": 0.5,
+        cfg = app_config({"model": args.model, "num_workers": args.workers, "routers": {"num_cpus": 0.5},
                           "max_num_seqs": args.clients, "max_model_len": 256,
                           "autoscaler": {**POLICY, "enabled": autoscale},
                           "worker": {"num_cpus": 0.25, "torch_threads": 1,

@@ -1,39 +1,92 @@
-"""Placement: which expert worker holds which (layer, expert_id) slots. Pure, no Ray.
+"""Placement: which expert worker holds which experts. Pure, no Ray.
 
-The router reads one `Placement` at a time; a new table replaces the old one
+Glossary (one name per concept, here and in protos, YAML and metrics):
+
+| name | meaning | example |
+|---|---|---|
+| expert | `(layer, expert_id)` of the model | `(3, 17)` |
+| copy | one loaded instance of an expert on a worker | expert `(3, 17)` on workers 0 and 5: two copies |
+| worker | a process holding copies, reached over a transport | `expert-worker-2`, an `expert-pool` replica |
+| slot | room for one copy on a worker | `slots_per_worker: 64` |
+| placement | `workers[w]` = the experts worker w holds a copy of | `((( 0, 0), (0, 2)), ((0, 1),))` |
+| placement table | a placement + the workers' addresses, with a version | version 7 |
+| table version | increases on every change; routers switch at step boundaries | 7 → 8 |
+| generation | per worker, increases each time the controller heals it | a replaced worker comes back as generation 1 |
+
+"Expert load" is traffic (tokens routed to an expert); putting weights on a
+worker is "loading copies", never "load". The KV cache has `kv_slot`s, not slots.
+
+A router reads one table at a time; a new table replaces the old one
 atomically (one reference swap), so a step never sees half a change.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-Slot = tuple[int, int]  # (layer, expert_id)
+Expert = tuple[int, int]  # (layer, expert_id)
+Slot = Expert  # kept for callers that name the experts a worker holds its slots
 
 
 @dataclass(frozen=True)
 class Placement:
-    workers: tuple[tuple[Slot, ...], ...]  # workers[w] = slots held by worker w
+    workers: tuple[tuple[Expert, ...], ...]  # workers[w] = experts worker w holds a copy of
 
     @property
     def num_workers(self) -> int:
         return len(self.workers)
 
-    def copies(self) -> dict[Slot, tuple[int, ...]]:
-        """Slot -> workers holding a copy of it."""
-        out: dict[Slot, list[int]] = {}
-        for worker, slots in enumerate(self.workers):
-            for slot in slots:
-                out.setdefault(slot, []).append(worker)
-        return {slot: tuple(ws) for slot, ws in out.items()}
+    def copies(self) -> dict[Expert, tuple[int, ...]]:
+        """Expert -> workers holding a copy of it."""
+        out: dict[Expert, list[int]] = {}
+        for worker, experts in enumerate(self.workers):
+            for expert in experts:
+                out.setdefault(expert, []).append(worker)
+        return {expert: tuple(ws) for expert, ws in out.items()}
 
-    def check_covers(self, slots: list[Slot]) -> None:
-        missing = sorted(set(slots) - set(self.copies()))
+    def check_covers(self, experts: list[Expert]) -> None:
+        missing = sorted(set(experts) - set(self.copies()))
         if missing:
-            raise ValueError(f"placement leaves {len(missing)} expert slot(s) without a copy, e.g. {missing[:3]}")
+            raise ValueError(f"placement leaves {len(missing)} expert(s) without a copy, e.g. {missing[:3]}")
+
+    def with_worker(self) -> "Placement":
+        """One more worker, empty (a pool worker joining)."""
+        return Placement(self.workers + ((),))
 
 
-def round_robin(slots: list[Slot], num_workers: int, copies: int = 1) -> Placement:
-    """`copies` copies of every slot; copy c of expert e (every layer) goes to worker
+@dataclass(frozen=True)
+class WorkerRef:
+    """Where a worker is and which incarnation of it the table means."""
+
+    address: str  # data-plane address, host:port
+    node_id: str = ""  # Ray node: routers prefer copies on their own node
+    generation: int = 0  # bumped by the controller each time it heals the worker
+    retired: bool = False  # a pool worker that left: holds nothing, counted nowhere
+
+
+@dataclass(frozen=True)
+class Table:
+    """The placement table: what routers route by. Immutable; a change is a new version."""
+
+    version: int
+    placement: Placement
+    workers: tuple[WorkerRef, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.workers) != self.placement.num_workers:
+            raise ValueError(f"table v{self.version}: {len(self.workers)} worker refs for "
+                             f"{self.placement.num_workers} workers in the placement")
+
+    def active(self) -> list[int]:
+        return [w for w, ref in enumerate(self.workers) if not ref.retired]
+
+    def changed(self, placement: Placement | None = None, workers: tuple[WorkerRef, ...] | None = None) -> "Table":
+        """The next version with a new placement and/or worker refs."""
+        return replace(self, version=self.version + 1, placement=placement or self.placement,
+                       workers=workers if workers is not None else self.workers)
+
+
+def round_robin(experts: list[Expert], num_workers: int, copies: int = 1) -> Placement:
+    """`copies` copies of every expert; copy c of expert e (every layer) goes to worker
     (e + c) % num_workers, so copies of one expert are always on different workers.
 
     Keeping an expert id on one worker across layers spreads each layer's
@@ -44,8 +97,8 @@ def round_robin(slots: list[Slot], num_workers: int, copies: int = 1) -> Placeme
         raise ValueError("num_workers must be ≥ 1")
     if not 1 <= copies <= num_workers:
         raise ValueError(f"copies must be between 1 and num_workers ({num_workers}), got {copies}")
-    workers: list[list[Slot]] = [[] for _ in range(num_workers)]
-    for layer, expert_id in slots:
+    workers: list[list[Expert]] = [[] for _ in range(num_workers)]
+    for layer, expert_id in experts:
         for c in range(copies):
             workers[(expert_id + c) % num_workers].append((layer, expert_id))
     return Placement(tuple(tuple(w) for w in workers))

@@ -1,4 +1,8 @@
-"""Build the Serve application: N expert workers (placement from cluster.placement) + the router.
+"""Build the Serve application once: model config, initial placement, policy and the data-plane
+secret are computed here and bound into every deployment.
+
+    ingress (HTTP + gRPC APIs) ──▶ routers (N, autoscaled) ──▶ expert workers (+ autoscaled pool)
+                 └──────────────▶ placement controller ◀──────┘ (load reports, table versions)
 
 Used by `moe-cluster serve` and by plain Serve configs:
     serve run deployments/serve_local.yaml
@@ -7,13 +11,28 @@ from __future__ import annotations
 
 from typing import Any
 
+from ray import serve
 from ray.serve import Application
 
 from cluster.loader import open_model
 from cluster.placement import round_robin
 from deployments.config import AppConfig, app_config
-from deployments.expert_worker import ExpertPoolWorker, ExpertWorker
+from deployments.controller import PlacementController
+from deployments.experts.auth import resolve_secret
+from deployments.experts.worker import ExpertPoolWorker, ExpertWorker
+from deployments.ingress import Ingress
+from deployments.messages import AppSpec
 from deployments.router import Router
+
+EXPERT_WEIGHT_BYTES = 4  # fp32 on CPU: the serving dtype of expert weights (per element)
+
+
+def spec_of(cfg: AppConfig) -> AppSpec:
+    _, _, model_cfg = open_model(cfg.model)  # fail fast, before anything is deployed
+    placement = round_robin(model_cfg.expert_pairs(), cfg.num_workers, cfg.expert_copies) if cfg.num_workers else None
+    expert_bytes = 3 * model_cfg.hidden_size * model_cfg.expert_intermediate_size * EXPERT_WEIGHT_BYTES
+    return AppSpec(cfg, placement, cfg.policy(), resolve_secret(cfg.data_plane_secret), model_cfg.moe_layer_ids,
+                   model_cfg.num_experts, expert_bytes)
 
 
 def worker_actor_options(cfg: AppConfig, worker: int = 0) -> dict[str, Any]:
@@ -27,35 +46,60 @@ def worker_actor_options(cfg: AppConfig, worker: int = 0) -> dict[str, Any]:
     return options
 
 
-def build_app(cfg: AppConfig) -> Application:
-    _, _, model_cfg = open_model(cfg.model)  # fail fast, before anything is deployed
-    placement = round_robin(model_cfg.expert_pairs(), cfg.num_workers, cfg.expert_copies) if cfg.num_workers else None
-    workers = []
-    for i in range(cfg.num_workers):
-        name = f"expert-worker-{i}"
-        slots = [list(s) for s in placement.workers[i]]
-        workers.append(ExpertWorker.options(name=name, ray_actor_options=worker_actor_options(cfg, i))
-                       .bind(cfg.model, slots, name, cfg.data_plane_host, cfg.worker.torch_threads,
-                             "cuda" if cfg.worker.num_gpus > 0 else "cpu", cfg.worker.service_time_per_token_s))
-    router = Router.options(ray_actor_options={"num_cpus": cfg.router_num_cpus, "num_gpus": cfg.router_num_gpus})
-    return router.bind(cfg.model_dump(), workers, _pool(cfg))
+def _workers(spec: AppSpec) -> list:
+    cfg, device = spec.cfg, "cuda" if spec.cfg.worker.num_gpus > 0 else "cpu"
+    deployment = serve.deployment(ExpertWorker, health_check_period_s=5, max_ongoing_requests=16)
+    return [deployment.options(name=f"expert-worker-{i}", ray_actor_options=worker_actor_options(cfg, i))
+            .bind(cfg.model, [list(e) for e in spec.placement.workers[i]], f"expert-worker-{i}", cfg.data_plane_host,
+                  spec.data_plane_secret, cfg.worker.torch_threads, device, cfg.worker.service_time_per_token_s)
+            for i in range(cfg.num_workers)]
 
 
-def _pool(cfg: AppConfig):
-    """The autoscaled expert pool, when the policy asks for one (max_pool_workers > 0)."""
-    policy = cfg.policy()
-    if not cfg.num_workers or policy is None or policy.max_pool_workers == 0:
+def _pool(spec: AppSpec, controller):
+    """The autoscaled expert pool, when the config asks for one (pool.max_workers > 0)."""
+    cfg, pool = spec.cfg, spec.cfg.pool
+    if not cfg.num_workers or pool.max_workers == 0:
         return None
-    autoscaling = {"min_replicas": policy.min_pool_workers, "max_replicas": policy.max_pool_workers,
-                   "initial_replicas": policy.min_pool_workers, "metrics_interval_s": 1.0,
-                   "look_back_period_s": 5.0, "upscale_delay_s": policy.pool_upscale_delay_s,
-                   "downscale_delay_s": policy.pool_downscale_delay_s,
+    autoscaling = {"min_replicas": pool.min_workers, "max_replicas": pool.max_workers,
+                   "initial_replicas": pool.min_workers, "metrics_interval_s": 1.0, "look_back_period_s": 5.0,
+                   "upscale_delay_s": pool.upscale_delay_s, "downscale_delay_s": pool.downscale_delay_s,
                    "policy": {"policy_function": "deployments.pool_policy:scale_on_busy"}}
-    return (ExpertPoolWorker.options(name="expert-pool", ray_actor_options=worker_actor_options(cfg),
-                                     autoscaling_config=autoscaling)
-            .bind(cfg.model, cfg.app_name, cfg.data_plane_host, cfg.worker.torch_threads,
+    deployment = serve.deployment(ExpertPoolWorker, name="expert-pool", health_check_period_s=5,
+                                  max_ongoing_requests=16)
+    return (deployment.options(ray_actor_options=worker_actor_options(cfg), autoscaling_config=autoscaling)
+            .bind(cfg.model, controller, cfg.data_plane_host, spec.data_plane_secret, cfg.worker.torch_threads,
                   "cuda" if cfg.worker.num_gpus > 0 else "cpu", cfg.worker.service_time_per_token_s,
-                  policy.pool_target_busy))
+                  pool.target_busy))
+
+
+def _router_options(cfg: AppConfig) -> dict[str, Any]:
+    r = cfg.routers
+    actor = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
+    if r.label_selector:
+        actor["label_selector"] = dict(r.label_selector)
+    # Above the router's own limit (max_num_seqs + max_queued_requests → 503 at once): Serve would
+    # queue requests past its limit at the caller instead, which looks like a hang to the client.
+    limit = 2 * (cfg.max_num_seqs + cfg.max_queued_requests) + 8
+    options: dict[str, Any] = {"ray_actor_options": actor, "health_check_period_s": 5, "max_ongoing_requests": limit}
+    if r.min == r.max:
+        options["num_replicas"] = r.min
+    else:
+        options["autoscaling_config"] = {"min_replicas": r.min, "max_replicas": r.max,
+                                         "target_ongoing_requests": r.target_ongoing_requests}
+    return options
+
+
+def build_app(cfg: AppConfig) -> Application:
+    spec = spec_of(cfg)
+    workers = _workers(spec) if spec.placement is not None else []
+    controller = serve.deployment(PlacementController, name="controller", num_replicas=1,
+                                  ray_actor_options={"num_cpus": 0}).bind(spec, workers)
+    pool = _pool(spec, controller)
+    routers = serve.deployment(Router, name="router", **_router_options(cfg)).bind(spec, controller)
+    ingress = serve.deployment(serve.ingress()(Ingress), name="ingress", num_replicas=cfg.ingress.replicas,
+                               max_ongoing_requests=100_000, health_check_period_s=5,
+                               ray_actor_options={"num_cpus": cfg.ingress.num_cpus})
+    return ingress.bind(spec, routers, controller, *([pool] if pool is not None else []))
 
 
 def app_builder(args: dict[str, Any]) -> Application:

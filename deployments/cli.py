@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import sys
@@ -58,17 +57,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_ray(address: str | None, cfg) -> None:
-    import ray
+def _start_ray(address: str | None, cfg, host: str) -> None:
+    from deployments.local import start_local_ray
 
     if address:
+        import ray
+
         ray.init(address=address)
         return
-    # Embedded single-node cluster: enough logical CPUs for the router and every worker
-    # (Ray CPUs are scheduling units here; torch threads are set per replica).
-    needed = cfg.router_num_cpus + cfg.num_workers * cfg.worker.num_cpus
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), include_dashboard=False,
-             _node_ip_address="127.0.0.1")  # a one-machine cluster: Ray's own ports stay on loopback
+    # Embedded single-node cluster: enough logical CPUs for the routers and every worker
+    # (Ray CPUs are scheduling units here; torch threads are set per replica), every port on `host`.
+    needed = cfg.routers.max * cfg.routers.num_cpus + cfg.num_workers * cfg.worker.num_cpus + 1
+    start_local_ray(host, needed, cfg.max_body_bytes)
+
+
+def _overrides(args: argparse.Namespace, app_conf: dict) -> dict:
+    out = {"model": args.model, "num_workers": args.num_workers, "api_key": args.api_key,
+           "app_name": app_conf.get("name", "moe")}
+    if args.routers is not None:
+        out["routers"] = {**app_conf.get("args", {}).get("routers", {}), "min": args.routers, "max": args.routers}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -79,15 +87,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     conf = load_serve_config(args.config)
     app_conf = conf["applications"][0]
-    overrides = {"model": args.model, "num_workers": args.num_workers, "api_key": args.api_key,
-                 "app_name": app_conf.get("name", "moe")}
-    cfg = app_config({**app_conf.get("args", {}), **{k: v for k, v in overrides.items() if v is not None}})
+    cfg = app_config({**app_conf.get("args", {}), **_overrides(args, app_conf)})
     http = {**conf.get("http_options", {}), "host": args.host, **({"port": args.http_port} if args.http_port else {})}
     grpc = {**conf.get("grpc_options", {}), **({"port": args.grpc_port} if args.grpc_port else {})}
-    print(f"starting moe-cluster: model {cfg.model}, {cfg.num_workers} expert worker(s)", file=sys.stderr)
-    _start_ray(args.address, cfg)
+    if cfg.resolved_api_key():
+        grpc["enable_reflection"] = False  # the schema is not shown to callers without the key
+    print(f"starting moe-cluster: model {cfg.model}, {cfg.routers.min}-{cfg.routers.max} router(s), "
+          f"{cfg.num_workers} expert worker(s)", file=sys.stderr)
+    _start_ray(args.address, cfg, args.host)
     serve.start(http_options=http, grpc_options=grpc)
-    serve.run(build_app(cfg), name=app_conf.get("name", "moe"), route_prefix="/")
+    serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
     base = f"http://{http['host']}:{http.get('port', 8000)}"
     print(f"ready: HTTP {base}/v1/completions (OpenAI API), gRPC {http['host']}:{grpc.get('port', 9000)} "
           f"(protos/moe_serving.proto), metrics {base}/metrics. Ctrl-C stops.", flush=True)
@@ -96,23 +105,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     try:
-        _drain(serve.get_app_handle(app_conf.get("name", "moe")), cfg.drain_timeout_s)
-    except Exception as e:  # noqa: BLE001 - a router that cannot drain must not keep us from stopping
+        _drain(serve.get_deployment_handle("controller", cfg.app_name), cfg.drain_timeout_s)
+    except Exception as e:  # noqa: BLE001 - a cluster that cannot drain must not keep us from stopping
         print(f"drain skipped: {e}", file=sys.stderr, flush=True)
     serve.shutdown()
     return 0
 
 
-def _drain(router, timeout_s: float) -> None:
-    """New requests get 503 from now on; in-flight ones may finish for up to `timeout_s`."""
-    left = router.drain.remote().result(timeout_s=30)
+def _drain(controller, timeout_s: float) -> None:
+    """New requests get 503 from now on; in-flight ones may finish for up to `timeout_s`, then
+    the rest end with an error event (streams) or a 503 before the server stops."""
+    controller.start_drain.remote().result(timeout_s=30)
+    time.sleep(1.0)  # every ingress replica has polled the controller: none admits new requests
+    left = controller.in_flight.remote().result(timeout_s=30)
     print(f"shutting down: draining {left} in-flight request(s) (up to {timeout_s:g} s)", file=sys.stderr, flush=True)
     deadline = time.monotonic() + timeout_s
     while left and time.monotonic() < deadline:
         time.sleep(0.2)
-        left = router.in_flight.remote().result(timeout_s=30)
+        left = controller.in_flight.remote().result(timeout_s=30)
     if left:
         print(f"drain window over: {left} request(s) cut off", file=sys.stderr, flush=True)
+        controller.cut.remote().result(timeout_s=30)
+        time.sleep(1.5)  # the ingress replicas end them with an error event / 503
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default="deployments/serve_local.yaml", help="Ray Serve config YAML")
     s.add_argument("--model", default=None, help="checkpoint directory (overrides the config)")
     s.add_argument("--num-workers", type=int, default=None, help="expert workers (overrides the config)")
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--routers", type=int, default=None,
+                   help="router replicas (attention data-parallel, each with its own KV cache; overrides the config)")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address every port binds to on a local start (HTTP, gRPC, data plane, Ray's own)")
     s.add_argument("--http-port", type=int, default=None)
     s.add_argument("--grpc-port", type=int, default=None)
     s.add_argument("--address", default=None, help="existing Ray cluster to join (default: start one here)")

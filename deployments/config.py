@@ -1,4 +1,6 @@
-"""The serving application's settings (the `args` of the Serve application), validated by pydantic."""
+"""The serving application's deployment options (the `args` of the Serve application), validated
+by pydantic. Read once, when the application is built; the runtime autoscaling policy (what
+`PUT /admin/policy` changes) lives apart, in deployments/policy.py."""
 from __future__ import annotations
 
 import os
@@ -11,9 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from deployments.policy import AutoscalePolicy, load_policy
 
 
-class WorkerOptions(BaseModel):
+class _Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+
+class WorkerOptions(_Options):
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per expert worker replica")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per expert worker; > 0 puts its experts on cuda")
     memory: int | None = Field(None, ge=0, description="bytes of memory reserved per expert worker (Ray resource)")
@@ -29,13 +33,53 @@ class WorkerOptions(BaseModel):
                                             "seconds per row); 0 = off")
 
 
-class AppConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class RouterOptions(_Options):
+    min: int = Field(1, ge=1, description="router replicas Serve keeps at least (each has its own batching "
+                                          "engine and KV cache; all share the expert workers)")
+    max: int = Field(1, ge=1, description="router replicas Serve may scale up to on ongoing requests")
+    target_ongoing_requests: float = Field(32, gt=0, description="Serve adds a router when the mean ongoing "
+                                                                 "requests per router exceed this")
+    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per router replica")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per router replica")
+    device: str = Field("cpu", description="device of the router's backbone: cpu or cuda")
+    label_selector: dict[str, str] = Field(default_factory=dict, description="node labels a router must land on")
 
+    @model_validator(mode="after")
+    def _bounds(self) -> "RouterOptions":
+        if self.min > self.max:
+            raise ValueError(f"routers.min ({self.min}) must not exceed routers.max ({self.max})")
+        return self
+
+
+class IngressOptions(_Options):
+    replicas: int = Field(1, ge=1, description="API replicas (HTTP + gRPC, tokenisation, retries); light, CPU only")
+    num_cpus: float = Field(0.25, ge=0, description="Ray CPUs reserved per API replica")
+
+
+class PoolOptions(_Options):
+    min_workers: int = Field(0, ge=0, description="expert-pool replicas Serve keeps at least (the pool adds "
+                                                  "workers beside the fixed num_workers)")
+    max_workers: int = Field(0, ge=0, description="expert-pool replicas Serve may scale up to; 0 = no pool")
+    target_busy: float = Field(0.6, gt=0, le=1, description="pool workers' target busy fraction (time spent "
+                                                            "computing experts); above it Serve adds workers")
+    upscale_delay_s: float = Field(10.0, ge=0, description="Serve waits this long before adding a pool worker")
+    downscale_delay_s: float = Field(60.0, ge=0, description="and this long before removing one")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "PoolOptions":
+        if self.min_workers > self.max_workers:
+            raise ValueError(f"pool.min_workers ({self.min_workers}) must not exceed pool.max_workers "
+                             f"({self.max_workers})")
+        return self
+
+
+class AppConfig(_Options):
     model: str = Field("models/demo", description="checkpoint directory (config.json + safetensors)")
-    app_name: str = Field("moe", description="the Serve application's name (expert-pool replicas find the router "
-                                             "by it); keep it equal to the name in the Serve config")
+    app_name: str = Field("moe", description="the Serve application's name; keep it equal to the name in the "
+                                             "Serve config")
     served_model_name: str | None = Field(None, description="name clients pass as `model` (default: the directory name)")
+    routers: RouterOptions = Field(default_factory=RouterOptions)
+    ingress: IngressOptions = Field(default_factory=IngressOptions)
     num_workers: int = Field(2, ge=0, description="expert workers; 0 keeps the experts in the router process")
     expert_copies: int = Field(1, ge=1, description="copies of every expert at start (on different workers); "
                                                   "2 lets a worker die without failing a request")
@@ -43,30 +87,36 @@ class AppConfig(BaseModel):
                                                                  "re-sent to another copy and the worker marked down")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM: how long in-flight requests may run on "
                                                            "while new ones get 503")
-    data_plane_host: str = Field("127.0.0.1", description="address the expert workers' gRPC data plane binds to")
-    router_device: str = Field("cpu", description="device of the router's backbone: cpu or cuda")
-    router_num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved for the router replica")
-    router_num_gpus: float = Field(0.0, ge=0, description="GPUs for the router replica")
-    max_num_seqs: int = Field(64, ge=1, description="sequences decoded together (KV-cache slots)")
+    data_plane_host: str = Field("127.0.0.1", description="address the expert workers' data plane binds to")
+    data_plane_secret: str | None = Field(None, description="shared secret of the expert data plane; prefer the "
+                                          "MOE_CLUSTER_DATA_PLANE_SECRET environment variable; unset: one is "
+                                          "generated per application")
+    max_num_seqs: int = Field(64, ge=1, description="sequences each router decodes together (KV-cache slots)")
     max_model_len: int = Field(1024, ge=8, description="context length: prompt + max_tokens")
     max_num_batched_tokens: int = Field(4096, ge=1, description="prompt tokens admitted per step")
     worker: WorkerOptions = Field(default_factory=WorkerOptions)
+    pool: PoolOptions = Field(default_factory=PoolOptions)
     autoscaler: AutoscalePolicy | None = Field(None, description="hot-expert autoscaling policy (inline); "
                                                                  "off when neither this nor policy_file is set")
     policy_file: str | None = Field(None, description="hot-expert autoscaling policy YAML (deployments/policies/)")
     api_key: str | None = Field(None, description="require this key (HTTP `Authorization: Bearer`, gRPC metadata) "
                                                   "on every route but /health; prefer the MOE_CLUSTER_API_KEY "
                                                   "environment variable, which is used when this is unset")
-    max_queued_requests: int = Field(256, ge=0, description="requests that may wait for a KV-cache slot; "
-                                                            "beyond that new ones get 503 / RESOURCE_EXHAUSTED")
+    max_queued_requests: int = Field(256, ge=0, description="requests that may wait for a KV-cache slot on a "
+                                                            "router; beyond that new ones get 503")
     request_timeout_s: float = Field(300.0, gt=0, description="a request still running after this gets 408 / "
                                                               "DEADLINE_EXCEEDED and its work is released")
-    max_body_bytes: int = Field(1 << 20, ge=1024, description="HTTP request bodies larger than this get 413")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="HTTP bodies and gRPC prompts larger than this get "
+                                                              "413 / RESOURCE_EXHAUSTED")
+    engine_step_delay_s: float = Field(0.0, ge=0, le=5, description="testing only: sleep this long before every "
+                                       "engine step (makes time-dependent tests independent of the machine)")
 
     @model_validator(mode="after")
-    def _copies_fit(self) -> "AppConfig":
+    def _consistent(self) -> "AppConfig":
         if self.num_workers and self.expert_copies > self.num_workers:
             raise ValueError(f"expert_copies ({self.expert_copies}) must not exceed num_workers ({self.num_workers})")
+        if self.pool.max_workers and not self.num_workers:
+            raise ValueError("pool.max_workers > 0 needs num_workers ≥ 1 (the pool joins fixed expert workers)")
         return self
 
     def resolved_api_key(self) -> str | None:

@@ -1,42 +1,87 @@
-"""Prometheus metrics of the router (low cardinality: no per-request labels)."""
+"""Prometheus metrics (low cardinality: no per-request labels).
+
+Two registries, one per process that owns the figures: `API` in each ingress
+replica (requests, latencies, tokens), `CLUSTER` in the placement controller
+(routers, expert load, placement, rebalancing, data-plane failures, gathered
+from the routers' reports). `/metrics` serves both: the answering ingress
+replica's own and the controller's.
+"""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
-REGISTRY = CollectorRegistry()
+
+class ReportedCounter:
+    """A counter whose value others count (each router since it started) and report: exposed as a
+    Prometheus counter (`_total`) holding the sum of the latest reports."""
+
+    def __init__(self, name: str, documentation: str, label: str, registry: CollectorRegistry):
+        self.name, self.documentation, self.label = name, documentation, label
+        self.values: dict[str, float] = {}
+        registry.register(self)
+
+    def set(self, values: dict[str, float]) -> None:
+        self.values = dict(values)
+
+    def collect(self):
+        family = CounterMetricFamily(self.name, self.documentation, labels=[self.label])
+        for value, total in sorted(self.values.items()):
+            family.add_metric([value], total)
+        yield family
+
+API = CollectorRegistry()
+CLUSTER = CollectorRegistry()
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
-REQUESTS = Counter("moe_requests", "requests by API and outcome", ["api", "outcome"], registry=REGISTRY)
-GENERATED_TOKENS = Counter("moe_generated_tokens", "tokens generated", registry=REGISTRY)
-EXPERT_TOKENS = Counter("moe_expert_tokens", "(token, expert) pairs computed", registry=REGISTRY)
-TTFT = Histogram("moe_time_to_first_token_seconds", "time to first token", buckets=_LATENCY_BUCKETS,
-                 registry=REGISTRY)
+# -- ingress -------------------------------------------------------------------------------------
+REQUESTS = Counter("moe_requests", "requests by API and outcome", ["api", "outcome"], registry=API)
+GENERATED_TOKENS = Counter("moe_generated_tokens", "tokens generated", registry=API)
+EXPERT_TOKENS = Counter("moe_expert_tokens", "(token, expert) pairs computed", registry=API)
+TTFT = Histogram("moe_time_to_first_token_seconds", "time to first token", buckets=_LATENCY_BUCKETS, registry=API)
 ITL = Histogram("moe_inter_token_latency_seconds", "time between tokens of a stream", buckets=_LATENCY_BUCKETS,
-                registry=REGISTRY)
-RUNNING = Gauge("moe_running_sequences", "sequences in the running batch", registry=REGISTRY)
-WAITING = Gauge("moe_waiting_sequences", "requests queued for a KV-cache slot", registry=REGISTRY)
-REBALANCES = Counter("moe_rebalances", "expert placement changes by outcome", ["outcome"], registry=REGISTRY)
-WEIGHT_BYTES_MOVED = Counter("moe_weight_bytes_moved", "expert weight bytes loaded for new copies", registry=REGISTRY)
-REBALANCE_SECONDS = Histogram("moe_rebalance_seconds", "time per placement change (load, switch, drain, retire)",
-                              buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=REGISTRY)
-EXPERT_CALL_FAILURES = Counter("moe_expert_call_failures", "expert calls that failed or timed out (re-sent to "
-                               "another copy when one is live)", ["code"], registry=REGISTRY)
-WORKERS_DOWN = Gauge("moe_expert_workers_down", "expert workers the router is waiting on to come back",
-                     registry=REGISTRY)
-# One series per MoE layer: bounded by the model, not by traffic.
+                registry=API)
+RESUMED = Counter("moe_requests_resumed", "requests moved to another router after theirs stopped", registry=API)
+
+# -- controller ------------------------------------------------------------------------------------
+ROUTERS = Gauge("moe_routers", "router replicas reporting to the controller", registry=CLUSTER)
+RUNNING = Gauge("moe_running_sequences", "sequences in the running batch, all routers", registry=CLUSTER)
+WAITING = Gauge("moe_waiting_sequences", "requests queued for a KV-cache slot, all routers", registry=CLUSTER)
+TABLE_VERSION = Gauge("moe_placement_table_version", "version of the controller's placement table",
+                      registry=CLUSTER)
+REBALANCES = Counter("moe_rebalances", "placement changes by outcome: started, done, failed, abandoned, "
+                     "skipped_<reason>", ["outcome"], registry=CLUSTER)
+LAST_REBALANCE = Gauge("moe_last_rebalance_success_timestamp_seconds", "when the last placement change finished "
+                       "(0: none yet)", registry=CLUSTER)
+WEIGHT_BYTES_MOVED = Counter("moe_weight_bytes_moved", "expert weight bytes loaded for new copies", registry=CLUSTER)
+REBALANCE_SECONDS = Histogram("moe_rebalance_seconds", "time per placement change (load, switch, retire)",
+                              buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=CLUSTER)
+EXPERT_CALL_FAILURES = ReportedCounter("moe_expert_call_failures", "expert calls that failed or timed out "
+                                       "(re-sent to another copy when one is live), all routers", "code", CLUSTER)
+WORKERS_DOWN = Gauge("moe_expert_workers_down", "expert workers some router saw fail and the controller has not "
+                     "healed yet", registry=CLUSTER)
+# One series per MoE layer or worker: bounded by the model and the pool, not by traffic.
 EXPERT_IMBALANCE = Gauge("moe_layer_expert_load_max_over_mean",
                          "hottest expert's load / mean expert load (EMA of tokens per step)", ["layer"],
-                         registry=REGISTRY)
+                         registry=CLUSTER)
 WORKER_IMBALANCE = Gauge("moe_layer_worker_load_max_over_mean",
                          "most-loaded expert worker / mean worker load under the current placement", ["layer"],
-                         registry=REGISTRY)
+                         registry=CLUSTER)
 COPIES = Gauge("moe_expert_copies", "expert copies held per worker (current placement)", ["worker"],
-               registry=REGISTRY)
+               registry=CLUSTER)
+COPY_BYTES = Gauge("moe_expert_copy_bytes", "expert weight bytes held per worker (current placement)", ["worker"],
+                   registry=CLUSTER)
 
 
-def render(stats: dict[str, float], load: dict) -> bytes:
-    RUNNING.set(stats["running"])
-    WAITING.set(stats["waiting"])
-    for layer, ratio in zip(load["layers"], load["max_over_mean"]):
-        EXPERT_IMBALANCE.labels(str(layer)).set(ratio)
-    return generate_latest(REGISTRY)
+def render(registry: CollectorRegistry) -> str:
+    return generate_latest(registry).decode()
+
+
+def exported_series() -> set[str]:
+    """Every series name /metrics can show (the Grafana dashboard may query only these)."""
+    names = set()
+    for registry in (API, CLUSTER):
+        for family in registry.collect():
+            suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
+            names.update(family.name + s for s in suffixes)
+    return names

@@ -1,11 +1,15 @@
-"""The hot-expert autoscaling policy: every knob, validated (user YAML → pydantic)."""
+"""The hot-expert autoscaling policy: every knob applied at run time, validated (user YAML → pydantic).
+
+`PUT /admin/policy` changes these on a running cluster. Deployment options read only
+when the application is built (pool bounds, router counts) live in deployments/config.py.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class AutoscalePolicy(BaseModel):
@@ -30,21 +34,9 @@ class AutoscalePolicy(BaseModel):
     token_split: Literal["even", "least_loaded"] = Field(
         "even", description="how an expert's rows are shared among its copies (router's own node first): split "
                             "evenly, or all to the copy whose worker has the fewest rows so far in the layer")
-    min_pool_workers: int = Field(0, ge=0, description="expert-pool replicas Serve keeps at least (the pool "
-                                                       "adds workers beside the fixed num_workers)")
-    max_pool_workers: int = Field(0, ge=0, description="expert-pool replicas Serve may scale up to; 0 = no pool")
-    pool_target_busy: float = Field(0.6, gt=0, le=1, description="pool workers' target busy fraction (time spent "
-                                                                 "computing experts); above it Serve adds workers")
-    pool_upscale_delay_s: float = Field(10.0, ge=0, description="Serve waits this long before adding a pool worker")
-    pool_downscale_delay_s: float = Field(60.0, ge=0, description="and this long before removing one")
-    drain_s: float = Field(2.0, ge=0, description="wait after switching tables before old copies are retired")
-
-    @model_validator(mode="after")
-    def _pool_bounds(self) -> "AutoscalePolicy":
-        if self.min_pool_workers > self.max_pool_workers:
-            raise ValueError(f"min_pool_workers ({self.min_pool_workers}) must not exceed max_pool_workers "
-                             f"({self.max_pool_workers})")
-        return self
+    switch_timeout_s: float = Field(30.0, gt=0, description="a rebalance whose new table not every router has "
+                                    "switched to within this is abandoned: nothing is retired, it is counted "
+                                    "and logged, and the next one can run")
 
     def layer_slots(self, num_layers: int, expert_bytes: int) -> int | None:
         """Copies of one layer's experts a worker may hold under the slot and memory limits."""

@@ -1,42 +1,51 @@
-"""An expert worker without Ray: one process serving the gRPC data plane for some slots.
+"""An expert worker without Ray: one process serving the data plane for some experts.
 
-    python -m deployments.standalone_worker MODEL '[[layer, expert_id], ...]' [NAME] [--service-time-per-token S]
+    MOE_CLUSTER_DATA_PLANE_SECRET=... python -m deployments.standalone_worker MODEL '[[layer, expert_id], ...]' \
+        [NAME] [--service-time-per-token S]
 
 Prints the port it listens on (127.0.0.1), then serves until killed. Used by
-bench/data_plane_bench.py and the data-plane fault tests.
+bench/data_plane_bench.py and the data-plane tests. The secret is required.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import threading
 
 import torch
 
 from cluster.loader import load_experts, open_model
 from cluster.model.experts import LocalExperts
-from deployments.data_plane import ExpertServicer, start_server
+from deployments.experts.auth import ENV
+from deployments.experts.servicer import ExpertServicer
+from deployments.experts.transport.grpc import serve
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("model")
-    p.add_argument("slots", help="JSON list of [layer, expert_id]")
+    p.add_argument("experts", help="JSON list of [layer, expert_id]")
     p.add_argument("name", nargs="?", default="worker")
     p.add_argument("--service-time-per-token", type=float, default=0.0,
                    help="model a device of fixed capacity (seconds per row; benchmarks and fault tests)")
     args = p.parse_args()
-    slots = [tuple(s) for s in json.loads(args.slots)]
+    secret = os.environ.get(ENV)
+    if not secret:
+        sys.exit(f"set {ENV}: the data plane refuses callers without the shared secret")
+    experts = [tuple(e) for e in json.loads(args.experts)]
     torch.set_num_threads(1)
     ckpt, family, cfg = open_model(args.model)
-    experts = LocalExperts(load_experts(ckpt, family, cfg, slots))
-    def load(wanted):
+    held = LocalExperts(load_experts(ckpt, family, cfg, experts))
+
+    def load_copies(wanted):
         before = ckpt.bytes_read
-        experts.add(load_experts(ckpt, family, cfg, wanted))
+        held.add(load_experts(ckpt, family, cfg, wanted))
         return ckpt.bytes_read - before
 
-    servicer = ExpertServicer(args.name, experts, "cpu", args.service_time_per_token, load)
-    server, port = start_server(servicer, "127.0.0.1")
+    servicer = ExpertServicer(args.name, cfg, held, "cpu", args.service_time_per_token, load_copies)
+    _, port = serve(servicer, "127.0.0.1", secret)
     print(port, flush=True)
     threading.Event().wait()
 

@@ -13,8 +13,9 @@ import torch
 
 from cluster.config import ModelConfig
 from cluster.engine.memory import kv_cache_budget, memory_report
-from cluster.engine.params import InvalidRequest, SamplingParams
-from cluster.engine.sampling import Sampled, sample_row
+from cluster.engine.params import SamplingParams
+from cluster.engine.prompts import PromptChecker
+from cluster.engine.sampling import History, Sampled, sample_row, top_logprobs
 from cluster.engine.scheduler import Scheduler
 from cluster.engine.sequence import Sequence
 from cluster.generation_config import GenerationDefaults, read_generation_config
@@ -36,14 +37,16 @@ TokenRouting = tuple[tuple[int, tuple[int, ...], tuple[float, ...]], ...]
 @dataclass(frozen=True)
 class StepOutput:
     request_id: str
-    token_id: int
+    token_id: int | None  # None only when a prompt is scored with max_tokens 0
     text_delta: str
-    sampled: Sampled
-    finish_reason: str | None  # None while running; "stop" | "length" | "abort" when done
+    sampled: Sampled | None
+    finish_reason: str | None  # None while running; "stop" | "length" | "abort" | "error" when done
     routing: TokenRouting | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     expert_tokens: int = 0
+    prompt_logprobs: tuple[Sampled | None, ...] | None = None  # on the first output, when asked for
+    error: str | None = None  # finish_reason "error": why this sequence failed (the batch went on)
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class Completion:
     logprobs: list[Sampled]
     expert_tokens: int
     routing: list[TokenRouting]
+    prompt_logprobs: list[Sampled | None] | None = None
 
 
 class LLMEngine:
@@ -63,7 +67,7 @@ class LLMEngine:
                  max_num_seqs: int = 64, max_model_len: int = 1024, max_num_batched_tokens: int = 4096,
                  device: str = "cpu", kv_cache_dtype=None, kv_cache_memory_bytes: int | None = None,
                  gpu_memory_utilization: float = 0.9, block_size: int = 16,
-                 generation: GenerationDefaults = GenerationDefaults(), no_tokenizer_reason: str = ""):
+                 generation: GenerationDefaults = GenerationDefaults(), no_tokenizer_reason: str | None = None):
         self.cfg, self.model, self.tokenizer, self.device = cfg, model, tokenizer, device
         self.max_model_len = max_model_len
         self.dtype = model.weights.embed.dtype
@@ -71,12 +75,12 @@ class LLMEngine:
         budget = kv_cache_budget(cfg, self.kv_dtype, device, max_num_seqs, max_model_len, kv_cache_memory_bytes,
                                  gpu_memory_utilization)
         self.cache = KVCache.for_budget(cfg, budget, block_size, self.kv_dtype, device)
+        self.prompts = PromptChecker(cfg, tokenizer, max_model_len, self.cache.capacity_tokens, no_tokenizer_reason)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
         self.load = LoadTracker(cfg.moe_layer_ids, cfg.num_experts)
         self.generation = generation
         self.default_sampling = generation.as_dict()  # what a request that gives none of them gets
-        self.stop_ids = frozenset(cfg.eos_token_ids) | frozenset(generation.eos_token_ids)
-        self.no_tokenizer_reason = no_tokenizer_reason or "this checkpoint has no tokenizer.json: send token ids"
+        self.stop_ids = tuple(dict.fromkeys(cfg.eos_token_ids + generation.eos_token_ids))  # config.json's first
         local = model.experts.experts.values() if isinstance(model.experts, LocalExperts) else ()  # remote: 0 here
         self.memory = memory_report(self.dtype, self.cache, model.weights.nbytes, sum(w.nbytes for w in local))
         self._ids = itertools.count()
@@ -99,8 +103,7 @@ class LLMEngine:
                 print(" done", file=sys.stderr)
         max_len = min(max_model_len or 2048, cfg.context_limit)
         model = MoETransformer(cfg, backbone, experts, max_len, device)
-        tokenizer = TextTokenizer.from_checkpoint(path)
-        return cls(cfg, model, tokenizer, max_model_len=max_len, device=device,
+        return cls(cfg, model, TextTokenizer.from_checkpoint(path), max_model_len=max_len, device=device,
                    generation=read_generation_config(path), no_tokenizer_reason=missing_reason(path), **kwargs)
 
     @property
@@ -111,27 +114,10 @@ class LLMEngine:
 
     # -- requests ---------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InvalidRequest(self.no_tokenizer_reason, "prompt")
-            return self.tokenizer.encode(prompt)
-        return list(prompt)
+        return self.prompts.encode(prompt)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_ids:
-            raise InvalidRequest("prompt: must not be empty", "prompt")
-        bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < self.cfg.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequest(f"prompt: token id {bad!r} is outside [0, {self.cfg.vocab_size})", "prompt")
-        total = len(prompt_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise InvalidRequest(
-                f"max_tokens: prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                f"the context length ({self.max_model_len})", "max_tokens")
-        if total > self.cache.capacity_tokens:
-            raise InvalidRequest(
-                f"max_tokens: prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                f"the KV cache ({self.cache.capacity_tokens} tokens)", "max_tokens")
+        self.prompts.validate(prompt_ids, params)
 
     def with_defaults(self, params: SamplingParams) -> SamplingParams:
         """The request's sampling with the fields it left as None filled from generation_config.json."""
@@ -164,21 +150,48 @@ class LLMEngine:
             return []
         items = [(s.blocks, *s.next_input()) for s in seqs]
         batch = make_batch(items, self.cache.block_size, self.device)
-        logits, routing = self.model.forward(batch, self.cache)  # [B, V]
+        rows, prompt_rows = _logit_rows(batch, seqs)
+        logits, routing = self.model.forward(batch, self.cache, rows=rows)  # [B + P, V]
         self.load.record(routing)
         moe_rows = len(routing) * self.cfg.top_k
-        logits = logits.cpu()
-        argmax = logits.argmax(-1).tolist()  # one call for the whole batch: most requests are greedy
+        logits = logits.float().cpu()
+        argmax = logits[:len(seqs)].argmax(-1).tolist()  # one call for the whole batch: most requests are greedy
         outputs = []
         for i, seq in enumerate(seqs):
             seq.expert_tokens += batch.chunks[i].num_tokens * moe_rows
-            seq.prefilled = True
-            row_routing = _routing_at(routing, int(batch.last_rows[i])) if seq.params.return_routing else None
-            outputs.append(self._advance(seq, sample_row(logits[i], seq.params, seq.generator, argmax[i]),
-                                         row_routing))
+            try:
+                outputs.append(self._next(seq, i, logits, argmax[i], prompt_rows, routing, batch))
+            except Exception as e:  # noqa: BLE001 - one sequence's failure must not touch the others
+                outputs.append(self._fail(seq, e))
         return outputs
 
-    def _advance(self, seq: Sequence, sampled: Sampled, routing: TokenRouting | None) -> StepOutput:
+    def _next(self, seq: Sequence, i: int, logits, argmax: int, prompt_rows, routing, batch) -> StepOutput:
+        scored = None
+        if seq.wants_prompt_logprobs:
+            seq.prompt_logprobs = _prompt_logprobs(seq, logits, prompt_rows[i])
+            scored = tuple(seq.prompt_logprobs)
+        seq.prefilled = True
+        if seq.params.max_tokens == 0:  # scoring only: nothing to sample
+            seq.finish_reason = "length"
+            self.scheduler.finish(seq)
+            return StepOutput(seq.request_id, None, "", None, "length", None, len(seq.prompt_ids), 0,
+                              seq.expert_tokens, scored)
+        history = History(seq.prompt_ids, seq.output_ids, self._banned_early(seq.params))
+        sampled = sample_row(logits[i], seq.params, seq.generator, argmax, history)
+        row_routing = _routing_at(routing, int(batch.last_rows[i])) if seq.params.return_routing else None
+        return self._advance(seq, sampled, row_routing, scored)
+
+    def _banned_early(self, params: SamplingParams) -> tuple[int, ...]:
+        return (() if params.ignore_eos else self.stop_ids) + params.stop_token_ids
+
+    def _fail(self, seq: Sequence, error: Exception) -> StepOutput:
+        seq.finish_reason, seq.error = "error", f"{type(error).__name__}: {error}"[:500]
+        self.scheduler.finish(seq)
+        return StepOutput(seq.request_id, None, "", None, "error", prompt_tokens=len(seq.prompt_ids),
+                          completion_tokens=len(seq.output_ids), expert_tokens=seq.expert_tokens, error=seq.error)
+
+    def _advance(self, seq: Sequence, sampled: Sampled, routing: TokenRouting | None,
+                 scored: tuple | None = None) -> StepOutput:
         seq.output_ids.append(sampled.token_id)
         if seq.params.logprobs is not None:
             seq.logprobs.append(sampled)
@@ -188,7 +201,7 @@ class LLMEngine:
         if seq.finish_reason:
             self.scheduler.finish(seq)
         return StepOutput(seq.request_id, sampled.token_id, _text_delta(seq), sampled, seq.finish_reason,
-                          routing, len(seq.prompt_ids), len(seq.output_ids), seq.expert_tokens)
+                          routing, len(seq.prompt_ids), len(seq.output_ids), seq.expert_tokens, scored)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
@@ -215,8 +228,11 @@ class LLMEngine:
 
     @staticmethod
     def _completion(seq: Sequence) -> Completion:
+        if seq.error:
+            raise RuntimeError(f"request {seq.request_id} failed: {seq.error}")
         return Completion(seq.request_id, seq.prompt_ids, seq.output_ids, seq.text, seq.finish_reason,
-                          seq.logprobs, seq.expert_tokens, seq.routing)
+                          seq.logprobs, seq.expert_tokens, seq.routing,
+                          seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None)
 
 
 def _text_delta(seq: Sequence) -> str:
@@ -237,3 +253,27 @@ def _text_delta(seq: Sequence) -> str:
 
 def _routing_at(routing, row: int) -> TokenRouting:
     return tuple((r.layer, tuple(r.ids[row].tolist()), tuple(r.weights[row].tolist())) for r in routing)
+
+
+def _logit_rows(batch, seqs: list[Sequence]):
+    """Rows that need logits: each chunk's last token, then every prompt row of a sequence whose
+    prompt is scored (row r predicts token r + 1). Returns (rows [B + P], per-sequence (offset, count))."""
+    extra, spans, offset = [], [], len(seqs)
+    for chunk, seq in zip(batch.chunks, seqs):
+        n = chunk.num_tokens - 1 if seq.wants_prompt_logprobs else 0
+        extra.extend(range(chunk.start, chunk.start + n))
+        spans.append((offset, n))
+        offset += n
+    if not extra:
+        return None, spans
+    return torch.cat([batch.last_rows, torch.tensor(extra, dtype=torch.long, device=batch.last_rows.device)]), spans
+
+
+def _prompt_logprobs(seq: Sequence, logits, span: tuple[int, int]) -> list[Sampled | None]:
+    """The first prompt token has no logprob (nothing predicts it); token r + 1 is scored by row r."""
+    offset, n = span
+    logp = torch.log_softmax(logits[offset:offset + n], -1)  # [n, V]
+    out: list[Sampled | None] = [None]
+    for r, token in enumerate(seq.prompt_ids[1:n + 1]):
+        out.append(Sampled(token, float(logp[r, token]), top_logprobs(logp[r], seq.params.prompt_logprobs)))
+    return out

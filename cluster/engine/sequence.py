@@ -17,10 +17,12 @@ class Sequence:
     params: SamplingParams
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[Sampled] = field(default_factory=list)
+    prompt_logprobs: list[Sampled | None] = field(default_factory=list)  # when params.prompt_logprobs is set
     text: str = ""
     blocks: list[int] = field(default_factory=list)  # its KV-cache block table
     prefilled: bool = False  # its tokens are in the KV cache (False again after a preemption)
     finish_reason: str | None = None
+    error: str | None = None  # why this sequence failed (finish_reason "error"); the others go on
     expert_tokens: int = 0  # (token, expert) pairs this request used, over all MoE layers
     routing: list = field(default_factory=list)  # per generated token, when params.return_routing
     sent_chars: int = 0  # text already handed out as deltas
@@ -33,6 +35,10 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return not self.prefilled and self.params.prompt_logprobs is not None and not self.prompt_logprobs
 
     def next_input(self) -> tuple[list[int], int]:
         """New tokens to run this step and the position of the first one. A sequence that is not in

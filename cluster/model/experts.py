@@ -22,6 +22,9 @@ def swiglu(x: Tensor, w: MLPWeights) -> Tensor:
 
 
 class ExpertExecutor(Protocol):
+    def begin_step(self) -> None:
+        """A forward pass starts: the one point where a remote executor may switch placement tables."""
+
     def run(self, layer: int, rows: Tensor, counts: Sequence[int]) -> Tensor:
         """rows [N, D] sorted by expert_id, counts[e] rows for expert e → outputs [N, D], same order."""
 
@@ -42,6 +45,9 @@ class LocalExperts:
     def remove(self, slots: list[tuple[int, int]]) -> None:
         gone = set(slots)
         self.experts = {k: v for k, v in self.experts.items() if k not in gone}
+
+    def begin_step(self) -> None:
+        pass
 
     def holds(self, layer: int, expert_id: int) -> bool:
         return (layer, expert_id) in self.experts

@@ -31,9 +31,11 @@ class MoETransformer:
         return norm(x, weight, bias, self.cfg.rms_norm_eps, self.cfg.norm)
 
     @torch.inference_mode()
-    def forward(self, batch: Batch, cache: KVCache) -> tuple[Tensor, list[Routing]]:
-        """Run the batch's new tokens; return logits of each chunk's last token [B, V] and the routing."""
+    def forward(self, batch: Batch, cache: KVCache, rows: Tensor | None = None) -> tuple[Tensor, list[Routing]]:
+        """Run the batch's new tokens; return the logits of `rows` (default: each chunk's last token,
+        [B, V]) and the routing."""
         cfg, scale = self.cfg, self.cfg.residual_multiplier
+        self.experts.begin_step()
         x = self.weights.embed[batch.token_ids]  # [T, D]
         if cfg.embedding_multiplier != 1.0:
             x = x * cfg.embedding_multiplier
@@ -49,6 +51,7 @@ class MoETransformer:
                 h, r = moe_block(h, w, layer, cfg.gating, self.experts, cfg.router_fp32)
                 routing.append(r)
             x = x + (h * scale if scale != 1.0 else h)
-        last = self._norm(x[batch.last_rows], self.weights.final_norm, self.weights.final_norm_bias)  # [B, D]
+        last = self._norm(x[batch.last_rows if rows is None else rows], self.weights.final_norm,
+                          self.weights.final_norm_bias)  # [B, D]
         logits = F.linear(last, self.weights.lm_head, self.weights.lm_head_bias).float()  # [B, V]
         return (logits / cfg.logits_scaling if cfg.logits_scaling != 1.0 else logits), routing

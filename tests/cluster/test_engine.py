@@ -16,8 +16,8 @@ def _run_recording_logits(engine, prompts, params):
     """Drive engine.step(), keeping each request's logits per step (rows follow the step's outputs)."""
     forward, seen = engine.model.forward, {}
 
-    def spy(batch, cache):
-        logits, routing = forward(batch, cache)
+    def spy(batch, cache, rows=None):
+        logits, routing = forward(batch, cache, rows=rows)
         spy.last = logits
         return logits, routing
 

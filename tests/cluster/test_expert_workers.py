@@ -19,6 +19,9 @@ class Workers:
     def __init__(self, workers: list[LocalExperts]):
         self.workers = workers
 
+    def begin_step(self) -> None:
+        pass
+
     def run(self, layer: int, rows: torch.Tensor, counts) -> torch.Tensor:
         out, start = torch.empty_like(rows), 0
         for expert_id, n in enumerate(counts):

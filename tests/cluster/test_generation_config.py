@@ -22,7 +22,7 @@ def test_generation_config_eos_ids_join_the_stop_set(model_dir):
     stop = full[5]
     (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [stop, 127], "bos_token_id": 1}))
     engine = LLMEngine.from_pretrained(str(model_dir))
-    assert {stop, 127} <= engine.stop_ids
+    assert {stop, 127} <= set(engine.stop_ids)
     out = engine.generate([[3, 1, 4]], GREEDY)[0]
     assert out.finish_reason == "stop" and out.token_ids == full[:full.index(stop) + 1]
     ignored = engine.generate([[3, 1, 4]], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]

@@ -45,7 +45,7 @@ def test_replanning_the_same_loads_moves_nothing():
     workers = [Worker()] * 8
     first = plan(loads, list(range(4)), workers, 8)
     again = plan(loads, list(range(4)), workers, 8, current=first.placement)
-    assert again.moves == 0 and again.placement == first.placement
+    assert again.moves == 0 and again.placement == first.placement and not again.changed
 
 
 def test_hierarchical_balances_nearly_as_well_as_global():
@@ -92,10 +92,13 @@ def test_round_robin_copies_land_on_different_workers():
 def test_slot_capacity_and_memory_budget_are_respected():
     loads = np.array([[40.0, 10, 5, 5, 5, 5, 5, 5]])
     workers = [Worker(layer_slots=2), Worker(layer_slots=2), Worker(layer_slots=4), Worker(layer_slots=4)]
-    p = plan(loads, [0], workers, extra_per_layer=8)  # room for 12 copies: 8 experts + 4 extra, not 8
-    assert [len(slots) for slots in p.placement.workers][:2] == [2, 2]
+    p = plan(loads, [0], workers, extra_per_layer=8)  # room for 12 copies: 8 experts + at most 4 extra
     assert all(len(s) <= w.layer_slots for s, w in zip(p.placement.workers, workers))
-    assert sum(map(len, p.placement.workers)) == 12
+    assert p.max_over_mean == pytest.approx(1.0)  # one extra copy of expert 0 is enough: 20 per worker
+    assert sum(map(len, p.placement.workers)) == 9  # the 3 more that fit would not lower max/mean
+    hot = plan(np.array([[70.0, 2, 2, 2, 2, 2, 2, 2]]), [0], workers, extra_per_layer=8)
+    assert len(hot.placement.copies()[(0, 0)]) == 4  # one per worker: the most that fit
+    assert all(len(s) <= w.layer_slots for s, w in zip(hot.placement.workers, workers))
     with pytest.raises(ValueError, match="at most 6 expert copies per layer .* each layer has 8 experts"):
         plan(loads, [0], [Worker(layer_slots=3)] * 2, extra_per_layer=0)
 
@@ -127,3 +130,45 @@ def test_retired_workers_get_nothing_and_do_not_count():
     workers = [Worker(), Worker(), Worker(layer_slots=0)]
     p = plan(loads, [0], workers, 2)
     assert p.placement.workers[2] == () and p.max_over_mean < 1.2
+
+
+def test_even_loads_keep_no_extra_copies_and_retire_the_ones_held():
+    loads = np.full((2, 8), 5.0)
+    slots = [(layer, e) for layer in (0, 1) for e in range(8)]
+    fresh = plan(loads, [0, 1], [Worker()] * 4, extra_per_layer=4)
+    assert sum(map(len, fresh.placement.workers)) == 16 and fresh.max_over_mean == 1.0
+    doubled = round_robin(slots, 4, copies=2)  # every expert twice: what a skewed past left behind
+    p = plan(loads, [0, 1], [Worker()] * 4, extra_per_layer=16, current=doubled)
+    assert p.changed and p.moves == 0 and p.retires == 16 and p.max_over_mean == 1.0
+    assert all(set(s) <= set(old) for s, old in zip(p.placement.workers, doubled.workers))
+
+
+def test_byte_budget_is_never_exceeded_and_extra_copies_go_where_they_help():
+    loads = np.array([[100.0, 1, 1, 1], [1, 1, 1, 1]])  # layer 0 skewed, layer 1 even
+    workers = [Worker(budget_bytes=500), Worker(budget_bytes=599)]  # 5 copies of 100 bytes each
+    p = plan(loads, [0, 1], workers, extra_per_layer=4, expert_bytes=100)
+    assert p.worker_bytes == (500, 500)  # 8 experts + 2 extra copies, both of the hot expert's layer
+    copies = p.placement.copies()
+    assert copies[(0, 0)] in ((0, 1), (1, 0)) and all(len(ws) == 1 for s, ws in copies.items() if s[0] == 1)
+    with pytest.raises(ValueError, match=r"at most 6 expert copies \(budget_bytes.* need 8"):
+        plan(loads, [0, 1], [Worker(budget_bytes=399), Worker(budget_bytes=300)], 0, expert_bytes=100)
+    with pytest.raises(ValueError, match="expert_bytes"):
+        plan(loads, [0, 1], workers, 0)
+
+
+def test_a_tight_slot_capacity_still_places_every_copy():
+    """Every worker full and the last copies belong to an expert already on the workers with room:
+    the old greedy raised 'not enough worker slots'; the packer now shifts another copy aside."""
+    loads = np.array([[10.0, 9, 9, 9, 9, 1, 1]])  # 8 copies after one extra, 2 workers x 4 slots
+    p = plan(loads, [0], [Worker(slots=4), Worker(slots=4)], extra_per_layer=1, max_copies=2)
+    assert [len(s) for s in p.placement.workers] == [4, 4]
+    assert sorted(p.placement.copies()[(0, 0)]) == [0, 1]
+
+
+def test_max_copies_one_and_retired_workers_limit_the_copies():
+    loads = np.array([[50.0, 1, 1]])
+    one = plan(loads, [0], [Worker()] * 3, extra_per_layer=3, max_copies=1)
+    assert sum(map(len, one.placement.workers)) == 3
+    retired = plan(loads, [0], [Worker(), Worker(slots=0), Worker(budget_bytes=0)], extra_per_layer=3,
+                   max_copies=3, expert_bytes=10)
+    assert retired.placement.workers[1:] == ((), ()) and retired.placement.copies()[(0, 0)] == (0,)

@@ -7,6 +7,10 @@ import tempfile
 import pytest
 
 
+GRPC_SERVICERS = ["protos.moe_serving_pb2_grpc.add_MoeServingServicer_to_server",
+                  "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -26,7 +30,7 @@ class Cluster:
         from deployments.app import build_app
         from deployments.config import app_config
 
-        args = {**dict(model=model, num_workers=num_workers, router_num_cpus=0.5, max_num_seqs=16,
+        args = {**dict(model=model, num_workers=num_workers, routers={"num_cpus": 0.5}, max_num_seqs=16,
                        max_model_len=512, worker={"num_cpus": 0.25, "torch_threads": 1}), **extra}
         key = json.dumps(args, sort_keys=True)
         if key != self.current:
@@ -40,13 +44,14 @@ def cluster():
     ray = pytest.importorskip("ray")
     from ray import serve
 
+    from deployments.local import start_local_ray
+
     temp_dir = tempfile.mkdtemp(prefix="/tmp/moe-ray-")  # short: Ray's socket paths must stay < 108 chars
-    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False,
-             _node_ip_address="127.0.0.1")  # all Ray traffic on loopback
+    # As `moe-cluster serve` starts it: every port, Ray's included, on 127.0.0.1.
+    start_local_ray("127.0.0.1", 8, 1 << 20, _temp_dir=temp_dir, log_to_driver=False)
     c = Cluster(free_port(), free_port())
     serve.start(http_options={"host": "127.0.0.1", "port": c.http_port},
-                grpc_options={"port": c.grpc_port,
-                              "grpc_servicer_functions": ["protos.moe_serving_pb2_grpc.add_MoeServingServicer_to_server"]})
+                grpc_options={"port": c.grpc_port, "grpc_servicer_functions": GRPC_SERVICERS})
     try:
         yield c
     finally:

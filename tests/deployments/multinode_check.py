@@ -30,7 +30,7 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         # Worker 0 next to the router, workers 1 and 2 on the experts node; every expert on two workers.
         selectors = [{"moe-cluster/role": "router"}, {"moe-cluster/role": "experts"}, {"moe-cluster/role": "experts"}]
-        cfg = app_config({"model": model, "num_workers": 3, "expert_copies": 2, "router_num_cpus": 0.5,
+        cfg = app_config({"model": model, "num_workers": 3, "expert_copies": 2, "routers": {"num_cpus": 0.5},
                           "max_num_seqs": 8, "max_model_len": 256,
                           "worker": {"num_cpus": 0.5, "torch_threads": 1, "label_selectors": selectors}})
         serve.run(build_app(cfg), name="moe", route_prefix="/")
@@ -40,8 +40,14 @@ def main() -> None:
                                 json={"prompt": p, "max_tokens": 8, "temperature": 0}).json()["choices"][0]["token_ids"]
                   for p in ([5, 17, 33], [100, 3])]
         t0 = time.perf_counter()
+        deadline = time.monotonic() + 30  # routers report their counters every 0.5 s
         stats = requests.get(f"{base}/admin/stats", timeout=30).json()
+        while len(stats["data_plane"]["calls_per_worker"]) < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            stats = requests.get(f"{base}/admin/stats", timeout=30).json()
+        [router] = stats["routers"].values()
         print(json.dumps({"node_roles": nodes, "tokens": tokens, "data_plane": stats["data_plane"],
+                          "local_workers": router["data_plane"]["local_workers"],
                           "steps": stats["steps"], "step_seconds": stats["step_seconds"],
                           "stats_ms": 1000 * (time.perf_counter() - t0)}), flush=True)
     finally:

@@ -11,7 +11,7 @@ from tests.deployments.clients import concurrently, http_complete
 pytestmark = pytest.mark.slow
 
 POLICY = dict(interval_s=0.5, window_steps=4, hot_threshold=1.0, min_gain=0.01, cooldown_s=0,
-              extra_slots_per_layer=3, max_copies_per_expert=2, drain_s=0.5)
+              extra_slots_per_layer=3, max_copies_per_expert=2)
 PROMPTS = [[5, 17, 33], [5, 17, 34], [5, 17, 33, 9]]  # similar prompts: the same few experts run hot
 
 
@@ -23,7 +23,7 @@ def test_skewed_load_adds_copies_without_losing_requests(cluster, checkpoint_fac
     sent = ok = failed = 0
     history = []
     deadline = time.time() + 120
-    while time.time() < deadline and not history:
+    while time.time() < deadline and not [h for h in history if h["outcome"] == "done"]:
         results = concurrently(lambda i: http_complete(cluster.base, PROMPTS[i], 10), range(len(PROMPTS)))
         sent += len(results)
         for r, exp in zip(results, expected):
@@ -33,7 +33,7 @@ def test_skewed_load_adds_copies_without_losing_requests(cluster, checkpoint_fac
                 failed += 1
         history = requests.get(f"{cluster.base}/admin/autoscaler", timeout=30).json()["history"]
     assert history, "no rebalance happened within 120 s"
-    assert history[0]["copies_added"] > 0 and history[0]["bytes_loaded"] > 0
+    assert history[0]["outcome"] == "done" and history[0]["copies_added"] > 0 and history[0]["bytes_loaded"] > 0
     # traffic after the switch: served by the new table, output unchanged
     for _ in range(3):
         results = concurrently(lambda i: http_complete(cluster.base, PROMPTS[i], 10), range(len(PROMPTS)))

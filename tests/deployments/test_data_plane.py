@@ -1,31 +1,42 @@
-"""The gRPC expert data plane without Ray: copies, token splitting, failover, placement swaps."""
+"""The gRPC expert data plane without Ray: copies, copy choice, failover, table swaps, healing
+(with generations), authentication and request validation."""
+import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
 
+import grpc
+import numpy as np
 import pytest
 
+from cluster.copy_choice import NoLiveCopy, choose_copies, split
 from cluster.engine import LLMEngine, SamplingParams
 from cluster.loader import open_model
-from cluster.placement import Placement, round_robin
-from deployments.data_plane import ExpertUnavailable, RemoteExperts, _split
+from cluster.placement import Placement, Table, WorkerRef, round_robin
+from deployments.experts.auth import ENV
+from deployments.experts.remote import ExpertUnavailable, RemoteExperts
+from deployments.experts.transport.grpc import GrpcTransport
+from deployments.membership import Membership
+from protos import expert_pb2, expert_pb2_grpc
 
 PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 PROMPTS = [[5, 17, 33], [100, 3], list(range(3, 40, 2)), [7, 7, 7, 7, 8]]
+SECRET = "test-data-plane-secret"
 
 
 @pytest.fixture
 def workers(checkpoint_factory):
-    """Start standalone worker processes for given slot lists; killed at the end."""
+    """Start standalone worker processes for given expert lists; returns their ports; killed at the end."""
     procs = []
 
-    def start(model: str, slot_lists, *extra: str) -> list[subprocess.Popen]:
-        for slots in slot_lists:
+    def start(model: str, expert_lists, *extra: str) -> list[subprocess.Popen]:
+        for experts in expert_lists:
             procs.append(subprocess.Popen([sys.executable, "-m", "deployments.standalone_worker", model,
-                                           json.dumps([list(s) for s in slots]), *extra],
-                                          stdout=subprocess.PIPE, text=True))
-        return procs[-len(slot_lists):]
+                                           json.dumps([list(e) for e in experts]), *extra],
+                                          stdout=subprocess.PIPE, text=True, env={**os.environ, ENV: SECRET}))
+        return procs[-len(expert_lists):]
 
     yield start
     for p in procs:
@@ -33,36 +44,63 @@ def workers(checkpoint_factory):
         p.wait()
 
 
-def _engine(model, placement, procs, ports=None, **kw):
-    ports = ports if ports is not None else []
-    ports[:] = [int(p.stdout.readline()) for p in procs]
-    remote = RemoteExperts(placement, lambda w, refresh=False: f"127.0.0.1:{ports[w]}", **kw)
-    return LLMEngine.from_pretrained(model, experts=remote, max_num_seqs=8, max_model_len=128), remote
+def connect(ref: WorkerRef) -> GrpcTransport:
+    return GrpcTransport(ref.address, SECRET)
+
+
+def _table(placement: Placement, ports: list[int], nodes=None) -> Table:
+    nodes = nodes or [""] * len(ports)
+    return Table(1, placement, tuple(WorkerRef(f"127.0.0.1:{p}", n) for p, n in zip(ports, nodes)))
+
+
+def _engine(model, placement, procs, nodes=None, **kw):
+    ports = [int(p.stdout.readline()) for p in procs]
+    remote = RemoteExperts(_table(placement, ports, nodes), connect, **kw)
+    return LLMEngine.from_pretrained(model, experts=remote, max_num_seqs=8, max_model_len=128), remote, ports
+
+
+def _expected(model):
+    return [o.token_ids for o in LLMEngine.from_pretrained(model).generate(PROMPTS, PARAMS)]
 
 
 def test_split_is_even_and_contiguous():
-    assert _split(10, 7, 3) == [(10, 3), (13, 2), (15, 2)]
-    assert _split(0, 1, 2) == [(0, 1), (1, 0)]
+    assert split(10, 7, 3) == [(10, 3), (13, 2), (15, 2)]
+    assert split(0, 1, 2) == [(0, 1), (1, 0)]
 
 
-@pytest.mark.parametrize("split", ["even", "least_loaded"])
-def test_copies_share_rows_and_output_is_unchanged(checkpoint_factory, workers, split):
+@pytest.mark.parametrize("rule,expected", [
+    ("even", {0: [(0, 0, 2), (1, 4, 1)], 1: [(0, 2, 2), (1, 5, 1)]}),
+    ("least_loaded", {0: [(0, 0, 4)], 1: [(1, 4, 2)]}),
+])
+def test_copy_choice_rules(rule, expected):
+    copies = Placement((((0, 0), (0, 1)), ((0, 0), (0, 1)))).copies()
+    assert choose_copies(0, [4, 2], copies, down=set(), local=frozenset(), rule=rule) == expected
+    # a copy on the router's node wins either way; a down worker is never chosen
+    assert choose_copies(0, [4, 2], copies, down=set(), local=frozenset({1}), rule=rule) == \
+        {1: [(0, 0, 4), (1, 4, 2)]}
+    assert choose_copies(0, [4, 2], copies, down={1}, local=frozenset({1}), rule=rule) == \
+        {0: [(0, 0, 4), (1, 4, 2)]}
+    with pytest.raises(NoLiveCopy):
+        choose_copies(0, [4, 2], copies, down={0, 1}, local=frozenset(), rule=rule)
+
+
+@pytest.mark.parametrize("split_rule", ["even", "least_loaded"])
+def test_copies_share_rows_and_output_is_unchanged(checkpoint_factory, workers, split_rule):
     model = str(checkpoint_factory("mixtral"))
     _, _, cfg = open_model(model)
     both = Placement((tuple(cfg.expert_pairs()), tuple(cfg.expert_pairs())))  # every expert twice
-    expected = [o.token_ids for o in LLMEngine.from_pretrained(model).generate(PROMPTS, PARAMS)]
-    engine, remote = _engine(model, both, workers(model, both.workers), token_split=split)
-    assert [o.token_ids for o in engine.generate(PROMPTS, PARAMS)] == expected
-    assert remote.timer.snapshot()["calls"] > 0
+    engine, remote, _ = _engine(model, both, workers(model, both.workers), token_split=split_rule)
+    assert [o.token_ids for o in engine.generate(PROMPTS, PARAMS)] == _expected(model)
+    assert remote.stats.snapshot()["calls"] > 0
 
 
 def test_killed_worker_with_a_second_copy_loses_no_request(checkpoint_factory, workers):
     model = str(checkpoint_factory("mixtral"))
     _, _, cfg = open_model(model)
     both = Placement((tuple(cfg.expert_pairs()), tuple(cfg.expert_pairs())))
-    expected = [o.token_ids for o in LLMEngine.from_pretrained(model).generate(PROMPTS, PARAMS)]
     procs = workers(model, both.workers)
-    engine, remote = _engine(model, both, procs)
+    reported = []
+    engine, remote, _ = _engine(model, both, procs, on_down=lambda w, g: reported.append((w, g)))
     ids = [engine.add_request(p, PARAMS) for p in PROMPTS]
     seqs = {rid: engine.scheduler.find(rid) for rid in ids}
     for _ in range(3):
@@ -71,8 +109,8 @@ def test_killed_worker_with_a_second_copy_loses_no_request(checkpoint_factory, w
     procs[1].wait()
     while engine.has_unfinished():
         engine.step()
-    assert [seqs[rid].output_ids for rid in ids] == expected
-    assert remote.failovers > 0
+    assert [seqs[rid].output_ids for rid in ids] == _expected(model)
+    assert remote.stats.failovers > 0 and reported == [(1, 0)] and remote.down_workers() == [(1, 0)]
 
 
 def test_killed_worker_without_a_copy_fails_clearly(checkpoint_factory, workers):
@@ -80,40 +118,45 @@ def test_killed_worker_without_a_copy_fails_clearly(checkpoint_factory, workers)
     _, _, cfg = open_model(model)
     placement = round_robin(cfg.expert_pairs(), 2)
     procs = workers(model, placement.workers)
-    engine, _ = _engine(model, placement, procs)
+    engine, remote, _ = _engine(model, placement, procs)
     procs[0].kill()
     procs[0].wait()
-    with pytest.raises(ExpertUnavailable, match="no other live copy answered"):
+    with pytest.raises(RuntimeError, match="no other live copy answered"):
         engine.generate(PROMPTS[:1], PARAMS)
+    assert remote.uncovered()  # readiness sees it
     t0 = time.monotonic()  # while it is down, new work fails at once: a clear error, not a hang
     with pytest.raises(ExpertUnavailable, match="no live copy"):
         engine.generate(PROMPTS[:1], PARAMS)
     assert time.monotonic() - t0 < 5
 
 
-def test_placement_swap_mid_generation(checkpoint_factory, workers):
+def test_table_swap_mid_generation_happens_at_step_boundaries(checkpoint_factory, workers):
     model = str(checkpoint_factory("qwen2_moe"))
     _, _, cfg = open_model(model)
-    one, other = round_robin(cfg.expert_pairs(), 2), Placement((tuple(cfg.expert_pairs()),) * 2)
-    expected = [o.token_ids for o in LLMEngine.from_pretrained(model).generate(PROMPTS, PARAMS)]
-    engine, remote = _engine(model, other, workers(model, other.workers))
+    one, both = round_robin(cfg.expert_pairs(), 2), Placement((tuple(cfg.expert_pairs()),) * 2)
+    engine, remote, ports = _engine(model, both, workers(model, both.workers))
     ids = [engine.add_request(p, PARAMS) for p in PROMPTS]
     seqs = {rid: engine.scheduler.find(rid) for rid in ids}
-    step = 0
+    step, table = 0, remote.table
     while engine.has_unfinished():
-        remote.swap_placement(one if step % 2 else other)
+        table = table.changed(one if step % 2 == 0 else both)
+        remote.adopt(table)
+        assert remote.table.version == table.version - 1  # not before the next step starts
         engine.step()
+        assert remote.table.version == table.version
         step += 1
-    assert [seqs[rid].output_ids for rid in ids] == expected
+    assert [seqs[rid].output_ids for rid in ids] == _expected(model)
 
 
 def test_local_copies_are_preferred(checkpoint_factory, workers):
     model = str(checkpoint_factory("mixtral"))
     _, _, cfg = open_model(model)
     both = Placement((tuple(cfg.expert_pairs()), tuple(cfg.expert_pairs())))
-    engine, remote = _engine(model, both, workers(model, both.workers), local_workers=frozenset({1}))
+    engine, remote, _ = _engine(model, both, workers(model, both.workers), nodes=["node-a", "node-b"],
+                                node_id="node-b")
     engine.generate(PROMPTS, PARAMS)
-    assert remote.calls_per_worker.get(0, 0) == 0 and remote.calls_per_worker[1] > 0
+    calls = remote.stats.snapshot()["calls_per_worker"]
+    assert calls.get("0", 0) == 0 and calls["1"] > 0
 
 
 def test_timed_out_call_is_retried_on_another_copy(checkpoint_factory, workers):
@@ -121,51 +164,84 @@ def test_timed_out_call_is_retried_on_another_copy(checkpoint_factory, workers):
     model = str(checkpoint_factory("mixtral"))
     _, _, cfg = open_model(model)
     both = Placement((tuple(cfg.expert_pairs()), tuple(cfg.expert_pairs())))
-    expected = [o.token_ids for o in LLMEngine.from_pretrained(model).generate(PROMPTS, PARAMS)]
     slow = workers(model, both.workers[:1], "--service-time-per-token", "5")
     fast = workers(model, both.workers[1:])
-    engine, remote = _engine(model, both, slow + fast, call_timeout_s=0.5)
+    engine, remote, _ = _engine(model, both, slow + fast, call_timeout_s=0.5)
     try:
-        assert [o.token_ids for o in engine.generate(PROMPTS, PARAMS)] == expected
-        assert remote.failures.get("DEADLINE_EXCEEDED", 0) >= 1 and remote.failovers >= 1
+        assert [o.token_ids for o in engine.generate(PROMPTS, PARAMS)] == _expected(model)
+        stats = remote.stats.snapshot()
+        assert stats["failures"].get("DEADLINE_EXCEEDED", 0) >= 1 and stats["failovers"] >= 1
     finally:
         remote.close()
 
 
-def test_replaced_worker_is_healed_back_into_service(checkpoint_factory, workers):
+def test_replaced_worker_is_healed_with_a_new_generation(checkpoint_factory, workers):
+    """The controller's healing: a replacement (new address, started empty) loads the table's experts;
+    the router uses it again once it adopts the table with the worker's new generation."""
     model = str(checkpoint_factory("mixtral"))
     _, _, cfg = open_model(model)
     both = Placement((tuple(cfg.expert_pairs()), tuple(cfg.expert_pairs())))
-    expected = [o.token_ids for o in LLMEngine.from_pretrained(model).generate(PROMPTS, PARAMS)]
-    procs, ports = workers(model, both.workers), []
-    engine, remote = _engine(model, both, procs, ports)
+    procs = workers(model, both.workers)
+    engine, remote, _ = _engine(model, both, procs)
     try:
-        engine.generate(PROMPTS[:1], PARAMS)
         procs[0].kill()
         procs[0].wait()
         engine.generate(PROMPTS[:1], PARAMS)  # served by worker 1 alone
-        assert remote.down_workers() == [0] and remote.uncovered() == []
-        # "Serve's replacement", started empty: healing must load the table's slots onto it
-        ports[0] = int(workers(model, [[]])[0].stdout.readline())
-        deadline = time.monotonic() + 60
-        while remote.down_workers() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert remote.down_workers() == []
-        before, failovers = remote.calls_per_worker.get(0, 0), remote.failovers
-        assert [o.token_ids for o in engine.generate(PROMPTS, PARAMS)] == expected
-        assert remote.calls_per_worker[0] > before  # back in service
-        assert remote.failovers == failovers  # and it held every slot it was sent rows for
+        assert remote.down_workers() == [(0, 0)] and remote.uncovered() == []
+        port = int(workers(model, [[]])[0].stdout.readline())  # "Serve's replacement", empty
+        replacement = WorkerRef(f"127.0.0.1:{port}", "", 0)
+        healed = asyncio.run(Membership([], SECRET).heal(0, replacement, list(both.workers[0])))
+        assert healed.generation == 1 and sorted(connect(healed).health()) == sorted(both.workers[0])
+        remote.adopt(remote.table.changed(workers=(healed, remote.table.workers[1])))
+        before = remote.stats.snapshot()["calls_per_worker"].get("0", 0)
+        assert [o.token_ids for o in engine.generate(PROMPTS, PARAMS)] == _expected(model)
+        assert remote.stats.snapshot()["calls_per_worker"]["0"] > before and remote.uncovered() == []
     finally:
         remote.close()
 
 
-@pytest.mark.parametrize("split,expected", [
-    ("even", {0: [(0, 0, 2), (1, 4, 1)], 1: [(0, 2, 2), (1, 5, 1)]}),
-    ("least_loaded", {0: [(0, 0, 4)], 1: [(1, 4, 2)]}),
+def _forward(layer, rows: int, hidden: int, ids, counts, dtype="float32", nbytes=None):
+    data = np.zeros((rows, hidden), np.float32).tobytes() if nbytes is None else b"\0" * nbytes
+    return expert_pb2.ForwardRequest(layer=layer, hidden=expert_pb2.Tensor(data=data, shape=[rows, hidden],
+                                                                           dtype=dtype),
+                                     expert_id=ids, count=counts)
+
+
+def test_data_plane_refuses_callers_without_the_secret(checkpoint_factory, workers):
+    model = str(checkpoint_factory("mixtral"))
+    _, _, cfg = open_model(model)
+    [proc] = workers(model, [cfg.expert_pairs()])
+    address = f"127.0.0.1:{int(proc.stdout.readline())}"
+    for secret in (None, "wrong"):
+        stub = expert_pb2_grpc.ExpertServiceStub(grpc.insecure_channel(address))
+        metadata = () if secret is None else (("moe-data-plane-secret", secret),)
+        for call, req in ((stub.Retire, expert_pb2.SlotsRequest(layer=[0], expert_id=[0])),
+                          (stub.Load, expert_pb2.SlotsRequest(layer=[0], expert_id=[0])),
+                          (stub.Health, expert_pb2.HealthRequest()),
+                          (stub.Forward, _forward(0, 1, cfg.hidden_size, [0], [1]))):
+            with pytest.raises(grpc.RpcError) as e:
+                call(req, timeout=10, metadata=metadata)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert len(GrpcTransport(address, SECRET).health()) == len(cfg.expert_pairs())  # nothing was retired
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("counts do not cover the rows", dict(rows=64, ids=[0], counts=[0])),
+    ("negative count", dict(rows=2, ids=[0, 1], counts=[3, -1])),
+    ("lists of different lengths", dict(rows=2, ids=[0, 1], counts=[2])),
+    ("bytes short of the shape", dict(rows=4, ids=[0], counts=[4], nbytes=8)),
+    ("wrong hidden size", dict(rows=1, ids=[0], counts=[1], hidden=3)),
+    ("unknown dtype", dict(rows=1, ids=[0], counts=[1], dtype="int8")),
+    ("expert id out of range", dict(rows=1, ids=[99], counts=[1])),
+    ("layer out of range", dict(rows=1, ids=[0], counts=[1], layer=50)),
 ])
-def test_token_split_rules(split, expected):
-    both = Placement((((0, 0), (0, 1)), ((0, 0), (0, 1))))
-    remote = RemoteExperts(both, lambda w, refresh=False: "unused:0", token_split=split)
-    assert remote._groups(both.copies(), 0, [4, 2]) == expected
-    remote.local_workers = frozenset({1})  # a copy on the router's node wins either way
-    assert remote._groups(both.copies(), 0, [4, 2]) == {1: [(0, 0, 4), (1, 4, 2)]}
+def test_forward_requests_are_validated(checkpoint_factory, workers, name, kw):
+    model = str(checkpoint_factory("mixtral"))
+    _, _, cfg = open_model(model)
+    [proc] = workers(model, [cfg.expert_pairs()])
+    transport = GrpcTransport(f"127.0.0.1:{int(proc.stdout.readline())}", SECRET)
+    req = _forward(kw.get("layer", 0), kw["rows"], kw.get("hidden", cfg.hidden_size), kw["ids"], kw["counts"],
+                   kw.get("dtype", "float32"), kw.get("nbytes"))
+    with pytest.raises(grpc.RpcError) as e:
+        transport.stub.Forward(req, timeout=10, metadata=transport.metadata)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()

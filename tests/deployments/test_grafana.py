@@ -12,11 +12,7 @@ DASHBOARD = ROOT / "k8s" / "grafana" / "moe-cluster-dashboard.json"
 
 
 def exported_series() -> set[str]:
-    names = set()
-    for family in metrics.REGISTRY.collect():
-        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
-        names.update(family.name + s for s in suffixes)
-    return names
+    return metrics.exported_series()
 
 
 def test_every_query_names_an_exported_metric():

@@ -1,5 +1,11 @@
 """Security and load limits on a running server: API key, body/header size, queue limit,
-request timeout, client disconnect (its KV-cache slot is freed)."""
+request timeout, client disconnect (its KV-cache slot is freed).
+
+Time-dependent behaviour is made independent of the machine: every engine step
+takes at least STEP_DELAY_S (the engine's slow-step hook), so a 500-token request
+cannot finish inside the 6 s timeout however fast the machine is, and 400-token
+streams are still running when the test looks at them.
+"""
 import json
 import time
 
@@ -13,7 +19,9 @@ from tests.test_demo_model import DEMO
 pytestmark = pytest.mark.slow
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-LIMITS = dict(api_key=KEY, max_num_seqs=2, max_queued_requests=1, request_timeout_s=6.0, max_body_bytes=65536)
+STEP_DELAY_S = 0.05  # 500 tokens ≥ 25 s ≫ the 6 s timeout; 400-token streams last ≥ 20 s
+LIMITS = dict(api_key=KEY, max_num_seqs=2, max_queued_requests=1, request_timeout_s=6.0, max_body_bytes=65536,
+              engine_step_delay_s=STEP_DELAY_S)
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +37,20 @@ def stats(server) -> dict:
     return requests.get(f"{server.base}/admin/stats", headers=AUTH, timeout=30).json()
 
 
-def wait_idle(server, timeout=30.0) -> dict:
+def wait_for(server, ok, what: str, timeout=30.0) -> dict:
+    """Router figures reach /admin/stats with the routers' next report (every 0.5 s): poll, bounded."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         s = stats(server)
-        if s["active_requests"] == 0 and s["free_kv_slots"] == LIMITS["max_num_seqs"]:
+        if ok(s):
             return s
         time.sleep(0.2)
-    raise AssertionError(f"server did not go idle: {s}")
+    raise AssertionError(f"{what} not within {timeout} s: {s}")
+
+
+def wait_idle(server, timeout=30.0) -> dict:
+    return wait_for(server, lambda s: s["active_requests"] == 0 and s["free_kv_slots"] == LIMITS["max_num_seqs"],
+                    "server idle", timeout)
 
 
 def test_api_key_on_every_route_but_health(server):
@@ -78,7 +92,7 @@ def test_client_disconnect_frees_its_kv_slot(server):
         lines = r.iter_lines()
         first = next(line for line in lines if line.startswith(b"data: "))
         assert json.loads(first[6:])["choices"][0]["text"] is not None
-        assert stats(server)["free_kv_slots"] == LIMITS["max_num_seqs"] - 1
+        wait_for(server, lambda s: s["free_kv_slots"] == LIMITS["max_num_seqs"] - 1, "the stream holding a slot")
     after = wait_idle(server)  # the closed stream's sequence left the batch, its slot is free
     assert after["free_kv_slots"] == LIMITS["max_num_seqs"]
     assert post(server, {"prompt": "def f(", "max_tokens": 3}).status_code == 200
@@ -91,7 +105,7 @@ def test_queue_limit_gives_503_and_resource_exhausted(server):
     try:
         for reader in lines[:2]:
             next(line for line in reader if line.startswith(b"data: "))
-        busy = stats(server)
+        busy = wait_for(server, lambda s: s["active_requests"] == 3, "2 running + 1 queued")
         r = post(server, {"prompt": "def f(", "max_tokens": 2})
         assert r.status_code == 503, (busy["active_requests"], busy["running"], busy["waiting"])
         assert r.json()["error"]["type"] == "overloaded_error"

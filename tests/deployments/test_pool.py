@@ -12,9 +12,8 @@ from tests.deployments.test_faults import Load, _expected
 pytestmark = pytest.mark.slow
 
 POLICY = {"enabled": True, "interval_s": 1, "window_steps": 10, "hot_threshold": 1.05, "min_gain": 0.0,
-          "cooldown_s": 2, "extra_slots_per_layer": 4, "drain_s": 0.5, "min_pool_workers": 1,
-          "max_pool_workers": 2, "pool_target_busy": 0.05, "pool_upscale_delay_s": 1,
-          "pool_downscale_delay_s": 3}
+          "cooldown_s": 2, "extra_slots_per_layer": 4}
+POOL = {"min_workers": 1, "max_workers": 2, "target_busy": 0.05, "upscale_delay_s": 1, "downscale_delay_s": 3}
 
 
 @pytest.mark.parametrize("current,busy,target,expected", [
@@ -44,7 +43,7 @@ def _wait(base: str, what: str, ok, limit_s: float) -> dict:
 
 def test_pool_grows_under_load_and_hands_back_when_it_shrinks(cluster, checkpoint_factory):
     model = str(checkpoint_factory("mixtral"))
-    c = cluster.deploy(model, 2, autoscaler=POLICY,
+    c = cluster.deploy(model, 2, autoscaler=POLICY, pool=POOL,
                        worker={"num_cpus": 0.25, "torch_threads": 1, "service_time_per_token_s": 0.002})
     expected = _expected(model)
     _wait(c.base, "the first pool worker registering", lambda dp: len(dp["worker_nodes"]) >= 3, 90)

@@ -19,9 +19,13 @@ pytestmark = pytest.mark.slow
 ROOT = DEMO.parent.parent
 
 
+KEY = "cli-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
 def test_serve_starts_answers_and_stops(tmp_path):
     http, grpc_port = free_port(), free_port()
-    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="/tmp/moe-cli-")}
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="/tmp/moe-cli-"), "MOE_CLUSTER_API_KEY": KEY}
     proc = subprocess.Popen([sys.executable, "-m", "deployments.cli", "serve", "--num-workers", "1",
                              "--http-port", str(http), "--grpc-port", str(grpc_port)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -34,9 +38,11 @@ def test_serve_starts_answers_and_stops(tmp_path):
             if line.startswith("ready:") or proc.poll() is not None:
                 break
         assert any(line.startswith("ready:") for line in lines), "".join(lines[-30:])
-        r = requests.post(f"http://127.0.0.1:{http}/v1/completions", timeout=120,
+        r = requests.post(f"http://127.0.0.1:{http}/v1/completions", timeout=120, headers=AUTH,
                           json={"model": "demo", "prompt": "def main(", "max_tokens": 8, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+        _key_guards_everything_but_liveness(http, grpc_port)
+        assert _listening_off_loopback(proc.pid) == []  # every port, Ray's included, on 127.0.0.1
         drained = _sigterm_while_streaming(proc, f"http://127.0.0.1:{http}")
         assert proc.wait(timeout=120) == 0
         out = proc.stdout.read()
@@ -58,7 +64,7 @@ def _sigterm_while_streaming(proc, base: str) -> dict:
 
     def stream():
         body = {"prompt": "def main(", "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True}
-        with requests.post(f"{base}/v1/completions", json=body, stream=True, timeout=120) as r:
+        with requests.post(f"{base}/v1/completions", json=body, stream=True, timeout=120, headers=AUTH) as r:
             for line in r.iter_lines():
                 if line.startswith(b"data: {"):
                     choice = json.loads(line[6:])["choices"][0]
@@ -72,13 +78,56 @@ def _sigterm_while_streaming(proc, base: str) -> dict:
     proc.send_signal(signal.SIGTERM)
     deadline = time.time() + 30
     while time.time() < deadline and "refused" not in result:
-        r = requests.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=30)
+        r = requests.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=30, headers=AUTH)
         if r.status_code != 200:
             result["refused"] = r.status_code
-            result["ready"] = requests.get(f"{base}/ready", timeout=30).status_code
+            result["ready"] = requests.get(f"{base}/ready", timeout=30, headers=AUTH).status_code
         time.sleep(0.05)
     t.join(timeout=120)
     return result
+
+
+def _key_guards_everything_but_liveness(http: int, grpc_port: int) -> None:
+    """With a key: docs, schema and gRPC reflection are off; liveness (HTTP and grpc.health.v1) is open."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    base = f"http://127.0.0.1:{http}"
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        assert requests.get(base + path, timeout=30).status_code in (401, 404)
+        assert requests.get(base + path, timeout=30, headers=AUTH).status_code == 404  # off, not just guarded
+    assert requests.get(base + "/v1/models", timeout=30).status_code == 401
+    assert requests.get(base + "/health", timeout=30).status_code == 200
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+    with pytest.raises(grpc.RpcError) as e:
+        list(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                          timeout=30))
+    assert e.value.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED,
+                              grpc.StatusCode.NOT_FOUND)
+
+
+def _loopback(ip: str) -> bool:
+    return ip.startswith(("127.", "::ffff:127.")) or ip == "::1"
+
+
+def _listening_off_loopback(pid: int) -> list[str]:
+    """TCP listeners of this process tree (the server, Ray and every replica) not on loopback."""
+    import psutil
+
+    root = psutil.Process(pid)
+    found = []
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            conns = proc.net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        found += [f"{proc.name()} {c.laddr.ip}:{c.laddr.port}" for c in conns
+                  if c.status == psutil.CONN_LISTEN and not _loopback(c.laddr.ip)]
+    return found
 
 
 def test_bad_config_is_one_clear_line(tmp_path):

@@ -20,7 +20,8 @@ def test_serve_local_yaml_is_a_serve_config_that_builds(monkeypatch):
     [app] = schema.applications
     assert app.import_path == "deployments.app:app_builder"
     assert conf["grpc_options"]["grpc_servicer_functions"] == [
-        "protos.moe_serving_pb2_grpc.add_MoeServingServicer_to_server"]
+        "protos.moe_serving_pb2_grpc.add_MoeServingServicer_to_server",
+        "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"]
     assert app_builder(app.args) is not None
 
 
@@ -29,6 +30,9 @@ def test_serve_local_yaml_is_a_serve_config_that_builds(monkeypatch):
     ({"worker": {"num_cpus": "lots"}}, "worker.num_cpus"),
     ({"typo_field": 1}, "typo_field: Extra inputs are not permitted"),
     ({"num_workers": 2, "expert_copies": 3}, r"expert_copies \(3\) must not exceed num_workers \(2\)"),
+    ({"routers": {"min": 3, "max": 2}}, r"routers.min \(3\) must not exceed routers.max \(2\)"),
+    ({"pool": {"min_workers": 3, "max_workers": 1}}, r"pool.min_workers \(3\) must not exceed pool.max_workers"),
+    ({"router_num_cpus": 1}, "router_num_cpus: Extra inputs are not permitted"),
 ])
 def test_bad_app_config_names_the_field(args, message):
     with pytest.raises(ValueError, match=message):

@@ -1,0 +1,105 @@
+"""Failures as clients see them: one table from status to OpenAI error type, gRPC code and
+Retry-After, used by HTTP (bodies and stream error events alike) and gRPC.
+
+Everything that can go wrong while serving a request ends as an `ApiError`:
+`classify` maps the engine's, the data plane's, Ray's and the chat template's
+exceptions onto it, and anything unexpected becomes a 500 that carries no
+traceback, path or exception text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+
+@dataclass(frozen=True)
+class Status:
+    openai_type: str
+    grpc_code: grpc.StatusCode
+    retry_after_s: int | None = None
+
+
+STATUSES: dict[int, Status] = {
+    400: Status("invalid_request_error", grpc.StatusCode.INVALID_ARGUMENT),
+    401: Status("authentication_error", grpc.StatusCode.UNAUTHENTICATED),
+    404: Status("not_found_error", grpc.StatusCode.NOT_FOUND),
+    405: Status("invalid_request_error", grpc.StatusCode.UNIMPLEMENTED),
+    408: Status("timeout_error", grpc.StatusCode.DEADLINE_EXCEEDED),
+    413: Status("invalid_request_error", grpc.StatusCode.RESOURCE_EXHAUSTED),
+    415: Status("invalid_request_error", grpc.StatusCode.INVALID_ARGUMENT),
+    500: Status("server_error", grpc.StatusCode.INTERNAL),
+    503: Status("service_unavailable_error", grpc.StatusCode.UNAVAILABLE, retry_after_s=1),
+}
+MAX_MESSAGE = 500  # a 100 KB bad value is never echoed back whole
+
+
+class ApiError(Exception):
+    """A request failed with `status`; `message` is safe to show; `param` names the field.
+    `grpc_code` overrides the table (e.g. 503 for a full queue is RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 grpc_code: grpc.StatusCode | None = None, openai_type: str | None = None):
+        message = message if len(message) <= MAX_MESSAGE + 12 else message[:MAX_MESSAGE] + "...(truncated)"
+        super().__init__(message)
+        self.status, self.message, self.param = status if status in STATUSES else 500, message, param
+        self._grpc_code, self._openai_type = grpc_code, openai_type
+
+    def __reduce__(self):  # Serve ships exceptions between processes
+        return ApiError, (self.status, self.message, self.param, self._grpc_code, self._openai_type)
+
+    @property
+    def kind(self) -> Status:
+        return STATUSES[self.status]
+
+    @property
+    def grpc_code(self) -> grpc.StatusCode:
+        return self._grpc_code or self.kind.grpc_code
+
+    def body(self) -> dict:
+        """The OpenAI error body (also the payload of a stream's error event)."""
+        kind = self._openai_type or self.kind.openai_type
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status}}
+
+    def headers(self) -> dict[str, str]:
+        retry = self.kind.retry_after_s
+        return {"Retry-After": str(retry)} if retry is not None else {}
+
+
+def overloaded(message: str) -> ApiError:
+    """The server is full: 503 on HTTP, RESOURCE_EXHAUSTED on gRPC (retry later)."""
+    return ApiError(503, message, grpc_code=grpc.StatusCode.RESOURCE_EXHAUSTED, openai_type="overloaded_error")
+
+
+def cause_of(exc: BaseException) -> BaseException:
+    """Ray wraps an exception raised in another replica; its `cause` is the original."""
+    seen = 0
+    while getattr(exc, "cause", None) is not None and seen < 4:
+        exc, seen = exc.cause, seen + 1
+    return exc
+
+
+def classify(exc: BaseException) -> ApiError:
+    """Any exception → the ApiError a client gets for it."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    from cluster.engine import InvalidRequest
+    from cluster.engine.async_engine import EngineDeadError, SequenceFailed
+    from deployments.experts.remote import ExpertUnavailable
+
+    exc = cause_of(exc)
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, InvalidRequest):
+        return ApiError(400, str(exc), exc.param)
+    if isinstance(exc, ExpertUnavailable):
+        return ApiError(503, f"generation failed: {exc}")
+    if isinstance(exc, (RayActorError, ActorDiedError, ActorUnavailableError, EngineDeadError)):
+        return ApiError(503, "the router serving this request stopped; retry the request")
+    if isinstance(exc, SequenceFailed):
+        return ApiError(500, f"generation failed for this request: {exc}")
+    if type(exc).__name__ == "ChatTemplateError":
+        return ApiError(400, f"chat template: {exc}", "messages")
+    if type(exc).__name__ == "BackPressureError":
+        return overloaded("server overloaded: every router's queue is full; retry later")
+    return ApiError(500, "internal error")

@@ -1,0 +1,141 @@
+"""The public gRPC APIs, as methods of the ingress deployment (Serve's gRPC proxy calls them by name):
+
+- `moe_cluster.serving.MoeServing` (protos/moe_serving.proto): unary `Complete`, streaming
+  `Generate`, the same fields, validation and limits as HTTP `/v1/completions`;
+- `grpc.health.v1.Health`: `Check` / `Watch` / `List` (liveness: open without the API key).
+
+One status mapper: an ApiError's status becomes its gRPC code (deployments/api/errors.py).
+"""
+from __future__ import annotations
+
+import hmac
+import time
+
+from grpc_health.v1 import health_pb2
+
+from deployments import metrics
+from deployments.api.errors import ApiError, classify
+from deployments.api.responses import ChoiceResult
+from deployments.api.schema import CompletionRequest
+from protos import moe_serving_pb2 as pb
+
+_OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs")
+
+
+def api_key_of(metadata) -> str | None:
+    """The key a gRPC client sent: `authorization: Bearer KEY` or `x-api-key: KEY`."""
+    for key, value in metadata or ():
+        if key == "authorization" and value.startswith("Bearer "):
+            return value[len("Bearer "):]
+        if key == "x-api-key":
+            return value
+    return None
+
+
+def to_request(request: pb.CompleteRequest, limit: int) -> CompletionRequest:
+    if request.prompt and request.prompt_ids:
+        raise ApiError(400, "prompt: give either prompt or prompt_ids, not both", "prompt")
+    if len(request.prompt) > limit:
+        raise ApiError(413, f"prompt over {limit} characters", "prompt")
+    fields = {name: getattr(request, name) for name in _OPTIONAL if request.HasField(name)}
+    prompt = list(request.prompt_ids) if request.prompt_ids else request.prompt
+    from deployments.api.body import validation_error
+    from pydantic import ValidationError
+
+    try:
+        return CompletionRequest(model=request.model or None, prompt=prompt, stop=list(request.stop),
+                                 return_routing=request.return_routing, **fields)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+def _usage(c: ChoiceResult) -> pb.Usage:
+    n = len(c.prompt_ids)
+    return pb.Usage(prompt_tokens=n, completion_tokens=len(c.token_ids), total_tokens=n + len(c.token_ids),
+                    expert_tokens=c.expert_tokens)
+
+
+def _logprob(s) -> pb.TokenLogprob:
+    return pb.TokenLogprob(token_id=s.token_id, logprob=s.logprob or 0.0,
+                           top_token_ids=[t for t, _ in s.top_logprobs], top_logprobs=[lp for _, lp in s.top_logprobs])
+
+
+def _routing(routing) -> pb.TokenRouting:
+    return pb.TokenRouting(layers=[pb.LayerRouting(layer=layer, expert_id=list(ids), weight=list(ws))
+                                   for layer, ids, ws in routing])
+
+
+class GrpcServing:
+    """Mixin of the ingress deployment (needs `self.cfg`, `self.serving`, `self.cluster_state`)."""
+
+    def _fail(self, grpc_context, e: BaseException):
+        error = classify(e)
+        grpc_context.set_code(error.grpc_code)
+        grpc_context.set_details(error.message)
+        outcome = {408: "timeout", 401: "unauthorized"}.get(error.status, "rejected" if error.status < 500 else "failed")
+        metrics.REQUESTS.labels("grpc", outcome).inc()
+        return error  # raised by the caller: Serve turns an exception after set_code into that status
+
+    def _authorize(self, grpc_context) -> None:
+        key = self.cfg.resolved_api_key()
+        sent = api_key_of(grpc_context.invocation_metadata()) or ""
+        if key is not None and not hmac.compare_digest(sent.encode("utf-8", "replace"), key.encode()):
+            raise ApiError(401, "missing or wrong API key (metadata authorization: Bearer <key>)")
+
+    async def _choices(self, request, grpc_context):
+        self._authorize(grpc_context)
+        req = to_request(request, self.cfg.max_body_bytes)
+        self.serving.check_model(req.model)
+        self.serving.check_open()
+        return await self.serving.completion_choices(req)
+
+    async def Complete(self, request: pb.CompleteRequest, grpc_context) -> pb.CompleteReply:
+        try:
+            [c] = await self.serving.run(await self._choices(request, grpc_context))
+        except Exception as e:  # noqa: BLE001 - every failure is mapped once
+            raise self._fail(grpc_context, e) from None
+        metrics.REQUESTS.labels("grpc", "ok").inc()
+        return pb.CompleteReply(id=f"cmpl-{time.time_ns()}", text=c.text, token_ids=c.token_ids,
+                                finish_reason=c.finish_reason, usage=_usage(c),
+                                logprobs=[_logprob(s) for s in c.logprobs], routing=[_routing(r) for r in c.routing])
+
+    async def Generate(self, request: pb.CompleteRequest, grpc_context):
+        rid = f"cmpl-{time.time_ns()}"
+        try:
+            [choice] = await self._choices(request, grpc_context)
+            result = ChoiceResult(0, choice.prompt_ids)
+            async for _, batch in self.serving.stream([choice]):
+                for o in batch:
+                    result.add(o)
+                    yield self._reply(rid, o, result)
+        except Exception as e:  # noqa: BLE001 - after a stream started too: the status ends it
+            raise self._fail(grpc_context, e) from None
+        metrics.REQUESTS.labels("grpc", "ok").inc()
+
+    @staticmethod
+    def _reply(rid: str, o, result: ChoiceResult) -> pb.GenerateReply:
+        reply = pb.GenerateReply(id=rid, text_delta=o.text_delta, token_id=o.token_id or 0,
+                                 finish_reason=o.finish_reason or "")
+        if o.sampled is not None and o.sampled.logprob is not None:
+            reply.logprob.CopyFrom(_logprob(o.sampled))
+        if o.routing is not None:
+            reply.routing.CopyFrom(_routing(o.routing))
+        if o.finish_reason:
+            reply.usage.CopyFrom(_usage(result))
+        return reply
+
+    # -- grpc.health.v1 ------------------------------------------------------------------------
+    def _health(self) -> health_pb2.HealthCheckResponse:
+        ready = self.cluster_state.get("ready", False)
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context) -> health_pb2.HealthCheckResponse:
+        return self._health()
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context):
+        yield self._health()
+
+    async def List(self, request, grpc_context) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(statuses={"": self._health(),
+                                                       "moe_cluster.serving.MoeServing": self._health()})

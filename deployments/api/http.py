@@ -1,0 +1,209 @@
+"""The OpenAI-compatible HTTP API, built per ingress replica (`build_http_app`).
+
+Auth is one dependency on every route but `/health` (liveness); errors are one
+family of handlers that always answer with the OpenAI error body. With an API
+key set, the docs and the OpenAPI schema are off.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import time
+import uuid
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from deployments import metrics
+from deployments.api.admin import admin_routes
+from deployments.api.body import read_model
+from deployments.api.errors import ApiError, classify
+from deployments.api.responses import ChoiceResult, ChunkWriter, completion_body
+from deployments.api.schema import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
+
+
+def request_id(request: Request, prefix: str) -> str:
+    """The client's x-request-id when it is short and plain, else a fresh one."""
+    given = request.headers.get("x-request-id", "")
+    return prefix + (given if _REQUEST_ID.match(given) else uuid.uuid4().hex)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        return error_response(e)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        message = {404: f"no route {request.url.path[:100]}", 405: f"method {request.method} not allowed here"}
+        return error_response(ApiError(e.status_code, message.get(e.status_code, str(e.detail)[:200])))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation(request, e: RequestValidationError):
+        return error_response(ApiError(400, "invalid request"))
+
+    @app.exception_handler(Exception)
+    async def anything(request, e: Exception):
+        return error_response(classify(e))
+
+
+def _key_dependency(key: str | None):
+    async def require_key(request: Request) -> None:
+        if key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        presented = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
+        if not hmac.compare_digest(presented.encode("utf-8", "replace"), key.encode()):
+            metrics.REQUESTS.labels("http", "unauthorized").inc()
+            raise ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)")
+    return require_key
+
+
+def build_http_app(ingress) -> FastAPI:
+    cfg, serving = ingress.cfg, ingress.serving
+    key = cfg.resolved_api_key()
+    docs = {} if key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="moe-cluster", **docs)
+    _install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> dict:
+        """Liveness: open without an API key."""
+        return {"status": "ok", "model": cfg.model_name}
+
+    api = APIRouter()
+
+    @api.get("/ready")
+    async def ready():
+        """Readiness: 503 while draining, with no router up, or while some expert has no live copy."""
+        state = ingress.cluster_state
+        if not state.get("ready"):
+            return JSONResponse({"status": "unavailable", "reason": state.get("reason", "starting")}, 503)
+        return {"status": "ready"}
+
+    @api.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "owned_by": "moe-cluster",
+                                            "created": 0, "max_model_len": serving.max_model_len}]}
+
+    @api.get("/metrics")
+    async def prometheus():
+        body = metrics.render(metrics.API) + await ingress.cluster_metrics()
+        return PlainTextResponse(body, media_type="text/plain; version=0.0.4")
+
+    @api.post("/v1/completions")
+    async def completions(request: Request):
+        req = await read_model(request, CompletionRequest, cfg.max_body_bytes)
+        serving.check_model(req.model)
+        serving.check_open()
+        choices = await serving.completion_choices(req)
+        return await _generate(serving, request_id(request, "cmpl-"), choices, req, chat=False, echo=req.echo,
+                               with_logprobs=req.logprobs is not None)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = await read_model(request, ChatCompletionRequest, cfg.max_body_bytes)
+        serving.check_model(req.model)
+        serving.check_open()
+        choices = await serving.chat_choices(req)
+        return await _generate(serving, request_id(request, "chatcmpl-"), choices, req, chat=True, echo=False,
+                               with_logprobs=req.logprobs)
+
+    @api.post("/tokenize")
+    async def tokenize(request: Request):
+        req = await read_model(request, TokenizeRequest, cfg.max_body_bytes)
+        serving.check_model(req.model)
+        tokens = await serving.off_loop(serving.tokenize, req)
+        return {"count": len(tokens), "max_model_len": serving.max_model_len, "tokens": tokens}
+
+    @api.post("/detokenize")
+    async def detokenize(request: Request):
+        req = await read_model(request, DetokenizeRequest, cfg.max_body_bytes)
+        serving.check_model(req.model)
+        return {"prompt": await serving.off_loop(serving.detokenize, req.tokens)}
+
+    api.include_router(admin_routes(ingress))
+    app.include_router(api, dependencies=[Depends(_key_dependency(key))])
+    return app
+
+
+async def _generate(serving, rid: str, choices, req, *, chat: bool, echo: bool, with_logprobs: bool):
+    events = serving.stream(choices)
+    try:
+        head = await anext(events)  # fails here (a proper HTTP error) if the request cannot start
+    except Exception as e:
+        metrics.REQUESTS.labels("http", _outcome(classify(e))).inc()
+        await events.aclose()
+        raise classify(e) from None
+    results = {c.index: ChoiceResult(c.index, c.prompt_ids, c.echo_text) for c in choices}
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        writer = ChunkWriter(rid, serving.cfg.model_name, serving.decode, chat=chat, echo=echo,
+                             with_logprobs=with_logprobs, include_usage=include_usage)
+        return StreamingResponse(_sse(head, events, results, writer, req.n), media_type="text/event-stream")
+    try:
+        _add(results, *head)
+        async for index, batch in events:
+            _add(results, index, batch)
+    except Exception as e:
+        metrics.REQUESTS.labels("http", _outcome(classify(e))).inc()
+        raise classify(e) from None
+    metrics.REQUESTS.labels("http", "ok").inc()
+    ordered = [results[c.index] for c in choices]
+    _count_expert_tokens(ordered)
+    return JSONResponse(completion_body(rid, serving.cfg.model_name, ordered, req.n, serving.decode, chat=chat,
+                                        echo=echo, with_logprobs=with_logprobs))
+
+
+def _add(results: dict[int, ChoiceResult], index: int, batch: list) -> None:
+    for o in batch:
+        results[index].add(o)
+
+
+def _count_expert_tokens(results: list[ChoiceResult]) -> None:
+    metrics.EXPERT_TOKENS.inc(sum(r.expert_tokens for r in results))
+
+
+def _outcome(e: ApiError) -> str:
+    return {408: "timeout", 503: "unavailable"}.get(e.status, "rejected" if e.status < 500 else "failed")
+
+
+def _event(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def _sse(head, events, results: dict[int, ChoiceResult], writer: ChunkWriter, n: int):
+    """One write per step however many choices moved: the events of a batch are joined."""
+    try:
+        pending = [head]
+        while True:
+            out = []
+            for index, batch in pending:
+                for o in batch:
+                    results[index].add(o)
+                    if index not in writer.started and (opening := writer.opening(results[index])):
+                        out.append(_event(opening))
+                    out.append(_event(writer.chunk(index, o)))
+            if out:
+                yield "".join(out)
+            pending = [await anext(events)]
+    except StopAsyncIteration:
+        closing = writer.closing(list(results.values()), n)
+        metrics.REQUESTS.labels("http", "ok").inc()
+        _count_expert_tokens(list(results.values()))
+        yield (_event(closing) if closing else "") + "data: [DONE]\n\n"
+    except Exception as e:  # noqa: BLE001 - after the stream started: an error event, then [DONE]
+        error = classify(e)
+        metrics.REQUESTS.labels("http", _outcome(error)).inc()
+        yield _event(error.body()) + "data: [DONE]\n\n"
+    finally:
+        await events.aclose()

@@ -1,0 +1,191 @@
+"""OpenAI-compatible request shapes (pydantic) and their mapping to the engine's SamplingParams.
+
+Every field here is honoured; a field not listed is refused with a 400 naming it
+(`extra="forbid"`), so nothing a client sends is silently ignored. Extensions
+beyond OpenAI, as vLLM names them: `top_k`, `min_tokens`, `repetition_penalty`,
+`stop_token_ids`, `ignore_eos`, `chat_template_kwargs`, `documents`,
+`add_generation_prompt`, `continue_final_message`; ours: `return_routing`.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cluster.engine import InvalidRequest, SamplingParams
+from cluster.engine.params import SEED_MAX, SEED_MIN
+
+MAX_N = 16  # choices per prompt (and prompts per request)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class SamplingFields(_Body):
+    model: str | None = None
+    max_tokens: int | None = Field(None, description="new tokens to generate (completions default 16; chat: the "
+                                                     "rest of the context)")
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_tokens: int = 0
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[str, float] | None = None
+    ignore_eos: bool = False
+    return_routing: bool = False
+    user: str | None = Field(None, max_length=256, description="an end-user id for your own logs; changes nothing")
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        return self
+
+    def _bias(self) -> tuple[tuple[int, float], ...]:
+        out = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise InvalidRequest(f"logit_bias: keys must be token ids, got {key[:40]!r}", "logit_bias")
+            out.append((int(key), bias))
+        return tuple(out)
+
+    def sampling_params(self, index: int, max_tokens: int, defaults: dict[str, Any], *, logprobs: int | None = None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
+        """The params of choice `index` (n > 1: seed + index). Every request gets a seed so that a
+        request resumed on another router replays exactly (temperature / top_p / top_k default to the
+        checkpoint's generation_config.json, as vLLM does, else OpenAI's defaults)."""
+        seed = random.getrandbits(63) if self.seed is None else (self.seed + index) % 2**64
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        pick = lambda name, fallback: getattr(self, name) if getattr(self, name) is not None \
+            else defaults.get(name, fallback)  # noqa: E731
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
+            top_k=pick("top_k", 0), seed=seed, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+            logit_bias=self._bias(), return_routing=self.return_routing)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_count(cls, prompt):
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) and len(prompt) > MAX_N:
+            raise ValueError(f"at most {MAX_N} prompts per request")
+        return prompt
+
+    @model_validator(mode="after")
+    def _best_of(self):
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of other than n is not supported")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """A batch of prompts as the completions API allows: a string, token ids, or a list of either."""
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+            return list(p)
+        return [p]
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str | None = None
+    type: str = "function"
+    function: dict[str, Any]
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+    @model_validator(mode="after")
+    def _content_present(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (null only for an assistant turn with tool_calls)")
+        return self
+
+
+class ResponseFormat(_Body):
+    type: Literal["text"] = Field(description="only plain text is supported (json_object / json_schema need "
+                                              "guided decoding, which this server does not do)")
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none"] | None = Field(None, description="tools are rendered into the prompt with the "
+                                                "checkpoint's template; calling them (auto / required) needs a "
+                                                "tool-call parser, which this server does not have")
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, Any]] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.tools and self.tool_choice is None:
+            raise ValueError("tool_choice: with tools, set tool_choice to 'none': tool calls (auto / required) "
+                             "are not supported, tools are only shown to the model through its chat template")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise ValueError("give max_tokens or max_completion_tokens, not both")
+        return self
+
+    def messages_json(self) -> list[dict[str, Any]]:
+        return [m.model_dump(exclude_none=True) for m in self.messages]
+
+
+class TokenizeRequest(_Body):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]

@@ -1,0 +1,217 @@
+"""Requests → choices → routers, shared by the HTTP and gRPC APIs.
+
+Expensive work on a request (tokenising, chat templates) runs on a small thread
+pool, never on the event loop: one huge prompt does not stall other streams.
+Every choice (n per prompt, prompts batched) becomes one sequence on some
+router; their outputs are merged into one stream of (choice index, outputs).
+The request timeout, client disconnects and the shutdown cut-off all end a
+request the same way: its router calls are cancelled, freeing their KV slots.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from cluster.engine import SamplingParams
+from cluster.engine.prompts import PromptChecker
+from cluster.loader import open_model
+from cluster.tokenizer import TextTokenizer
+from deployments import metrics
+from deployments.api.chat import ChatTemplates
+from deployments.api.errors import ApiError, classify, overloaded
+from deployments.api.responses import ChoiceResult
+from deployments.api.router_client import RouterClient, first
+from deployments.api.schema import ChatCompletionRequest, CompletionRequest
+from deployments.config import AppConfig
+
+
+@dataclass(frozen=True)
+class Choice:
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    echo_text: str = ""
+
+
+class Serving:
+    def __init__(self, cfg: AppConfig, routers):
+        _, _, model_cfg = open_model(cfg.model)
+        self.cfg, self.model_cfg = cfg, model_cfg
+        self.tokenizer = TextTokenizer.from_checkpoint(cfg.model)
+        self.max_model_len = min(cfg.max_model_len, model_cfg.max_position_embeddings)
+        self.checker = PromptChecker(model_cfg, self.tokenizer, self.max_model_len)
+        self.templates = ChatTemplates.from_checkpoint(cfg.model)
+        self.defaults: dict = {}  # sampling defaults from the checkpoint (generation_config.json)
+        self.client = RouterClient(routers)
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+        self.active = 0
+        self.draining = False
+        self.cut = asyncio.Event()  # the drain window is over: end what is still running
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer else ""
+
+    async def off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def check_open(self) -> None:
+        if self.draining:
+            raise ApiError(503, "server is shutting down; send new requests elsewhere")
+        if self.active >= self.cfg.routers.max * (self.cfg.max_num_seqs + self.cfg.max_queued_requests):
+            raise overloaded(f"server overloaded: {self.active} requests in progress; retry later")
+
+    def check_model(self, model: str | None) -> None:
+        if model and model != self.cfg.model_name:
+            raise ApiError(404, f"model {model[:100]!r} not found (serving {self.cfg.model_name!r})", "model")
+
+    # -- requests → choices ----------------------------------------------------------------------
+    async def completion_choices(self, req: CompletionRequest) -> list[Choice]:
+        prompts = req.prompts()
+        for p in prompts:
+            if isinstance(p, str) and len(p) > self.cfg.max_body_bytes:
+                raise ApiError(413, f"prompt over {self.cfg.max_body_bytes} characters", "prompt")
+        ids = await self.off_loop(lambda: [self.checker.encode(p) for p in prompts])
+        logprobs = req.logprobs
+        scoring = req.echo and (logprobs is not None or req.max_tokens == 0)
+        choices = []
+        for i, prompt_ids in enumerate(ids):
+            echo = (prompts[i] if isinstance(prompts[i], str) else self.decode(prompt_ids)) if req.echo else ""
+            for j in range(req.n):
+                params = req.sampling_params(j, 16 if req.max_tokens is None else req.max_tokens, self.defaults,
+                                             logprobs=logprobs,
+                                             prompt_logprobs=(logprobs or 0) if scoring else None)
+                self.checker.validate(prompt_ids, params, "prompt")
+                choices.append(Choice(i * req.n + j, prompt_ids, params, echo))
+        return choices
+
+    def chat_ids(self, messages: list[dict], **template_args) -> list[int]:
+        """Render with the checkpoint's chat template, then tokenise without adding special tokens
+        (the template wrote any BOS itself, as transformers' apply_chat_template does)."""
+        if self.tokenizer is None:
+            raise ApiError(400, "this checkpoint has no tokenizer.json: chat needs one", "messages")
+        return self.tokenizer.encode(self.templates.render(messages, **template_args))
+
+    def render_chat(self, req: ChatCompletionRequest) -> list[int]:
+        return self.chat_ids(req.messages_json(), tools=req.tools, documents=req.documents,
+                             add_generation_prompt=req.add_generation_prompt,
+                             continue_final_message=req.continue_final_message,
+                             template_kwargs=req.chat_template_kwargs)
+
+    async def chat_choices(self, req: ChatCompletionRequest) -> list[Choice]:
+        prompt_ids = await self.off_loop(self.render_chat, req)
+        limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        max_tokens = limit if limit is not None else max(self.max_model_len - len(prompt_ids), 1)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        choices = []
+        for j in range(req.n):
+            params = req.sampling_params(j, max_tokens, self.defaults, logprobs=logprobs)
+            self.checker.validate(prompt_ids, params, "messages")
+            choices.append(Choice(j, prompt_ids, params))
+        return choices
+
+    def tokenize(self, req) -> list[int]:
+        """POST /tokenize: exactly the ids the model would receive (vLLM's shape)."""
+        if req.prompt is not None:
+            return self.checker.encode(req.prompt)
+        return self.chat_ids([m.model_dump(exclude_none=True) for m in req.messages], tools=req.tools,
+                             add_generation_prompt=req.add_generation_prompt,
+                             template_kwargs=req.chat_template_kwargs)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        vocab = self.model_cfg.vocab_size
+        bad = next((t for t in tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"tokens: token id {bad} is outside [0, {vocab})", "tokens")
+        return self.decode(tokens)
+
+    # -- choices → outputs -----------------------------------------------------------------------
+    async def stream(self, choices: list[Choice]) -> AsyncIterator[tuple[int, list]]:
+        """(choice index, [StepOutput, ...]) as they come; raises ApiError. Every choice's router has
+        admitted it (an empty first batch) before anything is yielded, so a request that cannot start
+        fails whole, before a response is sent."""
+        deadline = time.monotonic() + self.cfg.request_timeout_s
+        clock = _Clock(len(choices))
+        streams = [self.client.generate(c.prompt_ids, c.params) for c in choices]
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks: list[asyncio.Task] = []
+        self.active += 1
+        try:
+            firsts = await self._until(asyncio.gather(*(first(s) for s in streams)), deadline)
+            for c, batch in zip(choices, firsts):
+                yield c.index, clock.observe(c.index, batch)
+            tasks = [asyncio.create_task(_pump(c.index, s, queue))
+                     for c, s, batch in zip(choices, streams, firsts) if not (batch and batch[-1].finish_reason)]
+            running = len(tasks)
+            while running:
+                index, item = await self._until(queue.get(), deadline)
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    running -= 1
+                    continue
+                yield index, clock.observe(index, item)
+        finally:
+            self.active -= 1
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for s in streams:
+                await s.aclose()
+
+    async def _until(self, awaitable, deadline: float):
+        """Await, unless the request times out (408) or the drain window closes (503) first."""
+        task = asyncio.ensure_future(awaitable)
+        cut = asyncio.ensure_future(self.cut.wait())
+        try:
+            done, _ = await asyncio.wait({task, cut}, timeout=max(deadline - time.monotonic(), 0),
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cut.cancel()
+        if task in done:
+            return task.result()
+        task.cancel()
+        if cut in done:
+            raise ApiError(503, "server shut down before the request finished; retry it")
+        raise ApiError(408, f"request timed out after {self.cfg.request_timeout_s:g} s")
+
+    async def run(self, choices: list[Choice]) -> list[ChoiceResult]:
+        results = {c.index: ChoiceResult(c.index, c.prompt_ids, c.echo_text) for c in choices}
+        async for index, batch in self.stream(choices):
+            for o in batch:
+                results[index].add(o)
+        return [results[c.index] for c in choices]
+
+
+async def _pump(index: int, stream, queue: asyncio.Queue) -> None:
+    """One choice's remaining batches into the merged queue; None when it ends, the error if it fails."""
+    try:
+        async for batch in stream:
+            await queue.put((index, batch))
+        await queue.put((index, None))
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
+        await queue.put((index, classify(e)))
+
+
+class _Clock:
+    """TTFT for each choice's first token, inter-token latency after (one timestamp per batch)."""
+
+    def __init__(self, n: int):
+        self.start = time.perf_counter()
+        self.last = [self.start] * n
+        self.index_of: dict[int, int] = {}
+
+    def observe(self, index: int, batch: list) -> list:
+        slot = self.index_of.setdefault(index, len(self.index_of))
+        now = time.perf_counter()
+        for o in batch:
+            if o.token_id is None:
+                continue
+            (metrics.ITL if self.last[slot] != self.start else metrics.TTFT).observe(now - self.last[slot])
+            self.last[slot] = now
+            metrics.GENERATED_TOKENS.inc()
+        return batch

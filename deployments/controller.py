@@ -1,0 +1,188 @@
+"""The placement controller: one Serve replica that owns the versioned placement table.
+
+It aggregates the expert load every router reports, runs the autoscaling policy
+(deployments/rebalancer.py), keeps membership (fixed workers, pool workers
+joining and leaving) and heals failed workers (deployments/membership.py), and
+answers every router's report with the newest table (deployments/table_state.py).
+
+Traffic never depends on it: routers keep their last table. If it dies, Serve
+restarts it; the new replica starts from the initial table, asks the routers
+for theirs (the newest version wins), pool workers register again, and the
+policy loop resumes.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+
+from cluster.placement import Table, WorkerRef
+from cluster.rebalance import hand_back
+from deployments import metrics
+from deployments.cluster_view import cluster_stats, down_workers, expert_load, load_view, update_metrics
+from deployments.membership import Membership
+from deployments.messages import AppSpec, ControllerReply, RouterReport, RouterSettings
+from deployments.policy import AutoscalePolicy
+from deployments.rebalancer import Rebalancer
+from deployments.table_state import TableState
+
+log = logging.getLogger("ray.serve")
+
+
+class PlacementController:
+    """Serve deployment (options applied in deployments/app.py)."""
+
+    async def __init__(self, spec: AppSpec, workers: list):
+        self.spec = spec
+        self.membership = Membership(workers, spec.data_plane_secret)
+        table = None
+        if spec.placement is not None:
+            table = Table(1, spec.placement, await self.membership.fixed_refs())
+        self.state = TableState(table)
+        self.policy = spec.policy or AutoscalePolicy(enabled=False)
+        self.rebalancer = Rebalancer(self.policy, self.state, self.membership, moe_layers=list(spec.moe_layers),
+                                     expert_bytes=spec.expert_bytes)
+        self.reports: dict[str, RouterReport] = {}
+        self.ingress: dict[str, tuple[float, int]] = {}  # replica -> (last seen, requests in flight)
+        self.draining = self.cut_off = False
+        self.report_count = 0
+        self._healing: dict[int, asyncio.Task] = {}
+        self._loop_task = asyncio.get_running_loop().create_task(self._policy_forever())
+
+    # -- routers -------------------------------------------------------------------------------
+    async def current_table(self) -> Table | None:
+        return self.state.table
+
+    async def report(self, report: RouterReport) -> ControllerReply:
+        self.report_count += 1
+        self.reports[report.router_id] = report
+        self.state.seen(report.router_id, report.table_version, report.node_id, report.stats)
+        if report.table is not None and self.state.restore_from(report.table):
+            log.warning("controller: restored placement table v%d from router %s", report.table.version,
+                        report.router_id)
+        table = self.state.table
+        self._heal_reported(report)
+        settings = RouterSettings(self.policy.token_split, self.policy.ema_alpha)
+        newer = table is not None and table.version > report.table_version
+        behind = table is not None and report.table_version > table.version  # we restarted
+        return ControllerReply(table if newer else None, settings, send_table=behind)
+
+    def _heal_reported(self, report: RouterReport) -> None:
+        table = self.state.table
+        for worker, generation in report.down:
+            if table is None or worker >= len(table.workers) or table.workers[worker].generation != generation:
+                continue  # already healed (the router will see the new generation)
+            task = self._healing.get(worker)
+            if task is None or task.done():
+                self._healing[worker] = asyncio.get_running_loop().create_task(self._heal(worker, generation))
+
+    async def _heal(self, worker: int, generation: int) -> None:
+        table = self.state.table
+        ref = await self.membership.heal(worker, table.workers[worker], list(table.placement.workers[worker]))
+        if ref is None:
+            log.error("expert worker %d did not come back", worker)
+            return
+        async with self.rebalancer.lock:
+            table = self.state.table
+            if table.workers[worker].generation != generation:
+                return
+            await self.membership.load_copies(ref, list(table.placement.workers[worker]))  # if it changed meanwhile
+            refs = table.workers[:worker] + (ref,) + table.workers[worker + 1:]
+            self.state.publish(table.changed(workers=refs))
+
+    # -- the expert pool -----------------------------------------------------------------------
+    async def register_worker(self, address: str, node_id: str) -> int:
+        """A pool replica joins, empty: the next rebalance hands it copies of the hottest experts."""
+        table = self.state.table
+        if table is None:
+            raise RuntimeError("the expert pool needs fixed expert workers (num_workers ≥ 1)")
+        async with self.rebalancer.lock:
+            table = self.state.table
+            known = next((w for w, ref in enumerate(table.workers) if ref.address == address and not ref.retired),
+                         None)
+            if known is not None:
+                return known
+            self.state.publish(table.changed(table.placement.with_worker(),
+                                             table.workers + (WorkerRef(address, node_id),)))
+            self.rebalancer.last_change = 0.0  # a new worker: no cooldown before using it
+            return len(table.workers)
+
+    async def unregister_worker(self, address: str) -> int:
+        """A pool replica is stopping: its copies are handed back first. Returns copies moved."""
+        async with self.rebalancer.lock:
+            table = self.state.table
+            worker = next((w for w, ref in enumerate(table.workers) if ref.address == address and not ref.retired),
+                          None)
+            if worker is None:
+                return 0
+            new = hand_back(table.placement, worker, table.active())
+            refs = tuple(WorkerRef(r.address, r.node_id, r.generation, True) if w == worker else r
+                         for w, r in enumerate(table.workers))
+            before = sum(map(len, table.placement.workers))
+            await self.rebalancer.change(new, workers=refs)
+            return sum(map(len, new.workers)) - before + len(table.placement.workers[worker])
+
+    # -- the policy loop -----------------------------------------------------------------------
+    async def _policy_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.policy.interval_s)
+            self.state.forget_gone()
+            if not (self.policy.enabled and self.state.table is not None and self.state.live_routers()):
+                continue
+            try:
+                loads, coactivation = expert_load(self.reports, self.state.live_routers())
+                await self.rebalancer.step(np.asarray(loads), coactivation)
+            except Exception:  # noqa: BLE001 - a failed change must not stop the loop
+                log.exception("rebalance failed")
+                metrics.REBALANCES.labels("failed").inc()
+
+    async def set_policy(self, fields: dict) -> dict:
+        """Validated merge into the running policy (ValueError names the field)."""
+        from deployments.policy import describe
+        from pydantic import ValidationError
+
+        try:
+            policy = AutoscalePolicy(**{**self.policy.model_dump(), **fields})
+        except (ValidationError, TypeError) as e:
+            raise ValueError(describe(e) if isinstance(e, ValidationError) else str(e)) from None
+        self.policy = self.rebalancer.policy = policy
+        return policy.model_dump()
+
+    # -- what the ingress shows ----------------------------------------------------------------
+    async def ingress_report(self, replica: str, in_flight: int) -> dict:
+        """Called by every ingress replica every half second: its load in, the cluster state out."""
+        self.ingress[replica] = (time.monotonic(), in_flight)
+        table, live = self.state.table, self.state.live_routers()
+        down = down_workers(self.reports, live, table)
+        uncovered = []
+        if table is not None:
+            uncovered = [e for e, ws in table.placement.copies().items() if all(w in down for w in ws)]
+        reason = ("draining" if self.draining else "no router is up" if not live
+                  else f"{len(uncovered)} expert(s) without a live copy" if uncovered else None)
+        return {"ready": reason is None, "reason": reason, "draining": self.draining, "cut_off": self.cut_off}
+
+    async def admin(self, what: str) -> dict:
+        live = self.state.live_routers()
+        if what == "load":
+            return load_view(self.reports, live, self.state.table, self.spec.moe_layers)
+        if what == "autoscaler":
+            return {"enabled": self.spec.policy is not None, "policy": self.policy.model_dump(),
+                    "history": self.rebalancer.history[-50:]}
+        return cluster_stats(self.reports, live, self.state, self.spec, self.report_count)
+
+    async def metrics_text(self) -> str:
+        update_metrics(self.reports, self.state.live_routers(), self.state, self.spec)
+        return metrics.render(metrics.CLUSTER)
+
+    # -- shutdown (moe-cluster serve on SIGTERM) -------------------------------------------------
+    async def start_drain(self) -> None:
+        self.draining = True
+
+    async def in_flight(self) -> int:
+        now = time.monotonic()
+        return sum(n for seen, n in self.ingress.values() if now - seen < 5)
+
+    async def cut(self) -> None:
+        self.cut_off = True

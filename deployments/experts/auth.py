@@ -1,0 +1,45 @@
+"""The expert data plane's shared secret: every call carries it, every worker checks it.
+
+One secret per application: from `data_plane_secret` in the config, else the
+MOE_CLUSTER_DATA_PLANE_SECRET environment variable (a Kubernetes Secret), else
+one `build_app` generates. A caller without it can neither read activations
+(Forward) nor change what a worker holds (Load, Retire): UNAUTHENTICATED.
+"""
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+
+import grpc
+
+METADATA_KEY = "moe-data-plane-secret"
+ENV = "MOE_CLUSTER_DATA_PLANE_SECRET"
+
+
+def resolve_secret(configured: str | None) -> str:
+    return configured or os.environ.get(ENV) or secrets.token_urlsafe(32)
+
+
+def call_metadata(secret: str) -> tuple[tuple[str, str], ...]:
+    return ((METADATA_KEY, secret),)
+
+
+class SecretInterceptor(grpc.ServerInterceptor):
+    """Refuses every call whose metadata lacks the secret (compared in constant time)."""
+
+    def __init__(self, secret: str):
+        if not secret:
+            raise ValueError("the expert data plane needs a secret")
+        self._secret = secret.encode()
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "expert data plane: missing or wrong secret")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, handler_call_details):
+        sent = dict(handler_call_details.invocation_metadata or ()).get(METADATA_KEY, "")
+        if hmac.compare_digest(sent.encode(), self._secret):
+            return continuation(handler_call_details)
+        return self._deny

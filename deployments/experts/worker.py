@@ -1,0 +1,105 @@
+"""Expert workers: Ray Serve replicas holding copies of experts, served over the data plane.
+
+`ExpertWorker`: one deployment per initial-table entry, started with its experts.
+`ExpertPoolWorker`: the autoscaled pool; replicas start empty, register with the
+placement controller, get copies of hot experts, and hand them back before they stop.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import ray
+import torch
+from ray import serve
+
+from cluster.loader import load_experts, open_model
+from cluster.model.experts import LocalExperts
+from deployments.experts.servicer import ExpertServicer
+from deployments.experts.transport.grpc import serve as serve_data_plane
+
+log = logging.getLogger("ray.serve")
+
+
+class ExpertHost:
+    """Loads its experts (partial loading: only their bytes are read) and serves them."""
+
+    def __init__(self, model: str, experts: list[list[int]], name: str, host: str, secret: str,
+                 torch_threads: int = 1, device: str = "cpu", service_time_per_token_s: float = 0.0):
+        torch.set_num_threads(torch_threads)
+        self.device = device  # "cuda" when the config gives workers GPUs (worker.num_gpus > 0)
+        self.name = name
+        self.ckpt, self.family, self.cfg = open_model(model)
+        self.experts = LocalExperts(load_experts(self.ckpt, self.family, self.cfg, [tuple(e) for e in experts],
+                                                 device=self.device))
+        self.servicer = ExpertServicer(name, self.cfg, self.experts, self.device, service_time_per_token_s,
+                                       self._load_copies)
+        self.server, port = serve_data_plane(self.servicer, host, secret)
+        self.address = f"{host}:{port}"
+        log.info("%s: %d expert copies on %s, data plane at %s", name, len(experts), self.device, self.address)
+
+    def _load_copies(self, experts: list[tuple[int, int]]) -> int:
+        """Loading more copies (the data plane's Load, on its own thread, while it keeps serving)."""
+        before = self.ckpt.bytes_read
+        self.experts.add(load_experts(self.ckpt, self.family, self.cfg, experts, device=self.device))
+        log.info("%s: loaded %d expert copies", self.name, len(experts))
+        return self.ckpt.bytes_read - before
+
+    def get_address(self) -> str:
+        return self.address
+
+    def get_node_id(self) -> str:
+        """The Ray node this replica runs on: routers prefer copies on their own node."""
+        return ray.get_runtime_context().get_node_id()
+
+    def check_health(self) -> None:
+        if self.server is None:
+            raise RuntimeError("data-plane server is down")
+
+
+class ExpertWorker(ExpertHost):
+    """Serve deployment (options applied in deployments/app.py)."""
+
+    def __del__(self):
+        if getattr(self, "server", None) is not None:
+            self.server.stop(grace=1)
+
+
+class ExpertPoolWorker(ExpertHost):
+    """Scaled by Serve between the pool's min and max on its own load: `record_autoscaling_stats`
+    reports the fraction of time spent computing experts (and the target);
+    `deployments.pool_policy.scale_on_busy` decides."""
+
+    def __init__(self, model: str, controller, host: str, secret: str, torch_threads: int = 1,
+                 device: str = "cpu", service_time_per_token_s: float = 0.0, target_busy: float = 0.6):
+        super().__init__(model, [], "expert-pool", host, secret, torch_threads, device, service_time_per_token_s)
+        self.controller, self.target_busy = controller, target_busy
+        self.registered = False
+        self._last = (time.monotonic(), 0.0)
+
+    async def _register(self) -> None:
+        """Join the table; repeated on every stats call (idempotent), so a restarted controller
+        learns of this worker again."""
+        try:
+            await asyncio.wait_for(self.controller.register_worker.remote(self.address, self.get_node_id()), 10)
+            self.registered = True
+        except Exception as e:  # noqa: BLE001 - the controller may be starting
+            log.info("expert pool: controller not reachable yet (%s)", type(e).__name__)
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        await self._register()
+        now, busy = time.monotonic(), self.servicer.busy_s
+        (then, before), self._last = self._last, (now, busy)
+        return {"busy": min(1.0, (busy - before) / max(now - then, 1e-6)), "target_busy": self.target_busy}
+
+    async def __del__(self):
+        """Serve stops this replica: hand its copies back first (the controller moves any copy
+        that would be the last one, switches every router's table, then lets it go)."""
+        if getattr(self, "registered", False):
+            try:
+                await asyncio.wait_for(self.controller.unregister_worker.remote(self.address), timeout=120)
+            except Exception:  # noqa: BLE001 - the controller may be gone too (shutdown)
+                log.exception("expert pool: hand-back failed")
+        if getattr(self, "server", None) is not None:
+            self.server.stop(grace=1)

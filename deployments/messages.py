@@ -1,0 +1,62 @@
+"""What crosses between the deployments (pickled by Serve): frozen dataclasses, no behaviour.
+
+    build_app ──AppSpec──▶ every deployment (computed once)
+    router ──RouterReport──▶ controller ──ControllerReply──▶ router   (every report_interval_s)
+    ingress ──GenerateRequest──▶ router ──[StepOutput, ...]──▶ ingress (one message per step at most)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cluster.engine import SamplingParams
+from cluster.placement import Placement, Table
+from deployments.config import AppConfig
+from deployments.policy import AutoscalePolicy
+
+
+@dataclass(frozen=True)
+class AppSpec:
+    """Everything build_app computed once and bound into the deployments."""
+
+    cfg: AppConfig
+    placement: Placement | None  # the initial placement (None: experts stay in the routers)
+    policy: AutoscalePolicy | None
+    data_plane_secret: str
+    moe_layers: tuple[int, ...]  # layer ids of the MoE layers: rows of every expert-load matrix
+    num_experts: int
+    expert_bytes: int  # one routed expert's weights at the serving dtype (memory budgets)
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """The runtime policy as far as routers apply it."""
+
+    token_split: str = "even"
+    ema_alpha: float = 2.0 / 51
+
+
+@dataclass(frozen=True)
+class RouterReport:
+    router_id: str
+    node_id: str
+    table_version: int  # the table this router routes by now (switched at a step boundary)
+    expert_load: list[list[float]]  # [L, E] EMA tokens per step
+    total_tokens: list[list[int]]  # [L, E] since the router started
+    coactivation: list | None  # [L, E, E] counts, only when the policy co-locates
+    down: tuple[tuple[int, int], ...]  # (worker, generation) this router saw fail
+    stats: dict = field(default_factory=dict)  # engine and data-plane figures
+    table: Table | None = None  # only when the controller asked for it (after a controller restart)
+
+
+@dataclass(frozen=True)
+class ControllerReply:
+    table: Table | None  # a newer table to switch to at the next step boundary
+    settings: RouterSettings
+    send_table: bool = False  # the controller lost its state: send your table next time
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    skip: int = 0  # resuming on another router: outputs already delivered (replayed, not sent again)
