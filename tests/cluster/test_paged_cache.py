@@ -78,3 +78,22 @@ def test_memory_report_at_bf16_and_fp32(checkpoint_factory, caplog):
     print({k: (fp32.memory[k], bf16.memory[k]) for k in ("weights_bytes", "kv_bytes_per_token")})
     layer = next(w for w in bf16.model.weights.layers if w.router is not None)
     assert layer.router.dtype == torch.float32 and layer.attn.q_b.dtype == torch.bfloat16
+
+
+def test_prompt_logprobs_survive_a_preemption_unchanged(checkpoint_factory):
+    path = str(checkpoint_factory("mixtral"))
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, prompt_logprobs=2)
+    roomy = LLMEngine.from_pretrained(path, max_num_seqs=8, max_model_len=64, block_size=4)
+    expected = roomy.generate(PROMPTS, params)
+    tight = LLMEngine.from_pretrained(path, max_num_seqs=8, max_model_len=64, block_size=4,
+                                      kv_cache_memory_bytes=10 * roomy.cache.bytes_per_token * 4)
+    ids = [tight.add_request(p, params) for p in PROMPTS]
+    scored = {rid: 0 for rid in ids}
+    outs = {rid: [] for rid in ids}
+    while tight.has_unfinished():
+        for o in tight.step():
+            scored[o.request_id] += o.prompt_logprobs is not None
+            outs[o.request_id].append(o.token_id)
+    assert tight.scheduler.num_preemptions > 0
+    assert all(n == 1 for n in scored.values())  # once, on the first output, not again after a recompute
+    assert [outs[rid] for rid in ids] == [c.token_ids for c in expected]
