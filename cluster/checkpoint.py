@@ -2,13 +2,16 @@
 
 Tensors are read by byte range with pread, straight from the offsets in each
 file's safetensors header: a worker that loads 1 expert of 8 reads about 1/8 of
-the expert bytes. (safetensors' own mmap reader made the kernel read ahead about
-4x the bytes asked for on this machine, so we parse the small header ourselves.)
+the expert bytes, and one expert of a fused [E, ...] tensor is one contiguous
+range of it. (safetensors' own mmap reader made the kernel read ahead about 4x
+the bytes asked for on this machine, so we parse the small header ourselves.)
+A single pread returns at most 2 GiB on Linux, so reads loop until done.
 Pickled weights (.bin/.pt/.pth) are refused; nothing is ever unpickled.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -18,6 +21,7 @@ import torch
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
 }
@@ -86,6 +90,18 @@ def _weight_files(root: Path) -> list[Path]:
     raise CheckpointError(f"{root}: no *.safetensors weights found")
 
 
+def pread_exact(fd: int, buf: memoryview, offset: int) -> int:
+    """Fill `buf` from `offset`, looping over short reads (one pread returns at most 2 GiB).
+    Returns the bytes read: less than len(buf) only at end of file."""
+    done = 0
+    while done < len(buf):
+        got = os.preadv(fd, [buf[done:]], offset + done)
+        if got <= 0:
+            break
+        done += got
+    return done
+
+
 class Checkpoint:
     """A checkpoint directory: its config.json and a lazy view of its tensors."""
 
@@ -113,19 +129,39 @@ class Checkpoint:
             raise CheckpointError(f"{self.root}: tensor {name!r} not found in the checkpoint")
         return self.tensors[name]
 
-    def read(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Read one tensor, checking it has the shape the config implies."""
+    def read_raw(self, name: str, index: int | None = None) -> torch.Tensor:
+        """The tensor as stored (its own dtype, on the CPU); `index` reads only row `index` of dim 0
+        (one expert of a fused [E, ...] tensor)."""
         info = self.info(name)
-        if info.shape != tuple(shape):
-            raise CheckpointError(
-                f"{info.file}: tensor {name!r} has shape {list(info.shape)}, config.json implies {list(shape)}")
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        shape, start, nbytes = info.shape, info.start, info.nbytes
+        if index is not None:
+            if not info.shape or not 0 <= index < info.shape[0]:
+                raise CheckpointError(f"{info.file}: tensor {name!r} of shape {list(info.shape)} has no row {index}")
+            nbytes = info.nbytes // info.shape[0]
+            shape, start = info.shape[1:], info.start + index * nbytes
+        buf = torch.empty(nbytes, dtype=torch.uint8)
         fd = os.open(info.file, os.O_RDONLY)
         try:
-            got = os.preadv(fd, [memoryview(buf.numpy())], info.start) if info.nbytes else 0
+            got = pread_exact(fd, memoryview(buf.numpy()), start) if nbytes else 0
         finally:
             os.close(fd)
-        if got != info.nbytes:
-            raise CheckpointError(f"{info.file}: short read of tensor {name!r} ({got}/{info.nbytes} bytes)")
-        self.bytes_read += info.nbytes
-        return buf.view(info.dtype).reshape(info.shape).to(dtype)
+        if got != nbytes:
+            raise CheckpointError(f"{info.file}: short read of tensor {name!r} ({got}/{nbytes} bytes)")
+        self.bytes_read += nbytes
+        if math.prod(shape) == 0:
+            return torch.empty(shape, dtype=info.dtype)
+        return buf.view(info.dtype).reshape(shape)
+
+    def check_shape(self, name: str, shape: tuple[int, ...], index: int | None = None) -> None:
+        info = self.info(name)
+        stored = info.shape if index is None else info.shape[1:]
+        if stored != tuple(shape):
+            what = f"tensor {name!r}" + (f" (row {index})" if index is not None else "")
+            raise CheckpointError(f"{info.file}: {what} has shape {list(stored)}, config.json implies {list(shape)}")
+
+    def read(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32, device: str = "cpu",
+             index: int | None = None) -> torch.Tensor:
+        """Read one tensor, checking it has the shape the config implies; the raw bytes move to
+        `device` first and are converted there (one tensor at a time, no host copy in `dtype`)."""
+        self.check_shape(name, shape, index)
+        return self.read_raw(name, index).to(device).to(dtype)

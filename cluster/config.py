@@ -1,9 +1,14 @@
 """The one internal description of an MoE model, whatever family it came from."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from cluster.model.gating import Gating
+from cluster.model.rope import Rope
+from cluster.model.weights import SILU, ExpertActivation
+from cluster.quant import NONE, Quantization
 
 
 @dataclass(frozen=True)
@@ -16,31 +21,50 @@ class ModelConfig:
     num_kv_heads: int
     head_dim: int
     rms_norm_eps: float
-    rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
+    rope: Rope = field(default_factory=Rope)
+    checkpoint_dtype: torch.dtype = torch.float32  # what config.json says the weights are (unquantised)
+    quantization: Quantization = NONE
+    # Norms: "rms" (RMSNorm) | "layer" (LayerNorm with bias, phimoe); gpt-oss keeps norm weights in fp32.
+    norm: str = "rms"
+    norm_fp32: bool = False
     # Attention variants.
     qkv_bias: bool = False
+    o_bias: bool = False
     qk_norm: str = "none"  # "none" | "head" (per head, qwen3) | "full" (whole projection, olmoe)
     clip_qkv: float | None = None
+    attn_scale: float | None = None  # softmax scale; None: head_dim ** -0.5 (q/k dim for MLA)
+    sliding_windows: tuple[int | None, ...] = ()  # per layer: attend to the last n tokens; () or None: all
+    attn_sinks: bool = False  # gpt-oss: a learned per-head logit that takes softmax mass and no value
+    # Scalars (Granite): embeddings ×, each residual branch ×, logits ÷.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+    lm_head_bias: bool = False
     # Routed experts.
     num_experts: int = 0
     top_k: int = 0
     expert_intermediate_size: int = 0
+    expert_bias: bool = False
+    expert_activation: ExpertActivation = SILU
     norm_topk_prob: bool = True
     moe_layers: tuple[bool, ...] = ()  # per layer: True = MoE block, False = dense MLP
+    router_logits_bias: bool = False  # gpt-oss: the router linear has a bias
+    router_fp32: bool = False  # router matmul in fp32 (DeepSeek-V3, GLM-4.5), as transformers does
     # Dense MLP for non-MoE layers, shared expert beside routed ones (qwen2_moe).
     dense_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
     shared_expert_gate: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    # DeepSeek gating variants (defaults: plain softmax top-k).
+    # Gating variants (defaults: plain softmax top-k).
     scoring: str = "softmax"
     n_group: int = 1
     topk_group: int = 1
     group_score: str = "max"
     routed_scaling_factor: float = 1.0
+    router_jitter: float = 0.0  # sparsemixer's jitter_eps
     # Multi-head latent attention (DeepSeek); attention="mha" ignores these.
     attention: str = "mha"
     q_lora_rank: int = 0  # 0: q comes from one projection
@@ -53,7 +77,7 @@ class ModelConfig:
     @property
     def gating(self) -> Gating:
         return Gating(self.top_k, self.norm_topk_prob, self.scoring, self.n_group, self.topk_group,
-                      self.group_score, self.routed_scaling_factor)
+                      self.group_score, self.routed_scaling_factor, self.router_jitter)
 
     @property
     def moe_layer_ids(self) -> tuple[int, ...]:
@@ -62,3 +86,21 @@ class ModelConfig:
     def expert_pairs(self) -> list[tuple[int, int]]:
         """Every (layer, expert_id) slot of the model."""
         return [(layer, e) for layer in self.moe_layer_ids for e in range(self.num_experts)]
+
+    def sliding_window(self, layer: int) -> int | None:
+        return self.sliding_windows[layer] if self.sliding_windows else None
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters of one routed expert: gate, up, down (+ their biases)."""
+        d, i = self.hidden_size, self.expert_intermediate_size
+        return 3 * d * i + (2 * i + d if self.expert_bias else 0)
+
+    def expert_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes one routed expert takes at `dtype` (what a worker slot costs)."""
+        return self.expert_params * dtype.itemsize
+
+    @property
+    def context_limit(self) -> int:
+        """The longest context the model is made for (rope scaling included)."""
+        return max(self.rope.context_limit(), self.max_position_embeddings)

@@ -1,7 +1,9 @@
 """Fill our weight containers from a checkpoint, using the family's name table.
 
 `load_experts` is the partial loader: it reads only the requested
-(layer, expert_id) tensors, which is what an expert worker does.
+(layer, expert_id) tensors (or rows of a fused [E, ...] tensor), which is what
+an expert worker does. Every tensor is read as stored, moved to its device and
+converted (or dequantised) there to the serving dtype, one at a time.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from cluster.checkpoint import Checkpoint, CheckpointError
 from cluster.config import ModelConfig
 from cluster.families import Family, get_family
 from cluster.model.weights import AttentionWeights, BackboneWeights, LayerWeights, MLAWeights, MLPWeights
+from cluster.precision import resolve_dtype
+from cluster.quant import read_weight
 
 Progress = Callable[[int, int], None]
 
@@ -33,25 +37,58 @@ def stderr_progress(what: str) -> Progress:
 
 
 class _Reader:
-    def __init__(self, ckpt: Checkpoint, family: Family, dtype: torch.dtype, device: str):
-        self.ckpt, self.family, self.dtype, self.device = ckpt, family, dtype, device
+    def __init__(self, ckpt: Checkpoint, family: Family, cfg: ModelConfig, dtype, device: str):
+        self.ckpt, self.family, self.cfg, self.device = ckpt, family, cfg, device
+        self.dtype = resolve_dtype(dtype, device, cfg.checkpoint_dtype)
 
     def name(self, ours: str, layer: int | None = None, expert_id: int | None = None) -> str:
         return self.family.tensor_name(ours, layer, expert_id)
 
-    def get(self, ours: str, shape: tuple[int, ...], layer: int | None = None, expert_id: int | None = None):
-        return self.ckpt.read(self.name(ours, layer, expert_id), shape, self.dtype).to(self.device)
+    def get(self, ours: str, shape: tuple[int, ...], layer: int | None = None, expert_id: int | None = None,
+            dtype: torch.dtype | None = None, index: int | None = None) -> torch.Tensor:
+        return read_weight(self.ckpt, self.cfg.quantization, self.name(ours, layer, expert_id), shape,
+                           dtype or self.dtype, self.device, index)
 
-    def maybe(self, ours: str, shape: tuple[int, ...], layer: int | None = None):
+    def maybe(self, ours: str, shape: tuple[int, ...], layer: int | None = None, dtype: torch.dtype | None = None):
         if ours not in self.family.tensors or not self.ckpt.has(self.name(ours, layer)):
             return None
-        return self.get(ours, shape, layer)
+        return self.get(ours, shape, layer, dtype=dtype)
+
+    def norm(self, ours: str, dim: int, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A norm's weight (fp32 where the family keeps it so) and its bias (LayerNorm)."""
+        dtype = torch.float32 if self.cfg.norm_fp32 else None
+        bias = self.get(ours + "_bias", (dim,), layer, dtype=dtype) if self.cfg.norm == "layer" else None
+        return self.get(ours, (dim,), layer, dtype=dtype), bias
 
     def mlp(self, prefix: str, inter: int, hidden: int, layer: int, expert_id: int | None = None) -> MLPWeights:
         gate = self.get(f"{prefix}_gate", (inter, hidden), layer, expert_id)
         up = self.get(f"{prefix}_up", (inter, hidden), layer, expert_id)
         down = self.get(f"{prefix}_down", (hidden, inter), layer, expert_id)
         return MLPWeights(torch.cat([gate, up]), down)
+
+
+def _fused_expert(r: _Reader, layer: int, expert_id: int) -> MLPWeights:
+    """One expert's rows of the fused [E, ...] tensors, in nn.Linear layout with gate rows first."""
+    cfg, layout = r.cfg, r.family.experts
+    d, i = cfg.hidden_size, cfg.expert_intermediate_size
+    flip = (lambda shape: shape[::-1]) if layout.transposed else (lambda shape: shape)
+    gate_up = r.get("expert_gate_up", flip((2 * i, d)), layer, index=expert_id)
+    down = r.get("expert_down", flip((d, i)), layer, index=expert_id)
+    if layout.transposed:
+        gate_up, down = gate_up.t(), down.t()
+    bias_up = r.get("expert_gate_up_bias", (2 * i,), layer, index=expert_id) if cfg.expert_bias else None
+    bias_down = r.get("expert_down_bias", (d,), layer, index=expert_id) if cfg.expert_bias else None
+    if layout.interleaved:  # gate/up pairs → gate rows then up rows
+        gate_up = torch.cat([gate_up[0::2], gate_up[1::2]])
+        bias_up = None if bias_up is None else torch.cat([bias_up[0::2], bias_up[1::2]])
+    return MLPWeights(gate_up.contiguous(), down.contiguous(), bias_up, bias_down, cfg.expert_activation)
+
+
+def _expert(r: _Reader, layer: int, expert_id: int) -> MLPWeights:
+    if r.family.experts.fused:
+        return _fused_expert(r, layer, expert_id)
+    w = r.mlp("expert", r.cfg.expert_intermediate_size, r.cfg.hidden_size, layer, expert_id)
+    return MLPWeights(w.gate_up, w.down, activation=r.cfg.expert_activation)
 
 
 def _attention(r: _Reader, cfg: ModelConfig, layer: int) -> AttentionWeights:
@@ -62,8 +99,10 @@ def _attention(r: _Reader, cfg: ModelConfig, layer: int) -> AttentionWeights:
         q=r.get("q_proj", (h * hd, d), layer), k=r.get("k_proj", (kvh * hd, d), layer),
         v=r.get("v_proj", (kvh * hd, d), layer), o=r.get("o_proj", (d, h * hd), layer),
         q_bias=bias("q_bias", h * hd), k_bias=bias("k_bias", kvh * hd), v_bias=bias("v_bias", kvh * hd),
+        o_bias=r.get("o_bias", (d,), layer) if cfg.o_bias else None,
         q_norm=r.get("q_norm", norm_shapes[0], layer) if norm_shapes[0] else None,
         k_norm=r.get("k_norm", norm_shapes[1], layer) if norm_shapes[1] else None,
+        sinks=r.get("sinks", (h,), layer) if cfg.attn_sinks else None,
     )
 
 
@@ -81,27 +120,35 @@ def _mla(r: _Reader, cfg: ModelConfig, layer: int) -> MLAWeights:
         o=r.get("o_proj", (d, h * cfg.v_head_dim), layer), **q)
 
 
+def _router(r: _Reader, cfg: ModelConfig, layer: int) -> dict:
+    """The gate of a MoE layer: its weight (fp32 where transformers computes the logits in fp32),
+    DeepSeek's selection bias (fp32) and gpt-oss's logits bias."""
+    e, d = cfg.num_experts, cfg.hidden_size
+    return dict(router=r.get("router", (e, d), layer, dtype=torch.float32 if cfg.router_fp32 else None),
+                router_bias=r.maybe("router_bias", (e,), layer, dtype=torch.float32),
+                router_logits_bias=r.get("router_logits_bias", (e,), layer) if cfg.router_logits_bias else None)
+
+
 def _layer(r: _Reader, cfg: ModelConfig, layer: int) -> LayerWeights:
-    d = cfg.hidden_size
-    moe = cfg.moe_layers[layer]
+    d, moe = cfg.hidden_size, cfg.moe_layers[layer]
     shared = None
     if moe and cfg.shared_expert_intermediate_size:
         shared = r.mlp("shared", cfg.shared_expert_intermediate_size, d, layer)
+    (attn_norm, attn_norm_bias), (mlp_norm, mlp_norm_bias) = r.norm("attn_norm", d, layer), r.norm("mlp_norm", d, layer)
     return LayerWeights(
-        attn_norm=r.get("attn_norm", (d,), layer),
+        attn_norm=attn_norm, attn_norm_bias=attn_norm_bias, mlp_norm=mlp_norm, mlp_norm_bias=mlp_norm_bias,
         attn=_mla(r, cfg, layer) if cfg.attention == "mla" else _attention(r, cfg, layer),
-        mlp_norm=r.get("mlp_norm", (d,), layer),
-        router=r.get("router", (cfg.num_experts, d), layer) if moe else None,
-        router_bias=r.maybe("router_bias", (cfg.num_experts,), layer) if moe else None,
+        **(_router(r, cfg, layer) if moe else {}),
         dense=None if moe else r.mlp("dense", cfg.dense_intermediate_size, d, layer),
         shared=shared,
         shared_router=r.get("shared_router", (1, d), layer) if shared is not None and cfg.shared_expert_gate else None,
     )
 
 
-def load_backbone(ckpt: Checkpoint, family: Family, cfg: ModelConfig, dtype=torch.float32,
-                  device: str = "cpu", progress: Progress | None = None) -> BackboneWeights:
-    r = _Reader(ckpt, family, dtype, device)
+def load_backbone(ckpt: Checkpoint, family: Family, cfg: ModelConfig, dtype=None, device: str = "cpu",
+                  progress: Progress | None = None) -> BackboneWeights:
+    """Everything but the routed experts. dtype: a torch.dtype, a name, or None / "auto"."""
+    r = _Reader(ckpt, family, cfg, dtype, device)
     v, d = cfg.vocab_size, cfg.hidden_size
     embed = r.get("embed", (v, d))
     layers = []
@@ -110,16 +157,19 @@ def load_backbone(ckpt: Checkpoint, family: Family, cfg: ModelConfig, dtype=torc
         if progress:
             progress(layer + 1, cfg.num_layers)
     lm_head = embed if cfg.tie_word_embeddings and not ckpt.has(r.name("lm_head")) else r.get("lm_head", (v, d))
-    return BackboneWeights(embed, r.get("final_norm", (d,)), lm_head, tuple(layers))
+    final_norm, final_norm_bias = r.norm("final_norm", d)
+    return BackboneWeights(embed, final_norm, lm_head, tuple(layers), final_norm_bias,
+                           r.get("lm_head_bias", (v,)) if cfg.lm_head_bias else None)
 
 
 def load_experts(ckpt: Checkpoint, family: Family, cfg: ModelConfig, pairs: Iterable[tuple[int, int]],
-                 dtype=torch.float32, device: str = "cpu") -> dict[tuple[int, int], MLPWeights]:
-    """Only the given (layer, expert_id) experts; nothing else is read from disk."""
-    r = _Reader(ckpt, family, dtype, device)
+                 dtype=None, device: str = "cpu") -> dict[tuple[int, int], MLPWeights]:
+    """Only the given (layer, expert_id) experts; nothing else is read from disk.
+    dtype: a torch.dtype, a name, or None / "auto" (the checkpoint's dtype on a GPU, fp32 on a CPU)."""
+    r = _Reader(ckpt, family, cfg, dtype, device)
     out = {}
     for layer, expert_id in pairs:
         if not (0 <= layer < cfg.num_layers and cfg.moe_layers[layer] and 0 <= expert_id < cfg.num_experts):
             raise CheckpointError(f"{ckpt.root}: no expert {expert_id} in layer {layer} of this model")
-        out[(layer, expert_id)] = r.mlp("expert", cfg.expert_intermediate_size, cfg.hidden_size, layer, expert_id)
+        out[(layer, expert_id)] = _expert(r, layer, expert_id)
     return out

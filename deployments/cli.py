@@ -46,6 +46,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Capacity plan from config.json alone (cluster/plan.py): works before any weights are downloaded."""
+    from cluster.plan import format_plan, plan_from_config
+
+    p = plan_from_config(args.model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, workers=args.workers,
+                         gpu_memory=args.gpu_memory, gpu_memory_utilization=args.gpu_memory_utilization,
+                         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs)
+    print(json.dumps(p.as_dict()) if args.json else format_plan(p))
+    return 0
+
+
 def _start_ray(address: str | None, cfg, host: str) -> None:
     from deployments.local import start_local_ray
 
@@ -138,6 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--quiet", action="store_true", help="no loading progress on stderr")
     g.set_defaults(func=cmd_generate)
+    pl = sub.add_parser("plan", help="memory and capacity plan from config.json alone (no weights needed)")
+    pl.add_argument("--model", required=True, help="checkpoint directory or its config.json")
+    pl.add_argument("--dtype", default="auto", help="auto (the checkpoint's dtype, as on a GPU) | bfloat16 | float16 | float32")
+    pl.add_argument("--kv-cache-dtype", default="auto", help="auto (= dtype) | bfloat16 | float16 | float32")
+    pl.add_argument("--workers", type=int, default=1, help="expert workers, one GPU each (0: all in the router)")
+    pl.add_argument("--gpu-memory", default="80GiB", help="memory of each GPU, e.g. 80GiB, 141GB")
+    pl.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    pl.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
+    pl.add_argument("--max-num-seqs", type=int, default=64)
+    pl.add_argument("--json", action="store_true", help="print one JSON object")
+    pl.set_defaults(func=cmd_plan)
     s = sub.add_parser("serve", help="serve the model on Ray Serve (HTTP + gRPC)")
     s.add_argument("--config", default="deployments/serve_local.yaml", help="Ray Serve config YAML")
     s.add_argument("--model", default=None, help="checkpoint directory (overrides the config)")

@@ -9,12 +9,13 @@ from cluster.model.kv_cache import KVCache
 
 
 def our_greedy_logits(engine: LLMEngine, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy decoding through the engine's model and KV cache, keeping every step's logits."""
-    cfg = engine.cfg
-    cache = KVCache.for_model(cfg, 1, len(prompt) + steps + 1, device=engine.device)
+    """Greedy decoding through the engine's model and a KV cache of its own, keeping every step's logits."""
+    cache = KVCache.for_model(engine.cfg, num_blocks=(len(prompt) + steps) // 16 + 1, block_size=16,
+                              dtype=engine.kv_dtype, device=engine.device)
+    table = cache.allocate(cache.num_blocks)
     tokens, logits_per_step, new, pos = [], [], list(prompt), 0
     for _ in range(steps):
-        logits, _ = engine.model.forward(make_batch([(0, new, pos)], engine.device), cache)
+        logits, _ = engine.model.forward(make_batch([(table, new, pos)], cache.block_size, engine.device), cache)
         pos += len(new)
         logits_per_step.append(logits[0].cpu())
         tokens.append(int(logits[0].argmax()))

@@ -43,3 +43,19 @@ def test_errors_are_one_clear_line(args, message, checkpoint_factory):
     r = _cli(*base, *args, "--quiet")
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_plan_needs_only_config_json(tmp_path):
+    from tests.published_configs import PUBLISHED
+
+    (tmp_path / "config.json").write_text(json.dumps(PUBLISHED["Mixtral-8x7B-Instruct-v0.1"]))  # no weights at all
+    r = _cli("plan", "--model", str(tmp_path), "--workers", "4", "--gpu-memory", "80GiB", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["fits"] and plan["dtype"] == "bfloat16" and plan["experts_per_worker"] == 64
+    text = _cli("plan", "--model", str(tmp_path / "config.json"), "--dtype", "float32", "--max-model-len", "4096",
+                "--workers", "8")
+    assert text.returncode == 0 and "46.70 B total, 12.88 B active per token" in text.stdout
+    assert "weights float32" in text.stdout and "fits: yes" in text.stdout
+    bad = _cli("plan", "--model", str(tmp_path), "--gpu-memory", "lots")
+    assert bad.returncode == 2 and "--gpu-memory: cannot read 'lots'" in bad.stderr

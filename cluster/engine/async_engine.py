@@ -3,7 +3,7 @@
 One thread owns the LLMEngine (it is not thread-safe): handlers post
 commands to its inbox and read their request's outputs from an asyncio queue.
 A request whose consumer goes away (client disconnect, timeout) is aborted and
-its KV-cache slot freed on the next loop turn.
+its KV-cache blocks freed on the next loop turn.
 
 The loop survives any single bad request: a command that fails fails only its
 request, a sequence that fails inside a step fails only itself. If the loop
@@ -91,7 +91,9 @@ class AsyncEngine:
         s = self.engine.scheduler
         return {"running": len(s.running), "waiting": len(s.waiting), "steps": self.steps,
                 "step_seconds": self.step_seconds, "active_requests": self.active,
-                "free_kv_slots": len(self.engine.cache.free_slots), "engine_alive": self.alive}
+                "free_kv_slots": self.engine.free_seq_slots, "free_kv_blocks": self.engine.cache.num_free_blocks,
+                "kv_blocks": self.engine.cache.num_blocks, "preemptions": s.num_preemptions,
+                "engine_alive": self.alive}
 
     def shutdown(self) -> None:
         self._stop.set()

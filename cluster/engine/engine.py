@@ -12,18 +12,21 @@ from dataclasses import dataclass
 import torch
 
 from cluster.config import ModelConfig
+from cluster.engine.memory import kv_cache_budget, memory_report
 from cluster.engine.params import SamplingParams
 from cluster.engine.prompts import PromptChecker
 from cluster.engine.sampling import History, Sampled, sample_row, top_logprobs
 from cluster.engine.scheduler import Scheduler
 from cluster.engine.sequence import Sequence
+from cluster.generation_config import GenerationDefaults, read_generation_config
 from cluster.load import LoadTracker
 from cluster.loader import load_backbone, load_experts, open_model, stderr_progress
 from cluster.model.batch import make_batch
 from cluster.model.experts import ExpertExecutor, LocalExperts
 from cluster.model.kv_cache import KVCache
 from cluster.model.transformer import MoETransformer
-from cluster.tokenizer import TextTokenizer
+from cluster.precision import resolve_dtype, resolve_kv_dtype
+from cluster.tokenizer import TextTokenizer, missing_reason
 
 
 # Routing of one token: per MoE layer, (layer, expert ids, weights). For generated token i it is
@@ -62,30 +65,52 @@ class Completion:
 class LLMEngine:
     def __init__(self, cfg: ModelConfig, model: MoETransformer, tokenizer: TextTokenizer | None = None,
                  max_num_seqs: int = 64, max_model_len: int = 1024, max_num_batched_tokens: int = 4096,
-                 device: str = "cpu"):
+                 device: str = "cpu", kv_cache_dtype=None, kv_cache_memory_bytes: int | None = None,
+                 gpu_memory_utilization: float = 0.9, block_size: int = 16,
+                 generation: GenerationDefaults = GenerationDefaults(), no_tokenizer_reason: str | None = None):
         self.cfg, self.model, self.tokenizer, self.device = cfg, model, tokenizer, device
         self.max_model_len = max_model_len
-        self.prompts = PromptChecker(cfg, tokenizer, max_model_len)
-        self.cache = KVCache.for_model(cfg, max_num_seqs, max_model_len, device=device)
-        self.scheduler = Scheduler(self.cache, max_num_batched_tokens)
+        self.dtype = model.weights.embed.dtype
+        self.kv_dtype = resolve_kv_dtype(kv_cache_dtype, self.dtype)
+        budget = kv_cache_budget(cfg, self.kv_dtype, device, max_num_seqs, max_model_len, kv_cache_memory_bytes,
+                                 gpu_memory_utilization)
+        self.cache = KVCache.for_budget(cfg, budget, block_size, self.kv_dtype, device)
+        self.prompts = PromptChecker(cfg, tokenizer, max_model_len, self.cache.capacity_tokens, no_tokenizer_reason)
+        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
         self.load = LoadTracker(cfg.moe_layer_ids, cfg.num_experts)
+        self.generation = generation
+        self.default_sampling = generation.as_dict()  # what a request that gives none of them gets
+        self.stop_ids = tuple(dict.fromkeys(cfg.eos_token_ids + generation.eos_token_ids))  # config.json's first
+        local = model.experts.experts.values() if isinstance(model.experts, LocalExperts) else ()  # remote: 0 here
+        self.memory = memory_report(self.dtype, self.cache, model.weights.nbytes, sum(w.nbytes for w in local))
         self._ids = itertools.count()
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu", experts: ExpertExecutor | None = None,
-                        max_model_len: int | None = None, show_progress: bool = False, **kwargs) -> "LLMEngine":
+                        max_model_len: int | None = None, show_progress: bool = False, dtype="auto",
+                        **kwargs) -> "LLMEngine":
+        """kwargs: max_num_seqs, max_num_batched_tokens, kv_cache_dtype (auto = dtype),
+        kv_cache_memory_bytes, gpu_memory_utilization, block_size."""
         ckpt, family, cfg = open_model(path)
+        dtype = resolve_dtype(dtype, device, cfg.checkpoint_dtype)
         progress = stderr_progress("loading backbone") if show_progress else None
-        backbone = load_backbone(ckpt, family, cfg, device=device, progress=progress)
+        backbone = load_backbone(ckpt, family, cfg, dtype=dtype, device=device, progress=progress)
         if experts is None:
             if show_progress:
                 print(f"loading {len(cfg.expert_pairs())} experts", end="", flush=True, file=sys.stderr)
-            experts = LocalExperts(load_experts(ckpt, family, cfg, cfg.expert_pairs(), device=device))
+            experts = LocalExperts(load_experts(ckpt, family, cfg, cfg.expert_pairs(), dtype=dtype, device=device))
             if show_progress:
                 print(" done", file=sys.stderr)
-        max_len = min(max_model_len or 2048, cfg.max_position_embeddings)
+        max_len = min(max_model_len or 2048, cfg.context_limit)
         model = MoETransformer(cfg, backbone, experts, max_len, device)
-        return cls(cfg, model, TextTokenizer.from_checkpoint(path), max_model_len=max_len, device=device, **kwargs)
+        return cls(cfg, model, TextTokenizer.from_checkpoint(path), max_model_len=max_len, device=device,
+                   generation=read_generation_config(path), no_tokenizer_reason=missing_reason(path), **kwargs)
+
+    @property
+    def free_seq_slots(self) -> int:
+        """Sequences that could still join the batch (what `cache.free_slots` counted before the
+        cache was paged); the KV cache's own room is `cache.num_free_blocks`."""
+        return self.scheduler.free_seq_slots
 
     # -- requests ---------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -94,15 +119,20 @@ class LLMEngine:
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         self.prompts.validate(prompt_ids, params)
 
+    def with_defaults(self, params: SamplingParams) -> SamplingParams:
+        """The request's sampling with the fields it left as None filled from generation_config.json."""
+        g = self.generation
+        return params.with_defaults(g.temperature, g.top_p, g.top_k)
+
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
         prompt_ids = self.encode(prompt)
         self.validate(prompt_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
-        self.scheduler.add(Sequence(request_id, prompt_ids, params))
+        self.scheduler.add(Sequence(request_id, prompt_ids, self.with_defaults(params)))
         return request_id
 
     def abort(self, request_id: str) -> bool:
-        """Drop a request (e.g. its client went away); its KV-cache slot is freed at once."""
+        """Drop a request (e.g. its client went away); its KV-cache blocks are freed at once."""
         seq = self.scheduler.find(request_id)
         if seq is None:
             return False
@@ -118,8 +148,8 @@ class LLMEngine:
         seqs = self.scheduler.schedule()
         if not seqs:
             return []
-        items = [(s.slot, *s.next_input()) for s in seqs]
-        batch = make_batch(items, self.device)
+        items = [(s.blocks, *s.next_input()) for s in seqs]
+        batch = make_batch(items, self.cache.block_size, self.device)
         rows, prompt_rows = _logit_rows(batch, seqs)
         logits, routing = self.model.forward(batch, self.cache, rows=rows)  # [B + P, V]
         self.load.record(routing)
@@ -152,7 +182,7 @@ class LLMEngine:
         return self._advance(seq, sampled, row_routing, scored)
 
     def _banned_early(self, params: SamplingParams) -> tuple[int, ...]:
-        return (() if params.ignore_eos else self.cfg.eos_token_ids) + params.stop_token_ids
+        return (() if params.ignore_eos else self.stop_ids) + params.stop_token_ids
 
     def _fail(self, seq: Sequence, error: Exception) -> StepOutput:
         seq.finish_reason, seq.error = "error", f"{type(error).__name__}: {error}"[:500]
@@ -175,7 +205,7 @@ class LLMEngine:
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
-        if (token in self.cfg.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        if (token in self.stop_ids and not p.ignore_eos) or token in p.stop_token_ids:
             return "stop"
         if self.tokenizer is not None:
             seq.text = self.tokenizer.decode(seq.output_ids)

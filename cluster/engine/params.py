@@ -4,11 +4,15 @@ Every value that passes `SamplingParams` is one the sampler handles: a request
 that would overflow it (a seed past 2**64, a temperature of 1e-40, a logit
 bias of 1e300) is refused here with a message naming the field, never left to
 fail inside the engine next to other requests.
+
+temperature, top_p and top_k left as None mean "the request gives none": the
+engine then uses the checkpoint's generation_config.json values (as vLLM does),
+or, where it has none, the OpenAI defaults (temperature 1, top_p 1, no top-k).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 MAX_LOGPROBS = 20
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
@@ -44,9 +48,9 @@ def _finite(value) -> bool:
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16  # 0 only to score a prompt (prompt_logprobs set)
-    temperature: float = 1.0  # 0 (or below GREEDY_TEMPERATURE) = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = no top-k cut
+    temperature: float | None = None  # 0 (or below GREEDY_TEMPERATURE) = greedy; None = the model's default, else 1
+    top_p: float | None = None  # None = the model's default, else 1.0
+    top_k: int | None = None  # 0 = no top-k cut; None = the model's default, else 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -64,9 +68,11 @@ class SamplingParams:
         scoring = self.prompt_logprobs is not None
         _check(_is_int(self.max_tokens) and self.max_tokens >= (0 if scoring else 1), "max_tokens",
                "must be an integer ≥ 1 (0 only with echo and logprobs, to score a prompt)")
-        _check(_finite(self.temperature) and self.temperature >= 0, "temperature", "must be a finite number ≥ 0")
-        _check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an integer ≥ 0 (0 disables it)")
+        _check(self.temperature is None or (_finite(self.temperature) and self.temperature >= 0), "temperature",
+               "must be a finite number ≥ 0")
+        _check(self.top_p is None or (_finite(self.top_p) and 0 < self.top_p <= 1), "top_p", "must be in (0, 1]")
+        _check(self.top_k is None or (_is_int(self.top_k) and self.top_k >= 0), "top_k",
+               "must be an integer ≥ 0 (0 disables it)")
         _check(self.seed is None or (_is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX), "seed",
                f"must be an integer in [{SEED_MIN}, {SEED_MAX}]")
         _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= max(self.max_tokens, 0), "min_tokens",
@@ -89,7 +95,14 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
+        return (self.temperature is not None and self.temperature < GREEDY_TEMPERATURE) or self.top_k == 1
+
+    def with_defaults(self, temperature: float | None = None, top_p: float | None = None,
+                      top_k: int | None = None) -> "SamplingParams":
+        """Fill the fields the request left as None: the given defaults first, then 1.0 / 1.0 / 0."""
+        pick = lambda mine, model, last: mine if mine is not None else model if model is not None else last  # noqa
+        return replace(self, temperature=pick(self.temperature, temperature, 1.0), top_p=pick(self.top_p, top_p, 1.0),
+                       top_k=pick(self.top_k, top_k, 0))
 
     @property
     def shapes_logits(self) -> bool:

@@ -11,13 +11,19 @@ from cluster.tokenizer import TextTokenizer
 
 
 class PromptChecker:
-    def __init__(self, cfg: ModelConfig, tokenizer: TextTokenizer | None, max_model_len: int):
+    """kv_capacity: tokens the engine's KV cache holds (None: unchecked, as at the ingress);
+    no_tokenizer_reason: what a text prompt is told when there is no tokenizer.json."""
+
+    def __init__(self, cfg: ModelConfig, tokenizer: TextTokenizer | None, max_model_len: int,
+                 kv_capacity: int | None = None, no_tokenizer_reason: str | None = None):
         self.cfg, self.tokenizer, self.max_model_len = cfg, tokenizer, max_model_len
+        self.kv_capacity = kv_capacity
+        self.no_tokenizer_reason = no_tokenizer_reason or "this checkpoint has no tokenizer.json: send token ids"
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise InvalidRequest("prompt: this checkpoint has no tokenizer.json: send token ids", "prompt")
+                raise InvalidRequest(f"prompt: {self.no_tokenizer_reason}", "prompt")
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
@@ -33,6 +39,10 @@ class PromptChecker:
             raise InvalidRequest(
                 f"max_tokens: prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                 f"the context length ({self.max_model_len})", "max_tokens")
+        if self.kv_capacity is not None and len(prompt_ids) + params.max_tokens > self.kv_capacity:
+            raise InvalidRequest(
+                f"max_tokens: prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"the KV cache ({self.kv_capacity} tokens)", "max_tokens")
         for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
             bad = next((t for t in ids if t >= vocab), None)
             if bad is not None:

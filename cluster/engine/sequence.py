@@ -19,8 +19,8 @@ class Sequence:
     logprobs: list[Sampled] = field(default_factory=list)
     prompt_logprobs: list[Sampled | None] = field(default_factory=list)  # when params.prompt_logprobs is set
     text: str = ""
-    slot: int | None = None
-    prefilled: bool = False
+    blocks: list[int] = field(default_factory=list)  # its KV-cache block table
+    prefilled: bool = False  # its tokens are in the KV cache (False again after a preemption)
     finish_reason: str | None = None
     error: str | None = None  # why this sequence failed (finish_reason "error"); the others go on
     expert_tokens: int = 0  # (token, expert) pairs this request used, over all MoE layers
@@ -38,10 +38,11 @@ class Sequence:
 
     @property
     def wants_prompt_logprobs(self) -> bool:
-        return not self.prefilled and self.params.prompt_logprobs is not None
+        return not self.prefilled and self.params.prompt_logprobs is not None and not self.prompt_logprobs
 
     def next_input(self) -> tuple[list[int], int]:
-        """New tokens to run this step and the position of the first one."""
+        """New tokens to run this step and the position of the first one. A sequence that is not in
+        the cache (new, or preempted) runs all its tokens: recomputing them gives the same output."""
         if not self.prefilled:
-            return self.prompt_ids, 0
+            return self.prompt_ids + self.output_ids, 0
         return [self.output_ids[-1]], self.num_tokens - 1

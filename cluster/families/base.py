@@ -5,11 +5,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from cluster.config import ModelConfig
+from cluster.errors import UnsupportedModelError
+from cluster.families.rope_config import parse_rope
+from cluster.precision import checkpoint_dtype
+from cluster.quant import parse_quantization
 
-
-class UnsupportedModelError(ValueError):
-    """The checkpoint's config.json describes something we cannot run."""
-
+__all__ = ["ExpertLayout", "Family", "QWEN_STYLE_TENSORS", "UnsupportedModelError", "common_fields", "eos_ids",
+           "qwen_moe_fields", "refuse_if", "require", "sliding_windows", "sparse_layers"]
 
 # Our tensor names. `{layer}` / `{expert_id}` are filled in per use.
 # Every family maps (a subset of) these to its checkpoint names; nowhere else
@@ -44,10 +46,22 @@ QWEN_STYLE_TENSORS: dict[str, str] = {
 
 
 @dataclass(frozen=True)
+class ExpertLayout:
+    """How routed experts are stored. Separate: `expert_gate` / `expert_up` / `expert_down` per
+    expert_id. Fused: one [E, ...] tensor per layer, `expert_gate_up` (gate rows then up rows, or
+    interleaved gate/up pairs) and `expert_down`, stored [out, in] or transposed [in, out]."""
+
+    fused: bool = False
+    transposed: bool = False
+    interleaved: bool = False
+
+
+@dataclass(frozen=True)
 class Family:
     model_type: str
     parse_config: Callable[[dict[str, Any]], ModelConfig]
     tensors: dict[str, str]
+    experts: ExpertLayout = ExpertLayout()
 
     def tensor_name(self, ours: str, layer: int | None = None, expert_id: int | None = None) -> str:
         return self.tensors[ours].format(layer=layer, expert_id=expert_id)
@@ -61,12 +75,10 @@ def require(cfg: dict[str, Any], *keys: str) -> Any:
     raise UnsupportedModelError(f"config.json lacks required field {keys[0]!r}")
 
 
-def rope_theta(cfg: dict[str, Any]) -> float:
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise UnsupportedModelError(f"config.json: rope_type {rope_type!r} is not supported (only 'default')")
-    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+def refuse_if(bad: bool, field: str, why: str) -> None:
+    """A config field that would change the math in a way we do not implement."""
+    if bad:
+        raise UnsupportedModelError(f"config.json: {field} is not supported ({why})")
 
 
 def eos_ids(cfg: dict[str, Any]) -> tuple[int, ...]:
@@ -77,12 +89,38 @@ def eos_ids(cfg: dict[str, Any]) -> tuple[int, ...]:
     return tuple(i for i in ids if 0 <= i < cfg["vocab_size"])
 
 
-def common_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+def sliding_windows(cfg: dict[str, Any], num_layers: int, default: Callable[[int], bool]) -> tuple:
+    """Per layer window (None: full attention): config.json's layer_types when it has them,
+    else the family's rule `default(layer)` for where `sliding_window` applies."""
+    window = cfg.get("sliding_window")
+    types = cfg.get("layer_types")
+    if types is not None:
+        odd = sorted(set(types) - {"sliding_attention", "full_attention"})
+        refuse_if(bool(odd), "layer_types", f"layer type {odd[0] if odd else ''!r}: only sliding/full attention")
+        refuse_if(len(types) != num_layers, "layer_types", f"{len(types)} entries for {num_layers} layers")
+        sliding = [t == "sliding_attention" for t in types]
+    else:
+        sliding = [default(layer) for layer in range(num_layers)]
+    if not window or not any(sliding):
+        return ()
+    return tuple(int(window) if s else None for s in sliding)
+
+
+# Fields other architectures use to change the math; none of our families implements them, so a
+# config that sets one is refused rather than served wrong.
+_FOREIGN = ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "sliding_window_pattern",
+            "qk_layernorm", "use_parallel_residual")
+
+
+def common_fields(cfg: dict[str, Any], default_theta: float = 10000.0, default_partial: float | None = None,
+                  rope_head_dim: int | None = None) -> dict[str, Any]:
     """Fields every family reads the same way."""
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise UnsupportedModelError(f"config.json: hidden_act {cfg['hidden_act']!r} is not supported (only 'silu')")
+    refuse_if(cfg.get("hidden_act", "silu") != "silu", "hidden_act", f"{cfg.get('hidden_act')!r}: only 'silu'")
+    for field in _FOREIGN:
+        refuse_if(bool(cfg.get(field)), field, f"{cfg.get(field)!r}: not implemented for {cfg.get('model_type')}")
     hidden = int(require(cfg, "hidden_size"))
     heads = int(require(cfg, "num_attention_heads"))
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
     return dict(
         model_type=cfg["model_type"],
         vocab_size=int(require(cfg, "vocab_size")),
@@ -90,11 +128,13 @@ def common_fields(cfg: dict[str, Any]) -> dict[str, Any]:
         num_layers=int(require(cfg, "num_hidden_layers")),
         num_heads=heads,
         num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        head_dim=head_dim,
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=rope_theta(cfg),
+        rope=parse_rope(cfg, rope_head_dim or head_dim, default_theta, default_partial),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        checkpoint_dtype=checkpoint_dtype(cfg),
+        quantization=parse_quantization(cfg),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids(cfg),
     )

@@ -1,10 +1,11 @@
-"""Mixtral: every layer MoE, softmax → top-k → always renormalised."""
+"""Mixtral: every layer MoE, softmax → top-k → always renormalised; `sliding_window`, when set,
+applies to every layer."""
 from __future__ import annotations
 
 from typing import Any
 
 from cluster.config import ModelConfig
-from cluster.families.base import QWEN_STYLE_TENSORS, Family, common_fields, require
+from cluster.families.base import QWEN_STYLE_TENSORS, Family, common_fields, require, sliding_windows
 
 TENSORS = {
     **{k: v for k, v in QWEN_STYLE_TENSORS.items() if not k.startswith(("router", "expert_", "shared_", "dense_"))},
@@ -24,6 +25,7 @@ def parse_config(cfg: dict[str, Any]) -> ModelConfig:
         expert_intermediate_size=int(require(cfg, "intermediate_size")),
         norm_topk_prob=True,
         moe_layers=(True,) * base["num_layers"],
+        sliding_windows=sliding_windows(cfg, base["num_layers"], lambda layer: True),
     )
 
 

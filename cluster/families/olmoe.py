@@ -6,13 +6,17 @@ from typing import Any
 from cluster.config import ModelConfig
 from cluster.families.base import QWEN_STYLE_TENSORS, Family, common_fields, require
 
+TENSORS = {**QWEN_STYLE_TENSORS, "o_bias": "model.layers.{layer}.self_attn.o_proj.bias"}
+
 
 def parse_config(cfg: dict[str, Any]) -> ModelConfig:
     base = common_fields(cfg)
     clip = cfg.get("clip_qkv")
+    bias = bool(cfg.get("attention_bias", False))
     return ModelConfig(
         **base,
-        qkv_bias=bool(cfg.get("attention_bias", False)),
+        qkv_bias=bias,
+        o_bias=bias,
         qk_norm="full",
         clip_qkv=float(clip) if clip is not None else None,
         num_experts=int(require(cfg, "num_experts", "num_local_experts")),
@@ -23,4 +27,4 @@ def parse_config(cfg: dict[str, Any]) -> ModelConfig:
     )
 
 
-FAMILY = Family("olmoe", parse_config, dict(QWEN_STYLE_TENSORS))
+FAMILY = Family("olmoe", parse_config, TENSORS)

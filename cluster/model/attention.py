@@ -1,20 +1,28 @@
-"""Attention over a ragged batch with the slot KV cache.
+"""Attention over a ragged batch with the paged KV cache.
 
-Shapes: T rows, B sequences, H heads, H_kv kv heads, hd head_dim, C context.
+Shapes: T rows, B sequences, H heads, H_kv kv heads, hd head_dim, C context, n new tokens.
 Decoding sequences (one new token) are attended together, padded to the
 longest context with a mask; each prefill attends on its own, causally.
+Sliding windows (a query sees only the last `window` positions, itself included,
+as transformers' sliding_window_overlay) and attention sinks (gpt-oss: a learned
+per-head logit in the softmax that carries no value) are per layer.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from cluster.config import ModelConfig
-from cluster.model.batch import Batch, SeqChunk
+from cluster.model.batch import Batch
 from cluster.model.kv_cache import KVCache
-from cluster.model.layers import apply_rotary, rms_norm
+from cluster.model.layers import rms_norm
+from cluster.model.rope import apply_rotary
 from cluster.model.weights import AttentionWeights
+
+Reader = Callable[[Tensor], tuple[Tensor, Tensor]]  # slots [B, C] → k [B, H_kv, C, dk], v [B, H_kv, C, dv]
 
 
 def _project(x: Tensor, w: AttentionWeights, cfg: ModelConfig) -> tuple[Tensor, Tensor, Tensor]:
@@ -32,42 +40,61 @@ def _project(x: Tensor, w: AttentionWeights, cfg: ModelConfig) -> tuple[Tensor, 
     return q, k, v
 
 
-def _decode(q: Tensor, batch: Batch, chunks: list[SeqChunk], cache: KVCache, layer: int) -> Tensor:
-    rows = torch.tensor([c.start for c in chunks], device=q.device)
-    lens = torch.tensor([c.context_len for c in chunks], device=q.device)
-    k, v = cache.read(layer, batch.slots[rows], int(lens.max()))  # [B, H_kv, C, hd]
-    mask = torch.arange(k.shape[2], device=q.device)[None, :] < lens[:, None]  # [B, C]
-    out = F.scaled_dot_product_attention(
-        q[rows][:, :, None, :], k, v,  # [B, H, 1, hd], [B, H_kv, C, hd]
-        attn_mask=mask[:, None, None, :], enable_gqa=True)
-    return rows, out[:, :, 0, :]  # [B, H, hd]
+def visible(lens: Tensor, width: int, n: int, window: int | None) -> Tensor:
+    """[B, n, C] True where query i (at position lens - n + i) may see key position c."""
+    pos = torch.arange(width, device=lens.device)
+    q_pos = lens[:, None] - n + torch.arange(n, device=lens.device)[None, :]  # [B, n]
+    mask = pos[None, None, :] <= q_pos[:, :, None]
+    if window is not None:
+        mask &= pos[None, None, :] > q_pos[:, :, None] - window
+    return mask
 
 
-def _prefill(q: Tensor, chunk: SeqChunk, cache: KVCache, layer: int) -> Tensor:
-    slot = torch.tensor([chunk.slot], device=q.device)
-    k, v = cache.read(layer, slot, chunk.context_len)  # [1, H_kv, C, hd]
-    qs = q[chunk.start:chunk.start + chunk.num_tokens].transpose(0, 1)[None]  # [1, H, n, hd]
-    past = chunk.context_len - chunk.num_tokens
-    mask = None
-    if past:  # new tokens see the whole cached prefix, then causally among themselves
-        i = torch.arange(chunk.num_tokens, device=q.device)[:, None] + past
-        mask = torch.arange(chunk.context_len, device=q.device)[None, :] <= i
-    out = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask,
-                                         is_causal=not past, enable_gqa=True)
-    return out[0].transpose(0, 1)  # [n, H, hd]
+def _with_sinks(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None, sinks: Tensor) -> Tensor:
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, H, C, d]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-1, -2)).float() * scale  # [B, H, n, C]
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    sink = sinks.float()[None, :, None, None].expand(*scores.shape[:-1], 1)  # [B, H, n, 1]
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return probs.to(v.dtype) @ v  # [B, H, n, dv]
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None,
+            sinks: Tensor | None) -> Tensor:
+    """q [B, H, n, dk], k [B, H_kv, C, dk], v [B, H_kv, C, dv]; mask [B, n, C] (None: causal, no past)."""
+    k, v = k.to(q.dtype), v.to(q.dtype)  # the cache may be kept in another dtype
+    if sinks is not None:
+        return _with_sinks(q, k, v, mask, scale, sinks)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
+                                          is_causal=mask is None, scale=scale, enable_gqa=True)
+
+
+def attend_batch(q: Tensor, batch: Batch, read: Reader, v_dim: int, scale: float | None = None,
+                 window: int | None = None, sinks: Tensor | None = None) -> Tensor:
+    """q [T, H, dk] → [T, H, dv], each row attending to its own sequence's cached context."""
+    out = q.new_empty(q.shape[0], q.shape[1], v_dim)
+    d = batch.decode
+    if d is not None:
+        k, v = read(d.context_slots)  # [B, H_kv, C, d]
+        mask = visible(d.lens, k.shape[2], 1, window)  # [B, 1, C]
+        out[d.rows] = _attend(q[d.rows][:, :, None, :], k, v, mask, scale, sinks)[:, :, 0, :]
+    for c in batch.prefills:
+        k, v = read(c.context_slots[None])  # [1, H_kv, C, d]
+        qs = q[c.start:c.start + c.num_tokens].transpose(0, 1)[None]  # [1, H, n, dk]
+        simple = c.context_len == c.num_tokens and window is None and sinks is None
+        lens = torch.tensor([c.context_len], device=q.device)
+        mask = None if simple else visible(lens, c.context_len, c.num_tokens, window)
+        out[c.start:c.start + c.num_tokens] = _attend(qs, k, v, mask, scale, sinks)[0].transpose(0, 1)
+    return out
 
 
 def attention(x: Tensor, w: AttentionWeights, cfg: ModelConfig, layer: int, batch: Batch,
               cache: KVCache, rope: tuple[Tensor, Tensor]) -> Tensor:
     q, k, v = _project(x, w, cfg)
     q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-    cache.write(layer, batch.slots, batch.positions, k, v)
-    out = torch.empty_like(q)  # [T, H, hd]
-    decodes = [c for c in batch.chunks if c.num_tokens == 1]
-    if decodes:
-        rows, o = _decode(q, batch, decodes, cache, layer)
-        out[rows] = o
-    for chunk in batch.chunks:
-        if chunk.num_tokens > 1:
-            out[chunk.start:chunk.start + chunk.num_tokens] = _prefill(q, chunk, cache, layer)
-    return F.linear(out.reshape(x.shape[0], -1), w.o)
+    cache.write(layer, batch.slot_mapping, k, v)
+    out = attend_batch(q, batch, lambda slots: cache.gather(layer, slots), cfg.head_dim, cfg.attn_scale,
+                       cfg.sliding_window(layer), w.sinks)
+    return F.linear(out.reshape(x.shape[0], -1), w.o, w.o_bias)

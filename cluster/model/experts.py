@@ -15,9 +15,10 @@ from cluster.model.weights import MLPWeights
 
 
 def swiglu(x: Tensor, w: MLPWeights) -> Tensor:
-    gate_up = F.linear(x, w.gate_up)  # [N, 2I]
+    """The gated MLP of every expert kind: a pure function of (weights, rows)."""
+    gate_up = F.linear(x, w.gate_up, w.gate_up_bias)  # [N, 2I]
     gate, up = gate_up.chunk(2, dim=-1)  # [N, I] each
-    return F.linear(F.silu(gate) * up, w.down)  # [N, D]
+    return F.linear(w.activation(gate, up), w.down, w.down_bias)  # [N, D]
 
 
 class ExpertExecutor(Protocol):
@@ -58,12 +59,14 @@ class LocalExperts:
         return self.run_subset(layer, rows, range(len(counts)), counts)
 
     def run_subset(self, layer: int, rows: Tensor, expert_ids: Sequence[int], counts: Sequence[int]) -> Tensor:
-        """rows grouped by expert: the first counts[0] rows go to expert_ids[0], and so on."""
+        """rows grouped by expert: the first counts[0] rows go to expert_ids[0], and so on.
+        Rows arrive in the caller's dtype and are computed in the experts' (they may differ)."""
         experts, out = self.experts, torch.empty_like(rows)
         start = 0
         for expert_id, n in zip(expert_ids, counts):
             if n:
-                out[start:start + n] = swiglu(rows[start:start + n], experts[(layer, expert_id)])
+                w = experts[(layer, expert_id)]
+                out[start:start + n] = swiglu(rows[start:start + n].to(w.down.dtype), w).to(rows.dtype)
                 start += n
         return out
 

@@ -16,11 +16,14 @@ class Gating:
 
     top_k: int
     normalize: bool = True  # renormalise the chosen weights to sum to 1
-    scoring: str = "softmax"  # "softmax" | "sigmoid" (DeepSeek-V3)
+    # "softmax" | "sigmoid" (DeepSeek-V3) | "topk_softmax" (softmax over the K best logits: gpt-oss,
+    # Granite) | "sparsemixer" (Phi-3.5-MoE, top-2 only)
+    scoring: str = "softmax"
     n_group: int = 1  # group-limited routing: experts split into n_group groups ...
     topk_group: int = 1  # ... and only the best topk_group groups may be chosen from
     group_score: str = "max"  # a group's score: "max" (DeepSeek-V2) | "top2_sum" (DeepSeek-V3)
     scale: float = 1.0  # routed_scaling_factor, applied last
+    jitter_eps: float = 0.0  # sparsemixer: how far below the best a logit may be and still share the weight
 
 
 def _group_mask(scores: Tensor, g: Gating) -> Tensor:
@@ -30,6 +33,23 @@ def _group_mask(scores: Tensor, g: Gating) -> Tensor:
     best = torch.topk(group, g.topk_group, dim=-1).indices  # [T, topk_group]
     keep = torch.zeros_like(group, dtype=torch.bool).scatter_(1, best, True)  # [T, G]
     return keep[:, :, None].expand_as(grouped).reshape(scores.shape)  # [T, E]
+
+
+def _sparsemixer_pick(scores: Tensor, masked: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """One sparsemixer pick (inference): the best of `masked`, weighted by a softmax over the
+    logits within 2*eps (relative) of it."""
+    best, idx = masked.max(dim=-1, keepdim=True)  # [T, 1]
+    factor = scores.abs().clamp(min=best)
+    far = ((best - scores) / factor) > (2 * eps)  # [T, E]
+    gates = torch.softmax(masked.masked_fill(far, float("-inf")), dim=-1)
+    return gates.gather(-1, idx), idx
+
+
+def sparsemixer(logits: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Phi-3.5-MoE's top-2 routing (transformers' `sparsemixer`, inference branch)."""
+    w1, i1 = _sparsemixer_pick(logits, logits, eps)
+    w2, i2 = _sparsemixer_pick(logits, logits.scatter(-1, i1, float("-inf")), eps)
+    return torch.cat([w1, w2], dim=-1), torch.cat([i1, i2], dim=-1)  # [T, 2]
 
 
 def route(logits: Tensor, g: Gating, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -43,6 +63,12 @@ def route(logits: Tensor, g: Gating, bias: Tensor | None = None) -> tuple[Tensor
     """
     logits = logits.float()
     logits = torch.where(torch.isnan(logits), torch.finfo(torch.float32).min, logits)  # [T, E]
+    if g.scoring == "sparsemixer":
+        weights, ids = sparsemixer(logits, g.jitter_eps)
+        return weights * g.scale, ids
+    if g.scoring == "topk_softmax":
+        best, ids = torch.topk(logits, g.top_k, dim=-1)  # [T, K]
+        return torch.softmax(best, dim=-1) * g.scale, ids
     scores = torch.sigmoid(logits) if g.scoring == "sigmoid" else torch.softmax(logits, dim=-1)  # [T, E]
     choice = scores if bias is None else scores + bias.float()
     if g.n_group > 1:

@@ -1,12 +1,18 @@
-"""Slot-based KV cache: one preallocated row of max_len positions per running sequence.
+"""Paged KV cache: a pool of fixed-size blocks, sized from a memory budget.
 
-Shapes: S slots, L max_len, H_kv kv heads, hd head_dim. Stored [layers, S, H_kv, L, hd] so
-a read is already in the layout attention wants (no transpose copy).
+A sequence owns a list of blocks (its block table); token p of it lives in
+block table[p // block_size], at offset p % block_size. The pool is stored flat,
+one row per (block, offset) "slot": [layers, num_blocks * block_size, H_kv, hd],
+so writing a step's new tokens is one indexed store and reading a sequence's
+context is one gather by slot.
 For multi-head latent attention the two tensors hold the compressed latent
-([1, L, kv_lora_rank]) and the shared rotary key ([1, L, qk_rope_head_dim]):
-the cache stays as small as the design intends.
+([1, R] per token) and the shared rotary key ([1, P]): the cache stays as small
+as the design intends.
+Shapes: T new tokens, B sequences, C context, H_kv kv heads, hd head dim.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -21,36 +27,72 @@ def entry_shapes(cfg: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
     return (cfg.num_kv_heads, cfg.head_dim), (cfg.num_kv_heads, cfg.head_dim)
 
 
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Cache bytes one token takes over all layers at `dtype`."""
+    (hk, dk), (hv, dv) = entry_shapes(cfg)
+    return cfg.num_layers * (hk * dk + hv * dv) * dtype.itemsize
+
+
 class KVCache:
-    def __init__(self, num_layers: int, num_slots: int, max_len: int, k_shape: tuple[int, int],
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, k_shape: tuple[int, int],
                  v_shape: tuple[int, int], dtype=torch.float32, device: str = "cpu"):
-        self.k = torch.zeros((num_layers, num_slots, k_shape[0], max_len, k_shape[1]), dtype=dtype, device=device)
-        self.v = torch.zeros((num_layers, num_slots, v_shape[0], max_len, v_shape[1]), dtype=dtype, device=device)
-        self.max_len = max_len
-        self.free_slots = list(range(num_slots - 1, -1, -1))
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"KV cache: need at least one block of at least one token "
+                             f"(got {num_blocks} blocks of {block_size})")
+        slots = num_blocks * block_size
+        self.k = torch.zeros((num_layers, slots, *k_shape), dtype=dtype, device=device)
+        self.v = torch.zeros((num_layers, slots, *v_shape), dtype=dtype, device=device)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self._free = list(range(num_blocks - 1, -1, -1))
 
     @classmethod
-    def for_model(cls, cfg: ModelConfig, num_slots: int, max_len: int, device: str = "cpu") -> "KVCache":
-        return cls(cfg.num_layers, num_slots, max_len, *entry_shapes(cfg), device=device)
+    def for_model(cls, cfg: ModelConfig, num_blocks: int, block_size: int = 16, dtype=torch.float32,
+                  device: str = "cpu") -> "KVCache":
+        return cls(cfg.num_layers, num_blocks, block_size, *entry_shapes(cfg), dtype=dtype, device=device)
+
+    @classmethod
+    def for_budget(cls, cfg: ModelConfig, budget_bytes: int, block_size: int = 16, dtype=torch.float32,
+                   device: str = "cpu") -> "KVCache":
+        """As many blocks as `budget_bytes` holds."""
+        per_block = kv_bytes_per_token(cfg, dtype) * block_size
+        if budget_bytes < per_block:
+            raise ValueError(f"KV cache: a budget of {budget_bytes} bytes does not hold one block "
+                             f"({per_block} bytes: {block_size} tokens)")
+        return cls.for_model(cfg, budget_bytes // per_block, block_size, dtype, device)
 
     @property
     def bytes_per_token(self) -> int:
         """Cache bytes one token takes, over all layers."""
-        return (self.k[:, 0, :, 0].nbytes + self.v[:, 0, :, 0].nbytes)
+        return self.k[:, 0].nbytes + self.v[:, 0].nbytes
 
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def allocate(self) -> int:
-        return self.free_slots.pop()
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
 
-    def release(self, slot: int) -> None:
-        self.free_slots.append(slot)
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
 
-    def write(self, layer: int, slots: Tensor, positions: Tensor, k: Tensor, v: Tensor) -> None:
-        self.k[layer, slots, :, positions] = k  # [T, H_kv, hd]
-        self.v[layer, slots, :, positions] = v
+    def blocks_for(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.block_size)
 
-    def read(self, layer: int, slots: Tensor, length: int) -> tuple[Tensor, Tensor]:
-        return self.k[layer, slots, :, :length], self.v[layer, slots, :, :length]  # [B, H_kv, length, hd]
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise RuntimeError(f"KV cache: {n} blocks asked for, {len(self._free)} free")
+        return [self._free.pop() for _ in range(n)]
+
+    def release(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+    def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
+        """slots [T]: the cache slot of each new token; k, v [T, H_kv, hd]."""
+        self.k[layer, slots] = k.to(self.k.dtype)
+        self.v[layer, slots] = v.to(self.v.dtype)
+
+    def gather(self, layer: int, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """slots [B, C] → k, v [B, H_kv, C, hd] (the layout attention wants)."""
+        return self.k[layer, slots].transpose(1, 2), self.v[layer, slots].transpose(1, 2)

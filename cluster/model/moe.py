@@ -25,9 +25,10 @@ class Routing:
     weights: Tensor  # [T, K]
 
 
-def moe_block(x: Tensor, w: LayerWeights, layer: int, gating: Gating,
-              experts: ExpertExecutor) -> tuple[Tensor, Routing]:
-    weights, ids = route(F.linear(x, w.router), gating, w.router_bias)  # [T, K]
+def moe_block(x: Tensor, w: LayerWeights, layer: int, gating: Gating, experts: ExpertExecutor,
+              router_fp32: bool = False) -> tuple[Tensor, Routing]:
+    logits = F.linear(x.float() if router_fp32 else x, w.router, w.router_logits_bias)  # [T, E]
+    weights, ids = route(logits, gating, w.router_bias)  # [T, K]
     plan = dispatch(ids, w.router.shape[0])
     rows = experts.run(layer, gather_rows(x, plan), plan.counts)  # [N, D]
     out = combine(rows, plan, weights)  # [T, D]

@@ -4,22 +4,49 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
 @dataclass(frozen=True)
+class ExpertActivation:
+    """gate, up → hidden of a gated MLP. "silu": silu(gate) * up. "clamped_swiglu" (gpt-oss): gate
+    clamped above at `limit`, up to ±`limit`, then (up + 1) * gate * sigmoid(alpha * gate)."""
+
+    kind: str = "silu"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __call__(self, gate: Tensor, up: Tensor) -> Tensor:
+        if self.kind == "silu":
+            return F.silu(gate) * up
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(-self.limit, self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+
+SILU = ExpertActivation()
+
+
+@dataclass(frozen=True)
 class MLPWeights:
-    """A SwiGLU MLP: a routed expert, a shared expert or a dense layer's MLP."""
+    """A gated MLP: a routed expert, a shared expert or a dense layer's MLP. Everything the
+    expert compute needs is here, so a remote worker runs the same pure function on it."""
 
     gate_up: Tensor  # [2I, D]: gate rows then up rows, one matmul for both
     down: Tensor  # [D, I]
+    gate_up_bias: Tensor | None = None  # [2I]
+    down_bias: Tensor | None = None  # [D]
+    activation: ExpertActivation = SILU
 
     @property
     def nbytes(self) -> int:
-        return self.gate_up.nbytes + self.down.nbytes
+        return sum(t.nbytes for t in (self.gate_up, self.down, self.gate_up_bias, self.down_bias) if t is not None)
 
     def to(self, device: torch.device | str) -> "MLPWeights":
-        return MLPWeights(self.gate_up.to(device), self.down.to(device))
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return MLPWeights(move(self.gate_up), move(self.down), move(self.gate_up_bias), move(self.down_bias),
+                          self.activation)
 
 
 @dataclass(frozen=True)
@@ -31,8 +58,10 @@ class AttentionWeights:
     q_bias: Tensor | None = None
     k_bias: Tensor | None = None
     v_bias: Tensor | None = None
+    o_bias: Tensor | None = None
     q_norm: Tensor | None = None
     k_norm: Tensor | None = None
+    sinks: Tensor | None = None  # [H] gpt-oss attention sinks
 
 
 @dataclass(frozen=True)
@@ -56,9 +85,12 @@ class LayerWeights:
     mlp_norm: Tensor
     router: Tensor | None = None  # [E, D] on MoE layers
     router_bias: Tensor | None = None  # [E] DeepSeek-V3 e_score_correction_bias: steers the choice only
+    router_logits_bias: Tensor | None = None  # [E] gpt-oss: added to the router logits
     dense: MLPWeights | None = None  # on dense layers
     shared: MLPWeights | None = None  # shared expert (qwen2_moe)
     shared_router: Tensor | None = None  # [1, D] sigmoid gate of the shared expert
+    attn_norm_bias: Tensor | None = None  # LayerNorm biases (phimoe)
+    mlp_norm_bias: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -69,3 +101,23 @@ class BackboneWeights:
     final_norm: Tensor
     lm_head: Tensor  # [V, D]
     layers: tuple[LayerWeights, ...]
+    final_norm_bias: Tensor | None = None
+    lm_head_bias: Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held, each tensor once (a tied lm_head is the embedding)."""
+        seen: dict[int, int] = {}
+
+        def walk(obj) -> None:
+            if isinstance(obj, Tensor):
+                seen[obj.data_ptr()] = obj.nbytes
+            elif isinstance(obj, (tuple, list)):
+                for o in obj:
+                    walk(o)
+            elif hasattr(obj, "__dataclass_fields__"):
+                for name in obj.__dataclass_fields__:
+                    walk(getattr(obj, name))
+
+        walk(self)
+        return sum(seen.values())

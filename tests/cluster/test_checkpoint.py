@@ -124,3 +124,56 @@ def test_partial_loading_rejects_unknown_expert(checkpoint_factory):
         load_experts(ckpt, family, cfg, [(1, 0)])
     with pytest.raises(CheckpointError, match="no expert 8 in layer 0"):
         load_experts(ckpt, family, cfg, [(0, 8)])
+
+
+def test_reads_loop_over_short_preads(checkpoint_factory, monkeypatch):
+    """One pread returns at most 2 GiB on Linux: a tensor larger than that takes several. Short reads
+    are simulated (7 bytes at most per call) instead of writing a 2 GiB file."""
+    path = checkpoint_factory("mixtral")
+    name = "model.layers.0.block_sparse_moe.experts.3.w1.weight"
+    expected = Checkpoint(path).read(name, (48, 64))
+    real, calls = os.preadv, []
+
+    def short_preadv(fd, buffers, offset):
+        calls.append(offset)
+        return real(fd, [buffers[0][:7]], offset)
+
+    monkeypatch.setattr(os, "preadv", short_preadv)
+    torch.testing.assert_close(Checkpoint(path).read(name, (48, 64)), expected, rtol=0, atol=0)
+    assert len(calls) == -(-48 * 64 * 4 // 7)  # fp32 here: the tiny checkpoints are stored fp32
+
+
+def test_truncated_file_is_a_short_read_not_a_hang(checkpoint_factory, tmp_path, monkeypatch):
+    path = _copy(checkpoint_factory("mixtral"), tmp_path / "m")
+    ckpt = Checkpoint(path)
+    monkeypatch.setattr(os, "preadv", lambda fd, buffers, offset: 0)  # end of file
+    with pytest.raises(CheckpointError, match="short read of tensor 'model.embed_tokens.weight'"):
+        ckpt.read("model.embed_tokens.weight", (128, 64))
+
+
+def test_fp8_blocks_dequantise_with_partial_last_blocks():
+    """DeepSeek's 128x128 blocks do not have to divide the matrix (kv_a_proj_with_mqa is 576 rows)."""
+    from cluster.quant import dequantize_fp8
+    from tests.published_checkpoints import dequantize_fp8_blockwise, quantize_fp8
+
+    w = torch.randn(200, 300) * torch.linspace(0.01, 3, 300)
+    q, scale = quantize_fp8(w)
+    assert scale.shape == (2, 3)
+    ours = dequantize_fp8(q, scale, (128, 128), torch.float32)
+    torch.testing.assert_close(ours, dequantize_fp8_blockwise(q, scale), rtol=0, atol=0)
+    assert (ours - w).abs().max() <= w.abs().max() / 8  # e4m3 keeps 3 mantissa bits
+    with pytest.raises(CheckpointError, match=r"does not cover a \[200, 300\] weight"):
+        dequantize_fp8(q, scale[:1], (128, 128), torch.float32)
+
+
+def test_mxfp4_matches_transformers_dequantiser():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from cluster.quant import dequantize_mxfp4
+    from tests.published_checkpoints import quantize_mxfp4
+
+    w = torch.randn(3, 40, 64)  # [E, out, in]
+    blocks, scales = quantize_mxfp4(w)
+    expected = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # [E, in, out]
+    for e in range(3):
+        torch.testing.assert_close(dequantize_mxfp4(blocks[e], scales[e], torch.float32), expected[e], rtol=0, atol=0)

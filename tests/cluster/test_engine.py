@@ -54,14 +54,14 @@ def test_sequences_join_and_leave_between_steps(engine):
     while engine.has_unfinished():
         running.append(sorted(o.request_id for o in engine.step()))
     assert running == [[a, b], [a, b], [b], [b], [b]]
-    assert len(engine.cache.free_slots) == 16
+    assert engine.free_seq_slots == 16 and engine.cache.num_free_blocks == engine.cache.num_blocks
 
 
 def test_more_requests_than_slots_all_finish(checkpoint_factory):
     engine = LLMEngine.from_pretrained(str(checkpoint_factory("mixtral")), max_num_seqs=3, max_model_len=64)
     outs = engine.generate([[i + 1] * (i + 1) for i in range(10)], SamplingParams(max_tokens=4, ignore_eos=True))
     assert [len(o.token_ids) for o in outs] == [4] * 10
-    assert len(engine.cache.free_slots) == 3
+    assert engine.free_seq_slots == 3 and engine.cache.num_free_blocks == engine.cache.num_blocks
 
 
 def test_seed_makes_sampling_reproducible(engine):
@@ -104,12 +104,13 @@ def test_stop_token_ids_and_max_tokens(engine):
     assert engine.generate([[3, 1, 4]], GREEDY)[0].finish_reason == "length"
 
 
-def test_abort_frees_the_kv_slot(engine):
+def test_abort_frees_the_kv_blocks(engine):
     rid = engine.add_request([1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True))
     engine.step()
-    assert len(engine.cache.free_slots) == 15
+    assert engine.free_seq_slots == 15 and engine.cache.num_free_blocks == engine.cache.num_blocks - 1
     assert engine.abort(rid)
-    assert len(engine.cache.free_slots) == 16 and not engine.has_unfinished()
+    assert engine.free_seq_slots == 16 and not engine.has_unfinished()
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
     assert engine.generate([[1, 2]], GREEDY)[0].finish_reason == "length"
 
 

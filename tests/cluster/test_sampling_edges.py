@@ -119,7 +119,7 @@ def test_a_failing_sequence_fails_alone(engine, monkeypatch):
             outs.setdefault(o.request_id, []).append(o)
     assert outs[bad][-1].finish_reason == "error" and "boom" in outs[bad][-1].error
     assert [o.token_id for o in outs[good]] == expected
-    assert len(engine.cache.free_slots) == engine.cache.k.shape[1]  # both slots released
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks  # both sequences' blocks released
 
 
 def test_engine_loop_survives_a_bad_command_and_reports_death(engine):

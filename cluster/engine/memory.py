@@ -1,0 +1,44 @@
+"""How many bytes the KV cache gets, and the start-up memory report.
+
+On a GPU the cache takes what is left of `gpu_memory_utilization` of the
+device after the weights are loaded (as vLLM does); on a CPU it takes what
+max_num_seqs sequences of max_model_len tokens need, capped at CPU_KV_CAP_BYTES
+but never below one full-length sequence. An explicit kv_cache_memory_bytes wins.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from cluster.config import ModelConfig
+from cluster.model.kv_cache import KVCache, kv_bytes_per_token
+from cluster.precision import dtype_name
+
+CPU_KV_CAP_BYTES = 4 << 30
+log = logging.getLogger("cluster.engine")
+
+
+def kv_cache_budget(cfg: ModelConfig, kv_dtype: torch.dtype, device: str, max_num_seqs: int, max_model_len: int,
+                    memory_bytes: int | None = None, gpu_memory_utilization: float = 0.9) -> int:
+    if memory_bytes is not None:
+        return int(memory_bytes)
+    if str(device).startswith("cuda"):
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+        return max(0, int(free - (1 - gpu_memory_utilization) * total))
+    per_token = kv_bytes_per_token(cfg, kv_dtype)
+    return max(min(max_num_seqs * max_model_len * per_token, CPU_KV_CAP_BYTES), max_model_len * per_token)
+
+
+def memory_report(dtype: torch.dtype, cache: KVCache, backbone_bytes: int, expert_bytes: int) -> dict:
+    """Bytes of weights and KV cache this process holds; logged at start-up, kept as engine.memory."""
+    report = {"dtype": dtype_name(dtype), "kv_cache_dtype": dtype_name(cache.k.dtype),
+              "weights_bytes": backbone_bytes + expert_bytes, "backbone_bytes": backbone_bytes,
+              "local_expert_bytes": expert_bytes, "kv_cache_bytes": cache.nbytes,
+              "kv_cache_tokens": cache.capacity_tokens, "kv_bytes_per_token": cache.bytes_per_token,
+              "kv_block_size": cache.block_size, "kv_blocks": cache.num_blocks}
+    log.info("weights %.3f GiB (%s; backbone %.3f GiB, local experts %.3f GiB), KV cache %.3f GiB (%s): "
+             "%d tokens in %d blocks of %d", report["weights_bytes"] / 2**30, report["dtype"], backbone_bytes / 2**30,
+             expert_bytes / 2**30, cache.nbytes / 2**30, report["kv_cache_dtype"], cache.capacity_tokens,
+             cache.num_blocks, cache.block_size)
+    return report

@@ -1,0 +1,220 @@
+"""Capacity planning from config.json alone, before any weights are downloaded.
+
+For a deployment of one router (the backbone: embeddings, attention, norms,
+gates, shared experts, LM head, and the KV cache) and N expert workers (the
+routed experts, spread evenly), each on a GPU of `gpu_memory_bytes`:
+parameters total and active per token, FLOPs per token, bytes per process at
+the serving dtype, KV-cache bytes per token and the tokens that fit, spare
+expert copies per worker, and whether it fits at all.
+
+Counts are of parameters as transformers counts them (sum of p.numel();
+buffers such as DeepSeek's e_score_correction_bias are not parameters), active
+= everything but the routed experts + top_k of them per MoE layer. Byte figures
+are what our processes hold: FP8 / MXFP4 checkpoints are dequantised to the
+serving dtype at load, gates (and their selection bias) stay fp32 where
+transformers keeps them so, as do gpt-oss's norms.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from cluster.config import ModelConfig
+from cluster.families import get_family
+from cluster.model.kv_cache import kv_bytes_per_token
+from cluster.precision import dtype_name, resolve_dtype, resolve_kv_dtype
+
+GiB = 1 << 30
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 10**3, "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
+          "g": GiB, "gib": GiB, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40, "tb": 10**12}
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB', '80G' (binary), '80GB' (decimal), '1.5TiB', '1024' → bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"--gpu-memory: cannot read {text!r} as a size (e.g. 80GiB, 80GB, 141G)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _attention_params(c: ModelConfig) -> int:
+    d, h = c.hidden_size, c.num_heads
+    if c.attention == "mla":
+        qk = c.qk_nope_head_dim + c.qk_rope_head_dim
+        q = d * h * qk if not c.q_lora_rank else d * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * h * qk
+        kv = d * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank + c.kv_lora_rank * h * (
+            c.qk_nope_head_dim + c.v_head_dim)
+        return q + kv + h * c.v_head_dim * d
+    q, kv = h * c.head_dim, c.num_kv_heads * c.head_dim
+    weights = 2 * d * q + 2 * d * kv + (q + 2 * kv if c.qkv_bias else 0) + (d if c.o_bias else 0)
+    norms = {"none": 0, "head": 2 * c.head_dim, "full": q + kv}[c.qk_norm]
+    return weights + norms + (h if c.attn_sinks else 0)
+
+
+def _layer_params(c: ModelConfig, layer: int) -> int:
+    """Everything of one layer but its routed experts."""
+    d = c.hidden_size
+    norms = 2 * d * (2 if c.norm == "layer" else 1)
+    if not c.moe_layers[layer]:
+        return _attention_params(c) + norms + 3 * d * c.dense_intermediate_size
+    gate = c.num_experts * d + (c.num_experts if c.router_logits_bias else 0)
+    shared = 3 * d * c.shared_expert_intermediate_size + (d if c.shared_expert_gate else 0)
+    return _attention_params(c) + norms + gate + shared
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    embedding: int
+    backbone: int  # the router's parameters: all but the routed experts
+    expert: int  # one routed expert
+    routed_experts: int  # all of them
+    total: int
+    active: int  # per token
+
+    @classmethod
+    def of(cls, c: ModelConfig) -> "ParamCounts":
+        d, v = c.hidden_size, c.vocab_size
+        head = 0 if c.tie_word_embeddings else v * d
+        final_norm = d * (2 if c.norm == "layer" else 1)
+        backbone = v * d + head + (v if c.lm_head_bias else 0) + final_norm + sum(
+            _layer_params(c, layer) for layer in range(c.num_layers))
+        moe = len(c.moe_layer_ids)
+        routed = moe * c.num_experts * c.expert_params
+        return cls(v * d, backbone, c.expert_params, routed, backbone + routed,
+                   backbone + moe * c.top_k * c.expert_params)
+
+
+def backbone_bytes(c: ModelConfig, dtype: torch.dtype) -> int:
+    """What the router holds for weights at `dtype`: the loader keeps gates fp32 where transformers
+    computes them in fp32, DeepSeek-V3 / GLM's selection bias (a buffer, so no parameter) fp32, and
+    gpt-oss's norms fp32."""
+    gates = len(c.moe_layer_ids) * c.num_experts
+    selection_bias = gates if c.scoring == "sigmoid" else 0
+    fp32 = selection_bias + (gates * c.hidden_size if c.router_fp32 else 0) + (
+        (2 * c.num_layers + 1) * c.hidden_size if c.norm_fp32 else 0)
+    held = ParamCounts.of(c).backbone + selection_bias
+    return (held - fp32) * dtype.itemsize + fp32 * 4
+
+
+def attention_flops(c: ModelConfig, context: int) -> int:
+    """Score and value FLOPs for one token attending to `context` tokens, over all layers."""
+    dk, dv = ((c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attention == "mla"
+              else (c.head_dim, c.head_dim))
+    seen = [min(context, c.sliding_window(layer) or context) for layer in range(c.num_layers)]
+    return sum(2 * c.num_heads * (dk + dv) * n for n in seen)
+
+
+@dataclass(frozen=True)
+class Plan:
+    model_type: str
+    dtype: str
+    kv_cache_dtype: str
+    quantization: str
+    total_params: int
+    active_params: int
+    embedding_params: int
+    backbone_params: int
+    expert_params: int
+    routed_expert_count: int
+    flops_per_token: int  # 2 x active matmul parameters (the embedding lookup is no matmul)
+    attention_flops_per_token_at_max_len: int
+    router_weight_bytes: int
+    expert_bytes: int
+    workers: int
+    experts_per_worker: int
+    worker_expert_bytes: int
+    kv_bytes_per_token: int
+    kv_budget_bytes: int
+    kv_tokens: int
+    full_length_sequences: int
+    max_model_len: int
+    max_num_seqs: int
+    spare_expert_copies_per_worker: int
+    gpu_memory_bytes: int
+    gpu_memory_utilization: float
+    fits: bool
+    reasons: tuple[str, ...]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan(c: ModelConfig, *, dtype: torch.dtype, kv_dtype: torch.dtype, workers: int, gpu_memory_bytes: int,
+         max_model_len: int, max_num_seqs: int, gpu_memory_utilization: float = 0.9, block_size: int = 16) -> Plan:
+    counts, usable = ParamCounts.of(c), int(gpu_memory_bytes * gpu_memory_utilization)
+    slots = len(c.moe_layer_ids) * c.num_experts
+    per_worker = math.ceil(slots / workers) if workers else 0
+    expert_bytes = c.expert_bytes(dtype)
+    router = backbone_bytes(c, dtype) + (0 if workers else slots * expert_bytes)  # no workers: all in-process
+    per_token = kv_bytes_per_token(c, kv_dtype)
+    budget = max(0, usable - router)
+    tokens = budget // (per_token * block_size) * block_size
+    reasons = []
+    if router > usable:
+        reasons.append(f"the router's weights ({router / GiB:.1f} GiB) exceed {gpu_memory_utilization:.0%} of its GPU "
+                       f"({usable / GiB:.1f} GiB)" + ("" if workers else ": spread the experts over --workers"))
+    elif tokens < max_model_len:
+        reasons.append(f"the KV cache holds {tokens} tokens, fewer than one sequence of max_model_len {max_model_len}")
+    if workers and per_worker * expert_bytes > usable:
+        reasons.append(f"{per_worker} experts per worker take {per_worker * expert_bytes / GiB:.1f} GiB, more than "
+                       f"{usable / GiB:.1f} GiB: use more workers")
+    return Plan(c.model_type, dtype_name(dtype), dtype_name(kv_dtype), c.quantization.method, counts.total,
+                counts.active, counts.embedding, counts.backbone, counts.expert, slots,
+                2 * (counts.active - counts.embedding), attention_flops(c, max_model_len), router, expert_bytes,
+                workers, per_worker, per_worker * expert_bytes, per_token, budget, tokens, tokens // max_model_len,
+                max_model_len, max_num_seqs,
+                max(0, (usable - per_worker * expert_bytes) // expert_bytes) if workers else 0,
+                gpu_memory_bytes, gpu_memory_utilization, not reasons, tuple(reasons))
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("TiB", 1 << 40), ("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_plan(p: Plan) -> str:
+    """The plan as a few lines a person reads."""
+    stored = "" if p.quantization == "none" else f" (stored {p.quantization}, dequantised at load)"
+    lines = [
+        f"model: {p.model_type}, weights {p.dtype}{stored}, KV cache {p.kv_cache_dtype}",
+        f"parameters: {p.total_params / 1e9:.2f} B total, {p.active_params / 1e9:.2f} B active per token",
+        f"FLOPs per token: {p.flops_per_token / 1e9:.1f} GFLOP in matmuls, + {p.attention_flops_per_token_at_max_len / 1e9:.1f}"
+        f" GFLOP attention at {p.max_model_len} tokens of context",
+        f"router (backbone: embeddings, attention, norms, gates, shared experts, LM head): "
+        f"{p.backbone_params / 1e9:.2f} B params, {_size(p.router_weight_bytes)}",
+        f"experts: {p.routed_expert_count} routed, {p.expert_params / 1e6:.1f} M params = {_size(p.expert_bytes)} each; "
+        + (f"{p.workers} worker{'s' if p.workers != 1 else ''} hold up to {p.experts_per_worker} each = {_size(p.worker_expert_bytes)} per worker"
+           if p.workers else "no workers: the router holds them all"),
+        f"KV cache: {_size(p.kv_bytes_per_token)} per token; {_size(p.kv_budget_bytes)} left on the router's "
+        f"{_size(p.gpu_memory_bytes)} GPU at {p.gpu_memory_utilization:.0%}: {p.kv_tokens:,} tokens = "
+        f"{p.full_length_sequences} sequences of {p.max_model_len} (max_num_seqs {p.max_num_seqs})",
+    ]
+    if p.workers:
+        lines.append(f"spare expert copies per worker: {p.spare_expert_copies_per_worker}")
+    lines.append("fits: yes" if p.fits else "fits: no: " + "; ".join(p.reasons))
+    return "\n".join(lines)
+
+
+def plan_from_config(model: str, *, dtype: str = "auto", kv_cache_dtype: str = "auto", workers: int = 1,
+                     gpu_memory: str = "80GiB", gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
+                     max_num_seqs: int = 64) -> Plan:
+    """`model`: a checkpoint directory or its config.json; nothing else is read."""
+    path = Path(model)
+    path = path / "config.json" if path.is_dir() else path
+    if not path.exists():
+        raise ValueError(f"{path}: not found (give a checkpoint directory or its config.json)")
+    config = json.loads(path.read_text())
+    cfg = get_family(config.get("model_type")).parse_config(config)
+    if workers < 0:
+        raise ValueError("--workers: must be ≥ 0")
+    weights = resolve_dtype(dtype, "cuda", cfg.checkpoint_dtype)  # planned for GPUs: auto = the checkpoint's
+    return plan(cfg, dtype=weights, kv_dtype=resolve_kv_dtype(kv_cache_dtype, weights), workers=workers,
+                gpu_memory_bytes=parse_bytes(gpu_memory), max_model_len=max_model_len or cfg.context_limit,
+                max_num_seqs=max_num_seqs, gpu_memory_utilization=gpu_memory_utilization)

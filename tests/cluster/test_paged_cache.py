@@ -1,0 +1,99 @@
+"""The paged KV cache: sized from a byte budget, sequences admitted while blocks are free, the
+newest preempted (and later recomputed) when decoding runs out, outputs unchanged; the memory
+the engine reports at bf16 and fp32."""
+import logging
+
+import pytest
+import torch
+
+from cluster.engine import InvalidRequest, LLMEngine, SamplingParams
+from cluster.engine.memory import CPU_KV_CAP_BYTES
+from cluster.model.kv_cache import KVCache, kv_bytes_per_token
+
+PROMPTS = [[(5 * i + j) % 120 + 1 for j in range(n)] for i, n in enumerate([9, 3, 14, 6, 11])]
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])  # plain and latent (MLA) caches
+def test_preemption_under_a_tiny_budget_gives_the_same_outputs(checkpoint_factory, family):
+    path = str(checkpoint_factory(family))
+    roomy = LLMEngine.from_pretrained(path, max_num_seqs=8, max_model_len=64, block_size=4)
+    expected = [o.token_ids for o in roomy.generate(PROMPTS, GREEDY)]
+    per_block = roomy.cache.bytes_per_token * 4
+    tight = LLMEngine.from_pretrained(path, max_num_seqs=8, max_model_len=64, block_size=4,
+                                      kv_cache_memory_bytes=10 * per_block)  # 40 tokens for 5 x ~22
+    assert tight.cache.num_blocks == 10
+    outs = tight.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == expected
+    assert tight.scheduler.num_preemptions > 0 and roomy.scheduler.num_preemptions == 0
+    assert tight.cache.num_free_blocks == 10 and tight.free_seq_slots == 8
+    print(f"{family}: {tight.scheduler.num_preemptions} preemptions in 10 blocks of 4 tokens, outputs unchanged")
+
+
+def test_sequences_wait_for_free_blocks(checkpoint_factory):
+    path = str(checkpoint_factory("mixtral"))
+    with pytest.raises(ValueError, match="a budget of 0 bytes does not hold one block"):
+        LLMEngine.from_pretrained(path, max_num_seqs=8, max_model_len=64, block_size=4, kv_cache_memory_bytes=0)
+    one_block = kv_bytes_per_token(LLMEngine.from_pretrained(path).cfg, torch.float32) * 4
+    engine = LLMEngine.from_pretrained(path, max_num_seqs=8, max_model_len=64, block_size=4,
+                                       kv_cache_memory_bytes=one_block)
+    assert engine.cache.num_blocks == 1
+    with pytest.raises(InvalidRequest, match=r"exceeds the KV cache \(4 tokens\)") as e:
+        engine.add_request([1, 2, 3], SamplingParams(max_tokens=2))
+    assert e.value.param == "max_tokens"
+    engine.add_request([1, 2], SamplingParams(max_tokens=2, temperature=0))
+    engine.add_request([3, 4], SamplingParams(max_tokens=2, temperature=0))
+    assert [len(engine.scheduler.schedule())] == [1]  # the second waits: no block left for it
+
+
+def test_budget_sizes_the_pool(checkpoint_factory):
+    path = str(checkpoint_factory("qwen3_moe"))
+    engine = LLMEngine.from_pretrained(path, max_num_seqs=4, max_model_len=128)
+    per_token = kv_bytes_per_token(engine.cfg, torch.float32)
+    assert engine.cache.bytes_per_token == per_token
+    assert engine.cache.nbytes == 4 * 128 * per_token < CPU_KV_CAP_BYTES  # CPU default: max_num_seqs x max_model_len
+    sized = LLMEngine.from_pretrained(path, max_num_seqs=64, max_model_len=128, kv_cache_memory_bytes=100 * per_token * 16)
+    assert sized.cache.capacity_tokens == 1600 and sized.cache.nbytes == 1600 * per_token
+    cache = KVCache.for_budget(sized.cfg, 100 * per_token * 16 + 5, block_size=16)
+    assert cache.num_blocks == 100
+
+
+def test_memory_report_at_bf16_and_fp32(checkpoint_factory, caplog):
+    path = str(checkpoint_factory("deepseek_v3"))
+    with caplog.at_level(logging.INFO, logger="cluster.engine"):
+        fp32 = LLMEngine.from_pretrained(path, max_num_seqs=2, max_model_len=64)
+    bf16 = LLMEngine.from_pretrained(path, dtype="bfloat16", max_num_seqs=2, max_model_len=64)
+    mixed = LLMEngine.from_pretrained(path, dtype="bfloat16", kv_cache_dtype="float32", max_num_seqs=2,
+                                      max_model_len=64)
+    assert fp32.memory["dtype"] == "float32" and bf16.memory["dtype"] == "bfloat16"
+    # the gate (and DeepSeek's selection bias) stay fp32 at bf16, as transformers keeps them
+    fp32_kept = len(fp32.cfg.moe_layer_ids) * (fp32.cfg.num_experts * fp32.cfg.hidden_size + fp32.cfg.num_experts)
+    assert bf16.memory["weights_bytes"] == fp32.memory["weights_bytes"] // 2 + fp32_kept * 2
+    assert bf16.memory["kv_bytes_per_token"] * 2 == fp32.memory["kv_bytes_per_token"]
+    assert mixed.memory["kv_cache_dtype"] == "float32" and mixed.cache.k.dtype == torch.float32
+    expert_params = sum(w.gate_up.numel() + w.down.numel() for w in fp32.model.experts.experts.values())
+    assert fp32.memory["local_expert_bytes"] == expert_params * 4
+    assert fp32.memory["local_expert_bytes"] == len(fp32.cfg.expert_pairs()) * fp32.cfg.expert_bytes(torch.float32)
+    assert any("KV cache" in r.message and "weights" in r.message for r in caplog.records)
+    print({k: (fp32.memory[k], bf16.memory[k]) for k in ("weights_bytes", "kv_bytes_per_token")})
+    layer = next(w for w in bf16.model.weights.layers if w.router is not None)
+    assert layer.router.dtype == torch.float32 and layer.attn.q_b.dtype == torch.bfloat16
+
+
+def test_prompt_logprobs_survive_a_preemption_unchanged(checkpoint_factory):
+    path = str(checkpoint_factory("mixtral"))
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, prompt_logprobs=2)
+    roomy = LLMEngine.from_pretrained(path, max_num_seqs=8, max_model_len=64, block_size=4)
+    expected = roomy.generate(PROMPTS, params)
+    tight = LLMEngine.from_pretrained(path, max_num_seqs=8, max_model_len=64, block_size=4,
+                                      kv_cache_memory_bytes=10 * roomy.cache.bytes_per_token * 4)
+    ids = [tight.add_request(p, params) for p in PROMPTS]
+    scored = {rid: 0 for rid in ids}
+    outs = {rid: [] for rid in ids}
+    while tight.has_unfinished():
+        for o in tight.step():
+            scored[o.request_id] += o.prompt_logprobs is not None
+            outs[o.request_id].append(o.token_id)
+    assert tight.scheduler.num_preemptions > 0
+    assert all(n == 1 for n in scored.values())  # once, on the first output, not again after a recompute
+    assert [outs[rid] for rid in ids] == [c.token_ids for c in expected]

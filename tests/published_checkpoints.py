@@ -1,0 +1,116 @@
+"""Tiny checkpoints of published configs: built with transformers, stored as the releases are.
+
+Each build writes two directories:
+- `ours`: config.json exactly as published (sizes shrunk), weights in bf16 as released;
+  FP8 releases (DeepSeek-V3/R1, Kimi-K2) re-stored as F8_E4M3 with 128x128 `weight_scale_inv`
+  blocks, gpt-oss's experts as MXFP4 `_blocks` / `_scales`.
+- `reference`: what transformers loads as the reference: its own config, and the quantised
+  tensors dequantised by code that is not ours (a block loop here; transformers' own
+  MXFP4 dequantiser), so the reference runs on the dequantised weights.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.published_configs import tiny
+
+_FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+_NOT_FOR_TRANSFORMERS = ("auto_map", "architectures", "transformers_version", "torch_dtype", "quantization_config")
+
+
+def quantize_fp8(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [M, N] → F8_E4M3 weight and one fp32 scale_inv per block (the last block may be partial)."""
+    m, n = w.shape
+    rows, cols = math.ceil(m / block), math.ceil(n / block)
+    scale = torch.zeros(rows, cols)
+    q = torch.empty(m, n, dtype=torch.float8_e4m3fn)
+    for i in range(rows):
+        for j in range(cols):
+            tile = w[i * block:(i + 1) * block, j * block:(j + 1) * block].float()
+            scale[i, j] = tile.abs().max().clamp(min=1e-12) / 448.0
+            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (tile / scale[i, j]).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def dequantize_fp8_blockwise(q: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
+    out = q.float()
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            out[i * block:(i + 1) * block, j * block:(j + 1) * block] *= scale[i, j]
+    return out
+
+
+def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., N] → blocks [..., N/32, 16] u8 (low nibble first) and scales [..., N/32] u8 (exponent + 127)."""
+    groups = w.float().reshape(*w.shape[:-1], -1, 32)
+    amax = groups.abs().amax(-1, keepdim=True)
+    exp = torch.where(amax > 0, torch.ceil(torch.log2(amax / 6.0)), torch.zeros_like(amax))
+    scaled = groups / torch.exp2(exp)
+    idx = (scaled.abs()[..., None] - _FP4).abs().argmin(-1) + 8 * (scaled < 0)  # nearest E2M1 value, sign bit
+    packed = (idx[..., 0::2] | (idx[..., 1::2] << 4)).to(torch.uint8)
+    return packed, (exp[..., 0] + 127).to(torch.uint8)
+
+
+def _quantize_fp8_file(tensors: dict) -> tuple[dict, dict]:
+    """DeepSeek's FP8 release: every *_proj linear (not embeddings, lm_head, norms, router)."""
+    ours, reference = {}, {}
+    for name, t in tensors.items():
+        if name.endswith("_proj.weight"):
+            q, scale = quantize_fp8(t)
+            ours[name], ours[name + "_scale_inv"] = q, scale
+            reference[name] = dequantize_fp8_blockwise(q, scale)
+        else:
+            ours[name] = reference[name] = t
+    return ours, reference
+
+
+def _quantize_mxfp4_file(tensors: dict) -> tuple[dict, dict]:
+    """gpt-oss's release: expert matrices as MXFP4 in [E, out, in] order."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    ours, reference = {}, {}
+    for name, t in tensors.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales = quantize_mxfp4(t.transpose(-1, -2))  # stored [E, in, out], quantised along in
+            ours[name + "_blocks"], ours[name + "_scales"] = blocks, scales
+            reference[name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+        else:
+            ours[name] = reference[name] = t
+    return ours, reference
+
+
+def _transformers_model(cfg: dict, seed: int):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {k: v for k, v in cfg.items() if k not in _NOT_FOR_TRANSFORMERS}
+    model_type = kwargs.pop("model_type")
+    model_type = "deepseek_v3" if model_type == "kimi_k2" else model_type  # transformers has no kimi_k2
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs)).eval()
+    with torch.no_grad():  # buffers transformers zero-initialises: random, so they change the outcome
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn(buf.shape) * 0.02)
+    return model
+
+
+def build(name: str, root: Path, seed: int = 0, overrides: dict | None = None) -> tuple[Path, Path]:
+    """(ours, reference) checkpoint directories for the published config `name`."""
+    cfg = {**tiny(name), **(overrides or {})}
+    ours, reference = root / "ours", root / "reference"
+    _transformers_model(cfg, seed).to(torch.bfloat16).save_pretrained(reference)
+    tensors = load_file(reference / "model.safetensors")
+    method = (cfg.get("quantization_config") or {}).get("quant_method")
+    quantize = {"fp8": _quantize_fp8_file, "mxfp4": _quantize_mxfp4_file}.get(method)
+    ours_tensors, ref_tensors = quantize(tensors) if quantize else (tensors, tensors)
+    ours.mkdir(parents=True)
+    save_file(ours_tensors, ours / "model.safetensors")
+    (ours / "config.json").write_text(json.dumps(cfg, indent=2))
+    if quantize:
+        save_file(ref_tensors, reference / "model.safetensors")
+    return ours, reference

@@ -1,0 +1,224 @@
+"""config.json of published MoE checkpoints, field for field, and the sizes we shrink them to.
+
+Written here from the released files (no model hub on this machine: recalled, and
+checked against public copies of them where the search tools found one: Qwen2-57B-A14B,
+GLM-4.5-Air, Kimi-K2, gpt-oss, Phi-3.5-MoE's rope factors, Granite's multipliers).
+`tiny(name)` is the published dict with only sizes changed (hidden, heads, layers,
+experts, vocab, intermediate sizes, and the lists whose length follows them); those
+checkpoints take seconds to build and run.
+"""
+from __future__ import annotations
+
+import copy
+
+_MIXTRAL = {
+    "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+    "hidden_act": "silu", "initializer_range": 0.02, "model_type": "mixtral", "num_experts_per_tok": 2,
+    "num_key_value_heads": 8, "num_local_experts": 8, "output_router_logits": False, "rms_norm_eps": 1e-05,
+    "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "use_cache": True,
+}
+_QWEN2 = {
+    "architectures": ["Qwen2MoeForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "decoder_sparse_step": 1, "hidden_act": "silu", "initializer_range": 0.02, "model_type": "qwen2_moe",
+    "norm_topk_prob": False, "output_router_logits": False, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.001, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+    "use_sliding_window": False, "vocab_size": 151936,
+}
+_QWEN3 = {
+    "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048,
+    "initializer_range": 0.02, "mlp_only_layers": [], "model_type": "qwen3_moe", "moe_intermediate_size": 768,
+    "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8,
+    "num_hidden_layers": 48, "num_key_value_heads": 4, "output_router_logits": False, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
+}
+_DEEPSEEK_V3 = {
+    "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                 "AutoModel": "modeling_deepseek.DeepseekV3Model",
+                 "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"},
+    "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3,
+    "hidden_act": "silu", "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432,
+    "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v3", "moe_intermediate_size": 2048,
+    "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True,
+    "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61, "num_key_value_heads": 128,
+    "num_nextn_predict_layers": 1, "pretraining_tp": 1, "q_lora_rank": 1536, "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128]},
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
+    "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
+}
+
+PUBLISHED: dict[str, dict] = {
+    "Mixtral-8x7B-Instruct-v0.1": {
+        **_MIXTRAL, "hidden_size": 4096, "intermediate_size": 14336, "max_position_embeddings": 32768,
+        "num_attention_heads": 32, "num_hidden_layers": 32, "router_aux_loss_coef": 0.02,
+        "transformers_version": "4.36.0.dev0", "vocab_size": 32000},
+    "Mixtral-8x22B-Instruct-v0.1": {
+        **_MIXTRAL, "hidden_size": 6144, "intermediate_size": 16384, "max_position_embeddings": 65536,
+        "num_attention_heads": 48, "num_hidden_layers": 56, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0,
+        "transformers_version": "4.38.0", "vocab_size": 32768},
+    "Qwen1.5-MoE-A2.7B-Chat": {
+        **_QWEN2, "eos_token_id": 151645, "hidden_size": 2048, "intermediate_size": 5632,
+        "max_position_embeddings": 8192, "max_window_layers": 21, "moe_intermediate_size": 1408,
+        "num_attention_heads": 16, "num_experts": 60, "num_experts_per_tok": 4, "num_hidden_layers": 24,
+        "num_key_value_heads": 16, "shared_expert_intermediate_size": 5632, "sliding_window": 32768,
+        "transformers_version": "4.39.0.dev0"},
+    "Qwen2-57B-A14B": {
+        **_QWEN2, "eos_token_id": 151643, "hidden_size": 3584, "intermediate_size": 18944,
+        "max_position_embeddings": 131072, "max_window_layers": 28, "moe_intermediate_size": 2560,
+        "num_attention_heads": 28, "num_experts": 64, "num_experts_per_tok": 8, "num_hidden_layers": 28,
+        "num_key_value_heads": 4, "shared_expert_intermediate_size": 20480, "sliding_window": 131072,
+        "transformers_version": "4.40.1"},
+    "Qwen3-30B-A3B": {
+        **_QWEN3, "bos_token_id": 151643, "intermediate_size": 6144, "max_position_embeddings": 40960,
+        "max_window_layers": 48, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001},
+    "Qwen3-Coder-30B-A3B-Instruct": {
+        **_QWEN3, "intermediate_size": 5472, "max_position_embeddings": 262144, "max_window_layers": 28,
+        "qkv_bias": False, "rope_theta": 10000000, "router_aux_loss_coef": 0.0, "shared_expert_intermediate_size": 0,
+        "use_qk_norm": True},
+    "OLMoE-1B-7B-0125": {
+        "architectures": ["OlmoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "clip_qkv": None,
+        "eos_token_id": 50279, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+        "intermediate_size": 1024, "max_position_embeddings": 4096, "model_type": "olmoe", "norm_topk_prob": False,
+        "num_attention_heads": 16, "num_experts": 64, "num_experts_per_tok": 8, "num_hidden_layers": 16,
+        "num_key_value_heads": 16, "output_router_logits": False, "pad_token_id": 1, "rms_norm_eps": 1e-05,
+        "rope_scaling": None, "rope_theta": 10000.0, "router_aux_loss_coef": 0.01, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "transformers_version": "4.47.0.dev0", "use_cache": True, "vocab_size": 50304},
+    "DeepSeek-V2-Lite-Chat": {
+        **{k: v for k, v in _DEEPSEEK_V3.items() if k not in ("ep_size", "num_nextn_predict_layers",
+                                                             "quantization_config")},
+        "architectures": ["DeepseekV2ForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV2Config",
+                     "AutoModel": "modeling_deepseek.DeepseekV2Model",
+                     "AutoModelForCausalLM": "modeling_deepseek.DeepseekV2ForCausalLM"},
+        "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1, "hidden_size": 2048,
+        "intermediate_size": 10944, "model_type": "deepseek_v2", "moe_intermediate_size": 1408, "n_group": 1,
+        "n_routed_experts": 64, "n_shared_experts": 2, "norm_topk_prob": False, "num_attention_heads": 16,
+        "num_experts_per_tok": 6, "num_hidden_layers": 27, "num_key_value_heads": 16, "q_lora_rank": None,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                         "original_max_position_embeddings": 4096, "type": "yarn"},
+        "routed_scaling_factor": 1.0, "scoring_func": "softmax", "topk_group": 1, "topk_method": "greedy",
+        "transformers_version": "4.39.3", "vocab_size": 102400},
+    "DeepSeek-V3": _DEEPSEEK_V3,
+    # The BF16 DeepSeek-V3 as the community publishes it (DeepSeek's fp8_cast_bf16.py): no quantization_config.
+    "DeepSeek-V3-BF16": {k: v for k, v in _DEEPSEEK_V3.items() if k != "quantization_config"},
+    "DeepSeek-R1": {**_DEEPSEEK_V3, "transformers_version": "4.46.3"},
+    "Kimi-K2-Instruct": {
+        **{k: v for k, v in _DEEPSEEK_V3.items() if k != "ep_size"},
+        "bos_token_id": 163584, "eos_token_id": 163585, "first_k_dense_replace": 1, "max_position_embeddings": 131072,
+        "model_type": "kimi_k2", "n_group": 1, "n_routed_experts": 384, "num_attention_heads": 64,
+        "num_key_value_heads": 64, "num_nextn_predict_layers": 0,
+        "rope_scaling": {"beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                         "original_max_position_embeddings": 4096, "type": "yarn"},
+        "rope_theta": 50000.0, "routed_scaling_factor": 2.827, "topk_group": 1, "transformers_version": "4.48.3",
+        "vocab_size": 163840},
+    "GLM-4.5-Air": {
+        "architectures": ["Glm4MoeForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+        "pad_token_id": 151329, "eos_token_id": [151329, 151336, 151338], "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 4096, "partial_rotary_factor": 0.5, "initializer_range": 0.02, "intermediate_size": 10944,
+        "max_position_embeddings": 131072, "model_type": "glm4_moe", "moe_intermediate_size": 1408,
+        "norm_topk_prob": True, "num_attention_heads": 96, "n_group": 1, "topk_group": 1, "n_routed_experts": 128,
+        "n_shared_experts": 1, "routed_scaling_factor": 1.0, "num_experts_per_tok": 8, "first_k_dense_replace": 1,
+        "num_hidden_layers": 46, "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_scaling": None,
+        "rope_theta": 1000000, "num_nextn_predict_layers": 1, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.54.0", "use_cache": True, "use_qk_norm": False, "vocab_size": 151552},
+    "gpt-oss-20b": {
+        "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+        "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880,
+        "initial_context_length": 4096, "initializer_range": 0.02, "intermediate_size": 2880,
+        "layer_types": ["sliding_attention", "full_attention"] * 12, "max_position_embeddings": 131072,
+        "model_type": "gpt_oss", "num_attention_heads": 64, "num_experts_per_tok": 4, "num_hidden_layers": 24,
+        "num_key_value_heads": 8, "num_local_experts": 32, "output_router_logits": False, "pad_token_id": 199999,
+        "quantization_config": {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                           "model.embed_tokens", "lm_head"],
+                                "quant_method": "mxfp4"},
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
+                         "rope_type": "yarn", "truncate": False},
+        "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
+        "tie_word_embeddings": False, "transformers_version": "4.55.0.dev0", "use_cache": True, "vocab_size": 201088},
+    "Phi-3.5-MoE-instruct": {
+        "architectures": ["PhiMoEForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+        "auto_map": {"AutoConfig": "configuration_phimoe.PhiMoEConfig",
+                     "AutoModelForCausalLM": "modeling_phimoe.PhiMoEForCausalLM"},
+        "bos_token_id": 1, "eos_token_id": 32000, "hidden_act": "silu", "hidden_dropout": 0.0, "hidden_size": 4096,
+        "initializer_range": 0.02, "input_jitter_noise": 0.01, "intermediate_size": 6400, "lm_head_bias": True,
+        "max_position_embeddings": 131072, "model_type": "phimoe", "num_attention_heads": 32,
+        "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 16,
+        "original_max_position_embeddings": 4096, "output_router_logits": False, "rms_norm_eps": 1e-05,
+        # 64 factors each in the release (head_dim 128); tiny() keeps the first head_dim / 2 of them.
+        "rope_scaling": {"long_factor": [1.0199999809265137, 1.0299999713897705, 1.0399999618530273,
+                                         1.0499999523162842, 1.0499999523162842, 1.0499999523162842,
+                                         1.059999942779541, 1.059999942779541],
+                         "long_mscale": 1.243163121016122, "original_max_position_embeddings": 4096,
+                         "short_factor": [1.0, 1.0399999618530273, 1.0399999618530273, 1.0399999618530273,
+                                          1.0499999523162842, 1.0499999523162842, 1.0499999523162842,
+                                          1.0499999523162842],
+                         "short_mscale": 1.243163121016122, "type": "longrope"},
+        "rope_theta": 10000.0, "router_aux_loss_coef": 0.0, "router_jitter_noise": 0.01, "sliding_window": 131072,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.43.3", "use_cache": True,
+        "vocab_size": 32064},
+    "granite-3.1-3b-a800m-instruct": {
+        "architectures": ["GraniteMoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.1,
+        "attention_multiplier": 0.015625, "bos_token_id": 0, "embedding_multiplier": 12.0, "eos_token_id": 0,
+        "hidden_act": "silu", "hidden_size": 1536, "initializer_range": 0.02, "intermediate_size": 512,
+        "logits_scaling": 6.0, "max_position_embeddings": 131072, "model_type": "granitemoe",
+        "num_attention_heads": 24, "num_experts_per_tok": 8, "num_hidden_layers": 32, "num_key_value_heads": 8,
+        "num_local_experts": 40, "output_router_logits": False, "pad_token_id": 0, "residual_multiplier": 0.22,
+        "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 10000000.0, "router_aux_loss_coef": 0.001,
+        "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.46.0.dev0",
+        "use_cache": True, "vocab_size": 49155},
+}
+# What Qwen3's model card tells users to add to config.json for 128K contexts.
+QWEN3_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+PUBLISHED["Qwen3-30B-A3B+YaRN"] = {**PUBLISHED["Qwen3-30B-A3B"], "rope_scaling": QWEN3_YARN}
+
+_MHA = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+        "vocab_size": 256}
+_MLA_FP8 = {  # every FP8 matrix at least one 128x128 block; kv_a (160 rows) ends in a partial block
+    "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 4,
+    "vocab_size": 256, "intermediate_size": 384, "moe_intermediate_size": 128, "n_routed_experts": 32,
+    "q_lora_rank": 128, "kv_lora_rank": 128, "qk_nope_head_dim": 32, "qk_rope_head_dim": 32, "v_head_dim": 32}
+_SIZES: dict[str, dict] = {
+    "Mixtral-8x7B-Instruct-v0.1": {**_MHA, "intermediate_size": 96},
+    "Mixtral-8x22B-Instruct-v0.1": {**_MHA, "intermediate_size": 96},
+    "Qwen1.5-MoE-A2.7B-Chat": {**_MHA, "num_key_value_heads": 4, "num_experts": 8, "moe_intermediate_size": 32,
+                               "shared_expert_intermediate_size": 64, "intermediate_size": 96},
+    "Qwen2-57B-A14B": {**_MHA, "num_experts": 16, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64,
+                       "intermediate_size": 96},
+    "Qwen3-30B-A3B": {**_MHA, "head_dim": 16, "num_experts": 16, "moe_intermediate_size": 32,
+                      "intermediate_size": 96},
+    "OLMoE-1B-7B-0125": {**_MHA, "num_key_value_heads": 4, "num_experts": 16, "intermediate_size": 32},
+    "DeepSeek-V2-Lite-Chat": {
+        **_MHA, "num_hidden_layers": 3, "num_key_value_heads": 4, "intermediate_size": 96, "moe_intermediate_size": 32,
+        "n_routed_experts": 16, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 16, "v_head_dim": 16},
+    "DeepSeek-V3": _MLA_FP8,
+    "DeepSeek-V3-BF16": {
+        **_MHA, "num_hidden_layers": 4, "num_key_value_heads": 4, "intermediate_size": 96, "moe_intermediate_size": 32,
+        "n_routed_experts": 32, "q_lora_rank": 48, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 16, "v_head_dim": 16},
+    "DeepSeek-R1": _MLA_FP8,
+    "Kimi-K2-Instruct": {**_MLA_FP8, "num_hidden_layers": 2},
+    # vocab stays above pad_token_id (151329, 199999): nn.Embedding needs the padding row.
+    "GLM-4.5-Air": {**_MHA, "hidden_size": 32, "head_dim": 16, "intermediate_size": 96, "moe_intermediate_size": 32,
+                    "n_routed_experts": 16, "vocab_size": 151552},
+    "gpt-oss-20b": {**_MHA, "hidden_size": 32, "head_dim": 16, "num_hidden_layers": 4, "intermediate_size": 64,
+                    "num_local_experts": 8, "layer_types": ["sliding_attention", "full_attention"] * 2,
+                    "vocab_size": 201088},
+    "Phi-3.5-MoE-instruct": {**_MHA, "intermediate_size": 64},
+    "granite-3.1-3b-a800m-instruct": {**_MHA, "num_local_experts": 16, "intermediate_size": 32},
+}
+_SIZES["Qwen3-Coder-30B-A3B-Instruct"] = _SIZES["Qwen3-30B-A3B+YaRN"] = _SIZES["Qwen3-30B-A3B"]
+
+
+def tiny(name: str) -> dict:
+    """The published config with only its sizes shrunk (a deep copy: transformers edits nested dicts)."""
+    return copy.deepcopy({**PUBLISHED[name], **_SIZES[name]})
