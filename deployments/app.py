@@ -17,6 +17,7 @@ from ray.serve import Application
 
 from cluster.loader import open_model
 from cluster.placement import round_robin
+from cluster.precision import resolve_dtype
 from deployments.config import AppConfig, app_config
 from deployments.controller import PlacementController
 from deployments.experts.auth import resolve_secret
@@ -25,13 +26,11 @@ from deployments.ingress import Ingress
 from deployments.messages import AppSpec
 from deployments.router import Router
 
-EXPERT_WEIGHT_BYTES = 4  # fp32 on CPU: the serving dtype of expert weights (per element)
-
-
 def spec_of(cfg: AppConfig) -> AppSpec:
     _, _, model_cfg = open_model(cfg.model)  # fail fast, before anything is deployed
     placement = round_robin(model_cfg.expert_pairs(), cfg.num_workers, cfg.expert_copies) if cfg.num_workers else None
-    expert_bytes = 3 * model_cfg.hidden_size * model_cfg.expert_intermediate_size * EXPERT_WEIGHT_BYTES
+    # one copy's bytes at the dtype the workers hold it in (memory budgets, metrics)
+    expert_bytes = model_cfg.expert_bytes(resolve_dtype(cfg.dtype, cfg.worker_device, model_cfg.checkpoint_dtype))
     return AppSpec(uuid.uuid4().hex, cfg, placement, cfg.policy(), resolve_secret(cfg.data_plane_secret), model_cfg.moe_layer_ids,
                    model_cfg.num_experts, expert_bytes)
 
@@ -48,11 +47,12 @@ def worker_actor_options(cfg: AppConfig, worker: int = 0) -> dict[str, Any]:
 
 
 def _workers(spec: AppSpec) -> list:
-    cfg, device = spec.cfg, "cuda" if spec.cfg.worker.num_gpus > 0 else "cpu"
+    cfg = spec.cfg
     deployment = serve.deployment(ExpertWorker, health_check_period_s=5, max_ongoing_requests=16)
     return [deployment.options(name=f"expert-worker-{i}", ray_actor_options=worker_actor_options(cfg, i))
             .bind(cfg.model, [list(e) for e in spec.placement.workers[i]], f"expert-worker-{i}", cfg.data_plane_host,
-                  spec.data_plane_secret, cfg.worker.torch_threads, device, cfg.worker.service_time_per_token_s)
+                  spec.data_plane_secret, cfg.worker.torch_threads, cfg.worker_device,
+                  cfg.worker.service_time_per_token_s, cfg.dtype)
             for i in range(cfg.num_workers)]
 
 
@@ -69,9 +69,8 @@ def _pool(spec: AppSpec, controller):
                                   max_ongoing_requests=16)
     return (deployment.options(ray_actor_options=worker_actor_options(cfg), autoscaling_config=autoscaling)
             .bind(cfg.model, controller, spec.build_id, cfg.data_plane_host, spec.data_plane_secret,
-                  cfg.worker.torch_threads,
-                  "cuda" if cfg.worker.num_gpus > 0 else "cpu", cfg.worker.service_time_per_token_s,
-                  pool.target_busy))
+                  cfg.worker.torch_threads, cfg.worker_device, cfg.worker.service_time_per_token_s, pool.target_busy,
+                  cfg.dtype))
 
 
 def _router_options(cfg: AppConfig) -> dict[str, Any]:

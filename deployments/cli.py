@@ -25,7 +25,7 @@ def _token_ids(text: str) -> list[int]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     engine = LLMEngine.from_pretrained(args.model, device=args.device, show_progress=not args.quiet,
-                                       max_model_len=args.max_model_len)
+                                       max_model_len=args.max_model_len, dtype=args.dtype)
     prompt = _token_ids(args.prompt_ids) if args.prompt_ids is not None else args.prompt
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()),
@@ -72,7 +72,7 @@ def _start_ray(address: str | None, cfg, host: str) -> None:
 
 
 def _overrides(args: argparse.Namespace, app_conf: dict) -> dict:
-    out = {"model": args.model, "num_workers": args.num_workers, "api_key": args.api_key,
+    out = {"model": args.model, "num_workers": args.num_workers, "api_key": args.api_key, "dtype": args.dtype,
            "app_name": app_conf.get("name", "moe")}
     if args.routers is not None:
         out["routers"] = {**app_conf.get("args", {}).get("routers", {}), "min": args.routers, "max": args.routers}
@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--logprobs", type=int, default=None, help="also return the top-N logprobs per token")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--device", default="cpu", help="cpu or cuda")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="weights and compute (auto: the checkpoint's dtype on a GPU, float32 on a CPU)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--quiet", action="store_true", help="no loading progress on stderr")
     g.set_defaults(func=cmd_generate)
@@ -164,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default="deployments/serve_local.yaml", help="Ray Serve config YAML")
     s.add_argument("--model", default=None, help="checkpoint directory (overrides the config)")
     s.add_argument("--num-workers", type=int, default=None, help="expert workers (overrides the config)")
+    s.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float16", "float32"],
+                   help="weights and compute (auto: the checkpoint's dtype on a GPU, float32 on a CPU)")
     s.add_argument("--routers", type=int, default=None,
                    help="router replicas (attention data-parallel, each with its own KV cache; overrides the config)")
     s.add_argument("--host", default="127.0.0.1",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -91,7 +91,17 @@ class AppConfig(_Options):
     data_plane_secret: str | None = Field(None, description="shared secret of the expert data plane; prefer the "
                                           "MOE_CLUSTER_DATA_PLANE_SECRET environment variable; unset: one is "
                                           "generated per application")
-    max_num_seqs: int = Field(64, ge=1, description="sequences each router decodes together (KV-cache slots)")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="weights and compute (routers and expert workers): auto = the checkpoint's dtype on a "
+                            "GPU, float32 on a CPU; expert rows cross the data plane in it")
+    kv_cache_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="the routers' KV cache (auto = dtype)")
+    kv_cache_memory_bytes: int | None = Field(None, ge=1, description="bytes of KV cache per router (default: "
+                                              "gpu_memory_utilization of the GPU, or what max_num_seqs × "
+                                              "max_model_len needs on a CPU)")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="fraction of a router's GPU its weights "
+                                          "and KV cache may use")
+    max_num_seqs: int = Field(64, ge=1, description="sequences each router decodes together")
     max_model_len: int = Field(1024, ge=8, description="context length: prompt + max_tokens")
     max_num_batched_tokens: int = Field(4096, ge=1, description="prompt tokens admitted per step")
     worker: WorkerOptions = Field(default_factory=WorkerOptions)
@@ -118,6 +128,17 @@ class AppConfig(_Options):
         if self.pool.max_workers and not self.num_workers:
             raise ValueError("pool.max_workers > 0 needs num_workers ≥ 1 (the pool joins fixed expert workers)")
         return self
+
+    def engine_options(self) -> dict[str, Any]:
+        """What a router's engine is built with (LLMEngine.from_pretrained keywords)."""
+        return {"dtype": self.dtype, "kv_cache_dtype": self.kv_cache_dtype,
+                "kv_cache_memory_bytes": self.kv_cache_memory_bytes,
+                "gpu_memory_utilization": self.gpu_memory_utilization, "max_model_len": self.max_model_len,
+                "max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens}
+
+    @property
+    def worker_device(self) -> str:
+        return "cuda" if self.worker.num_gpus > 0 else "cpu"
 
     def resolved_api_key(self) -> str | None:
         return self.api_key or os.environ.get("MOE_CLUSTER_API_KEY") or None

@@ -50,8 +50,8 @@ class Router:
             self.remote = RemoteExperts(table, lambda ref: GrpcTransport(ref.address, secret), node_id=self.node,
                                         call_timeout_s=self.cfg.expert_call_timeout_s, on_down=self._worker_down)
         engine = LLMEngine.from_pretrained(self.cfg.model, device=self.cfg.routers.device, experts=self.remote,
-                                           max_model_len=self.cfg.max_model_len, max_num_seqs=self.cfg.max_num_seqs,
-                                           max_num_batched_tokens=self.cfg.max_num_batched_tokens)
+                                           **self.cfg.engine_options())
+        log.info("router %s: %s", self.id, engine.memory)
         self.engine = AsyncEngine(engine, step_delay_s=self.cfg.engine_step_delay_s,
                                   on_idle=self.remote.begin_step if self.remote else None)
         self._loop = asyncio.get_running_loop()
@@ -76,6 +76,10 @@ class Router:
         after an empty list that says the request was admitted. Errors are ApiErrors, raised before
         that first yield when the request cannot start."""
         self._check_capacity()
+        try:
+            self.engine.engine.validate(req.prompt_ids, req.params)  # e.g. longer than this router's KV cache
+        except Exception as e:  # noqa: BLE001
+            raise classify(e) from None
         yield []  # admitted: the ingress can send its response headers now
         skip = req.skip
         try:

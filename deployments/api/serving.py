@@ -17,6 +17,7 @@ from typing import AsyncIterator
 
 from cluster.engine import SamplingParams
 from cluster.engine.prompts import PromptChecker
+from cluster.generation_config import read_generation_config
 from cluster.loader import open_model
 from cluster.tokenizer import TextTokenizer
 from deployments import metrics
@@ -41,10 +42,10 @@ class Serving:
         _, _, model_cfg = open_model(cfg.model)
         self.cfg, self.model_cfg = cfg, model_cfg
         self.tokenizer = TextTokenizer.from_checkpoint(cfg.model)
-        self.max_model_len = min(cfg.max_model_len, model_cfg.max_position_embeddings)
+        self.max_model_len = min(cfg.max_model_len, model_cfg.context_limit)
         self.checker = PromptChecker(model_cfg, self.tokenizer, self.max_model_len)
         self.templates = ChatTemplates.from_checkpoint(cfg.model)
-        self.defaults: dict = {}  # sampling defaults from the checkpoint (generation_config.json)
+        self.defaults = read_generation_config(cfg.model).as_dict()  # for requests that give none (as vLLM)
         self.client = RouterClient(routers)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self.active = 0

@@ -16,6 +16,7 @@ from ray import serve
 
 from cluster.loader import load_experts, open_model
 from cluster.model.experts import LocalExperts
+from cluster.precision import resolve_dtype
 from deployments.experts.servicer import ExpertServicer
 from deployments.experts.transport.grpc import serve as serve_data_plane
 
@@ -26,23 +27,26 @@ class ExpertHost:
     """Loads its experts (partial loading: only their bytes are read) and serves them."""
 
     def __init__(self, model: str, experts: list[list[int]], name: str, host: str, secret: str,
-                 torch_threads: int = 1, device: str = "cpu", service_time_per_token_s: float = 0.0):
+                 torch_threads: int = 1, device: str = "cpu", service_time_per_token_s: float = 0.0,
+                 dtype: str = "auto"):
         torch.set_num_threads(torch_threads)
         self.device = device  # "cuda" when the config gives workers GPUs (worker.num_gpus > 0)
         self.name = name
         self.ckpt, self.family, self.cfg = open_model(model)
+        self.dtype = resolve_dtype(dtype, device, self.cfg.checkpoint_dtype)
         self.experts = LocalExperts(load_experts(self.ckpt, self.family, self.cfg, [tuple(e) for e in experts],
-                                                 device=self.device))
+                                                 dtype=self.dtype, device=self.device))
         self.servicer = ExpertServicer(name, self.cfg, self.experts, self.device, service_time_per_token_s,
                                        self._load_copies)
         self.server, port = serve_data_plane(self.servicer, host, secret)
         self.address = f"{host}:{port}"
-        log.info("%s: %d expert copies on %s, data plane at %s", name, len(experts), self.device, self.address)
+        log.info("%s: %d expert copies (%d bytes, %s) on %s, data plane at %s", name, len(experts),
+                 sum(w.nbytes for w in self.experts.experts.values()), self.dtype, self.device, self.address)
 
     def _load_copies(self, experts: list[tuple[int, int]]) -> int:
         """Loading more copies (the data plane's Load, on its own thread, while it keeps serving)."""
         before = self.ckpt.bytes_read
-        self.experts.add(load_experts(self.ckpt, self.family, self.cfg, experts, device=self.device))
+        self.experts.add(load_experts(self.ckpt, self.family, self.cfg, experts, dtype=self.dtype, device=self.device))
         log.info("%s: loaded %d expert copies", self.name, len(experts))
         return self.ckpt.bytes_read - before
 
@@ -72,8 +76,10 @@ class ExpertPoolWorker(ExpertHost):
     `deployments.pool_policy.scale_on_busy` decides."""
 
     def __init__(self, model: str, controller, build_id: str, host: str, secret: str, torch_threads: int = 1,
-                 device: str = "cpu", service_time_per_token_s: float = 0.0, target_busy: float = 0.6):
-        super().__init__(model, [], "expert-pool", host, secret, torch_threads, device, service_time_per_token_s)
+                 device: str = "cpu", service_time_per_token_s: float = 0.0, target_busy: float = 0.6,
+                 dtype: str = "auto"):
+        super().__init__(model, [], "expert-pool", host, secret, torch_threads, device, service_time_per_token_s,
+                         dtype)
         self.controller, self.build_id, self.target_busy = controller, build_id, target_busy
         self.registered = False
         self._last = (time.monotonic(), 0.0)
