@@ -80,12 +80,13 @@ def test_serve_config_matches_the_local_one():
     for overlay in (None, "cpu"):
         local = yaml.safe_load((ROOT / "deployments" / "serve_local.yaml").read_text())
         remote = yaml.safe_load(rayservice(render(overlay))["spec"]["serveConfigV2"])
+        cluster_only = ("num_cpus", "num_gpus", "label_selector", "max", "device")
         for conf in (local, remote):
             conf["http_options"].pop("host")
             args = conf["applications"][0]["args"]
             args.pop("data_plane_host")
-            args["worker"] = {k: v for k, v in args["worker"].items() if k not in ("num_cpus", "num_gpus",
-                                                                               "label_selector")}
+            for group in ("worker", "routers"):
+                args[group] = {k: v for k, v in args[group].items() if k not in cluster_only}
         assert remote == local
 
 
@@ -100,11 +101,19 @@ def test_only_serving_ports_are_exposed():
         assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
 
 
-def test_gpu_group_and_cpu_overlay():
+def test_router_and_expert_groups_scale_independently_and_cpu_overlay():
     base = rayservice(render(None))["spec"]
-    group = base["rayClusterConfig"]["workerGroupSpecs"][0]
-    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert yaml.safe_load(base["serveConfigV2"])["applications"][0]["args"]["worker"]["num_gpus"] == 1
+    groups = {g["groupName"]: g for g in base["rayClusterConfig"]["workerGroupSpecs"]}
+    assert set(groups) == {"routers-gpu", "experts-gpu"}
+    args = yaml.safe_load(base["serveConfigV2"])["applications"][0]["args"]
+    for name, role, section in (("routers-gpu", "routers", args["routers"]), ("experts-gpu", "experts",
+                                                                             args["worker"])):
+        group = groups[name]
+        assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert group["rayStartParams"]["labels"] == f"moe-cluster/role={role}"
+        assert section["label_selector"] == {"moe-cluster/role": role} and section["num_gpus"] == 1
+        assert group["minReplicas"] < group["maxReplicas"]  # each group scales on its own
+    assert args["routers"]["max"] > args["routers"]["min"] and args["routers"]["device"] == "cuda"
     cpu = rayservice(render("cpu"))["spec"]
     assert "nvidia.com/gpu" not in str(cpu["rayClusterConfig"])
     assert yaml.safe_load(cpu["serveConfigV2"])["applications"][0]["args"]["worker"]["num_gpus"] == 0

@@ -245,3 +245,23 @@ def test_forward_requests_are_validated(checkpoint_factory, workers, name, kw):
     with pytest.raises(grpc.RpcError) as e:
         transport.stub.Forward(req, timeout=10, metadata=transport.metadata)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+
+
+def test_all_rows_to_one_expert_and_idle_workers_get_no_call(checkpoint_factory, workers):
+    """A batch whose tokens all chose one expert is served (by its copy alone); a worker that
+    holds none of the experts with rows gets no call at all, so it cannot stall the step."""
+    import torch
+
+    from cluster.loader import load_experts
+    from cluster.model.experts import LocalExperts
+
+    model = str(checkpoint_factory("mixtral"))
+    ckpt, family, cfg = open_model(model)
+    placement = round_robin(cfg.expert_pairs(), 2)
+    engine, remote, _ = _engine(model, placement, workers(model, placement.workers))
+    local = LocalExperts(load_experts(ckpt, family, cfg, cfg.expert_pairs()))
+    rows = torch.randn(64, cfg.hidden_size)
+    counts = [64] + [0] * (cfg.num_experts - 1)  # every row chose expert 0 (held by worker 0 only)
+    out = remote.run(0, rows, counts)
+    assert torch.allclose(out, local.run(0, rows, counts), atol=1e-5)
+    assert remote.stats.snapshot()["calls_per_worker"] == {"0": 1}

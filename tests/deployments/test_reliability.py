@@ -76,6 +76,12 @@ def test_lone_surrogates_are_a_400_naming_the_field(server, body, path, param):
     assert r.status_code == 400 and r.json()["error"]["param"] == param
 
 
+def test_invalid_utf8_is_a_400_json_body(server):
+    r = requests.post(f"{server.base}/v1/completions", data=b'{"prompt": "\xff\xfe\xfa", "max_tokens": 2}',
+                      headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
 def test_404_and_405_use_the_openai_error_shape(server):
     for r, code in ((requests.get(f"{server.base}/v1/nothing", timeout=30), 404),
                     (requests.get(f"{server.base}/v1/completions", timeout=30), 405)):

@@ -1,0 +1,44 @@
+"""The ingress's request path without a cluster: where the expensive work runs."""
+import asyncio
+import threading
+
+from deployments.api.schema import ChatCompletionRequest, CompletionRequest
+from deployments.api.serving import Serving
+from deployments.config import app_config
+from tests.test_demo_model import DEMO
+
+
+class _NoRouters:
+    """Serving only needs a handle it can call `.options(stream=True)` on to be built."""
+
+    def options(self, **kw):
+        return self
+
+
+def test_tokenising_and_chat_templates_run_off_the_event_loop():
+    """A huge prompt must not stall other streams: encoding and rendering run on the pool's threads."""
+    serving = Serving(app_config({"model": str(DEMO)}), _NoRouters())
+    seen = []
+    encode, render = serving.checker.encode, serving.templates.render
+
+    def spy_encode(prompt):
+        seen.append(("encode", threading.current_thread().name))
+        return encode(prompt)
+
+    def spy_render(*args, **kwargs):
+        seen.append(("render", threading.current_thread().name))
+        return render(*args, **kwargs)
+
+    serving.checker.encode = spy_encode
+    object.__setattr__(serving, "templates", type("T", (), {"render": staticmethod(spy_render)})())
+
+    async def run():
+        loop_thread = threading.current_thread().name
+        await serving.completion_choices(CompletionRequest(prompt="def main(" * 300, max_tokens=1))
+        await serving.chat_choices(ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}],
+                                                         max_tokens=1))
+        return loop_thread
+
+    loop_thread = asyncio.run(run())
+    assert [k for k, _ in seen] == ["encode", "render"]
+    assert all(name != loop_thread and name.startswith("tokenize") for _, name in seen)
