@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     args = p.parse_args()
     _, _, cfg = open_model(args.model)
-    placement = round_robin(cfg.expert_pairs(), args.workers)
+    placement = round_robin(cfg.experts(), args.workers)
     procs = [subprocess.Popen([sys.executable, "-m", "deployments.standalone_worker", args.model, json.dumps(slots)],
                               stdout=subprocess.PIPE, text=True) for slots in placement.workers]
     try:

@@ -50,8 +50,8 @@ class ModelConfig:
     expert_activation: ExpertActivation = SILU
     norm_topk_prob: bool = True
     moe_layers: tuple[bool, ...] = ()  # per layer: True = MoE block, False = dense MLP
-    router_logits_bias: bool = False  # gpt-oss: the router linear has a bias
-    router_fp32: bool = False  # router matmul in fp32 (DeepSeek-V3, GLM-4.5), as transformers does
+    gate_logits_bias: bool = False  # gpt-oss: the router linear has a bias
+    gate_fp32: bool = False  # router matmul in fp32 (DeepSeek-V3, GLM-4.5), as transformers does
     # Dense MLP for non-MoE layers, shared expert beside routed ones (qwen2_moe).
     dense_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
@@ -64,7 +64,7 @@ class ModelConfig:
     topk_group: int = 1
     group_score: str = "max"
     routed_scaling_factor: float = 1.0
-    router_jitter: float = 0.0  # sparsemixer's jitter_eps
+    gate_jitter: float = 0.0  # sparsemixer's jitter_eps
     # Multi-head latent attention (DeepSeek); attention="mha" ignores these.
     attention: str = "mha"
     q_lora_rank: int = 0  # 0: q comes from one projection
@@ -77,13 +77,13 @@ class ModelConfig:
     @property
     def gating(self) -> Gating:
         return Gating(self.top_k, self.norm_topk_prob, self.scoring, self.n_group, self.topk_group,
-                      self.group_score, self.routed_scaling_factor, self.router_jitter)
+                      self.group_score, self.routed_scaling_factor, self.gate_jitter)
 
     @property
     def moe_layer_ids(self) -> tuple[int, ...]:
         return tuple(layer for layer, is_moe in enumerate(self.moe_layers) if is_moe)
 
-    def expert_pairs(self) -> list[tuple[int, int]]:
+    def experts(self) -> list[tuple[int, int]]:
         """Every (layer, expert_id) slot of the model."""
         return [(layer, e) for layer in self.moe_layer_ids for e in range(self.num_experts)]
 

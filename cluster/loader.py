@@ -120,13 +120,13 @@ def _mla(r: _Reader, cfg: ModelConfig, layer: int) -> MLAWeights:
         o=r.get("o_proj", (d, h * cfg.v_head_dim), layer), **q)
 
 
-def _router(r: _Reader, cfg: ModelConfig, layer: int) -> dict:
+def _gate(r: _Reader, cfg: ModelConfig, layer: int) -> dict:
     """The gate of a MoE layer: its weight (fp32 where transformers computes the logits in fp32),
     DeepSeek's selection bias (fp32) and gpt-oss's logits bias."""
     e, d = cfg.num_experts, cfg.hidden_size
-    return dict(router=r.get("router", (e, d), layer, dtype=torch.float32 if cfg.router_fp32 else None),
-                router_bias=r.maybe("router_bias", (e,), layer, dtype=torch.float32),
-                router_logits_bias=r.get("router_logits_bias", (e,), layer) if cfg.router_logits_bias else None)
+    return dict(gate=r.get("gate", (e, d), layer, dtype=torch.float32 if cfg.gate_fp32 else None),
+                gate_bias=r.maybe("gate_bias", (e,), layer, dtype=torch.float32),
+                gate_logits_bias=r.get("gate_logits_bias", (e,), layer) if cfg.gate_logits_bias else None)
 
 
 def _layer(r: _Reader, cfg: ModelConfig, layer: int) -> LayerWeights:
@@ -138,10 +138,10 @@ def _layer(r: _Reader, cfg: ModelConfig, layer: int) -> LayerWeights:
     return LayerWeights(
         attn_norm=attn_norm, attn_norm_bias=attn_norm_bias, mlp_norm=mlp_norm, mlp_norm_bias=mlp_norm_bias,
         attn=_mla(r, cfg, layer) if cfg.attention == "mla" else _attention(r, cfg, layer),
-        **(_router(r, cfg, layer) if moe else {}),
+        **(_gate(r, cfg, layer) if moe else {}),
         dense=None if moe else r.mlp("dense", cfg.dense_intermediate_size, d, layer),
         shared=shared,
-        shared_router=r.get("shared_router", (1, d), layer) if shared is not None and cfg.shared_expert_gate else None,
+        shared_expert_gate=r.get("shared_expert_gate", (1, d), layer) if shared is not None and cfg.shared_expert_gate else None,
     )
 
 

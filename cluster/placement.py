@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 Expert = tuple[int, int]  # (layer, expert_id)
-Slot = Expert  # kept for callers that name the experts a worker holds its slots
+Expert = Expert  # kept for callers that name the experts a worker holds its slots
 
 
 @dataclass(frozen=True)

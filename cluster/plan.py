@@ -62,7 +62,7 @@ def _layer_params(c: ModelConfig, layer: int) -> int:
     norms = 2 * d * (2 if c.norm == "layer" else 1)
     if not c.moe_layers[layer]:
         return _attention_params(c) + norms + 3 * d * c.dense_intermediate_size
-    gate = c.num_experts * d + (c.num_experts if c.router_logits_bias else 0)
+    gate = c.num_experts * d + (c.num_experts if c.gate_logits_bias else 0)
     shared = 3 * d * c.shared_expert_intermediate_size + (d if c.shared_expert_gate else 0)
     return _attention_params(c) + norms + gate + shared
 
@@ -95,7 +95,7 @@ def backbone_bytes(c: ModelConfig, dtype: torch.dtype) -> int:
     gpt-oss's norms fp32."""
     gates = len(c.moe_layer_ids) * c.num_experts
     selection_bias = gates if c.scoring == "sigmoid" else 0
-    fp32 = selection_bias + (gates * c.hidden_size if c.router_fp32 else 0) + (
+    fp32 = selection_bias + (gates * c.hidden_size if c.gate_fp32 else 0) + (
         (2 * c.num_layers + 1) * c.hidden_size if c.norm_fp32 else 0)
     held = ParamCounts.of(c).backbone + selection_bias
     return (held - fp32) * dtype.itemsize + fp32 * 4

@@ -22,7 +22,7 @@ import numpy as np
 
 from cluster.capacity import LayerRoom, Worker
 from cluster.packing import Packing, copy_counts, copy_order, fits, items
-from cluster.placement import Placement, Slot
+from cluster.placement import Expert, Placement
 
 __all__ = ["Plan", "Worker", "hand_back", "imbalance", "plan", "replicate", "worker_imbalance"]
 
@@ -210,7 +210,7 @@ def plan(loads: np.ndarray, moe_layers: list[int], workers: list[Worker], extra_
 
 
 def _result(loads, moe_layers, chosen, old, active, num_workers, expert_bytes) -> Plan:
-    slots: list[list[Slot]] = [[] for _ in range(num_workers)]
+    slots: list[list[Expert]] = [[] for _ in range(num_workers)]
     moves = retires = 0
     worst = 0.0
     for li, where in sorted(chosen.items()):

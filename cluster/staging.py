@@ -14,12 +14,12 @@ its copies in T(k-1) plus what stage k adds to it.
 """
 from __future__ import annotations
 
-from cluster.placement import Placement, Slot
+from cluster.placement import Expert, Placement
 
-Copy = tuple[int, Slot]  # (worker, (layer, expert_id))
+Copy = tuple[int, Expert]  # (worker, (layer, expert_id))
 
 
-def changes(old: Placement, new: Placement) -> tuple[list[list[Slot]], list[list[Slot]]]:
+def changes(old: Placement, new: Placement) -> tuple[list[list[Expert]], list[list[Expert]]]:
     """Per worker: the copies `new` adds and the copies it drops, for max(old, new) workers."""
     n = max(old.num_workers, new.num_workers)
     before = [set(old.workers[w]) if w < old.num_workers else set() for w in range(n)]
@@ -79,7 +79,7 @@ def stage_moves(*, old: Placement, new: Placement, max_copies: int | None = None
     tables = []
     for adds, drops in _stages(old, new, per_stage, by_layer):
         held = (held | set(adds)) - set(drops)
-        workers: list[list[Slot]] = [[] for _ in range(n)]
+        workers: list[list[Expert]] = [[] for _ in range(n)]
         for w, slot in held:
             workers[w].append(slot)
         tables.append(Placement(tuple(tuple(sorted(s)) for s in workers)))

@@ -28,7 +28,7 @@ from deployments.router import Router
 
 def spec_of(cfg: AppConfig) -> AppSpec:
     _, _, model_cfg = open_model(cfg.model)  # fail fast, before anything is deployed
-    placement = round_robin(model_cfg.expert_pairs(), cfg.num_workers, cfg.expert_copies) if cfg.num_workers else None
+    placement = round_robin(model_cfg.experts(), cfg.num_workers, cfg.expert_copies) if cfg.num_workers else None
     # one copy's bytes at the dtype the workers hold it in (memory budgets, metrics)
     expert_bytes = model_cfg.expert_bytes(resolve_dtype(cfg.dtype, cfg.worker_device, model_cfg.checkpoint_dtype))
     return AppSpec(uuid.uuid4().hex, cfg, placement, cfg.policy(), resolve_secret(cfg.data_plane_secret), model_cfg.moe_layer_ids,

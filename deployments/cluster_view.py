@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cluster.load import max_over_mean
+from cluster.expert_load import max_over_mean
 from cluster.placement import Table
 from cluster.rebalance import worker_imbalance
 from deployments import metrics
@@ -55,7 +55,8 @@ def _tensor(a: np.ndarray):
 
 
 def _sum_stats(mine: list[RouterReport]) -> dict:
-    keys = ("running", "waiting", "steps", "step_seconds", "active_requests", "free_kv_slots")
+    keys = ("running", "waiting", "steps", "step_seconds", "active_requests", "free_seq_slots", "free_kv_blocks",
+            "kv_blocks", "preemptions")
     return {k: sum(r.stats.get(k, 0) for r in mine) for k in keys}
 
 

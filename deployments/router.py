@@ -121,11 +121,11 @@ class Router:
         self._loop.call_soon_threadsafe(self._report_now.set)
 
     def _report(self) -> RouterReport:
-        load = self.engine.engine.load
+        load = self.engine.engine.expert_load
         snapshot = load.snapshot()
         coactivation = None
         if self.spec.policy is not None and self.spec.policy.co_activation:
-            coactivation = load.pairs().tolist()
+            coactivation = load.coactivation_counts().tolist()
         remote = self.remote
         return RouterReport(self.spec.build_id, self.id, self.node, remote.table.version if remote else -1,
                             snapshot["ema_tokens_per_step"], snapshot["total_tokens"], coactivation,
@@ -142,7 +142,7 @@ class Router:
             if reply.table is not None:
                 self.remote.adopt(reply.table)
             self.remote.token_split = reply.settings.token_split
-        self.engine.engine.load.alpha = reply.settings.ema_alpha
+        self.engine.engine.expert_load.alpha = reply.settings.ema_alpha
 
     async def _report_forever(self) -> None:
         while True:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/expert.proto\x12\x12moe_cluster.expert\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"m\n\x0e\x46orwardRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12*\n\x06hidden\x18\x02 \x01(\x0b\x32\x1a.moe_cluster.expert.Tensor\x12\x11\n\texpert_id\x18\x03 \x03(\x05\x12\r\n\x05\x63ount\x18\x04 \x03(\x05\":\n\x0c\x46orwardReply\x12*\n\x06output\x18\x01 \x01(\x0b\x32\x1a.moe_cluster.expert.Tensor\"\x0f\n\rHealthRequest\",\n\x0bHealthReply\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\r\n\x05slots\x18\x02 \x03(\t\"0\n\x0cSlotsRequest\x12\r\n\x05layer\x18\x01 \x03(\x05\x12\x11\n\texpert_id\x18\x02 \x03(\x05\"\"\n\nSlotsReply\x12\x14\n\x0c\x62ytes_loaded\x18\x01 \x01(\x03\x32\xc4\x02\n\rExpertService\x12O\n\x07\x46orward\x12\".moe_cluster.expert.ForwardRequest\x1a .moe_cluster.expert.ForwardReply\x12L\n\x06Health\x12!.moe_cluster.expert.HealthRequest\x1a\x1f.moe_cluster.expert.HealthReply\x12H\n\x04Load\x12 .moe_cluster.expert.SlotsRequest\x1a\x1e.moe_cluster.expert.SlotsReply\x12J\n\x06Retire\x12 .moe_cluster.expert.SlotsRequest\x1a\x1e.moe_cluster.expert.SlotsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/expert.proto\x12\x12moe_cluster.expert\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"m\n\x0e\x46orwardRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12*\n\x06hidden\x18\x02 \x01(\x0b\x32\x1a.moe_cluster.expert.Tensor\x12\x11\n\texpert_id\x18\x03 \x03(\x05\x12\r\n\x05\x63ount\x18\x04 \x03(\x05\":\n\x0c\x46orwardReply\x12*\n\x06output\x18\x01 \x01(\x0b\x32\x1a.moe_cluster.expert.Tensor\"\x0f\n\rHealthRequest\".\n\x0bHealthReply\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\t\"2\n\x0e\x45xpertsRequest\x12\r\n\x05layer\x18\x01 \x03(\x05\x12\x11\n\texpert_id\x18\x02 \x03(\x05\"#\n\x0b\x43opiesReply\x12\x14\n\x0c\x62ytes_loaded\x18\x01 \x01(\x03\x32\xca\x02\n\rExpertService\x12O\n\x07\x46orward\x12\".moe_cluster.expert.ForwardRequest\x1a .moe_cluster.expert.ForwardReply\x12L\n\x06Health\x12!.moe_cluster.expert.HealthRequest\x1a\x1f.moe_cluster.expert.HealthReply\x12K\n\x04Load\x12\".moe_cluster.expert.ExpertsRequest\x1a\x1f.moe_cluster.expert.CopiesReply\x12M\n\x06Retire\x12\".moe_cluster.expert.ExpertsRequest\x1a\x1f.moe_cluster.expert.CopiesReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,11 +40,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEALTHREQUEST']._serialized_start=268
   _globals['_HEALTHREQUEST']._serialized_end=283
   _globals['_HEALTHREPLY']._serialized_start=285
-  _globals['_HEALTHREPLY']._serialized_end=329
-  _globals['_SLOTSREQUEST']._serialized_start=331
-  _globals['_SLOTSREQUEST']._serialized_end=379
-  _globals['_SLOTSREPLY']._serialized_start=381
-  _globals['_SLOTSREPLY']._serialized_end=415
-  _globals['_EXPERTSERVICE']._serialized_start=418
-  _globals['_EXPERTSERVICE']._serialized_end=742
+  _globals['_HEALTHREPLY']._serialized_end=331
+  _globals['_EXPERTSREQUEST']._serialized_start=333
+  _globals['_EXPERTSREQUEST']._serialized_end=383
+  _globals['_COPIESREPLY']._serialized_start=385
+  _globals['_COPIESREPLY']._serialized_end=420
+  _globals['_EXPERTSERVICE']._serialized_start=423
+  _globals['_EXPERTSERVICE']._serialized_end=753
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class ExpertServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Every call carries the application's shared secret in its metadata (moe-data-plane-secret).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -46,18 +47,19 @@ class ExpertServiceStub:
                 _registered_method=True)
         self.Load = channel.unary_unary(
                 '/moe_cluster.expert.ExpertService/Load',
-                request_serializer=protos_dot_expert__pb2.SlotsRequest.SerializeToString,
-                response_deserializer=protos_dot_expert__pb2.SlotsReply.FromString,
+                request_serializer=protos_dot_expert__pb2.ExpertsRequest.SerializeToString,
+                response_deserializer=protos_dot_expert__pb2.CopiesReply.FromString,
                 _registered_method=True)
         self.Retire = channel.unary_unary(
                 '/moe_cluster.expert.ExpertService/Retire',
-                request_serializer=protos_dot_expert__pb2.SlotsRequest.SerializeToString,
-                response_deserializer=protos_dot_expert__pb2.SlotsReply.FromString,
+                request_serializer=protos_dot_expert__pb2.ExpertsRequest.SerializeToString,
+                response_deserializer=protos_dot_expert__pb2.CopiesReply.FromString,
                 _registered_method=True)
 
 
 class ExpertServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Every call carries the application's shared secret in its metadata (moe-data-plane-secret).
+    """
 
     def Forward(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -98,13 +100,13 @@ def add_ExpertServiceServicer_to_server(servicer, server):
             ),
             'Load': grpc.unary_unary_rpc_method_handler(
                     servicer.Load,
-                    request_deserializer=protos_dot_expert__pb2.SlotsRequest.FromString,
-                    response_serializer=protos_dot_expert__pb2.SlotsReply.SerializeToString,
+                    request_deserializer=protos_dot_expert__pb2.ExpertsRequest.FromString,
+                    response_serializer=protos_dot_expert__pb2.CopiesReply.SerializeToString,
             ),
             'Retire': grpc.unary_unary_rpc_method_handler(
                     servicer.Retire,
-                    request_deserializer=protos_dot_expert__pb2.SlotsRequest.FromString,
-                    response_serializer=protos_dot_expert__pb2.SlotsReply.SerializeToString,
+                    request_deserializer=protos_dot_expert__pb2.ExpertsRequest.FromString,
+                    response_serializer=protos_dot_expert__pb2.CopiesReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -115,7 +117,8 @@ def add_ExpertServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ExpertService:
-    """Missing associated documentation comment in .proto file."""
+    """Every call carries the application's shared secret in its metadata (moe-data-plane-secret).
+    """
 
     @staticmethod
     def Forward(request,
@@ -186,8 +189,8 @@ class ExpertService:
             request,
             target,
             '/moe_cluster.expert.ExpertService/Load',
-            protos_dot_expert__pb2.SlotsRequest.SerializeToString,
-            protos_dot_expert__pb2.SlotsReply.FromString,
+            protos_dot_expert__pb2.ExpertsRequest.SerializeToString,
+            protos_dot_expert__pb2.CopiesReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -213,8 +216,8 @@ class ExpertService:
             request,
             target,
             '/moe_cluster.expert.ExpertService/Retire',
-            protos_dot_expert__pb2.SlotsRequest.SerializeToString,
-            protos_dot_expert__pb2.SlotsReply.FromString,
+            protos_dot_expert__pb2.ExpertsRequest.SerializeToString,
+            protos_dot_expert__pb2.CopiesReply.FromString,
             options,
             channel_credentials,
             insecure,

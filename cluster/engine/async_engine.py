@@ -91,7 +91,7 @@ class AsyncEngine:
         s = self.engine.scheduler
         return {"running": len(s.running), "waiting": len(s.waiting), "steps": self.steps,
                 "step_seconds": self.step_seconds, "active_requests": self.active,
-                "free_kv_slots": self.engine.free_seq_slots, "free_kv_blocks": self.engine.cache.num_free_blocks,
+                "free_seq_slots": self.engine.free_seq_slots, "free_kv_blocks": self.engine.cache.num_free_blocks,
                 "kv_blocks": self.engine.cache.num_blocks, "preemptions": s.num_preemptions,
                 "engine_alive": self.alive}
 

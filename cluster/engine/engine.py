@@ -19,7 +19,7 @@ from cluster.engine.sampling import History, Sampled, sample_row, top_logprobs
 from cluster.engine.scheduler import Scheduler
 from cluster.engine.sequence import Sequence
 from cluster.generation_config import GenerationDefaults, read_generation_config
-from cluster.load import LoadTracker
+from cluster.expert_load import ExpertLoadTracker
 from cluster.loader import load_backbone, load_experts, open_model, stderr_progress
 from cluster.model.batch import make_batch
 from cluster.model.experts import ExpertExecutor, LocalExperts
@@ -77,7 +77,7 @@ class LLMEngine:
         self.cache = KVCache.for_budget(cfg, budget, block_size, self.kv_dtype, device)
         self.prompts = PromptChecker(cfg, tokenizer, max_model_len, self.cache.capacity_tokens, no_tokenizer_reason)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
-        self.load = LoadTracker(cfg.moe_layer_ids, cfg.num_experts)
+        self.expert_load = ExpertLoadTracker(cfg.moe_layer_ids, cfg.num_experts)
         self.generation = generation
         self.default_sampling = generation.as_dict()  # what a request that gives none of them gets
         self.stop_ids = tuple(dict.fromkeys(cfg.eos_token_ids + generation.eos_token_ids))  # config.json's first
@@ -97,8 +97,8 @@ class LLMEngine:
         backbone = load_backbone(ckpt, family, cfg, dtype=dtype, device=device, progress=progress)
         if experts is None:
             if show_progress:
-                print(f"loading {len(cfg.expert_pairs())} experts", end="", flush=True, file=sys.stderr)
-            experts = LocalExperts(load_experts(ckpt, family, cfg, cfg.expert_pairs(), dtype=dtype, device=device))
+                print(f"loading {len(cfg.experts())} experts", end="", flush=True, file=sys.stderr)
+            experts = LocalExperts(load_experts(ckpt, family, cfg, cfg.experts(), dtype=dtype, device=device))
             if show_progress:
                 print(" done", file=sys.stderr)
         max_len = min(max_model_len or 2048, cfg.context_limit)
@@ -152,7 +152,7 @@ class LLMEngine:
         batch = make_batch(items, self.cache.block_size, self.device)
         rows, prompt_rows = _logit_rows(batch, seqs)
         logits, routing = self.model.forward(batch, self.cache, rows=rows)  # [B + P, V]
-        self.load.record(routing)
+        self.expert_load.record(routing)
         moe_rows = len(routing) * self.cfg.top_k
         logits = logits.float().cpu()
         argmax = logits[:len(seqs)].argmax(-1).tolist()  # one call for the whole batch: most requests are greedy

@@ -13,7 +13,7 @@ from cluster.model.rope import Rope, yarn_mscale
 _ATTN, _MLP = "model.layers.{layer}.self_attn.", "model.layers.{layer}.mlp."
 # The MoE block's own names beyond the Qwen-style ones: GLM-4.5 stores its gate bias and shared experts alike.
 MOE_TENSORS = {
-    "router_bias": _MLP + "gate.e_score_correction_bias",
+    "gate_bias": _MLP + "gate.e_score_correction_bias",
     "shared_gate": _MLP + "shared_experts.gate_proj.weight",
     "shared_up": _MLP + "shared_experts.up_proj.weight",
     "shared_down": _MLP + "shared_experts.down_proj.weight",
@@ -65,7 +65,7 @@ def _parse(cfg: dict[str, Any], version: int) -> ModelConfig:
         expert_intermediate_size=moe_inter,
         norm_topk_prob=bool(cfg.get("norm_topk_prob", version == 3)),
         moe_layers=first_dense_layers(cfg, base["num_layers"]),
-        router_fp32=True,
+        gate_fp32=True,
         dense_intermediate_size=int(require(cfg, "intermediate_size")),
         shared_expert_intermediate_size=moe_inter * int(cfg.get("n_shared_experts") or 0),
         scoring=scoring,

@@ -25,7 +25,7 @@ def parse_config(cfg: dict[str, Any]) -> ModelConfig:
         expert_intermediate_size=moe_inter,
         norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
         moe_layers=first_dense_layers(cfg, base["num_layers"]),
-        router_fp32=True,
+        gate_fp32=True,
         dense_intermediate_size=int(require(cfg, "intermediate_size")),
         shared_expert_intermediate_size=moe_inter * int(cfg.get("n_shared_experts") or 0),
         scoring="sigmoid",

@@ -15,11 +15,11 @@ from cluster.model.weights import ExpertActivation
 _ATTN, _MLP = "model.layers.{layer}.self_attn.", "model.layers.{layer}.mlp."
 TENSORS = {
     **{k: v for k, v in QWEN_STYLE_TENSORS.items()
-       if not k.startswith(("router", "expert_", "shared_", "dense_", "q_norm", "k_norm"))},
+       if not k.startswith(("gate", "expert_", "shared_", "dense_", "q_norm", "k_norm"))},
     "o_bias": _ATTN + "o_proj.bias",
     "sinks": _ATTN + "sinks",
-    "router": _MLP + "router.weight",
-    "router_logits_bias": _MLP + "router.bias",
+    "gate": _MLP + "router.weight",
+    "gate_logits_bias": _MLP + "router.bias",
     "expert_gate_up": _MLP + "experts.gate_up_proj",
     "expert_gate_up_bias": _MLP + "experts.gate_up_proj_bias",
     "expert_down": _MLP + "experts.down_proj",
@@ -49,7 +49,7 @@ def parse_config(cfg: dict[str, Any]) -> ModelConfig:
         expert_activation=ExpertActivation("clamped_swiglu", float(cfg.get("swiglu_alpha", 1.702)),
                                            float(cfg.get("swiglu_limit", 7.0))),
         moe_layers=(True,) * base["num_layers"],
-        router_logits_bias=True,
+        gate_logits_bias=True,
         scoring="topk_softmax",
     )
 

@@ -11,9 +11,9 @@ from cluster.families.base import QWEN_STYLE_TENSORS, ExpertLayout, Family, comm
 
 _MOE = "model.layers.{layer}.block_sparse_moe."
 TENSORS = {
-    **{k: v for k, v in QWEN_STYLE_TENSORS.items() if not k.startswith(("router", "expert_", "shared_", "dense_"))},
+    **{k: v for k, v in QWEN_STYLE_TENSORS.items() if not k.startswith(("gate", "expert_", "shared_", "dense_"))},
     "o_bias": "model.layers.{layer}.self_attn.o_proj.bias",
-    "router": _MOE + "router.layer.weight",
+    "gate": _MOE + "router.layer.weight",
     "expert_gate_up": _MOE + "input_linear.weight",
     "expert_down": _MOE + "output_linear.weight",
 }

@@ -8,8 +8,8 @@ from cluster.config import ModelConfig
 from cluster.families.base import QWEN_STYLE_TENSORS, Family, common_fields, require, sliding_windows
 
 TENSORS = {
-    **{k: v for k, v in QWEN_STYLE_TENSORS.items() if not k.startswith(("router", "expert_", "shared_", "dense_"))},
-    "router": "model.layers.{layer}.block_sparse_moe.gate.weight",
+    **{k: v for k, v in QWEN_STYLE_TENSORS.items() if not k.startswith(("gate", "expert_", "shared_", "dense_"))},
+    "gate": "model.layers.{layer}.block_sparse_moe.gate.weight",
     "expert_gate": "model.layers.{layer}.block_sparse_moe.experts.{expert_id}.w1.weight",
     "expert_down": "model.layers.{layer}.block_sparse_moe.experts.{expert_id}.w2.weight",
     "expert_up": "model.layers.{layer}.block_sparse_moe.experts.{expert_id}.w3.weight",

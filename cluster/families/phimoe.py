@@ -37,7 +37,7 @@ def parse_config(cfg: dict[str, Any]) -> ModelConfig:
         expert_intermediate_size=int(require(cfg, "intermediate_size")),
         moe_layers=(True,) * base["num_layers"],
         scoring="sparsemixer",
-        router_jitter=float(cfg.get("router_jitter_noise", 0.01)),
+        gate_jitter=float(cfg.get("router_jitter_noise", 0.01)),
     )
 
 

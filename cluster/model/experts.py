@@ -52,7 +52,7 @@ class LocalExperts:
     def holds(self, layer: int, expert_id: int) -> bool:
         return (layer, expert_id) in self.experts
 
-    def slots(self) -> list[tuple[int, int]]:
+    def held(self) -> list[tuple[int, int]]:
         return sorted(self.experts)
 
     def run(self, layer: int, rows: Tensor, counts: Sequence[int]) -> Tensor:
@@ -71,18 +71,18 @@ class LocalExperts:
         return out
 
 
-def reference_moe(x: Tensor, router: Tensor, experts: dict[tuple[int, int], MLPWeights], layer: int,
+def reference_moe(x: Tensor, gate: Tensor, experts: dict[tuple[int, int], MLPWeights], layer: int,
                   top_k: int, normalize: bool) -> Tensor:
     """The slow, obviously-correct MoE: loop over experts, mask the tokens that chose each.
 
     Kept in the tree as the reference every fast or distributed path is tested against.
     """
-    probs = torch.softmax(F.linear(x, router).float(), dim=-1)  # [T, E]
+    probs = torch.softmax(F.linear(x, gate).float(), dim=-1)  # [T, E]
     weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, K]
     if normalize:
         weights = weights / weights.sum(-1, keepdim=True)
     out = torch.zeros_like(x)
-    for expert_id in range(router.shape[0]):
+    for expert_id in range(gate.shape[0]):
         token, slot = torch.where(ids == expert_id)
         if len(token):
             y = swiglu(x[token], experts[(layer, expert_id)])

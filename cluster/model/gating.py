@@ -1,4 +1,4 @@
-"""Gating: router logits → top-k expert ids and weights. Pure functions, fp32.
+"""Gating: gate logits → top-k expert ids and weights. Pure functions, fp32.
 
 Shapes: T tokens, E experts, K top-k, G expert groups.
 """
@@ -12,7 +12,7 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Gating:
-    """How a family turns router logits into a choice (defaults: Mixtral/Qwen softmax top-k)."""
+    """How a family turns gate logits into a choice (defaults: Mixtral/Qwen softmax top-k)."""
 
     top_k: int
     normalize: bool = True  # renormalise the chosen weights to sum to 1

@@ -26,15 +26,15 @@ class Routing:
 
 
 def moe_block(x: Tensor, w: LayerWeights, layer: int, gating: Gating, experts: ExpertExecutor,
-              router_fp32: bool = False) -> tuple[Tensor, Routing]:
-    logits = F.linear(x.float() if router_fp32 else x, w.router, w.router_logits_bias)  # [T, E]
-    weights, ids = route(logits, gating, w.router_bias)  # [T, K]
-    plan = dispatch(ids, w.router.shape[0])
+              gate_fp32: bool = False) -> tuple[Tensor, Routing]:
+    logits = F.linear(x.float() if gate_fp32 else x, w.gate, w.gate_logits_bias)  # [T, E]
+    weights, ids = route(logits, gating, w.gate_bias)  # [T, K]
+    plan = dispatch(ids, w.gate.shape[0])
     rows = experts.run(layer, gather_rows(x, plan), plan.counts)  # [N, D]
     out = combine(rows, plan, weights)  # [T, D]
     if w.shared is not None:
         shared = swiglu(x, w.shared)  # [T, D]
-        if w.shared_router is not None:
-            shared = torch.sigmoid(F.linear(x, w.shared_router)) * shared
+        if w.shared_expert_gate is not None:
+            shared = torch.sigmoid(F.linear(x, w.shared_expert_gate)) * shared
         out = out + shared
     return out, Routing(layer, ids, weights)

@@ -45,10 +45,10 @@ class MoETransformer:
             h = attend(self._norm(x, w.attn_norm, w.attn_norm_bias), w.attn, cfg, layer, batch, cache, rope)
             x = x + (h * scale if scale != 1.0 else h)
             h = self._norm(x, w.mlp_norm, w.mlp_norm_bias)
-            if w.router is None:
+            if w.gate is None:
                 h = swiglu(h, w.dense)
             else:
-                h, r = moe_block(h, w, layer, cfg.gating, self.experts, cfg.router_fp32)
+                h, r = moe_block(h, w, layer, cfg.gating, self.experts, cfg.gate_fp32)
                 routing.append(r)
             x = x + (h * scale if scale != 1.0 else h)
         last = self._norm(x[batch.last_rows if rows is None else rows], self.weights.final_norm,

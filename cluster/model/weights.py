@@ -83,12 +83,12 @@ class LayerWeights:
     attn_norm: Tensor
     attn: AttentionWeights | MLAWeights
     mlp_norm: Tensor
-    router: Tensor | None = None  # [E, D] on MoE layers
-    router_bias: Tensor | None = None  # [E] DeepSeek-V3 e_score_correction_bias: steers the choice only
-    router_logits_bias: Tensor | None = None  # [E] gpt-oss: added to the router logits
+    gate: Tensor | None = None  # [E, D] on MoE layers: the gate (router weight) of the MoE block
+    gate_bias: Tensor | None = None  # [E] DeepSeek-V3 e_score_correction_bias: steers the choice only
+    gate_logits_bias: Tensor | None = None  # [E] gpt-oss: added to the gate logits
     dense: MLPWeights | None = None  # on dense layers
     shared: MLPWeights | None = None  # shared expert (qwen2_moe)
-    shared_router: Tensor | None = None  # [1, D] sigmoid gate of the shared expert
+    shared_expert_gate: Tensor | None = None  # [1, D] sigmoid gate of the shared expert
     attn_norm_bias: Tensor | None = None  # LayerNorm biases (phimoe)
     mlp_norm_bias: Tensor | None = None
 

@@ -69,7 +69,7 @@ def _key_dependency(key: str | None):
 
 
 def build_http_app(ingress) -> FastAPI:
-    cfg, serving = ingress.cfg, ingress.serving
+    cfg = ingress.cfg
     key = cfg.resolved_api_key()
     docs = {} if key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="moe-cluster", **docs)
@@ -81,6 +81,16 @@ def build_http_app(ingress) -> FastAPI:
         return {"status": "ok", "model": cfg.model_name}
 
     api = APIRouter()
+    _status_routes(api, ingress)
+    _generation_routes(api, ingress)
+    _token_routes(api, ingress)
+    api.include_router(admin_routes(ingress))
+    app.include_router(api, dependencies=[Depends(_key_dependency(key))])
+    return app
+
+
+def _status_routes(api: APIRouter, ingress) -> None:
+    cfg, serving = ingress.cfg, ingress.serving
 
     @api.get("/ready")
     async def ready():
@@ -100,6 +110,10 @@ def build_http_app(ingress) -> FastAPI:
         body = metrics.render(metrics.API) + await ingress.cluster_metrics()
         return PlainTextResponse(body, media_type="text/plain; version=0.0.4")
 
+
+def _generation_routes(api: APIRouter, ingress) -> None:
+    cfg, serving = ingress.cfg, ingress.serving
+
     @api.post("/v1/completions")
     async def completions(request: Request):
         req = await read_model(request, CompletionRequest, cfg.max_body_bytes)
@@ -118,6 +132,10 @@ def build_http_app(ingress) -> FastAPI:
         return await _generate(serving, request_id(request, "chatcmpl-"), choices, req, chat=True, echo=False,
                                with_logprobs=req.logprobs)
 
+
+def _token_routes(api: APIRouter, ingress) -> None:
+    cfg, serving = ingress.cfg, ingress.serving
+
     @api.post("/tokenize")
     async def tokenize(request: Request):
         req = await read_model(request, TokenizeRequest, cfg.max_body_bytes)
@@ -130,10 +148,6 @@ def build_http_app(ingress) -> FastAPI:
         req = await read_model(request, DetokenizeRequest, cfg.max_body_bytes)
         serving.check_model(req.model)
         return {"prompt": await serving.off_loop(serving.detokenize, req.tokens)}
-
-    api.include_router(admin_routes(ingress))
-    app.include_router(api, dependencies=[Depends(_key_dependency(key))])
-    return app
 
 
 async def _generate(serving, rid: str, choices, req, *, chat: bool, echo: bool, with_logprobs: bool):

@@ -103,7 +103,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         if self.loader is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{self.name} cannot load copies")
         wanted = [e for e in experts if not self.experts.holds(*e)]
-        return expert_pb2.SlotsReply(bytes_loaded=self.loader(wanted) if wanted else 0)
+        return expert_pb2.CopiesReply(bytes_loaded=self.loader(wanted) if wanted else 0)
 
     def Retire(self, request, context):
         try:
@@ -111,7 +111,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         except BadRequest as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.name}: {e}")
         self.experts.remove(experts)
-        return expert_pb2.SlotsReply()
+        return expert_pb2.CopiesReply()
 
     def Health(self, request, context):
-        return expert_pb2.HealthReply(worker=self.name, slots=[f"{layer}:{e}" for layer, e in self.experts.slots()])
+        return expert_pb2.HealthReply(worker=self.name, experts=[f"{layer}:{e}" for layer, e in self.experts.held()])

@@ -38,7 +38,7 @@ def test_workers_loading_their_own_experts_give_the_same_output(name, tmp_path):
     ours, _ = build(name, tmp_path)
     local = LLMEngine.from_pretrained(str(ours), max_model_len=64)
     ckpt, family, cfg = open_model(str(ours))
-    pairs = cfg.expert_pairs()
+    pairs = cfg.experts()
     load_experts(ckpt, family, cfg, pairs)
     all_expert_bytes = ckpt.bytes_read
     workers = []
@@ -59,7 +59,7 @@ def test_worker_in_another_dtype_takes_rows_in_the_callers(tmp_path):
     """A bf16 worker serving an fp32 router: rows are cast in and out (tensors cross in the serving dtype)."""
     ours, _ = build("gpt-oss-20b", tmp_path)
     ckpt, family, cfg = open_model(str(ours))
-    pairs = cfg.expert_pairs()[:2]
+    pairs = cfg.experts()[:2]
     fp32 = LocalExperts(load_experts(ckpt, family, cfg, pairs))
     bf16 = LocalExperts(load_experts(ckpt, family, cfg, pairs, dtype="bfloat16"))
     assert bf16.experts[pairs[0]].gate_up.dtype == torch.bfloat16

@@ -1,12 +1,12 @@
 import torch
 
 from cluster.engine import LLMEngine, SamplingParams
-from cluster.load import LoadTracker, max_over_mean
+from cluster.expert_load import ExpertLoadTracker, max_over_mean
 from cluster.model.moe import Routing
 
 
 def test_counts_ema_and_coactivation():
-    t = LoadTracker((0, 2), num_experts=4, alpha=0.5)
+    t = ExpertLoadTracker((0, 2), num_experts=4, alpha=0.5)
     r0 = Routing(0, torch.tensor([[0, 1], [0, 2], [0, 1]]), torch.ones(3, 2))
     r2 = Routing(2, torch.tensor([[3, 2], [3, 2], [3, 2]]), torch.ones(3, 2))
     t.record([r0, r2])
@@ -30,5 +30,5 @@ def test_engine_counts_every_routed_token(checkpoint_factory):
     out = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     cfg = engine.cfg
     per_layer = (5 + 2 * 3) * cfg.top_k  # prompts + 3 decode steps each, top-k rows per token
-    assert engine.load.total.sum(-1).tolist() == [per_layer] * len(cfg.moe_layer_ids)
+    assert engine.expert_load.total.sum(-1).tolist() == [per_layer] * len(cfg.moe_layer_ids)
     assert sum(o.expert_tokens for o in out) == per_layer * len(cfg.moe_layer_ids)

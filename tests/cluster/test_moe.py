@@ -18,7 +18,7 @@ def _layer(num_experts: int, seed: int):
     rnd = lambda *s: torch.randn(*s, generator=g) * 0.3  # noqa: E731
     experts = {(0, e): MLPWeights(rnd(2 * I, D), rnd(D, I)) for e in range(num_experts)}
     attn = AttentionWeights(*(torch.empty(0) for _ in range(4)))
-    return LayerWeights(torch.ones(D), attn, torch.ones(D), router=rnd(num_experts, D)), experts
+    return LayerWeights(torch.ones(D), attn, torch.ones(D), gate=rnd(num_experts, D)), experts
 
 
 @pytest.mark.parametrize("num_experts,top_k,num_tokens,normalize",
@@ -28,7 +28,7 @@ def test_fast_path_matches_reference(num_experts, top_k, num_tokens, normalize):
     layer, experts = _layer(num_experts, seed=num_experts * 100 + top_k)
     x = torch.randn(num_tokens, D, generator=torch.Generator().manual_seed(num_tokens))
     out, routing = moe_block(x, layer, 0, Gating(top_k, normalize), LocalExperts(experts))
-    ref = reference_moe(x, layer.router, experts, 0, top_k, normalize)
+    ref = reference_moe(x, layer.gate, experts, 0, top_k, normalize)
     assert out.shape == (num_tokens, D)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert routing.ids.shape == (num_tokens, top_k)
@@ -43,14 +43,14 @@ def test_experts_without_tokens_get_no_compute():
             calls.append(list(counts))
             return super().run(layer_id, rows, counts)
 
-    # every token's router logits point at experts 2 and 5
-    router = torch.full((8, D), -5.0)
-    router[2] = router[5] = 5.0
-    layer = LayerWeights(layer.attn_norm, layer.attn, layer.mlp_norm, router=router)
+    # every token's gate logits point at experts 2 and 5
+    gate = torch.full((8, D), -5.0)
+    gate[2] = gate[5] = 5.0
+    layer = LayerWeights(layer.attn_norm, layer.attn, layer.mlp_norm, gate=gate)
     x = torch.ones(6, D)
     out, _ = moe_block(x, layer, 0, Gating(2, True), Spy(experts))
     assert calls == [[0, 0, 6, 0, 0, 6, 0, 0]]
-    torch.testing.assert_close(out, reference_moe(x, router, experts, 0, 2, True))
+    torch.testing.assert_close(out, reference_moe(x, gate, experts, 0, 2, True))
 
 
 def test_dispatch_groups_rows_by_expert():
@@ -61,11 +61,11 @@ def test_dispatch_groups_rows_by_expert():
     assert plan.token_index.tolist() == [0, 1, 2, 1, 0, 2]
 
 
-def test_nan_router_logits_are_served():
+def test_nan_gate_logits_are_served():
     layer, experts = _layer(8, seed=3)
-    router = layer.router.clone()
-    router[4] = float("nan")
-    layer = LayerWeights(layer.attn_norm, layer.attn, layer.mlp_norm, router=router)
+    gate = layer.gate.clone()
+    gate[4] = float("nan")
+    layer = LayerWeights(layer.attn_norm, layer.attn, layer.mlp_norm, gate=gate)
     out, routing = moe_block(torch.randn(10, D), layer, 0, Gating(2, True), LocalExperts(experts))
     assert ((routing.ids >= 0) & (routing.ids < 8)).all()
     assert all(len(set(r)) == 2 for r in routing.ids.tolist())

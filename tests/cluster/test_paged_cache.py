@@ -73,11 +73,11 @@ def test_memory_report_at_bf16_and_fp32(checkpoint_factory, caplog):
     assert mixed.memory["kv_cache_dtype"] == "float32" and mixed.cache.k.dtype == torch.float32
     expert_params = sum(w.gate_up.numel() + w.down.numel() for w in fp32.model.experts.experts.values())
     assert fp32.memory["local_expert_bytes"] == expert_params * 4
-    assert fp32.memory["local_expert_bytes"] == len(fp32.cfg.expert_pairs()) * fp32.cfg.expert_bytes(torch.float32)
+    assert fp32.memory["local_expert_bytes"] == len(fp32.cfg.experts()) * fp32.cfg.expert_bytes(torch.float32)
     assert any("KV cache" in r.message and "weights" in r.message for r in caplog.records)
     print({k: (fp32.memory[k], bf16.memory[k]) for k in ("weights_bytes", "kv_bytes_per_token")})
-    layer = next(w for w in bf16.model.weights.layers if w.router is not None)
-    assert layer.router.dtype == torch.float32 and layer.attn.q_b.dtype == torch.bfloat16
+    layer = next(w for w in bf16.model.weights.layers if w.gate is not None)
+    assert layer.gate.dtype == torch.float32 and layer.attn.q_b.dtype == torch.bfloat16
 
 
 def test_prompt_logprobs_survive_a_preemption_unchanged(checkpoint_factory):

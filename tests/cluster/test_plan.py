@@ -38,7 +38,7 @@ def test_planned_bytes_are_what_the_engine_loads(name, tmp_path):
     for dtype in (torch.float32, torch.bfloat16):
         engine = LLMEngine.from_pretrained(str(ours), dtype=dtype, max_num_seqs=1, max_model_len=64)
         cfg = engine.cfg
-        experts = len(cfg.expert_pairs()) * cfg.expert_bytes(dtype)
+        experts = len(cfg.experts()) * cfg.expert_bytes(dtype)
         assert engine.memory["backbone_bytes"] == backbone_bytes(cfg, dtype)
         assert engine.memory["weights_bytes"] == backbone_bytes(cfg, dtype) + experts
         p = plan(cfg, dtype=dtype, kv_dtype=dtype, workers=0, gpu_memory_bytes=1 << 30, max_model_len=64,

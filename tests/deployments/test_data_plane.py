@@ -88,7 +88,7 @@ def test_copy_choice_rules(rule, expected):
 def test_copies_share_rows_and_output_is_unchanged(checkpoint_factory, workers, split_rule):
     model = str(checkpoint_factory("mixtral"))
     _, _, cfg = open_model(model)
-    both = Placement((tuple(cfg.expert_pairs()), tuple(cfg.expert_pairs())))  # every expert twice
+    both = Placement((tuple(cfg.experts()), tuple(cfg.experts())))  # every expert twice
     engine, remote, _ = _engine(model, both, workers(model, both.workers), token_split=split_rule)
     assert [o.token_ids for o in engine.generate(PROMPTS, PARAMS)] == _expected(model)
     assert remote.stats.snapshot()["calls"] > 0
@@ -97,7 +97,7 @@ def test_copies_share_rows_and_output_is_unchanged(checkpoint_factory, workers, 
 def test_killed_worker_with_a_second_copy_loses_no_request(checkpoint_factory, workers):
     model = str(checkpoint_factory("mixtral"))
     _, _, cfg = open_model(model)
-    both = Placement((tuple(cfg.expert_pairs()), tuple(cfg.expert_pairs())))
+    both = Placement((tuple(cfg.experts()), tuple(cfg.experts())))
     procs = workers(model, both.workers)
     reported = []
     engine, remote, _ = _engine(model, both, procs, on_down=lambda w, g: reported.append((w, g)))
@@ -116,7 +116,7 @@ def test_killed_worker_with_a_second_copy_loses_no_request(checkpoint_factory, w
 def test_killed_worker_without_a_copy_fails_clearly(checkpoint_factory, workers):
     model = str(checkpoint_factory("mixtral"))
     _, _, cfg = open_model(model)
-    placement = round_robin(cfg.expert_pairs(), 2)
+    placement = round_robin(cfg.experts(), 2)
     procs = workers(model, placement.workers)
     engine, remote, _ = _engine(model, placement, procs)
     procs[0].kill()
@@ -133,7 +133,7 @@ def test_killed_worker_without_a_copy_fails_clearly(checkpoint_factory, workers)
 def test_table_swap_mid_generation_happens_at_step_boundaries(checkpoint_factory, workers):
     model = str(checkpoint_factory("qwen2_moe"))
     _, _, cfg = open_model(model)
-    one, both = round_robin(cfg.expert_pairs(), 2), Placement((tuple(cfg.expert_pairs()),) * 2)
+    one, both = round_robin(cfg.experts(), 2), Placement((tuple(cfg.experts()),) * 2)
     engine, remote, ports = _engine(model, both, workers(model, both.workers))
     ids = [engine.add_request(p, PARAMS) for p in PROMPTS]
     seqs = {rid: engine.scheduler.find(rid) for rid in ids}
@@ -151,7 +151,7 @@ def test_table_swap_mid_generation_happens_at_step_boundaries(checkpoint_factory
 def test_local_copies_are_preferred(checkpoint_factory, workers):
     model = str(checkpoint_factory("mixtral"))
     _, _, cfg = open_model(model)
-    both = Placement((tuple(cfg.expert_pairs()), tuple(cfg.expert_pairs())))
+    both = Placement((tuple(cfg.experts()), tuple(cfg.experts())))
     engine, remote, _ = _engine(model, both, workers(model, both.workers), nodes=["node-a", "node-b"],
                                 node_id="node-b")
     engine.generate(PROMPTS, PARAMS)
@@ -163,7 +163,7 @@ def test_timed_out_call_is_retried_on_another_copy(checkpoint_factory, workers):
     """Worker 0 is a 'device' far slower than the call deadline: its rows go to worker 1."""
     model = str(checkpoint_factory("mixtral"))
     _, _, cfg = open_model(model)
-    both = Placement((tuple(cfg.expert_pairs()), tuple(cfg.expert_pairs())))
+    both = Placement((tuple(cfg.experts()), tuple(cfg.experts())))
     slow = workers(model, both.workers[:1], "--service-time-per-token", "5")
     fast = workers(model, both.workers[1:])
     engine, remote, _ = _engine(model, both, slow + fast, call_timeout_s=0.5)
@@ -180,7 +180,7 @@ def test_replaced_worker_is_healed_with_a_new_generation(checkpoint_factory, wor
     the router uses it again once it adopts the table with the worker's new generation."""
     model = str(checkpoint_factory("mixtral"))
     _, _, cfg = open_model(model)
-    both = Placement((tuple(cfg.expert_pairs()), tuple(cfg.expert_pairs())))
+    both = Placement((tuple(cfg.experts()), tuple(cfg.experts())))
     procs = workers(model, both.workers)
     engine, remote, _ = _engine(model, both, procs)
     try:
@@ -210,19 +210,19 @@ def _forward(layer, rows: int, hidden: int, ids, counts, dtype="float32", nbytes
 def test_data_plane_refuses_callers_without_the_secret(checkpoint_factory, workers):
     model = str(checkpoint_factory("mixtral"))
     _, _, cfg = open_model(model)
-    [proc] = workers(model, [cfg.expert_pairs()])
+    [proc] = workers(model, [cfg.experts()])
     address = f"127.0.0.1:{int(proc.stdout.readline())}"
     for secret in (None, "wrong"):
         stub = expert_pb2_grpc.ExpertServiceStub(grpc.insecure_channel(address))
         metadata = () if secret is None else (("moe-data-plane-secret", secret),)
-        for call, req in ((stub.Retire, expert_pb2.SlotsRequest(layer=[0], expert_id=[0])),
-                          (stub.Load, expert_pb2.SlotsRequest(layer=[0], expert_id=[0])),
+        for call, req in ((stub.Retire, expert_pb2.ExpertsRequest(layer=[0], expert_id=[0])),
+                          (stub.Load, expert_pb2.ExpertsRequest(layer=[0], expert_id=[0])),
                           (stub.Health, expert_pb2.HealthRequest()),
                           (stub.Forward, _forward(0, 1, cfg.hidden_size, [0], [1]))):
             with pytest.raises(grpc.RpcError) as e:
                 call(req, timeout=10, metadata=metadata)
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert len(GrpcTransport(address, SECRET).health()) == len(cfg.expert_pairs())  # nothing was retired
+    assert len(GrpcTransport(address, SECRET).health()) == len(cfg.experts())  # nothing was retired
 
 
 @pytest.mark.parametrize("name,kw", [
@@ -238,7 +238,7 @@ def test_data_plane_refuses_callers_without_the_secret(checkpoint_factory, worke
 def test_forward_requests_are_validated(checkpoint_factory, workers, name, kw):
     model = str(checkpoint_factory("mixtral"))
     _, _, cfg = open_model(model)
-    [proc] = workers(model, [cfg.expert_pairs()])
+    [proc] = workers(model, [cfg.experts()])
     transport = GrpcTransport(f"127.0.0.1:{int(proc.stdout.readline())}", SECRET)
     req = _forward(kw.get("layer", 0), kw["rows"], kw.get("hidden", cfg.hidden_size), kw["ids"], kw["counts"],
                    kw.get("dtype", "float32"), kw.get("nbytes"))
@@ -257,9 +257,9 @@ def test_all_rows_to_one_expert_and_idle_workers_get_no_call(checkpoint_factory,
 
     model = str(checkpoint_factory("mixtral"))
     ckpt, family, cfg = open_model(model)
-    placement = round_robin(cfg.expert_pairs(), 2)
+    placement = round_robin(cfg.experts(), 2)
     engine, remote, _ = _engine(model, placement, workers(model, placement.workers))
-    local = LocalExperts(load_experts(ckpt, family, cfg, cfg.expert_pairs()))
+    local = LocalExperts(load_experts(ckpt, family, cfg, cfg.experts()))
     rows = torch.randn(64, cfg.hidden_size)
     counts = [64] + [0] * (cfg.num_experts - 1)  # every row chose expert 0 (held by worker 0 only)
     out = remote.run(0, rows, counts)

@@ -1,5 +1,5 @@
 """Security and load limits on a running server: API key, body/header size, queue limit,
-request timeout, client disconnect (its KV-cache slot is freed).
+request timeout, client disconnect (its KV-cache blocks are freed).
 
 Time-dependent behaviour is made independent of the machine: every engine step
 takes at least STEP_DELAY_S (the engine's slow-step hook), so a 500-token request
@@ -49,8 +49,8 @@ def wait_for(server, ok, what: str, timeout=30.0) -> dict:
 
 
 def wait_idle(server, timeout=30.0) -> dict:
-    return wait_for(server, lambda s: s["active_requests"] == 0 and s["free_kv_slots"] == LIMITS["max_num_seqs"],
-                    "server idle", timeout)
+    return wait_for(server, lambda s: s["active_requests"] == 0 and s["free_seq_slots"] == LIMITS["max_num_seqs"]
+                    and s["free_kv_blocks"] == s["kv_blocks"], "server idle (every KV block free)", timeout)
 
 
 def test_api_key_on_every_route_but_health(server):
@@ -86,15 +86,16 @@ def test_request_timeout_releases_the_work(server):
     wait_idle(server)
 
 
-def test_client_disconnect_frees_its_kv_slot(server):
+def test_client_disconnect_frees_its_kv_cache(server):
     body = {"prompt": "def f(", "max_tokens": 400, "ignore_eos": True, "stream": True}
     with post(server, body, stream=True) as r:
         lines = r.iter_lines()
         first = next(line for line in lines if line.startswith(b"data: "))
         assert json.loads(first[6:])["choices"][0]["text"] is not None
-        wait_for(server, lambda s: s["free_kv_slots"] == LIMITS["max_num_seqs"] - 1, "the stream holding a slot")
+        wait_for(server, lambda s: s["free_seq_slots"] == LIMITS["max_num_seqs"] - 1
+                 and s["free_kv_blocks"] < s["kv_blocks"], "the stream holding KV blocks")
     after = wait_idle(server)  # the closed stream's sequence left the batch, its slot is free
-    assert after["free_kv_slots"] == LIMITS["max_num_seqs"]
+    assert after["free_seq_slots"] == LIMITS["max_num_seqs"] and after["free_kv_blocks"] == after["kv_blocks"]
     assert post(server, {"prompt": "def f(", "max_tokens": 3}).status_code == 200
 
 

@@ -41,8 +41,8 @@ def from_proto(p: expert_pb2.Tensor) -> Tensor:
     return torch.frombuffer(p.data, dtype=DTYPES[p.dtype]).reshape(tuple(p.shape))
 
 
-def _experts_request(experts: list[tuple[int, int]]) -> expert_pb2.SlotsRequest:
-    return expert_pb2.SlotsRequest(layer=[e[0] for e in experts], expert_id=[e[1] for e in experts])
+def _experts_request(experts: list[tuple[int, int]]) -> expert_pb2.ExpertsRequest:
+    return expert_pb2.ExpertsRequest(layer=[e[0] for e in experts], expert_id=[e[1] for e in experts])
 
 
 class GrpcTransport:
@@ -69,7 +69,7 @@ class GrpcTransport:
     def health(self, timeout: float = 2) -> list[tuple[int, int]]:
         """The experts the worker holds (raises if it does not answer)."""
         reply = self.stub.Health(expert_pb2.HealthRequest(), timeout=timeout, metadata=self.metadata)
-        return [tuple(int(x) for x in s.split(":")) for s in reply.slots]
+        return [tuple(int(x) for x in s.split(":")) for s in reply.experts]
 
     def close(self) -> None:
         self.channel.close()

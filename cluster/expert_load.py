@@ -12,7 +12,7 @@ import torch
 from cluster.model.moe import Routing
 
 
-class LoadTracker:
+class ExpertLoadTracker:
     """EMA of tokens per (layer, expert) per step, plus cumulative totals and co-activation.
 
     `alpha` weighs the newest step (alpha = 2 / (window + 1) approximates a window
@@ -57,7 +57,7 @@ class LoadTracker:
                     "total_tokens": self.total.tolist(), "max_over_mean": max_over_mean(ema).tolist()}
 
 
-    def pairs(self) -> "torch.Tensor":
+    def coactivation_counts(self) -> "torch.Tensor":
         """[L, E, E] co-activation counts so far (a copy)."""
         with self._lock:
             return self.coactivation.clone()
