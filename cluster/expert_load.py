@@ -50,6 +50,15 @@ class ExpertLoadTracker:
         flat = (a * e + b)[:, off_diagonal].reshape(-1)
         return torch.bincount(flat, minlength=e * e).view(e, e)
 
+    def set_alpha(self, alpha: float) -> None:
+        with self._lock:
+            self.alpha = alpha
+
+    def arrays(self):
+        """(EMA [L, E] float64, totals [L, E] int64) as numpy copies: cheap to send between processes."""
+        with self._lock:
+            return self.ema.numpy().copy(), self.total.numpy().copy()
+
     def snapshot(self) -> dict:
         with self._lock:
             ema = self.ema.clone()

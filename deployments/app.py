@@ -65,8 +65,11 @@ def _pool(spec: AppSpec, controller):
                    "initial_replicas": pool.min_workers, "metrics_interval_s": 1.0, "look_back_period_s": 5.0,
                    "upscale_delay_s": pool.upscale_delay_s, "downscale_delay_s": pool.downscale_delay_s,
                    "policy": {"policy_function": "deployments.pool_policy:scale_on_busy"}}
+    # A leaving pool worker hands its copies back first (load elsewhere, every router switches):
+    # Serve must wait for that before it stops the replica.
+    switch = spec.policy.switch_timeout_s if spec.policy else 30.0
     deployment = serve.deployment(ExpertPoolWorker, name="expert-pool", health_check_period_s=5,
-                                  max_ongoing_requests=16)
+                                  max_ongoing_requests=16, graceful_shutdown_timeout_s=switch + 120)
     return (deployment.options(ray_actor_options=worker_actor_options(cfg), autoscaling_config=autoscaling)
             .bind(cfg.model, controller, spec.build_id, cfg.data_plane_host, spec.data_plane_secret,
                   cfg.worker.torch_threads, cfg.worker_device, cfg.worker.service_time_per_token_s, pool.target_busy,
@@ -93,7 +96,9 @@ def _router_options(cfg: AppConfig) -> dict[str, Any]:
 def build_app(cfg: AppConfig) -> Application:
     spec = spec_of(cfg)
     workers = _workers(spec) if spec.placement is not None else []
-    controller = serve.deployment(PlacementController, name="controller", num_replicas=1,
+    # Everything in the controller is async: many routers' reports must never queue behind a slow
+    # call (a pool worker's hand-back waits for every router to switch).
+    controller = serve.deployment(PlacementController, name="controller", num_replicas=1, max_ongoing_requests=1000,
                                   ray_actor_options={"num_cpus": 0}).bind(spec, workers)
     pool = _pool(spec, controller)
     routers = serve.deployment(Router, name="router", **_router_options(cfg)).bind(spec, controller)

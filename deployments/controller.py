@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import numpy as np
 
@@ -22,6 +21,7 @@ from cluster.placement import Table, WorkerRef
 from cluster.rebalance import hand_back
 from deployments import metrics
 from deployments.cluster_view import cluster_stats, down_workers, expert_load, load_view, update_metrics
+from deployments.ingress_board import IngressBoard
 from deployments.membership import Membership
 from deployments.messages import AppSpec, ControllerReply, RouterReport, RouterSettings
 from deployments.policy import AutoscalePolicy
@@ -49,18 +49,19 @@ class PlacementController:
         self.rebalancer = Rebalancer(self.policy, self.state, self.membership, moe_layers=list(spec.moe_layers),
                                      expert_bytes=spec.expert_bytes)
         self.reports: dict[str, RouterReport] = {}
-        self.ingress: dict[str, tuple[float, int]] = {}  # replica -> (last seen, requests in flight)
-        self.draining = self.cut_off = False
+        self.board = IngressBoard()
         self.report_count = 0
         self._healing: dict[int, asyncio.Task] = {}
         self._loop_task = asyncio.get_running_loop().create_task(self._policy_forever())
 
     # -- routers -------------------------------------------------------------------------------
-    async def current_table(self, build_id: str) -> Table | None:
-        """A new router's first table; refused to a router of another build (rolling update)."""
+    async def current_table(self, build_id: str, router_id: str) -> Table | None:
+        """A new router's first table, once ours is confirmed; from then on the router is waited for.
+        Refused to a router of another build (rolling update)."""
         if build_id != self.spec.build_id:
             raise WrongBuild(f"controller of build {self.spec.build_id[:8]}, router of {build_id[:8]}")
-        return self.state.table
+        await self.state.wait_confirmed()
+        return self.state.handed_out(router_id)
 
     async def report(self, report: RouterReport) -> ControllerReply | None:
         if report.build_id != self.spec.build_id:
@@ -87,12 +88,8 @@ class PlacementController:
             if task is None or task.done():
                 self._healing[worker] = asyncio.get_running_loop().create_task(self._heal(worker, generation))
 
-    async def _confirmed(self) -> None:
-        """Table changes wait until a router routes by our version (after a restart: the restored one)."""
-        await asyncio.wait_for(self.state.confirmed.wait(), 60)
-
     async def _heal(self, worker: int, generation: int) -> None:
-        await self._confirmed()
+        await self.state.wait_confirmed()
         table = self.state.table
         ref = await self.membership.heal(worker, table.workers[worker], list(table.placement.workers[worker]))
         if ref is None:
@@ -117,7 +114,7 @@ class PlacementController:
         known = next((w for w, ref in enumerate(table.workers) if ref.address == address and not ref.retired), None)
         if known is not None:  # the usual case: a pool replica re-registering every second
             return known
-        await self._confirmed()
+        await self.state.wait_confirmed()
         async with self.rebalancer.lock:
             table = self.state.table
             known = next((w for w, ref in enumerate(table.workers) if ref.address == address and not ref.retired),
@@ -126,12 +123,14 @@ class PlacementController:
                 return known
             self.state.publish(table.changed(table.placement.with_worker(),
                                              table.workers + (WorkerRef(address, node_id),)))
-            self.rebalancer.last_change = 0.0  # a new worker: no cooldown before using it
+            self.rebalancer.reset_cooldown()  # a new worker: no cooldown before using it
             return len(table.workers)
 
-    async def unregister_worker(self, address: str) -> int:
+    async def unregister_worker(self, address: str, build_id: str) -> int:
         """A pool replica is stopping: its copies are handed back first. Returns copies moved."""
-        await self._confirmed()
+        if build_id != self.spec.build_id:
+            raise WrongBuild("a pool worker of another build")
+        await self.state.wait_confirmed()
         async with self.rebalancer.lock:
             table = self.state.table
             worker = next((w for w, ref in enumerate(table.workers) if ref.address == address and not ref.retired),
@@ -168,28 +167,23 @@ class PlacementController:
             policy = AutoscalePolicy(**{**self.policy.model_dump(), **fields})
         except (ValidationError, TypeError) as e:
             raise ValueError(describe(e) if isinstance(e, ValidationError) else str(e)) from None
-        self.policy = self.rebalancer.policy = policy
+        self.policy = policy
+        self.rebalancer.set_policy(policy)
         return policy.model_dump()
 
     # -- what the ingress shows ----------------------------------------------------------------
     async def ingress_report(self, replica: str, in_flight: int) -> dict:
         """Called by every ingress replica every half second: its load in, the cluster state out."""
-        self.ingress[replica] = (time.monotonic(), in_flight)
+        self.board.report(replica, in_flight)
         table, live = self.state.table, self.state.live_routers()
-        down = down_workers(self.reports, live, table)
-        uncovered = []
-        if table is not None:
-            uncovered = [e for e, ws in table.placement.copies().items() if all(w in down for w in ws)]
-        reason = ("draining" if self.draining else "no router is up" if not live
-                  else f"{len(uncovered)} expert(s) without a live copy" if uncovered else None)
-        return {"ready": reason is None, "reason": reason, "draining": self.draining, "cut_off": self.cut_off}
+        return self.board.state(table, down_workers(self.reports, live, table), len(live))
 
     async def admin(self, what: str) -> dict:
         live = self.state.live_routers()
         if what == "load":
             return load_view(self.reports, live, self.state.table, self.spec.moe_layers)
         if what == "autoscaler":
-            return {"enabled": self.spec.policy is not None, "policy": self.policy.model_dump(),
+            return {"enabled": self.spec.policy is not None and self.policy.enabled, "policy": self.policy.model_dump(),
                     "history": self.rebalancer.history[-50:]}
         return cluster_stats(self.reports, live, self.state, self.spec, self.report_count)
 
@@ -199,11 +193,10 @@ class PlacementController:
 
     # -- shutdown (moe-cluster serve on SIGTERM) -------------------------------------------------
     async def start_drain(self) -> None:
-        self.draining = True
+        self.board.start_drain()
 
     async def in_flight(self) -> int:
-        now = time.monotonic()
-        return sum(n for seen, n in self.ingress.values() if now - seen < 5)
+        return self.board.in_flight()
 
     async def cut(self) -> None:
-        self.cut_off = True
+        self.board.cut()

@@ -63,9 +63,7 @@ class Ingress(GrpcServing):
             try:
                 state = await asyncio.wait_for(self.controller.ingress_report.remote(self.id, self.serving.active), 5)
                 self.cluster_state = state
-                self.serving.draining = state["draining"]
-                if state["cut_off"]:
-                    self.serving.cut.set()
+                self.serving.apply_cluster_state(state)
             except Exception as e:  # noqa: BLE001 - keep the last state; traffic does not depend on it
                 log.info("ingress %s: controller unreachable (%s)", self.id, type(e).__name__)
             await asyncio.sleep(POLL_INTERVAL_S)

@@ -29,7 +29,7 @@ class Membership:
         self.secret, self.connect = secret, connect
         self._transports: dict[str, GrpcTransport] = {}
 
-    async def fixed_refs(self, limit_s: float = 120.0) -> tuple[WorkerRef, ...]:
+    async def fixed_refs(self, limit_s: float = 600.0) -> tuple[WorkerRef, ...]:
         """Where the fixed workers are now. During a rolling update a handle may still reach a replica
         of the previous version: an address counts only once its data plane accepts this
         application's secret (a new version has a new one)."""
@@ -38,14 +38,16 @@ class Membership:
     async def _verified(self, worker: int, limit_s: float) -> WorkerRef:
         deadline = time.monotonic() + limit_s
         while True:
-            ref = await self._locate(worker, WorkerRef(""))
-            try:
+            ref = WorkerRef("")
+            try:  # a worker still loading its experts may take long to answer at all
+                ref = await self._locate(worker, ref)
                 await self.holds(ref)
                 return ref
             except Exception as e:  # noqa: BLE001 - an old replica (wrong secret) or not serving yet
-                self.forget(ref.address)
+                if ref.address:
+                    self.forget(ref.address)
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"expert worker {worker} at {ref.address} does not answer: {e}") from None
+                    raise RuntimeError(f"expert worker {worker} did not answer within {limit_s:g} s: {e}") from None
                 await asyncio.sleep(0.2)
 
     def transport(self, address: str) -> GrpcTransport:

@@ -83,8 +83,14 @@ class Rebalancer:
             return Decision("small_gain", None, before, new.max_over_mean)
         return Decision("rebalance", new.placement, before, new.max_over_mean)
 
+    def set_policy(self, policy: AutoscalePolicy) -> None:
+        self.policy = policy
+
+    def reset_cooldown(self) -> None:
+        self.last_change = 0.0
+
     async def step(self, loads: np.ndarray, coactivation: np.ndarray | None) -> str:
-        if not self.state.confirmed.is_set():
+        if not self.state.confirmed:
             return "unconfirmed"  # a restarted controller has not heard the routers' table yet
         async with self.lock:
             await self.retry_retirements()
@@ -102,15 +108,22 @@ class Rebalancer:
         table = self.state.table
         refs = workers if workers is not None else table.workers
         adds, drops = diff(table.placement, new)
-        try:
-            loaded = await asyncio.gather(*(self.membership.load_copies(refs[w], adds[w])
-                                            for w in range(len(adds)) if adds[w]))
-        except Exception as e:  # noqa: BLE001 - a worker could not load: keep the old table
-            metrics.REBALANCES.labels("failed").inc()
-            log.warning("rebalance failed while loading copies (%s); old table kept", e)
-            return "failed"
+        loading = [w for w in range(len(adds)) if adds[w]]
+        results = await asyncio.gather(*(self.membership.load_copies(refs[w], adds[w]) for w in loading),
+                                       return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
         nxt = table.changed(new, refs)
-        self.state.publish(nxt)
+        try:
+            if failed:
+                raise failed[0]
+            self.state.publish(nxt)  # fails if a restored table overtook ours meanwhile
+        except Exception as e:  # noqa: BLE001 - keep the old table and take back what did load
+            metrics.REBALANCES.labels("failed").inc()
+            log.warning("rebalance failed (%s); old table kept, new copies retired", e)
+            loaded_ok = [w for w, r in zip(loading, results) if not isinstance(r, BaseException)]
+            await self._retire([(nxt.version, w, adds[w]) for w in loaded_ok], table.placement, refs)
+            return "failed"
+        loaded = [r for r in results if not isinstance(r, BaseException)]
         self.last_change = time.monotonic()
         metrics.WEIGHT_BYTES_MOVED.inc(sum(loaded))
         switched = await self.state.wait_switched(nxt.version, self.policy.switch_timeout_s)
@@ -122,7 +135,7 @@ class Rebalancer:
                         self.policy.switch_timeout_s)
             outcome = "abandoned"
         else:
-            await self._retire(retire, nxt)
+            await self._retire(retire, nxt.placement, nxt.workers)
             metrics.REBALANCES.labels("done").inc()
             metrics.LAST_REBALANCE.set(time.time())
             outcome = "done"
@@ -131,11 +144,12 @@ class Rebalancer:
         self._record(decision, outcome, adds, drops, sum(loaded), seconds, nxt.version)
         return outcome
 
-    async def _retire(self, retire: list[tuple[int, int, list[Expert]]], table: Table) -> None:
+    async def _retire(self, retire: list[tuple[int, int, list[Expert]]], keep: Placement, refs) -> None:
+        """Retire `experts` on each worker, but never a copy `keep` (the table in force) still lists."""
         for _, worker, experts in retire:
-            keep = set(table.placement.workers[worker]) if worker < table.placement.num_workers else set()
+            kept = set(keep.workers[worker]) if worker < keep.num_workers else set()
             try:
-                await self.membership.retire(table.workers[worker], [e for e in experts if e not in keep])
+                await self.membership.retire(refs[worker], [e for e in experts if e not in kept])
             except Exception as e:  # noqa: BLE001 - a dead worker holds nothing anyway
                 log.info("retiring copies on worker %d failed: %s", worker, e)
 
@@ -143,7 +157,7 @@ class Rebalancer:
         ready = [r for r in self._pending_retire if self.state.switched(r[0])]
         if ready:
             self._pending_retire = [r for r in self._pending_retire if r not in ready]
-            await self._retire(ready, self.state.table)
+            await self._retire(ready, self.state.table.placement, self.state.table.workers)
 
     def _record(self, decision, outcome, adds, drops, loaded, seconds, version) -> None:
         self.history.append({"time": time.time(), "outcome": outcome, "table_version": version,

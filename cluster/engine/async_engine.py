@@ -69,6 +69,8 @@ class AsyncEngine:
         out: asyncio.Queue = asyncio.Queue()
         self._inbox.put(("add", request_id, prompt_ids, params, asyncio.get_running_loop(), out))
         self._wake.set()
+        if not self.alive:  # died between the check and the put: nothing would answer this request
+            self._fail_queued(EngineDeadError(f"the engine loop is not running ({self.died or 'stopped'})"))
         finished = False
         self.active += 1
         try:
@@ -82,6 +84,13 @@ class AsyncEngine:
             self.active -= 1
             if not finished:
                 self.abort(request_id)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """The engine's request checks (pure reads of its config and cache size: safe off its thread)."""
+        self.engine.validate(prompt_ids, params)
+
+    def set_expert_load_window(self, alpha: float) -> None:
+        self.engine.expert_load.set_alpha(alpha)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -162,8 +171,20 @@ class AsyncEngine:
         except BaseException as e:  # noqa: BLE001 - a bug: report dead, fail everyone waiting
             self.died = f"{type(e).__name__}: {e}"
             log.exception("engine loop died")
+            error = EngineDeadError(self.died)
             for request_id in list(self._streams):
-                self._emit(request_id, EngineDeadError(self.died))
+                self._emit(request_id, error)
+            self._fail_queued(error)
+
+    def _fail_queued(self, error: Exception) -> None:
+        """Requests still in the inbox when the loop is gone get the error instead of no answer."""
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                cmd[4].call_soon_threadsafe(cmd[5].put_nowait, error)
 
 
 def _unpack(items: list) -> tuple[list[StepOutput], bool]:

@@ -5,6 +5,7 @@ the in-process `LocalExperts` below, or remote expert workers (deployments/).
 """
 from __future__ import annotations
 
+import threading
 from typing import Protocol, Sequence
 
 import torch
@@ -21,30 +22,53 @@ def swiglu(x: Tensor, w: MLPWeights) -> Tensor:
     return F.linear(w.activation(gate, up), w.down, w.down_bias)  # [N, D]
 
 
+class PendingRows(Protocol):
+    def result(self) -> Tensor:
+        """The outputs [N, D] of the rows submitted, in their order (waits for them if needed)."""
+
+
 class ExpertExecutor(Protocol):
     def begin_step(self) -> None:
         """A forward pass starts: the one point where a remote executor may switch placement tables."""
 
+    def submit(self, layer: int, rows: Tensor, counts: Sequence[int]) -> PendingRows:
+        """Start computing rows [N, D] sorted by expert_id (counts[e] rows for expert e); returns at once
+        when the experts are remote, so the caller can do other work before `result()`."""
+
     def run(self, layer: int, rows: Tensor, counts: Sequence[int]) -> Tensor:
-        """rows [N, D] sorted by expert_id, counts[e] rows for expert e → outputs [N, D], same order."""
+        """submit(...).result(): outputs [N, D], same order."""
+
+
+class Done:
+    """Rows already computed (in-process experts)."""
+
+    def __init__(self, out: Tensor):
+        self.out = out
+
+    def result(self) -> Tensor:
+        return self.out
 
 
 class LocalExperts:
     """Experts in this process: one matmul chain per expert that received rows.
 
-    `add` and `remove` replace the whole dict (copy-on-write): a call in flight
-    keeps the table it started with, so slots can change while traffic flows.
+    `add` and `remove` replace the whole dict (copy-on-write, under a lock so two
+    concurrent changes cannot lose one another): a call in flight keeps the dict it
+    started with, so copies can come and go while traffic flows.
     """
 
     def __init__(self, experts: dict[tuple[int, int], MLPWeights]):
         self.experts = experts
+        self._lock = threading.Lock()
 
     def add(self, experts: dict[tuple[int, int], MLPWeights]) -> None:
-        self.experts = {**self.experts, **experts}
+        with self._lock:
+            self.experts = {**self.experts, **experts}
 
-    def remove(self, slots: list[tuple[int, int]]) -> None:
-        gone = set(slots)
-        self.experts = {k: v for k, v in self.experts.items() if k not in gone}
+    def remove(self, experts: list[tuple[int, int]]) -> None:
+        gone = set(experts)
+        with self._lock:
+            self.experts = {k: v for k, v in self.experts.items() if k not in gone}
 
     def begin_step(self) -> None:
         pass
@@ -54,6 +78,9 @@ class LocalExperts:
 
     def held(self) -> list[tuple[int, int]]:
         return sorted(self.experts)
+
+    def submit(self, layer: int, rows: Tensor, counts: Sequence[int]) -> Done:
+        return Done(self.run(layer, rows, counts))
 
     def run(self, layer: int, rows: Tensor, counts: Sequence[int]) -> Tensor:
         return self.run_subset(layer, rows, range(len(counts)), counts)

@@ -66,6 +66,12 @@ class ApiError(Exception):
         return {"Retry-After": str(retry)} if retry is not None else {}
 
 
+def outcome(error: ApiError) -> str:
+    """The `outcome` label of moe_requests_total, the same for HTTP and gRPC."""
+    return {401: "unauthorized", 408: "timeout", 503: "unavailable"}.get(
+        error.status, "rejected" if error.status < 500 else "failed")
+
+
 def overloaded(message: str) -> ApiError:
     """The server is full: 503 on HTTP, RESOURCE_EXHAUSTED on gRPC (retry later)."""
     return ApiError(503, message, grpc_code=grpc.StatusCode.RESOURCE_EXHAUSTED, openai_type="overloaded_error")

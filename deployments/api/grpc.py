@@ -14,7 +14,7 @@ import time
 from grpc_health.v1 import health_pb2
 
 from deployments import metrics
-from deployments.api.errors import ApiError, classify
+from deployments.api.errors import ApiError, classify, outcome
 from deployments.api.responses import ChoiceResult
 from deployments.api.schema import CompletionRequest
 from protos import moe_serving_pb2 as pb
@@ -72,8 +72,7 @@ class GrpcServing:
         error = classify(e)
         grpc_context.set_code(error.grpc_code)
         grpc_context.set_details(error.message)
-        outcome = {408: "timeout", 401: "unauthorized"}.get(error.status, "rejected" if error.status < 500 else "failed")
-        metrics.REQUESTS.labels("grpc", outcome).inc()
+        metrics.REQUESTS.labels("grpc", outcome(error)).inc()
         return error  # raised by the caller: Serve turns an exception after set_code into that status
 
     def _authorize(self, grpc_context) -> None:
@@ -86,8 +85,12 @@ class GrpcServing:
         self._authorize(grpc_context)
         req = to_request(request, self.cfg.max_body_bytes)
         self.serving.check_model(req.model)
-        self.serving.check_open()
-        return await self.serving.completion_choices(req)
+        self.serving.check_open()  # reserves a place; released by the stream, or here if it never starts
+        try:
+            return await self.serving.completion_choices(req)
+        except BaseException:
+            self.serving.release()
+            raise
 
     async def Complete(self, request: pb.CompleteRequest, grpc_context) -> pb.CompleteReply:
         try:

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 from deployments import metrics
 from deployments.api.admin import admin_routes
 from deployments.api.body import read_model
-from deployments.api.errors import ApiError, classify
+from deployments.api.errors import ApiError, classify, outcome
 from deployments.api.responses import ChoiceResult, ChunkWriter, completion_body
 from deployments.api.schema import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
@@ -118,8 +118,7 @@ def _generation_routes(api: APIRouter, ingress) -> None:
     async def completions(request: Request):
         req = await read_model(request, CompletionRequest, cfg.max_body_bytes)
         serving.check_model(req.model)
-        serving.check_open()
-        choices = await serving.completion_choices(req)
+        choices = await _admitted(serving, serving.completion_choices(req))
         return await _generate(serving, request_id(request, "cmpl-"), choices, req, chat=False, echo=req.echo,
                                with_logprobs=req.logprobs is not None)
 
@@ -127,8 +126,7 @@ def _generation_routes(api: APIRouter, ingress) -> None:
     async def chat_completions(request: Request):
         req = await read_model(request, ChatCompletionRequest, cfg.max_body_bytes)
         serving.check_model(req.model)
-        serving.check_open()
-        choices = await serving.chat_choices(req)
+        choices = await _admitted(serving, serving.chat_choices(req))
         return await _generate(serving, request_id(request, "chatcmpl-"), choices, req, chat=True, echo=False,
                                with_logprobs=req.logprobs)
 
@@ -150,12 +148,27 @@ def _token_routes(api: APIRouter, ingress) -> None:
         return {"prompt": await serving.off_loop(serving.detokenize, req.tokens)}
 
 
+async def _admitted(serving, make_choices):
+    """Admission first (reserves a place), then the choices (tokenising); the place is released
+    here if the request fails before it streams, else by the stream when it ends."""
+    try:
+        serving.check_open()
+    except BaseException:
+        make_choices.close()  # the coroutine never ran
+        raise
+    try:
+        return await make_choices
+    except BaseException:
+        serving.release()
+        raise
+
+
 async def _generate(serving, rid: str, choices, req, *, chat: bool, echo: bool, with_logprobs: bool):
     events = serving.stream(choices)
     try:
         head = await anext(events)  # fails here (a proper HTTP error) if the request cannot start
     except Exception as e:
-        metrics.REQUESTS.labels("http", _outcome(classify(e))).inc()
+        metrics.REQUESTS.labels("http", outcome(classify(e))).inc()
         await events.aclose()
         raise classify(e) from None
     results = {c.index: ChoiceResult(c.index, c.prompt_ids, c.echo_text) for c in choices}
@@ -169,7 +182,7 @@ async def _generate(serving, rid: str, choices, req, *, chat: bool, echo: bool, 
         async for index, batch in events:
             _add(results, index, batch)
     except Exception as e:
-        metrics.REQUESTS.labels("http", _outcome(classify(e))).inc()
+        metrics.REQUESTS.labels("http", outcome(classify(e))).inc()
         raise classify(e) from None
     metrics.REQUESTS.labels("http", "ok").inc()
     ordered = [results[c.index] for c in choices]
@@ -185,10 +198,6 @@ def _add(results: dict[int, ChoiceResult], index: int, batch: list) -> None:
 
 def _count_expert_tokens(results: list[ChoiceResult]) -> None:
     metrics.EXPERT_TOKENS.inc(sum(r.expert_tokens for r in results))
-
-
-def _outcome(e: ApiError) -> str:
-    return {408: "timeout", 503: "unavailable"}.get(e.status, "rejected" if e.status < 500 else "failed")
 
 
 def _event(body: dict) -> str:
@@ -217,7 +226,7 @@ async def _sse(head, events, results: dict[int, ChoiceResult], writer: ChunkWrit
         yield (_event(closing) if closing else "") + "data: [DONE]\n\n"
     except Exception as e:  # noqa: BLE001 - after the stream started: an error event, then [DONE]
         error = classify(e)
-        metrics.REQUESTS.labels("http", _outcome(error)).inc()
+        metrics.REQUESTS.labels("http", outcome(error)).inc()
         yield _event(error.body()) + "data: [DONE]\n\n"
     finally:
         await events.aclose()

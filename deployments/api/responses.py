@@ -121,6 +121,7 @@ class ChunkWriter:
         self.echo, self.with_logprobs, self.include_usage = echo, with_logprobs, include_usage
         self.created = int(time.time())
         self.started: set[int] = set()
+        self.offsets: dict[int, int] = {}  # characters of each choice's text sent so far (text_offset)
 
     def _body(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         body = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
@@ -137,6 +138,7 @@ class ChunkWriter:
         if self.echo:
             logprobs = completion_logprobs(_scored(c)[:len(c.prompt_ids)], self.decode) \
                 if self.with_logprobs else None
+            self.offsets[c.index] = len(c.echo_text)
             return self._body([{"index": c.index, "text": c.echo_text, "logprobs": logprobs,
                                 "finish_reason": None, "token_ids": []}])
         return None
@@ -147,7 +149,8 @@ class ChunkWriter:
         logprobs = None
         if self.with_logprobs and o.sampled is not None and o.sampled.logprob is not None:
             logprobs = chat_logprobs([o.sampled], self.decode) if self.chat else \
-                completion_logprobs(_generated([o.sampled]), self.decode)
+                completion_logprobs(_generated([o.sampled]), self.decode, self.offsets.get(index, 0))
+        self.offsets[index] = self.offsets.get(index, 0) + len(o.text_delta)
         if self.chat:
             choice["delta"] = {"content": o.text_delta}
         else:

@@ -150,7 +150,6 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none"] | None = Field(None, description="tools are rendered into the prompt with the "
                                                 "checkpoint's template; calling them (auto / required) needs a "
                                                 "tool-call parser, which this server does not have")
-    parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     documents: list[dict[str, Any]] | None = None
     add_generation_prompt: bool = True

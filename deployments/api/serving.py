@@ -59,10 +59,22 @@ class Serving:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def check_open(self) -> None:
+        """Admission: refuse when shutting down or full, else reserve a place (synchronously, so a burst
+        cannot overshoot). `stream` releases it when the request ends; `release` if it never starts."""
         if self.draining:
             raise ApiError(503, "server is shutting down; send new requests elsewhere")
         if self.active >= self.cfg.routers.max * (self.cfg.max_num_seqs + self.cfg.max_queued_requests):
             raise overloaded(f"server overloaded: {self.active} requests in progress; retry later")
+        self.active += 1
+
+    def release(self) -> None:
+        self.active -= 1
+
+    def apply_cluster_state(self, state: dict) -> None:
+        """From the controller: draining refuses new requests; the cut-off ends those still running."""
+        self.draining = state["draining"]
+        if state["cut_off"]:
+            self.cut.set()
 
     def check_model(self, model: str | None) -> None:
         if model and model != self.cfg.model_name:
@@ -132,20 +144,19 @@ class Serving:
     async def stream(self, choices: list[Choice]) -> AsyncIterator[tuple[int, list]]:
         """(choice index, [StepOutput, ...]) as they come; raises ApiError. Every choice's router has
         admitted it (an empty first batch) before anything is yielded, so a request that cannot start
-        fails whole, before a response is sent."""
+        fails whole, before a response is sent. Releases the admission `check_open` made."""
         deadline = time.monotonic() + self.cfg.request_timeout_s
         clock = _Clock(len(choices))
         streams = [self.client.generate(c.prompt_ids, c.params) for c in choices]
         queue: asyncio.Queue = asyncio.Queue()
-        tasks: list[asyncio.Task] = []
-        self.active += 1
+        pumps: list[asyncio.Task] = []
         try:
-            firsts = await self._until(asyncio.gather(*(first(s) for s in streams)), deadline)
+            firsts = await self._until(_all_first(streams), deadline)
             for c, batch in zip(choices, firsts):
                 yield c.index, clock.observe(c.index, batch)
-            tasks = [asyncio.create_task(_pump(c.index, s, queue))
+            pumps = [asyncio.create_task(_pump(c.index, s, queue))
                      for c, s, batch in zip(choices, streams, firsts) if not (batch and batch[-1].finish_reason)]
-            running = len(tasks)
+            running = len(pumps)
             while running:
                 index, item = await self._until(queue.get(), deadline)
                 if isinstance(item, BaseException):
@@ -156,24 +167,26 @@ class Serving:
                 yield index, clock.observe(index, item)
         finally:
             self.active -= 1
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for s in streams:
+            await _cancel(pumps)
+            for s in streams:  # cancels the router calls still running: their KV cache is freed
                 await s.aclose()
 
     async def _until(self, awaitable, deadline: float):
-        """Await, unless the request times out (408) or the drain window closes (503) first."""
+        """Await, unless the request times out (408) or the drain window closes (503) first. What is
+        abandoned is cancelled and awaited, so nothing it started is left running."""
         task = asyncio.ensure_future(awaitable)
         cut = asyncio.ensure_future(self.cut.wait())
         try:
             done, _ = await asyncio.wait({task, cut}, timeout=max(deadline - time.monotonic(), 0),
                                          return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the client went away
+            await _cancel([task])
+            raise
         finally:
             cut.cancel()
         if task in done:
             return task.result()
-        task.cancel()
+        await _cancel([task])
         if cut in done:
             raise ApiError(503, "server shut down before the request finished; retry it")
         raise ApiError(408, f"request timed out after {self.cfg.request_timeout_s:g} s")
@@ -184,6 +197,22 @@ class Serving:
             for o in batch:
                 results[index].add(o)
         return [results[c.index] for c in choices]
+
+
+async def _cancel(tasks: list[asyncio.Future]) -> None:
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _all_first(streams: list) -> list[list]:
+    """Every stream's first batch; when one fails, the others are cancelled (and awaited) first."""
+    tasks = [asyncio.ensure_future(first(s)) for s in streams]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        await _cancel(tasks)
+        raise
 
 
 async def _pump(index: int, stream, queue: asyncio.Queue) -> None:

@@ -71,6 +71,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         self.service_time_per_token_s = service_time_per_token_s
         self.loader = loader  # experts -> weight bytes read (loading copies)
         self.busy_s = 0.0  # time spent computing: the worker's load, for pool autoscaling
+        self._busy_lock = threading.Lock()  # calls run on several server threads
         self._device_lock = threading.Lock()
 
     def Forward(self, request, context):
@@ -92,7 +93,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
                 t0 = time.perf_counter()
                 out = self.experts.run_subset(request.layer, rows, ids, counts)
                 time.sleep(max(0.0, self.service_time_per_token_s * len(rows) - (time.perf_counter() - t0)))
-        self.busy_s += time.perf_counter() - t0
+        with self._busy_lock:
+            self.busy_s += time.perf_counter() - t0
         return expert_pb2.ForwardReply(output=to_proto(out))
 
     def Load(self, request, context):

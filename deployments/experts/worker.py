@@ -18,6 +18,7 @@ from cluster.loader import load_experts, open_model
 from cluster.model.experts import LocalExperts
 from cluster.precision import resolve_dtype
 from deployments.experts.servicer import ExpertServicer
+from deployments.experts.transport.grpc import GrpcTransport
 from deployments.experts.transport.grpc import serve as serve_data_plane
 
 log = logging.getLogger("ray.serve")
@@ -40,6 +41,7 @@ class ExpertHost:
                                        self._load_copies)
         self.server, port = serve_data_plane(self.servicer, host, secret)
         self.address = f"{host}:{port}"
+        self.probe = GrpcTransport(self.address, secret)
         log.info("%s: %d expert copies (%d bytes, %s) on %s, data plane at %s", name, len(experts),
                  sum(w.nbytes for w in self.experts.experts.values()), self.dtype, self.device, self.address)
 
@@ -58,8 +60,8 @@ class ExpertHost:
         return ray.get_runtime_context().get_node_id()
 
     def check_health(self) -> None:
-        if self.server is None:
-            raise RuntimeError("data-plane server is down")
+        """Serve's liveness probe: the data-plane server must answer (a replica that lost it is replaced)."""
+        self.probe.health(timeout=5)
 
 
 class ExpertWorker(ExpertHost):
@@ -105,7 +107,8 @@ class ExpertPoolWorker(ExpertHost):
         that would be the last one, switches every router's table, then lets it go)."""
         if getattr(self, "registered", False):
             try:
-                await asyncio.wait_for(self.controller.unregister_worker.remote(self.address), timeout=120)
+                await asyncio.wait_for(self.controller.unregister_worker.remote(self.address, self.build_id),
+                                       timeout=240)
             except Exception:  # noqa: BLE001 - the controller may be gone too (shutdown)
                 log.exception("expert pool: hand-back failed")
         if getattr(self, "server", None) is not None:

@@ -3,6 +3,7 @@ import json
 import shutil
 import socket
 import tempfile
+import time
 
 import pytest
 
@@ -34,9 +35,29 @@ class Cluster:
                        max_model_len=512, worker={"num_cpus": 0.25, "torch_threads": 1}), **extra}
         key = json.dumps(args, sort_keys=True)
         if key != self.current:
-            serve.run(build_app(app_config(args)), name="moe", route_prefix="/")
+            cfg = app_config(args)
+            serve.run(build_app(cfg), name="moe", route_prefix="/")
             self.current = key
+            self._wait_ready(cfg)
         return self
+
+    def _wait_ready(self, cfg, limit_s: float = 120) -> None:
+        """Serve says RUNNING before the routers' first reports reach the controller and the ingress:
+        wait (bounded) until /ready is 200 and every router is listed, so no test reads stale state."""
+        import requests
+
+        headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            try:
+                ready = requests.get(f"{self.base}/ready", headers=headers, timeout=10).status_code == 200
+                stats = requests.get(f"{self.base}/admin/stats", headers=headers, timeout=10).json()
+                if ready and len(stats.get("routers", {})) >= cfg.routers.min:
+                    return
+            except (requests.RequestException, ValueError):
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"the application was not ready within {limit_s} s")
 
 
 @pytest.fixture(scope="session")

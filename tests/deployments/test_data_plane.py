@@ -160,13 +160,15 @@ def test_local_copies_are_preferred(checkpoint_factory, workers):
 
 
 def test_timed_out_call_is_retried_on_another_copy(checkpoint_factory, workers):
-    """Worker 0 is a 'device' far slower than the call deadline: its rows go to worker 1."""
+    """Worker 0 is a 'device' far slower than the call deadline: its rows go to worker 1. Only the ratio
+    matters (60 s per row against a 5 s deadline), so a slow first call on a loaded machine cannot
+    trip the fast worker too."""
     model = str(checkpoint_factory("mixtral"))
     _, _, cfg = open_model(model)
     both = Placement((tuple(cfg.experts()), tuple(cfg.experts())))
-    slow = workers(model, both.workers[:1], "--service-time-per-token", "5")
+    slow = workers(model, both.workers[:1], "--service-time-per-token", "60")
     fast = workers(model, both.workers[1:])
-    engine, remote, _ = _engine(model, both, slow + fast, call_timeout_s=0.5)
+    engine, remote, _ = _engine(model, both, slow + fast, call_timeout_s=5)
     try:
         assert [o.token_ids for o in engine.generate(PROMPTS, PARAMS)] == _expected(model)
         stats = remote.stats.snapshot()

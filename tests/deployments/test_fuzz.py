@@ -76,7 +76,9 @@ raw_bodies = st.sampled_from(['{"prompt": "x", "temperature": NaN}', '{"prompt":
 
 @pytest.fixture(scope="module")
 def server(cluster):
-    return cluster.deploy(str(DEMO), 2)
+    # A request that may generate hundreds of tokens (chat without max_completion_tokens, ignore_eos)
+    # ends with a 408 well before the client's 60 s timeout, however slow the machine.
+    return cluster.deploy(str(DEMO), 2, request_timeout_s=20)
 
 
 def _check(r: requests.Response) -> None:

@@ -34,11 +34,22 @@ def _stats(base: str) -> dict:
 def _wait(base: str, what: str, ok, limit_s: float) -> dict:
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
-        dp = _stats(base)
-        if ok(dp):
-            return dp
+        try:
+            dp = _stats(base)
+            if ok(dp):
+                return dp
+        except (KeyError, TypeError, ValueError, requests.RequestException):
+            pass  # e.g. a 503 while the controller answers a hand-back
         time.sleep(0.5)
     raise AssertionError(f"{what} not within {limit_s} s: {_stats(base)}")
+
+
+def _wait_ready(base: str, limit_s: float = 30) -> None:
+    """Readiness reaches the ingress with its next poll of the controller (every 0.5 s)."""
+    deadline = time.monotonic() + limit_s
+    while requests.get(f"{base}/ready", timeout=30).status_code != 200:
+        assert time.monotonic() < deadline, "not ready"
+        time.sleep(0.2)
 
 
 def test_pool_grows_under_load_and_hands_back_when_it_shrinks(cluster, checkpoint_factory):
@@ -60,7 +71,7 @@ def test_pool_grows_under_load_and_hands_back_when_it_shrinks(cluster, checkpoin
     assert all(outs == {expected[p]} for p, outs in load.outputs.items())
     left = shrunk["retired_workers"][0]
     assert shrunk["copies_per_worker"][left] == 0
-    assert requests.get(f"{c.base}/ready", timeout=30).status_code == 200  # every expert still has a copy
+    _wait_ready(c.base)  # every expert still has a copy
     r = requests.post(f"{c.base}/v1/completions", timeout=60,
                       json={"prompt": [5, 17, 33], "max_tokens": 12, "temperature": 0, "ignore_eos": True})
     assert tuple(r.json()["choices"][0]["token_ids"]) == expected[0]

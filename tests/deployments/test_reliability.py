@@ -17,7 +17,9 @@ PROMPT = "def main("
 
 @pytest.fixture(scope="module")
 def server(cluster):
-    return cluster.deploy(str(DEMO), 2)
+    # Every step takes ≥ 20 ms: a long stream is certainly still running while short requests
+    # come and go beside it (test_tiny_temperature_fails_nobody), however fast the machine.
+    return cluster.deploy(str(DEMO), 2, engine_step_delay_s=0.02)
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +48,14 @@ def test_a_huge_seed_is_refused_and_the_engine_goes_on(server, local):
 
 
 def test_tiny_temperature_fails_nobody(server, local):
-    """temperature 1e-40 beside a concurrent greedy stream: both served, the stream unchanged."""
-    expected = local.generate([PROMPT], SamplingParams(max_tokens=40, temperature=0))[0].token_ids
+    """temperature 1e-40 in the same batch as a greedy stream: both served, the stream unchanged."""
+    expected = local.generate([PROMPT], SamplingParams(max_tokens=300, temperature=0))[0].token_ids
     out = {}
-    stream = threading.Thread(target=lambda: out.update(chunks=sse(server, {"prompt": PROMPT, "max_tokens": 40,
+    stream = threading.Thread(target=lambda: out.update(chunks=sse(server, {"prompt": PROMPT, "max_tokens": 300,
                                                                              "temperature": 0})))
     stream.start()
     tiny = [post(server, {"prompt": PROMPT, "max_tokens": 8, "temperature": 1e-40}) for _ in range(3)]
+    assert stream.is_alive()  # ≥ 6 s of steps: the tiny requests ran beside it, in its batches
     stream.join(120)
     assert all(r.status_code == 200 for r in tiny)
     assert [c["choices"][0]["token_ids"][0] for c in out["chunks"]] == expected
@@ -182,7 +185,7 @@ def test_grpc_success_is_counted_as_grpc_and_health_is_served(server):
     assert grpc_ok() == before + 1
     channel = grpc.insecure_channel(server.grpc_target)
     reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
-    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING  # the fixture waited for readiness
 
 
 def test_grpc_prompts_have_the_http_size_limit(server):

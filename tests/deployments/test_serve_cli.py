@@ -1,6 +1,7 @@
 """`moe-cluster serve` as the README runs it: starts, answers, stops cleanly on SIGTERM."""
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
@@ -23,20 +24,42 @@ KEY = "cli-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
+def _config(tmp_path) -> str:
+    """The bundled config with every engine step ≥ 50 ms (the 200-token stream lasts ≥ 10 s, so it is
+    surely in flight at SIGTERM, however fast the machine) and a drain window it surely fits in."""
+    import yaml
+
+    conf = yaml.safe_load((ROOT / "deployments" / "serve_local.yaml").read_text())
+    conf["applications"][0]["args"].update(engine_step_delay_s=0.05, drain_timeout_s=120)
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    return str(path)
+
+
+def _read_until_ready(proc, limit_s: float = 240) -> list[str]:
+    """The server's output up to its `ready:` line, read on a thread so a silent hang cannot block us."""
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    seen, deadline = [], time.time() + limit_s
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            seen.append(lines.get(timeout=1))
+        except queue.Empty:
+            continue
+        if seen[-1].startswith("ready:"):
+            break
+    proc.lines = lines
+    return seen
+
+
 def test_serve_starts_answers_and_stops(tmp_path):
     http, grpc_port = free_port(), free_port()
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="/tmp/moe-cli-"), "MOE_CLUSTER_API_KEY": KEY}
     proc = subprocess.Popen([sys.executable, "-m", "deployments.cli", "serve", "--num-workers", "1",
-                             "--http-port", str(http), "--grpc-port", str(grpc_port)],
+                             "--config", _config(tmp_path), "--http-port", str(http), "--grpc-port", str(grpc_port)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        lines = []
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            line = proc.stdout.readline()
-            lines.append(line)
-            if line.startswith("ready:") or proc.poll() is not None:
-                break
+        lines = _read_until_ready(proc)
         assert any(line.startswith("ready:") for line in lines), "".join(lines[-30:])
         r = requests.post(f"http://127.0.0.1:{http}/v1/completions", timeout=120, headers=AUTH,
                           json={"model": "demo", "prompt": "def main(", "max_tokens": 8, "temperature": 0})
@@ -44,8 +67,8 @@ def test_serve_starts_answers_and_stops(tmp_path):
         _key_guards_everything_but_liveness(http, grpc_port)
         assert _listening_off_loopback(proc.pid) == []  # every port, Ray's included, on 127.0.0.1
         drained = _sigterm_while_streaming(proc, f"http://127.0.0.1:{http}")
-        assert proc.wait(timeout=120) == 0
-        out = proc.stdout.read()
+        assert proc.wait(timeout=240) == 0
+        out = "".join(_drained(proc.lines))
         in_flight = re.search(r"draining (\d+) in-flight request", out)
         assert in_flight and int(in_flight.group(1)) >= 1, out[-3000:]  # at least the stream
         assert drained["finish_reason"] == "length" and drained["tokens"] == 200  # the stream finished
@@ -87,6 +110,15 @@ def _sigterm_while_streaming(proc, base: str) -> dict:
     return result
 
 
+def _drained(lines: queue.Queue) -> list[str]:
+    out = []
+    while True:
+        try:
+            out.append(lines.get(timeout=2))
+        except queue.Empty:
+            return out
+
+
 def _key_guards_everything_but_liveness(http: int, grpc_port: int) -> None:
     """With a key: docs, schema and gRPC reflection are off; liveness (HTTP and grpc.health.v1) is open."""
     import grpc
@@ -100,7 +132,12 @@ def _key_guards_everything_but_liveness(http: int, grpc_port: int) -> None:
     assert requests.get(base + "/v1/models", timeout=30).status_code == 401
     assert requests.get(base + "/health", timeout=30).status_code == 200
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
-    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+    deadline = time.time() + 30  # readiness arrives with the routers' first reports
+    while True:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        if reply.status == health_pb2.HealthCheckResponse.SERVING or time.time() > deadline:
+            break
+        time.sleep(0.2)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
     with pytest.raises(grpc.RpcError) as e:

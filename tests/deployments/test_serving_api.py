@@ -68,8 +68,14 @@ def test_health_and_metrics(server):
 
 
 def test_admin_load_matrix_and_placement(server):
+    import time
+
     http_complete(server.base, "import os\n", 4)
+    deadline = time.monotonic() + 30  # the router's counters arrive with its next report (every 0.5 s)
     body = requests.get(f"{server.base}/admin/load", timeout=30).json()
+    while not (body["load"] and sum(body["load"]["total_tokens"][0])) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        body = requests.get(f"{server.base}/admin/load", timeout=30).json()
     load = body["load"]
     assert load["layers"] == [0, 1, 2, 3] and len(load["ema_tokens_per_step"][0]) == 8
     assert sum(load["total_tokens"][0]) > 0

@@ -1,0 +1,42 @@
+"""Data-plane figures a router keeps: time per phase, calls per worker, failures and failovers."""
+from __future__ import annotations
+
+import threading
+
+
+def error_code(error: Exception) -> str:
+    """gRPC status name when there is one, else the exception's type."""
+    code = getattr(error, "code", None)
+    return code().name if callable(code) else type(error).__name__
+
+
+class DataPlaneStats:
+    """Cumulative, for the step-time breakdown and /admin/stats (written from the engine thread)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.times = {"serialize_s": 0.0, "wait_s": 0.0, "deserialize_s": 0.0, "calls": 0}
+        self.failovers = 0
+        self.failures: dict[str, int] = {}  # error code -> failed expert calls
+        self.calls_per_worker: dict[int, int] = {}
+
+    def record_layer(self, sent_s: float, wait_s: float, workers: list[int]) -> None:
+        with self.lock:
+            self.times["serialize_s"] += sent_s
+            self.times["wait_s"] += wait_s
+            self.times["calls"] += len(workers)
+            for w in workers:
+                self.calls_per_worker[w] = self.calls_per_worker.get(w, 0) + 1
+
+    def failed(self, code: str) -> None:
+        with self.lock:
+            self.failures[code] = self.failures.get(code, 0) + 1
+
+    def failover(self) -> None:
+        with self.lock:
+            self.failovers += 1
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {**self.times, "failovers": self.failovers, "failures": dict(self.failures),
+                    "calls_per_worker": {str(w): n for w, n in sorted(self.calls_per_worker.items())}}
