@@ -129,6 +129,37 @@ def _drain(controller, timeout_s: float) -> None:
         time.sleep(1.5)  # the ingress replicas end them with an error event / 503
 
 
+def cmd_record_profile(args: argparse.Namespace) -> int:
+    """Expert load over a window of live traffic → a profile file for the policy's mode static."""
+    import numpy as np
+    import requests
+
+    from cluster.profile import save_profile
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+
+    def totals():
+        body = requests.get(f"{args.url.rstrip('/')}/admin/load", headers=headers, timeout=30)
+        body.raise_for_status()
+        load = body.json()["load"]
+        if load is None:
+            raise ValueError("the server has no expert load yet (no router reported)")
+        return load["layers"], np.asarray(load["total_tokens"], dtype=float)
+
+    layers, before = totals()
+    print(f"recording expert load for {args.seconds:g} s ...", file=sys.stderr, flush=True)
+    time.sleep(args.seconds)
+    _, after = totals()
+    loads = after - before
+    if loads.sum() <= 0:
+        raise ValueError(f"no traffic reached the experts in {args.seconds:g} s: send some, then record again")
+    save_profile(args.out, loads, layers, {"url": args.url, "seconds": args.seconds, "recorded_at": time.time(),
+                                           "tokens": int(loads.sum())})
+    print(f"wrote {args.out}: {len(layers)} layers x {loads.shape[1]} experts, {int(loads.sum())} (token, expert) "
+          "pairs; use it with `mode: static` and `profile_file:` in the policy", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-cluster", description="Serve Mixture-of-Experts models on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -178,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None,
                    help="require this key on every route but /health (or set MOE_CLUSTER_API_KEY)")
     s.set_defaults(func=cmd_serve)
+    r = sub.add_parser("record-profile", help="record the expert load of live traffic into a profile file "
+                                              "(for the autoscaling policy's mode static)")
+    r.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP address")
+    r.add_argument("--seconds", type=float, default=30.0, help="how long to record")
+    r.add_argument("--out", required=True, help="profile file to write (JSON)")
+    r.add_argument("--api-key", default=os.environ.get("MOE_CLUSTER_API_KEY"), help="if the server needs one")
+    r.set_defaults(func=cmd_record_profile)
     return p
 
 

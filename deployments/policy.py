@@ -9,13 +9,18 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class AutoscalePolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(True, description="run the rebalancing loop at all")
+    mode: Literal["online", "static"] = Field(
+        "online", description="online: re-plan from the live expert load every interval; static: plan once, from a "
+                              "recorded load profile with DeepSeek's EPLB (profile_file), then hold the placement")
+    profile_file: str | None = Field(None, description="expert-load profile for mode static (`moe-cluster "
+                                                       "record-profile` writes one)")
     interval_s: float = Field(10.0, gt=0, description="seconds between looks at the expert loads")
     window_steps: int = Field(50, ge=1, description="decode steps the load estimate averages over (EMA span)")
     hot_threshold: float = Field(1.2, ge=1.0, description="act only when the worst layer's max/mean worker "
@@ -37,9 +42,18 @@ class AutoscalePolicy(BaseModel):
     token_split: Literal["even", "least_loaded"] = Field(
         "even", description="how an expert's rows are shared among its copies (router's own node first): split "
                             "evenly, or all to the copy whose worker has the fewest rows so far in the layer")
+    max_copies_per_stage: int | None = Field(None, ge=1, description="load at most this many new copies per table "
+                                             "switch: a change then goes through several table versions, each "
+                                             "covering every expert (bounds the work between two switches)")
     switch_timeout_s: float = Field(30.0, gt=0, description="a rebalance whose new table not every router has "
                                     "switched to within this is abandoned: nothing is retired, it is counted "
                                     "and logged, and the next one can run")
+
+    @model_validator(mode="after")
+    def _static_needs_a_profile(self) -> "AutoscalePolicy":
+        if self.mode == "static" and not self.profile_file:
+            raise ValueError("mode static needs profile_file (record one with `moe-cluster record-profile`)")
+        return self
 
     def worker_budget_bytes(self, num_copies: int, active_workers: int, expert_bytes: int) -> int | None:
         """Bytes of expert copies one worker may hold: the memory budget, and/or its even share of

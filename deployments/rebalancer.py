@@ -19,7 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from cluster.placement import Expert, Placement, Table
+from cluster.eplb import rebalance_experts, to_placement
+from cluster.profile import load_profile
 from cluster.rebalance import Worker, imbalance, plan
+from cluster.staging import stage_moves
 from deployments import metrics
 from deployments.membership import Membership
 from deployments.policy import AutoscalePolicy
@@ -54,6 +57,7 @@ class Rebalancer:
         self.last_change = 0.0
         self.history: list[dict] = []
         self._pending_retire: list[tuple[int, int, list[Expert]]] = []  # (version, worker, experts)
+        self.static_applied: str | None = None  # the profile a static placement was planned from
 
     def _workers(self, table: Table) -> list[Worker]:
         policy, active = self.policy, table.active()
@@ -78,10 +82,43 @@ class Rebalancer:
         if new.moves == 0 and new.retires > 0 and new.max_over_mean <= max(before, policy.hot_threshold):
             return Decision("retire", new.placement, before, new.max_over_mean)  # traffic evened out: free memory
         if before < policy.hot_threshold:
-            return Decision("balanced", None, before, before)
+            return self._evened_out(loads, before, table)
         if before - new.max_over_mean < policy.min_gain:
             return Decision("small_gain", None, before, new.max_over_mean)
         return Decision("rebalance", new.placement, before, new.max_over_mean)
+
+    def _evened_out(self, loads: np.ndarray, before: float, table: Table) -> Decision:
+        """Balanced: if the placement without any extra copy stays under the threshold too, the extra
+        copies are memory for nothing: retire them (the planner keeps copies where they are)."""
+        policy = self.policy
+        if sum(map(len, table.placement.workers)) <= len(table.placement.copies()):
+            return Decision("balanced", None, before, before)  # no extra copies to free
+        lean = plan(loads, self.moe_layers, self._workers(table), 0, table.placement, policy.hierarchical,
+                    policy.max_copies_per_expert, expert_bytes=self.expert_bytes)
+        if lean.changed and lean.moves == 0 and lean.max_over_mean < policy.hot_threshold:
+            return Decision("retire", lean.placement, before, lean.max_over_mean)
+        return Decision("balanced", None, before, before)
+
+    def static_plan(self) -> Decision:
+        """Mode static: DeepSeek's EPLB, once, on the recorded profile, with the online planner's copy
+        budget (extra_slots_per_layer), over the active workers."""
+        table, policy = self.state.table, self.policy
+        profile = load_profile(policy.profile_file)
+        if list(profile.layers) != list(self.moe_layers):
+            raise ValueError(f"{policy.profile_file}: profile layers {list(profile.layers)} are not this model's "
+                             f"MoE layers {list(self.moe_layers)}")
+        active = table.active()
+        maps = rebalance_experts(loads=profile.loads, extra_per_layer=policy.extra_slots_per_layer,
+                                 num_workers=len(active))
+        placed = to_placement(maps, list(self.moe_layers))
+        workers = [()] * table.placement.num_workers
+        for i, w in enumerate(active):
+            workers[w] = placed.workers[i]
+        current = table.placement
+        before = imbalance(profile.loads, self.moe_layers, current, current.num_workers, active)
+        new = Placement(tuple(workers))
+        after = imbalance(profile.loads, self.moe_layers, new, new.num_workers, active)
+        return Decision("static", new, before, after)
 
     def set_policy(self, policy: AutoscalePolicy) -> None:
         self.policy = policy
@@ -94,7 +131,13 @@ class Rebalancer:
             return "unconfirmed"  # a restarted controller has not heard the routers' table yet
         async with self.lock:
             await self.retry_retirements()
-            decision = self.decide(loads, coactivation)
+            if self.policy.mode == "static":
+                if self.static_applied == self.policy.profile_file:
+                    return "static"  # planned once: hold
+                self.static_applied = self.policy.profile_file
+                decision = self.static_plan()
+            else:
+                decision = self.decide(loads, coactivation)
             if decision.placement is None:
                 metrics.REBALANCES.labels(f"skipped_{decision.reason}").inc()
                 return decision.reason
@@ -102,11 +145,35 @@ class Rebalancer:
 
     async def change(self, new: Placement, decision: Decision | None = None,
                      workers: tuple | None = None) -> str:
-        """Load, publish, wait for every router, retire. Call with `lock` held."""
+        """Move to `new` through one or more table versions (at most `max_copies_per_stage` new copies
+        each, every one covering every expert): per stage load, publish, wait for every router,
+        retire. Call with `lock` held. Returns done, failed or abandoned."""
         metrics.REBALANCES.labels("started").inc()
         t0 = time.perf_counter()
         table = self.state.table
         refs = workers if workers is not None else table.workers
+        stages = [new]
+        if self.policy.max_copies_per_stage:
+            stages = stage_moves(old=table.placement, new=new, max_copies=self.policy.max_copies_per_stage) or [new]
+        adds, drops = diff(table.placement, new)
+        loaded, outcome, version = 0, "done", table.version
+        for stage in stages:
+            outcome, stage_bytes, version = await self._switch(stage, refs)
+            loaded += stage_bytes
+            if outcome != "done":
+                break
+        metrics.REBALANCES.labels(outcome).inc()
+        if outcome == "done":
+            metrics.LAST_REBALANCE.set(time.time())
+        seconds = time.perf_counter() - t0
+        metrics.REBALANCE_SECONDS.observe(seconds)
+        self._record(decision, outcome, adds, drops, loaded, seconds, version, len(stages))
+        return outcome
+
+    async def _switch(self, new: Placement, refs) -> tuple[str, int, int]:
+        """One table version: load the new copies, publish, wait for every router, retire the old ones.
+        Returns (outcome, bytes loaded, version)."""
+        table = self.state.table
         adds, drops = diff(table.placement, new)
         loading = [w for w in range(len(adds)) if adds[w]]
         results = await asyncio.gather(*(self.membership.load_copies(refs[w], adds[w]) for w in loading),
@@ -118,31 +185,21 @@ class Rebalancer:
                 raise failed[0]
             self.state.publish(nxt)  # fails if a restored table overtook ours meanwhile
         except Exception as e:  # noqa: BLE001 - keep the old table and take back what did load
-            metrics.REBALANCES.labels("failed").inc()
-            log.warning("rebalance failed (%s); old table kept, new copies retired", e)
+            log.warning("placement change failed (%s); table v%d kept, new copies retired", e, table.version)
             loaded_ok = [w for w, r in zip(loading, results) if not isinstance(r, BaseException)]
             await self._retire([(nxt.version, w, adds[w]) for w in loaded_ok], table.placement, refs)
-            return "failed"
-        loaded = [r for r in results if not isinstance(r, BaseException)]
+            return "failed", 0, table.version
+        loaded = sum(r for r in results if not isinstance(r, BaseException))
         self.last_change = time.monotonic()
-        metrics.WEIGHT_BYTES_MOVED.inc(sum(loaded))
-        switched = await self.state.wait_switched(nxt.version, self.policy.switch_timeout_s)
+        metrics.WEIGHT_BYTES_MOVED.inc(loaded)
         retire = [(nxt.version, w, drops[w]) for w in range(len(drops)) if drops[w]]
-        if not switched:
+        if not await self.state.wait_switched(nxt.version, self.policy.switch_timeout_s):
             self._pending_retire.extend(retire)
-            metrics.REBALANCES.labels("abandoned").inc()
-            log.warning("table v%d: not every router switched within %.0f s; nothing retired", nxt.version,
-                        self.policy.switch_timeout_s)
-            outcome = "abandoned"
-        else:
-            await self._retire(retire, nxt.placement, nxt.workers)
-            metrics.REBALANCES.labels("done").inc()
-            metrics.LAST_REBALANCE.set(time.time())
-            outcome = "done"
-        seconds = time.perf_counter() - t0
-        metrics.REBALANCE_SECONDS.observe(seconds)
-        self._record(decision, outcome, adds, drops, sum(loaded), seconds, nxt.version)
-        return outcome
+            log.warning("table v%d: not every router switched within %.0f s; nothing retired, next change may run",
+                        nxt.version, self.policy.switch_timeout_s)
+            return "abandoned", loaded, nxt.version
+        await self._retire(retire, nxt.placement, nxt.workers)
+        return "done", loaded, nxt.version
 
     async def _retire(self, retire: list[tuple[int, int, list[Expert]]], keep: Placement, refs) -> None:
         """Retire `experts` on each worker, but never a copy `keep` (the table in force) still lists."""
@@ -159,8 +216,9 @@ class Rebalancer:
             self._pending_retire = [r for r in self._pending_retire if r not in ready]
             await self._retire(ready, self.state.table.placement, self.state.table.workers)
 
-    def _record(self, decision, outcome, adds, drops, loaded, seconds, version) -> None:
-        self.history.append({"time": time.time(), "outcome": outcome, "table_version": version,
+    def _record(self, decision, outcome, adds, drops, loaded, seconds, version, stages) -> None:
+        self.history.append({"time": time.time(), "outcome": outcome, "table_version": version, "stages": stages,
+                             "reason": decision.reason if decision else "membership",
                              "max_over_mean_before": round(decision.before, 3) if decision else None,
                              "max_over_mean_planned": round(decision.after, 3) if decision else None,
                              "copies_added": sum(map(len, adds)), "copies_retired": sum(map(len, drops)),

@@ -1,10 +1,12 @@
-"""Write the Grafana dashboard for moe-cluster's Prometheus metrics (deployments/metrics.py).
+"""Write the Grafana dashboard and alert rules for moe-cluster's Prometheus metrics (deployments/metrics.py).
 
     .venv/bin/python tools/grafana_dashboard.py > k8s/grafana/moe-cluster-dashboard.json
+    .venv/bin/python tools/grafana_dashboard.py --alerts > k8s/grafana/alert-rules.yaml
 
 Import the JSON in Grafana (Dashboards → Import) and pick the Prometheus data source
-that scrapes the router's /metrics. tests/deployments/test_grafana.py checks that every
-query names a metric the router exports and that the file is up to date.
+that scrapes /metrics; put the alert rules in Grafana's provisioning folder
+(alerting/). tests/deployments/test_grafana.py checks that every query names a metric
+the server exports and that both files are up to date.
 """
 from __future__ import annotations
 
@@ -30,6 +32,12 @@ PANELS = [
     ("Time per rebalance", "s", [
         ("histogram_quantile(0.5, sum by (le) (rate(moe_rebalance_seconds_bucket[15m])))", "p50"),
         ("histogram_quantile(0.99, sum by (le) (rate(moe_rebalance_seconds_bucket[15m])))", "p99")]),
+    ("Rebalancing progress: seconds since the last successful change", "s", [
+        ("time() - moe_last_rebalance_success_timestamp_seconds", "since last success"),
+        ("max(moe_layer_worker_load_max_over_mean)", "worst layer max/mean (right now)")]),
+    ("Rebalances that did not finish", "none", [
+        ('sum by (outcome) (increase(moe_rebalances_total{outcome=~"failed|abandoned"}[15m]))', "{{outcome}}")]),
+    ("Expert copy bytes per worker", "bytes", [("moe_expert_copy_bytes", "worker {{worker}}")]),
     ("Expert-call failures and workers down", "none", [
         ("sum by (code) (increase(moe_expert_call_failures_total[5m]))", "failed calls {{code}}"),
         ("moe_expert_workers_down", "workers down")]),
@@ -53,5 +61,38 @@ def dashboard() -> dict:
             "panels": [panel(i, *p) for i, p in enumerate(PANELS)]}
 
 
+# (uid, title, PromQL that is > 0 when firing, for, summary)
+ALERTS = [
+    ("moe-rebalance-stuck", "No successful rebalance while expert load is imbalanced",
+     "(max(moe_layer_worker_load_max_over_mean) > 1.3) and on() "
+     "((time() - max(moe_last_rebalance_success_timestamp_seconds)) > 600)", "5m",
+     "The worst layer's worker max/mean load is above 1.3 and no placement change has finished for 10 min: "
+     "rebalancing is stuck, skipped or disabled (see /admin/autoscaler)."),
+    ("moe-rebalance-failing", "Rebalances fail or are abandoned",
+     'sum(increase(moe_rebalances_total{outcome=~"failed|abandoned"}[15m])) > 0', "0m",
+     "A placement change failed to load copies or not every router switched within switch_timeout_s "
+     "(nothing was retired; the next change can run)."),
+]
+
+
+def alert_rules() -> dict:
+    """Grafana's alert-rule provisioning format (alerting/*.yaml)."""
+    def rule(uid, title, expr, wait, summary):
+        return {"uid": uid, "title": title, "condition": "A", "for": wait, "noDataState": "OK",
+                "execErrState": "Error", "annotations": {"summary": summary}, "labels": {"service": "moe-cluster"},
+                "data": [{"refId": "A", "relativeTimeRange": {"from": 600, "to": 0}, "datasourceUid": "prometheus",
+                          "model": {"refId": "A", "expr": expr, "instant": True}}]}
+
+    return {"apiVersion": 1, "groups": [{"orgId": 1, "name": "moe-cluster", "folder": "moe-cluster",
+                                         "interval": "1m", "rules": [rule(*a) for a in ALERTS]}]}
+
+
 if __name__ == "__main__":
-    print(json.dumps(dashboard(), indent=1))
+    import sys
+
+    if "--alerts" in sys.argv:
+        import yaml
+
+        print(yaml.safe_dump(alert_rules(), sort_keys=False), end="")
+    else:
+        print(json.dumps(dashboard(), indent=1))

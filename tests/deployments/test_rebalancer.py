@@ -1,0 +1,184 @@
+"""The controller's placement changes against real expert workers (standalone processes, gRPC data
+plane), without Ray: the progress deadline and its metrics, staged moves, retirement when traffic
+evens out, byte budgets, and the static EPLB plan."""
+import asyncio
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from cluster.loader import open_model
+from cluster.placement import Table, WorkerRef, round_robin
+from cluster.profile import save_profile
+from deployments import metrics
+from deployments.experts.auth import ENV
+from deployments.membership import Membership
+from deployments.policy import AutoscalePolicy
+from deployments.rebalancer import Rebalancer
+from deployments.table_state import TableState
+
+SECRET = "rebalancer-test-secret"
+
+
+@pytest.fixture
+def setup(checkpoint_factory):
+    """4 standalone workers, round-robin placement; returns (model cfg, table, membership, layers)."""
+    model = str(checkpoint_factory("mixtral"))
+    _, _, cfg = open_model(model)
+    placement = round_robin(cfg.experts(), 4)
+    procs = [subprocess.Popen([sys.executable, "-m", "deployments.standalone_worker", model,
+                               json.dumps([list(e) for e in experts])], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, ENV: SECRET}) for experts in placement.workers]
+    try:
+        refs = tuple(WorkerRef(f"127.0.0.1:{int(p.stdout.readline())}") for p in procs)
+        yield cfg, Table(1, placement, refs), Membership([], SECRET), list(cfg.moe_layer_ids)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def _skewed(layers, experts: int) -> np.ndarray:
+    loads = np.ones((len(layers), experts))
+    loads[:, 0] = 40.0  # expert 0 of every layer is hot
+    return loads
+
+
+def _rebalancer(state, membership, layers, cfg, **policy) -> Rebalancer:
+    return Rebalancer(AutoscalePolicy(interval_s=1, cooldown_s=0, hot_threshold=1.05, min_gain=0.01,
+                                      switch_timeout_s=1.0, **policy),
+                      state, membership, moe_layers=layers, expert_bytes=cfg.expert_bytes(torch.float32))
+
+
+def _held(membership, table):
+    return [sorted(asyncio.run(membership.holds(ref))) for ref in table.workers]
+
+
+def _confirmed(state: TableState) -> None:
+    state._started -= 10  # past the restart grace period: a fresh controller whose routers agree
+
+
+def test_a_switch_no_router_makes_is_abandoned_counted_and_retried(setup):
+    cfg, table, membership, layers = setup
+    state = TableState(table)
+    _confirmed(state)
+    state.seen("stuck-router", table.version)  # routes by v1 and never reports again within the test
+    rebalancer = _rebalancer(state, membership, layers, cfg, extra_slots_per_layer=4)
+    abandoned = metrics.REBALANCES.labels("abandoned")._value.get()
+
+    async def run():
+        state.seen("stuck-router", 1)
+        return await rebalancer.step(_skewed(layers, cfg.num_experts), None)
+
+    assert asyncio.run(run()) == "abandoned"
+    assert metrics.REBALANCES.labels("abandoned")._value.get() == abandoned + 1
+    new = state.table
+    assert new.version == 2 and rebalancer.history[-1]["outcome"] == "abandoned"
+    # nothing was retired: every worker still holds what v1 gave it, and the new copies too
+    held = _held(membership, new)
+    for w in range(4):
+        assert set(table.placement.workers[w]) <= set(held[w]) and set(new.placement.workers[w]) <= set(held[w])
+    # the router catches up: the next step retires what v2 no longer has
+    state.seen("stuck-router", new.version)
+    asyncio.run(rebalancer.retry_retirements())
+    assert _held(membership, new) == [sorted(ws) for ws in new.placement.workers]
+
+
+def test_staged_moves_switch_through_several_versions_each_covering_every_expert(setup):
+    cfg, table, membership, layers = setup
+    state = TableState(table)
+    _confirmed(state)
+    rebalancer = _rebalancer(state, membership, layers, cfg, extra_slots_per_layer=4, max_copies_per_stage=2)
+    seen = []
+
+    async def follow():  # a router that switches to every table as soon as it is published
+        while True:
+            seen.append(state.table.version)
+            state.seen("router", state.table.version)
+            await asyncio.sleep(0.05)
+
+    async def run():
+        task = asyncio.create_task(follow())
+        try:
+            return await rebalancer.step(_skewed(layers, cfg.num_experts), None)
+        finally:
+            task.cancel()
+
+    assert asyncio.run(run()) == "done"
+    assert rebalancer.history[-1]["stages"] >= 2 and state.table.version == 1 + rebalancer.history[-1]["stages"]
+    assert _held(membership, state.table) == [sorted(ws) for ws in state.table.placement.workers]
+
+
+def test_extra_copies_retire_when_traffic_evens_out(setup):
+    cfg, table, membership, layers = setup
+    state = TableState(table)
+    _confirmed(state)
+    rebalancer = _rebalancer(state, membership, layers, cfg, extra_slots_per_layer=4)
+    even = np.ones((len(layers), cfg.num_experts))
+    grown = []
+
+    async def run():
+        task = asyncio.create_task(_keep_up(state))  # one event loop: the controller has one
+        try:
+            first = await rebalancer.step(_skewed(layers, cfg.num_experts), None)
+            grown.append(sum(map(len, state.table.placement.workers)))
+            # the copies of the once-hot expert now only skew the split: a plan without them is better
+            assert rebalancer.decide(even, None).reason in ("retire", "rebalance")
+            return first, await rebalancer.step(even, None)
+        finally:
+            task.cancel()
+
+    assert asyncio.run(run()) == ("done", "done")
+    assert grown[0] > len(cfg.experts())  # extra copies of the hot experts
+    assert sum(map(len, state.table.placement.workers)) == len(cfg.experts())  # back to one copy each
+    assert _held(membership, state.table) == [sorted(ws) for ws in state.table.placement.workers]  # memory freed
+
+
+async def _keep_up(state):
+    while True:
+        state.seen("router", state.table.version)
+        await asyncio.sleep(0.05)
+
+
+def test_the_byte_budget_is_never_exceeded(setup):
+    cfg, table, membership, layers = setup
+    state = TableState(table)
+    _confirmed(state)
+    per_copy = cfg.expert_bytes(torch.float32)
+    budget = (len(cfg.experts()) // 4 + 2) * per_copy  # room for 2 extra copies per worker
+    rebalancer = _rebalancer(state, membership, layers, cfg, extra_slots_per_layer=8, memory_budget_bytes=budget)
+    decision = rebalancer.decide(_skewed(layers, cfg.num_experts), None)
+    assert decision.reason == "rebalance"
+    assert all(len(ws) * per_copy <= budget for ws in decision.placement.workers)
+    assert sum(map(len, decision.placement.workers)) > len(cfg.experts())
+
+
+def test_static_mode_plans_once_from_a_profile_with_eplb(setup, tmp_path):
+    from cluster.eplb import rebalance_experts, to_placement
+
+    cfg, table, membership, layers = setup
+    profile = tmp_path / "profile.json"
+    loads = _skewed(layers, cfg.num_experts)
+    save_profile(profile, loads, layers, {"test": True})
+    state = TableState(table)
+    _confirmed(state)
+    rebalancer = _rebalancer(state, membership, layers, cfg, mode="static", profile_file=str(profile),
+                             extra_slots_per_layer=4)
+
+    async def run():
+        task = asyncio.create_task(_keep_up(state))
+        try:
+            first = await rebalancer.step(np.zeros_like(loads), None)
+            second = await rebalancer.step(np.ones_like(loads), None)  # live load does not matter: it holds
+            return first, second
+        finally:
+            task.cancel()
+
+    assert asyncio.run(run()) == ("done", "static")
+    expected = to_placement(rebalance_experts(loads=loads, extra_per_layer=4, num_workers=4), layers)
+    assert [set(w) for w in state.table.placement.workers] == [set(w) for w in expected.workers]
+    assert rebalancer.history[-1]["reason"] == "static" and len(rebalancer.history) == 1
