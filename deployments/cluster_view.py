@@ -81,6 +81,7 @@ def _data_plane(mine: list[RouterReport], state, spec: AppSpec) -> dict | None:
             "down_workers": sorted(down_workers({r.router_id: r for r in mine}, [r.router_id for r in mine], table)),
             "worker_nodes": [ref.node_id for ref in table.workers],
             "copies_per_worker": [len(e) for e in table.placement.workers],
+            "bytes_per_worker": [len(e) * spec.expert_bytes for e in table.placement.workers],
             "copies": sum(len(e) for e in table.placement.workers),
             "retired_workers": [w for w, ref in enumerate(table.workers) if ref.retired],
             "worker_max_over_mean": [round(x, 3) for x in imbalance], "table_version": table.version}

@@ -43,21 +43,22 @@ def expert_counts(engine: LLMEngine, prompts: list[list[int]]) -> torch.Tensor:
     return torch.stack([torch.bincount(r.ids.reshape(-1), minlength=cfg.num_experts) for r in routing]).float()
 
 
-def report(model: str, count: int, length: int) -> dict:
+def report(model: str, count: int, length: int, domains: tuple[str, ...] = DOMAINS) -> dict:
     engine = LLMEngine.from_pretrained(model, max_num_seqs=1, max_model_len=length)
-    counts = {d: expert_counts(engine, windows(engine, d, count, length)) for d in DOMAINS}
+    counts = {d: expert_counts(engine, windows(engine, d, count, length)) for d in domains}
     share = {d: c / c.sum(-1, keepdim=True) for d, c in counts.items()}  # [layers, E]
     layers = []
     for i, layer in enumerate(engine.cfg.moe_layer_ids):
-        row = {"layer": layer,
-               "tv_distance_code_vs_prose": round(0.5 * float((share["code"][i] - share["prose"][i]).abs().sum()), 3)}
-        for d in DOMAINS:
+        row = {"layer": layer}
+        for a, b in [(a, b) for k, a in enumerate(domains) for b in domains[k + 1:]]:
+            row[f"tv_distance_{a}_vs_{b}"] = round(0.5 * float((share[a][i] - share[b][i]).abs().sum()), 3)
+        for d in domains:
             row[f"{d}_hottest_expert"] = int(counts[d][i].argmax())
             row[f"{d}_hottest_over_mean"] = round(float(counts[d][i].max() / counts[d][i].mean()), 2)
             row[f"{d}_share"] = [round(float(x), 3) for x in share[d][i]]
         layers.append(row)
-    best = max(max(r[f"{d}_hottest_over_mean"] for d in DOMAINS) for r in layers)
-    tokens = {d: int(counts[d][0].sum()) // engine.cfg.top_k for d in DOMAINS}
+    best = max(max(r[f"{d}_hottest_over_mean"] for d in domains) for r in layers)
+    tokens = {d: int(counts[d][0].sum()) // engine.cfg.top_k for d in domains}
     return {"model": model, "tokens_per_domain": tokens, "max_hottest_over_mean": best, "layers": layers}
 
 
@@ -66,11 +67,13 @@ def main() -> None:
     p.add_argument("--model", default="models/demo")
     p.add_argument("--windows", type=int, default=32)
     p.add_argument("--window-len", type=int, default=128)
+    p.add_argument("--domains", default=",".join(DOMAINS), help="e.g. code,prose,numbers")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
-    result = report(args.model, args.windows, args.window_len)
-    if args.json:
-        print(json.dumps(result))
+    domains = tuple(args.domains.split(","))
+    result = report(args.model, args.windows, args.window_len, domains)
+    if args.json or domains != ("code", "prose"):
+        print(json.dumps(result, indent=1))
         return
     print(f"tokens per domain: {result['tokens_per_domain']}")
     print("layer  TV(code,prose)  code: hottest (x mean)  prose: hottest (x mean)")

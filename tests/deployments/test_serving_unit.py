@@ -42,3 +42,29 @@ def test_tokenising_and_chat_templates_run_off_the_event_loop():
     loop_thread = asyncio.run(run())
     assert [k for k, _ in seen] == ["encode", "render"]
     assert all(name != loop_thread and name.startswith("tokenize") for _, name in seen)
+
+
+def test_a_chat_template_error_is_a_400_with_the_templates_message(tmp_path):
+    """raise_exception in a checkpoint's template (e.g. 'roles must alternate') → 400, never a 500."""
+    import json
+    import shutil
+
+    import pytest
+
+    from deployments.api.errors import classify
+
+    model = tmp_path / "demo"
+    shutil.copytree(DEMO, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}{% if m.role == 'system' %}"
+                               "{{ raise_exception('System messages are not supported') }}{% endif %}"
+                               "{{ m.content }}{% endfor %}")
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    serving = Serving(app_config({"model": str(model)}), _NoRouters())
+    req = ChatCompletionRequest(messages=[{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}],
+                                max_tokens=1)
+    with pytest.raises(Exception) as e:
+        asyncio.run(serving.chat_choices(req))
+    error = classify(e.value)
+    assert error.status == 400 and "System messages are not supported" in error.message
+    assert error.param == "messages"
