@@ -98,11 +98,11 @@ def test_prompt_logprobs_match_transformers(checkpoint_factory, engine):
     assert both.token_ids == engine.generate([PROMPT], SamplingParams(max_tokens=3, temperature=0))[0].token_ids
 
 
-def test_a_failing_sequence_fails_alone(engine, monkeypatch):
-    """A sequence whose sampling raises ends with an error; the others in its batch are unaffected."""
+@pytest.fixture
+def seed_666_fails(monkeypatch):
+    """Sampling raises for requests seeded 666: a stand-in for any bug hit by one sequence only."""
     import cluster.engine.engine as eng
 
-    expected = engine.generate([PROMPT], SamplingParams(max_tokens=5, temperature=0))[0].token_ids
     real = eng.sample_row
 
     def flaky(logits, params, generator, argmax=None, history=None):
@@ -111,6 +111,11 @@ def test_a_failing_sequence_fails_alone(engine, monkeypatch):
         return real(logits, params, generator, argmax, history)
 
     monkeypatch.setattr(eng, "sample_row", flaky)
+
+
+def test_a_failing_sequence_fails_alone(engine, seed_666_fails):
+    """A sequence whose sampling raises ends with an error; the others in its batch are unaffected."""
+    expected = engine.generate([PROMPT], SamplingParams(max_tokens=5, temperature=0))[0].token_ids
     good = engine.add_request(PROMPT, SamplingParams(max_tokens=5, temperature=0))
     bad = engine.add_request(PROMPT, SamplingParams(max_tokens=5, temperature=0.5, seed=666))
     outs = {}
@@ -151,18 +156,7 @@ def test_engine_loop_survives_a_bad_command_and_reports_death(engine):
     asyncio.run(run())
 
 
-def test_sequence_failure_reaches_only_its_stream(engine, monkeypatch):
-    import cluster.engine.engine as eng
-
-    real = eng.sample_row
-
-    def flaky(logits, params, generator, argmax=None, history=None):
-        if params.seed == 666:
-            raise FloatingPointError("boom")
-        return real(logits, params, generator, argmax, history)
-
-    monkeypatch.setattr(eng, "sample_row", flaky)
-
+def test_sequence_failure_reaches_only_its_stream(engine, seed_666_fails):
     async def collect(ae, params):
         try:
             return [o.token_id async for batch in ae.generate(PROMPT, params) for o in batch]
