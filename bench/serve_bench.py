@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -59,6 +60,7 @@ def run_clients(url: str, prompts: list[list[int]], max_tokens: int) -> dict:
     t0 = time.perf_counter()
     results = asyncio.run(_all_streams(url, prompts, max_tokens))
     seconds = time.perf_counter() - t0
+    time.sleep(1.5)  # router counters reach /admin/stats with their next report (every 0.5 s)
     after = requests.get(f"{url}/admin/stats", timeout=30).json()
     ttft = [r[0] for r in results]
     itl = [g for r in results for g in r[1]]
@@ -82,18 +84,18 @@ def breakdown(before: dict, after: dict) -> dict:
     return out
 
 
-def start_server(model: str, workers: int, port: int) -> None:
-    import ray
+def start_server(model: str, workers: int, port: int, extra: dict) -> None:
     from ray import serve
 
     from deployments.app import build_app
     from deployments.config import app_config
+    from deployments.local import start_local_ray
 
-    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="/tmp/moe-bench-"),
-             log_to_driver=False, _node_ip_address="127.0.0.1")
+    start_local_ray("127.0.0.1", 8, 1 << 20, _temp_dir=tempfile.mkdtemp(prefix="/tmp/moe-bench-"),
+                    log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = app_config({"model": model, "num_workers": workers, "routers": {"num_cpus": 0.5}, "max_num_seqs": 64,
-                      "max_model_len": 512, "worker": {"num_cpus": 0.25, "torch_threads": 1}})
+                      "max_model_len": 512, "worker": {"num_cpus": 0.25, "torch_threads": 1}, **extra})
     serve.run(build_app(cfg), name="moe", route_prefix="/")
 
 
@@ -121,11 +123,15 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--url", default=None, help="a running server (default: start one here)")
     p.add_argument("--port", type=int, default=8123)
+    p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment for Ray and Serve's processes, e.g. RAY_SERVE_PROXY_USE_GRPC=1 (repeatable)")
+    p.add_argument("--app", default="{}", help="extra application config as JSON, e.g. '{\"overlap\": \"on\"}'")
     args = p.parse_args()
+    os.environ.update(dict(kv.split("=", 1) for kv in args.serve_env))
     prompts = make_prompts(LLMEngine.from_pretrained(args.model, max_num_seqs=1), args.concurrency)
     url = args.url or f"http://127.0.0.1:{args.port}"
     if not args.url:
-        start_server(args.model, args.workers, args.port)
+        start_server(args.model, args.workers, args.port, json.loads(args.app))
     try:
         asyncio.run(_all_streams(url, prompts[:1], 4))  # warm-up
         served = run_clients(url, prompts, args.max_tokens)
@@ -134,7 +140,8 @@ def main() -> None:
             stop_server()
     local = in_process(args.model, prompts, args.max_tokens)
     result = {"workload": f"{args.concurrency} concurrent streams x {args.max_tokens} tokens, greedy, "
-                          f"{args.workers} expert workers", "distributed": served,
+                          f"{args.workers} expert workers", "serve_env": args.serve_env, "app": json.loads(args.app),
+              "distributed": served,
               "in_process_tokens_per_s": local,
               "ratio_distributed_over_in_process": round(served["tokens_per_s"] / local, 2)}
     print(json.dumps(result, indent=1))
