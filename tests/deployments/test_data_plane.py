@@ -2,11 +2,9 @@
 choice, failover, table swaps, healing (with generations), authentication and request validation."""
 import asyncio
 import functools
-import json
 import os
 import socket
 import subprocess
-import sys
 import time
 
 import grpc
@@ -18,7 +16,6 @@ from cluster.engine import LLMEngine, SamplingParams
 from cluster.loader import open_model
 from cluster.placement import Placement, Table, WorkerRef, round_robin
 from deployments.experts import transport as transports
-from deployments.experts.auth import ENV
 from deployments.experts.remote import ExpertUnavailable, RemoteExperts
 from deployments.experts.transport.grpc import GrpcTransport
 from deployments.experts.transport import local_socket
@@ -26,11 +23,10 @@ from deployments.experts.transport.local_socket import MODE_SHM, STATUSES, CallF
 from deployments.experts.transport.shm import ShmTransport, shared_buffer
 from deployments.membership import Membership
 from protos import expert_pb2, expert_pb2_grpc
+from tests.deployments.standalone import HERE, SECRET, start_worker, worker_ref
 
 PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 PROMPTS = [[5, 17, 33], [100, 3], list(range(3, 40, 2)), [7, 7, 7, 7, 8]]
-SECRET = "test-data-plane-secret"
-HERE = "node-here"  # the standalone workers and the "router" (this process) share a node
 KINDS = {"grpc": GrpcTransport, "shm": ShmTransport}
 
 
@@ -40,10 +36,7 @@ def workers(checkpoint_factory):
     procs = []
 
     def start(model: str, expert_lists, *extra: str) -> list[subprocess.Popen]:
-        for experts in expert_lists:
-            procs.append(subprocess.Popen([sys.executable, "-m", "deployments.standalone_worker", model,
-                                           json.dumps([list(e) for e in experts]), *extra],
-                                          stdout=subprocess.PIPE, text=True, env={**os.environ, ENV: SECRET}))
+        procs.extend(start_worker(model, experts, *extra) for experts in expert_lists)
         return procs[-len(expert_lists):]
 
     yield start
@@ -57,18 +50,12 @@ def kind(request) -> str:
     return request.param
 
 
-def _ref(proc: subprocess.Popen, node: str = HERE) -> WorkerRef:
-    """What a standalone worker printed, as the controller would put it in the table."""
-    e = json.loads(proc.stdout.readline())
-    return WorkerRef(f"127.0.0.1:{e['port']}", node, local_socket=e["local_socket"], device=e["device"])
-
-
 def connect(ref: WorkerRef, kind: str = "grpc"):
     return transports.connect(ref, node_id=HERE, device="cpu", secret=SECRET, prefer=kind)
 
 
 def _engine(model, placement, procs, nodes=None, kind="grpc", **kw):
-    refs = tuple(_ref(p, n) for p, n in zip(procs, nodes or [HERE] * len(procs)))
+    refs = tuple(worker_ref(p, n) for p, n in zip(procs, nodes or [HERE] * len(procs)))
     remote = RemoteExperts(Table(1, placement, refs), functools.partial(connect, kind=kind), **kw)
     engine = LLMEngine.from_pretrained(model, experts=remote, max_num_seqs=8, max_model_len=128)
     used = [remote.transports.get(w, ref) for w, ref in enumerate(refs) if ref.node_id == HERE]
@@ -210,7 +197,7 @@ def test_replaced_worker_is_healed_with_a_new_generation(checkpoint_factory, wor
         procs[0].wait()
         engine.generate(PROMPTS[:1], PARAMS)  # served by worker 1 alone
         assert remote.down_workers() == [(0, 0)] and remote.uncovered() == []
-        replacement = _ref(workers(model, [[]])[0])  # "Serve's replacement", empty
+        replacement = worker_ref(workers(model, [[]])[0])  # "Serve's replacement", empty
         healed = asyncio.run(Membership([], SECRET).heal(0, replacement, list(both.workers[0])))
         assert healed.generation == 1 and healed.local_socket == replacement.local_socket
         assert sorted(GrpcTransport(healed.address, SECRET).health()) == sorted(both.workers[0])
@@ -232,11 +219,9 @@ def one_worker(tmp_path_factory):
 
     model = str(make_checkpoint("mixtral", tmp_path_factory.mktemp("one-worker")))
     _, _, cfg = open_model(model)
-    proc = subprocess.Popen([sys.executable, "-m", "deployments.standalone_worker", model,
-                             json.dumps([list(e) for e in cfg.experts()])],
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, ENV: SECRET})
+    proc = start_worker(model, cfg.experts())
     try:
-        yield _ref(proc), cfg
+        yield worker_ref(proc), cfg
     finally:
         proc.kill()
         proc.wait()
@@ -365,7 +350,7 @@ def test_shm_buffers_are_validated(one_worker, tmp_path):
 def test_experts_not_held_are_a_failed_precondition(checkpoint_factory, workers, kind):
     model = str(checkpoint_factory("mixtral"))
     _, _, cfg = open_model(model)
-    ref = _ref(workers(model, [[(0, 0)]])[0])
+    ref = worker_ref(workers(model, [[(0, 0)]])[0])
     assert _refused(kind, ref, 0, 1, cfg.hidden_size, [1], [1]) == "FAILED_PRECONDITION"
 
 

@@ -32,6 +32,21 @@ class Session(Protocol):
         ...
 
 
+class _Refused:
+    """A connection whose mode this worker cannot serve: every request gets the reason."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def handle(self, message: bytes, fds: list[int]) -> bytes:
+        for fd in fds:
+            os.close(fd)
+        raise BadRequest(self.reason)
+
+    def close(self) -> None:
+        pass
+
+
 def _private_dir() -> str:
     """A fresh directory only this user can enter (mkdtemp makes it 0700), short enough for a socket path."""
     for parent in (None, "/tmp"):
@@ -75,9 +90,9 @@ class LocalServer:
             mode = accept(conn, self.secret)
             if mode is None:
                 return
-            session = self._open_session(conn, mode)
+            session = self._open_session(mode)
             conn.settimeout(None)  # a router's connection may idle between steps
-            while session is not None:
+            while True:
                 answer = self._answer(conn, session)
                 if answer is None:
                     return
@@ -91,15 +106,13 @@ class LocalServer:
                 self._open.discard(conn)
             conn.close()
 
-    def _open_session(self, conn: socket.socket, mode: bytes) -> Session | None:
-        """The mode's session, or None after telling the caller why not (its first call gets the reply)."""
+    def _open_session(self, mode: bytes) -> Session:
         try:
             if mode not in self.sessions:
                 raise BadRequest(f"unknown transport mode {mode!r}")
             return self.sessions[mode]()
         except BadRequest as e:
-            conn.send(reply("INVALID_ARGUMENT", f"{self.name}: {e}".encode()))
-            return None
+            return _Refused(str(e))
 
     def _answer(self, conn: socket.socket, session: Session) -> bytes | None:
         """The reply to the next request; None when the caller hung up."""
