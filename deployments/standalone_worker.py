@@ -35,7 +35,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--service-time-per-token", type=float, default=0.0,
                    help="model a device of fixed capacity (seconds per row; benchmarks and fault tests)")
     p.add_argument("--device", default="cpu", help="where the experts compute: cpu or cuda")
-    p.add_argument("--dtype", default="auto", help="weights and compute (auto: the checkpoint's on a GPU, fp32 on a CPU)")
+    p.add_argument("--dtype", default="auto",
+                   help="weights and compute (auto: the checkpoint's dtype on a GPU, float32 on a CPU)")
     return p.parse_args()
 
 

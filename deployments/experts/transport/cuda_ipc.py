@@ -45,7 +45,7 @@ def open_shared(fields: dict, device: torch.device) -> Tensor:
         device.index, bytes.fromhex(fields["handle"]), int(fields["size"]), int(fields["offset"]),
         bytes.fromhex(fields["counter"]), int(fields["counter_offset"]), bytes.fromhex(fields["event"]) or None,
         bool(fields["sync"]))
-    return torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
+    return torch.empty(0, dtype=torch.uint8, device=device).set_(storage, 0, (storage.nbytes(),), (1,))
 
 
 class CudaIpcChannel:
