@@ -71,18 +71,15 @@ class CudaIpcChannel:
     def forward(self, layer: int, rows: Tensor, expert_ids: Sequence[int], counts: Sequence[int],
                 timeout: float) -> Tensor:
         deadline = time.monotonic() + timeout
-        rows = rows.detach().to(self.device)
-        rows = rows if rows.dtype in NAMES else rows.float()
-        data = rows.contiguous().view(-1).view(torch.uint8)
-        nbytes = data.numel()
+        dtype = rows.dtype if rows.dtype in NAMES else torch.float32
+        nbytes = rows.numel() * dtype.itemsize
         self._fit(nbytes, timeout)
-        self.inputs[:nbytes].copy_(data)  # device to device
+        self.inputs[:nbytes].view(dtype).view(rows.shape).copy_(rows.detach())  # device to device
         torch.cuda.current_stream(self.device).synchronize()  # the worker reads them on its own stream
-        header = ForwardHeader(layer, rows.shape[0], rows.shape[1], NAMES[rows.dtype], nbytes,
+        header = ForwardHeader(layer, rows.shape[0], rows.shape[1], NAMES[dtype], nbytes,
                                tuple(expert_ids), tuple(counts))
         call(self.sock, header.pack(), [], max(deadline - time.monotonic(), 1e-3), self.path)
-        out = torch.empty_like(rows)
-        out.view(-1).view(torch.uint8).copy_(self.outputs[:nbytes])
+        out = self.outputs[:nbytes].view(dtype).view(rows.shape).clone()
         torch.cuda.current_stream(self.device).synchronize()  # before the next call may overwrite them
         return out
 

@@ -77,21 +77,18 @@ class ShmChannel:
 
     def forward(self, layer: int, rows: Tensor, expert_ids: Sequence[int], counts: Sequence[int],
                 timeout: float) -> Tensor:
-        rows = rows.detach() if rows.dtype in NAMES else rows.detach().float()
-        data = rows.contiguous().view(-1).view(torch.uint8)
-        nbytes = data.numel()
+        dtype = rows.dtype if rows.dtype in NAMES else torch.float32
+        nbytes = rows.numel() * dtype.itemsize
         fds = self._fit(2 * nbytes)
         try:
-            self.buffer[:nbytes].copy_(data)
-            header = ForwardHeader(layer, rows.shape[0], rows.shape[1], NAMES[rows.dtype], nbytes,
+            self.buffer[:nbytes].view(dtype).view(rows.shape).copy_(rows.detach())  # any layout, device
+            header = ForwardHeader(layer, rows.shape[0], rows.shape[1], NAMES[dtype], nbytes,
                                    tuple(expert_ids), tuple(counts))
             call(self.sock, header.pack(), fds, timeout, self.path)
         finally:
             for fd in fds:
                 os.close(fd)
-        out = torch.empty(rows.shape, dtype=rows.dtype)
-        out.view(-1).view(torch.uint8).copy_(self.buffer[nbytes:2 * nbytes])
-        return out
+        return self.buffer[nbytes:2 * nbytes].view(dtype).view(rows.shape).clone()  # the buffer is reused
 
     def close(self) -> None:
         self.sock.close()
