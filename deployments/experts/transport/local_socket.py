@@ -45,10 +45,10 @@ class CallFailed(RuntimeError):
 
     def __init__(self, status: str, message: str):
         super().__init__(f"{status}: {message}")
-        self.status = status
+        self.status, self.message = status, message
 
-    def __reduce__(self):
-        return CallFailed, (self.status, str(self))
+    def __reduce__(self):  # picklable (Ray) despite its two arguments
+        return CallFailed, (self.status, self.message)
 
 
 @dataclass(frozen=True)
