@@ -77,11 +77,11 @@ class Membership:
     async def _locate(self, worker: int, ref: WorkerRef) -> WorkerRef:
         if worker < len(self.fixed):  # Serve may have replaced it: ask the deployment
             handle = self.fixed[worker]
-            address = await asyncio.wait_for(handle.get_address.remote(), 30)
-            endpoints = await asyncio.wait_for(handle.get_endpoints.remote(), 30)  # node, Unix socket, device
-            if address != ref.address and ref.address:
+            # One call: the address and the Unix socket must come from the same replica.
+            endpoints = await asyncio.wait_for(handle.get_endpoints.remote(), 30)
+            if endpoints["address"] != ref.address and ref.address:
                 self.forget(ref.address)
-            return WorkerRef(address, generation=ref.generation, **endpoints)
+            return WorkerRef(generation=ref.generation, **endpoints)
         return ref  # a pool worker keeps its address; if it is gone, Serve replaces it as a new member
 
     async def heal(self, worker: int, ref: WorkerRef, experts: list[Expert],

@@ -64,8 +64,9 @@ class ExpertHost:
         return ray.get_runtime_context().get_node_id()
 
     def get_endpoints(self) -> dict[str, str]:
-        """What a router needs besides the address to pick a transport (WorkerRef fields)."""
-        return {"node_id": self.get_node_id(), "local_socket": self.local.path, "device": self.device}
+        """Where and how routers reach this replica: the WorkerRef fields that pick a transport."""
+        return {"address": self.address, "node_id": self.get_node_id(), "local_socket": self.local.path,
+                "device": self.device}
 
     def stop_serving(self) -> None:
         self.server.stop(grace=1)
