@@ -259,14 +259,11 @@ def test_grpc_refuses_callers_without_the_secret(one_worker):
 
 
 def test_shm_refuses_callers_without_the_secret(one_worker):
-    """Other users cannot reach the socket (0700 directory); a caller on this account without the
-    secret is refused before any request is read, whatever it sends."""
-    import stat
-
+    """A caller on this account without the secret is refused before any request is read,
+    whatever it sends."""
     import torch
 
     ref, cfg = one_worker
-    assert stat.S_IMODE(os.stat(os.path.dirname(ref.local_socket)).st_mode) == 0o700
     for secret in ("", "wrong"):
         with pytest.raises(CallFailed, match="UNAUTHENTICATED"):
             ShmTransport(ref.address, ref.local_socket, secret).forward(0, torch.ones(1, cfg.hidden_size), [0],
@@ -274,12 +271,35 @@ def test_shm_refuses_callers_without_the_secret(one_worker):
     header = ForwardHeader(0, 1, cfg.hidden_size, "float32", 4 * cfg.hidden_size, (0,), (1,)).pack()
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as stranger:  # skips the handshake
         stranger.settimeout(10)
-        stranger.connect(ref.local_socket)
+        stranger.connect(local_socket.sockaddr(ref.local_socket))
         stranger.recv(1 << 16)  # the challenge
         stranger.send(header)
         assert STATUSES[stranger.recv(1 << 16)[0]] == "UNAUTHENTICATED"
         assert stranger.recv(1 << 16) == b""  # and disconnected
     _still_serves(ref, cfg, "shm")
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="acting as another user needs root")
+def test_shm_says_nothing_to_other_users(one_worker):
+    """A process of another user is disconnected before it gets even the challenge."""
+    ref, _ = one_worker
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only socket calls, then _exit
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as other:
+                other.settimeout(10)
+                other.connect(local_socket.sockaddr(ref.local_socket))
+                os.write(write, b"got:" + other.recv(1 << 16))
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            os.write(write, f"error:{type(e).__name__}".encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read, "rb") as answer:
+        assert answer.read() == b"got:"  # connected, then closed without a word
 
 
 def _refused(kind: str, ref: WorkerRef, layer, rows, hidden, ids, counts, dtype="float32", nbytes=None) -> str:

@@ -1,27 +1,32 @@
 """A worker's Unix-socket server for the same-node transports, next to its gRPC server.
 
+The socket is in Linux's abstract namespace (`@moe-experts-<random>`): no file, so
+nothing is left behind when a worker is killed, and no path-length limit. Only
+processes of the worker's own user may talk to it (the peer's uid, SO_PEERCRED, is
+checked before anything is read); they then authenticate (local_socket.accept).
+
 A router opens one connection per call it has in flight to this worker (a few); each gets
-a thread. A connection authenticates (local_socket.accept), names its mode (shm or
-cuda_ipc) and gets a session of that mode, which owns the buffers the connection uses
-and frees them when the connection closes. Every request is validated by the session
-(the same rules as gRPC's, deployments/experts/validate.py) before anything is computed.
+a thread. A connection names its mode (shm or cuda_ipc) and gets a session of that mode,
+which owns the buffers the connection uses and frees them when the connection closes.
+Every request is validated by the session (the same rules as gRPC's,
+deployments/experts/validate.py) before anything is computed.
 """
 from __future__ import annotations
 
 import logging
 import os
-import shutil
+import secrets
 import socket
-import tempfile
+import struct
 import threading
 from typing import Callable, Protocol
 
-from deployments.experts.transport.local_socket import accept, receive, reply
+from deployments.experts.transport.local_socket import accept, receive, reply, sockaddr
 from deployments.experts.validate import BadRequest, NotHeld
 
 log = logging.getLogger("ray.serve")
 HANDSHAKE_TIMEOUT_S = 5.0  # a caller that connects and says nothing does not hold a thread for long
-MAX_PATH = 107  # sun_path
+PEERCRED = struct.Struct("3i")  # pid, uid, gid
 
 
 class Session(Protocol):
@@ -47,14 +52,9 @@ class _Refused:
         pass
 
 
-def _private_dir() -> str:
-    """A fresh directory only this user can enter (mkdtemp makes it 0700), short enough for a socket path."""
-    for parent in (None, "/tmp"):
-        path = tempfile.mkdtemp(prefix="moe-experts-", dir=parent)
-        if len(path) + 20 <= MAX_PATH:
-            return path
-        os.rmdir(path)
-    raise OSError("no temporary directory with a path short enough for a Unix socket")
+def same_user(conn: socket.socket) -> bool:
+    _, uid, _ = PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size))
+    return uid == os.getuid()
 
 
 class LocalServer:
@@ -64,10 +64,9 @@ class LocalServer:
         if not secret:
             raise ValueError("the expert data plane needs a secret")
         self.name, self.secret, self.sessions = name, secret, sessions
-        self.dir = _private_dir()
-        self.path = os.path.join(self.dir, "experts.sock")
+        self.path = f"@moe-experts-{secrets.token_hex(12)}"
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._listener.bind(self.path)
+        self._listener.bind(sockaddr(self.path))
         self._listener.listen(64)
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -86,6 +85,8 @@ class LocalServer:
     def _serve(self, conn: socket.socket) -> None:
         session = None
         try:
+            if not same_user(conn):  # another user on the machine: not a word
+                return
             conn.settimeout(HANDSHAKE_TIMEOUT_S)
             mode = accept(conn, self.secret)
             if mode is None:
@@ -145,4 +146,3 @@ class LocalServer:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        shutil.rmtree(self.dir, ignore_errors=True)

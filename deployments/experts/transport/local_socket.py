@@ -9,8 +9,8 @@ Authentication: a mutual HMAC-SHA256 challenge-response over the application's
 shared secret when a connection opens; the secret itself never crosses. A caller
 that fails it gets UNAUTHENTICATED and is disconnected before any request is read,
 and a router never writes rows for a "worker" that cannot prove it knows the secret
-(a stranger binding a dead worker's socket path). The socket also lives in a 0700
-directory, so other users on the machine cannot even connect.
+(a stranger binding a dead worker's socket name). Processes of other users are
+refused before that (local_server.py).
 """
 from __future__ import annotations
 
@@ -113,12 +113,17 @@ def receive(sock: socket.socket) -> tuple[bytes, list[int]]:
     return message, fds
 
 
+def sockaddr(path: str) -> str:
+    """`@name` is a name in Linux's abstract socket namespace (no file); anything else a file path."""
+    return "\0" + path[1:] if path.startswith("@") else path
+
+
 def connect(path: str, secret: str, mode: bytes, timeout: float) -> socket.socket:
     """An authenticated connection to a worker's socket (both sides proved they know the secret)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         sock.settimeout(timeout)
-        sock.connect(path)
+        sock.connect(sockaddr(path))
         greeting = sock.recv(MAX_MESSAGE)
         if not greeting.startswith(GREETING) or len(greeting) != len(GREETING) + NONCE:
             raise ConnectionError(f"{path} is not an expert worker's socket")
