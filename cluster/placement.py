@@ -57,10 +57,12 @@ class Placement:
 class WorkerRef:
     """Where a worker is and which incarnation of it the table means."""
 
-    address: str  # data-plane address, host:port
+    address: str  # data-plane address, host:port (gRPC: other nodes, and Load / Retire / Health)
     node_id: str = ""  # Ray node: routers prefer copies on their own node
     generation: int = 0  # bumped by the controller each time it heals the worker
     retired: bool = False  # a pool worker that left: holds nothing, counted nowhere
+    local_socket: str = ""  # Unix socket of the same-node transports (shm, cuda_ipc); "" = gRPC only
+    device: str = ""  # where the worker computes ("cpu", "cuda"): cuda_ipc needs a GPU on both sides
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,10 @@ class AppConfig(_Options):
     data_plane_secret: str | None = Field(None, description="shared secret of the expert data plane; prefer the "
                                           "MOE_CLUSTER_DATA_PLANE_SECRET environment variable; unset: one is "
                                           "generated per application")
+    data_plane_transport: Literal["auto", "grpc", "shm", "cuda_ipc"] = Field(
+        "auto", description="expert calls to workers on the router's node: auto = CUDA IPC when router and worker "
+                            "are on GPUs, else shared memory; grpc / shm / cuda_ipc cap the choice (tests, "
+                            "benchmarks). Workers on other nodes always use gRPC; cuda_ipc needs CUDA on both sides")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="weights and compute (routers and expert workers): auto = the checkpoint's dtype on a "
                             "GPU, float32 on a CPU; expert rows cross the data plane in it")

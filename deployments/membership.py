@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from typing import Callable
 
 from cluster.placement import Expert, WorkerRef
@@ -76,11 +77,11 @@ class Membership:
     async def _locate(self, worker: int, ref: WorkerRef) -> WorkerRef:
         if worker < len(self.fixed):  # Serve may have replaced it: ask the deployment
             handle = self.fixed[worker]
-            address = await asyncio.wait_for(handle.get_address.remote(), 30)
-            node = await asyncio.wait_for(handle.get_node_id.remote(), 30)
-            if address != ref.address and ref.address:
+            # One call: the address and the Unix socket must come from the same replica.
+            endpoints = await asyncio.wait_for(handle.get_endpoints.remote(), 30)
+            if endpoints["address"] != ref.address and ref.address:
                 self.forget(ref.address)
-            return WorkerRef(address, node, ref.generation)
+            return WorkerRef(generation=ref.generation, **endpoints)
         return ref  # a pool worker keeps its address; if it is gone, Serve replaces it as a new member
 
     async def heal(self, worker: int, ref: WorkerRef, experts: list[Expert],
@@ -95,7 +96,7 @@ class Membership:
                 await self.load_copies(found, experts)  # loads only what it lacks
                 await self.retire(found, sorted(set(held) - set(experts)))  # a replacement's stale copies
                 log.warning("expert worker %d is back at %s", worker, found.address)
-                return WorkerRef(found.address, found.node_id, ref.generation + 1, ref.retired)
+                return replace(found, generation=ref.generation + 1, retired=ref.retired)
             except Exception as e:  # noqa: BLE001 - not back yet (dead actor, refused connection, ...)
                 log.info("expert worker %d not back yet: %s", worker, type(e).__name__)
                 await asyncio.sleep(0.5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 
 import ray
@@ -19,8 +20,8 @@ from cluster.engine import LLMEngine
 from cluster.engine.async_engine import AsyncEngine
 from deployments.api.errors import ApiError, classify, overloaded
 from deployments.controller_link import ControllerLink
+from deployments.experts import transport
 from deployments.experts.remote import RemoteExperts
-from deployments.experts.transport.grpc import GrpcTransport
 from deployments.messages import AppSpec, GenerateRequest
 
 log = logging.getLogger("ray.serve")
@@ -42,8 +43,9 @@ class Router:
         self.link = ControllerLink(spec, controller, self.id, self.node)
         self.remote = None
         if spec.placement is not None:  # the table comes after the engine is built (that can take minutes)
-            secret = spec.data_plane_secret
-            self.remote = RemoteExperts(None, lambda ref: GrpcTransport(ref.address, secret), node_id=self.node,
+            connect = functools.partial(transport.connect, node_id=self.node, device=self.cfg.routers.device,
+                                        secret=spec.data_plane_secret, prefer=self.cfg.data_plane_transport)
+            self.remote = RemoteExperts(None, connect, node_id=self.node,
                                         call_timeout_s=self.cfg.expert_call_timeout_s,
                                         on_down=lambda worker, generation: self.link.report_soon())
         engine = LLMEngine.from_pretrained(self.cfg.model, device=self.cfg.routers.device, experts=self.remote,

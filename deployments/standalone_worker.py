@@ -1,10 +1,11 @@
 """An expert worker without Ray: one process serving the data plane for some experts.
 
     MOE_CLUSTER_DATA_PLANE_SECRET=... python -m deployments.standalone_worker MODEL '[[layer, expert_id], ...]' \
-        [NAME] [--service-time-per-token S]
+        [NAME] [--service-time-per-token S] [--device cpu|cuda] [--dtype auto|float32|bfloat16|float16]
 
-Prints the port it listens on (127.0.0.1), then serves until killed. Used by
-bench/data_plane_bench.py and the data-plane tests. The secret is required.
+Prints its endpoints as one JSON line, `{"port": ..., "local_socket": ..., "device": ...}`
+(gRPC on 127.0.0.1:port; the same-node transports' Unix socket), then serves until
+killed. Used by the benchmarks and the data-plane tests. The secret is required.
 """
 from __future__ import annotations
 
@@ -18,35 +19,47 @@ import torch
 
 from cluster.loader import load_experts, open_model
 from cluster.model.experts import LocalExperts
+from cluster.precision import resolve_dtype
 from deployments.experts.auth import ENV
+from deployments.experts.compute import ExpertCompute
 from deployments.experts.servicer import ExpertServicer
+from deployments.experts.transport import serve_local
 from deployments.experts.transport.grpc import serve
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("model")
     p.add_argument("experts", help="JSON list of [layer, expert_id]")
     p.add_argument("name", nargs="?", default="worker")
     p.add_argument("--service-time-per-token", type=float, default=0.0,
                    help="model a device of fixed capacity (seconds per row; benchmarks and fault tests)")
-    args = p.parse_args()
+    p.add_argument("--device", default="cpu", help="where the experts compute: cpu or cuda")
+    p.add_argument("--dtype", default="auto",
+                   help="weights and compute (auto: the checkpoint's dtype on a GPU, float32 on a CPU)")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = _args()
     secret = os.environ.get(ENV)
     if not secret:
         sys.exit(f"set {ENV}: the data plane refuses callers without the shared secret")
     experts = [tuple(e) for e in json.loads(args.experts)]
     torch.set_num_threads(1)
     ckpt, family, cfg = open_model(args.model)
-    held = LocalExperts(load_experts(ckpt, family, cfg, experts))
+    dtype = resolve_dtype(args.dtype, args.device, cfg.checkpoint_dtype)
+    held = LocalExperts(load_experts(ckpt, family, cfg, experts, dtype=dtype, device=args.device))
 
     def load_copies(wanted):
         before = ckpt.bytes_read
-        held.add(load_experts(ckpt, family, cfg, wanted))
+        held.add(load_experts(ckpt, family, cfg, wanted, dtype=dtype, device=args.device))
         return ckpt.bytes_read - before
 
-    servicer = ExpertServicer(args.name, cfg, held, "cpu", args.service_time_per_token, load_copies)
-    _, port = serve(servicer, "127.0.0.1", secret)
-    print(port, flush=True)
+    compute = ExpertCompute(args.name, cfg, held, args.device, args.service_time_per_token)
+    _, port = serve(ExpertServicer(compute, load_copies), "127.0.0.1", secret)
+    local = serve_local(compute, secret)
+    print(json.dumps({"port": port, "local_socket": local.path, "device": args.device}), flush=True)
     threading.Event().wait()
 
 

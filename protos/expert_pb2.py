@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/expert.proto\x12\x12moe_cluster.expert\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"m\n\x0e\x46orwardRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12*\n\x06hidden\x18\x02 \x01(\x0b\x32\x1a.moe_cluster.expert.Tensor\x12\x11\n\texpert_id\x18\x03 \x03(\x05\x12\r\n\x05\x63ount\x18\x04 \x03(\x05\":\n\x0c\x46orwardReply\x12*\n\x06output\x18\x01 \x01(\x0b\x32\x1a.moe_cluster.expert.Tensor\"\x0f\n\rHealthRequest\".\n\x0bHealthReply\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\t\"2\n\x0e\x45xpertsRequest\x12\r\n\x05layer\x18\x01 \x03(\x05\x12\x11\n\texpert_id\x18\x02 \x03(\x05\"#\n\x0b\x43opiesReply\x12\x14\n\x0c\x62ytes_loaded\x18\x01 \x01(\x03\x32\xca\x02\n\rExpertService\x12O\n\x07\x46orward\x12\".moe_cluster.expert.ForwardRequest\x1a .moe_cluster.expert.ForwardReply\x12L\n\x06Health\x12!.moe_cluster.expert.HealthRequest\x1a\x1f.moe_cluster.expert.HealthReply\x12K\n\x04Load\x12\".moe_cluster.expert.ExpertsRequest\x1a\x1f.moe_cluster.expert.CopiesReply\x12M\n\x06Retire\x12\".moe_cluster.expert.ExpertsRequest\x1a\x1f.moe_cluster.expert.CopiesReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/expert.proto\x12\x12moe_cluster.expert\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"m\n\x0e\x46orwardRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12*\n\x06hidden\x18\x02 \x01(\x0b\x32\x1a.moe_cluster.expert.Tensor\x12\x11\n\texpert_id\x18\x03 \x03(\x05\x12\r\n\x05\x63ount\x18\x04 \x03(\x05\":\n\x0c\x46orwardReply\x12*\n\x06output\x18\x01 \x01(\x0b\x32\x1a.moe_cluster.expert.Tensor\"\\\n\x0c\x46orwardChunk\x12\x34\n\x06header\x18\x01 \x01(\x0b\x32\".moe_cluster.expert.ForwardRequestH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"Y\n\x11\x46orwardReplyChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.moe_cluster.expert.TensorH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x0f\n\rHealthRequest\".\n\x0bHealthReply\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\t\"2\n\x0e\x45xpertsRequest\x12\r\n\x05layer\x18\x01 \x03(\x05\x12\x11\n\texpert_id\x18\x02 \x03(\x05\"#\n\x0b\x43opiesReply\x12\x14\n\x0c\x62ytes_loaded\x18\x01 \x01(\x03\x32\xa8\x03\n\rExpertService\x12O\n\x07\x46orward\x12\".moe_cluster.expert.ForwardRequest\x1a .moe_cluster.expert.ForwardReply\x12\\\n\rForwardStream\x12 .moe_cluster.expert.ForwardChunk\x1a%.moe_cluster.expert.ForwardReplyChunk(\x01\x30\x01\x12L\n\x06Health\x12!.moe_cluster.expert.HealthRequest\x1a\x1f.moe_cluster.expert.HealthReply\x12K\n\x04Load\x12\".moe_cluster.expert.ExpertsRequest\x1a\x1f.moe_cluster.expert.CopiesReply\x12M\n\x06Retire\x12\".moe_cluster.expert.ExpertsRequest\x1a\x1f.moe_cluster.expert.CopiesReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,14 +37,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FORWARDREQUEST']._serialized_end=206
   _globals['_FORWARDREPLY']._serialized_start=208
   _globals['_FORWARDREPLY']._serialized_end=266
-  _globals['_HEALTHREQUEST']._serialized_start=268
-  _globals['_HEALTHREQUEST']._serialized_end=283
-  _globals['_HEALTHREPLY']._serialized_start=285
-  _globals['_HEALTHREPLY']._serialized_end=331
-  _globals['_EXPERTSREQUEST']._serialized_start=333
-  _globals['_EXPERTSREQUEST']._serialized_end=383
-  _globals['_COPIESREPLY']._serialized_start=385
-  _globals['_COPIESREPLY']._serialized_end=420
-  _globals['_EXPERTSERVICE']._serialized_start=423
-  _globals['_EXPERTSERVICE']._serialized_end=753
+  _globals['_FORWARDCHUNK']._serialized_start=268
+  _globals['_FORWARDCHUNK']._serialized_end=360
+  _globals['_FORWARDREPLYCHUNK']._serialized_start=362
+  _globals['_FORWARDREPLYCHUNK']._serialized_end=451
+  _globals['_HEALTHREQUEST']._serialized_start=453
+  _globals['_HEALTHREQUEST']._serialized_end=468
+  _globals['_HEALTHREPLY']._serialized_start=470
+  _globals['_HEALTHREPLY']._serialized_end=516
+  _globals['_EXPERTSREQUEST']._serialized_start=518
+  _globals['_EXPERTSREQUEST']._serialized_end=568
+  _globals['_COPIESREPLY']._serialized_start=570
+  _globals['_COPIESREPLY']._serialized_end=605
+  _globals['_EXPERTSERVICE']._serialized_start=608
+  _globals['_EXPERTSERVICE']._serialized_end=1032
 # @@protoc_insertion_point(module_scope)

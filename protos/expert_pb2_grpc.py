@@ -40,6 +40,11 @@ class ExpertServiceStub:
                 request_serializer=protos_dot_expert__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=protos_dot_expert__pb2.ForwardReply.FromString,
                 _registered_method=True)
+        self.ForwardStream = channel.stream_stream(
+                '/moe_cluster.expert.ExpertService/ForwardStream',
+                request_serializer=protos_dot_expert__pb2.ForwardChunk.SerializeToString,
+                response_deserializer=protos_dot_expert__pb2.ForwardReplyChunk.FromString,
+                _registered_method=True)
         self.Health = channel.unary_unary(
                 '/moe_cluster.expert.ExpertService/Health',
                 request_serializer=protos_dot_expert__pb2.HealthRequest.SerializeToString,
@@ -62,7 +67,15 @@ class ExpertServiceServicer:
     """
 
     def Forward(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """calls of up to one chunk
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForwardStream(self, request_iterator, context):
+        """larger ones
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -92,6 +105,11 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=protos_dot_expert__pb2.ForwardRequest.FromString,
                     response_serializer=protos_dot_expert__pb2.ForwardReply.SerializeToString,
+            ),
+            'ForwardStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ForwardStream,
+                    request_deserializer=protos_dot_expert__pb2.ForwardChunk.FromString,
+                    response_serializer=protos_dot_expert__pb2.ForwardReplyChunk.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
@@ -137,6 +155,33 @@ class ExpertService:
             '/moe_cluster.expert.ExpertService/Forward',
             protos_dot_expert__pb2.ForwardRequest.SerializeToString,
             protos_dot_expert__pb2.ForwardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/moe_cluster.expert.ExpertService/ForwardStream',
+            protos_dot_expert__pb2.ForwardChunk.SerializeToString,
+            protos_dot_expert__pb2.ForwardReplyChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,9 @@
 One secret per application: from `data_plane_secret` in the config, else the
 MOE_CLUSTER_DATA_PLANE_SECRET environment variable (a Kubernetes Secret), else
 one `build_app` generates. A caller without it can neither read activations
-(Forward) nor change what a worker holds (Load, Retire): UNAUTHENTICATED.
+(Forward) nor change what a worker holds (Load, Retire): UNAUTHENTICATED. The
+same-node transports check the same secret when a connection opens
+(transport/local_socket.py).
 """
 from __future__ import annotations
 
@@ -25,6 +27,18 @@ def call_metadata(secret: str) -> tuple[tuple[str, str], ...]:
     return ((METADATA_KEY, secret),)
 
 
+def _deny(request_or_stream, context):
+    context.abort(grpc.StatusCode.UNAUTHENTICATED, "expert data plane: missing or wrong secret")
+
+
+# A refusal shaped like the method refused (unary or streaming): gRPC reads the request the
+# way the handler it gets says, so a unary refusal of a stream would misread the call.
+_DENY = {(False, False): grpc.unary_unary_rpc_method_handler(_deny),
+         (True, True): grpc.stream_stream_rpc_method_handler(_deny),
+         (False, True): grpc.unary_stream_rpc_method_handler(_deny),
+         (True, False): grpc.stream_unary_rpc_method_handler(_deny)}
+
+
 class SecretInterceptor(grpc.ServerInterceptor):
     """Refuses every call whose metadata lacks the secret (compared in constant time)."""
 
@@ -33,13 +47,10 @@ class SecretInterceptor(grpc.ServerInterceptor):
             raise ValueError("the expert data plane needs a secret")
         self._secret = secret.encode()
 
-        def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "expert data plane: missing or wrong secret")
-
-        self._deny = grpc.unary_unary_rpc_method_handler(deny)
-
     def intercept_service(self, continuation, handler_call_details):
         sent = dict(handler_call_details.invocation_metadata or ()).get(METADATA_KEY, "")
+        handler = continuation(handler_call_details)
         if hmac.compare_digest(sent.encode(), self._secret):
-            return continuation(handler_call_details)
-        return self._deny
+            return handler
+        shape = (handler.request_streaming, handler.response_streaming) if handler is not None else (False, False)
+        return _DENY[shape]

@@ -5,9 +5,15 @@ import threading
 
 
 def error_code(error: Exception) -> str:
-    """gRPC status name when there is one, else the exception's type."""
+    """The status named as gRPC names it, whatever the transport: a call past its deadline is
+    DEADLINE_EXCEEDED on every transport, a same-node error reply has its status; else the
+    exception's type (ConnectionError: the worker is gone)."""
     code = getattr(error, "code", None)
-    return code().name if callable(code) else type(error).__name__
+    if callable(code):
+        return code().name
+    if isinstance(error, TimeoutError):
+        return "DEADLINE_EXCEEDED"
+    return getattr(error, "status", None) or type(error).__name__
 
 
 class DataPlaneStats:

@@ -17,7 +17,9 @@ from ray import serve
 from cluster.loader import load_experts, open_model
 from cluster.model.experts import LocalExperts
 from cluster.precision import resolve_dtype
+from deployments.experts.compute import ExpertCompute
 from deployments.experts.servicer import ExpertServicer
+from deployments.experts.transport import serve_local
 from deployments.experts.transport.grpc import GrpcTransport
 from deployments.experts.transport.grpc import serve as serve_data_plane
 
@@ -25,7 +27,8 @@ log = logging.getLogger("ray.serve")
 
 
 class ExpertHost:
-    """Loads its experts (partial loading: only their bytes are read) and serves them."""
+    """Loads its experts (partial loading: only their bytes are read) and serves them: over gRPC
+    (other nodes; Load / Retire / Health) and a Unix socket (same-node transports)."""
 
     def __init__(self, model: str, experts: list[list[int]], name: str, host: str, secret: str,
                  torch_threads: int = 1, device: str = "cpu", service_time_per_token_s: float = 0.0,
@@ -37,13 +40,14 @@ class ExpertHost:
         self.dtype = resolve_dtype(dtype, device, self.cfg.checkpoint_dtype)
         self.experts = LocalExperts(load_experts(self.ckpt, self.family, self.cfg, [tuple(e) for e in experts],
                                                  dtype=self.dtype, device=self.device))
-        self.servicer = ExpertServicer(name, self.cfg, self.experts, self.device, service_time_per_token_s,
-                                       self._load_copies)
-        self.server, port = serve_data_plane(self.servicer, host, secret)
+        self.compute = ExpertCompute(name, self.cfg, self.experts, self.device, service_time_per_token_s)
+        self.server, port = serve_data_plane(ExpertServicer(self.compute, self._load_copies), host, secret)
+        self.local = serve_local(self.compute, secret)
         self.address = f"{host}:{port}"
         self.probe = GrpcTransport(self.address, secret)
-        log.info("%s: %d expert copies (%d bytes, %s) on %s, data plane at %s", name, len(experts),
-                 sum(w.nbytes for w in self.experts.experts.values()), self.dtype, self.device, self.address)
+        log.info("%s: %d expert copies (%d bytes, %s) on %s, data plane at %s and %s", name, len(experts),
+                 sum(w.nbytes for w in self.experts.experts.values()), self.dtype, self.device, self.address,
+                 self.local.path)
 
     def _load_copies(self, experts: list[tuple[int, int]]) -> int:
         """Loading more copies (the data plane's Load, on its own thread, while it keeps serving)."""
@@ -59,6 +63,15 @@ class ExpertHost:
         """The Ray node this replica runs on: routers prefer copies on their own node."""
         return ray.get_runtime_context().get_node_id()
 
+    def get_endpoints(self) -> dict[str, str]:
+        """Where and how routers reach this replica: the WorkerRef fields that pick a transport."""
+        return {"address": self.address, "node_id": self.get_node_id(), "local_socket": self.local.path,
+                "device": self.device}
+
+    def stop_serving(self) -> None:
+        self.server.stop(grace=1)
+        self.local.close()
+
     def check_health(self) -> None:
         """Serve's liveness probe: the data-plane server must answer (a replica that lost it is replaced)."""
         self.probe.health(timeout=5)
@@ -68,8 +81,8 @@ class ExpertWorker(ExpertHost):
     """Serve deployment (options applied in deployments/app.py)."""
 
     def __del__(self):
-        if getattr(self, "server", None) is not None:
-            self.server.stop(grace=1)
+        if getattr(self, "local", None) is not None:
+            self.stop_serving()
 
 
 class ExpertPoolWorker(ExpertHost):
@@ -98,7 +111,7 @@ class ExpertPoolWorker(ExpertHost):
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         await self._register()
-        now, busy = time.monotonic(), self.servicer.busy_s
+        now, busy = time.monotonic(), self.compute.busy_s
         (then, before), self._last = self._last, (now, busy)
         return {"busy": min(1.0, (busy - before) / max(now - then, 1e-6)), "target_busy": self.target_busy}
 
@@ -111,5 +124,5 @@ class ExpertPoolWorker(ExpertHost):
                                        timeout=240)
             except Exception:  # noqa: BLE001 - the controller may be gone too (shutdown)
                 log.exception("expert pool: hand-back failed")
-        if getattr(self, "server", None) is not None:
-            self.server.stop(grace=1)
+        if getattr(self, "local", None) is not None:
+            self.stop_serving()

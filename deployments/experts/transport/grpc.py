@@ -1,34 +1,43 @@
-"""The gRPC transport of the expert data plane: raw tensor bytes in protobuf, one call per
-(layer, worker) per step. Used across nodes (and, until faster transports exist, on one node).
+"""Other node: gRPC with raw tensor bytes, one call per (layer, worker) per step.
 
-Shapes: N rows, D hidden. Tensors cross in their own dtype (fp32 on CPU, bf16/fp16 on GPU).
+Shapes: N rows, D hidden. Tensors cross in their own dtype (fp32 on CPU, bf16/fp16 on
+GPU). A call whose rows fit in one chunk (CHUNK_BYTES) is one unary Forward; a larger
+one is a ForwardStream: the header, then the rows in chunks of CHUNK_BYTES, answered
+the same way, so no payload size fails (an 8192-token prefill at Qwen3-30B-A3B sizes
+is 65536 rows, 512 MiB). Chunks are written into a tensor allocated once for the
+whole payload as they arrive: never joined into one bytes object, never copied again.
 """
 from __future__ import annotations
 
+import itertools
 import warnings
 from concurrent import futures
+from typing import Iterable, Iterator, Sequence
 
 import grpc
 import torch
 from torch import Tensor
 
 from deployments.experts.auth import SecretInterceptor, call_metadata
+from deployments.experts.validate import DTYPES, NAMES, BadRequest
 from protos import expert_pb2, expert_pb2_grpc
 
-MAX_MESSAGE = 256 << 20
+CHUNK_BYTES = 4 << 20  # a few MiB: large enough that per-message costs vanish, small enough to stream
+MAX_MESSAGE = CHUNK_BYTES + (1 << 20)  # a chunk, or a unary call of up to a chunk, plus its header
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-NAMES = {v: k for k, v in DTYPES.items()}
 # The received bytes are only read (the expert matmul copies them into its output), so a
 # read-only view is safe and saves a copy per call.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
-def to_proto(t: Tensor) -> expert_pb2.Tensor:
+def wire(t: Tensor) -> Tensor:
+    """The tensor as it crosses: on the CPU, contiguous, in a dtype the data plane carries."""
     t = t.detach()
-    if t.dtype not in NAMES:
-        t = t.float()
-    t = t.to("cpu").contiguous()
+    return (t if t.dtype in NAMES else t.float()).to("cpu").contiguous()
+
+
+def to_proto(t: Tensor) -> expert_pb2.Tensor:
+    t = wire(t)
     return expert_pb2.Tensor(data=t.view(torch.uint8).numpy().tobytes(), shape=list(t.shape), dtype=NAMES[t.dtype])
 
 
@@ -39,6 +48,36 @@ def from_proto(p: expert_pb2.Tensor) -> Tensor:
     if not p.data:
         return torch.empty(tuple(p.shape), dtype=DTYPES[p.dtype])
     return torch.frombuffer(p.data, dtype=DTYPES[p.dtype]).reshape(tuple(p.shape))
+
+
+def chunks(t: Tensor) -> Iterator[bytes]:
+    """A wire tensor's bytes, CHUNK_BYTES at a time (each copied once, into its message)."""
+    flat = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    for start in range(0, len(flat), CHUNK_BYTES):
+        yield bytes(flat[start:start + CHUNK_BYTES])
+
+
+def receive_into(shape: Sequence[int], dtype: str, parts: Iterable[bytes]) -> Tensor:
+    """A tensor of `shape` filled from `parts` in order; BadRequest unless they are exactly its bytes."""
+    out = torch.empty(tuple(shape), dtype=DTYPES[dtype])
+    flat = out.view(-1).view(torch.uint8)
+    filled = 0
+    for data in parts:
+        if filled + len(data) > flat.numel():
+            raise BadRequest(f"more than the {flat.numel()} bytes of a {list(shape)} {dtype} tensor")
+        if data:
+            flat[filled:filled + len(data)] = torch.frombuffer(data, dtype=torch.uint8)
+        filled += len(data)
+    if filled != flat.numel():
+        raise BadRequest(f"{filled} bytes for a {list(shape)} {dtype} tensor of {flat.numel()}")
+    return out
+
+
+def stream_reply(out: Tensor) -> Iterator[expert_pb2.ForwardReplyChunk]:
+    out = wire(out)
+    yield expert_pb2.ForwardReplyChunk(header=expert_pb2.Tensor(shape=list(out.shape), dtype=NAMES[out.dtype]))
+    for data in chunks(out):
+        yield expert_pb2.ForwardReplyChunk(data=data)
 
 
 def _experts_request(experts: list[tuple[int, int]]) -> expert_pb2.ExpertsRequest:
@@ -56,8 +95,25 @@ class GrpcTransport:
         self.metadata = call_metadata(secret)
 
     def forward(self, layer: int, rows: Tensor, expert_ids: list[int], counts: list[int], timeout: float) -> Tensor:
+        rows = wire(rows)
+        if rows.numel() * rows.element_size() > CHUNK_BYTES:
+            return self._stream(layer, rows, expert_ids, counts, timeout)
         req = expert_pb2.ForwardRequest(layer=layer, hidden=to_proto(rows), expert_id=expert_ids, count=counts)
         return from_proto(self.stub.Forward(req, timeout=timeout, metadata=self.metadata).output)
+
+    def _stream(self, layer: int, rows: Tensor, expert_ids: list[int], counts: list[int], timeout: float) -> Tensor:
+        header = expert_pb2.ForwardRequest(layer=layer, expert_id=expert_ids, count=counts,
+                                           hidden=expert_pb2.Tensor(shape=list(rows.shape), dtype=NAMES[rows.dtype]))
+        requests = itertools.chain([expert_pb2.ForwardChunk(header=header)],
+                                   (expert_pb2.ForwardChunk(data=data) for data in chunks(rows)))
+        replies = self.stub.ForwardStream(requests, timeout=timeout, metadata=self.metadata)
+        try:
+            first = next(replies)
+            if first.WhichOneof("part") != "header":
+                raise BadRequest("a ForwardStream reply starts with its header")
+            return receive_into(first.header.shape, first.header.dtype, (r.data for r in replies))
+        finally:
+            replies.cancel()  # a no-op once the stream ended; stops it when we gave up early
 
     def load_copies(self, experts: list[tuple[int, int]], timeout: float = 600) -> int:
         """Have the worker load copies of these experts (it keeps serving meanwhile); bytes read."""

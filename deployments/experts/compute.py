@@ -1,0 +1,56 @@
+"""A worker's expert compute behind every transport: validate, run the held copies, count busy time.
+
+Shapes: N rows, D hidden. Every server (gRPC, shared memory, CUDA IPC) hands its
+request's plain fields to `check` before touching the rows, then `run`s them; so
+the rules and the load figures are the same whatever carried the call.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Sequence
+
+from torch import Tensor
+
+from cluster.config import ModelConfig
+from cluster.model.experts import LocalExperts
+from deployments.experts.validate import NotHeld, check_forward
+
+
+class ExpertCompute:
+    """`service_time_per_token_s` > 0 makes the worker behave like a device of fixed capacity
+    (benchmarks and fault tests only): calls run one at a time and each takes at least that
+    long per row, so a worker's time grows with its load even on a machine whose cores are
+    all shared."""
+
+    def __init__(self, name: str, cfg: ModelConfig, experts: LocalExperts, device: str,
+                 service_time_per_token_s: float = 0.0):
+        self.name, self.cfg, self.experts, self.device = name, cfg, experts, device
+        self.service_time_per_token_s = service_time_per_token_s
+        self.busy_s = 0.0  # time spent computing: the worker's load, for pool autoscaling
+        self._busy_lock = threading.Lock()  # calls run on several server threads
+        self._device_lock = threading.Lock()
+
+    def check(self, *, layer: int, shape: Sequence[int], dtype: str, nbytes: int,
+              expert_ids: Sequence[int], counts: Sequence[int]) -> None:
+        """BadRequest (malformed) or NotHeld (no copy here); nothing is computed before this passes."""
+        check_forward(self.cfg, layer=layer, shape=shape, dtype=dtype, nbytes=nbytes, expert_ids=expert_ids,
+                      counts=counts)
+        missing = sorted({e for e in expert_ids if not self.experts.holds(layer, e)})
+        if missing:
+            raise NotHeld(f"{self.name} holds no copy of layer {layer} expert(s) {missing}")
+
+    def run(self, layer: int, rows: Tensor, expert_ids: Sequence[int], counts: Sequence[int]) -> Tensor:
+        """Outputs [N, D] in the rows' dtype, on this worker's device."""
+        rows = rows.to(self.device)
+        t0 = time.perf_counter()
+        if self.service_time_per_token_s <= 0:
+            out = self.experts.run_subset(layer, rows, expert_ids, counts)
+        else:
+            with self._device_lock:  # one call at a time, like one accelerator
+                t0 = time.perf_counter()
+                out = self.experts.run_subset(layer, rows, expert_ids, counts)
+                time.sleep(max(0.0, self.service_time_per_token_s * len(rows) - (time.perf_counter() - t0)))
+        with self._busy_lock:
+            self.busy_s += time.perf_counter() - t0
+        return out
