@@ -104,13 +104,15 @@ class PlacementController:
             self.state.publish(table.changed(workers=refs))
 
     # -- the expert pool -----------------------------------------------------------------------
-    async def register_worker(self, address: str, node_id: str, build_id: str) -> int:
-        """A pool replica joins, empty: the next rebalance hands it copies of the hottest experts."""
+    async def register_worker(self, endpoints: dict, build_id: str) -> int:
+        """A pool replica joins, empty: the next rebalance hands it copies of the hottest experts.
+        `endpoints`: its WorkerRef fields (address, node, local socket, device: the transport)."""
         if build_id != self.spec.build_id:
             raise WrongBuild("a pool worker of another build")
         table = self.state.table
         if table is None:
             raise RuntimeError("the expert pool needs fixed expert workers (num_workers ≥ 1)")
+        address = endpoints["address"]
         known = next((w for w, ref in enumerate(table.workers) if ref.address == address and not ref.retired), None)
         if known is not None:  # the usual case: a pool replica re-registering every second
             return known
@@ -121,8 +123,7 @@ class PlacementController:
                          None)
             if known is not None:
                 return known
-            self.state.publish(table.changed(table.placement.with_worker(),
-                                             table.workers + (WorkerRef(address, node_id),)))
+            self.state.publish(table.changed(table.placement.with_worker(), table.workers + (WorkerRef(**endpoints),)))
             self.rebalancer.reset_cooldown()  # a new worker: no cooldown before using it
             return len(table.workers)
 

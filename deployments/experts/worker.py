@@ -103,8 +103,7 @@ class ExpertPoolWorker(ExpertHost):
         """Join the table; repeated on every stats call (idempotent), so a restarted controller
         learns of this worker again."""
         try:
-            await asyncio.wait_for(self.controller.register_worker.remote(self.address, self.get_node_id(),
-                                                                          self.build_id), 10)
+            await asyncio.wait_for(self.controller.register_worker.remote(self.get_endpoints(), self.build_id), 10)
             self.registered = True
         except Exception as e:  # noqa: BLE001 - the controller may be starting
             log.info("expert pool: controller not reachable yet (%s)", type(e).__name__)

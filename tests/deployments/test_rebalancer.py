@@ -2,26 +2,21 @@
 plane), without Ray: the progress deadline and its metrics, staged moves, retirement when traffic
 evens out, byte budgets, and the static EPLB plan."""
 import asyncio
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from cluster.loader import open_model
-from cluster.placement import Table, WorkerRef, round_robin
+from cluster.placement import Table, round_robin
 from cluster.profile import save_profile
 from deployments import metrics
-from deployments.experts.auth import ENV
 from deployments.membership import Membership
 from deployments.policy import AutoscalePolicy
 from deployments.rebalancer import Rebalancer
 from deployments.table_state import TableState
+from tests.deployments.standalone import SECRET, start_worker, worker_ref
 
-SECRET = "rebalancer-test-secret"
 
 
 @pytest.fixture
@@ -30,11 +25,9 @@ def setup(checkpoint_factory):
     model = str(checkpoint_factory("mixtral"))
     _, _, cfg = open_model(model)
     placement = round_robin(cfg.experts(), 4)
-    procs = [subprocess.Popen([sys.executable, "-m", "deployments.standalone_worker", model,
-                               json.dumps([list(e) for e in experts])], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, ENV: SECRET}) for experts in placement.workers]
+    procs = [start_worker(model, experts) for experts in placement.workers]
     try:
-        refs = tuple(WorkerRef(f"127.0.0.1:{int(p.stdout.readline())}") for p in procs)
+        refs = tuple(worker_ref(p) for p in procs)
         yield cfg, Table(1, placement, refs), Membership([], SECRET), list(cfg.moe_layer_ids)
     finally:
         for p in procs:
