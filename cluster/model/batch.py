@@ -8,7 +8,7 @@ Shapes: T rows, B decoding sequences, C context.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -82,3 +82,28 @@ def make_batch(items: list[tuple[list[int], list[int], int]], block_size: int, d
     as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
     return Batch(as_long(ids), as_long(pos), slot_mapping.to(device), tuple(chunks), as_long(last),
                  _decode_group(chunks, host_slots, device))
+
+
+def split_batch(batch: Batch, at: int) -> tuple[Batch, Batch]:
+    """Sequences [0, at) and [at, B) as two batches of their own, rows renumbered from 0 in each
+    (the overlap's micro-batches): the second's rows are the first's followed in the original."""
+    return _part(batch, 0, at), _part(batch, at, len(batch.chunks))
+
+
+def _part(batch: Batch, first: int, end: int) -> Batch:
+    chunks = batch.chunks[first:end]
+    r0, r1 = chunks[0].start, chunks[-1].start + chunks[-1].num_tokens
+    return Batch(batch.token_ids[r0:r1], batch.positions[r0:r1], batch.slot_mapping[r0:r1],
+                 tuple(replace(c, start=c.start - r0) for c in chunks), batch.last_rows[first:end] - r0,
+                 _decode_part(batch, first, end, r0))
+
+
+def _decode_part(batch: Batch, first: int, end: int, r0: int) -> DecodeGroup | None:
+    """The decode group's entries of sequences [first, end) (it lists decodes in sequence order),
+    padded only to their own longest context."""
+    mine = [c for c in batch.chunks[first:end] if c.num_tokens == 1]
+    if not mine:
+        return None
+    before = sum(c.num_tokens == 1 for c in batch.chunks[:first])
+    d, sel, width = batch.decode, slice(before, before + len(mine)), max(c.context_len for c in mine)
+    return DecodeGroup(d.rows[sel] - r0, d.lens[sel], d.context_slots[sel, :width])
