@@ -88,8 +88,10 @@ class LLMEngine:
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu", experts: ExpertExecutor | None = None,
                         max_model_len: int | None = None, show_progress: bool = False, dtype="auto",
-                        **kwargs) -> "LLMEngine":
-        """kwargs: max_num_seqs, max_num_batched_tokens, kv_cache_dtype (auto = dtype),
+                        overlap: bool | None = None, **kwargs) -> "LLMEngine":
+        """overlap: run each step as two micro-batches in ping-pong, so remote experts compute one
+        while the backbone runs the other (None = auto: on for remote experts, steps of ≥ 2 sequences).
+        kwargs: max_num_seqs, max_num_batched_tokens, kv_cache_dtype (auto = dtype),
         kv_cache_memory_bytes, gpu_memory_utilization, block_size."""
         ckpt, family, cfg = open_model(path)
         dtype = resolve_dtype(dtype, device, cfg.checkpoint_dtype)
@@ -102,7 +104,7 @@ class LLMEngine:
             if show_progress:
                 print(" done", file=sys.stderr)
         max_len = min(max_model_len or 2048, cfg.context_limit)
-        model = MoETransformer(cfg, backbone, experts, max_len, device)
+        model = MoETransformer(cfg, backbone, experts, max_len, device, overlap=overlap)
         return cls(cfg, model, TextTokenizer.from_checkpoint(path), max_model_len=max_len, device=device,
                    generation=read_generation_config(path), no_tokenizer_reason=missing_reason(path), **kwargs)
 
