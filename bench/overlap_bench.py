@@ -1,7 +1,8 @@
 """Overlap on vs off against real expert workers: a step as two micro-batches in ping-pong, or as one.
 
     MOE_CLUSTER_DATA_PLANE_SECRET=... .venv/bin/python bench/overlap_bench.py [--model models/demo] \
-        [--workers 2] [--seqs 32] [--max-tokens 32] [--service-time-per-token auto|SECONDS] [--rounds 2]
+        [--workers 2] [--seqs 32] [--max-tokens 32] [--service-time-per-token auto|SECONDS] [--rounds 2] \
+        [--threads N]
 
 The experts run in standalone worker processes (deployments/standalone_worker.py, the gRPC data
 plane; the secret comes from MOE_CLUSTER_DATA_PLANE_SECRET, one is made up for the run when it is
@@ -10,7 +11,8 @@ row, one call at a time, so a worker behaves like a device of fixed capacity wha
 cores are doing. auto: the value that makes the expert time per step about the backbone time,
 estimated from the in-process engine (the case where overlap gains most and hides least easily).
 
-Per decode step (every sequence decoding; medians; the modes alternate `--rounds` times):
+Per decode step (every sequence decoding; the modes alternate `--rounds` times; lower quartiles
+of the per-step figures, as other processes on a shared machine only ever add time):
 - overlap off: step time, and `wait`, the time the router waits on the workers with nothing else
   to do: expert time = wait, backbone time = step - wait (attention, gating, dispatch, sending);
 - overlap on: step time, and the wait that is left.
@@ -27,6 +29,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_bench import make_prompts  # noqa: E402
@@ -56,11 +60,22 @@ def decode_steps(engine: LLMEngine, prompts, max_tokens: int, wait_s) -> tuple[l
 
 
 def service_time(args, prompts, cfg) -> float:
-    """Seconds per row that make a worker's time per step about the in-process engine's step time."""
+    """Seconds per row that make a worker's time per step about the backbone's: the in-process engine's
+    step time less the time its experts took."""
     local = LLMEngine.from_pretrained(args.model, max_num_seqs=args.seqs, max_model_len=512)
-    steps, _, _ = decode_steps(local, prompts, 8, lambda: 0.0)
+    experts, run = [0.0], local.model.experts.run
+
+    def timed_run(*a):
+        t0 = time.perf_counter()
+        out = run(*a)
+        experts[0] += time.perf_counter() - t0
+        return out
+
+    local.model.experts.run = timed_run
+    steps, expert_s, _ = decode_steps(local, prompts, 12, lambda: experts[0])
+    backbone = statistics.quantiles([s - e for s, e in zip(steps, expert_s)], n=4)[0]
     rows_per_worker = args.seqs * cfg.top_k / args.workers  # per MoE layer
-    return statistics.median(steps) / (len(cfg.moe_layer_ids) * rows_per_worker)
+    return backbone / (len(cfg.moe_layer_ids) * rows_per_worker)
 
 
 def start_workers(args, placement, secret: str, per_row: float) -> list[subprocess.Popen]:
@@ -81,9 +96,10 @@ def measure(engine: LLMEngine, remote: RemoteExperts, prompts, args) -> dict:
             steps, waits, tokens[overlap] = decode_steps(engine, prompts, args.max_tokens, wait_s)
             runs[overlap][0].extend(steps)
             runs[overlap][1].extend(waits)
-    ms = {k: (1000 * statistics.median(s), 1000 * statistics.median(w)) for k, (s, w) in runs.items()}
-    (step_off, expert), (step_on, wait_on) = ms[False], ms[True]
-    backbone = step_off - expert
+    q1 = lambda xs: 1000 * statistics.quantiles(xs, n=4)[0]  # noqa: E731
+    steps_off, waits_off = runs[False]
+    backbone, expert = q1([s - w for s, w in zip(steps_off, waits_off)]), q1(waits_off)
+    step_off, step_on, wait_on = q1(steps_off), q1(runs[True][0]), q1(runs[True][1])
     return {"backbone_ms": round(backbone, 1), "expert_ms": round(expert, 1),
             "step_without_overlap_ms": round(step_off, 1), "step_with_overlap_ms": round(step_on, 1),
             "wait_with_overlap_ms": round(wait_on, 1),
@@ -100,8 +116,11 @@ def main() -> None:
     p.add_argument("--seqs", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--service-time-per-token", default="auto")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="the router's torch threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     _, _, cfg = open_model(args.model)
     secret = os.environ.get(ENV) or secrets.token_hex(16)
     placement = round_robin(cfg.experts(), args.workers)
@@ -115,7 +134,8 @@ def main() -> None:
         remote = RemoteExperts(Table(1, placement, refs), lambda ref: GrpcTransport(ref.address, secret))
         engine = LLMEngine.from_pretrained(args.model, experts=remote, max_num_seqs=args.seqs, max_model_len=512)
         result = {"workload": f"{args.seqs} sequences decoding, {args.workers} workers, "
-                              f"{1e6 * per_row:.0f} us per row{' (auto)' if auto else ''}",
+                              f"{1e6 * per_row:.0f} us per row{' (auto)' if auto else ''}, "
+                              f"{torch.get_num_threads()} router threads",
                   **measure(engine, remote, prompts, args)}
         remote.close()
     finally:
