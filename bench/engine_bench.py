@@ -1,6 +1,11 @@
 """Engine benchmark: our in-process engine vs transformers `generate`, same workloads, one run.
 
     .venv/bin/python bench/engine_bench.py [--model models/demo] [--prompts 32] [--max-tokens 128] [--json]
+    .venv/bin/python bench/engine_bench.py --model qwen3_moe-1b --prompts 16 --max-tokens 32
+
+`--model qwen3_moe-1b`: a random ~1B-parameter qwen3_moe checkpoint (16 layers, 64 experts,
+top-8, hidden 1024) that the script builds once under tmp/bench-models/ (saved in bf16 as real
+checkpoints are, with the demo model's tokenizer); both sides run it in fp32 on a CPU.
 
 Greedy decoding of prompts of 8-64 tokens of held-out code and prose, EOS
 ignored so both sides generate exactly the same tokens. Two workloads:
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,6 +32,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from demo_corpus import documents  # noqa: E402
 
 from cluster.engine import LLMEngine, SamplingParams  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILT = {"qwen3_moe-1b": dict(vocab_size=4096, hidden_size=1024, num_hidden_layers=16, num_attention_heads=16,
+                              num_key_value_heads=4, head_dim=64, moe_intermediate_size=288, intermediate_size=2816,
+                              num_experts=64, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+                              mlp_only_layers=[], max_position_embeddings=2048, tie_word_embeddings=False,
+                              bos_token_id=0, eos_token_id=0, pad_token_id=0)}
+
+
+def built_model(name: str) -> str:
+    """The checkpoint directory of a model this script builds (once), e.g. qwen3_moe-1b."""
+    out = ROOT / "tmp" / "bench-models" / name
+    if not (out / "config.json").exists():
+        from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(Qwen3MoeConfig(**BUILT[name]), dtype=torch.bfloat16)
+        print(f"built {name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters", file=sys.stderr)
+        model.save_pretrained(out)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(ROOT / "models" / "demo" / f, out / f)
+    return str(out)
 
 
 def make_prompts(engine: LLMEngine, count: int) -> list[list[int]]:
@@ -77,7 +105,7 @@ def compare(engine, hf_model, prompts, max_tokens: list[int], batch: int) -> dic
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="models/demo")
+    p.add_argument("--model", default="models/demo", help=f"a checkpoint directory, or one of {sorted(BUILT)}")
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--device", default="cpu", help="cpu or cuda (both sides run there)")
@@ -86,17 +114,18 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     n, m = args.prompts, args.max_tokens
-    engine = LLMEngine.from_pretrained(args.model, max_num_seqs=n, max_model_len=64 + 2 * m + 8, device=args.device)
-    hf_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device).eval()
+    path = built_model(args.model) if args.model in BUILT else args.model
+    engine = LLMEngine.from_pretrained(path, max_num_seqs=n, max_model_len=64 + 2 * m + 8, device=args.device)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(args.device).eval()
     prompts = make_prompts(engine, 2 * n)
     mixed = [16 + (2 * m - 16) * ((i * 37) % (2 * n)) // (2 * n - 1) for i in range(2 * n)]
-    result = {"threads": torch.get_num_threads(), "device": args.device,
+    result = {"model": args.model, "threads": torch.get_num_threads(), "device": args.device,
               "uniform": compare(engine, hf_model, prompts[:n], [m] * n, n),
               "mixed": compare(engine, hf_model, prompts, mixed, n)}
     if args.json:
         print(json.dumps(result))
         return
-    print(f"device: {args.device}, torch threads: {result['threads']}")
+    print(f"model: {args.model}, device: {args.device}, torch threads: {result['threads']}")
     for name in ("uniform", "mixed"):
         print(f"[{name}]")
         for k, v in result[name].items():

@@ -32,23 +32,25 @@ class ExpertLoadTracker:
     def record(self, routing: list[Routing]) -> None:
         if not routing:
             return
-        counts = torch.stack([torch.bincount(r.ids.reshape(-1).cpu(), minlength=self.num_experts)
-                              for r in routing])  # [L, E]
-        pairs = torch.stack([self._pairs(r.ids.cpu()) for r in routing])  # [L, E, E]
+        ids = torch.stack([r.ids for r in routing]).cpu()  # [L, T, K]: one copy to the host per step
+        e, layers = self.num_experts, ids.shape[0]
+        layer = torch.arange(layers)[:, None, None]  # [L, 1, 1]: each layer counts in its own range
+        counts = torch.bincount((ids + layer * e).reshape(-1), minlength=layers * e).view(layers, e)  # [L, E]
+        pairs = self._pairs(ids, layer)  # [L, E, E]
         with self._lock:
             self.ema.mul_(1 - self.alpha).add_(counts.double(), alpha=self.alpha)
             self.total += counts
             self.coactivation += pairs
             self.steps += 1
 
-    def _pairs(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [T, K] → [E, E] counts of (a, b), a != b, chosen for the same token."""
-        e, k = self.num_experts, ids.shape[1]
-        a = ids[:, :, None].expand(-1, k, k)  # [T, K, K]
-        b = ids[:, None, :].expand(-1, k, k)
+    def _pairs(self, ids: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
+        """ids [L, T, K] → [L, E, E] counts of (a, b), a != b, chosen for the same token."""
+        e, k, layers = self.num_experts, ids.shape[-1], ids.shape[0]
+        a = ids[..., :, None].expand(-1, -1, k, k)  # [L, T, K, K]
+        b = ids[..., None, :].expand(-1, -1, k, k)
         off_diagonal = ~torch.eye(k, dtype=torch.bool)
-        flat = (a * e + b)[:, off_diagonal].reshape(-1)
-        return torch.bincount(flat, minlength=e * e).view(e, e)
+        flat = ((layer[..., None] * e + a) * e + b)[:, :, off_diagonal].reshape(-1)
+        return torch.bincount(flat, minlength=layers * e * e).view(layers, e, e)
 
     def set_alpha(self, alpha: float) -> None:
         with self._lock:

@@ -23,6 +23,30 @@ def our_greedy_logits(engine: LLMEngine, prompt: list[int], steps: int) -> tuple
     return tokens, logits_per_step
 
 
+def run_recording_logits(engine: LLMEngine, prompts, params) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+    """Drive engine.step(), keeping each request's logits per step (rows follow the step's outputs).
+    params: one SamplingParams for all prompts, or one each."""
+    forward, seen = engine.model.forward, {}
+
+    def spy(batch, cache, rows=None):
+        logits, routing = forward(batch, cache, rows=rows)
+        spy.last = logits
+        return logits, routing
+
+    engine.model.forward = spy
+    try:
+        each = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [engine.add_request(p, sp) for p, sp in zip(prompts, each)]
+        tokens = {rid: [] for rid in ids}
+        while engine.has_unfinished():
+            for row, out in enumerate(engine.step()):
+                tokens[out.request_id].append(out.token_id)
+                seen.setdefault(out.request_id, []).append(spy.last[row].clone())
+    finally:
+        engine.model.forward = forward
+    return [tokens[r] for r in ids], [seen[r] for r in ids]
+
+
 def hf_greedy_logits(hf_model, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy decoding with transformers' own forward and KV cache: raw argmax, EOS not special
     (generate()'s min_new_tokens would mask EOS out of the choice)."""

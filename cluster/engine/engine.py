@@ -22,6 +22,8 @@ from cluster.generation_config import GenerationDefaults, read_generation_config
 from cluster.expert_load import ExpertLoadTracker
 from cluster.loader import load_backbone, load_experts, open_model, stderr_progress
 from cluster.model.batch import make_batch
+from cluster.model.cuda_graphs import DecodeGraphs
+from cluster.model.cuda_graphs import unsupported as cuda_graphs_unsupported
 from cluster.model.experts import ExpertExecutor, LocalExperts
 from cluster.model.kv_cache import KVCache
 from cluster.model.transformer import MoETransformer
@@ -67,7 +69,10 @@ class LLMEngine:
                  max_num_seqs: int = 64, max_model_len: int = 1024, max_num_batched_tokens: int = 4096,
                  device: str = "cpu", kv_cache_dtype=None, kv_cache_memory_bytes: int | None = None,
                  gpu_memory_utilization: float = 0.9, block_size: int = 16,
-                 generation: GenerationDefaults = GenerationDefaults(), no_tokenizer_reason: str | None = None):
+                 generation: GenerationDefaults = GenerationDefaults(), no_tokenizer_reason: str | None = None,
+                 cuda_graphs: bool | None = None):
+        """cuda_graphs: replay decode-only steps from CUDA graphs (None = auto: where the model allows it,
+        i.e. on a CUDA device with in-process grouped experts; True where it does not raises)."""
         self.cfg, self.model, self.tokenizer, self.device = cfg, model, tokenizer, device
         self.max_model_len = max_model_len
         self.dtype = model.weights.embed.dtype
@@ -83,14 +88,18 @@ class LLMEngine:
         self.stop_ids = tuple(dict.fromkeys(cfg.eos_token_ids + generation.eos_token_ids))  # config.json's first
         local = model.experts.experts.values() if isinstance(model.experts, LocalExperts) else ()  # remote: 0 here
         self.memory = memory_report(self.dtype, self.cache, model.weights.nbytes, sum(w.nbytes for w in local))
+        use_graphs = cuda_graphs if cuda_graphs is not None else cuda_graphs_unsupported(model) is None
+        self.graphs = DecodeGraphs(model, self.cache) if use_graphs else None
         self._ids = itertools.count()
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu", experts: ExpertExecutor | None = None,
                         max_model_len: int | None = None, show_progress: bool = False, dtype="auto",
-                        **kwargs) -> "LLMEngine":
-        """kwargs: max_num_seqs, max_num_batched_tokens, kv_cache_dtype (auto = dtype),
-        kv_cache_memory_bytes, gpu_memory_utilization, block_size."""
+                        overlap: bool | None = None, **kwargs) -> "LLMEngine":
+        """overlap: run each step as two micro-batches in ping-pong, so remote experts compute one
+        while the backbone runs the other (None = auto: on for remote experts, steps of ≥ 2 sequences).
+        kwargs: max_num_seqs, max_num_batched_tokens, kv_cache_dtype (auto = dtype),
+        kv_cache_memory_bytes, gpu_memory_utilization, block_size, cuda_graphs."""
         ckpt, family, cfg = open_model(path)
         dtype = resolve_dtype(dtype, device, cfg.checkpoint_dtype)
         progress = stderr_progress("loading backbone") if show_progress else None
@@ -102,7 +111,7 @@ class LLMEngine:
             if show_progress:
                 print(" done", file=sys.stderr)
         max_len = min(max_model_len or 2048, cfg.context_limit)
-        model = MoETransformer(cfg, backbone, experts, max_len, device)
+        model = MoETransformer(cfg, backbone, experts, max_len, device, overlap=overlap)
         return cls(cfg, model, TextTokenizer.from_checkpoint(path), max_model_len=max_len, device=device,
                    generation=read_generation_config(path), no_tokenizer_reason=missing_reason(path), **kwargs)
 
@@ -151,7 +160,7 @@ class LLMEngine:
         items = [(s.blocks, *s.next_input()) for s in seqs]
         batch = make_batch(items, self.cache.block_size, self.device)
         rows, prompt_rows = _logit_rows(batch, seqs)
-        logits, routing = self.model.forward(batch, self.cache, rows=rows)  # [B + P, V]
+        logits, routing = self._forward(batch, rows)  # [B + P, V]
         self.expert_load.record(routing)
         moe_rows = len(routing) * self.cfg.top_k
         logits = logits.float().cpu()
@@ -164,6 +173,10 @@ class LLMEngine:
             except Exception as e:  # noqa: BLE001 - one sequence's failure must not touch the others
                 outputs.append(self._fail(seq, e))
         return outputs
+
+    def _forward(self, batch, rows):
+        out = self.graphs.run(batch, rows) if self.graphs is not None else None
+        return out if out is not None else self.model.forward(batch, self.cache, rows=rows)
 
     def _next(self, seq: Sequence, i: int, logits, argmax: int, prompt_rows, routing, batch) -> StepOutput:
         scored = None

@@ -10,7 +10,7 @@ from cluster.engine.params import SamplingParams
 from cluster.engine.sampling import Sampled
 
 
-@dataclass
+@dataclass(eq=False)  # an entity: the scheduler's `in` / `remove` compare identity, not every field
 class Sequence:
     request_id: str
     prompt_ids: list[int]

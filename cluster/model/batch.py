@@ -8,7 +8,7 @@ Shapes: T rows, B decoding sequences, C context.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -49,36 +49,62 @@ class Batch:
         return tuple(c for c in self.chunks if c.num_tokens > 1)
 
 
-def _slots(table: list[int], num_tokens: int, block_size: int) -> Tensor:
-    pos = torch.arange(num_tokens)
-    return torch.tensor(table, dtype=torch.long)[pos // block_size] * block_size + pos % block_size
-
-
-def _decode_group(chunks: list[SeqChunk], host_slots: list[Tensor], device: str) -> DecodeGroup | None:
-    decodes = [(c, s) for c, s in zip(chunks, host_slots) if c.num_tokens == 1]
-    if not decodes:
-        return None
-    width = max(c.context_len for c, _ in decodes)
-    slots = torch.zeros(len(decodes), width, dtype=torch.long)  # [B, C], built on the host, moved once
-    for i, (c, s) in enumerate(decodes):
-        slots[i, :c.context_len] = s
-    as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
-    return DecodeGroup(as_long([c.start for c, _ in decodes]), as_long([c.context_len for c, _ in decodes]),
-                       slots.to(device))
+def _slot_grid(tables: list[list[int]], contexts: list[int], block_size: int) -> Tensor:
+    """[B, C] cache slot of every context position of every sequence (C the longest context), slot 0
+    past a sequence's end: built on the host in a few ops for the whole batch, moved once."""
+    width = max(contexts)
+    blocks = -(-width // block_size)
+    table = torch.tensor([t[:blocks] + [0] * (blocks - len(t[:blocks])) for t in tables], dtype=torch.long)
+    pos = torch.arange(width)
+    grid = table[:, pos // block_size] * block_size + pos % block_size  # [B, C]
+    return grid.masked_fill_(pos[None, :] >= torch.tensor(contexts)[:, None], 0)
 
 
 def make_batch(items: list[tuple[list[int], list[int], int]], block_size: int, device: str = "cpu") -> Batch:
     """items: (block table, new token ids, position of the first new token) per sequence."""
-    ids, pos, host_slots, chunks, last = [], [], [], [], []
-    for table, tokens, start_pos in items:
-        context = start_pos + len(tokens)
-        slots = _slots(table, context, block_size)  # [C]
-        chunks.append(SeqChunk(len(ids), len(tokens), context, slots.to(device)))
-        host_slots.append(slots)
+    ids, pos, owner, starts, contexts = [], [], [], [], []
+    for i, (_, tokens, start_pos) in enumerate(items):
+        starts.append(len(ids))
+        contexts.append(start_pos + len(tokens))
         ids += tokens
-        pos += range(start_pos, context)
-        last.append(len(ids) - 1)
-    slot_mapping = torch.cat([s[c.context_len - c.num_tokens:] for c, s in zip(chunks, host_slots)])  # [T]
+        pos += range(start_pos, start_pos + len(tokens))
+        owner += [i] * len(tokens)
+    host = _slot_grid([table for table, _, _ in items], contexts, block_size)  # [B, C]
+    grid = host.to(device)
+    chunks = tuple(SeqChunk(s, len(tokens), c, grid[i, :c])
+                   for i, (s, (_, tokens, _), c) in enumerate(zip(starts, items, contexts)))
     as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
-    return Batch(as_long(ids), as_long(pos), slot_mapping.to(device), tuple(chunks), as_long(last),
-                 _decode_group(chunks, host_slots, device))
+    decodes = [i for i, c in enumerate(chunks) if c.num_tokens == 1]
+    decode = None
+    if decodes:  # padded to the longest decoding context with slot 0 (masked out by the lengths)
+        width = max(contexts[i] for i in decodes)
+        decode = DecodeGroup(as_long([starts[i] for i in decodes]), as_long([contexts[i] for i in decodes]),
+                             grid[as_long(decodes), :width])
+    slot_mapping = host[torch.tensor(owner, dtype=torch.long), torch.tensor(pos, dtype=torch.long)]  # [T]
+    last = [s + len(tokens) - 1 for s, (_, tokens, _) in zip(starts, items)]
+    return Batch(as_long(ids), as_long(pos), slot_mapping.to(device), chunks, as_long(last), decode)
+
+
+def split_batch(batch: Batch, at: int) -> tuple[Batch, Batch]:
+    """Sequences [0, at) and [at, B) as two batches of their own, rows renumbered from 0 in each
+    (the overlap's micro-batches): the second's rows are the first's followed in the original."""
+    return _part(batch, 0, at), _part(batch, at, len(batch.chunks))
+
+
+def _part(batch: Batch, first: int, end: int) -> Batch:
+    chunks = batch.chunks[first:end]
+    r0, r1 = chunks[0].start, chunks[-1].start + chunks[-1].num_tokens
+    return Batch(batch.token_ids[r0:r1], batch.positions[r0:r1], batch.slot_mapping[r0:r1],
+                 tuple(replace(c, start=c.start - r0) for c in chunks), batch.last_rows[first:end] - r0,
+                 _decode_part(batch, first, end, r0))
+
+
+def _decode_part(batch: Batch, first: int, end: int, r0: int) -> DecodeGroup | None:
+    """The decode group's entries of sequences [first, end) (it lists decodes in sequence order),
+    padded only to their own longest context."""
+    mine = [c for c in batch.chunks[first:end] if c.num_tokens == 1]
+    if not mine:
+        return None
+    before = sum(c.num_tokens == 1 for c in batch.chunks[:first])
+    d, sel, width = batch.decode, slice(before, before + len(mine)), max(c.context_len for c in mine)
+    return DecodeGroup(d.rows[sel] - r0, d.lens[sel], d.context_slots[sel, :width])

@@ -3,20 +3,55 @@
 Shapes: T tokens, K top-k, N = T*K routed rows, E experts, D hidden.
 Dispatch is pure bookkeeping; the rows are sent to whoever computes the
 experts (in-process here, expert workers over the network in deployments/).
+Nothing here reads a value back to the host: a GPU step runs without a sync
+until the experts need one (remote experts do, to build their requests).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+
+class Counts(Sequence[int]):
+    """Rows per expert_id [E], left on the device that computed them.
+
+    In-process experts use `.tensor` (no host sync); a host reader (remote experts
+    building requests, copy choice) gets ints, read back once at its first read.
+    """
+
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor  # [E] int64
+        self._host: tuple[int, ...] | None = None
+
+    def host(self) -> tuple[int, ...]:
+        if self._host is None:
+            self._host = tuple(self.tensor.tolist())
+        return self._host
+
+    def __len__(self) -> int:
+        return self.tensor.shape[0]
+
+    def __getitem__(self, i):
+        return self.host()[i]
+
+    def __iter__(self):
+        return iter(self.host())
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and tuple(self) == tuple(other)
+
+    def __repr__(self) -> str:
+        return f"Counts({list(self)})"
 
 
 @dataclass(frozen=True)
 class DispatchPlan:
     order: Tensor  # [N] flat (token, k) index of each routed row, rows sorted by expert_id
     token_index: Tensor  # [N] token each routed row comes from
-    counts: tuple[int, ...]  # [E] rows per expert_id, in expert order
+    counts: Counts  # [E] rows per expert_id, in expert order
     num_tokens: int
 
 
@@ -25,8 +60,10 @@ def dispatch(ids: Tensor, num_experts: int) -> DispatchPlan:
     top_k = ids.shape[1] if ids.dim() == 2 else 1
     flat = ids.reshape(-1)  # [N]
     order = torch.argsort(flat, stable=True)  # [N]
-    counts = torch.bincount(flat, minlength=num_experts)  # [E]
-    return DispatchPlan(order, order // top_k, tuple(counts.tolist()), ids.shape[0])
+    # index_add_ rather than bincount: bincount sizes its output from the largest id (a host sync on CUDA)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=ids.device).index_add_(
+        0, flat, torch.ones_like(flat))  # [E]
+    return DispatchPlan(order, order // top_k, Counts(counts), ids.shape[0])
 
 
 def gather_rows(hidden: Tensor, plan: DispatchPlan) -> Tensor:

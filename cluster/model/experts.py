@@ -2,6 +2,12 @@
 
 `ExpertExecutor` is the seam between the MoE layer and where experts live:
 the in-process `LocalExperts` below, or remote expert workers (deployments/).
+The model passes counts as a `Counts` (dispatch.py): a Sequence[int] whose values
+stay on the device; in-process experts never read them back, remote ones read them
+once per layer (they need them on the host to build their requests).
+The model pipelines two micro-batches through the layers only when the experts are
+not a `LocalExperts` (transformer.py): in-process experts compute inside `submit`, so
+there would be nothing to overlap.
 """
 from __future__ import annotations
 
@@ -12,14 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cluster.model.dispatch import Counts
+from cluster.model.grouped import ExpertStack, run_stack, stack_layer
+from cluster.model.layers import swiglu
 from cluster.model.weights import MLPWeights
-
-
-def swiglu(x: Tensor, w: MLPWeights) -> Tensor:
-    """The gated MLP of every expert kind: a pure function of (weights, rows)."""
-    gate_up = F.linear(x, w.gate_up, w.gate_up_bias)  # [N, 2I]
-    gate, up = gate_up.chunk(2, dim=-1)  # [N, I] each
-    return F.linear(w.activation(gate, up), w.down, w.down_bias)  # [N, D]
 
 
 class PendingRows(Protocol):
@@ -50,25 +52,42 @@ class Done:
 
 
 class LocalExperts:
-    """Experts in this process: one matmul chain per expert that received rows.
+    """Experts in this process, stacked per layer (cluster/model/grouped.py): one grouped matmul per
+    projection where torch has one for the device and dtype, else one matmul chain per expert.
 
-    `add` and `remove` replace the whole dict (copy-on-write, under a lock so two
-    concurrent changes cannot lose one another): a call in flight keeps the dict it
-    started with, so copies can come and go while traffic flows.
+    `add` and `remove` restack the layers they touch and replace the whole state (copy-on-write,
+    under a lock so two concurrent changes cannot lose one another): a call in flight keeps the
+    stacks it started with, so copies can come and go while traffic flows. `experts` maps
+    (layer, expert_id) to views into the stacks: the weights are held once.
     """
 
     def __init__(self, experts: dict[tuple[int, int], MLPWeights]):
-        self.experts = experts
         self._lock = threading.Lock()
+        self._state: tuple[dict[tuple[int, int], MLPWeights], dict[int, ExpertStack]] = ({}, {})
+        self._restack(experts, {layer for layer, _ in experts})
+
+    @property
+    def experts(self) -> dict[tuple[int, int], MLPWeights]:
+        return self._state[0]
+
+    def _restack(self, experts: dict[tuple[int, int], MLPWeights], layers: set[int]) -> None:
+        stacks = dict(self._state[1])
+        for layer in layers:
+            held = {e: w for (lay, e), w in experts.items() if lay == layer}
+            stacks.pop(layer, None)
+            if held:
+                stacks[layer] = stack_layer(held)
+        views = {(layer, e): st.weights(s) for layer, st in stacks.items() for s, e in enumerate(st.expert_ids)}
+        self._state = (views, stacks)
 
     def add(self, experts: dict[tuple[int, int], MLPWeights]) -> None:
         with self._lock:
-            self.experts = {**self.experts, **experts}
+            self._restack({**self.experts, **experts}, {layer for layer, _ in experts})
 
     def remove(self, experts: list[tuple[int, int]]) -> None:
         gone = set(experts)
         with self._lock:
-            self.experts = {k: v for k, v in self.experts.items() if k not in gone}
+            self._restack({k: v for k, v in self.experts.items() if k not in gone}, {layer for layer, _ in gone})
 
     def begin_step(self) -> None:
         pass
@@ -79,22 +98,42 @@ class LocalExperts:
     def held(self) -> list[tuple[int, int]]:
         return sorted(self.experts)
 
+    @property
+    def grouped(self) -> bool:
+        """Every layer runs as grouped matmuls: no step of this executor reads counts on the host."""
+        return all(st.grouped for st in self._state[1].values())
+
     def submit(self, layer: int, rows: Tensor, counts: Sequence[int]) -> Done:
         return Done(self.run(layer, rows, counts))
 
     def run(self, layer: int, rows: Tensor, counts: Sequence[int]) -> Tensor:
+        stack = self._state[1].get(layer)
+        if stack is not None and stack.expert_ids == tuple(range(len(counts))):  # the whole layer: slot = id
+            return run_stack(rows, stack, counts.tensor if isinstance(counts, Counts) else counts)
         return self.run_subset(layer, rows, range(len(counts)), counts)
 
     def run_subset(self, layer: int, rows: Tensor, expert_ids: Sequence[int], counts: Sequence[int]) -> Tensor:
         """rows grouped by expert: the first counts[0] rows go to expert_ids[0], and so on.
         Rows arrive in the caller's dtype and are computed in the experts' (they may differ)."""
-        experts, out = self.experts, torch.empty_like(rows)
-        start = 0
+        stack = self._state[1].get(layer)
+        groups, start = [], 0  # (slot, first row, rows) of each expert with rows
         for expert_id, n in zip(expert_ids, counts):
             if n:
-                w = experts[(layer, expert_id)]
-                out[start:start + n] = swiglu(rows[start:start + n].to(w.down.dtype), w).to(rows.dtype)
+                if stack is None or expert_id not in stack.slot:
+                    raise KeyError((layer, expert_id))
+                groups.append((stack.slot[expert_id], start, n))
                 start += n
+        if not groups:
+            return torch.empty_like(rows)
+        per_slot = [0] * len(stack.expert_ids)
+        for s, _, n in groups:
+            per_slot[s] += n
+        ordered = sorted(groups, key=lambda g: g[0])  # stable: an expert's rows keep their order
+        if ordered == groups:
+            return run_stack(rows, stack, per_slot)
+        perm = torch.cat([torch.arange(s0, s0 + n, device=rows.device) for _, s0, n in ordered])  # [N]
+        out = torch.empty_like(rows)
+        out[perm] = run_stack(rows.index_select(0, perm), stack, per_slot)
         return out
 
 

@@ -1,9 +1,13 @@
-"""Norms (Hugging Face conventions): the statistics are always taken in fp32."""
+"""Norms (Hugging Face conventions: the statistics are always taken in fp32) and the gated MLP.
+
+Shapes: N rows, D hidden, I intermediate."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from cluster.model.weights import MLPWeights
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -20,3 +24,10 @@ def norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, kind: str) 
         return F.layer_norm(x.float(), x.shape[-1:], weight.float(), None if bias is None else bias.float(),
                             eps).to(x.dtype)
     return rms_norm(x, weight, eps)
+
+
+def swiglu(x: Tensor, w: MLPWeights) -> Tensor:
+    """The gated MLP of every expert kind: a pure function of (weights, rows)."""
+    gate_up = F.linear(x, w.gate_up, w.gate_up_bias)  # [N, 2I]
+    gate, up = gate_up.chunk(2, dim=-1)  # [N, I] each
+    return F.linear(w.activation(gate, up), w.down, w.down_bias)  # [N, D]

@@ -1,6 +1,10 @@
 """The MoE block as four named steps: route → dispatch → expert compute → combine.
 
 Shapes: T tokens, K top-k, N = T*K rows, D hidden, E experts.
+`moe_begin` runs up to sending the rows to the experts and returns at once when
+they are remote; `MoEInFlight.finish` computes the shared expert meanwhile, then
+waits and combines. Between the two the caller may run other work: the other
+micro-batch's attention (overlap.py).
 """
 from __future__ import annotations
 
@@ -10,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cluster.model.dispatch import combine, dispatch, gather_rows
-from cluster.model.experts import ExpertExecutor, swiglu
+from cluster.model.dispatch import DispatchPlan, combine, dispatch, gather_rows
+from cluster.model.experts import ExpertExecutor, PendingRows
 from cluster.model.gating import Gating, route
+from cluster.model.layers import swiglu
 from cluster.model.weights import LayerWeights
 
 
@@ -25,16 +30,36 @@ class Routing:
     weights: Tensor  # [T, K]
 
 
-def moe_block(x: Tensor, w: LayerWeights, layer: int, gating: Gating, experts: ExpertExecutor,
-              gate_fp32: bool = False) -> tuple[Tensor, Routing]:
+@dataclass(frozen=True)
+class MoEInFlight:
+    """A MoE block whose routed rows are with the experts."""
+
+    x: Tensor  # [T, D] the block's input (for the shared expert)
+    w: LayerWeights
+    plan: DispatchPlan
+    routing: Routing
+    pending: PendingRows
+
+    def finish(self) -> tuple[Tensor, Routing]:
+        w = self.w
+        shared = None
+        if w.shared is not None:  # before waiting: it overlaps the routed experts when they are remote
+            shared = swiglu(self.x, w.shared)  # [T, D]
+            if w.shared_expert_gate is not None:
+                shared = torch.sigmoid(F.linear(self.x, w.shared_expert_gate)) * shared
+        out = combine(self.pending.result(), self.plan, self.routing.weights)  # [T, D]
+        return (out if shared is None else out + shared), self.routing
+
+
+def moe_begin(x: Tensor, w: LayerWeights, layer: int, gating: Gating, experts: ExpertExecutor,
+              gate_fp32: bool = False) -> MoEInFlight:
     logits = F.linear(x.float() if gate_fp32 else x, w.gate, w.gate_logits_bias)  # [T, E]
     weights, ids = route(logits, gating, w.gate_bias)  # [T, K]
     plan = dispatch(ids, w.gate.shape[0])
-    rows = experts.run(layer, gather_rows(x, plan), plan.counts)  # [N, D]
-    out = combine(rows, plan, weights)  # [T, D]
-    if w.shared is not None:
-        shared = swiglu(x, w.shared)  # [T, D]
-        if w.shared_expert_gate is not None:
-            shared = torch.sigmoid(F.linear(x, w.shared_expert_gate)) * shared
-        out = out + shared
-    return out, Routing(layer, ids, weights)
+    pending = experts.submit(layer, gather_rows(x, plan), plan.counts)  # [N, D] once done
+    return MoEInFlight(x, w, plan, Routing(layer, ids, weights), pending)
+
+
+def moe_block(x: Tensor, w: LayerWeights, layer: int, gating: Gating, experts: ExpertExecutor,
+              gate_fp32: bool = False) -> tuple[Tensor, Routing]:
+    return moe_begin(x, w, layer, gating, experts, gate_fp32).finish()

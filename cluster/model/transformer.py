@@ -2,6 +2,8 @@
 
 Shapes: T rows of the ragged batch, B sequences, D hidden, V vocab.
 The model knows nothing of Ray: where experts run is the ExpertExecutor's business.
+With `overlap` the layers run as two micro-batches in ping-pong (overlap.py), so
+remote experts compute one micro-batch while the router computes the other.
 """
 from __future__ import annotations
 
@@ -12,46 +14,71 @@ from torch import Tensor
 from cluster.config import ModelConfig
 from cluster.model.attention import attention
 from cluster.model.batch import Batch
-from cluster.model.experts import ExpertExecutor, swiglu
+from cluster.model.experts import ExpertExecutor, LocalExperts
 from cluster.model.kv_cache import KVCache
-from cluster.model.layers import norm
+from cluster.model.layers import norm, swiglu
 from cluster.model.mla import mla_attention
-from cluster.model.moe import Routing, moe_block
+from cluster.model.moe import Routing, moe_begin
+from cluster.model.overlap import MicroBatch, merged, micro_batches
 from cluster.model.rope import Rotary
-from cluster.model.weights import BackboneWeights
+from cluster.model.weights import BackboneWeights, LayerWeights
 
 
 class MoETransformer:
     def __init__(self, cfg: ModelConfig, weights: BackboneWeights, experts: ExpertExecutor,
-                 max_len: int, device: str = "cpu"):
+                 max_len: int, device: str = "cpu", overlap: bool | None = None):
+        """overlap: pipeline two micro-batches through the layers (steps of ≥ 2 sequences); None = auto:
+        on unless the experts are in-process (they compute inside `submit`: nothing to overlap)."""
         self.cfg, self.weights, self.experts = cfg, weights, experts
+        self.overlap = not isinstance(experts, LocalExperts) if overlap is None else overlap
         self.rotary = Rotary(cfg.rope, max_len, device)
+        self._attend = mla_attention if cfg.attention == "mla" else attention
 
     def _norm(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return norm(x, weight, bias, self.cfg.rms_norm_eps, self.cfg.norm)
+
+    def _residual(self, x: Tensor, h: Tensor) -> Tensor:
+        scale = self.cfg.residual_multiplier
+        return x + (h * scale if scale != 1.0 else h)
 
     @torch.inference_mode()
     def forward(self, batch: Batch, cache: KVCache, rows: Tensor | None = None) -> tuple[Tensor, list[Routing]]:
         """Run the batch's new tokens; return the logits of `rows` (default: each chunk's last token,
         [B, V]) and the routing."""
-        cfg, scale = self.cfg, self.cfg.residual_multiplier
+        cfg = self.cfg
         self.experts.begin_step()
         x = self.weights.embed[batch.token_ids]  # [T, D]
         if cfg.embedding_multiplier != 1.0:
             x = x * cfg.embedding_multiplier
-        routing, rope = [], self.rotary.at(batch.positions, batch.chunks)
-        attend = mla_attention if cfg.attention == "mla" else attention
+        parts = micro_batches(batch, x, self.rotary.at(batch.positions, batch.chunks), self.overlap)
         for layer, w in enumerate(self.weights.layers):
-            h = attend(self._norm(x, w.attn_norm, w.attn_norm_bias), w.attn, cfg, layer, batch, cache, rope)
-            x = x + (h * scale if scale != 1.0 else h)
-            h = self._norm(x, w.mlp_norm, w.mlp_norm_bias)
-            if w.gate is None:
-                h = swiglu(h, w.dense)
-            else:
-                h, r = moe_block(h, w, layer, cfg.gating, self.experts, cfg.gate_fp32)
-                routing.append(r)
-            x = x + (h * scale if scale != 1.0 else h)
+            for part in parts:
+                self._layer(part, layer, w, cache)
+        for part in parts:
+            self._finish_moe(part)
+        x, routing = merged(parts)
         last = self._norm(x[batch.last_rows if rows is None else rows], self.weights.final_norm,
                           self.weights.final_norm_bias)  # [B, D]
         logits = F.linear(last, self.weights.lm_head, self.weights.lm_head_bias).float()  # [B, V]
         return (logits / cfg.logits_scaling if cfg.logits_scaling != 1.0 else logits), routing
+
+    def _layer(self, part: MicroBatch, layer: int, w: LayerWeights, cache: KVCache) -> None:
+        """One micro-batch through one layer: first the previous layer's MoE output (in flight while
+        the other micro-batch ran), then attention, then this layer's MLP or the start of its MoE."""
+        cfg = self.cfg
+        self._finish_moe(part)
+        h = self._attend(self._norm(part.x, w.attn_norm, w.attn_norm_bias), w.attn, cfg, layer, part.batch, cache,
+                         part.rope)
+        part.x = self._residual(part.x, h)
+        h = self._norm(part.x, w.mlp_norm, w.mlp_norm_bias)
+        if w.gate is None:
+            part.x = self._residual(part.x, swiglu(h, w.dense))
+        else:
+            part.in_flight = moe_begin(h, w, layer, cfg.gating, self.experts, cfg.gate_fp32)
+
+    def _finish_moe(self, part: MicroBatch) -> None:
+        if part.in_flight is not None:
+            h, routing = part.in_flight.finish()
+            part.in_flight = None
+            part.routing.append(routing)
+            part.x = self._residual(part.x, h)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from cluster.engine import InvalidRequest, LLMEngine, SamplingParams
+from tests.helpers import run_recording_logits
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
@@ -12,35 +13,13 @@ def engine(checkpoint_factory):
     return LLMEngine.from_pretrained(str(checkpoint_factory("qwen2_moe")), max_num_seqs=16, max_model_len=256)
 
 
-def _run_recording_logits(engine, prompts, params):
-    """Drive engine.step(), keeping each request's logits per step (rows follow the step's outputs)."""
-    forward, seen = engine.model.forward, {}
-
-    def spy(batch, cache, rows=None):
-        logits, routing = forward(batch, cache, rows=rows)
-        spy.last = logits
-        return logits, routing
-
-    engine.model.forward = spy
-    try:
-        ids = [engine.add_request(p, params) for p in prompts]
-        tokens = {rid: [] for rid in ids}
-        while engine.has_unfinished():
-            for row, out in enumerate(engine.step()):
-                tokens[out.request_id].append(out.token_id)
-                seen.setdefault(out.request_id, []).append(spy.last[row].clone())
-    finally:
-        engine.model.forward = forward
-    return [tokens[r] for r in ids], [seen[r] for r in ids]
-
-
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
 def test_batch_of_8_equals_each_prompt_alone(checkpoint_factory, family):
     engine = LLMEngine.from_pretrained(str(checkpoint_factory(family)), max_num_seqs=16, max_model_len=256)
     prompts = [[(7 * i + j) % 120 + 1 for j in range(n)] for i, n in enumerate([1, 3, 9, 17, 30, 4, 55, 2])]
-    batched_tokens, batched_logits = _run_recording_logits(engine, prompts, GREEDY)
+    batched_tokens, batched_logits = run_recording_logits(engine, prompts, GREEDY)
     for prompt, tokens, logits in zip(prompts, batched_tokens, batched_logits):
-        alone_tokens, alone_logits = _run_recording_logits(engine, [prompt], GREEDY)
+        alone_tokens, alone_logits = run_recording_logits(engine, [prompt], GREEDY)
         assert tokens == alone_tokens[0]
         worst = max((a - b).abs().max().item() for a, b in zip(logits, alone_logits[0]))
         assert worst < 1e-5, worst

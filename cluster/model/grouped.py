@@ -1,0 +1,109 @@
+"""Grouped expert compute: one layer's experts as stacked tensors, one grouped matmul per projection.
+
+Shapes: N rows sorted by expert, S experts held in the stack (slot s holds
+expert_ids[s]), D hidden, I expert intermediate.
+
+The per-expert loop (`swiglu` on each expert's rows) launches two matmuls per
+expert that got rows and needs the counts on the host; `torch.nn.functional.grouped_mm`
+takes the counts as device offsets, so a layer costs two matmul calls whatever E is
+and a GPU step never waits for the host. It is used where this torch supports it
+for the stack's device, dtype and shapes (probed once per stack: CPU for any float
+dtype, CUDA SM80+ in bf16 at least, dims a multiple of 16 bytes); elsewhere the loop.
+On this project's CPU it measured as fast as or faster than the loop and a padded
+bmm (bench/expert_compute_bench.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cluster.model.layers import swiglu
+from cluster.model.weights import ExpertActivation, MLPWeights
+
+
+@dataclass(frozen=True)
+class ExpertStack:
+    """One layer's held experts stacked along a slot dimension (expert_ids ascending)."""
+
+    expert_ids: tuple[int, ...]  # [S]
+    slot: Mapping[int, int]  # expert_id → its slot
+    gate_up: Tensor  # [S, 2I, D]
+    down: Tensor  # [S, D, I]
+    gate_up_bias: Tensor | None  # [S, 2I]
+    down_bias: Tensor | None  # [S, D]
+    activation: ExpertActivation
+    grouped: bool  # grouped_mm works here; False: the per-expert loop
+
+    def weights(self, s: int) -> MLPWeights:
+        """Slot s as an MLPWeights of views into the stack (no copy)."""
+        bias = lambda t: None if t is None else t[s]  # noqa: E731
+        return MLPWeights(self.gate_up[s], self.down[s], bias(self.gate_up_bias), bias(self.down_bias),
+                          self.activation)
+
+
+def stack_layer(experts: dict[int, MLPWeights]) -> ExpertStack:
+    """expert_id → weights of one layer (same shapes, dtype and device) → one stack."""
+    ids = tuple(sorted(experts))
+    ws = [experts[e] for e in ids]
+    maybe = lambda ts: None if ts[0] is None else torch.stack(ts)  # noqa: E731
+    stack = ExpertStack(ids, {e: s for s, e in enumerate(ids)}, torch.stack([w.gate_up for w in ws]), torch.stack([w.down for w in ws]),
+                        maybe([w.gate_up_bias for w in ws]), maybe([w.down_bias for w in ws]), ws[0].activation,
+                        grouped=False)
+    return replace(stack, grouped=_grouped_works(stack))
+
+
+def _grouped_works(stack: ExpertStack) -> bool:
+    """Whether grouped_mm runs on this stack's device, dtype and shapes (and equals the loop on one row)."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    row = torch.ones(1, stack.gate_up.shape[-1], dtype=stack.gate_up.dtype, device=stack.gate_up.device)
+    counts = torch.zeros(len(stack.expert_ids), dtype=torch.long, device=row.device)
+    counts[0] = 1
+    try:
+        got = grouped_swiglu(row, stack, counts)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    want = swiglu_loop(row, stack, [1] + [0] * (len(counts) - 1))
+    return bool(torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2))
+
+
+def _bias(out: Tensor, bias: Tensor | None, counts: Tensor) -> Tensor:
+    if bias is None:
+        return out
+    slot = torch.repeat_interleave(torch.arange(bias.shape[0], device=out.device), counts,
+                                   output_size=out.shape[0])  # [N]; output_size: no host sync
+    return out + bias.index_select(0, slot)
+
+
+def grouped_swiglu(rows: Tensor, stack: ExpertStack, counts: Tensor) -> Tensor:
+    """rows [N, D] sorted by slot, counts [S] rows per slot (on the rows' device) → [N, D]."""
+    offs = counts.cumsum(0).to(torch.int32)  # [S] end of each slot's rows
+    gate_up = F.grouped_mm(rows, stack.gate_up.transpose(1, 2), offs=offs)  # [N, 2I]
+    gate, up = _bias(gate_up, stack.gate_up_bias, counts).chunk(2, dim=-1)  # [N, I] each
+    out = F.grouped_mm(stack.activation(gate, up).contiguous(), stack.down.transpose(1, 2), offs=offs)  # [N, D]
+    return _bias(out, stack.down_bias, counts)
+
+
+def swiglu_loop(rows: Tensor, stack: ExpertStack, counts: Sequence[int]) -> Tensor:
+    """The per-expert loop over the same stack (host counts per slot)."""
+    out, start = torch.empty_like(rows), 0
+    for s, n in enumerate(counts):
+        if n:
+            out[start:start + n] = swiglu(rows[start:start + n], stack.weights(s))
+            start += n
+    return out
+
+
+def run_stack(rows: Tensor, stack: ExpertStack, counts: Tensor | Sequence[int]) -> Tensor:
+    """Rows sorted by slot → outputs, computed in the stack's dtype and returned in the rows'."""
+    x = rows.to(stack.gate_up.dtype)
+    if stack.grouped:
+        counts = counts if isinstance(counts, Tensor) else torch.tensor(list(counts), device=x.device)
+        out = grouped_swiglu(x.contiguous(), stack, counts.to(x.device))
+    else:
+        out = swiglu_loop(x, stack, counts.tolist() if isinstance(counts, Tensor) else counts)
+    return out.to(rows.dtype)
