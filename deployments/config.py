@@ -110,7 +110,8 @@ class AppConfig(_Options):
     max_num_batched_tokens: int = Field(4096, ge=1, description="prompt tokens admitted per step")
     overlap: Literal["auto", "on", "off"] = Field("auto", description="run each step as two micro-batches in "
                                                   "ping-pong, so expert workers compute one while the router "
-                                                  "computes the other; auto = on when the experts are remote")
+                                                  "computes the other; auto = on when the experts are remote and the "
+                                                  "router runs on a GPU")
     worker: WorkerOptions = Field(default_factory=WorkerOptions)
     pool: PoolOptions = Field(default_factory=PoolOptions)
     autoscaler: AutoscalePolicy | None = Field(None, description="hot-expert autoscaling policy (inline); "

@@ -97,7 +97,7 @@ class LLMEngine:
                         max_model_len: int | None = None, show_progress: bool = False, dtype="auto",
                         overlap: bool | None = None, **kwargs) -> "LLMEngine":
         """overlap: run each step as two micro-batches in ping-pong, so remote experts compute one
-        while the backbone runs the other (None = auto: on for remote experts, steps of ≥ 2 sequences).
+        while the backbone runs the other (None = auto: on for remote experts on a GPU router, steps of ≥ 2 sequences).
         kwargs: max_num_seqs, max_num_batched_tokens, kv_cache_dtype (auto = dtype),
         kv_cache_memory_bytes, gpu_memory_utilization, block_size, cuda_graphs."""
         ckpt, family, cfg = open_model(path)

@@ -28,9 +28,13 @@ class MoETransformer:
     def __init__(self, cfg: ModelConfig, weights: BackboneWeights, experts: ExpertExecutor,
                  max_len: int, device: str = "cpu", overlap: bool | None = None):
         """overlap: pipeline two micro-batches through the layers (steps of ≥ 2 sequences); None = auto:
-        on unless the experts are in-process (they compute inside `submit`: nothing to overlap)."""
+        on for remote experts and a GPU router. Off for in-process experts (they compute inside
+        `submit`: nothing to overlap) and on a CPU router, where the split costs more backbone time
+        than it hides unless the experts dominate (served demo on 2 cores: 692 tok/s on, 763 off;
+        docs/benchmarks.md)."""
         self.cfg, self.weights, self.experts = cfg, weights, experts
-        self.overlap = not isinstance(experts, LocalExperts) if overlap is None else overlap
+        auto = not isinstance(experts, LocalExperts) and device.startswith("cuda")
+        self.overlap = auto if overlap is None else overlap
         self.rotary = Rotary(cfg.rope, max_len, device)
         self._attend = mla_attention if cfg.attention == "mla" else attention
 

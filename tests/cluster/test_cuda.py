@@ -116,3 +116,18 @@ def test_engine_with_cuda_graphs_generates_like_without(checkpoint_factory):
     # the first token comes from the (eager) prefill, the second from a replayed graph; later ones may
     # differ in bf16 on near-ties (the padded shapes round differently): the teacher-forced test checks them
     assert [o.token_ids[:2] for o in a] == [o.token_ids[:2] for o in b]
+
+
+def test_overlap_is_on_by_default_for_remote_experts_on_a_gpu_router(checkpoint_factory):
+    """Auto: on for remote experts on a GPU (off on a CPU router, tests/cluster/test_overlap.py), same output."""
+    from tests.cluster.test_overlap import Recorder
+
+    path = str(checkpoint_factory("mixtral"))
+    plain = LLMEngine.from_pretrained(path, device="cuda", max_num_seqs=4, max_model_len=128, overlap=False)
+    deferred = LLMEngine.from_pretrained(path, device="cuda", max_num_seqs=4, max_model_len=128,
+                                         experts=Recorder(plain.model.experts))
+    assert deferred.model.overlap and not plain.model.overlap
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = [PROMPT, PROMPT[:2], PROMPT[1:]]
+    assert [o.token_ids for o in deferred.generate(prompts, params)] == \
+        [o.token_ids for o in plain.generate(prompts, params)]

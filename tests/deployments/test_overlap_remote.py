@@ -1,6 +1,8 @@
 """Overlap with real expert workers (standalone processes, RemoteExperts over gRPC): the same greedy
 output as the in-process engine with and without the two micro-batches, and a worker killed during
 overlapped decoding loses no request when a second copy exists."""
+import functools
+
 import pytest
 
 from cluster.engine import LLMEngine
@@ -9,7 +11,7 @@ from cluster.placement import Placement, Table
 from deployments.experts.remote import RemoteExperts
 from tests.cluster.test_overlap import PARAMS, PROMPTS
 from tests.deployments.standalone import worker_ref
-from tests.deployments.test_data_plane import connect, workers  # noqa: F401 - workers is a fixture
+from tests.deployments.test_data_plane import KINDS, connect, kind, workers  # noqa: F401 - fixtures
 
 
 def _every_expert_twice(model: str) -> Placement:
@@ -17,9 +19,9 @@ def _every_expert_twice(model: str) -> Placement:
     return Placement((tuple(cfg.experts()), tuple(cfg.experts())))
 
 
-def _remote_engine(model: str, placement: Placement, procs, overlap: bool | None = None, **kw):
+def _remote_engine(model: str, placement: Placement, procs, overlap: bool | None = None, kind="grpc", **kw):
     refs = tuple(worker_ref(p) for p in procs)
-    remote = RemoteExperts(Table(1, placement, refs), connect, **kw)
+    remote = RemoteExperts(Table(1, placement, refs), functools.partial(connect, kind=kind), **kw)
     engine = LLMEngine.from_pretrained(model, experts=remote, max_num_seqs=4, max_model_len=128, overlap=overlap)
     return engine, remote
 
@@ -29,11 +31,11 @@ def _expected(model: str) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
-def test_same_output_with_and_without_overlap(checkpoint_factory, workers, family):
+def test_same_output_with_and_without_overlap(checkpoint_factory, workers, family, kind):
     model = str(checkpoint_factory(family))
     placement = _every_expert_twice(model)
-    engine, remote = _remote_engine(model, placement, workers(model, placement.workers))
-    assert engine.model.overlap  # auto: remote experts
+    engine, remote = _remote_engine(model, placement, workers(model, placement.workers), overlap=True, kind=kind)
+    assert all(isinstance(remote.transports.get(w, ref), KINDS[kind]) for w, ref in enumerate(remote.table.workers))
     try:
         expected = _expected(model)
         assert [o.token_ids for o in engine.generate(PROMPTS, PARAMS)] == expected
