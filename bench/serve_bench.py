@@ -6,7 +6,9 @@ same workload through the in-process engine, in one run.
 
 Prints throughput, time to first token and inter-token latency (p50/p99), where
 the router's decode-step time went (backbone compute, waiting on expert
-workers, serialisation), and distributed ÷ in-process throughput.
+workers, serialisation), the CPU milliseconds each kind of process spent per
+streamed token (Serve's proxy and the ingress: HTTP, SSE and Serve's streaming
+path), and distributed ÷ in-process throughput.
 """
 from __future__ import annotations
 
@@ -55,18 +57,56 @@ async def _all_streams(url: str, prompts: list[list[int]], max_tokens: int):
         return await asyncio.gather(*(stream_one(session, url, p, max_tokens) for p in prompts))
 
 
+def cpu_seconds_by_role() -> dict[str, float]:
+    """CPU seconds (user + system) so far of each kind of process on this machine: Serve's proxy, each
+    deployment's replicas (ray::ServeReplica:<app>:<deployment>), the load generator (this process)."""
+    try:
+        import psutil  # comes with the test extras (accelerate)
+    except ImportError:
+        return {}
+    out: dict[str, float] = {}
+    me = psutil.Process()
+    for proc in psutil.process_iter(["name", "cmdline", "cpu_times"]):
+        role = _role(proc.info["name"] or "", (proc.info["cmdline"] or [""])[0], proc.pid == me.pid)
+        if role and proc.info["cpu_times"] is not None:
+            out[role] = out.get(role, 0.0) + proc.info["cpu_times"].user + proc.info["cpu_times"].system
+    return out
+
+
+def _role(name: str, title: str, mine: bool) -> str | None:
+    if mine:
+        return "load generator (this process)"
+    if name in ("raylet", "gcs_server"):
+        return name
+    if "ServeReplica:" in title:  # SERVE_REPLICA::app#deployment#id:ServeReplica:app:deployment.method
+        deployment = title.split("ServeReplica:", 1)[1].split(":", 1)[-1].split(".", 1)[0]
+        return "expert workers (all)" if deployment.startswith("expert-worker") else deployment
+    return title[5:].split(" ")[0] if title.startswith("ray::") else None
+
+
+def cpu_ms_per_token(before: dict[str, float], after: dict[str, float], tokens: int) -> dict[str, float]:
+    """Where the machine's CPU went, per streamed token: the proxy and the ingress are the cost of
+    HTTP, SSE and Serve's streaming path; the router's is the engine's; the workers', the experts'."""
+    spent = {role: after[role] - before.get(role, 0.0) for role in after}
+    return {role: round(1000 * s / tokens, 3) for role, s in sorted(spent.items(), key=lambda kv: -kv[1]) if s > 0.01}
+
+
 def run_clients(url: str, prompts: list[list[int]], max_tokens: int) -> dict:
     before = requests.get(f"{url}/admin/stats", timeout=30).json()
+    cpu_before = cpu_seconds_by_role()
     t0 = time.perf_counter()
     results = asyncio.run(_all_streams(url, prompts, max_tokens))
     seconds = time.perf_counter() - t0
+    cpu_after = cpu_seconds_by_role()
     time.sleep(1.5)  # router counters reach /admin/stats with their next report (every 0.5 s)
     after = requests.get(f"{url}/admin/stats", timeout=30).json()
     ttft = [r[0] for r in results]
     itl = [g for r in results for g in r[1]]
-    return {"tokens_per_s": round(len(prompts) * max_tokens / seconds, 1),
+    tokens = len(prompts) * max_tokens
+    return {"tokens_per_s": round(tokens / seconds, 1),
             "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99),
-            "itl_ms_p50": pct(itl, 50), "itl_ms_p99": pct(itl, 99), "breakdown": breakdown(before, after)}
+            "itl_ms_p50": pct(itl, 50), "itl_ms_p99": pct(itl, 99), "breakdown": breakdown(before, after),
+            "cpu_ms_per_token": cpu_ms_per_token(cpu_before, cpu_after, tokens)}
 
 
 def breakdown(before: dict, after: dict) -> dict:

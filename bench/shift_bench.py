@@ -39,7 +39,7 @@ from cluster.tokenizer import TextTokenizer  # noqa: E402
 from tools.demo_corpus import documents  # noqa: E402
 
 BALANCED = 1.15
-ONLINE = {"enabled": True, "interval_s": 1, "window_steps": 20, "hot_threshold": BALANCED, "min_gain": 0.03,
+ONLINE = {"enabled": True, "interval_s": 1, "window_steps": 20, "hot_threshold": BALANCED, "min_gain": 0.05,
           "cooldown_s": 3, "max_copies_per_expert": 4, "switch_timeout_s": 30}
 
 
