@@ -126,6 +126,9 @@ class AppConfig(_Options):
                                                               "DEADLINE_EXCEEDED and its work is released")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="HTTP bodies and gRPC prompts larger than this get "
                                                               "413 / RESOURCE_EXHAUSTED")
+    stream_interval: int = Field(1, ge=1, le=64, description="a stream's tokens travel from its router in groups "
+                                 "of this many (the first at once, the last when it ends), as vLLM's and SGLang's "
+                                 "--stream-interval: fewer messages per token, at the cost of burstier streams")
     engine_step_delay_s: float = Field(0.0, ge=0, le=5, description="testing only: sleep this long before every "
                                        "engine step (makes time-dependent tests independent of the machine)")
 

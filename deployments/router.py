@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+from typing import AsyncIterator
 
 import ray
 from ray import serve
@@ -32,6 +33,21 @@ def _replica_id() -> str:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # noqa: BLE001 - outside Serve (tests)
         return f"router-{id(object())}"
+
+
+async def grouped(batches: AsyncIterator[list], size: int) -> AsyncIterator[list]:
+    """The outputs of `batches` in lists of at least `size` (the first list at once, for the time to
+    first token; the rest when `size` outputs are waiting, or the stream ends): each list is one
+    message to the ingress and one write to the client, so a larger size means fewer of both."""
+    waiting: list = []
+    first = True
+    async for batch in batches:
+        waiting.extend(batch)
+        if waiting and (first or len(waiting) >= size):
+            yield waiting
+            waiting, first = [], False
+    if waiting:
+        yield waiting
 
 
 class Router:
@@ -71,7 +87,7 @@ class Router:
             yield []  # admitted: the ingress can send its response headers now
             skip = req.skip
             async with contextlib.aclosing(self.engine.generate(req.prompt_ids, req.params)) as outputs:
-                async for batch in outputs:
+                async for batch in grouped(outputs, self.cfg.stream_interval):
                     if skip:
                         drop = min(skip, len(batch))
                         batch, skip = batch[drop:], skip - drop

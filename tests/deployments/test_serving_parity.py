@@ -57,3 +57,18 @@ def test_deepseek_through_two_workers(cluster, checkpoint_factory, family):
     got = concurrently(lambda i: list(stub.Complete(grpc_request(ID_PROMPTS[i], MAX_TOKENS[i]), timeout=120).token_ids),
                        range(len(ID_PROMPTS)))
     assert got == expected
+
+
+def test_stream_interval_leaves_the_output_unchanged(cluster):
+    """stream_interval 4: a router sends a stream's tokens four at a time (the first at once); every
+    API still gives every token, in order (the grouping itself: test_serving_unit.py)."""
+    path, prompts = str(DEMO), TEXT_PROMPTS
+    expected = expected_tokens(path, prompts)
+    cluster.deploy(path, 2, stream_interval=4)
+    chunks = http_stream(cluster.base, prompts[1], MAX_TOKENS[1])
+    assert [c["choices"][0]["token_ids"][0] for c in chunks] == expected[1]
+    stub = grpc_stub(cluster.grpc_target)
+    assert [m.token_id for m in stub.Generate(grpc_request(prompts[0], MAX_TOKENS[0]), timeout=120)] == expected[0]
+    got = concurrently(lambda i: http_complete(cluster.base, prompts[i], MAX_TOKENS[i])["choices"][0]["token_ids"],
+                       range(len(prompts)))
+    assert got == expected

@@ -68,3 +68,18 @@ def test_a_chat_template_error_is_a_400_with_the_templates_message(tmp_path):
     error = classify(e.value)
     assert error.status == 400 and "System messages are not supported" in error.message
     assert error.param == "messages"
+
+
+def test_grouped_sends_the_first_output_at_once_then_groups_of_the_interval():
+    from deployments.router import grouped
+
+    async def steps():
+        for step in [[1], [2], [3, 4], [5], [6], [7], [8]]:  # what the engine yields, step by step
+            yield step
+
+    async def collect(size):
+        return [g async for g in grouped(steps(), size)]
+
+    assert asyncio.run(collect(1)) == [[1], [2], [3, 4], [5], [6], [7], [8]]
+    assert asyncio.run(collect(3)) == [[1], [2, 3, 4], [5, 6, 7], [8]]  # the rest when the stream ends
+    assert asyncio.run(collect(64)) == [[1], [2, 3, 4, 5, 6, 7, 8]]
