@@ -67,7 +67,6 @@ class ExpertLoadTracker:
             return {"layers": list(self.moe_layers), "steps": self.steps, "ema_tokens_per_step": ema.tolist(),
                     "total_tokens": self.total.tolist(), "max_over_mean": max_over_mean(ema).tolist()}
 
-
     def coactivation_counts(self) -> "torch.Tensor":
         """[L, E, E] co-activation counts so far (a copy)."""
         with self._lock:

@@ -12,6 +12,7 @@ import time
 from cluster.checkpoint import CheckpointError
 from cluster.engine import InvalidRequest, LLMEngine, SamplingParams
 from cluster.families import UnsupportedModelError
+from cluster.precision import SETTINGS as DTYPE_SETTINGS
 
 DEMO_MODEL = "models/demo"
 
@@ -177,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--logprobs", type=int, default=None, help="also return the top-N logprobs per token")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--device", default="cpu", help="cpu or cuda")
-    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+    g.add_argument("--dtype", default="auto", choices=DTYPE_SETTINGS,
                    help="weights and compute (auto: the checkpoint's dtype on a GPU, float32 on a CPU)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--quiet", action="store_true", help="no loading progress on stderr")
@@ -197,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default="deployments/serve_local.yaml", help="Ray Serve config YAML")
     s.add_argument("--model", default=None, help="checkpoint directory (overrides the config)")
     s.add_argument("--num-workers", type=int, default=None, help="expert workers (overrides the config)")
-    s.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float16", "float32"],
+    s.add_argument("--dtype", default=None, choices=DTYPE_SETTINGS,
                    help="weights and compute (auto: the checkpoint's dtype on a GPU, float32 on a CPU)")
     s.add_argument("--routers", type=int, default=None,
                    help="router replicas (attention data-parallel, each with its own KV cache; overrides the config)")

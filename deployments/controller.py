@@ -113,14 +113,13 @@ class PlacementController:
         if table is None:
             raise RuntimeError("the expert pool needs fixed expert workers (num_workers ≥ 1)")
         address = endpoints["address"]
-        known = next((w for w, ref in enumerate(table.workers) if ref.address == address and not ref.retired), None)
+        known = _live_worker(table, address)
         if known is not None:  # the usual case: a pool replica re-registering every second
             return known
         await self.state.wait_confirmed()
         async with self.rebalancer.lock:
             table = self.state.table
-            known = next((w for w, ref in enumerate(table.workers) if ref.address == address and not ref.retired),
-                         None)
+            known = _live_worker(table, address)
             if known is not None:
                 return known
             self.state.publish(table.changed(table.placement.with_worker(), table.workers + (WorkerRef(**endpoints),)))
@@ -134,8 +133,7 @@ class PlacementController:
         await self.state.wait_confirmed()
         async with self.rebalancer.lock:
             table = self.state.table
-            worker = next((w for w, ref in enumerate(table.workers) if ref.address == address and not ref.retired),
-                          None)
+            worker = _live_worker(table, address)
             if worker is None:
                 return 0
             new = hand_back(table.placement, worker, table.active())
@@ -201,3 +199,8 @@ class PlacementController:
 
     async def cut(self) -> None:
         self.board.cut()
+
+
+def _live_worker(table: Table, address: str) -> int | None:
+    """The index of the worker serving at `address` (not retired), if the table has one."""
+    return next((w for w, ref in enumerate(table.workers) if ref.address == address and not ref.retired), None)

@@ -45,8 +45,7 @@ class Membership:
                 await self.holds(ref)
                 return ref
             except Exception as e:  # noqa: BLE001 - an old replica (wrong secret) or not serving yet
-                if ref.address:
-                    self.forget(ref.address)
+                self.forget(ref.address)  # nothing to close for "" (not located yet)
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"expert worker {worker} did not answer within {limit_s:g} s: {e}") from None
                 await asyncio.sleep(0.2)
@@ -79,7 +78,7 @@ class Membership:
             handle = self.fixed[worker]
             # One call: the address and the Unix socket must come from the same replica.
             endpoints = await asyncio.wait_for(handle.get_endpoints.remote(), 30)
-            if endpoints["address"] != ref.address and ref.address:
+            if endpoints["address"] != ref.address:
                 self.forget(ref.address)
             return WorkerRef(generation=ref.generation, **endpoints)
         return ref  # a pool worker keeps its address; if it is gone, Serve replaces it as a new member

@@ -61,7 +61,7 @@ class Rebalancer:
 
     def _workers(self, table: Table) -> list[Worker]:
         policy, active = self.policy, table.active()
-        experts = sum(1 for _ in table.placement.copies())
+        experts = len(table.placement.copies())
         budget = policy.worker_budget_bytes(experts, len(active), self.expert_bytes)
         return [Worker(node=ref.node_id or "node-0", layer_slots=0 if ref.retired else None,
                        slots=policy.slots_per_worker, budget_bytes=budget) for ref in table.workers]
@@ -74,7 +74,8 @@ class Rebalancer:
         before = imbalance(loads, self.moe_layers, current, current.num_workers, active)
         if time.monotonic() - self.last_change < policy.cooldown_s:
             return Decision("cooldown", None, before, before)
-        new = plan(loads, self.moe_layers, self._workers(table), policy.extra_slots_per_layer, current,
+        workers = self._workers(table)
+        new = plan(loads, self.moe_layers, workers, policy.extra_slots_per_layer, current,
                    policy.hierarchical, policy.max_copies_per_expert, coactivation if policy.co_activation else None,
                    expert_bytes=self.expert_bytes)
         if not new.changed:
@@ -82,18 +83,18 @@ class Rebalancer:
         if new.moves == 0 and new.retires > 0 and new.max_over_mean <= max(before, policy.hot_threshold):
             return Decision("retire", new.placement, before, new.max_over_mean)  # traffic evened out: free memory
         if before < policy.hot_threshold:
-            return self._evened_out(loads, before, table)
+            return self._evened_out(loads, before, table, workers)
         if before - new.max_over_mean < policy.min_gain:
             return Decision("small_gain", None, before, new.max_over_mean)
         return Decision("rebalance", new.placement, before, new.max_over_mean)
 
-    def _evened_out(self, loads: np.ndarray, before: float, table: Table) -> Decision:
+    def _evened_out(self, loads: np.ndarray, before: float, table: Table, workers: list[Worker]) -> Decision:
         """Balanced: if the placement without any extra copy stays under the threshold too, the extra
         copies are memory for nothing: retire them (the planner keeps copies where they are)."""
         policy = self.policy
         if sum(map(len, table.placement.workers)) <= len(table.placement.copies()):
             return Decision("balanced", None, before, before)  # no extra copies to free
-        lean = plan(loads, self.moe_layers, self._workers(table), 0, table.placement, policy.hierarchical,
+        lean = plan(loads, self.moe_layers, workers, 0, table.placement, policy.hierarchical,
                     policy.max_copies_per_expert, expert_bytes=self.expert_bytes)
         if lean.changed and lean.moves == 0 and lean.max_over_mean < policy.hot_threshold:
             return Decision("retire", lean.placement, before, lean.max_over_mean)

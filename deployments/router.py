@@ -35,7 +35,7 @@ def _replica_id() -> str:
         return f"router-{id(object())}"
 
 
-async def grouped(batches: AsyncIterator[list], size: int) -> AsyncIterator[list]:
+async def coalesce(batches: AsyncIterator[list], size: int) -> AsyncIterator[list]:
     """The outputs of `batches` in lists of at least `size` (the first list at once, for the time to
     first token; the rest when `size` outputs are waiting, or the stream ends): each list is one
     message to the ingress and one write to the client, so a larger size means fewer of both."""
@@ -87,7 +87,7 @@ class Router:
             yield []  # admitted: the ingress can send its response headers now
             skip = req.skip
             async with contextlib.aclosing(self.engine.generate(req.prompt_ids, req.params)) as outputs:
-                async for batch in grouped(outputs, self.cfg.stream_interval):
+                async for batch in coalesce(outputs, self.cfg.stream_interval):
                     if skip:
                         drop = min(skip, len(batch))
                         batch, skip = batch[drop:], skip - drop

@@ -5,9 +5,9 @@ the in-process `LocalExperts` below, or remote expert workers (deployments/).
 The model passes counts as a `Counts` (dispatch.py): a Sequence[int] whose values
 stay on the device; in-process experts never read them back, remote ones read them
 once per layer (they need them on the host to build their requests).
-The model pipelines two micro-batches through the layers only when the experts are
-not a `LocalExperts` (transformer.py): in-process experts compute inside `submit`, so
-there would be nothing to overlap.
+With `overlap` the model pipelines two micro-batches through the layers (transformer.py;
+auto: remote experts on a GPU router): in-process experts compute inside `submit`, so
+with them there is nothing to overlap.
 """
 from __future__ import annotations
 

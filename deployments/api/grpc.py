@@ -85,12 +85,7 @@ class GrpcServing:
         self._authorize(grpc_context)
         req = to_request(request, self.cfg.max_body_bytes)
         self.serving.check_model(req.model)
-        self.serving.check_open()  # reserves a place; released by the stream, or here if it never starts
-        try:
-            return await self.serving.completion_choices(req)
-        except BaseException:
-            self.serving.release()
-            raise
+        return await self.serving.admitted(lambda: self.serving.completion_choices(req))
 
     async def Complete(self, request: pb.CompleteRequest, grpc_context) -> pb.CompleteReply:
         try:

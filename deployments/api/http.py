@@ -9,7 +9,6 @@ from __future__ import annotations
 import hmac
 import json
 import re
-import time
 import uuid
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -118,7 +117,7 @@ def _generation_routes(api: APIRouter, ingress) -> None:
     async def completions(request: Request):
         req = await read_model(request, CompletionRequest, cfg.max_body_bytes)
         serving.check_model(req.model)
-        choices = await _admitted(serving, serving.completion_choices(req))
+        choices = await serving.admitted(lambda: serving.completion_choices(req))
         return await _generate(serving, request_id(request, "cmpl-"), choices, req, chat=False, echo=req.echo,
                                with_logprobs=req.logprobs is not None)
 
@@ -126,7 +125,7 @@ def _generation_routes(api: APIRouter, ingress) -> None:
     async def chat_completions(request: Request):
         req = await read_model(request, ChatCompletionRequest, cfg.max_body_bytes)
         serving.check_model(req.model)
-        choices = await _admitted(serving, serving.chat_choices(req))
+        choices = await serving.admitted(lambda: serving.chat_choices(req))
         return await _generate(serving, request_id(request, "chatcmpl-"), choices, req, chat=True, echo=False,
                                with_logprobs=req.logprobs)
 
@@ -146,21 +145,6 @@ def _token_routes(api: APIRouter, ingress) -> None:
         req = await read_model(request, DetokenizeRequest, cfg.max_body_bytes)
         serving.check_model(req.model)
         return {"prompt": await serving.off_loop(serving.detokenize, req.tokens)}
-
-
-async def _admitted(serving, make_choices):
-    """Admission first (reserves a place), then the choices (tokenising); the place is released
-    here if the request fails before it streams, else by the stream when it ends."""
-    try:
-        serving.check_open()
-    except BaseException:
-        make_choices.close()  # the coroutine never ran
-        raise
-    try:
-        return await make_choices
-    except BaseException:
-        serving.release()
-        raise
 
 
 async def _generate(serving, rid: str, choices, req, *, chat: bool, echo: bool, with_logprobs: bool):

@@ -63,18 +63,16 @@ class SamplingFields(_Body):
             out.append((int(key), bias))
         return tuple(out)
 
-    def sampling_params(self, index: int, max_tokens: int, defaults: dict[str, Any], *, logprobs: int | None = None,
+    def sampling_params(self, index: int, max_tokens: int, *, logprobs: int | None = None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
         """The params of choice `index` (n > 1: seed + index). Every request gets a seed so that a
-        request resumed on another router replays exactly (temperature / top_p / top_k default to the
-        checkpoint's generation_config.json, as vLLM does, else OpenAI's defaults)."""
+        request resumed on another router replays exactly. temperature / top_p / top_k stay None when
+        the request gives none: the router's engine fills them from the checkpoint's
+        generation_config.json, as vLLM does, else OpenAI's defaults (LLMEngine.with_defaults)."""
         seed = random.getrandbits(63) if self.seed is None else (self.seed + index) % 2**64
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        pick = lambda name, fallback: getattr(self, name) if getattr(self, name) is not None \
-            else defaults.get(name, fallback)  # noqa: E731
         return SamplingParams(
-            max_tokens=max_tokens, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
-            top_k=pick("top_k", 0), seed=seed, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()),
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=seed, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,

@@ -13,11 +13,10 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 from cluster.engine import SamplingParams
 from cluster.engine.prompts import PromptChecker
-from cluster.generation_config import read_generation_config
 from cluster.loader import open_model
 from cluster.tokenizer import TextTokenizer
 from deployments import metrics
@@ -45,7 +44,6 @@ class Serving:
         self.max_model_len = min(cfg.max_model_len, model_cfg.context_limit)
         self.checker = PromptChecker(model_cfg, self.tokenizer, self.max_model_len)
         self.templates = ChatTemplates.from_checkpoint(cfg.model)
-        self.defaults = read_generation_config(cfg.model).as_dict()  # for requests that give none (as vLLM)
         self.client = RouterClient(routers)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self.active = 0
@@ -70,6 +68,16 @@ class Serving:
     def release(self) -> None:
         self.active -= 1
 
+    async def admitted(self, make_choices: Callable[[], Awaitable[list[Choice]]]) -> list[Choice]:
+        """Admission first (reserves a place), then the choices (tokenising); the place is released
+        here if the request fails before it streams, else by `stream` when it ends."""
+        self.check_open()
+        try:
+            return await make_choices()
+        except BaseException:
+            self.release()
+            raise
+
     def apply_cluster_state(self, state: dict) -> None:
         """From the controller: draining refuses new requests; the cut-off ends those still running."""
         self.draining = state["draining"]
@@ -93,7 +101,7 @@ class Serving:
         for i, prompt_ids in enumerate(ids):
             echo = (prompts[i] if isinstance(prompts[i], str) else self.decode(prompt_ids)) if req.echo else ""
             for j in range(req.n):
-                params = req.sampling_params(j, 16 if req.max_tokens is None else req.max_tokens, self.defaults,
+                params = req.sampling_params(j, 16 if req.max_tokens is None else req.max_tokens,
                                              logprobs=logprobs,
                                              prompt_logprobs=(logprobs or 0) if scoring else None)
                 self.checker.validate(prompt_ids, params, "prompt")
@@ -120,7 +128,7 @@ class Serving:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         choices = []
         for j in range(req.n):
-            params = req.sampling_params(j, max_tokens, self.defaults, logprobs=logprobs)
+            params = req.sampling_params(j, max_tokens, logprobs=logprobs)
             self.checker.validate(prompt_ids, params, "messages")
             choices.append(Choice(j, prompt_ids, params))
         return choices
@@ -166,7 +174,7 @@ class Serving:
                     continue
                 yield index, clock.observe(index, item)
         finally:
-            self.active -= 1
+            self.release()
             await _cancel(pumps)
             for s in streams:  # cancels the router calls still running: their KV cache is freed
                 await s.aclose()

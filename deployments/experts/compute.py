@@ -6,6 +6,7 @@ the rules and the load figures are the same whatever carried the call.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Sequence
@@ -43,13 +44,11 @@ class ExpertCompute:
     def run(self, layer: int, rows: Tensor, expert_ids: Sequence[int], counts: Sequence[int]) -> Tensor:
         """Outputs [N, D] in the rows' dtype, on this worker's device."""
         rows = rows.to(self.device)
-        t0 = time.perf_counter()
-        if self.service_time_per_token_s <= 0:
+        modelled = self.service_time_per_token_s > 0
+        with self._device_lock if modelled else contextlib.nullcontext():  # modelled: one call at a time
+            t0 = time.perf_counter()
             out = self.experts.run_subset(layer, rows, expert_ids, counts)
-        else:
-            with self._device_lock:  # one call at a time, like one accelerator
-                t0 = time.perf_counter()
-                out = self.experts.run_subset(layer, rows, expert_ids, counts)
+            if modelled:
                 time.sleep(max(0.0, self.service_time_per_token_s * len(rows) - (time.perf_counter() - t0)))
         with self._busy_lock:
             self.busy_s += time.perf_counter() - t0

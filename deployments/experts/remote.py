@@ -62,14 +62,17 @@ class WorkerHealth:
             self._down[worker] = generation
             return True
 
+    def _current(self, table: Table) -> dict[int, int]:
+        """The marks still true of `table` (same worker generation); the caller holds the lock."""
+        return {w: g for w, g in self._down.items() if w < len(table.workers) and table.workers[w].generation == g}
+
     def down(self, table: Table) -> set[int]:
         with self._lock:
-            return {w for w, g in self._down.items() if w < len(table.workers) and table.workers[w].generation == g}
+            return set(self._current(table))
 
     def forget_healed(self, table: Table) -> None:
         with self._lock:
-            self._down = {w: g for w, g in self._down.items()
-                          if w < len(table.workers) and table.workers[w].generation == g}
+            self._down = self._current(table)
 
     def marked(self) -> list[tuple[int, int]]:
         with self._lock:
@@ -218,8 +221,8 @@ class RemoteExperts:
         for expert_id, start, n in group:
             tried = {failed}  # each copy at most once: bounded even if a worker flaps
             while True:
-                live = [w for w in copies.get((layer, expert_id), ())
-                        if w not in tried | self.health.down(self._table)]
+                excluded = tried | self.health.down(self._table)
+                live = [w for w in copies.get((layer, expert_id), ()) if w not in excluded]
                 if not live:
                     raise ExpertUnavailable(f"layer {layer} expert {expert_id}: worker {failed} failed "
                                             f"({error_code(error)}) and no other live copy answered; retry once "

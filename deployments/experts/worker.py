@@ -12,7 +12,6 @@ import time
 
 import ray
 import torch
-from ray import serve
 
 from cluster.loader import load_experts, open_model
 from cluster.model.experts import LocalExperts

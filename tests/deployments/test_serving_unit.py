@@ -70,15 +70,15 @@ def test_a_chat_template_error_is_a_400_with_the_templates_message(tmp_path):
     assert error.param == "messages"
 
 
-def test_grouped_sends_the_first_output_at_once_then_groups_of_the_interval():
-    from deployments.router import grouped
+def test_coalesce_sends_the_first_output_at_once_then_groups_of_the_interval():
+    from deployments.router import coalesce
 
     async def steps():
         for step in [[1], [2], [3, 4], [5], [6], [7], [8]]:  # what the engine yields, step by step
             yield step
 
     async def collect(size):
-        return [g async for g in grouped(steps(), size)]
+        return [g async for g in coalesce(steps(), size)]
 
     assert asyncio.run(collect(1)) == [[1], [2], [3, 4], [5], [6], [7], [8]]
     assert asyncio.run(collect(3)) == [[1], [2, 3, 4], [5, 6, 7], [8]]  # the rest when the stream ends

@@ -25,8 +25,8 @@ from torch import Tensor
 
 from deployments.experts.compute import ExpertCompute
 from deployments.experts.transport.local_socket import (MODE_CUDA_IPC, OP_GROW, CallFailed, ChannelPool,
-                                                        ForwardHeader, call, connect)
-from deployments.experts.validate import DTYPES, NAMES, BadRequest
+                                                        ForwardHeader, call, checked_header, compute_into, connect)
+from deployments.experts.validate import BadRequest
 
 MIN_BUFFER = 1 << 20
 GROW = struct.Struct("<q")  # bytes per buffer
@@ -71,13 +71,11 @@ class CudaIpcChannel:
     def forward(self, layer: int, rows: Tensor, expert_ids: Sequence[int], counts: Sequence[int],
                 timeout: float) -> Tensor:
         deadline = time.monotonic() + timeout
-        dtype = rows.dtype if rows.dtype in NAMES else torch.float32
-        nbytes = rows.numel() * dtype.itemsize
+        header = ForwardHeader.for_rows(layer, rows, expert_ids, counts)
+        nbytes, dtype = header.nbytes, header.torch_dtype
         self._fit(nbytes, timeout)
         self.inputs[:nbytes].view(dtype).view(rows.shape).copy_(rows.detach())  # device to device
         torch.cuda.current_stream(self.device).synchronize()  # the worker reads them on its own stream
-        header = ForwardHeader(layer, rows.shape[0], rows.shape[1], NAMES[dtype], nbytes,
-                               tuple(expert_ids), tuple(counts))
         call(self.sock, header.pack(), [], max(deadline - time.monotonic(), 1e-3), self.path)
         out = self.outputs[:nbytes].view(dtype).view(rows.shape).clone()
         torch.cuda.current_stream(self.device).synchronize()  # before the next call may overwrite them
@@ -111,14 +109,10 @@ class CudaIpcSession:
             os.close(fd)
         if message[:1] == OP_GROW:
             return self._grow(message[1:])
-        h = ForwardHeader.unpack(message)
-        self.compute.check(layer=h.layer, shape=(h.rows, h.hidden), dtype=h.dtype, nbytes=h.nbytes,
-                           expert_ids=h.expert_ids, counts=h.counts)
+        h = checked_header(self.compute, message)
         if h.nbytes > self.inputs.numel():
             raise BadRequest(f"the shared buffers ({self.inputs.numel()} bytes) cannot hold {h.nbytes} bytes")
-        rows = self.inputs[:h.nbytes].view(DTYPES[h.dtype]).view(h.rows, h.hidden)
-        out = self.compute.run(h.layer, rows, h.expert_ids, h.counts)
-        self.outputs[:h.nbytes].copy_(out.reshape(-1).view(torch.uint8))
+        compute_into(self.compute, h, self.inputs, self.outputs)
         torch.cuda.current_stream(self.outputs.device).synchronize()  # the router copies them on the reply
         return b""
 

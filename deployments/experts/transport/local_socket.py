@@ -28,7 +28,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from deployments.experts.validate import DTYPES, BadRequest
+from deployments.experts.validate import DTYPES, NAMES, BadRequest
 
 MAX_MESSAGE = 1 << 16  # a header: 256 experts take 3 KiB; anything longer is malformed
 MAX_FDS = 4
@@ -72,6 +72,18 @@ class ForwardHeader:
                 + struct.pack(f"<{n}i{len(self.counts)}q", *self.expert_ids, *self.counts))
 
     @classmethod
+    def for_rows(cls, layer: int, rows: Tensor, expert_ids: Sequence[int], counts: Sequence[int]) -> "ForwardHeader":
+        """The header of a call carrying `rows`, in the dtype they cross in (theirs if the data plane
+        carries it, else fp32)."""
+        dtype = rows.dtype if rows.dtype in NAMES else torch.float32
+        return cls(layer, rows.shape[0], rows.shape[1], NAMES[dtype], rows.numel() * dtype.itemsize,
+                   tuple(expert_ids), tuple(counts))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @classmethod
     def unpack(cls, message: bytes) -> "ForwardHeader":
         """BadRequest when the bytes are not a whole header (ids and counts in equal number)."""
         body = message[1:]
@@ -83,6 +95,21 @@ class ForwardHeader:
         values = struct.unpack_from(f"<{n}i{n}q", body, cls.FIXED.size)
         dtype = DTYPE_CODES[code] if code < len(DTYPE_CODES) else f"dtype code {code}"
         return cls(layer, rows, hidden, dtype, nbytes, values[:n], values[n:])
+
+
+def checked_header(compute, message: bytes) -> ForwardHeader:
+    """A worker's first look at a forward call: a whole header that its ExpertCompute accepts."""
+    h = ForwardHeader.unpack(message)
+    compute.check(layer=h.layer, shape=(h.rows, h.hidden), dtype=h.dtype, nbytes=h.nbytes,
+                  expert_ids=h.expert_ids, counts=h.counts)
+    return h
+
+
+def compute_into(compute, h: ForwardHeader, inputs: Tensor, outputs: Tensor) -> None:
+    """Run the rows in `inputs` (bytes, already sized for h.nbytes) and write their outputs into `outputs`."""
+    rows = inputs[:h.nbytes].view(h.torch_dtype).view(h.rows, h.hidden)
+    out = compute.run(h.layer, rows, h.expert_ids, h.counts)
+    outputs[:h.nbytes].copy_(out.reshape(-1).view(torch.uint8))
 
 
 def _proof(secret: str, role: bytes, *parts: bytes) -> bytes:

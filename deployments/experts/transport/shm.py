@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 
 from deployments.experts.compute import ExpertCompute
-from deployments.experts.transport.local_socket import MODE_SHM, ChannelPool, ForwardHeader, call, connect
-from deployments.experts.validate import DTYPES, NAMES, BadRequest
+from deployments.experts.transport.local_socket import (MODE_SHM, ChannelPool, ForwardHeader, call, checked_header,
+                                                        compute_into, connect)
+from deployments.experts.validate import BadRequest
 
 MIN_BUFFER = 1 << 20  # small batches never regrow
 
@@ -77,13 +78,11 @@ class ShmChannel:
 
     def forward(self, layer: int, rows: Tensor, expert_ids: Sequence[int], counts: Sequence[int],
                 timeout: float) -> Tensor:
-        dtype = rows.dtype if rows.dtype in NAMES else torch.float32
-        nbytes = rows.numel() * dtype.itemsize
+        header = ForwardHeader.for_rows(layer, rows, expert_ids, counts)
+        nbytes, dtype = header.nbytes, header.torch_dtype
         fds = self._fit(2 * nbytes)
         try:
             self.buffer[:nbytes].view(dtype).view(rows.shape).copy_(rows.detach())  # any layout, device
-            header = ForwardHeader(layer, rows.shape[0], rows.shape[1], NAMES[dtype], nbytes,
-                                   tuple(expert_ids), tuple(counts))
             call(self.sock, header.pack(), fds, timeout, self.path)
         finally:
             for fd in fds:
@@ -111,15 +110,11 @@ class ShmSession:
     def handle(self, message: bytes, fds: list[int]) -> bytes:
         if fds:
             self.buffer = map_buffer(fds)
-        h = ForwardHeader.unpack(message)
-        self.compute.check(layer=h.layer, shape=(h.rows, h.hidden), dtype=h.dtype, nbytes=h.nbytes,
-                           expert_ids=h.expert_ids, counts=h.counts)
+        h = checked_header(self.compute, message)
         if 2 * h.nbytes > self.buffer.numel():
             raise BadRequest(f"the shared buffer ({self.buffer.numel()} bytes) cannot hold {h.nbytes} bytes of rows "
                              "and their outputs")
-        rows = self.buffer[:h.nbytes].view(DTYPES[h.dtype]).view(h.rows, h.hidden)
-        out = self.compute.run(h.layer, rows, h.expert_ids, h.counts)
-        self.buffer[h.nbytes:2 * h.nbytes].copy_(out.reshape(-1).view(torch.uint8))
+        compute_into(self.compute, h, self.buffer, self.buffer[h.nbytes:])
         return b""
 
     def close(self) -> None:
