@@ -40,6 +40,8 @@ class RouterOptions(_Options):
     target_ongoing_requests: float = Field(32, gt=0, description="Serve adds a router when the mean ongoing "
                                                                  "requests per router exceed this")
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per router replica")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per router (default: what "
+                                                              "Ray sets from num_cpus)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per router replica")
     device: str = Field("cpu", description="device of the router's backbone: cpu or cuda")
     label_selector: dict[str, str] = Field(default_factory=dict, description="node labels a router must land on")

@@ -19,6 +19,7 @@ from deployments.api.grpc import GrpcServing
 from deployments.api.http import build_http_app
 from deployments.api.serving import Serving
 from deployments.messages import AppSpec
+from deployments.tokens.sink import TokenSink
 
 log = logging.getLogger("ray.serve")
 POLL_INTERVAL_S = 0.5
@@ -38,7 +39,9 @@ class Ingress(GrpcServing):
     async def __init__(self, spec: AppSpec, routers, controller, pool=None):
         # `pool` (the expert-pool deployment) is bound here only so the application deploys it.
         self.spec, self.cfg, self.controller = spec, spec.cfg, controller
-        self.serving = Serving(self.cfg, routers)
+        self.sink = TokenSink(self.cfg.data_plane_host, spec.data_plane_secret)
+        await self.sink.start()  # routers send this replica's outputs here, one message per step
+        self.serving = Serving(self.cfg, routers, self.sink)
         self.id = _replica_id()
         self.cluster_state: dict = {"ready": False, "reason": "starting"}
         self._metrics: tuple[float, str] = (0.0, "")

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 import os
 
+from deployments.edge import HAPROXY_ENV, bind_haproxy_to_host, haproxy_env
+
 BIND_HOST_ENV = "MOE_CLUSTER_BIND_HOST"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -35,11 +37,13 @@ def bind_serve_to_host() -> None:
 
     default_impl.add_grpc_address = grpc_proxy_address
     replica.add_port_to_grpc_server = replica_port
+    if os.environ.get(HAPROXY_ENV) == "1":
+        bind_haproxy_to_host(host)
 
 
 def local_env(host: str, max_message_bytes: int) -> dict[str, str]:
     """Environment for a local start (inherited by every Ray process it starts)."""
-    env = {BIND_HOST_ENV: host, "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(max_message_bytes)}
+    env = {BIND_HOST_ENV: host, "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(max_message_bytes), **haproxy_env(host)}
     if host in LOOPBACK:
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep Ray's node IP (and its ports) on loopback
     return env

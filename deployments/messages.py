@@ -2,7 +2,8 @@
 
     build_app ──AppSpec──▶ every deployment (computed once)
     router ──RouterReport──▶ controller ──ControllerReply──▶ router   (every report_interval_s)
-    ingress ──GenerateRequest──▶ router ──[StepOutput, ...]──▶ ingress (one message per step at most)
+    ingress ──GenerateRequest──▶ router   (a Serve call per request: admission, cancellation, errors)
+    router ──one message per step: [(request id, [StepOutput, ...]), ...]──▶ ingress  (deployments/tokens/)
 """
 from __future__ import annotations
 
@@ -62,3 +63,5 @@ class GenerateRequest:
     prompt_ids: list[int]
     params: SamplingParams
     skip: int = 0  # resuming on another router: outputs already delivered (replayed, not sent again)
+    request_id: str = ""  # unique per attempt: outputs of an attempt abandoned on a dead router are dropped
+    reply_to: str | None = None  # the ingress replica's token sink; None: outputs come in the Serve call

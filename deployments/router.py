@@ -3,8 +3,10 @@ fanning each MoE layer's rows out to the shared expert workers (deployments/expe
 
 Many router replicas share one expert pool; each keeps the placement controller
 informed and takes its tables through deployments/controller_link.py. Its only
-request method is `generate` (a stream of per-step output batches); the public
-APIs live in the ingress (deployments/api/).
+request method is `generate`: a Serve call that admits the request and lasts until
+it ends, while its outputs travel batched per step on the token stream to the
+ingress replica that sent it (deployments/tokens/). The public APIs live in the
+ingress (deployments/api/).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import logging
 from typing import AsyncIterator
 
 import ray
+import torch
 from ray import serve
 
 from cluster.engine import LLMEngine
@@ -24,6 +27,7 @@ from deployments.controller_link import ControllerLink
 from deployments.experts import transport
 from deployments.experts.remote import RemoteExperts
 from deployments.messages import AppSpec, GenerateRequest
+from deployments.tokens.publisher import TokenPublisher
 
 log = logging.getLogger("ray.serve")
 
@@ -56,6 +60,8 @@ class Router:
     async def __init__(self, spec: AppSpec, controller):
         self.spec, self.cfg = spec, spec.cfg
         self.id, self.node = _replica_id(), ray.get_runtime_context().get_node_id()
+        if self.cfg.routers.torch_threads:
+            torch.set_num_threads(self.cfg.routers.torch_threads)
         self.link = ControllerLink(spec, controller, self.id, self.node)
         self.remote = None
         if spec.placement is not None:  # the table comes after the engine is built (that can take minutes)
@@ -69,6 +75,8 @@ class Router:
         log.info("router %s: %s", self.id, engine.memory)
         self.engine = AsyncEngine(engine, step_delay_s=self.cfg.engine_step_delay_s,
                                   on_idle=self.remote.begin_step if self.remote else None)
+        self.publisher = TokenPublisher(spec.data_plane_secret, self.cfg.stream_interval)
+        self.engine.on_delivered = self.publisher.flush  # one message per ingress replica per step
         self.link.attach(self.engine, self.remote)
         if self.remote is not None:
             self.remote.adopt(await self.link.first_table())
@@ -79,26 +87,46 @@ class Router:
 
     # -- requests -----------------------------------------------------------------------------
     async def generate(self, req: GenerateRequest):
-        """Yields lists of StepOutput (everything since the last yield: one message per step at most),
-        after an empty list that says the request was admitted. Errors are ApiErrors, raised before
-        that first yield when the request cannot start."""
+        """Yields an empty list once the request is admitted, then lasts until it ends: its outputs go
+        on the token stream to `req.reply_to`. Errors are ApiErrors, raised before that first yield
+        when the request cannot start. Cancelling the call aborts the request (its KV slot is freed).
+        Without `reply_to` the outputs come in this call instead, as lists of StepOutput."""
         self._admit(req)
         try:
             yield []  # admitted: the ingress can send its response headers now
-            skip = req.skip
-            async with contextlib.aclosing(self.engine.generate(req.prompt_ids, req.params)) as outputs:
-                async for batch in coalesce(outputs, self.cfg.stream_interval):
-                    if skip:
-                        drop = min(skip, len(batch))
-                        batch, skip = batch[drop:], skip - drop
-                    if batch:
-                        yield batch
+            if req.reply_to is None:
+                async for batch in self._in_band(req):
+                    yield batch
+            else:
+                await self._streamed(req)
         except ApiError:
             raise
         except Exception as e:  # noqa: BLE001 - every failure reaches the client as an ApiError
             raise classify(e) from None
         finally:
             self.reserved -= 1
+
+    async def _streamed(self, req: GenerateRequest) -> None:
+        done = asyncio.get_running_loop().create_future()
+        stream = self.publisher.open(req.request_id, req.reply_to, req.skip, done)
+        try:
+            self.engine.start(req.request_id, req.prompt_ids, req.params, stream.deliver)
+            await done
+        finally:
+            # Cancelled (the client left, the ingress gave up): the await cancelled `done` too.
+            if not done.done() or done.cancelled():
+                self.engine.abort(req.request_id)
+                stream.close(None)
+
+    async def _in_band(self, req: GenerateRequest):
+        skip = req.skip
+        async with contextlib.aclosing(self.engine.generate(req.prompt_ids, req.params)) as outputs:
+            async for batch in coalesce(outputs, self.cfg.stream_interval):
+                if skip:
+                    drop = min(skip, len(batch))
+                    batch, skip = batch[drop:], skip - drop
+                if batch:
+                    yield batch
 
     def _admit(self, req: GenerateRequest) -> None:
         """Checks and a reservation in one synchronous step: a burst cannot overshoot the queue limit."""

@@ -1,9 +1,12 @@
 """The engine on a background thread, fed by asyncio request handlers.
 
 One thread owns the LLMEngine (it is not thread-safe): handlers post
-commands to its inbox and read their request's outputs from an asyncio queue.
-A request whose consumer goes away (client disconnect, timeout) is aborted and
-its KV-cache blocks freed on the next loop turn.
+commands to its inbox. After each step the thread hands the step's outputs to
+each event loop that has requests in it in ONE cross-thread call; there each
+output goes to its request's `deliver` callback (an asyncio queue's put for
+`generate`, the router's token publisher for served requests). A request whose
+consumer goes away (client disconnect, timeout) is aborted and its KV-cache
+blocks freed on the next loop turn.
 
 The loop survives any single bad request: a command that fails fails only its
 request, a sequence that fails inside a step fails only itself. If the loop
@@ -37,42 +40,57 @@ class SequenceFailed(RuntimeError):
         return SequenceFailed, (str(self),)
 
 
+Deliver = Callable[[object], None]  # gets a StepOutput, or the exception that ended the request
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05, step_delay_s: float = 0.0,
                  on_idle: Callable[[], None] | None = None):
         self.engine = engine
         self.on_idle = on_idle  # run on the loop thread while there is no work (e.g. switch tables now)
+        self.on_delivered: Callable[[], None] | None = None  # event-loop side, after each step's outputs
         self.idle_wait_s = idle_wait_s
         self.step_delay_s = step_delay_s  # tests only: a slow-step hook, so timing-dependent tests are deterministic
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._loops: dict[str, asyncio.AbstractEventLoop] = {}  # loop thread: request -> its event loop
+        self._delivers: dict[str, Deliver] = {}  # event-loop side: request -> callback
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.step_seconds = 0.0
         self.steps = 0
-        self.active = 0  # requests between generate() start and end (event-loop side only)
         self.died: str | None = None
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
     @property
+    def active(self) -> int:
+        """Requests started and not yet ended or aborted (event-loop side)."""
+        return len(self._delivers)
+
+    @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.died is None
 
-    # -- called from request handlers (any thread / event loop) ---------------------------
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[list[StepOutput]]:
-        """This request's outputs, in batches: everything produced since the consumer last read
-        (one message per read however far it fell behind)."""
+    # -- called from request handlers (an event loop) -------------------------------------
+    def start(self, request_id: str, prompt_ids: list[int], params: SamplingParams, deliver: Deliver) -> None:
+        """Runs the request; `deliver` gets each of its outputs on this event loop, or the exception
+        that ended it (the request's own error, the step's, or EngineDeadError), then nothing more."""
         if not self.alive:
             raise EngineDeadError(f"the engine loop is not running ({self.died or 'stopped'})")
-        request_id = uuid.uuid4().hex
-        out: asyncio.Queue = asyncio.Queue()
-        self._inbox.put(("add", request_id, prompt_ids, params, asyncio.get_running_loop(), out))
+        loop = asyncio.get_running_loop()
+        self._delivers[request_id] = deliver
+        self._inbox.put(("add", request_id, prompt_ids, params, loop))
         self._wake.set()
         if not self.alive:  # died between the check and the put: nothing would answer this request
             self._fail_queued(EngineDeadError(f"the engine loop is not running ({self.died or 'stopped'})"))
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[list[StepOutput]]:
+        """This request's outputs, in batches: everything produced since the consumer last read
+        (one message per read however far it fell behind)."""
+        request_id = uuid.uuid4().hex
+        out: asyncio.Queue = asyncio.Queue()
+        self.start(request_id, prompt_ids, params, out.put_nowait)
         finished = False
-        self.active += 1
         try:
             while not finished:
                 items = [await out.get()]
@@ -81,7 +99,6 @@ class AsyncEngine:
                 batch, finished = _unpack(items)
                 yield batch
         finally:
-            self.active -= 1
             if not finished:
                 self.abort(request_id)
 
@@ -93,6 +110,8 @@ class AsyncEngine:
         self.engine.expert_load.set_alpha(alpha)
 
     def abort(self, request_id: str) -> None:
+        """From the request's event loop: nothing more is delivered; the engine frees its slot."""
+        self._delivers.pop(request_id, None)
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
@@ -109,6 +128,19 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout=10)
 
+    # -- event-loop side -------------------------------------------------------------------
+    def _deliver(self, items: list[tuple[str, object]]) -> None:
+        """One step's outputs for this loop: each to its request (one call_soon_threadsafe per step)."""
+        for request_id, item in items:
+            deliver = self._delivers.get(request_id)
+            if deliver is None:
+                continue  # aborted meanwhile
+            if isinstance(item, BaseException) or item.finish_reason:
+                del self._delivers[request_id]
+            deliver(item)
+        if self.on_delivered is not None:
+            self.on_delivered()
+
     # -- the loop thread -------------------------------------------------------------------
     def _drain_inbox(self) -> None:
         while True:
@@ -121,21 +153,29 @@ class AsyncEngine:
             except Exception as e:  # noqa: BLE001 - a bad command fails its own request only
                 log.warning("engine command %s failed: %s", cmd[0], e)
                 if cmd[0] == "add":
-                    cmd[4].call_soon_threadsafe(cmd[5].put_nowait, e)
+                    cmd[4].call_soon_threadsafe(self._deliver, [(cmd[1], e)])
 
     def _apply(self, cmd: tuple) -> None:
         if cmd[0] == "add":
-            _, request_id, prompt_ids, params, loop, out = cmd
+            _, request_id, prompt_ids, params, loop = cmd
             self.engine.add_request(prompt_ids, params, request_id=request_id)
-            self._streams[request_id] = (loop, out)
-        elif self.engine.abort(cmd[1]) or cmd[1] in self._streams:
-            self._streams.pop(cmd[1], None)
+            self._loops[request_id] = loop
+        elif self.engine.abort(cmd[1]) or cmd[1] in self._loops:
+            self._loops.pop(cmd[1], None)
 
-    def _emit(self, request_id: str, item) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            loop, out = stream
-            loop.call_soon_threadsafe(out.put_nowait, item)
+    def _send(self, items: list[tuple[str, object]]) -> None:
+        """Items to their requests' event loops: one cross-thread call per loop per step."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for request_id, item in items:
+            loop = self._loops.get(request_id)
+            if loop is not None:
+                by_loop.setdefault(loop, []).append((request_id, item))
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(self._deliver, batch)
+
+    def _fail_all(self, error: BaseException) -> None:
+        self._send([(request_id, error) for request_id in self._loops])
+        self._loops.clear()
 
     def _step(self) -> None:
         if self.step_delay_s:
@@ -145,17 +185,16 @@ class AsyncEngine:
             outputs = self.engine.step()
         except Exception as e:  # noqa: BLE001 - the whole batch failed (e.g. an expert had no live copy)
             log.warning("engine step failed: %s", e)
-            for request_id in list(self._streams):
-                self._emit(request_id, e)
+            for request_id in list(self._loops):
                 self.engine.abort(request_id)
-            self._streams.clear()
+            self._fail_all(e)
             return
         self.step_seconds += time.perf_counter() - t0
         self.steps += 1
+        self._send([(o.request_id, SequenceFailed(o.error) if o.error else o) for o in outputs])
         for o in outputs:
-            self._emit(o.request_id, SequenceFailed(o.error) if o.error else o)
             if o.finish_reason:
-                self._streams.pop(o.request_id, None)
+                self._loops.pop(o.request_id, None)
 
     def _run(self) -> None:
         try:
@@ -172,8 +211,7 @@ class AsyncEngine:
             self.died = f"{type(e).__name__}: {e}"
             log.exception("engine loop died")
             error = EngineDeadError(self.died)
-            for request_id in list(self._streams):
-                self._emit(request_id, error)
+            self._fail_all(error)
             self._fail_queued(error)
 
     def _fail_queued(self, error: Exception) -> None:
@@ -184,7 +222,7 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                cmd[4].call_soon_threadsafe(cmd[5].put_nowait, error)
+                cmd[4].call_soon_threadsafe(self._deliver, [(cmd[1], error)])
 
 
 def _unpack(items: list) -> tuple[list[StepOutput], bool]:

