@@ -85,17 +85,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from deployments.app import build_app
     from deployments.config import app_config, load_serve_config
+    from deployments.local import local_host
 
+    host = args.host if args.address else local_host(args.host)  # a local start: Ray's ports on it too
     conf = load_serve_config(args.config)
     app_conf = conf["applications"][0]
     cfg = app_config({**app_conf.get("args", {}), **_overrides(args, app_conf)})
-    http = {**conf.get("http_options", {}), "host": args.host, **({"port": args.http_port} if args.http_port else {})}
+    http = {**conf.get("http_options", {}), "host": host, **({"port": args.http_port} if args.http_port else {})}
     grpc = {**conf.get("grpc_options", {}), **({"port": args.grpc_port} if args.grpc_port else {})}
     if cfg.resolved_api_key():
         grpc["enable_reflection"] = False  # the schema is not shown to callers without the key
     print(f"starting moe-cluster: model {cfg.model}, {cfg.routers.min}-{cfg.routers.max} router(s), "
           f"{cfg.num_workers} expert worker(s)", file=sys.stderr)
-    _start_ray(args.address, cfg, args.host)
+    _start_ray(args.address, cfg, host)
     serve.start(http_options=http, grpc_options=grpc)
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
     base = f"http://{http['host']}:{http.get('port', 8000)}"
@@ -203,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--routers", type=int, default=None,
                    help="router replicas (attention data-parallel, each with its own KV cache; overrides the config)")
     s.add_argument("--host", default="127.0.0.1",
-                   help="address every port binds to on a local start (HTTP, gRPC, data plane, Ray's own)")
+                   help="address every port binds to on a local start (HTTP, gRPC, Ray's own): "
+                        "127.0.0.1 (default) or 0.0.0.0 (every interface)")
     s.add_argument("--http-port", type=int, default=None)
     s.add_argument("--grpc-port", type=int, default=None)
     s.add_argument("--address", default=None, help="existing Ray cluster to join (default: start one here)")

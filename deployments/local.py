@@ -1,12 +1,16 @@
 """A one-machine Ray cluster whose every port listens on the configured host only.
 
-Ray's own switch for a local-only cluster is RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0:
-with it and node IP 127.0.0.1, the GCS, raylet, object manager, agents and
-every worker's gRPC server bind to 127.0.0.1 (otherwise Ray rewrites the node IP
-to the machine's address and binds most of them to all interfaces). Two Serve
-servers hard-code `[::]` (the gRPC proxy, and each replica's server for calls
-between deployments); `bind_serve_to_host`, installed as Ray's
-worker_process_setup_hook, points both at MOE_CLUSTER_BIND_HOST instead.
+`--host 127.0.0.1` (the default): Ray's own switch for a local-only cluster,
+RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, keeps the node IP at 127.0.0.1; with that
+node IP the GCS, raylet, object manager, dashboard and runtime-env agents and
+every worker's gRPC server bind to 127.0.0.1. (Without it Ray rewrites 127.0.0.1
+to the machine's address and binds those servers to all interfaces, the agents
+to the machine's address.) Two Serve servers hard-code `[::]` (the gRPC proxy, and
+each replica's server for calls between deployments); `bind_serve_to_host`,
+installed as Ray's worker_process_setup_hook, points both at MOE_CLUSTER_BIND_HOST.
+`--host 0.0.0.0`: every interface, as Ray binds a multi-node cluster. Ray can bind
+its own servers to loopback or to every interface only, so no other host is
+accepted for a local start.
 The public gRPC API takes no message larger than the HTTP body limit.
 """
 from __future__ import annotations
@@ -17,7 +21,19 @@ import os
 from deployments.edge import HAPROXY_ENV, bind_haproxy_to_host, haproxy_env
 
 BIND_HOST_ENV = "MOE_CLUSTER_BIND_HOST"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+LOOPBACK = "127.0.0.1"
+EVERY_INTERFACE = "0.0.0.0"
+_ALIASES = {"localhost": LOOPBACK}
+
+
+def local_host(host: str) -> str:
+    """The --host of a local start, checked: 127.0.0.1 (or localhost) or 0.0.0.0."""
+    host = _ALIASES.get(host, host)
+    if host not in (LOOPBACK, EVERY_INTERFACE):
+        raise ValueError(f"--host {host}: a local start binds Ray's own servers (GCS, raylet, every worker) "
+                         f"to loopback or to every interface only; use {LOOPBACK} (the default) or "
+                         f"{EVERY_INTERFACE} behind a firewall, or start Ray yourself and pass --address")
+    return host
 
 
 def bind_serve_to_host() -> None:
@@ -44,16 +60,21 @@ def bind_serve_to_host() -> None:
 def local_env(host: str, max_message_bytes: int) -> dict[str, str]:
     """Environment for a local start (inherited by every Ray process it starts)."""
     env = {BIND_HOST_ENV: host, "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(max_message_bytes), **haproxy_env(host)}
-    if host in LOOPBACK:
+    if host == LOOPBACK:
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep Ray's node IP (and its ports) on loopback
     return env
 
 
 def start_local_ray(host: str, num_cpus: float, max_message_bytes: int, **init_kwargs) -> None:
     import ray
+    from ray._private import ray_constants
 
+    host = local_host(host)
     os.environ.update(local_env(host, max_message_bytes))
-    node_ip = "127.0.0.1" if host in LOOPBACK else host
+    # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is imported, and this process
+    # (the CLI, pytest) imported it before: without this, ray.init rewrites the node IP
+    # 127.0.0.1 to the machine's address and Ray's ports face every interface.
+    ray_constants.ENABLE_RAY_CLUSTER = host != LOOPBACK
     ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(num_cpus)), include_dashboard=False,
-             _node_ip_address=node_ip,
+             _node_ip_address=host if host == LOOPBACK else None,
              runtime_env={"worker_process_setup_hook": "deployments.local.bind_serve_to_host"}, **init_kwargs)

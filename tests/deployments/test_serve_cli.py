@@ -54,7 +54,9 @@ def _read_until_ready(proc, limit_s: float = 240) -> list[str]:
 
 def test_serve_starts_answers_and_stops(tmp_path):
     http, grpc_port = free_port(), free_port()
-    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="/tmp/moe-cli-"), "MOE_CLUSTER_API_KEY": KEY}
+    ray_tmp = tempfile.mkdtemp(prefix="/tmp/moe-cli-")  # unique: tells this server's Ray processes from others'
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "MOE_CLUSTER_API_KEY": KEY}
+    before, started = _listeners(), time.time()
     proc = subprocess.Popen([sys.executable, "-m", "deployments.cli", "serve", "--num-workers", "1",
                              "--config", _config(tmp_path), "--http-port", str(http), "--grpc-port", str(grpc_port)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -65,7 +67,7 @@ def test_serve_starts_answers_and_stops(tmp_path):
                           json={"model": "demo", "prompt": "def main(", "max_tokens": 8, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
         _key_guards_everything_but_liveness(http, grpc_port)
-        assert _listening_off_loopback(proc.pid) == []  # every port, Ray's included, on 127.0.0.1
+        _every_new_listener_on_loopback(before, started, ray_tmp, {http, grpc_port})
         drained = _sigterm_while_streaming(proc, f"http://127.0.0.1:{http}")
         assert proc.wait(timeout=240) == 0
         out = "".join(_drained(proc.lines))
@@ -147,24 +149,46 @@ def _key_guards_everything_but_liveness(http: int, grpc_port: int) -> None:
                               grpc.StatusCode.NOT_FOUND)
 
 
-def _loopback(ip: str) -> bool:
-    return ip.startswith(("127.", "::ffff:127.")) or ip == "::1"
-
-
-def _listening_off_loopback(pid: int) -> list[str]:
-    """TCP listeners of this process tree (the server, Ray and every replica) not on loopback."""
+def _listeners() -> dict[tuple[str, int], int | None]:
+    """Every listening TCP socket on the machine (IPv4 and IPv6) → the pid that owns it."""
     import psutil
 
-    root = psutil.Process(pid)
-    found = []
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            conns = proc.net_connections(kind="tcp")
-        except psutil.Error:
-            continue
-        found += [f"{proc.name()} {c.laddr.ip}:{c.laddr.port}" for c in conns
-                  if c.status == psutil.CONN_LISTEN and not _loopback(c.laddr.ip)]
-    return found
+    return {(c.laddr.ip, c.laddr.port): c.pid for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN}
+
+
+def _of_this_server(pid: int | None, started: float, ray_tmp: str) -> str | None:
+    """`name cmdline` of a process started after `started` in this server's Ray session (its command
+    line, an open file or RAY_TMPDIR names the session's temp dir); None for anyone else's."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        if p.create_time() < started - 1:
+            return None
+        cmdline = " ".join(p.cmdline())
+        if (ray_tmp in cmdline or p.environ().get("RAY_TMPDIR") == ray_tmp
+                or any(f.path.startswith(ray_tmp) for f in p.open_files())):
+            return f"{p.name()} {cmdline[:80]}"
+    except (psutil.Error, TypeError, ValueError):  # gone, another user's, or no pid
+        pass
+    return None
+
+
+def _every_new_listener_on_loopback(before: dict, started: float, ray_tmp: str, api_ports: set[int]) -> None:
+    """Machine-wide, not the server's process tree: Ray's agents and workers are started by the raylet.
+    Listeners of neighbours (other servers on this machine) are told apart by the session's temp dir."""
+    ours = {}
+    for (ip, port), pid in _listeners().items():
+        who = None if (ip, port) in before else _of_this_server(pid, started, ray_tmp)
+        if who:
+            ours[(ip, port)] = who
+    off = [f"{ip}:{port} {who}" for (ip, port), who in ours.items() if ip not in ("127.0.0.1", "::ffff:127.0.0.1")]
+    assert off == [], "listening off 127.0.0.1:\n" + "\n".join(off)
+    seen = " | ".join(ours.values())
+    assert api_ports <= {port for _, port in ours}, seen  # the check saw this server's API ports ...
+    for ray_process in ("gcs_server", "raylet", "DashboardAgent", "RuntimeEnvAgent", "ServeReplica"):
+        assert ray_process in seen, seen  # ... and Ray's own, agents included
 
 
 def test_bad_config_is_one_clear_line(tmp_path):

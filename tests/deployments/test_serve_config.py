@@ -37,3 +37,19 @@ def test_serve_local_yaml_is_a_serve_config_that_builds(monkeypatch):
 def test_bad_app_config_names_the_field(args, message):
     with pytest.raises(ValueError, match=message):
         app_config(args)
+
+
+@pytest.mark.parametrize("host,bound", [("127.0.0.1", "127.0.0.1"), ("localhost", "127.0.0.1"),
+                                        ("0.0.0.0", "0.0.0.0"), ("192.0.2.7", None), ("::1", None)])
+def test_a_local_start_binds_loopback_or_every_interface(host, bound):
+    """Ray binds its own servers to loopback or to every interface only: any other --host is refused."""
+    from deployments.local import local_env, local_host
+
+    if bound is None:
+        with pytest.raises(ValueError, match=f"--host {host}: a local start binds Ray's own servers"):
+            local_host(host)
+        return
+    assert local_host(host) == bound
+    env = local_env(bound, 1 << 20)
+    assert env["MOE_CLUSTER_BIND_HOST"] == bound  # Serve's hard-coded [::] servers follow it
+    assert ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in env) == (bound == "127.0.0.1")  # Ray's node IP on loopback
