@@ -162,15 +162,18 @@ def _of_this_server(pid: int | None, started: float, ray_tmp: str) -> str | None
     line, an open file or RAY_TMPDIR names the session's temp dir); None for anyone else's."""
     import psutil
 
+    if pid is None:  # another user's socket: not ours
+        return None
+    inside = ray_tmp + os.sep
     try:
         p = psutil.Process(pid)
         if p.create_time() < started - 1:
             return None
         cmdline = " ".join(p.cmdline())
-        if (ray_tmp in cmdline or p.environ().get("RAY_TMPDIR") == ray_tmp
-                or any(f.path.startswith(ray_tmp) for f in p.open_files())):
+        if (inside in cmdline or p.environ().get("RAY_TMPDIR") == ray_tmp
+                or any(f.path.startswith(inside) for f in p.open_files())):
             return f"{p.name()} {cmdline[:80]}"
-    except (psutil.Error, TypeError, ValueError):  # gone, another user's, or no pid
+    except psutil.Error:  # gone meanwhile
         pass
     return None
 
