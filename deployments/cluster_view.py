@@ -55,8 +55,8 @@ def _tensor(a: np.ndarray):
 
 
 def _sum_stats(mine: list[RouterReport]) -> dict:
-    keys = ("running", "waiting", "steps", "step_seconds", "active_requests", "free_seq_slots", "free_kv_blocks",
-            "kv_blocks", "preemptions")
+    keys = ("running", "waiting", "steps", "step_seconds", "step_cpu_seconds", "active_requests", "free_seq_slots",
+            "free_kv_blocks", "kv_blocks", "preemptions")
     return {k: sum(r.stats.get(k, 0) for r in mine) for k in keys}
 
 

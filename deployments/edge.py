@@ -39,9 +39,13 @@ def haproxy_env(host: str) -> dict[str, str]:
     """Environment that turns HAProxy mode on for one local start (empty: keep Serve's proxy)."""
     if os.environ.get(HAPROXY_ENV) == "0" or not haproxy_available():
         return {}
-    files = tempfile.mkdtemp(prefix="/tmp/moe-haproxy-")  # short: admin.sock must stay < 108 characters
+    # Beside Ray's session files (RAY_TMPDIR, as Ray places them), and short: admin.sock < 108 characters.
+    files = tempfile.mkdtemp(prefix="moe-haproxy-", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
     bind = "127.0.0.1" if host in ("localhost",) else host
     return {HAPROXY_ENV: "1",
+            # Serve gives a starting proxy 5 s to say it is ready, then kills it; on a loaded small
+            # machine HAProxy's manager can take longer, and the whole start then fails.
+            "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
             "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{files}/haproxy.cfg",
             "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{files}/admin.sock",
             "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": files,

@@ -57,6 +57,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.step_seconds = 0.0
+        self.step_cpu_seconds = 0.0  # the engine thread's CPU in steps (torch's other intra-op threads not counted)
         self.steps = 0
         self.died: str | None = None
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -118,7 +119,8 @@ class AsyncEngine:
     def stats(self) -> dict[str, float]:
         s = self.engine.scheduler
         return {"running": len(s.running), "waiting": len(s.waiting), "steps": self.steps,
-                "step_seconds": self.step_seconds, "active_requests": self.active,
+                "step_seconds": self.step_seconds,
+                "step_cpu_seconds": self.step_cpu_seconds, "active_requests": self.active,
                 "free_seq_slots": self.engine.free_seq_slots, "free_kv_blocks": self.engine.cache.num_free_blocks,
                 "kv_blocks": self.engine.cache.num_blocks, "preemptions": s.num_preemptions,
                 "engine_alive": self.alive}
@@ -180,7 +182,7 @@ class AsyncEngine:
     def _step(self) -> None:
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         try:
             outputs = self.engine.step()
         except Exception as e:  # noqa: BLE001 - the whole batch failed (e.g. an expert had no live copy)
@@ -190,6 +192,7 @@ class AsyncEngine:
             self._fail_all(e)
             return
         self.step_seconds += time.perf_counter() - t0
+        self.step_cpu_seconds += time.thread_time() - cpu0
         self.steps += 1
         self._send([(o.request_id, SequenceFailed(o.error) if o.error else o) for o in outputs])
         for o in outputs:

@@ -1,7 +1,9 @@
 """The ingress's way to a router: one `generate` call per choice over a Serve handle
 (power-of-two-choices over the router replicas' queues), which admits the request and
 lasts until it ends; its outputs arrive batched per router step on this ingress
-replica's token sink (deployments/tokens/), into the request's queue.
+replica's token sink (deployments/tokens/), which puts them straight into the
+request's queue. The task that holds the call wakes for its admission, its end and
+its failure, never per token.
 
 If the router serving a request dies, the request moves to another router and
 resumes where the client is: the new router replays it (every request carries a
@@ -13,13 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import AsyncIterator
 
 from ray.exceptions import RayActorError
 
 from cluster.engine import SamplingParams
 from deployments import metrics
-from deployments.api.errors import ApiError
+from deployments.api.errors import ApiError, classify
 from deployments.messages import GenerateRequest
 from deployments.tokens.sink import TokenSink
 
@@ -40,38 +41,73 @@ class RouterClient:
         self.routers = routers.options(stream=True)
         self.sink = sink
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[list]:
-        """Batches of StepOutput until the request finishes (first an empty one: admitted); ApiError
-        on failure."""
-        delivered, resumes = 0, 0
+    def start(self, index: int, prompt_ids: list[int], params: SamplingParams, out: asyncio.Queue) -> "ChoiceRun":
+        return ChoiceRun(self, index, prompt_ids, params, out)
+
+
+class ChoiceRun:
+    """One choice on some router. Puts (index, [StepOutput, ...]) into `out` as the token sink delivers
+    them, and (index, ApiError) if it fails after admission; `admitted` resolves once its router has
+    admitted it (or fails with the reason it cannot start)."""
+
+    def __init__(self, client: RouterClient, index: int, prompt_ids: list[int], params: SamplingParams,
+                 out: asyncio.Queue):
+        self.client, self.index, self.prompt_ids, self.params, self.out = client, index, prompt_ids, params, out
+        self.delivered = 0  # outputs that reached the client's queue: skipped when resuming elsewhere
+        self.request_id = ""
+        self.admitted: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.task = asyncio.ensure_future(self._run())
+
+    def _deliver(self, outputs: list) -> None:
+        self.delivered += len(outputs)
+        self.out.put_nowait((self.index, outputs))
+
+    async def _run(self) -> None:
+        resumes = 0
         while True:
-            request_id = uuid.uuid4().hex  # per attempt: a dead router's late outputs are dropped
-            outputs: asyncio.Queue = asyncio.Queue()
-            self.sink.register(request_id, outputs.put_nowait)
-            call = self.routers.generate.remote(GenerateRequest(prompt_ids, params, skip=delivered,
-                                                                request_id=request_id, reply_to=self.sink.address))
-            watcher, finished = None, False
+            self.client.sink.unregister(self.request_id)
+            self.request_id = uuid.uuid4().hex  # per attempt: a dead router's late outputs are dropped
+            self.client.sink.register(self.request_id, self._deliver)
+            call = self.client.routers.generate.remote(GenerateRequest(
+                self.prompt_ids, self.params, skip=self.delivered, request_id=self.request_id,
+                reply_to=self.client.sink.address))
+            ended = False
             try:
-                yield await _admitted(call)
-                watcher = asyncio.ensure_future(_watch(call, outputs))
-                while not finished:
-                    batch, finished = _take([await outputs.get()], outputs)
-                    delivered += len(batch)
-                    yield batch
+                await _admitted(call)
+                if not self.admitted.done():
+                    self.admitted.set_result(None)
+                async for _ in call:  # lasts until the request ends; the outputs come on the token stream
+                    pass
+                ended = True
                 return
             except Exception as e:  # noqa: BLE001 - router death is retried; the rest is the client's error
                 if not _router_died(e) or resumes >= MAX_RESUMES:
-                    raise
+                    self._fail(e)
+                    ended = True
+                    return
                 resumes += 1
                 metrics.RESUMED.inc()
-                log.warning("router died mid-request; resuming on another (%d tokens delivered)", delivered)
+                log.warning("router died mid-request; resuming on another (%d tokens delivered)", self.delivered)
                 await asyncio.sleep(RESUME_BACKOFF_S * resumes)
             finally:
-                self.sink.unregister(request_id)
-                if watcher is not None:
-                    watcher.cancel()
-                if not finished:
+                if not ended:
                     call.cancel()  # the client left, timed out or failed: free the router's slot
+
+    def _fail(self, e: Exception) -> None:
+        if self.admitted.done():
+            self.out.put_nowait((self.index, classify(e)))
+        else:
+            self.admitted.set_exception(e)
+
+    async def close(self) -> None:
+        """The request is over (done, failed or abandoned): cancel the call if it still runs."""
+        self.client.sink.unregister(self.request_id)
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        if self.admitted.done() and not self.admitted.cancelled():
+            self.admitted.exception()  # retrieved: a failure already raised by whoever awaited it
+        else:
+            self.admitted.cancel()
 
 
 async def _admitted(call) -> list:
@@ -79,39 +115,3 @@ async def _admitted(call) -> list:
     async for item in call:
         return item
     raise ApiError(500, "generation ended without output")
-
-
-async def _watch(call, outputs: asyncio.Queue) -> None:
-    """The rest of the call: it ends quietly when the request does; its failure (an error, the
-    router's death) goes to the request's queue."""
-    try:
-        async for _ in call:
-            pass
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:  # noqa: BLE001 - raised by the consumer
-        outputs.put_nowait(e)
-
-
-def _take(items: list, outputs: asyncio.Queue) -> tuple[list, bool]:
-    """Everything waiting, flattened: outputs up to the final one, or the failure raised."""
-    while not outputs.empty():
-        items.append(outputs.get_nowait())
-    batch = []
-    for item in items:
-        if isinstance(item, BaseException):
-            raise item
-        for o in item:
-            batch.append(o)
-            if o.finish_reason:
-                return batch, True
-    return batch, False
-
-
-async def first(stream: AsyncIterator[list]) -> list:
-    """The first batch (empty: the router admitted the request), so that a request that cannot start
-    fails before a response is sent."""
-    try:
-        return await anext(stream)
-    except StopAsyncIteration:
-        raise ApiError(500, "generation ended without output") from None

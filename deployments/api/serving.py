@@ -21,9 +21,9 @@ from cluster.loader import open_model
 from cluster.tokenizer import TextTokenizer
 from deployments import metrics
 from deployments.api.chat import ChatTemplates
-from deployments.api.errors import ApiError, classify, overloaded
+from deployments.api.errors import ApiError, overloaded
 from deployments.api.responses import ChoiceResult
-from deployments.api.router_client import RouterClient, first
+from deployments.api.router_client import RouterClient
 from deployments.api.schema import ChatCompletionRequest, CompletionRequest
 from deployments.config import AppConfig
 from deployments.tokens.sink import TokenSink
@@ -159,39 +159,34 @@ class Serving:
     # -- choices → outputs -----------------------------------------------------------------------
     async def stream(self, choices: list[Choice]) -> AsyncIterator[tuple[int, list]]:
         """(choice index, [StepOutput, ...]) as they come; raises ApiError. Every choice's router has
-        admitted it (an empty first batch) before anything is yielded, so a request that cannot start
-        fails whole, before a response is sent. Releases the admission `check_open` made."""
+        admitted it before anything is yielded (first an empty batch per choice), so a request that
+        cannot start fails whole, before a response is sent. Releases the admission `check_open` made."""
         deadline = time.monotonic() + self.cfg.request_timeout_s
         clock = _Clock(len(choices))
-        streams = [self.client.generate(c.prompt_ids, c.params) for c in choices]
-        queue: asyncio.Queue = asyncio.Queue()
-        pumps: list[asyncio.Task] = []
+        queue: asyncio.Queue = asyncio.Queue()  # outputs, straight from the token sink; and failures
         # The timeout and the cut-off arrive in the queue like outputs: nothing per token but a get.
         timer = asyncio.get_running_loop().call_later(max(deadline - time.monotonic(), 0), queue.put_nowait,
                                                       (None, self._timed_out()))
         self._open.add(queue)
+        runs = [self.client.start(c.index, c.prompt_ids, c.params, queue) for c in choices]
         try:
-            firsts = await self._until(_all_first(streams), deadline)
-            for c, batch in zip(choices, firsts):
-                yield c.index, clock.observe(c.index, batch)
-            pumps = [asyncio.create_task(_pump(c.index, s, queue))
-                     for c, s, batch in zip(choices, streams, firsts) if not (batch and batch[-1].finish_reason)]
-            running = len(pumps)
+            await self._until(_all_admitted(runs), deadline)
+            for c in choices:
+                yield c.index, []
+            running = len(choices)
             while running:
                 index, item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                if item is None:
+                if item and item[-1].finish_reason:
                     running -= 1
-                    continue
                 yield index, clock.observe(index, item)
         finally:
             timer.cancel()
             self._open.discard(queue)
             self.release()
-            await _cancel(pumps)
-            for s in streams:  # cancels the router calls still running: their KV cache is freed
-                await s.aclose()
+            for run in runs:  # cancels the router calls still running: their KV cache is freed
+                await run.close()
 
     def _timed_out(self) -> ApiError:
         return ApiError(408, f"request timed out after {self.cfg.request_timeout_s:g} s")
@@ -228,26 +223,9 @@ async def _cancel(tasks: list[asyncio.Future]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _all_first(streams: list) -> list[list]:
-    """Every stream's first batch; when one fails, the others are cancelled (and awaited) first."""
-    tasks = [asyncio.ensure_future(first(s)) for s in streams]
-    try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        await _cancel(tasks)
-        raise
-
-
-async def _pump(index: int, stream, queue: asyncio.Queue) -> None:
-    """One choice's remaining batches into the merged queue; None when it ends, the error if it fails."""
-    try:
-        async for batch in stream:
-            await queue.put((index, batch))
-        await queue.put((index, None))
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
-        await queue.put((index, classify(e)))
+async def _all_admitted(runs: list) -> None:
+    """Every choice admitted; when one fails, the others are cancelled (by the caller's cleanup)."""
+    await asyncio.gather(*(run.admitted for run in runs))
 
 
 class _Clock:

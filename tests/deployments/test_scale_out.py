@@ -47,7 +47,9 @@ def model(checkpoint_factory):
 
 
 def _two_routers(cluster, model, **extra):
-    c = cluster.deploy(model, 3, routers={"min": 2, "max": 2, "num_cpus": 0.25}, **extra)
+    # two ingress replicas too: each router streams tokens to both (one token stream per pair)
+    c = cluster.deploy(model, 3, routers={"min": 2, "max": 2, "num_cpus": 0.25},
+                       ingress={"replicas": 2, "num_cpus": 0.1}, **extra)
     _wait("both routers reporting", lambda: len(_admin(c.base, "stats")["routers"]) == 2)
     return c
 

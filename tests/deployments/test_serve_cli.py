@@ -190,7 +190,7 @@ def _every_new_listener_on_loopback(before: dict, started: float, ray_tmp: str, 
     assert off == [], "listening off 127.0.0.1:\n" + "\n".join(off)
     seen = " | ".join(ours.values())
     assert api_ports <= {port for _, port in ours}, seen  # the check saw this server's API ports ...
-    for ray_process in ("gcs_server", "raylet", "DashboardAgent", "RuntimeEnvAgent", "ServeReplica"):
+    for ray_process in ("gcs_server", "raylet", "DashboardAgent", "RuntimeEnvAgent", "ServeReplica", "haproxy"):
         assert ray_process in seen, seen  # ... and Ray's own, agents included
 
 
