@@ -57,10 +57,11 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _quantize_fp8_file(tensors: dict) -> tuple[dict, dict]:
-    """DeepSeek's FP8 release: every *_proj linear (not embeddings, lm_head, norms, router)."""
+    """DeepSeek's and MiniMax's FP8 releases: every *_proj linear and Mixtral-style expert (w1/w2/w3),
+    not embeddings, lm_head, norms or the router."""
     ours, reference = {}, {}
     for name, t in tensors.items():
-        if name.endswith("_proj.weight"):
+        if name.endswith(("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight")):
             q, scale = quantize_fp8(t)
             ours[name], ours[name + "_scale_inv"] = q, scale
             reference[name] = dequantize_fp8_blockwise(q, scale)

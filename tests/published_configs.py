@@ -176,6 +176,21 @@ PUBLISHED: dict[str, dict] = {
         "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 10000000.0, "router_aux_loss_coef": 0.001,
         "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.46.0.dev0",
         "use_cache": True, "vocab_size": 49155},
+    "MiniMax-M2": {
+        "architectures": ["MiniMaxM2ForCausalLM"], "attn_type_list": [1] * 62,
+        "auto_map": {"AutoConfig": "configuration_minimax_m2.MiniMaxM2Config",
+                     "AutoModelForCausalLM": "modeling_minimax_m2.MiniMaxM2ForCausalLM"},
+        "head_dim": 128, "hidden_act": "silu", "hidden_size": 3072, "intermediate_size": 1536,
+        "max_position_embeddings": 196608, "model_type": "minimax_m2", "mtp_transformer_layers": 1,
+        "num_attention_heads": 48, "num_experts_per_tok": 8, "num_hidden_layers": 62, "num_key_value_heads": 8,
+        "num_local_experts": 256, "num_mtp_modules": 3, "qk_norm_type": "per_layer",
+        "quantization_config": {"activation_scheme": "dynamic", "fmt": "float8_e4m3fn", "quant_method": "fp8",
+                                "weight_block_size": [128, 128],
+                                "modules_to_not_convert": ["gate", "e_score_correction_bias", "lm_head"]},
+        "rms_norm_eps": 1e-06, "rope_theta": 5000000, "rotary_dim": 64, "scoring_func": "sigmoid",
+        "shared_intermediate_size": 0, "tie_word_embeddings": False, "transformers_version": "4.46.1",
+        "use_cache": True, "use_mtp": True, "use_qk_norm": True, "use_routing_bias": True, "vocab_size": 200064,
+        "torch_dtype": "bfloat16"},
 }
 # What Qwen3's model card tells users to add to config.json for 128K contexts.
 QWEN3_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
@@ -217,6 +232,9 @@ _SIZES: dict[str, dict] = {
     "granite-3.1-3b-a800m-instruct": {**_MHA, "num_local_experts": 16, "intermediate_size": 32},
 }
 _SIZES["Qwen3-Coder-30B-A3B-Instruct"] = _SIZES["Qwen3-30B-A3B+YaRN"] = _SIZES["Qwen3-30B-A3B"]
+# MiniMax-M2: rotary on the first quarter of each head as released (64 of 128), 8 of 16 experts.
+_SIZES["MiniMax-M2"] = {**_MHA, "head_dim": 16, "rotary_dim": 4, "intermediate_size": 32, "num_local_experts": 16,
+                        "attn_type_list": [1, 1]}
 
 
 def tiny(name: str) -> dict:
