@@ -26,9 +26,10 @@ class ModelConfig:
     rope: Rope = field(default_factory=Rope)
     checkpoint_dtype: torch.dtype = torch.float32  # what config.json says the weights are (unquantised)
     quantization: Quantization = NONE
-    # Norms: "rms" (RMSNorm) | "layer" (LayerNorm with bias, phimoe); gpt-oss keeps norm weights in fp32.
+    # Norms: "rms" (RMSNorm) | "layer" (LayerNorm, phimoe, DBRX); gpt-oss keeps norm weights in fp32.
     norm: str = "rms"
     norm_fp32: bool = False
+    norm_bias: bool = True  # LayerNorms carry a bias (phimoe); DBRX's have none
     # Attention variants.
     qkv_bias: bool = False
     o_bias: bool = False

@@ -59,7 +59,7 @@ def _attention_params(c: ModelConfig) -> int:
 def _layer_params(c: ModelConfig, layer: int) -> int:
     """Everything of one layer but its routed experts."""
     d = c.hidden_size
-    norms = 2 * d * (2 if c.norm == "layer" else 1)
+    norms = 2 * d * (2 if c.norm == "layer" and c.norm_bias else 1)
     if not c.moe_layers[layer]:
         return _attention_params(c) + norms + 3 * d * c.dense_intermediate_size
     gate = c.num_experts * d + (c.num_experts if c.gate_logits_bias else 0)
@@ -80,7 +80,7 @@ class ParamCounts:
     def of(cls, c: ModelConfig) -> "ParamCounts":
         d, v = c.hidden_size, c.vocab_size
         head = 0 if c.tie_word_embeddings else v * d
-        final_norm = d * (2 if c.norm == "layer" else 1)
+        final_norm = d * (2 if c.norm == "layer" and c.norm_bias else 1)
         backbone = v * d + head + (v if c.lm_head_bias else 0) + final_norm + sum(
             _layer_params(c, layer) for layer in range(c.num_layers))
         moe = len(c.moe_layer_ids)

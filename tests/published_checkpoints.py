@@ -91,6 +91,10 @@ def _transformers_model(cfg: dict, seed: int):
     kwargs = {k: v for k, v in cfg.items() if k not in _NOT_FOR_TRANSFORMERS}
     model_type = kwargs.pop("model_type")
     model_type = "deepseek_v3" if model_type == "kimi_k2" else model_type  # transformers has no kimi_k2
+    if model_type == "dbrx" and "rope_theta" in kwargs["attn_config"]:
+        # transformers 5 reads rope_theta only at the top level and runs DBRX at 10000, not the released
+        # attn_config.rope_theta (500000): the reference is given the released value.
+        kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": kwargs["attn_config"]["rope_theta"]}
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs)).eval()
     with torch.no_grad():  # buffers transformers zero-initialises: random, so they change the outcome

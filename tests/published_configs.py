@@ -191,6 +191,16 @@ PUBLISHED: dict[str, dict] = {
         "shared_intermediate_size": 0, "tie_word_embeddings": False, "transformers_version": "4.46.1",
         "use_cache": True, "use_mtp": True, "use_qk_norm": True, "use_routing_bias": True, "vocab_size": 200064,
         "torch_dtype": "bfloat16"},
+    "dbrx-instruct": {
+        "architectures": ["DbrxForCausalLM"],
+        "attn_config": {"clip_qkv": 8, "kv_n_heads": 8, "model_type": "", "rope_theta": 500000},
+        "d_model": 6144, "emb_pdrop": 0.0,
+        "ffn_config": {"ffn_hidden_size": 10752, "model_type": "", "moe_jitter_eps": 0, "moe_loss_weight": 0.05,
+                       "moe_num_experts": 16, "moe_top_k": 4},
+        "initializer_range": 0.02, "max_seq_len": 32768, "model_type": "dbrx", "n_heads": 48, "n_layers": 40,
+        "output_router_logits": False, "resid_pdrop": 0.0, "router_aux_loss_coef": 0.05,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.40.0.dev0",
+        "use_cache": True, "vocab_size": 100352},
 }
 # What Qwen3's model card tells users to add to config.json for 128K contexts.
 QWEN3_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
@@ -235,6 +245,11 @@ _SIZES["Qwen3-Coder-30B-A3B-Instruct"] = _SIZES["Qwen3-30B-A3B+YaRN"] = _SIZES["
 # MiniMax-M2: rotary on the first quarter of each head as released (64 of 128), 8 of 16 experts.
 _SIZES["MiniMax-M2"] = {**_MHA, "head_dim": 16, "rotary_dim": 4, "intermediate_size": 32, "num_local_experts": 16,
                         "attn_type_list": [1, 1]}
+# DBRX nests its sizes (clip_qkv 8 as released: it does not bite on these small weights; OLMoE's tests cover it).
+_SIZES["dbrx-instruct"] = {
+    "d_model": 64, "n_heads": 4, "n_layers": 2, "vocab_size": 256,
+    "attn_config": {**PUBLISHED["dbrx-instruct"]["attn_config"], "kv_n_heads": 2},
+    "ffn_config": {**PUBLISHED["dbrx-instruct"]["ffn_config"], "ffn_hidden_size": 32}}
 
 
 def tiny(name: str) -> dict:

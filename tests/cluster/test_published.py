@@ -45,7 +45,7 @@ def test_published_config_matches_transformers(published, name):
 
 
 # Families added by issue 18 (part 1): beside matching transformers, the expert machinery works on them.
-NEW_FAMILIES = ["MiniMax-M2"]
+NEW_FAMILIES = ["MiniMax-M2", "dbrx-instruct"]
 
 
 @pytest.mark.parametrize("name", NEW_FAMILIES)
@@ -100,6 +100,10 @@ NEW_FAMILY_REFUSALS = [
     ("MiniMax-M2", {"shared_intermediate_size": 64}, "shared_intermediate_size"),
     ("MiniMax-M2", {"quantization_config": {"quant_method": "fp8", "fmt": "float8_e5m2",
                                             "weight_block_size": [128, 128]}}, "quantization_config.fmt"),
+    ("dbrx-instruct", {"ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 16, "moe_top_k": 4,
+                                      "moe_normalize_expert_weights": 2.0}}, "ffn_config.moe_normalize_expert_weights"),
+    ("dbrx-instruct", {"ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 16, "moe_top_k": 4,
+                                      "ffn_act_fn": {"name": "gelu"}}}, "hidden_act"),
 ]
 
 
