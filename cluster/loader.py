@@ -110,7 +110,8 @@ def _expert(r: _Reader, layer: int, expert_id: int) -> MLPWeights:
 def _attention(r: _Reader, cfg: ModelConfig, layer: int) -> AttentionWeights:
     d, hd, h, kvh = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
     bias = (lambda name, n: r.get(name, (n,), layer)) if cfg.qkv_bias else (lambda name, n: None)
-    norm_shapes = {"none": (None, None), "head": ((hd,), (hd,)), "full": ((h * hd,), (kvh * hd,))}[cfg.qk_norm]
+    norm_shapes = {"none": (None, None), "l2": (None, None), "head": ((hd,), (hd,)),
+                   "full": ((h * hd,), (kvh * hd,))}[cfg.qk_norm]
     if "qkv_proj" in r.family.tensors:  # one fused projection (DBRX's Wqkv): q rows, then k, then v
         qkv = r.get("qkv_proj", ((h + 2 * kvh) * hd, d), layer).split([h * hd, kvh * hd, kvh * hd])
         q, k, v = (t.contiguous() for t in qkv)

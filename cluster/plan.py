@@ -52,7 +52,7 @@ def _attention_params(c: ModelConfig) -> int:
         return q + kv + h * c.v_head_dim * d
     q, kv = h * c.head_dim, c.num_kv_heads * c.head_dim
     weights = 2 * d * q + 2 * d * kv + (q + 2 * kv if c.qkv_bias else 0) + (d if c.o_bias else 0)
-    norms = {"none": 0, "head": 2 * c.head_dim, "full": q + kv}[c.qk_norm]
+    norms = {"none": 0, "l2": 0, "head": 2 * c.head_dim, "full": q + kv}[c.qk_norm]
     return weights + norms + (h if c.attn_sinks else 0)
 
 
@@ -105,7 +105,8 @@ def attention_flops(c: ModelConfig, context: int) -> int:
     """Score and value FLOPs for one token attending to `context` tokens, over all layers."""
     dk, dv = ((c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attention == "mla"
               else (c.head_dim, c.head_dim))
-    seen = [min(context, c.sliding_window(layer) or context) for layer in range(c.num_layers)]
+    # a chunk of n positions sees n / 2 keys on average, at most n: counted as n (an upper bound)
+    seen = [min(context, c.sliding_window(layer) or c.attention_chunk(layer) or context) for layer in range(c.num_layers)]
     return sum(2 * c.num_heads * (dk + dv) * n for n in seen)
 
 

@@ -201,6 +201,54 @@ PUBLISHED: dict[str, dict] = {
         "output_router_logits": False, "resid_pdrop": 0.0, "router_aux_loss_coef": 0.05,
         "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.40.0.dev0",
         "use_cache": True, "vocab_size": 100352},
+    # As a public copy prints it (moe_layers / no_rope_layers written out as transformers fills them).
+    "Llama-4-Scout-17B-16E": {
+        "architectures": ["Llama4ForConditionalGeneration"], "boi_token_index": 200080, "eoi_token_index": 200081,
+        "image_token_index": 200092, "model_type": "llama4",
+        "text_config": {
+            "attention_bias": False, "attention_chunk_size": 8192, "attention_dropout": 0.0, "attn_scale": 0.1,
+            "attn_temperature_tuning": 4, "bos_token_id": 200000, "eos_token_id": [200001, 200007, 200008],
+            "floor_scale": 8192, "for_llm_compressor": False, "head_dim": 128, "hidden_act": "silu",
+            "hidden_size": 5120, "initializer_range": 0.02, "interleave_moe_layer_step": 1,
+            "intermediate_size": 8192, "intermediate_size_mlp": 16384, "max_position_embeddings": 262144,
+            "model_type": "llama4_text", "moe_layers": list(range(48)), "no_rope_layers": [1, 1, 1, 0] * 12,
+            "num_attention_heads": 40, "num_experts_per_tok": 1, "num_hidden_layers": 48, "num_key_value_heads": 8,
+            "num_local_experts": 16, "output_router_logits": False, "pad_token_id": 200018, "rms_norm_eps": 1e-05,
+            "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                             "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+            "rope_theta": 500000.0, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0,
+            "torch_dtype": "bfloat16", "use_cache": True, "use_qk_norm": True, "vocab_size": 202048},
+        "tie_word_embeddings": False, "transformers_version": "4.51.0",
+        "vision_config": {
+            "attention_dropout": 0.0, "hidden_act": "gelu", "hidden_size": 1408, "image_size": 336,
+            "initializer_range": 0.02, "intermediate_size": 5632, "model_type": "llama4_vision_model",
+            "multi_modal_projector_bias": False, "norm_eps": 1e-05, "num_attention_heads": 16, "num_channels": 3,
+            "num_hidden_layers": 34, "patch_size": 14, "pixel_shuffle_ratio": 0.5, "projector_dropout": 0.0,
+            "projector_input_dim": 4096, "projector_output_dim": 4096, "rope_theta": 10000,
+            "vision_feature_layer": -1, "vision_feature_select_strategy": "default", "vision_output_dim": 4096}},
+    # Maverick's text_config as TensorRT-LLM's tests vendor it (a 4.51.0.dev0 config: no moe_layers /
+    # no_rope_layers lists, so transformers' interleave_moe_layer_step and no_rope_layer_interval rules apply).
+    "Llama-4-Maverick-17B-128E-Instruct": {
+        "architectures": ["Llama4ForConditionalGeneration"], "boi_token_index": 200080, "eoi_token_index": 200081,
+        "image_token_index": 200092, "model_type": "llama4",
+        "text_config": {
+            "attention_bias": False, "attention_chunk_size": 8192, "attention_dropout": 0.0, "bos_token_id": 200000,
+            "eos_token_id": [200001, 200007, 200008], "for_llm_compressor": False, "head_dim": 128,
+            "hidden_act": "silu", "hidden_size": 5120, "initializer_range": 0.02, "interleave_moe_layer_step": 2,
+            "intermediate_size": 8192, "intermediate_size_mlp": 16384, "max_position_embeddings": 1048576,
+            "model_type": "llama4_text", "num_attention_heads": 40, "num_experts_per_tok": 1,
+            "num_hidden_layers": 48, "num_key_value_heads": 8, "num_local_experts": 128,
+            "output_router_logits": False, "pad_token_id": 200018, "rms_norm_eps": 1e-05, "rope_scaling": None,
+            "rope_theta": 500000.0, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0,
+            "torch_dtype": "bfloat16", "use_cache": True, "use_qk_norm": False, "vocab_size": 202048},
+        "torch_dtype": "bfloat16", "transformers_version": "4.51.0.dev0",
+        "vision_config": {
+            "attention_dropout": 0.0, "hidden_act": "gelu", "hidden_size": 1408, "image_size": 336,
+            "initializer_range": 0.02, "intermediate_size": 5632, "model_type": "llama4_vision_model",
+            "multi_modal_projector_bias": False, "norm_eps": 1e-05, "num_attention_heads": 16, "num_channels": 3,
+            "num_hidden_layers": 34, "patch_size": 14, "pixel_shuffle_ratio": 0.5, "projector_dropout": 0.0,
+            "projector_input_dim": 4096, "projector_output_dim": 4096, "rope_theta": 10000,
+            "vision_feature_layer": -1, "vision_feature_select_strategy": "default", "vision_output_dim": 4096}},
 }
 # What Qwen3's model card tells users to add to config.json for 128K contexts.
 QWEN3_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
@@ -250,6 +298,19 @@ _SIZES["dbrx-instruct"] = {
     "d_model": 64, "n_heads": 4, "n_layers": 2, "vocab_size": 256,
     "attn_config": {**PUBLISHED["dbrx-instruct"]["attn_config"], "kv_n_heads": 2},
     "ffn_config": {**PUBLISHED["dbrx-instruct"]["ffn_config"], "ffn_hidden_size": 32}}
+# Llama 4's sizes are in text_config. Chunks of 8 positions and a floor_scale of 4 make the chunked
+# attention and the NoPE layers' query temperature act within the test's 26 tokens; the vocabulary stays
+# above pad_token_id (200018).
+_SIZES["Llama-4-Scout-17B-16E"] = {"text_config": {
+    **PUBLISHED["Llama-4-Scout-17B-16E"]["text_config"], "hidden_size": 64, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 16, "num_hidden_layers": 4, "intermediate_size": 32,
+    "intermediate_size_mlp": 64, "moe_layers": [0, 1, 2, 3], "no_rope_layers": [1, 1, 1, 0],
+    "attention_chunk_size": 8, "floor_scale": 4}}
+# Maverick: 4 layers = dense, MoE, dense, MoE (interleave step 2), the fourth NoPE (default interval 4).
+_SIZES["Llama-4-Maverick-17B-128E-Instruct"] = {"text_config": {
+    **PUBLISHED["Llama-4-Maverick-17B-128E-Instruct"]["text_config"], "hidden_size": 64, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 16, "num_hidden_layers": 4, "intermediate_size": 32,
+    "intermediate_size_mlp": 64, "num_local_experts": 16, "attention_chunk_size": 8}}
 
 
 def tiny(name: str) -> dict:

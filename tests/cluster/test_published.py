@@ -6,7 +6,7 @@ import pytest
 from cluster.engine import LLMEngine, SamplingParams
 from tests.helpers import hf_greedy_logits, load_hf, our_greedy_logits
 from tests.published_checkpoints import build
-from tests.published_configs import PUBLISHED
+from tests.published_configs import PUBLISHED, tiny
 
 STEPS = 16
 PROMPT = [5, 17, 33, 2, 90, 41, 7, 11, 64, 3]
@@ -45,7 +45,7 @@ def test_published_config_matches_transformers(published, name):
 
 
 # Families added by issue 18 (part 1): beside matching transformers, the expert machinery works on them.
-NEW_FAMILIES = ["MiniMax-M2", "dbrx-instruct"]
+NEW_FAMILIES = ["MiniMax-M2", "dbrx-instruct", "Llama-4-Scout-17B-16E", "Llama-4-Maverick-17B-128E-Instruct"]
 
 
 @pytest.mark.parametrize("name", NEW_FAMILIES)
@@ -104,6 +104,12 @@ NEW_FAMILY_REFUSALS = [
                                       "moe_normalize_expert_weights": 2.0}}, "ffn_config.moe_normalize_expert_weights"),
     ("dbrx-instruct", {"ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 16, "moe_top_k": 4,
                                       "ffn_act_fn": {"name": "gelu"}}}, "hidden_act"),
+    ("Llama-4-Scout-17B-16E", {"text_config": {**tiny("Llama-4-Scout-17B-16E")["text_config"],
+                                                "no_rope_layers": [1, 0]}}, "no_rope_layers"),
+    ("Llama-4-Scout-17B-16E", {"text_config": {**tiny("Llama-4-Scout-17B-16E")["text_config"],
+                                                "layer_types": ["full_attention"] * 4}}, "layer_types"),
+    ("Llama-4-Scout-17B-16E", {"text_config": {**tiny("Llama-4-Scout-17B-16E")["text_config"],
+                                                "attention_bias": True}}, "attention_bias"),
 ]
 
 
@@ -111,7 +117,6 @@ NEW_FAMILY_REFUSALS = [
 def test_new_family_refusals_name_the_field(name, changes, field):
     from cluster.errors import UnsupportedModelError
     from cluster.families import get_family
-    from tests.published_configs import tiny
 
     cfg = {**tiny(name), **changes}
     with pytest.raises(UnsupportedModelError, match=field.replace(".", r"\.")):
