@@ -1,7 +1,10 @@
 """Published MoE configs (sizes shrunk), built with transformers and stored as released (bf16,
 FP8 blocks, MXFP4): our engine in fp32 against transformers in fp32 on the same (dequantised)
 weights, greedy tokens and logits at every step."""
+import math
+
 import pytest
+import torch
 
 from cluster.engine import LLMEngine, SamplingParams
 from tests.helpers import hf_greedy_logits, load_hf, our_greedy_logits
@@ -121,3 +124,24 @@ def test_new_family_refusals_name_the_field(name, changes, field):
     cfg = {**tiny(name), **changes}
     with pytest.raises(UnsupportedModelError, match=field.replace(".", r"\.")):
         get_family(cfg["model_type"]).parse_config(cfg)
+
+
+@pytest.mark.parametrize("position,chunk,window,seen", [
+    (9, 8, None, [8, 9]),  # chunked: only its own chunk, up to itself
+    (7, 8, None, list(range(8))),
+    (9, None, 3, [7, 8, 9]),  # sliding window, for contrast
+    (9, 8, 3, [8, 9]),
+])
+def test_chunked_attention_sees_its_own_chunk(position, chunk, window, seen):
+    from cluster.model.attention import visible
+
+    mask = visible(torch.tensor([position + 1]), position + 1, 1, window, chunk)  # [1, 1, C]
+    assert mask[0, 0].nonzero().flatten().tolist() == seen
+
+
+def test_query_temperature_is_one_below_floor_scale():
+    """Llama 4's NoPE query scale: log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1."""
+    from cluster.model.attention import query_temperature
+
+    got = query_temperature(torch.tensor([0, 8190, 8191, 16383]), 8192.0, 0.1).tolist()
+    assert got == pytest.approx([1.0, 1.0, 1 + 0.1 * math.log(2), 1 + 0.1 * math.log(3)])
