@@ -2,7 +2,9 @@
 
 Written here from the released files (no model hub on this machine: recalled, and
 checked against public copies of them where the search tools found one: Qwen2-57B-A14B,
-GLM-4.5-Air, Kimi-K2, gpt-oss, Phi-3.5-MoE's rope factors, Granite's multipliers).
+GLM-4.5-Air, Kimi-K2, gpt-oss, Phi-3.5-MoE's rope factors, Granite's multipliers; MiniMax-M2 and
+Llama-4-Scout from public copies of their config.json, Maverick from TensorRT-LLM's tests, DBRX recalled
+and checked against converted copies' nested attn_config / ffn_config).
 `tiny(name)` is the published dict with only sizes changed (hidden, heads, layers,
 experts, vocab, intermediate sizes, and the lists whose length follows them); those
 checkpoints take seconds to build and run.
