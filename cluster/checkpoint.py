@@ -14,7 +14,7 @@ import json
 import math
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -128,6 +128,17 @@ class Checkpoint:
         if name not in self.tensors:
             raise CheckpointError(f"{self.root}: tensor {name!r} not found in the checkpoint")
         return self.tensors[name]
+
+    def view_stacked(self, name: str, parts: int) -> None:
+        """Read a [parts * n, ...] tensor as [parts, n, ...] from now on (the same bytes), so that
+        `index` reads one part: DBRX stores its experts as row blocks of one 2-D tensor."""
+        info = self.info(name)
+        if info.shape and info.shape[0] == parts and len(info.shape) > 2:
+            return  # already viewed so
+        if not info.shape or info.shape[0] % parts:
+            raise CheckpointError(f"{info.file}: tensor {name!r} of shape {list(info.shape)} does not split into "
+                                  f"{parts} row blocks")
+        self.tensors[name] = replace(info, shape=(parts, info.shape[0] // parts, *info.shape[1:]))
 
     def read_raw(self, name: str, index: int | None = None) -> torch.Tensor:
         """The tensor as stored (its own dtype, on the CPU); `index` reads only row `index` of dim 0

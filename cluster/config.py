@@ -26,16 +26,23 @@ class ModelConfig:
     rope: Rope = field(default_factory=Rope)
     checkpoint_dtype: torch.dtype = torch.float32  # what config.json says the weights are (unquantised)
     quantization: Quantization = NONE
-    # Norms: "rms" (RMSNorm) | "layer" (LayerNorm with bias, phimoe); gpt-oss keeps norm weights in fp32.
+    # Norms: "rms" (RMSNorm) | "layer" (LayerNorm, phimoe, DBRX); gpt-oss keeps norm weights in fp32.
     norm: str = "rms"
     norm_fp32: bool = False
+    norm_bias: bool = True  # LayerNorms carry a bias (phimoe); DBRX's have none
     # Attention variants.
     qkv_bias: bool = False
     o_bias: bool = False
-    qk_norm: str = "none"  # "none" | "head" (per head, qwen3) | "full" (whole projection, olmoe)
+    # "none" | "head" (per head, qwen3) | "full" (whole projection, olmoe) | "l2" (per head, no weight, on
+    # rotary layers only: Llama 4)
+    qk_norm: str = "none"
     clip_qkv: float | None = None
     attn_scale: float | None = None  # softmax scale; None: head_dim ** -0.5 (q/k dim for MLA)
     sliding_windows: tuple[int | None, ...] = ()  # per layer: attend to the last n tokens; () or None: all
+    attention_chunks: tuple[int | None, ...] = ()  # per layer: attend within aligned chunks of n positions
+    rope_layers: tuple[bool, ...] = ()  # per layer: False = no rotary (Llama 4's NoPE layers); (): all rotate
+    # Llama 4's NoPE layers scale queries by log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1.
+    attn_temperature: tuple[float, float] | None = None  # (floor_scale, attn_scale)
     attn_sinks: bool = False  # gpt-oss: a learned per-head logit that takes softmax mass and no value
     # Scalars (Granite): embeddings ×, each residual branch ×, logits ÷.
     embedding_multiplier: float = 1.0
@@ -52,6 +59,7 @@ class ModelConfig:
     moe_layers: tuple[bool, ...] = ()  # per layer: True = MoE block, False = dense MLP
     gate_logits_bias: bool = False  # gpt-oss: the router linear has a bias
     gate_fp32: bool = False  # router matmul in fp32 (DeepSeek-V3, GLM-4.5), as transformers does
+    moe_input_scaled: bool = False  # Llama 4: the routing weight scales the expert's input, not its output
     # Dense MLP for non-MoE layers, shared expert beside routed ones (qwen2_moe).
     dense_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
@@ -89,6 +97,12 @@ class ModelConfig:
 
     def sliding_window(self, layer: int) -> int | None:
         return self.sliding_windows[layer] if self.sliding_windows else None
+
+    def attention_chunk(self, layer: int) -> int | None:
+        return self.attention_chunks[layer] if self.attention_chunks else None
+
+    def rotates(self, layer: int) -> bool:
+        return self.rope_layers[layer] if self.rope_layers else True
 
     @property
     def expert_params(self) -> int:

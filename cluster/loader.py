@@ -57,7 +57,8 @@ class _Reader:
     def norm(self, ours: str, dim: int, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A norm's weight (fp32 where the family keeps it so) and its bias (LayerNorm)."""
         dtype = torch.float32 if self.cfg.norm_fp32 else None
-        bias = self.get(ours + "_bias", (dim,), layer, dtype=dtype) if self.cfg.norm == "layer" else None
+        has_bias = self.cfg.norm == "layer" and self.cfg.norm_bias
+        bias = self.get(ours + "_bias", (dim,), layer, dtype=dtype) if has_bias else None
         return self.get(ours, (dim,), layer, dtype=dtype), bias
 
     def mlp(self, prefix: str, inter: int, hidden: int, layer: int, expert_id: int | None = None) -> MLPWeights:
@@ -84,7 +85,22 @@ def _fused_expert(r: _Reader, layer: int, expert_id: int) -> MLPWeights:
     return MLPWeights(gate_up.contiguous(), down.contiguous(), bias_up, bias_down, cfg.expert_activation)
 
 
+def _row_block_expert(r: _Reader, layer: int, expert_id: int) -> MLPWeights:
+    """One expert's I rows of each [E * I, D] tensor (DBRX; its down projection stored transposed)."""
+    cfg = r.cfg
+    d, i = cfg.hidden_size, cfg.expert_intermediate_size
+
+    def rows(ours: str) -> torch.Tensor:
+        r.ckpt.view_stacked(r.name(ours, layer), cfg.num_experts)
+        return r.get(ours, (i, d), layer, index=expert_id)
+
+    gate_up = torch.cat([rows("expert_gate"), rows("expert_up")])
+    return MLPWeights(gate_up, rows("expert_down").t().contiguous(), activation=cfg.expert_activation)
+
+
 def _expert(r: _Reader, layer: int, expert_id: int) -> MLPWeights:
+    if r.family.experts.row_blocks:
+        return _row_block_expert(r, layer, expert_id)
     if r.family.experts.fused:
         return _fused_expert(r, layer, expert_id)
     w = r.mlp("expert", r.cfg.expert_intermediate_size, r.cfg.hidden_size, layer, expert_id)
@@ -94,10 +110,16 @@ def _expert(r: _Reader, layer: int, expert_id: int) -> MLPWeights:
 def _attention(r: _Reader, cfg: ModelConfig, layer: int) -> AttentionWeights:
     d, hd, h, kvh = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
     bias = (lambda name, n: r.get(name, (n,), layer)) if cfg.qkv_bias else (lambda name, n: None)
-    norm_shapes = {"none": (None, None), "head": ((hd,), (hd,)), "full": ((h * hd,), (kvh * hd,))}[cfg.qk_norm]
+    norm_shapes = {"none": (None, None), "l2": (None, None), "head": ((hd,), (hd,)),
+                   "full": ((h * hd,), (kvh * hd,))}[cfg.qk_norm]
+    if "qkv_proj" in r.family.tensors:  # one fused projection (DBRX's Wqkv): q rows, then k, then v
+        qkv = r.get("qkv_proj", ((h + 2 * kvh) * hd, d), layer).split([h * hd, kvh * hd, kvh * hd])
+        q, k, v = (t.contiguous() for t in qkv)
+    else:
+        q, k, v = r.get("q_proj", (h * hd, d), layer), r.get("k_proj", (kvh * hd, d), layer), \
+            r.get("v_proj", (kvh * hd, d), layer)
     return AttentionWeights(
-        q=r.get("q_proj", (h * hd, d), layer), k=r.get("k_proj", (kvh * hd, d), layer),
-        v=r.get("v_proj", (kvh * hd, d), layer), o=r.get("o_proj", (d, h * hd), layer),
+        q=q, k=k, v=v, o=r.get("o_proj", (d, h * hd), layer),
         q_bias=bias("q_bias", h * hd), k_bias=bias("k_bias", kvh * hd), v_bias=bias("v_bias", kvh * hd),
         o_bias=r.get("o_bias", (d,), layer) if cfg.o_bias else None,
         q_norm=r.get("q_norm", norm_shapes[0], layer) if norm_shapes[0] else None,

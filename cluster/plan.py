@@ -52,14 +52,14 @@ def _attention_params(c: ModelConfig) -> int:
         return q + kv + h * c.v_head_dim * d
     q, kv = h * c.head_dim, c.num_kv_heads * c.head_dim
     weights = 2 * d * q + 2 * d * kv + (q + 2 * kv if c.qkv_bias else 0) + (d if c.o_bias else 0)
-    norms = {"none": 0, "head": 2 * c.head_dim, "full": q + kv}[c.qk_norm]
+    norms = {"none": 0, "l2": 0, "head": 2 * c.head_dim, "full": q + kv}[c.qk_norm]
     return weights + norms + (h if c.attn_sinks else 0)
 
 
 def _layer_params(c: ModelConfig, layer: int) -> int:
     """Everything of one layer but its routed experts."""
     d = c.hidden_size
-    norms = 2 * d * (2 if c.norm == "layer" else 1)
+    norms = 2 * d * (2 if c.norm == "layer" and c.norm_bias else 1)
     if not c.moe_layers[layer]:
         return _attention_params(c) + norms + 3 * d * c.dense_intermediate_size
     gate = c.num_experts * d + (c.num_experts if c.gate_logits_bias else 0)
@@ -80,7 +80,7 @@ class ParamCounts:
     def of(cls, c: ModelConfig) -> "ParamCounts":
         d, v = c.hidden_size, c.vocab_size
         head = 0 if c.tie_word_embeddings else v * d
-        final_norm = d * (2 if c.norm == "layer" else 1)
+        final_norm = d * (2 if c.norm == "layer" and c.norm_bias else 1)
         backbone = v * d + head + (v if c.lm_head_bias else 0) + final_norm + sum(
             _layer_params(c, layer) for layer in range(c.num_layers))
         moe = len(c.moe_layer_ids)
@@ -105,7 +105,8 @@ def attention_flops(c: ModelConfig, context: int) -> int:
     """Score and value FLOPs for one token attending to `context` tokens, over all layers."""
     dk, dv = ((c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attention == "mla"
               else (c.head_dim, c.head_dim))
-    seen = [min(context, c.sliding_window(layer) or context) for layer in range(c.num_layers)]
+    # a chunk of n positions sees n / 2 keys on average, at most n: counted as n (an upper bound)
+    seen = [min(context, c.sliding_window(layer) or c.attention_chunk(layer) or context) for layer in range(c.num_layers)]
     return sum(2 * c.num_heads * (dk + dv) * n for n in seen)
 
 

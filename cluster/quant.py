@@ -1,6 +1,6 @@
 """Quantised checkpoints, dequantised to the serving dtype at load.
 
-- fp8 (DeepSeek-V3, Kimi-K2, ...): `quantization_config.quant_method: fp8`,
+- fp8 (DeepSeek-V3, Kimi-K2, MiniMax-M2, ...): `quantization_config.quant_method: fp8`,
   weights stored F8_E4M3 with a sibling `<name>_scale_inv` F32 tensor holding
   one multiplier per `weight_block_size` block (the last block of a dimension
   may be partial): w = fp8 * scale_inv, block by block.
@@ -29,6 +29,7 @@ from cluster.errors import UnsupportedModelError
 
 _FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 _MXFP4_GROUP = 32
+_E4M3 = ("e4m3", "float8_e4m3fn")  # DeepSeek's spelling, MiniMax's (torch's dtype name)
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,9 @@ def parse_quantization(config: dict[str, Any]) -> Quantization:
             raise UnsupportedModelError(
                 f"config.json: quantization_config.weight_block_size {block!r} is not supported "
                 "(per-tensor fp8 is not implemented; block-quantised [rows, cols] is)")
-        if q.get("fmt", "e4m3") != "e4m3":
-            raise UnsupportedModelError(f"config.json: quantization_config.fmt {q['fmt']!r} is not supported (e4m3)")
+        if q.get("fmt", "e4m3") not in _E4M3:
+            raise UnsupportedModelError(f"config.json: quantization_config.fmt {q['fmt']!r} is not supported "
+                                        "(e4m3 / float8_e4m3fn)")
         return Quantization("fp8", (int(block[0]), int(block[1])))
     if method == "mxfp4":
         return Quantization("mxfp4")

@@ -57,10 +57,11 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _quantize_fp8_file(tensors: dict) -> tuple[dict, dict]:
-    """DeepSeek's FP8 release: every *_proj linear (not embeddings, lm_head, norms, router)."""
+    """DeepSeek's and MiniMax's FP8 releases: every *_proj linear and Mixtral-style expert (w1/w2/w3),
+    not embeddings, lm_head, norms or the router."""
     ours, reference = {}, {}
     for name, t in tensors.items():
-        if name.endswith("_proj.weight"):
+        if name.endswith(("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight")):
             q, scale = quantize_fp8(t)
             ours[name], ours[name + "_scale_inv"] = q, scale
             reference[name] = dequantize_fp8_blockwise(q, scale)
@@ -84,12 +85,24 @@ def _quantize_mxfp4_file(tensors: dict) -> tuple[dict, dict]:
     return ours, reference
 
 
+# Stand-ins for the wrapper's vision tensors (names as released): present on disk, never read.
+_LLAMA4_VISION = {"vision_model.patch_embedding.linear.weight": torch.zeros(8, 8, dtype=torch.bfloat16),
+                  "multi_modal_projector.linear_1.weight": torch.zeros(8, 8, dtype=torch.bfloat16)}
+
+
 def _transformers_model(cfg: dict, seed: int):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if cfg["model_type"] == "llama4":  # served as the text model it wraps (the vision tower is not built)
+        # the release says attn_temperature_tuning 4, which transformers 5's strict config refuses (a bool)
+        cfg = {**cfg["text_config"], "attn_temperature_tuning": bool(cfg["text_config"].get("attn_temperature_tuning", 1))}
     kwargs = {k: v for k, v in cfg.items() if k not in _NOT_FOR_TRANSFORMERS}
     model_type = kwargs.pop("model_type")
     model_type = "deepseek_v3" if model_type == "kimi_k2" else model_type  # transformers has no kimi_k2
+    if model_type == "dbrx" and "rope_theta" in kwargs["attn_config"]:
+        # transformers 5 reads rope_theta only at the top level and runs DBRX at 10000, not the released
+        # attn_config.rope_theta (500000): the reference is given the released value.
+        kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": kwargs["attn_config"]["rope_theta"]}
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs)).eval()
     with torch.no_grad():  # buffers transformers zero-initialises: random, so they change the outcome
@@ -108,6 +121,8 @@ def build(name: str, root: Path, seed: int = 0, overrides: dict | None = None) -
     method = (cfg.get("quantization_config") or {}).get("quant_method")
     quantize = {"fp8": _quantize_fp8_file, "mxfp4": _quantize_mxfp4_file}.get(method)
     ours_tensors, ref_tensors = quantize(tensors) if quantize else (tensors, tensors)
+    if cfg["model_type"] == "llama4":  # released as the multimodal wrapper: text weights under language_model.
+        ours_tensors = {**{"language_model." + k: v for k, v in ours_tensors.items()}, **_LLAMA4_VISION}
     ours.mkdir(parents=True)
     save_file(ours_tensors, ours / "model.safetensors")
     (ours / "config.json").write_text(json.dumps(cfg, indent=2))

@@ -2,7 +2,9 @@
 
 Written here from the released files (no model hub on this machine: recalled, and
 checked against public copies of them where the search tools found one: Qwen2-57B-A14B,
-GLM-4.5-Air, Kimi-K2, gpt-oss, Phi-3.5-MoE's rope factors, Granite's multipliers).
+GLM-4.5-Air, Kimi-K2, gpt-oss, Phi-3.5-MoE's rope factors, Granite's multipliers; MiniMax-M2 and
+Llama-4-Scout from public copies of their config.json, Maverick from TensorRT-LLM's tests, DBRX recalled
+and checked against converted copies' nested attn_config / ffn_config).
 `tiny(name)` is the published dict with only sizes changed (hidden, heads, layers,
 experts, vocab, intermediate sizes, and the lists whose length follows them); those
 checkpoints take seconds to build and run.
@@ -176,6 +178,79 @@ PUBLISHED: dict[str, dict] = {
         "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 10000000.0, "router_aux_loss_coef": 0.001,
         "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.46.0.dev0",
         "use_cache": True, "vocab_size": 49155},
+    "MiniMax-M2": {
+        "architectures": ["MiniMaxM2ForCausalLM"], "attn_type_list": [1] * 62,
+        "auto_map": {"AutoConfig": "configuration_minimax_m2.MiniMaxM2Config",
+                     "AutoModelForCausalLM": "modeling_minimax_m2.MiniMaxM2ForCausalLM"},
+        "head_dim": 128, "hidden_act": "silu", "hidden_size": 3072, "intermediate_size": 1536,
+        "max_position_embeddings": 196608, "model_type": "minimax_m2", "mtp_transformer_layers": 1,
+        "num_attention_heads": 48, "num_experts_per_tok": 8, "num_hidden_layers": 62, "num_key_value_heads": 8,
+        "num_local_experts": 256, "num_mtp_modules": 3, "qk_norm_type": "per_layer",
+        "quantization_config": {"activation_scheme": "dynamic", "fmt": "float8_e4m3fn", "quant_method": "fp8",
+                                "weight_block_size": [128, 128],
+                                "modules_to_not_convert": ["gate", "e_score_correction_bias", "lm_head"]},
+        "rms_norm_eps": 1e-06, "rope_theta": 5000000, "rotary_dim": 64, "scoring_func": "sigmoid",
+        "shared_intermediate_size": 0, "tie_word_embeddings": False, "transformers_version": "4.46.1",
+        "use_cache": True, "use_mtp": True, "use_qk_norm": True, "use_routing_bias": True, "vocab_size": 200064,
+        "torch_dtype": "bfloat16"},
+    "dbrx-instruct": {
+        "architectures": ["DbrxForCausalLM"],
+        "attn_config": {"clip_qkv": 8, "kv_n_heads": 8, "model_type": "", "rope_theta": 500000},
+        "d_model": 6144, "emb_pdrop": 0.0,
+        "ffn_config": {"ffn_hidden_size": 10752, "model_type": "", "moe_jitter_eps": 0, "moe_loss_weight": 0.05,
+                       "moe_num_experts": 16, "moe_top_k": 4},
+        "initializer_range": 0.02, "max_seq_len": 32768, "model_type": "dbrx", "n_heads": 48, "n_layers": 40,
+        "output_router_logits": False, "resid_pdrop": 0.0, "router_aux_loss_coef": 0.05,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.40.0.dev0",
+        "use_cache": True, "vocab_size": 100352},
+    # As a public copy prints it (moe_layers / no_rope_layers written out as transformers fills them).
+    "Llama-4-Scout-17B-16E": {
+        "architectures": ["Llama4ForConditionalGeneration"], "boi_token_index": 200080, "eoi_token_index": 200081,
+        "image_token_index": 200092, "model_type": "llama4",
+        "text_config": {
+            "attention_bias": False, "attention_chunk_size": 8192, "attention_dropout": 0.0, "attn_scale": 0.1,
+            "attn_temperature_tuning": 4, "bos_token_id": 200000, "eos_token_id": [200001, 200007, 200008],
+            "floor_scale": 8192, "for_llm_compressor": False, "head_dim": 128, "hidden_act": "silu",
+            "hidden_size": 5120, "initializer_range": 0.02, "interleave_moe_layer_step": 1,
+            "intermediate_size": 8192, "intermediate_size_mlp": 16384, "max_position_embeddings": 262144,
+            "model_type": "llama4_text", "moe_layers": list(range(48)), "no_rope_layers": [1, 1, 1, 0] * 12,
+            "num_attention_heads": 40, "num_experts_per_tok": 1, "num_hidden_layers": 48, "num_key_value_heads": 8,
+            "num_local_experts": 16, "output_router_logits": False, "pad_token_id": 200018, "rms_norm_eps": 1e-05,
+            "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                             "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+            "rope_theta": 500000.0, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0,
+            "torch_dtype": "bfloat16", "use_cache": True, "use_qk_norm": True, "vocab_size": 202048},
+        "tie_word_embeddings": False, "transformers_version": "4.51.0",
+        "vision_config": {
+            "attention_dropout": 0.0, "hidden_act": "gelu", "hidden_size": 1408, "image_size": 336,
+            "initializer_range": 0.02, "intermediate_size": 5632, "model_type": "llama4_vision_model",
+            "multi_modal_projector_bias": False, "norm_eps": 1e-05, "num_attention_heads": 16, "num_channels": 3,
+            "num_hidden_layers": 34, "patch_size": 14, "pixel_shuffle_ratio": 0.5, "projector_dropout": 0.0,
+            "projector_input_dim": 4096, "projector_output_dim": 4096, "rope_theta": 10000,
+            "vision_feature_layer": -1, "vision_feature_select_strategy": "default", "vision_output_dim": 4096}},
+    # Maverick's text_config as TensorRT-LLM's tests vendor it (a 4.51.0.dev0 config: no moe_layers /
+    # no_rope_layers lists, so transformers' interleave_moe_layer_step and no_rope_layer_interval rules apply).
+    "Llama-4-Maverick-17B-128E-Instruct": {
+        "architectures": ["Llama4ForConditionalGeneration"], "boi_token_index": 200080, "eoi_token_index": 200081,
+        "image_token_index": 200092, "model_type": "llama4",
+        "text_config": {
+            "attention_bias": False, "attention_chunk_size": 8192, "attention_dropout": 0.0, "bos_token_id": 200000,
+            "eos_token_id": [200001, 200007, 200008], "for_llm_compressor": False, "head_dim": 128,
+            "hidden_act": "silu", "hidden_size": 5120, "initializer_range": 0.02, "interleave_moe_layer_step": 2,
+            "intermediate_size": 8192, "intermediate_size_mlp": 16384, "max_position_embeddings": 1048576,
+            "model_type": "llama4_text", "num_attention_heads": 40, "num_experts_per_tok": 1,
+            "num_hidden_layers": 48, "num_key_value_heads": 8, "num_local_experts": 128,
+            "output_router_logits": False, "pad_token_id": 200018, "rms_norm_eps": 1e-05, "rope_scaling": None,
+            "rope_theta": 500000.0, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0,
+            "torch_dtype": "bfloat16", "use_cache": True, "use_qk_norm": False, "vocab_size": 202048},
+        "torch_dtype": "bfloat16", "transformers_version": "4.51.0.dev0",
+        "vision_config": {
+            "attention_dropout": 0.0, "hidden_act": "gelu", "hidden_size": 1408, "image_size": 336,
+            "initializer_range": 0.02, "intermediate_size": 5632, "model_type": "llama4_vision_model",
+            "multi_modal_projector_bias": False, "norm_eps": 1e-05, "num_attention_heads": 16, "num_channels": 3,
+            "num_hidden_layers": 34, "patch_size": 14, "pixel_shuffle_ratio": 0.5, "projector_dropout": 0.0,
+            "projector_input_dim": 4096, "projector_output_dim": 4096, "rope_theta": 10000,
+            "vision_feature_layer": -1, "vision_feature_select_strategy": "default", "vision_output_dim": 4096}},
 }
 # What Qwen3's model card tells users to add to config.json for 128K contexts.
 QWEN3_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
@@ -217,6 +292,27 @@ _SIZES: dict[str, dict] = {
     "granite-3.1-3b-a800m-instruct": {**_MHA, "num_local_experts": 16, "intermediate_size": 32},
 }
 _SIZES["Qwen3-Coder-30B-A3B-Instruct"] = _SIZES["Qwen3-30B-A3B+YaRN"] = _SIZES["Qwen3-30B-A3B"]
+# MiniMax-M2: rotary on the first quarter of each head as released (64 of 128), 8 of 16 experts.
+_SIZES["MiniMax-M2"] = {**_MHA, "head_dim": 16, "rotary_dim": 4, "intermediate_size": 32, "num_local_experts": 16,
+                        "attn_type_list": [1, 1]}
+# DBRX nests its sizes (clip_qkv 8 as released: it does not bite on these small weights; OLMoE's tests cover it).
+_SIZES["dbrx-instruct"] = {
+    "d_model": 64, "n_heads": 4, "n_layers": 2, "vocab_size": 256,
+    "attn_config": {**PUBLISHED["dbrx-instruct"]["attn_config"], "kv_n_heads": 2},
+    "ffn_config": {**PUBLISHED["dbrx-instruct"]["ffn_config"], "ffn_hidden_size": 32}}
+# Llama 4's sizes are in text_config. Chunks of 8 positions and a floor_scale of 4 make the chunked
+# attention and the NoPE layers' query temperature act within the test's 26 tokens; the vocabulary stays
+# above pad_token_id (200018).
+_SIZES["Llama-4-Scout-17B-16E"] = {"text_config": {
+    **PUBLISHED["Llama-4-Scout-17B-16E"]["text_config"], "hidden_size": 64, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 16, "num_hidden_layers": 4, "intermediate_size": 32,
+    "intermediate_size_mlp": 64, "moe_layers": [0, 1, 2, 3], "no_rope_layers": [1, 1, 1, 0],
+    "attention_chunk_size": 8, "floor_scale": 4}}
+# Maverick: 4 layers = dense, MoE, dense, MoE (interleave step 2), the fourth NoPE (default interval 4).
+_SIZES["Llama-4-Maverick-17B-128E-Instruct"] = {"text_config": {
+    **PUBLISHED["Llama-4-Maverick-17B-128E-Instruct"]["text_config"], "hidden_size": 64, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 16, "num_hidden_layers": 4, "intermediate_size": 32,
+    "intermediate_size_mlp": 64, "num_local_experts": 16, "attention_chunk_size": 8}}
 
 
 def tiny(name: str) -> dict:

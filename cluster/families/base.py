@@ -49,11 +49,14 @@ QWEN_STYLE_TENSORS: dict[str, str] = {
 class ExpertLayout:
     """How routed experts are stored. Separate: `expert_gate` / `expert_up` / `expert_down` per
     expert_id. Fused: one [E, ...] tensor per layer, `expert_gate_up` (gate rows then up rows, or
-    interleaved gate/up pairs) and `expert_down`, stored [out, in] or transposed [in, out]."""
+    interleaved gate/up pairs) and `expert_down`, stored [out, in] or transposed [in, out].
+    Row blocks (DBRX): `expert_gate`, `expert_up` and `expert_down` are each one [E * I, D] tensor
+    per layer, expert e's I rows in turn (down stored transposed)."""
 
     fused: bool = False
     transposed: bool = False
     interleaved: bool = False
+    row_blocks: bool = False
 
 
 @dataclass(frozen=True)

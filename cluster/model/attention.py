@@ -19,13 +19,13 @@ from cluster.config import ModelConfig
 from cluster.model.batch import Batch
 from cluster.model.kv_cache import KVCache
 from cluster.model.layers import rms_norm
-from cluster.model.rope import apply_rotary
+from cluster.model.rope import apply_rotary, rotary_interleaved
 from cluster.model.weights import AttentionWeights
 
 Reader = Callable[[Tensor], tuple[Tensor, Tensor]]  # slots [B, C] → k [B, H_kv, C, dk], v [B, H_kv, C, dv]
 
 
-def _project(x: Tensor, w: AttentionWeights, cfg: ModelConfig) -> tuple[Tensor, Tensor, Tensor]:
+def _project(x: Tensor, w: AttentionWeights, cfg: ModelConfig, rotates: bool) -> tuple[Tensor, Tensor, Tensor]:
     q, k, v = F.linear(x, w.q, w.q_bias), F.linear(x, w.k, w.k_bias), F.linear(x, w.v, w.v_bias)
     if cfg.qk_norm == "full":
         q, k = rms_norm(q, w.q_norm, cfg.rms_norm_eps), rms_norm(k, w.k_norm, cfg.rms_norm_eps)
@@ -35,18 +35,22 @@ def _project(x: Tensor, w: AttentionWeights, cfg: ModelConfig) -> tuple[Tensor, 
     q = q.view(t, cfg.num_heads, cfg.head_dim)  # [T, H, hd]
     k = k.view(t, cfg.num_kv_heads, cfg.head_dim)  # [T, H_kv, hd]
     v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
-    if cfg.qk_norm == "head":
+    if cfg.qk_norm == "head" or (cfg.qk_norm == "l2" and rotates):
+        # "l2" normalises after rotary in transformers: the same, since a rotation keeps each head's norm
         q, k = rms_norm(q, w.q_norm, cfg.rms_norm_eps), rms_norm(k, w.k_norm, cfg.rms_norm_eps)
     return q, k, v
 
 
-def visible(lens: Tensor, width: int, n: int, window: int | None) -> Tensor:
-    """[B, n, C] True where query i (at position lens - n + i) may see key position c."""
+def visible(lens: Tensor, width: int, n: int, window: int | None, chunk: int | None = None) -> Tensor:
+    """[B, n, C] True where query i (at position lens - n + i) may see key position c: causal, within
+    the window, and in the query's own chunk of `chunk` positions (Llama 4's chunked attention)."""
     pos = torch.arange(width, device=lens.device)
     q_pos = lens[:, None] - n + torch.arange(n, device=lens.device)[None, :]  # [B, n]
     mask = pos[None, None, :] <= q_pos[:, :, None]
     if window is not None:
         mask &= pos[None, None, :] > q_pos[:, :, None] - window
+    if chunk is not None:
+        mask &= (pos[None, None, :] // chunk) == (q_pos[:, :, None] // chunk)
     return mask
 
 
@@ -72,29 +76,39 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float |
 
 
 def attend_batch(q: Tensor, batch: Batch, read: Reader, v_dim: int, scale: float | None = None,
-                 window: int | None = None, sinks: Tensor | None = None) -> Tensor:
+                 window: int | None = None, sinks: Tensor | None = None, chunk: int | None = None) -> Tensor:
     """q [T, H, dk] → [T, H, dv], each row attending to its own sequence's cached context."""
     out = q.new_empty(q.shape[0], q.shape[1], v_dim)
     d = batch.decode
     if d is not None:
         k, v = read(d.context_slots)  # [B, H_kv, C, d]
-        mask = visible(d.lens, k.shape[2], 1, window)  # [B, 1, C]
+        mask = visible(d.lens, k.shape[2], 1, window, chunk)  # [B, 1, C]
         out[d.rows] = _attend(q[d.rows][:, :, None, :], k, v, mask, scale, sinks)[:, :, 0, :]
     for c in batch.prefills:
         k, v = read(c.context_slots[None])  # [1, H_kv, C, d]
         qs = q[c.start:c.start + c.num_tokens].transpose(0, 1)[None]  # [1, H, n, dk]
-        simple = c.context_len == c.num_tokens and window is None and sinks is None
+        simple = c.context_len == c.num_tokens and window is None and sinks is None and chunk is None
         lens = torch.tensor([c.context_len], device=q.device)
-        mask = None if simple else visible(lens, c.context_len, c.num_tokens, window)
+        mask = None if simple else visible(lens, c.context_len, c.num_tokens, window, chunk)
         out[c.start:c.start + c.num_tokens] = _attend(qs, k, v, mask, scale, sinks)[0].transpose(0, 1)
     return out
 
 
+def query_temperature(positions: Tensor, floor_scale: float, attn_scale: float) -> Tensor:
+    """[T] Llama 4's query scale on NoPE layers: 1 up to floor_scale - 1, then growing with log(position)."""
+    return torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+
+
 def attention(x: Tensor, w: AttentionWeights, cfg: ModelConfig, layer: int, batch: Batch,
               cache: KVCache, rope: tuple[Tensor, Tensor]) -> Tensor:
-    q, k, v = _project(x, w, cfg)
-    q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+    rotates = cfg.rotates(layer)
+    q, k, v = _project(x, w, cfg, rotates)
+    if rotates:
+        rotate = rotary_interleaved if cfg.rope_interleave else apply_rotary
+        q, k = rotate(q, *rope), rotate(k, *rope)
+    elif cfg.attn_temperature is not None:
+        q = (q * query_temperature(batch.positions, *cfg.attn_temperature)[:, None, None]).to(q.dtype)
     cache.write(layer, batch.slot_mapping, k, v)
     out = attend_batch(q, batch, lambda slots: cache.gather(layer, slots), cfg.head_dim, cfg.attn_scale,
-                       cfg.sliding_window(layer), w.sinks)
+                       cfg.sliding_window(layer), w.sinks, cfg.attention_chunk(layer))
     return F.linear(out.reshape(x.shape[0], -1), w.o, w.o_bias)

@@ -17,7 +17,7 @@ class Gating:
     top_k: int
     normalize: bool = True  # renormalise the chosen weights to sum to 1
     # "softmax" | "sigmoid" (DeepSeek-V3) | "topk_softmax" (softmax over the K best logits: gpt-oss,
-    # Granite) | "sparsemixer" (Phi-3.5-MoE, top-2 only)
+    # Granite) | "topk_sigmoid" (sigmoid of the K best logits: Llama 4) | "sparsemixer" (Phi-3.5-MoE, top-2)
     scoring: str = "softmax"
     n_group: int = 1  # group-limited routing: experts split into n_group groups ...
     topk_group: int = 1  # ... and only the best topk_group groups may be chosen from
@@ -66,9 +66,10 @@ def route(logits: Tensor, g: Gating, bias: Tensor | None = None) -> tuple[Tensor
     if g.scoring == "sparsemixer":
         weights, ids = sparsemixer(logits, g.jitter_eps)
         return weights * g.scale, ids
-    if g.scoring == "topk_softmax":
+    if g.scoring in ("topk_softmax", "topk_sigmoid"):
         best, ids = torch.topk(logits, g.top_k, dim=-1)  # [T, K]
-        return torch.softmax(best, dim=-1) * g.scale, ids
+        weights = torch.softmax(best, dim=-1) if g.scoring == "topk_softmax" else torch.sigmoid(best)
+        return weights * g.scale, ids
     scores = torch.sigmoid(logits) if g.scoring == "sigmoid" else torch.softmax(logits, dim=-1)  # [T, E]
     choice = scores if bias is None else scores + bias.float()
     if g.n_group > 1:

@@ -10,9 +10,12 @@ from torch import Tensor
 from cluster.model.weights import MLPWeights
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """weight None: normalise only (Llama 4's L2 norm of q and k)."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is None:
+        return xf.to(x.dtype)
     if weight.dtype == torch.float32 and x.dtype != torch.float32:
         return (weight * xf).to(x.dtype)  # fp32 norm weights (gpt-oss): scale, then cast
     return weight * xf.to(x.dtype)

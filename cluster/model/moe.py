@@ -39,6 +39,7 @@ class MoEInFlight:
     plan: DispatchPlan
     routing: Routing
     pending: PendingRows
+    inputs_scaled: bool = False  # the weights already scaled the rows sent (Llama 4): sum the outputs as they are
 
     def finish(self) -> tuple[Tensor, Routing]:
         w = self.w
@@ -47,17 +48,22 @@ class MoEInFlight:
             shared = swiglu(self.x, w.shared)  # [T, D]
             if w.shared_expert_gate is not None:
                 shared = torch.sigmoid(F.linear(self.x, w.shared_expert_gate)) * shared
-        out = combine(self.pending.result(), self.plan, self.routing.weights)  # [T, D]
+        weights = torch.ones_like(self.routing.weights) if self.inputs_scaled else self.routing.weights
+        out = combine(self.pending.result(), self.plan, weights)  # [T, D]
         return (out if shared is None else out + shared), self.routing
 
 
 def moe_begin(x: Tensor, w: LayerWeights, layer: int, gating: Gating, experts: ExpertExecutor,
-              gate_fp32: bool = False) -> MoEInFlight:
+              gate_fp32: bool = False, scale_inputs: bool = False) -> MoEInFlight:
+    """scale_inputs (Llama 4): each routed row is multiplied by its weight before the expert, not after."""
     logits = F.linear(x.float() if gate_fp32 else x, w.gate, w.gate_logits_bias)  # [T, E]
     weights, ids = route(logits, gating, w.gate_bias)  # [T, K]
     plan = dispatch(ids, w.gate.shape[0])
-    pending = experts.submit(layer, gather_rows(x, plan), plan.counts)  # [N, D] once done
-    return MoEInFlight(x, w, plan, Routing(layer, ids, weights), pending)
+    rows = gather_rows(x, plan)  # [N, D]
+    if scale_inputs:
+        rows = rows * weights.reshape(-1).index_select(0, plan.order)[:, None].to(rows.dtype)
+    pending = experts.submit(layer, rows, plan.counts)  # [N, D] once done
+    return MoEInFlight(x, w, plan, Routing(layer, ids, weights), pending, scale_inputs)
 
 
 def moe_block(x: Tensor, w: LayerWeights, layer: int, gating: Gating, experts: ExpertExecutor,

@@ -78,7 +78,7 @@ class MoETransformer:
         if w.gate is None:
             part.x = self._residual(part.x, swiglu(h, w.dense))
         else:
-            part.in_flight = moe_begin(h, w, layer, cfg.gating, self.experts, cfg.gate_fp32)
+            part.in_flight = moe_begin(h, w, layer, cfg.gating, self.experts, cfg.gate_fp32, cfg.moe_input_scaled)
 
     def _finish_moe(self, part: MicroBatch) -> None:
         if part.in_flight is not None:

@@ -87,3 +87,10 @@ def test_nan_with_sigmoid_and_groups_stays_in_range():
                                         group_score="top2_sum", scale=2.5), bias=torch.randn(8))
     assert ((ids >= 0) & (ids < 8)).all() and all(len(set(r)) == 2 for r in ids.tolist())
     assert torch.isfinite(weights).all()
+
+
+def test_topk_sigmoid_weighs_the_best_logits_by_their_sigmoid():
+    """Llama 4: top-k on the logits, each weight the sigmoid of its own logit (no renormalisation)."""
+    weights, ids = route(torch.tensor([[0.5, -1.0, 2.0, 1.0]]), Gating(2, False, "topk_sigmoid"))
+    assert ids.tolist() == [[2, 3]]
+    assert weights[0].tolist() == pytest.approx([1 / (1 + math.exp(-2.0)), 1 / (1 + math.exp(-1.0))], abs=1e-6)

@@ -1,12 +1,15 @@
 """Published MoE configs (sizes shrunk), built with transformers and stored as released (bf16,
 FP8 blocks, MXFP4): our engine in fp32 against transformers in fp32 on the same (dequantised)
 weights, greedy tokens and logits at every step."""
+import math
+
 import pytest
+import torch
 
 from cluster.engine import LLMEngine, SamplingParams
 from tests.helpers import hf_greedy_logits, load_hf, our_greedy_logits
 from tests.published_checkpoints import build
-from tests.published_configs import PUBLISHED
+from tests.published_configs import PUBLISHED, tiny
 
 STEPS = 16
 PROMPT = [5, 17, 33, 2, 90, 41, 7, 11, 64, 3]
@@ -42,3 +45,103 @@ def test_published_config_matches_transformers(published, name):
     assert worst < TOLERANCE
     [out] = engine.generate([prompt], SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True))
     assert out.token_ids == hf_tokens
+
+
+# Families added by issue 18 (part 1): beside matching transformers, the expert machinery works on them.
+NEW_FAMILIES = ["MiniMax-M2", "dbrx-instruct", "Llama-4-Scout-17B-16E", "Llama-4-Maverick-17B-128E-Instruct"]
+
+
+@pytest.mark.parametrize("name", NEW_FAMILIES)
+def test_new_family_experts_split_traced_and_counted(published, name):
+    """Two workers each read only their half of the experts' bytes and give the in-process output;
+    the routing trace names top_k distinct experts per MoE layer and token; load accounting counts
+    every routed row."""
+    from cluster.loader import load_experts, open_model
+    from cluster.model.experts import LocalExperts
+    from tests.cluster.test_expert_workers import Workers
+
+    ours, _ = published(name)
+    ckpt, family, cfg = open_model(str(ours))
+    pairs = cfg.experts()
+    load_experts(ckpt, family, cfg, pairs)
+    workers = []
+    for half in (pairs[0::2], pairs[1::2]):
+        worker_ckpt, _, _ = open_model(str(ours))
+        workers.append(LocalExperts(load_experts(worker_ckpt, family, cfg, half)))
+        assert worker_ckpt.bytes_read == ckpt.bytes_read // 2
+    local = LLMEngine.from_pretrained(str(ours), dtype="float32", max_model_len=64)
+    split = LLMEngine.from_pretrained(str(ours), dtype="float32", experts=Workers(workers), max_model_len=64)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, return_routing=True)
+    [out] = local.generate([PROMPT], params)
+    assert split.generate([PROMPT], params)[0].token_ids == out.token_ids
+    assert len(out.routing) == len(out.token_ids)
+    for token in out.routing:
+        assert [layer for layer, _, _ in token] == list(cfg.moe_layer_ids)
+        assert all(len(set(ids)) == cfg.top_k and all(0 <= e < cfg.num_experts for e in ids) for _, ids, _ in token)
+    totals = local.expert_load.snapshot()["total_tokens"]
+    assert [sum(t) for t in totals] == [(len(PROMPT) + 5) * cfg.top_k] * len(cfg.moe_layer_ids)
+
+
+@pytest.mark.parametrize("name", NEW_FAMILIES)
+def test_new_family_plans_from_its_released_config(tmp_path, name):
+    """`moe-cluster plan` reads the config.json as released (full sizes, no weights)."""
+    import json
+
+    from cluster.plan import format_plan, plan_from_config
+
+    (tmp_path / "config.json").write_text(json.dumps(PUBLISHED[name]))
+    p = plan_from_config(str(tmp_path), workers=8)
+    assert p.total_params > p.active_params > 0 and "total" in format_plan(p)
+    print(format_plan(p))
+
+
+# (published config, a change, the field the error names): what these families refuse.
+NEW_FAMILY_REFUSALS = [
+    ("MiniMax-M2", {"qk_norm_type": "per_head"}, "qk_norm_type"),
+    ("MiniMax-M2", {"attn_type_list": [0, 1]}, "attn_type_list"),
+    ("MiniMax-M2", {"scoring_func": "softmax"}, "scoring_func"),
+    ("MiniMax-M2", {"shared_intermediate_size": 64}, "shared_intermediate_size"),
+    ("MiniMax-M2", {"quantization_config": {"quant_method": "fp8", "fmt": "float8_e5m2",
+                                            "weight_block_size": [128, 128]}}, "quantization_config.fmt"),
+    ("dbrx-instruct", {"ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 16, "moe_top_k": 4,
+                                      "moe_normalize_expert_weights": 2.0}}, "ffn_config.moe_normalize_expert_weights"),
+    ("dbrx-instruct", {"ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 16, "moe_top_k": 4,
+                                      "ffn_act_fn": {"name": "gelu"}}}, "hidden_act"),
+    ("Llama-4-Scout-17B-16E", {"text_config": {**tiny("Llama-4-Scout-17B-16E")["text_config"],
+                                                "no_rope_layers": [1, 0]}}, "no_rope_layers"),
+    ("Llama-4-Scout-17B-16E", {"text_config": {**tiny("Llama-4-Scout-17B-16E")["text_config"],
+                                                "layer_types": ["full_attention"] * 4}}, "layer_types"),
+    ("Llama-4-Scout-17B-16E", {"text_config": {**tiny("Llama-4-Scout-17B-16E")["text_config"],
+                                                "attention_bias": True}}, "attention_bias"),
+]
+
+
+@pytest.mark.parametrize("name,changes,field", NEW_FAMILY_REFUSALS)
+def test_new_family_refusals_name_the_field(name, changes, field):
+    from cluster.errors import UnsupportedModelError
+    from cluster.families import get_family
+
+    cfg = {**tiny(name), **changes}
+    with pytest.raises(UnsupportedModelError, match=field.replace(".", r"\.")):
+        get_family(cfg["model_type"]).parse_config(cfg)
+
+
+@pytest.mark.parametrize("position,chunk,window,seen", [
+    (9, 8, None, [8, 9]),  # chunked: only its own chunk, up to itself
+    (7, 8, None, list(range(8))),
+    (9, None, 3, [7, 8, 9]),  # sliding window, for contrast
+    (9, 8, 3, [8, 9]),
+])
+def test_chunked_attention_sees_its_own_chunk(position, chunk, window, seen):
+    from cluster.model.attention import visible
+
+    mask = visible(torch.tensor([position + 1]), position + 1, 1, window, chunk)  # [1, 1, C]
+    assert mask[0, 0].nonzero().flatten().tolist() == seen
+
+
+def test_query_temperature_is_one_below_floor_scale():
+    """Llama 4's NoPE query scale: log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1."""
+    from cluster.model.attention import query_temperature
+
+    got = query_temperature(torch.tensor([0, 8190, 8191, 16383]), 8192.0, 0.1).tolist()
+    assert got == pytest.approx([1.0, 1.0, 1 + 0.1 * math.log(2), 1 + 0.1 * math.log(3)])

@@ -72,3 +72,17 @@ def test_stream_interval_leaves_the_output_unchanged(cluster):
     got = concurrently(lambda i: http_complete(cluster.base, prompts[i], MAX_TOKENS[i])["choices"][0]["token_ids"],
                        range(len(prompts)))
     assert got == expected
+
+
+def test_llama4_through_two_workers(cluster, tmp_path_factory):
+    """Issue 18's MoE path furthest from the others (Llama 4: the routing weight scales the expert's
+    input, a shared expert, dense layers between MoE layers, fused experts, a multimodal wrapper
+    checkpoint): served with 2 workers, HTTP gives the in-process tokens."""
+    from tests.published_checkpoints import build
+
+    ours, _ = build("Llama-4-Maverick-17B-128E-Instruct", tmp_path_factory.mktemp("maverick"))
+    expected = expected_tokens(str(ours), ID_PROMPTS)
+    cluster.deploy(str(ours), 2)
+    got = concurrently(lambda i: http_complete(cluster.base, ID_PROMPTS[i], MAX_TOKENS[i])["choices"][0]["token_ids"],
+                       range(len(ID_PROMPTS)))
+    assert got == expected
