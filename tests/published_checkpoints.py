@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from tests.published_configs import tiny
 
 _FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-_NOT_FOR_TRANSFORMERS = ("auto_map", "architectures", "transformers_version", "torch_dtype", "quantization_config")
+_NOT_FOR_TRANSFORMERS = ("auto_map", "architectures", "transformers_version", "torch_dtype", "dtype",
+                         "quantization_config")
 
 
 def quantize_fp8(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:

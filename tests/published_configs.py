@@ -120,6 +120,18 @@ PUBLISHED: dict[str, dict] = {
                          "original_max_position_embeddings": 4096, "type": "yarn"},
         "rope_theta": 50000.0, "routed_scaling_factor": 2.827, "topk_group": 1, "transformers_version": "4.48.3",
         "vocab_size": 163840},
+    # GLM-4.7-Flash: DeepSeek-V3's MLA and gating as glm4_moe_lite.
+    "GLM-4.7-Flash": {
+        "architectures": ["Glm4MoeLiteForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "pad_token_id": 154820, "eos_token_id": [154820, 154827, 154829], "hidden_act": "silu", "hidden_size": 2048,
+        "intermediate_size": 10240, "max_position_embeddings": 202752, "model_type": "glm4_moe_lite",
+        "moe_intermediate_size": 1536, "topk_method": "noaux_tc", "norm_topk_prob": True, "num_attention_heads": 20,
+        "n_group": 1, "topk_group": 1, "n_routed_experts": 64, "n_shared_experts": 1, "routed_scaling_factor": 1.8,
+        "num_experts_per_tok": 4, "first_k_dense_replace": 1, "num_hidden_layers": 47, "num_key_value_heads": 20,
+        "num_nextn_predict_layers": 1, "partial_rotary_factor": 1.0, "rms_norm_eps": 1e-05, "rope_scaling": None,
+        "rope_theta": 1000000, "tie_word_embeddings": False, "dtype": "bfloat16", "transformers_version": "5.0.0.dev0",
+        "q_lora_rank": 768, "kv_lora_rank": 512, "qk_nope_head_dim": 192, "qk_rope_head_dim": 64, "v_head_dim": 256,
+        "vocab_size": 154880, "use_cache": True},
     "GLM-4.5-Air": {
         "architectures": ["Glm4MoeForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
         "pad_token_id": 151329, "eos_token_id": [151329, 151336, 151338], "head_dim": 128, "hidden_act": "silu",
@@ -207,6 +219,10 @@ _SIZES: dict[str, dict] = {
         "qk_rope_head_dim": 16, "v_head_dim": 16},
     "DeepSeek-R1": _MLA_FP8,
     "Kimi-K2-Instruct": {**_MLA_FP8, "num_hidden_layers": 2},
+    "GLM-4.7-Flash": {
+        **_MHA, "num_hidden_layers": 3, "num_key_value_heads": 4, "intermediate_size": 96, "moe_intermediate_size": 32,
+        "n_routed_experts": 16, "q_lora_rank": 48, "kv_lora_rank": 32, "qk_nope_head_dim": 24, "qk_rope_head_dim": 16,
+        "v_head_dim": 32, "vocab_size": 154880},
     # vocab stays above pad_token_id (151329, 199999): nn.Embedding needs the padding row.
     "GLM-4.5-Air": {**_MHA, "hidden_size": 32, "head_dim": 16, "intermediate_size": 96, "moe_intermediate_size": 32,
                     "n_routed_experts": 16, "vocab_size": 151552},

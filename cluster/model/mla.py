@@ -19,12 +19,16 @@ from cluster.model.layers import rms_norm
 from cluster.model.rope import apply_rotary, rotary_interleaved
 from cluster.model.weights import MLAWeights
 
+# The q_a / kv_a latent norms keep RMSNorm's default eps in DeepSeek's and transformers' code, whatever
+# config.json's rms_norm_eps says (GLM-4.7-Flash and GLM-5 set 1e-5 for the other norms).
+LATENT_NORM_EPS = 1e-6
+
 
 def _queries(x: Tensor, w: MLAWeights, cfg: ModelConfig) -> Tensor:
     if w.q is not None:
         q = F.linear(x, w.q)
     else:
-        q = F.linear(rms_norm(F.linear(x, w.q_a), w.q_a_norm, cfg.rms_norm_eps), w.q_b)
+        q = F.linear(rms_norm(F.linear(x, w.q_a), w.q_a_norm, LATENT_NORM_EPS), w.q_b)
     return q.view(x.shape[0], cfg.num_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)  # [T, H, N+P]
 
 
@@ -44,7 +48,7 @@ def mla_attention(x: Tensor, w: MLAWeights, cfg: ModelConfig, layer: int, batch:
     q_nope, q_rot = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
     q = torch.cat([q_nope, rotate(q_rot, *rope)], dim=-1)  # [T, H, N+P]
     latent, k_rot = F.linear(x, w.kv_a).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
-    latent = rms_norm(latent, w.kv_a_norm, cfg.rms_norm_eps)[:, None, :]  # [T, 1, R]
+    latent = rms_norm(latent, w.kv_a_norm, LATENT_NORM_EPS)[:, None, :]  # [T, 1, R]
     k_rot = rotate(k_rot[:, None, :], *rope)  # [T, 1, P]
     cache.write(layer, batch.slot_mapping, latent, k_rot)
     read = lambda slots: _expand(*cache.gather(layer, slots), w, cfg)  # noqa: E731

@@ -1,12 +1,16 @@
 """Published MoE configs (sizes shrunk), built with transformers and stored as released (bf16,
 FP8 blocks, MXFP4): our engine in fp32 against transformers in fp32 on the same (dequantised)
 weights, greedy tokens and logits at every step."""
+import json
+
 import pytest
 
 from cluster.engine import LLMEngine, SamplingParams
+from cluster.families import get_family
+from cluster.plan import format_plan, plan_from_config
 from tests.helpers import hf_greedy_logits, load_hf, our_greedy_logits
 from tests.published_checkpoints import build
-from tests.published_configs import PUBLISHED
+from tests.published_configs import PUBLISHED, tiny
 
 STEPS = 16
 PROMPT = [5, 17, 33, 2, 90, 41, 7, 11, 64, 3]
@@ -42,3 +46,14 @@ def test_published_config_matches_transformers(published, name):
     assert worst < TOLERANCE
     [out] = engine.generate([prompt], SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True))
     assert out.token_ids == hf_tokens
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_plan_prints_for_the_released_config(name, tmp_path):
+    """`moe-cluster plan` on the config as released (full size; Phi's rope factors are stored shrunk,
+    so its shrunk config): every routed expert counted."""
+    config = tiny(name) if name.startswith("Phi") else PUBLISHED[name]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    text = format_plan(plan_from_config(str(tmp_path), workers=8))
+    cfg = get_family(config["model_type"]).parse_config(config)
+    assert f"experts: {len(cfg.experts())} routed" in text and "fits:" in text
