@@ -3,7 +3,8 @@
 Each build writes two directories:
 - `ours`: config.json exactly as published (sizes shrunk), weights in bf16 as released;
   FP8 releases (DeepSeek-V3/R1, Kimi-K2) re-stored as F8_E4M3 with 128x128 `weight_scale_inv`
-  blocks, gpt-oss's experts as MXFP4 `_blocks` / `_scales`.
+  blocks, gpt-oss's experts as MXFP4 `_blocks` / `_scales`, Kimi-K2-Thinking's routed experts as
+  compressed-tensors INT4 (`weight_packed` / `weight_scale` / `weight_shape`, packed by compressed-tensors).
 - `reference`: what transformers loads as the reference: its own config, and the quantised
   tensors dequantised by code that is not ours (a block loop here; transformers' own
   MXFP4 dequantiser), so the reference runs on the dequantised weights.
@@ -85,6 +86,33 @@ def _quantize_mxfp4_file(tensors: dict) -> tuple[dict, dict]:
     return ours, reference
 
 
+def quantize_int4(w: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [M, N] → int8 values in [-8, 7] and one bf16 scale per `group` columns (symmetric, amax / 7)."""
+    groups = w.float().reshape(w.shape[0], -1, group)
+    scale = (groups.abs().amax(-1) / 7.0).clamp(min=1e-8).to(torch.bfloat16)
+    q = torch.round(groups / scale.float()[..., None]).clamp(-8, 7).to(torch.int8)
+    return q.reshape(w.shape), scale
+
+
+def _quantize_int4_file(tensors: dict, group: int = 32) -> tuple[dict, dict]:
+    """Kimi-K2-Thinking's release: routed experts' linears INT4 (its `ignore` list keeps attention, shared
+    experts, dense MLPs and lm_head in bf16), packed and unpacked by compressed-tensors itself."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+    ours, reference = {}, {}
+    for name, t in tensors.items():
+        if ".mlp.experts." in name and name.endswith("_proj.weight"):
+            q, scale = quantize_int4(t, group)
+            base = name[:-len("weight")]
+            packed = pack_to_int32(q, 4)
+            ours[base + "weight_packed"], ours[base + "weight_scale"] = packed, scale
+            ours[base + "weight_shape"] = torch.tensor(t.shape)
+            reference[name] = unpack_from_int32(packed, 4, t.shape).float() * scale.float().repeat_interleave(group, -1)
+        else:
+            ours[name] = reference[name] = t
+    return ours, reference
+
+
 def _transformers_model(cfg: dict, seed: int):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -107,7 +135,8 @@ def build(name: str, root: Path, seed: int = 0, overrides: dict | None = None) -
     _transformers_model(cfg, seed).to(torch.bfloat16).save_pretrained(reference)
     tensors = load_file(reference / "model.safetensors")
     method = (cfg.get("quantization_config") or {}).get("quant_method")
-    quantize = {"fp8": _quantize_fp8_file, "mxfp4": _quantize_mxfp4_file}.get(method)
+    quantize = {"fp8": _quantize_fp8_file, "mxfp4": _quantize_mxfp4_file,
+                "compressed-tensors": _quantize_int4_file}.get(method)
     ours_tensors, ref_tensors = quantize(tensors) if quantize else (tensors, tensors)
     ours.mkdir(parents=True)
     save_file(ours_tensors, ours / "model.safetensors")

@@ -56,6 +56,17 @@ _DEEPSEEK_V3 = {
     "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
 }
 
+# Kimi-K2-Thinking's (and K2.5's text_config's) quantization_config: routed experts only.
+KIMI_INT4 = {
+    "config_groups": {"group_0": {
+        "input_activations": None, "output_activations": None, "targets": ["Linear"],
+        "weights": {"actorder": None, "block_structure": None, "dynamic": False, "group_size": 32, "num_bits": 4,
+                    "observer": "minmax", "observer_kwargs": {}, "strategy": "group", "symmetric": True,
+                    "type": "int"}}},
+    "format": "pack-quantized",
+    "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
+    "kv_cache_scheme": None, "quant_method": "compressed-tensors", "quantization_status": "compressed"}
+
 PUBLISHED: dict[str, dict] = {
     "Mixtral-8x7B-Instruct-v0.1": {
         **_MIXTRAL, "hidden_size": 4096, "intermediate_size": 14336, "max_position_embeddings": 32768,
@@ -119,6 +130,17 @@ PUBLISHED: dict[str, dict] = {
         "rope_scaling": {"beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0, "mscale": 1.0, "mscale_all_dim": 1.0,
                          "original_max_position_embeddings": 4096, "type": "yarn"},
         "rope_theta": 50000.0, "routed_scaling_factor": 2.827, "topk_group": 1, "transformers_version": "4.48.3",
+        "vocab_size": 163840},
+    # Kimi-K2-Thinking: Kimi-K2 with its routed experts in compressed-tensors INT4 (group 32, symmetric).
+    "Kimi-K2-Thinking": {
+        **{k: v for k, v in _DEEPSEEK_V3.items() if k != "ep_size"},
+        "bos_token_id": 163584, "eos_token_id": 163586, "first_k_dense_replace": 1,
+        "max_position_embeddings": 262144, "model_type": "kimi_k2", "n_group": 1, "n_routed_experts": 384,
+        "num_attention_heads": 64, "num_key_value_heads": 64, "num_nextn_predict_layers": 0,
+        "quantization_config": KIMI_INT4,
+        "rope_scaling": {"beta_fast": 1.0, "beta_slow": 1.0, "factor": 64.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                         "original_max_position_embeddings": 4096, "type": "yarn"},
+        "rope_theta": 50000.0, "routed_scaling_factor": 2.827, "topk_group": 1, "transformers_version": "4.56.2",
         "vocab_size": 163840},
     # GLM-4.7-Flash: DeepSeek-V3's MLA and gating as glm4_moe_lite.
     "GLM-4.7-Flash": {
@@ -199,6 +221,10 @@ _MLA_FP8 = {  # every FP8 matrix at least one 128x128 block; kv_a (160 rows) end
     "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 4,
     "vocab_size": 256, "intermediate_size": 384, "moe_intermediate_size": 128, "n_routed_experts": 32,
     "q_lora_rank": 128, "kv_lora_rank": 128, "qk_nope_head_dim": 32, "qk_rope_head_dim": 32, "v_head_dim": 32}
+_SIZES_DEEPSEEK_BF16 = {  # INT4 groups of 32 columns: every expert's input dim a multiple of 32
+    **_MHA, "num_hidden_layers": 4, "num_key_value_heads": 4, "intermediate_size": 96, "moe_intermediate_size": 32,
+    "n_routed_experts": 32, "q_lora_rank": 48, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 16, "v_head_dim": 16}
 _SIZES: dict[str, dict] = {
     "Mixtral-8x7B-Instruct-v0.1": {**_MHA, "intermediate_size": 96},
     "Mixtral-8x22B-Instruct-v0.1": {**_MHA, "intermediate_size": 96},
@@ -213,12 +239,10 @@ _SIZES: dict[str, dict] = {
         **_MHA, "num_hidden_layers": 3, "num_key_value_heads": 4, "intermediate_size": 96, "moe_intermediate_size": 32,
         "n_routed_experts": 16, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 16, "v_head_dim": 16},
     "DeepSeek-V3": _MLA_FP8,
-    "DeepSeek-V3-BF16": {
-        **_MHA, "num_hidden_layers": 4, "num_key_value_heads": 4, "intermediate_size": 96, "moe_intermediate_size": 32,
-        "n_routed_experts": 32, "q_lora_rank": 48, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
-        "qk_rope_head_dim": 16, "v_head_dim": 16},
+    "DeepSeek-V3-BF16": _SIZES_DEEPSEEK_BF16,
     "DeepSeek-R1": _MLA_FP8,
     "Kimi-K2-Instruct": {**_MLA_FP8, "num_hidden_layers": 2},
+    "Kimi-K2-Thinking": {**_SIZES_DEEPSEEK_BF16, "num_hidden_layers": 2},
     "GLM-4.7-Flash": {
         **_MHA, "num_hidden_layers": 3, "num_key_value_heads": 4, "intermediate_size": 96, "moe_intermediate_size": 32,
         "n_routed_experts": 16, "q_lora_rank": 48, "kv_lora_rank": 32, "qk_nope_head_dim": 24, "qk_rope_head_dim": 16,
