@@ -14,7 +14,7 @@ import torch
 
 from cluster.checkpoint import Checkpoint, CheckpointError
 from cluster.config import ModelConfig
-from cluster.families import Family, get_family
+from cluster.families import Family, relocate, resolve
 from cluster.model.weights import AttentionWeights, BackboneWeights, LayerWeights, MLAWeights, MLPWeights
 from cluster.precision import resolve_dtype
 from cluster.quant import read_weight
@@ -24,8 +24,8 @@ Progress = Callable[[int, int], None]
 
 def open_model(path: str) -> tuple[Checkpoint, Family, ModelConfig]:
     ckpt = Checkpoint(path)
-    family = get_family(ckpt.config.get("model_type"))
-    return ckpt, family, family.parse_config(ckpt.config)
+    family, text = resolve(ckpt.config)
+    return ckpt, relocate(family, ckpt.config, ckpt.has), family.parse_config(text)
 
 
 def stderr_progress(what: str) -> Progress:

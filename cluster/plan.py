@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from cluster.config import ModelConfig
-from cluster.families import get_family
+from cluster.families import resolve
 from cluster.model.kv_cache import kv_bytes_per_token
 from cluster.precision import dtype_name, resolve_dtype, resolve_kv_dtype
 
@@ -211,7 +211,8 @@ def plan_from_config(model: str, *, dtype: str = "auto", kv_cache_dtype: str = "
     if not path.exists():
         raise ValueError(f"{path}: not found (give a checkpoint directory or its config.json)")
     config = json.loads(path.read_text())
-    cfg = get_family(config.get("model_type")).parse_config(config)
+    family, text = resolve(config)
+    cfg = family.parse_config(text)
     if workers < 0:
         raise ValueError("--workers: must be ≥ 0")
     weights = resolve_dtype(dtype, "cuda", cfg.checkpoint_dtype)  # planned for GPUs: auto = the checkpoint's

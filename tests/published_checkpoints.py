@@ -114,8 +114,10 @@ def _quantize_int4_file(tensors: dict, group: int = 32) -> tuple[dict, dict]:
 
 
 def _transformers_model(cfg: dict, seed: int):
+    """transformers' model of `cfg`; a multimodal wrapper's text model (text-only requests)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    cfg = cfg.get("text_config") or cfg
     kwargs = {k: v for k, v in cfg.items() if k not in _NOT_FOR_TRANSFORMERS}
     model_type = kwargs.pop("model_type")
     model_type = "deepseek_v3" if model_type == "kimi_k2" else model_type  # transformers has no kimi_k2
@@ -128,16 +130,31 @@ def _transformers_model(cfg: dict, seed: int):
     return model
 
 
+# A vision tower and projector as Kimi-K2.5 stores them beside its text model: never to be read.
+_KIMI_K25_VISION = {"vision_tower.patch_embed.proj.weight": (32, 3, 14, 14), "vision_tower.encoder.blocks.0.wqkv.weight":
+                    (96, 32), "vision_tower.encoder.blocks.0.norm0.weight": (32,), "mm_projector.pre_norm.weight": (32,),
+                    "mm_projector.proj.0.weight": (64, 128), "mm_projector.proj.2.weight": (64, 64)}
+
+
+def _wrap_kimi_k25(tensors: dict) -> dict:
+    """Kimi-K2.5's release layout: the text model under language_model.*, the vision modules beside it."""
+    out = {("language_model." + n if n.startswith(("model.", "lm_head.")) else n): t for n, t in tensors.items()}
+    return {**out, **{n: torch.randn(shape).to(torch.bfloat16) for n, shape in _KIMI_K25_VISION.items()}}
+
+
 def build(name: str, root: Path, seed: int = 0, overrides: dict | None = None) -> tuple[Path, Path]:
-    """(ours, reference) checkpoint directories for the published config `name`."""
+    """(ours, reference) checkpoint directories for the published config `name`. A multimodal
+    wrapper's reference is its text model alone (what a text-only request runs)."""
     cfg = {**tiny(name), **(overrides or {})}
     ours, reference = root / "ours", root / "reference"
     _transformers_model(cfg, seed).to(torch.bfloat16).save_pretrained(reference)
     tensors = load_file(reference / "model.safetensors")
-    method = (cfg.get("quantization_config") or {}).get("quant_method")
+    method = ((cfg.get("text_config") or cfg).get("quantization_config") or {}).get("quant_method")
     quantize = {"fp8": _quantize_fp8_file, "mxfp4": _quantize_mxfp4_file,
                 "compressed-tensors": _quantize_int4_file}.get(method)
     ours_tensors, ref_tensors = quantize(tensors) if quantize else (tensors, tensors)
+    if cfg.get("model_type") == "kimi_k25":
+        ours_tensors = _wrap_kimi_k25(ours_tensors)
     ours.mkdir(parents=True)
     save_file(ours_tensors, ours / "model.safetensors")
     (ours / "config.json").write_text(json.dumps(cfg, indent=2))

@@ -142,6 +142,24 @@ PUBLISHED: dict[str, dict] = {
                          "original_max_position_embeddings": 4096, "type": "yarn"},
         "rope_theta": 50000.0, "routed_scaling_factor": 2.827, "topk_group": 1, "transformers_version": "4.56.2",
         "vocab_size": 163840},
+    # Kimi-K2.5: a vision tower and projector around Kimi-K2-Thinking's text model (text_config, INT4 experts).
+    "Kimi-K2.5": {
+        "architectures": ["KimiK25ForConditionalGeneration"],
+        "auto_map": {"AutoConfig": "configuration_kimi_k25.KimiK25Config",
+                     "AutoModel": "modeling_kimi_k25.KimiK25ForConditionalGeneration",
+                     "AutoModelForCausalLM": "modeling_kimi_k25.KimiK25ForConditionalGeneration"},
+        "bos_token_id": 163584, "dtype": "bfloat16", "eos_token_id": 163585, "ignore_index": -100,
+        "media_placeholder_token_id": 163605, "model_type": "kimi_k25", "pad_token_id": 163839,
+        "text_config": None,  # below: Kimi-K2-Thinking's, its quantization_config ignoring the vision modules too
+        "tie_word_embeddings": False, "transformers_version": "4.57.1", "use_unified_vision_chunk": True,
+        "video_placeholder": "<|kimi_k25_video_placeholder|>",
+        "vision_config": {
+            "_attn_implementation": "flash_attention_2", "init_pos_emb_height": 64, "init_pos_emb_time": 4,
+            "init_pos_emb_width": 64, "merge_kernel_size": [2, 2], "merge_type": "sd2_tpool", "mm_hidden_size": 1152,
+            "mm_projector_type": "patchmerger", "model_type": "", "patch_size": 14, "projector_hidden_act": "gelu",
+            "projector_ln_eps": 1e-05, "pos_emb_type": "divided_fixed", "text_hidden_size": 7168,
+            "video_attn_type": "spatial_temporal", "vt_hidden_size": 1152, "vt_intermediate_size": 4304,
+            "vt_num_attention_heads": 16, "vt_num_hidden_layers": 27}},
     # GLM-4.7-Flash: DeepSeek-V3's MLA and gating as glm4_moe_lite.
     "GLM-4.7-Flash": {
         "architectures": ["Glm4MoeLiteForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
@@ -211,6 +229,9 @@ PUBLISHED: dict[str, dict] = {
         "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.46.0.dev0",
         "use_cache": True, "vocab_size": 49155},
 }
+PUBLISHED["Kimi-K2.5"]["text_config"] = {
+    **PUBLISHED["Kimi-K2-Thinking"], "eos_token_id": 163585, "transformers_version": "4.57.1",
+    "quantization_config": {**KIMI_INT4, "ignore": [*KIMI_INT4["ignore"], "re:.*vision_tower.*", "re:.*mm_projector.*"]}}
 # What Qwen3's model card tells users to add to config.json for 128K contexts.
 QWEN3_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
 PUBLISHED["Qwen3-30B-A3B+YaRN"] = {**PUBLISHED["Qwen3-30B-A3B"], "rope_scaling": QWEN3_YARN}
@@ -243,6 +264,7 @@ _SIZES: dict[str, dict] = {
     "DeepSeek-R1": _MLA_FP8,
     "Kimi-K2-Instruct": {**_MLA_FP8, "num_hidden_layers": 2},
     "Kimi-K2-Thinking": {**_SIZES_DEEPSEEK_BF16, "num_hidden_layers": 2},
+    "Kimi-K2.5": {"text_config": {**_SIZES_DEEPSEEK_BF16, "num_hidden_layers": 2}},
     "GLM-4.7-Flash": {
         **_MHA, "num_hidden_layers": 3, "num_key_value_heads": 4, "intermediate_size": 96, "moe_intermediate_size": 32,
         "n_routed_experts": 16, "q_lora_rank": 48, "kv_lora_rank": 32, "qk_nope_head_dim": 24, "qk_rope_head_dim": 16,
@@ -260,5 +282,10 @@ _SIZES["Qwen3-Coder-30B-A3B-Instruct"] = _SIZES["Qwen3-30B-A3B+YaRN"] = _SIZES["
 
 
 def tiny(name: str) -> dict:
-    """The published config with only its sizes shrunk (a deep copy: transformers edits nested dicts)."""
-    return copy.deepcopy({**PUBLISHED[name], **_SIZES[name]})
+    """The published config with only its sizes shrunk (a deep copy: transformers edits nested dicts);
+    a multimodal wrapper's sizes are its text_config's."""
+    cfg, sizes = copy.deepcopy(PUBLISHED[name]), copy.deepcopy(_SIZES[name])
+    cfg.update({k: v for k, v in sizes.items() if k != "text_config"})
+    if "text_config" in sizes:
+        cfg["text_config"].update(sizes["text_config"])
+    return cfg

@@ -12,7 +12,10 @@ from typing import Any
 from cluster.errors import UnsupportedModelError
 from cluster.model.rope import Rope
 
-_COMMON = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+# mrope_section / mrope_interleaved (multimodal wrappers' text_config): M-RoPE splits the rotary dims
+# between time, height and width positions; for text those three positions are the token's own
+# position, so it is plain rope (vision inputs are refused).
+_COMMON = {"rope_type", "type", "rope_theta", "partial_rotary_factor", "mrope_section", "mrope_interleaved"}
 _KEYS = {
     "default": set(),
     "linear": {"factor"},

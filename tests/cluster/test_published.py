@@ -6,7 +6,7 @@ import json
 import pytest
 
 from cluster.engine import LLMEngine, SamplingParams
-from cluster.families import get_family
+from cluster.families import resolve
 from cluster.plan import format_plan, plan_from_config
 from tests.helpers import hf_greedy_logits, load_hf, our_greedy_logits
 from tests.published_checkpoints import build
@@ -55,5 +55,6 @@ def test_plan_prints_for_the_released_config(name, tmp_path):
     config = tiny(name) if name.startswith("Phi") else PUBLISHED[name]
     (tmp_path / "config.json").write_text(json.dumps(config))
     text = format_plan(plan_from_config(str(tmp_path), workers=8))
-    cfg = get_family(config["model_type"]).parse_config(config)
+    family, text_config = resolve(config)
+    cfg = family.parse_config(text_config)
     assert f"experts: {len(cfg.experts())} routed" in text and "fits:" in text
