@@ -49,7 +49,9 @@ def _attention_params(c: ModelConfig) -> int:
         q = d * h * qk if not c.q_lora_rank else d * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * h * qk
         kv = d * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank + c.kv_lora_rank * h * (
             c.qk_nope_head_dim + c.v_head_dim)
-        return q + kv + h * c.v_head_dim * d
+        hi, di = c.index_n_heads, c.index_head_dim
+        indexer = c.q_lora_rank * hi * di + d * di + 2 * di + d * hi if c.index_topk else 0
+        return q + kv + h * c.v_head_dim * d + indexer
     q, kv = h * c.head_dim, c.num_kv_heads * c.head_dim
     weights = 2 * d * q + 2 * d * kv + (q + 2 * kv if c.qkv_bias else 0) + (d if c.o_bias else 0)
     norms = {"none": 0, "head": 2 * c.head_dim, "full": q + kv}[c.qk_norm]

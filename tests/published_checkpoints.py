@@ -62,7 +62,7 @@ def _quantize_fp8_file(tensors: dict) -> tuple[dict, dict]:
     """DeepSeek's FP8 release: every *_proj linear (not embeddings, lm_head, norms, router)."""
     ours, reference = {}, {}
     for name, t in tensors.items():
-        if name.endswith("_proj.weight"):
+        if name.endswith(("_proj.weight", "indexer.wq_b.weight", "indexer.wk.weight")):  # DSA: the indexer's too
             q, scale = quantize_fp8(t)
             ours[name], ours[name + "_scale_inv"] = q, scale
             reference[name] = dequantize_fp8_blockwise(q, scale)

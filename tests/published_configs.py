@@ -172,6 +172,29 @@ PUBLISHED: dict[str, dict] = {
         "rope_theta": 1000000, "tie_word_embeddings": False, "dtype": "bfloat16", "transformers_version": "5.0.0.dev0",
         "q_lora_rank": 768, "kv_lora_rank": 512, "qk_nope_head_dim": 192, "qk_rope_head_dim": 64, "v_head_dim": 256,
         "vocab_size": 154880, "use_cache": True},
+    # DeepSeek-V3.2: DeepSeek-V3 plus the DSA lightning indexer (FP8 with UE8M0 scales, as V3.1).
+    "DeepSeek-V3.2": {
+        **{k: v for k, v in _DEEPSEEK_V3.items() if k != "auto_map"},
+        "architectures": ["DeepseekV32ForCausalLM"], "index_head_dim": 128, "index_n_heads": 64, "index_topk": 2048,
+        "model_type": "deepseek_v32",
+        "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                "scale_fmt": "ue8m0", "weight_block_size": [128, 128]},
+        "transformers_version": "4.44.2"},
+    # GLM-5: MLA with a DSA indexer (interleaved rotary), V3-style gating, GLM's sizes.
+    "GLM-5": {
+        "architectures": ["GlmMoeDsaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "dtype": "bfloat16", "eos_token_id": [154820, 154827, 154829], "ep_size": 1, "first_k_dense_replace": 3,
+        "hidden_act": "silu", "head_dim": 64, "hidden_size": 6144, "index_head_dim": 128, "index_n_heads": 32,
+        "index_topk": 2048, "indexer_rope_interleave": True, "initializer_range": 0.02, "intermediate_size": 12288,
+        "kv_lora_rank": 512, "max_position_embeddings": 202752, "model_type": "glm_moe_dsa",
+        "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 256,
+        "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 64, "num_experts_per_tok": 8,
+        "num_hidden_layers": 78, "num_key_value_heads": 64, "num_nextn_predict_layers": 1, "pad_token_id": 154820,
+        "q_lora_rank": 2048, "qk_head_dim": 256, "qk_nope_head_dim": 192, "qk_rope_head_dim": 64,
+        "rms_norm_eps": 1e-05, "rope_interleave": True,
+        "rope_parameters": {"rope_theta": 1000000, "rope_type": "default"}, "routed_scaling_factor": 2.5,
+        "scoring_func": "sigmoid", "tie_word_embeddings": False, "topk_group": 1, "topk_method": "noaux_tc",
+        "transformers_version": "5.0.2.dev0", "use_cache": True, "v_head_dim": 256, "vocab_size": 154880},
     "GLM-4.5-Air": {
         "architectures": ["Glm4MoeForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
         "pad_token_id": 151329, "eos_token_id": [151329, 151336, 151338], "head_dim": 128, "hidden_act": "silu",
@@ -265,6 +288,12 @@ _SIZES: dict[str, dict] = {
     "Kimi-K2-Instruct": {**_MLA_FP8, "num_hidden_layers": 2},
     "Kimi-K2-Thinking": {**_SIZES_DEEPSEEK_BF16, "num_hidden_layers": 2},
     "Kimi-K2.5": {"text_config": {**_SIZES_DEEPSEEK_BF16, "num_hidden_layers": 2}},
+    "DeepSeek-V3.2": {**_SIZES_DEEPSEEK_BF16, "num_hidden_layers": 3, "index_head_dim": 32, "index_n_heads": 8},
+    "GLM-5": {
+        **_MHA, "num_hidden_layers": 3, "first_k_dense_replace": 1, "num_key_value_heads": 4, "head_dim": 16,
+        "intermediate_size": 96, "moe_intermediate_size": 32, "n_routed_experts": 16, "q_lora_rank": 48,
+        "kv_lora_rank": 32, "qk_head_dim": 40, "qk_nope_head_dim": 24, "qk_rope_head_dim": 16, "v_head_dim": 32,
+        "index_head_dim": 32, "index_n_heads": 8, "vocab_size": 154880},
     "GLM-4.7-Flash": {
         **_MHA, "num_hidden_layers": 3, "num_key_value_heads": 4, "intermediate_size": 96, "moe_intermediate_size": 32,
         "n_routed_experts": 16, "q_lora_rank": 48, "kv_lora_rank": 32, "qk_nope_head_dim": 24, "qk_rope_head_dim": 16,
