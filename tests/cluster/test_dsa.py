@@ -34,3 +34,16 @@ def test_indexer_keys_live_in_the_paged_cache():
     cache = KVCache.for_model(cfg, num_blocks=2, block_size=4)
     assert cache.v.shape[-1] == cfg.qk_rope_head_dim + cfg.index_head_dim
     assert cache.bytes_per_token == cfg.num_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim + cfg.index_head_dim) * 4
+
+
+def test_past_the_released_index_topk_as_transformers(tmp_path):
+    """DeepSeek-V3.2 as released (index_topk 2048) on a 2060-token prompt: the last queries of the prefill
+    and every decode step keep 2048 of more cached tokens."""
+    ours, reference = build("DeepSeek-V3.2", tmp_path)
+    prompt = [(7 * i + 3) % 250 + 1 for i in range(2060)]
+    engine = LLMEngine.from_pretrained(str(ours), dtype="float32", max_num_seqs=1, max_model_len=2100)
+    assert engine.cfg.index_topk == 2048 < len(prompt)
+    hf_tokens, hf_logits = hf_greedy_logits(load_hf(reference), prompt, 3)
+    tokens, logits = our_greedy_logits(engine, prompt, 3)
+    assert tokens == hf_tokens
+    assert max((a - b).abs().max().item() for a, b in zip(logits, hf_logits)) < TOLERANCE
