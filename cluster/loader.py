@@ -124,9 +124,10 @@ def _mla(r: _Reader, cfg: ModelConfig, layer: int) -> MLAWeights:
 
 def _indexer(r: _Reader, cfg: ModelConfig, layer: int) -> IndexerWeights:
     d, hi, di = cfg.hidden_size, cfg.index_n_heads, cfg.index_head_dim
-    return IndexerWeights(q=r.get("index_q", (hi * di, cfg.q_lora_rank), layer), k=r.get("index_k", (di, d), layer),
-                          k_norm=r.get("index_k_norm", (di,), layer), k_norm_bias=r.get("index_k_norm_bias", (di,), layer),
-                          head_weights=r.get("index_weights", (hi, d), layer, dtype=torch.float32))  # fp32 as transformers keeps it
+    return IndexerWeights(
+        q=r.get("index_q", (hi * di, cfg.q_lora_rank), layer), k=r.get("index_k", (di, d), layer),
+        k_norm=r.get("index_k_norm", (di,), layer), k_norm_bias=r.get("index_k_norm_bias", (di,), layer),
+        head_weights=r.get("index_weights", (hi, d), layer, dtype=torch.float32))  # fp32, as transformers keeps it
 
 
 def _gate(r: _Reader, cfg: ModelConfig, layer: int) -> dict:
