@@ -81,6 +81,12 @@ class ModelConfig:
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
     rope_interleave: bool = False  # rotary on interleaved pairs (DeepSeek) instead of halves
+    # DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5): a lightning indexer per layer picks the
+    # index_topk cached tokens each query attends to; 0: dense attention.
+    index_topk: int = 0
+    index_n_heads: int = 0
+    index_head_dim: int = 0
+    index_rope_interleave: bool = False  # the indexer's rotary: halves (V3.2) or interleaved pairs (GLM-5)
 
     @property
     def gating(self) -> Gating:

@@ -14,8 +14,9 @@ import torch
 
 from cluster.checkpoint import Checkpoint, CheckpointError
 from cluster.config import ModelConfig
-from cluster.families import Family, get_family
-from cluster.model.weights import AttentionWeights, BackboneWeights, LayerWeights, MLAWeights, MLPWeights
+from cluster.families import Family, relocate, resolve
+from cluster.model.weights import (AttentionWeights, BackboneWeights, IndexerWeights, LayerWeights, MLAWeights,
+                                   MLPWeights)
 from cluster.precision import resolve_dtype
 from cluster.quant import read_weight
 
@@ -24,8 +25,8 @@ Progress = Callable[[int, int], None]
 
 def open_model(path: str) -> tuple[Checkpoint, Family, ModelConfig]:
     ckpt = Checkpoint(path)
-    family = get_family(ckpt.config.get("model_type"))
-    return ckpt, family, family.parse_config(ckpt.config)
+    family, text = resolve(ckpt.config)
+    return ckpt, relocate(family, ckpt.config, ckpt.has), family.parse_config(text)
 
 
 def stderr_progress(what: str) -> Progress:
@@ -136,10 +137,19 @@ def _mla(r: _Reader, cfg: ModelConfig, layer: int) -> MLAWeights:
         "q_a_norm": r.get("q_a_norm", (cfg.q_lora_rank,), layer),
         "q_b": r.get("q_b_proj", (q_dim, cfg.q_lora_rank), layer)}
     return MLAWeights(
+        indexer=_indexer(r, cfg, layer) if cfg.index_topk else None,
         kv_a=r.get("kv_a_proj", (cfg.kv_lora_rank + cfg.qk_rope_head_dim, d), layer),
         kv_a_norm=r.get("kv_a_norm", (cfg.kv_lora_rank,), layer),
         kv_b=r.get("kv_b_proj", (h * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank), layer),
         o=r.get("o_proj", (d, h * cfg.v_head_dim), layer), **q)
+
+
+def _indexer(r: _Reader, cfg: ModelConfig, layer: int) -> IndexerWeights:
+    d, hi, di = cfg.hidden_size, cfg.index_n_heads, cfg.index_head_dim
+    return IndexerWeights(
+        q=r.get("index_q", (hi * di, cfg.q_lora_rank), layer), k=r.get("index_k", (di, d), layer),
+        k_norm=r.get("index_k_norm", (di,), layer), k_norm_bias=r.get("index_k_norm_bias", (di,), layer),
+        head_weights=r.get("index_weights", (hi, d), layer, dtype=torch.float32))  # fp32, as transformers keeps it
 
 
 def _gate(r: _Reader, cfg: ModelConfig, layer: int) -> dict:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from cluster.config import ModelConfig
-from cluster.families import get_family
+from cluster.families import resolve
 from cluster.model.kv_cache import kv_bytes_per_token
 from cluster.precision import dtype_name, resolve_dtype, resolve_kv_dtype
 
@@ -49,7 +49,9 @@ def _attention_params(c: ModelConfig) -> int:
         q = d * h * qk if not c.q_lora_rank else d * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * h * qk
         kv = d * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank + c.kv_lora_rank * h * (
             c.qk_nope_head_dim + c.v_head_dim)
-        return q + kv + h * c.v_head_dim * d
+        hi, di = c.index_n_heads, c.index_head_dim
+        indexer = c.q_lora_rank * hi * di + d * di + 2 * di + d * hi if c.index_topk else 0
+        return q + kv + h * c.v_head_dim * d + indexer
     q, kv = h * c.head_dim, c.num_kv_heads * c.head_dim
     weights = 2 * d * q + 2 * d * kv + (q + 2 * kv if c.qkv_bias else 0) + (d if c.o_bias else 0)
     norms = {"none": 0, "l2": 0, "head": 2 * c.head_dim, "full": q + kv}[c.qk_norm]
@@ -212,7 +214,8 @@ def plan_from_config(model: str, *, dtype: str = "auto", kv_cache_dtype: str = "
     if not path.exists():
         raise ValueError(f"{path}: not found (give a checkpoint directory or its config.json)")
     config = json.loads(path.read_text())
-    cfg = get_family(config.get("model_type")).parse_config(config)
+    family, text = resolve(config)
+    cfg = family.parse_config(text)
     if workers < 0:
         raise ValueError("--workers: must be ≥ 0")
     weights = resolve_dtype(dtype, "cuda", cfg.checkpoint_dtype)  # planned for GPUs: auto = the checkpoint's

@@ -9,8 +9,13 @@
   a power-of-two exponent (biased by 127) per 32 values. Dequantised, a tensor
   comes out in the layout the unquantised checkpoint stores ([in, out] per expert,
   as transformers' own dequantiser returns it).
+- int4 (compressed-tensors `pack-quantized`, Kimi-K2-Thinking / K2.5): `<module>.weight_packed`
+  I32 [M, N/8] holds eight 4-bit values per word, low bits first, each stored as q + 8;
+  `<module>.weight_scale` [M, N/group] one scale per group of columns; `<module>.weight_shape`
+  [M, N]. Symmetric (no zero point): w = q * scale. The layout is compressed-tensors'
+  (pack_to_int32 / unpack_from_int32), which the tests use as the reference.
 
-The `_scale_inv` / `_blocks` / `_scales` suffixes are these formats' conventions,
+The `_scale_inv` / `_blocks` / `_scales` / `_packed` suffixes are these formats' conventions,
 not any family's tensor names. Each tensor is moved to its device as stored and
 dequantised there, one tensor at a time.
 Shapes: M rows, N columns, G groups of 32 columns.
@@ -34,8 +39,9 @@ _E4M3 = ("e4m3", "float8_e4m3fn")  # DeepSeek's spelling, MiniMax's (torch's dty
 
 @dataclass(frozen=True)
 class Quantization:
-    method: str = "none"  # "none" | "fp8" | "mxfp4"
+    method: str = "none"  # "none" | "fp8" | "mxfp4" | "int4"
     block: tuple[int, int] = (128, 128)  # fp8 weight_block_size
+    group: int = 32  # int4: columns per scale
 
 
 NONE = Quantization()
@@ -58,9 +64,39 @@ def parse_quantization(config: dict[str, Any]) -> Quantization:
         return Quantization("fp8", (int(block[0]), int(block[1])))
     if method == "mxfp4":
         return Quantization("mxfp4")
+    if method == "compressed-tensors":
+        return _compressed_tensors(q)
     raise UnsupportedModelError(
         f"config.json: quantization_config.quant_method {method!r} is not supported (fp8 with weight_block_size, "
-        "mxfp4; or an unquantised checkpoint)")
+        "mxfp4, compressed-tensors pack-quantized int4; or an unquantised checkpoint)")
+
+
+# The one compressed-tensors scheme we dequantise: weight-only, symmetric, static, int4 in groups.
+_INT4_WEIGHTS = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "dynamic": False}
+
+
+def _compressed_tensors(q: dict[str, Any]) -> Quantization:
+    def refuse(field: str, value: Any, why: str) -> UnsupportedModelError:
+        return UnsupportedModelError(f"config.json: quantization_config.{field} {value!r} is not supported ({why})")
+
+    if q.get("format") != "pack-quantized":
+        raise refuse("format", q.get("format"), "compressed-tensors is read in its 'pack-quantized' format only")
+    groups = q.get("config_groups") or {}
+    if not groups:
+        raise refuse("config_groups", groups, "one group of int4 weights is needed")
+    sizes = set()
+    for name, group in groups.items():
+        if group.get("input_activations") or group.get("output_activations"):
+            raise refuse(f"config_groups.{name}.input_activations", group.get("input_activations"),
+                         "weight-only int4; quantised activations are not implemented")
+        weights = group.get("weights") or {}
+        for key, want in _INT4_WEIGHTS.items():
+            if weights.get(key, want) != want:
+                raise refuse(f"config_groups.{name}.weights.{key}", weights.get(key), f"only {want!r}")
+        sizes.add(int(weights.get("group_size") or 0))
+    if len(sizes) != 1 or min(sizes) <= 0:
+        raise refuse("config_groups.*.weights.group_size", sorted(sizes), "one positive group size for all groups")
+    return Quantization("int4", group=sizes.pop())
 
 
 def dequantize_fp8(weight: Tensor, scale_inv: Tensor, block: tuple[int, int], dtype: torch.dtype) -> Tensor:
@@ -83,6 +119,29 @@ def dequantize_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tens
     return out.t().contiguous().to(dtype)
 
 
+def dequantize_int4(packed: Tensor, scale: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """packed [M, ceil(N/8)] i32, scale [M, ceil(N/group)] → [M, N] in `dtype`."""
+    m, n = shape
+    nibbles = packed.contiguous().view(torch.uint8)  # little-endian words: low nibble of byte 0 comes first
+    q = torch.stack([nibbles & 0x0F, nibbles >> 4], dim=-1).reshape(m, -1)[:, :n].float() - 8.0
+    group = math.ceil(n / scale.shape[-1])
+    return (q * scale.float().repeat_interleave(group, dim=-1)[:, :n]).to(dtype)
+
+
+def _read_int4(ckpt: Checkpoint, quant: Quantization, base: str, shape: tuple[int, ...], dtype: torch.dtype,
+               device: str, index: int | None) -> Tensor:
+    stored = tuple(int(v) for v in ckpt.read_raw(base + "weight_shape", index).tolist())
+    if stored != tuple(shape):
+        raise CheckpointError(f"{ckpt.root}: tensor {base}weight_shape says {list(stored)}, config.json implies "
+                              f"{list(shape)}")
+    m, n = shape
+    ckpt.check_shape(base + "weight_packed", (m, math.ceil(n / 8)), index)
+    ckpt.check_shape(base + "weight_scale", (m, math.ceil(n / quant.group)), index)
+    packed = ckpt.read_raw(base + "weight_packed", index).to(device)
+    scale = ckpt.read_raw(base + "weight_scale", index).to(device)
+    return dequantize_int4(packed, scale, (m, n), dtype)
+
+
 def read_weight(ckpt: Checkpoint, quant: Quantization, name: str, shape: tuple[int, ...], dtype: torch.dtype,
                 device: str, index: int | None = None) -> Tensor:
     """One weight in `dtype` on `device`, dequantised if the checkpoint stores it quantised."""
@@ -97,4 +156,6 @@ def read_weight(ckpt: Checkpoint, quant: Quantization, name: str, shape: tuple[i
         blocks = ckpt.read_raw(name + "_blocks", index).to(device)
         scales = ckpt.read_raw(name + "_scales", index).to(device)
         return dequantize_mxfp4(blocks, scales, dtype)
+    if quant.method == "int4" and name.endswith(".weight") and ckpt.has(name + "_packed"):
+        return _read_int4(ckpt, quant, name[:-len("weight")], shape, dtype, device, index)
     return ckpt.read(name, shape, dtype, device, index)

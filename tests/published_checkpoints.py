@@ -3,7 +3,8 @@
 Each build writes two directories:
 - `ours`: config.json exactly as published (sizes shrunk), weights in bf16 as released;
   FP8 releases (DeepSeek-V3/R1, Kimi-K2) re-stored as F8_E4M3 with 128x128 `weight_scale_inv`
-  blocks, gpt-oss's experts as MXFP4 `_blocks` / `_scales`.
+  blocks, gpt-oss's experts as MXFP4 `_blocks` / `_scales`, Kimi-K2-Thinking's routed experts as
+  compressed-tensors INT4 (`weight_packed` / `weight_scale` / `weight_shape`, packed by compressed-tensors).
 - `reference`: what transformers loads as the reference: its own config, and the quantised
   tensors dequantised by code that is not ours (a block loop here; transformers' own
   MXFP4 dequantiser), so the reference runs on the dequantised weights.
@@ -20,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from tests.published_configs import tiny
 
 _FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-_NOT_FOR_TRANSFORMERS = ("auto_map", "architectures", "transformers_version", "torch_dtype", "quantization_config")
+_NOT_FOR_TRANSFORMERS = ("auto_map", "architectures", "transformers_version", "torch_dtype", "dtype",
+                         "quantization_config")
 
 
 def quantize_fp8(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +63,9 @@ def _quantize_fp8_file(tensors: dict) -> tuple[dict, dict]:
     not embeddings, lm_head, norms or the router."""
     ours, reference = {}, {}
     for name, t in tensors.items():
-        if name.endswith(("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight")):
+        # MiniMax's w1/w2/w3 experts; DSA: the indexer's projections too
+        if name.endswith(("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight", "indexer.wq_b.weight",
+                          "indexer.wk.weight")):
             q, scale = quantize_fp8(t)
             ours[name], ours[name + "_scale_inv"] = q, scale
             reference[name] = dequantize_fp8_blockwise(q, scale)
@@ -90,12 +94,41 @@ _LLAMA4_VISION = {"vision_model.patch_embedding.linear.weight": torch.zeros(8, 8
                   "multi_modal_projector.linear_1.weight": torch.zeros(8, 8, dtype=torch.bfloat16)}
 
 
+def quantize_int4(w: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [M, N] → int8 values in [-8, 7] and one bf16 scale per `group` columns (symmetric, amax / 7)."""
+    groups = w.float().reshape(w.shape[0], -1, group)
+    scale = (groups.abs().amax(-1) / 7.0).clamp(min=1e-8).to(torch.bfloat16)
+    q = torch.round(groups / scale.float()[..., None]).clamp(-8, 7).to(torch.int8)
+    return q.reshape(w.shape), scale
+
+
+def _quantize_int4_file(tensors: dict, group: int = 32) -> tuple[dict, dict]:
+    """Kimi-K2-Thinking's release: routed experts' linears INT4 (its `ignore` list keeps attention, shared
+    experts, dense MLPs and lm_head in bf16), packed and unpacked by compressed-tensors itself."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+    ours, reference = {}, {}
+    for name, t in tensors.items():
+        if ".mlp.experts." in name and name.endswith("_proj.weight"):
+            q, scale = quantize_int4(t, group)
+            base = name[:-len("weight")]
+            packed = pack_to_int32(q, 4)
+            ours[base + "weight_packed"], ours[base + "weight_scale"] = packed, scale
+            ours[base + "weight_shape"] = torch.tensor(t.shape)
+            reference[name] = unpack_from_int32(packed, 4, t.shape).float() * scale.float().repeat_interleave(group, -1)
+        else:
+            ours[name] = reference[name] = t
+    return ours, reference
+
+
 def _transformers_model(cfg: dict, seed: int):
+    """transformers' model of `cfg`; a multimodal wrapper's text model (text-only requests)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if cfg["model_type"] == "llama4":  # served as the text model it wraps (the vision tower is not built)
         # the release says attn_temperature_tuning 4, which transformers 5's strict config refuses (a bool)
         cfg = {**cfg["text_config"], "attn_temperature_tuning": bool(cfg["text_config"].get("attn_temperature_tuning", 1))}
+    cfg = cfg.get("text_config") or cfg
     kwargs = {k: v for k, v in cfg.items() if k not in _NOT_FOR_TRANSFORMERS}
     model_type = kwargs.pop("model_type")
     model_type = "deepseek_v3" if model_type == "kimi_k2" else model_type  # transformers has no kimi_k2
@@ -112,17 +145,33 @@ def _transformers_model(cfg: dict, seed: int):
     return model
 
 
+# A vision tower and projector as Kimi-K2.5 stores them beside its text model: never to be read.
+_KIMI_K25_VISION = {"vision_tower.patch_embed.proj.weight": (32, 3, 14, 14), "vision_tower.encoder.blocks.0.wqkv.weight":
+                    (96, 32), "vision_tower.encoder.blocks.0.norm0.weight": (32,), "mm_projector.pre_norm.weight": (32,),
+                    "mm_projector.proj.0.weight": (64, 128), "mm_projector.proj.2.weight": (64, 64)}
+
+
+def _wrap_kimi_k25(tensors: dict) -> dict:
+    """Kimi-K2.5's release layout: the text model under language_model.*, the vision modules beside it."""
+    out = {("language_model." + n if n.startswith(("model.", "lm_head.")) else n): t for n, t in tensors.items()}
+    return {**out, **{n: torch.randn(shape).to(torch.bfloat16) for n, shape in _KIMI_K25_VISION.items()}}
+
+
 def build(name: str, root: Path, seed: int = 0, overrides: dict | None = None) -> tuple[Path, Path]:
-    """(ours, reference) checkpoint directories for the published config `name`."""
+    """(ours, reference) checkpoint directories for the published config `name`. A multimodal
+    wrapper's reference is its text model alone (what a text-only request runs)."""
     cfg = {**tiny(name), **(overrides or {})}
     ours, reference = root / "ours", root / "reference"
     _transformers_model(cfg, seed).to(torch.bfloat16).save_pretrained(reference)
     tensors = load_file(reference / "model.safetensors")
-    method = (cfg.get("quantization_config") or {}).get("quant_method")
-    quantize = {"fp8": _quantize_fp8_file, "mxfp4": _quantize_mxfp4_file}.get(method)
+    method = ((cfg.get("text_config") or cfg).get("quantization_config") or {}).get("quant_method")
+    quantize = {"fp8": _quantize_fp8_file, "mxfp4": _quantize_mxfp4_file,
+                "compressed-tensors": _quantize_int4_file}.get(method)
     ours_tensors, ref_tensors = quantize(tensors) if quantize else (tensors, tensors)
     if cfg["model_type"] == "llama4":  # released as the multimodal wrapper: text weights under language_model.
         ours_tensors = {**{"language_model." + k: v for k, v in ours_tensors.items()}, **_LLAMA4_VISION}
+    if cfg.get("model_type") == "kimi_k25":
+        ours_tensors = _wrap_kimi_k25(ours_tensors)
     ours.mkdir(parents=True)
     save_file(ours_tensors, ours / "model.safetensors")
     (ours / "config.json").write_text(json.dumps(cfg, indent=2))

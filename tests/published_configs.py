@@ -58,6 +58,17 @@ _DEEPSEEK_V3 = {
     "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
 }
 
+# Kimi-K2-Thinking's (and K2.5's text_config's) quantization_config: routed experts only.
+KIMI_INT4 = {
+    "config_groups": {"group_0": {
+        "input_activations": None, "output_activations": None, "targets": ["Linear"],
+        "weights": {"actorder": None, "block_structure": None, "dynamic": False, "group_size": 32, "num_bits": 4,
+                    "observer": "minmax", "observer_kwargs": {}, "strategy": "group", "symmetric": True,
+                    "type": "int"}}},
+    "format": "pack-quantized",
+    "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
+    "kv_cache_scheme": None, "quant_method": "compressed-tensors", "quantization_status": "compressed"}
+
 PUBLISHED: dict[str, dict] = {
     "Mixtral-8x7B-Instruct-v0.1": {
         **_MIXTRAL, "hidden_size": 4096, "intermediate_size": 14336, "max_position_embeddings": 32768,
@@ -122,6 +133,70 @@ PUBLISHED: dict[str, dict] = {
                          "original_max_position_embeddings": 4096, "type": "yarn"},
         "rope_theta": 50000.0, "routed_scaling_factor": 2.827, "topk_group": 1, "transformers_version": "4.48.3",
         "vocab_size": 163840},
+    # Kimi-K2-Thinking: Kimi-K2 with its routed experts in compressed-tensors INT4 (group 32, symmetric).
+    "Kimi-K2-Thinking": {
+        **{k: v for k, v in _DEEPSEEK_V3.items() if k != "ep_size"},
+        "bos_token_id": 163584, "eos_token_id": 163586, "first_k_dense_replace": 1,
+        "max_position_embeddings": 262144, "model_type": "kimi_k2", "n_group": 1, "n_routed_experts": 384,
+        "num_attention_heads": 64, "num_key_value_heads": 64, "num_nextn_predict_layers": 0,
+        "quantization_config": KIMI_INT4,
+        "rope_scaling": {"beta_fast": 1.0, "beta_slow": 1.0, "factor": 64.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                         "original_max_position_embeddings": 4096, "type": "yarn"},
+        "rope_theta": 50000.0, "routed_scaling_factor": 2.827, "topk_group": 1, "transformers_version": "4.56.2",
+        "vocab_size": 163840},
+    # Kimi-K2.5: a vision tower and projector around Kimi-K2-Thinking's text model (text_config, INT4 experts).
+    "Kimi-K2.5": {
+        "architectures": ["KimiK25ForConditionalGeneration"],
+        "auto_map": {"AutoConfig": "configuration_kimi_k25.KimiK25Config",
+                     "AutoModel": "modeling_kimi_k25.KimiK25ForConditionalGeneration",
+                     "AutoModelForCausalLM": "modeling_kimi_k25.KimiK25ForConditionalGeneration"},
+        "bos_token_id": 163584, "dtype": "bfloat16", "eos_token_id": 163585, "ignore_index": -100,
+        "media_placeholder_token_id": 163605, "model_type": "kimi_k25", "pad_token_id": 163839,
+        "text_config": None,  # below: Kimi-K2-Thinking's, its quantization_config ignoring the vision modules too
+        "tie_word_embeddings": False, "transformers_version": "4.57.1", "use_unified_vision_chunk": True,
+        "video_placeholder": "<|kimi_k25_video_placeholder|>",
+        "vision_config": {
+            "_attn_implementation": "flash_attention_2", "init_pos_emb_height": 64, "init_pos_emb_time": 4,
+            "init_pos_emb_width": 64, "merge_kernel_size": [2, 2], "merge_type": "sd2_tpool", "mm_hidden_size": 1152,
+            "mm_projector_type": "patchmerger", "model_type": "", "patch_size": 14, "projector_hidden_act": "gelu",
+            "projector_ln_eps": 1e-05, "pos_emb_type": "divided_fixed", "text_hidden_size": 7168,
+            "video_attn_type": "spatial_temporal", "vt_hidden_size": 1152, "vt_intermediate_size": 4304,
+            "vt_num_attention_heads": 16, "vt_num_hidden_layers": 27}},
+    # GLM-4.7-Flash: DeepSeek-V3's MLA and gating as glm4_moe_lite.
+    "GLM-4.7-Flash": {
+        "architectures": ["Glm4MoeLiteForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "pad_token_id": 154820, "eos_token_id": [154820, 154827, 154829], "hidden_act": "silu", "hidden_size": 2048,
+        "intermediate_size": 10240, "max_position_embeddings": 202752, "model_type": "glm4_moe_lite",
+        "moe_intermediate_size": 1536, "topk_method": "noaux_tc", "norm_topk_prob": True, "num_attention_heads": 20,
+        "n_group": 1, "topk_group": 1, "n_routed_experts": 64, "n_shared_experts": 1, "routed_scaling_factor": 1.8,
+        "num_experts_per_tok": 4, "first_k_dense_replace": 1, "num_hidden_layers": 47, "num_key_value_heads": 20,
+        "num_nextn_predict_layers": 1, "partial_rotary_factor": 1.0, "rms_norm_eps": 1e-05, "rope_scaling": None,
+        "rope_theta": 1000000, "tie_word_embeddings": False, "dtype": "bfloat16", "transformers_version": "5.0.0.dev0",
+        "q_lora_rank": 768, "kv_lora_rank": 512, "qk_nope_head_dim": 192, "qk_rope_head_dim": 64, "v_head_dim": 256,
+        "vocab_size": 154880, "use_cache": True},
+    # DeepSeek-V3.2: DeepSeek-V3 plus the DSA lightning indexer (FP8 with UE8M0 scales, as V3.1).
+    "DeepSeek-V3.2": {
+        **{k: v for k, v in _DEEPSEEK_V3.items() if k != "auto_map"},
+        "architectures": ["DeepseekV32ForCausalLM"], "index_head_dim": 128, "index_n_heads": 64, "index_topk": 2048,
+        "model_type": "deepseek_v32",
+        "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                "scale_fmt": "ue8m0", "weight_block_size": [128, 128]},
+        "transformers_version": "4.44.2"},
+    # GLM-5: MLA with a DSA indexer (interleaved rotary), V3-style gating, GLM's sizes.
+    "GLM-5": {
+        "architectures": ["GlmMoeDsaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "dtype": "bfloat16", "eos_token_id": [154820, 154827, 154829], "ep_size": 1, "first_k_dense_replace": 3,
+        "hidden_act": "silu", "head_dim": 64, "hidden_size": 6144, "index_head_dim": 128, "index_n_heads": 32,
+        "index_topk": 2048, "indexer_rope_interleave": True, "initializer_range": 0.02, "intermediate_size": 12288,
+        "kv_lora_rank": 512, "max_position_embeddings": 202752, "model_type": "glm_moe_dsa",
+        "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 256,
+        "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 64, "num_experts_per_tok": 8,
+        "num_hidden_layers": 78, "num_key_value_heads": 64, "num_nextn_predict_layers": 1, "pad_token_id": 154820,
+        "q_lora_rank": 2048, "qk_head_dim": 256, "qk_nope_head_dim": 192, "qk_rope_head_dim": 64,
+        "rms_norm_eps": 1e-05, "rope_interleave": True,
+        "rope_parameters": {"rope_theta": 1000000, "rope_type": "default"}, "routed_scaling_factor": 2.5,
+        "scoring_func": "sigmoid", "tie_word_embeddings": False, "topk_group": 1, "topk_method": "noaux_tc",
+        "transformers_version": "5.0.2.dev0", "use_cache": True, "v_head_dim": 256, "vocab_size": 154880},
     "GLM-4.5-Air": {
         "architectures": ["Glm4MoeForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
         "pad_token_id": 151329, "eos_token_id": [151329, 151336, 151338], "head_dim": 128, "hidden_act": "silu",
@@ -252,6 +327,9 @@ PUBLISHED: dict[str, dict] = {
             "projector_input_dim": 4096, "projector_output_dim": 4096, "rope_theta": 10000,
             "vision_feature_layer": -1, "vision_feature_select_strategy": "default", "vision_output_dim": 4096}},
 }
+PUBLISHED["Kimi-K2.5"]["text_config"] = {
+    **PUBLISHED["Kimi-K2-Thinking"], "eos_token_id": 163585, "transformers_version": "4.57.1",
+    "quantization_config": {**KIMI_INT4, "ignore": [*KIMI_INT4["ignore"], "re:.*vision_tower.*", "re:.*mm_projector.*"]}}
 # What Qwen3's model card tells users to add to config.json for 128K contexts.
 QWEN3_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
 PUBLISHED["Qwen3-30B-A3B+YaRN"] = {**PUBLISHED["Qwen3-30B-A3B"], "rope_scaling": QWEN3_YARN}
@@ -262,6 +340,10 @@ _MLA_FP8 = {  # every FP8 matrix at least one 128x128 block; kv_a (160 rows) end
     "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 4,
     "vocab_size": 256, "intermediate_size": 384, "moe_intermediate_size": 128, "n_routed_experts": 32,
     "q_lora_rank": 128, "kv_lora_rank": 128, "qk_nope_head_dim": 32, "qk_rope_head_dim": 32, "v_head_dim": 32}
+_SIZES_DEEPSEEK_BF16 = {  # INT4 groups of 32 columns: every expert's input dim a multiple of 32
+    **_MHA, "num_hidden_layers": 4, "num_key_value_heads": 4, "intermediate_size": 96, "moe_intermediate_size": 32,
+    "n_routed_experts": 32, "q_lora_rank": 48, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 16, "v_head_dim": 16}
 _SIZES: dict[str, dict] = {
     "Mixtral-8x7B-Instruct-v0.1": {**_MHA, "intermediate_size": 96},
     "Mixtral-8x22B-Instruct-v0.1": {**_MHA, "intermediate_size": 96},
@@ -276,12 +358,21 @@ _SIZES: dict[str, dict] = {
         **_MHA, "num_hidden_layers": 3, "num_key_value_heads": 4, "intermediate_size": 96, "moe_intermediate_size": 32,
         "n_routed_experts": 16, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 16, "v_head_dim": 16},
     "DeepSeek-V3": _MLA_FP8,
-    "DeepSeek-V3-BF16": {
-        **_MHA, "num_hidden_layers": 4, "num_key_value_heads": 4, "intermediate_size": 96, "moe_intermediate_size": 32,
-        "n_routed_experts": 32, "q_lora_rank": 48, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
-        "qk_rope_head_dim": 16, "v_head_dim": 16},
+    "DeepSeek-V3-BF16": _SIZES_DEEPSEEK_BF16,
     "DeepSeek-R1": _MLA_FP8,
     "Kimi-K2-Instruct": {**_MLA_FP8, "num_hidden_layers": 2},
+    "Kimi-K2-Thinking": {**_SIZES_DEEPSEEK_BF16, "num_hidden_layers": 2},
+    "Kimi-K2.5": {"text_config": {**_SIZES_DEEPSEEK_BF16, "num_hidden_layers": 2}},
+    "DeepSeek-V3.2": {**_SIZES_DEEPSEEK_BF16, "num_hidden_layers": 3, "index_head_dim": 32, "index_n_heads": 8},
+    "GLM-5": {
+        **_MHA, "num_hidden_layers": 3, "first_k_dense_replace": 1, "num_key_value_heads": 4, "head_dim": 16,
+        "intermediate_size": 96, "moe_intermediate_size": 32, "n_routed_experts": 16, "q_lora_rank": 48,
+        "kv_lora_rank": 32, "qk_head_dim": 40, "qk_nope_head_dim": 24, "qk_rope_head_dim": 16, "v_head_dim": 32,
+        "index_head_dim": 32, "index_n_heads": 8, "vocab_size": 154880},
+    "GLM-4.7-Flash": {
+        **_MHA, "num_hidden_layers": 3, "num_key_value_heads": 4, "intermediate_size": 96, "moe_intermediate_size": 32,
+        "n_routed_experts": 16, "q_lora_rank": 48, "kv_lora_rank": 32, "qk_nope_head_dim": 24, "qk_rope_head_dim": 16,
+        "v_head_dim": 32, "vocab_size": 154880},
     # vocab stays above pad_token_id (151329, 199999): nn.Embedding needs the padding row.
     "GLM-4.5-Air": {**_MHA, "hidden_size": 32, "head_dim": 16, "intermediate_size": 96, "moe_intermediate_size": 32,
                     "n_routed_experts": 16, "vocab_size": 151552},
@@ -316,5 +407,10 @@ _SIZES["Llama-4-Maverick-17B-128E-Instruct"] = {"text_config": {
 
 
 def tiny(name: str) -> dict:
-    """The published config with only its sizes shrunk (a deep copy: transformers edits nested dicts)."""
-    return copy.deepcopy({**PUBLISHED[name], **_SIZES[name]})
+    """The published config with only its sizes shrunk (a deep copy: transformers edits nested dicts);
+    a multimodal wrapper's sizes are its text_config's."""
+    cfg, sizes = copy.deepcopy(PUBLISHED[name]), copy.deepcopy(_SIZES[name])
+    cfg.update({k: v for k, v in sizes.items() if k != "text_config"})
+    if "text_config" in sizes:
+        cfg["text_config"].update(sizes["text_config"])
+    return cfg

@@ -2,14 +2,15 @@
 names every checkpoint tensor in one table."""
 from __future__ import annotations
 
-from cluster.families import (dbrx, deepseek, glm4_moe, gpt_oss, granitemoe, llama4, minimax_m2, mixtral, olmoe, phimoe,
-                              qwen2_moe, qwen3_moe)
+from cluster.families import (dbrx, deepseek, deepseek_dsa, glm4_moe, glm4_moe_lite, gpt_oss, granitemoe, llama4,
+                              minimax_m2, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe)
 from cluster.families.base import Family, UnsupportedModelError
+from cluster.families.wrappers import relocate, text_config
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     mixtral.FAMILY, qwen2_moe.FAMILY, qwen3_moe.FAMILY, olmoe.FAMILY, deepseek.V2, deepseek.V3, deepseek.KIMI_K2,
-    glm4_moe.FAMILY, gpt_oss.FAMILY, phimoe.FAMILY, granitemoe.FAMILY, minimax_m2.FAMILY, dbrx.FAMILY,
-    llama4.FAMILY)}
+    glm4_moe.FAMILY, glm4_moe_lite.FAMILY, deepseek_dsa.V32, deepseek_dsa.GLM_DSA, gpt_oss.FAMILY, phimoe.FAMILY,
+    granitemoe.FAMILY, minimax_m2.FAMILY, dbrx.FAMILY, llama4.FAMILY)}
 
 
 def get_family(model_type: str | None) -> Family:
@@ -19,4 +20,10 @@ def get_family(model_type: str | None) -> Family:
     return FAMILIES[model_type]
 
 
-__all__ = ["FAMILIES", "Family", "UnsupportedModelError", "get_family"]
+def resolve(config: dict) -> tuple[Family, dict]:
+    """The family of a config.json and the config it parses: the text model's, for a multimodal wrapper."""
+    text = text_config(config)
+    return get_family(text.get("model_type")), text
+
+
+__all__ = ["FAMILIES", "Family", "UnsupportedModelError", "get_family", "relocate", "resolve"]

@@ -85,6 +85,10 @@ def _parse(cfg: dict[str, Any], version: int) -> ModelConfig:
     )
 
 
+def parse_v3(cfg: dict[str, Any]) -> ModelConfig:
+    return _parse(cfg, 3)
+
+
 V2 = Family("deepseek_v2", lambda cfg: _parse(cfg, 2), TENSORS)
-V3 = Family("deepseek_v3", lambda cfg: _parse(cfg, 3), TENSORS)
-KIMI_K2 = Family("kimi_k2", lambda cfg: _parse(cfg, 3), TENSORS)  # Kimi-K2 ships a DeepSeek-V3 architecture
+V3 = Family("deepseek_v3", parse_v3, TENSORS)
+KIMI_K2 = Family("kimi_k2", parse_v3, TENSORS)  # Kimi-K2 ships a DeepSeek-V3 architecture

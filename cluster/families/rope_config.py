@@ -14,7 +14,10 @@ from cluster.model.rope import Rope
 
 _COMMON = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
 _KEYS = {
-    "default": set(),
+    # mrope_section / mrope_interleaved (multimodal wrappers' text_config): M-RoPE splits the rotary dims
+    # between time, height and width positions; for text all three are the token's own position, so it
+    # is plain rope (vision inputs are refused). Read with default rope only, as the releases use it.
+    "default": {"mrope_section", "mrope_interleaved"},
     "linear": {"factor"},
     "dynamic": {"factor"},
     "yarn": {"factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "mscale",

@@ -23,6 +23,8 @@ from cluster.model.rope import apply_rotary, rotary_interleaved
 from cluster.model.weights import AttentionWeights
 
 Reader = Callable[[Tensor], tuple[Tensor, Tensor]]  # slots [B, C] → k [B, H_kv, C, dk], v [B, H_kv, C, dv]
+# Sparse attention: (query rows [B, n], context slots [B, C], visible [B, n, C]) → the keys each query keeps.
+Selector = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def _project(x: Tensor, w: AttentionWeights, cfg: ModelConfig, rotates: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -76,20 +78,28 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float |
 
 
 def attend_batch(q: Tensor, batch: Batch, read: Reader, v_dim: int, scale: float | None = None,
-                 window: int | None = None, sinks: Tensor | None = None, chunk: int | None = None) -> Tensor:
-    """q [T, H, dk] → [T, H, dv], each row attending to its own sequence's cached context."""
+                 window: int | None = None, sinks: Tensor | None = None, chunk: int | None = None,
+                 select: Selector | None = None) -> Tensor:
+    """q [T, H, dk] → [T, H, dv], each row attending to its own sequence's cached context
+    (only to the keys `select` keeps, when given)."""
     out = q.new_empty(q.shape[0], q.shape[1], v_dim)
     d = batch.decode
     if d is not None:
         k, v = read(d.context_slots)  # [B, H_kv, C, d]
         mask = visible(d.lens, k.shape[2], 1, window, chunk)  # [B, 1, C]
+        if select is not None:
+            mask = select(d.rows[:, None], d.context_slots, mask)
         out[d.rows] = _attend(q[d.rows][:, :, None, :], k, v, mask, scale, sinks)[:, :, 0, :]
     for c in batch.prefills:
         k, v = read(c.context_slots[None])  # [1, H_kv, C, d]
         qs = q[c.start:c.start + c.num_tokens].transpose(0, 1)[None]  # [1, H, n, dk]
-        simple = c.context_len == c.num_tokens and window is None and sinks is None and chunk is None
+        simple = (c.context_len == c.num_tokens and window is None and sinks is None and chunk is None
+                  and select is None)
         lens = torch.tensor([c.context_len], device=q.device)
         mask = None if simple else visible(lens, c.context_len, c.num_tokens, window, chunk)
+        if select is not None:
+            rows = torch.arange(c.start, c.start + c.num_tokens, device=q.device)[None]
+            mask = select(rows, c.context_slots[None], mask)
         out[c.start:c.start + c.num_tokens] = _attend(qs, k, v, mask, scale, sinks)[0].transpose(0, 1)
     return out
 

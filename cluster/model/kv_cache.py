@@ -7,7 +7,9 @@ so writing a step's new tokens is one indexed store and reading a sequence's
 context is one gather by slot.
 For multi-head latent attention the two tensors hold the compressed latent
 ([1, R] per token) and the shared rotary key ([1, P]): the cache stays as small
-as the design intends.
+as the design intends. With sparse attention (DSA) the second also carries the
+indexer's key after the rotary key ([1, P + index_head_dim]): paged, budgeted
+and freed with the rest.
 Shapes: T new tokens, B sequences, C context, H_kv kv heads, hd head dim.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from cluster.config import ModelConfig
 def entry_shapes(cfg: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
     """(heads, dim) of the two cached tensors per token and layer."""
     if cfg.attention == "mla":
-        return (1, cfg.kv_lora_rank), (1, cfg.qk_rope_head_dim)
+        return (1, cfg.kv_lora_rank), (1, cfg.qk_rope_head_dim + cfg.index_head_dim)
     return (cfg.num_kv_heads, cfg.head_dim), (cfg.num_kv_heads, cfg.head_dim)
 
 

@@ -76,6 +76,18 @@ class MLAWeights:
     q_a: Tensor | None = None  # [q_lora, D]
     q_a_norm: Tensor | None = None  # [q_lora]
     q_b: Tensor | None = None  # [H * (nope + rope), q_lora]
+    indexer: "IndexerWeights | None" = None  # sparse attention (DSA)
+
+
+@dataclass(frozen=True)
+class IndexerWeights:
+    """DSA's lightning indexer: Hi heads of width Di score cached keys of width Di."""
+
+    q: Tensor  # [Hi * Di, q_lora]: from the same normed q latent as the attention's queries
+    k: Tensor  # [Di, D]
+    k_norm: Tensor  # [Di] LayerNorm weight
+    k_norm_bias: Tensor  # [Di]
+    head_weights: Tensor  # [Hi, D]: each head's weight per query
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""New expert kinds (fused [E, ...] tensors, biases, clamped SwiGLU, FP8 / MXFP4 storage) behind
-the ExpertExecutor seam: workers that load only their own experts with load_experts and run
+"""New expert kinds (fused [E, ...] tensors, biases, clamped SwiGLU, FP8 / MXFP4 / INT4 storage, a wrapper's
+prefixes) behind the ExpertExecutor seam: workers that load only their own experts with load_experts and run
 LocalExperts.run_subset, as remote expert workers do, give the in-process engine's output."""
 import pytest
 import torch
@@ -36,7 +36,7 @@ class Workers:
 
 
 @pytest.mark.parametrize("name", ["gpt-oss-20b", "granite-3.1-3b-a800m-instruct", "Phi-3.5-MoE-instruct",
-                                  "DeepSeek-V3"])
+                                  "DeepSeek-V3", "Kimi-K2.5", "DeepSeek-V3.2"])
 def test_workers_loading_their_own_experts_give_the_same_output(name, tmp_path):
     ours, _ = build(name, tmp_path)
     local = LLMEngine.from_pretrained(str(ours), max_model_len=64)

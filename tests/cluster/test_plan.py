@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cluster.engine import LLMEngine
-from cluster.families import get_family
+from cluster.families import resolve
 from cluster.plan import ParamCounts, backbone_bytes, parse_bytes, plan, plan_from_config
 from tests.published_checkpoints import _transformers_model, build
 from tests.published_configs import PUBLISHED, tiny
@@ -16,7 +16,8 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "configs"
 
 
 def _ours(cfg: dict):
-    return get_family(cfg["model_type"]).parse_config(cfg)
+    family, text = resolve(cfg)
+    return family.parse_config(text)
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

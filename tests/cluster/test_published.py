@@ -1,12 +1,15 @@
 """Published MoE configs (sizes shrunk), built with transformers and stored as released (bf16,
 FP8 blocks, MXFP4): our engine in fp32 against transformers in fp32 on the same (dequantised)
 weights, greedy tokens and logits at every step."""
+import json
 import math
 
 import pytest
 import torch
 
 from cluster.engine import LLMEngine, SamplingParams
+from cluster.families import resolve
+from cluster.plan import format_plan, plan_from_config
 from tests.helpers import hf_greedy_logits, load_hf, our_greedy_logits
 from tests.published_checkpoints import build
 from tests.published_configs import PUBLISHED, tiny
@@ -145,3 +148,15 @@ def test_query_temperature_is_one_below_floor_scale():
 
     got = query_temperature(torch.tensor([0, 8190, 8191, 16383]), 8192.0, 0.1).tolist()
     assert got == pytest.approx([1.0, 1.0, 1 + 0.1 * math.log(2), 1 + 0.1 * math.log(3)])
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_plan_prints_for_the_released_config(name, tmp_path):
+    """`moe-cluster plan` on the config as released (full size; Phi's rope factors are stored shrunk,
+    so its shrunk config): every routed expert counted."""
+    config = tiny(name) if name.startswith("Phi") else PUBLISHED[name]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    text = format_plan(plan_from_config(str(tmp_path), workers=8))
+    family, text_config = resolve(config)
+    cfg = family.parse_config(text_config)
+    assert f"experts: {len(cfg.experts())} routed" in text and "fits:" in text
