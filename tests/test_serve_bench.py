@@ -1,0 +1,95 @@
+"""The serving benchmark's arithmetic (bench/serve_metrics.py, bench/serve_bench.py's config and
+report), on hand-made samples: no server, no benchmark run."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import serve_metrics as sm  # noqa: E402
+
+
+def test_percentiles_in_ms():
+    values = [i / 1000 for i in range(1, 101)]  # 1..100 ms
+    assert sm.percentile_ms(values, 50) == pytest.approx(50.5)
+    assert sm.percentile_ms(values, 99) == pytest.approx(99.01)
+    assert sm.percentile_ms([0.004], 50) == 4.0
+    assert math.isnan(sm.percentile_ms([], 99))
+
+
+def test_latency_figures_from_streams():
+    a = sm.Stream(sent=0.0, arrivals=[0.1, 0.11, 0.12, 0.12], tokens=4)  # the last two arrived together
+    b = sm.Stream(sent=0.0, arrivals=[0.3, 0.32])  # no usage event: tokens are its events
+    f = sm.latency_figures([a, b], seconds=0.5)
+    assert f["tokens"] == 6 and f["tokens_per_s"] == 12.0
+    assert f["ttft_ms_p50"] == pytest.approx(200.0)
+    gaps = sorted([0.01, 0.01, 0.0, 0.02])
+    assert f["itl_ms_p50"] == pytest.approx(10.0) and f["itl_ms_p99"] == pytest.approx(1000 * (gaps[2] + 0.97 * (gaps[3] - gaps[2])))
+
+
+@pytest.mark.parametrize("name,title,role", [
+    ("ray::ServeRepli", "ray::ServeReplica:moe:router", sm.ROUTER),
+    ("ray::ServeRepli", "ray::ServeReplica:moe:ingress", sm.INGRESS),
+    ("ray::ServeRepli", "ray::ServeReplica:moe:expert-worker-1", sm.WORKERS),
+    ("ray::ServeRepli", "ray::ServeReplica:moe:expert-pool", sm.WORKERS),
+    ("ray::ServeRepli", "ray::ServeReplica:moe:controller", sm.OTHER),
+    ("ray::ProxyActor", "ray::ProxyActor", sm.PROXY),
+    ("raylet", "/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet", sm.OTHER),
+    ("python", "/venv/bin/python", sm.OTHER),
+])
+def test_role_of_a_process(name, title, role):
+    assert sm.role_of(name, title) == role
+
+
+def test_role_of_this_process_and_of_transformers_serve():
+    assert sm.role_of("python", "python", mine=True) == sm.LOAD_GENERATOR
+    assert sm.role_of("python3", "/venv/bin/python3", transformers=True) == sm.TRANSFORMERS
+
+
+def test_cpu_attribution_from_a_fake_process_table():
+    before = {1: (sm.ROUTER, 10.0), 2: (sm.INGRESS, 5.0), 3: (sm.INGRESS, 1.0), 4: (sm.PROXY, 2.0),
+              9: (sm.OTHER, 50.0)}  # 9 ends between the samples: missed, not negative
+    after = {1: (sm.ROUTER, 12.0), 2: (sm.INGRESS, 5.5), 3: (sm.INGRESS, 1.5), 4: (sm.PROXY, 2.5),
+             5: (sm.WORKERS, 0.4),  # started between the samples: counted from zero
+             6: (sm.LOAD_GENERATOR, 0.2)}
+    cpu = sm.cpu_by_role(before, after)
+    assert cpu == pytest.approx({sm.ROUTER: 2.0, sm.INGRESS: 1.0, sm.PROXY: 0.5, sm.WORKERS: 0.4,
+                                 sm.LOAD_GENERATOR: 0.2})
+    ms = sm.per_token_ms(cpu, tokens=1000)
+    assert list(ms) == [sm.ROUTER, sm.INGRESS, sm.PROXY, sm.WORKERS, sm.LOAD_GENERATOR]
+    assert ms[sm.ROUTER] == 2.0 and ms[sm.PROXY] == 0.5
+    # outside the engine: ingress + proxy + (router - its steps' 1.5 s)
+    out = sm.outside_engine_ms(ms, router_step_cpu_s=1.5, tokens=1000)
+    assert out == {"edge_ms": 1.5, "router_step_ms": 1.5, "router_messaging_ms": 0.5, "total_ms": 2.0}
+
+
+def test_router_step_time_prefers_step_cpu_and_else_wall_less_expert_wait():
+    before = {"step_seconds": 1.0, "data_plane": {"wait_s": 0.1}}
+    after = {"step_seconds": 3.0, "data_plane": {"wait_s": 0.6}}
+    seconds, how = sm.router_step_cpu_seconds(before, after)
+    assert seconds == pytest.approx(1.5) and "wall" in how
+    seconds, how = sm.router_step_cpu_seconds({**before, "step_cpu_seconds": 0.5},
+                                              {**after, "step_cpu_seconds": 1.75})
+    assert seconds == pytest.approx(1.25) and how == "step_cpu_seconds"
+
+
+def test_goal_checks_and_ratios():
+    assert sm.within(14.0, 10.0) and not sm.within(14.1, 10.0)
+    assert sm.ratio(3.0, 4.0) == 0.75 and math.isnan(sm.ratio(1.0, 0.0)) and math.isnan(sm.ratio(1.0, float("nan")))
+
+
+def test_app_config_of_a_run_is_valid_for_the_server():
+    import serve_bench
+
+    from deployments.config import app_config
+
+    args = serve_bench.parse_args(["--quick", "--workers", "2", "--ingress", "2", "--device", "cuda"])
+    assert (args.concurrency, args.max_tokens, args.peers) == (8, 16, False)
+    extra = {"engine_step_delay_s": 0.05, "routers": {"num_cpus": 1}}
+    cfg = app_config({"model": "models/demo", **serve_bench.app_args(args, 2, extra)})
+    assert cfg.ingress.replicas == 2 and cfg.engine_step_delay_s == 0.05 and cfg.dtype == "float32"
+    assert cfg.routers.device == "cuda" and cfg.routers.num_cpus == 1 and 0 < cfg.routers.num_gpus <= 0.25
+    assert cfg.worker_device == "cuda" and cfg.routers.num_gpus + 2 * cfg.worker.num_gpus <= 1
