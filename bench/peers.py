@@ -70,10 +70,11 @@ class ServerProcess:
         return Path(self.log_path).read_text(errors="replace")[-chars:]
 
 
-def moe_cluster(model: str, port: int, app_args: dict, routers: int, tmp: str) -> ServerProcess:
+def moe_cluster(model: str, port: int, app_args: dict, routers: int, tmp: str,
+                env: dict[str, str] | None = None) -> ServerProcess:
     """`moe-cluster serve` with the local Serve config, its application args overridden by
     `app_args`, HTTP on `port` and gRPC on `port + 1` (so parallel runs do not collide), Ray's
-    files under `tmp`."""
+    files under `tmp`, `env` added to its environment (Ray's and Serve's switches)."""
     import yaml
 
     conf = yaml.safe_load((ROOT / "deployments" / "serve_local.yaml").read_text())
@@ -83,17 +84,18 @@ def moe_cluster(model: str, port: int, app_args: dict, routers: int, tmp: str) -
         yaml.safe_dump(conf, f)
     argv = [sys.executable, "-m", "deployments.cli", "serve", "--config", path, "--model", model,
             "--routers", str(routers), "--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", str(port + 1)]
-    env = {"RAY_TMPDIR": tmp, "RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT)}
+    env = {"RAY_TMPDIR": tmp, "RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT), **(env or {})}
     return ServerProcess("moe-cluster", argv, f"http://127.0.0.1:{port}", "/health", os.path.join(tmp, "server.log"),
                          env)
 
 
 def transformers_serve(model: str, port: int, device: str, tmp: str) -> ServerProcess:
     """`transformers serve` (transformers' own OpenAI server: one Python process, continuous
-    batching with a paged cache) on the same checkpoint, fp32, bound to 127.0.0.1."""
+    batching with a paged cache) on the same checkpoint, fp32, bound to 127.0.0.1. Requests must
+    name the model exactly as given here (it refuses any other name with a 400)."""
     exe = Path(sys.executable).with_name("transformers")
     argv = [str(exe), "serve", "--continuous-batching", "--device", device, "--dtype", "float32",
-            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", str(ROOT / model)]
+            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", model]  # run in ROOT
     return ServerProcess("transformers-serve", argv, f"http://127.0.0.1:{port}", "/health",
                          os.path.join(tmp, "transformers-serve.log"), {"HF_HUB_OFFLINE": "1"})
 

@@ -169,7 +169,8 @@ def deep_merge(a: dict, b: dict) -> dict:
 def served(args, prompts: list[str], routers: int, extra: dict) -> dict:
     tmp = peers.scratch_dir()
     try:
-        server = peers.moe_cluster(args.model, args.port, app_args(args, routers, extra), routers, tmp)
+        env = dict(kv.split("=", 1) for kv in args.serve_env)
+        server = peers.moe_cluster(args.model, args.port, app_args(args, routers, extra), routers, tmp, env)
         return bench_server(server, "moe-cluster", Path(args.model).name, prompts, args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -298,6 +299,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="routers, expert workers, the in-process engine and transformers serve")
     p.add_argument("--port", type=int, default=8123, help="HTTP port (gRPC: port + 1; transformers serve: port + 2)")
+    p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment of the server's processes (Ray, Serve), e.g. RAY_SERVE_FREEZE_GC_ON_STARTUP=1 "
+                        "(repeatable)")
     p.add_argument("--app", default="{}", help="extra application config as JSON, e.g. '{\"stream_interval\": 4}'")
     p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,
                    help="also run transformers serve (default: on, off with --quick)")
@@ -326,13 +330,17 @@ def main(argv=None) -> dict:
     del engine
     result = {"model": args.model, "device": args.device, "workers": args.workers, "routers": args.routers,
               "ingress": args.ingress, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
-              "single": args.single, "app": json.loads(args.app)}
+              "single": args.single, "app": json.loads(args.app), "serve_env": args.serve_env}
     result["moe_cluster"] = served(args, texts, args.routers, json.loads(args.app))
+    print(f"moe-cluster: {json.dumps(result['moe_cluster'])}", file=sys.stderr, flush=True)
     if args.peers:
         tmp = peers.scratch_dir()
         try:
             server = peers.transformers_serve(args.model, args.port + 2, args.device, tmp)
             result["transformers_serve"] = bench_server(server, "transformers", args.model, texts, args)
+        except Exception as e:  # noqa: BLE001 - a peer that fails must not lose our own figures
+            result["transformers_serve_error"] = f"{type(e).__name__}: {e}"
+            print(f"transformers serve failed: {result['transformers_serve_error']}", file=sys.stderr)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     result["in_process"] = in_process(args, ids)
