@@ -95,29 +95,29 @@ def per_token_ms(cpu_seconds: dict[str, float], tokens: int) -> dict[str, float]
     return {role: round(1000 * s / tokens, 3) for role, s in spent} if tokens else {}
 
 
-def outside_engine_ms(cpu_ms: dict[str, float], router_step_cpu_s: float, tokens: int) -> dict:
-    """CPU per streamed token outside the engine's own compute: the edge processes on the token
-    path (ingress + Serve proxy) plus the router's CPU less the CPU of its engine steps (what is
-    left of the router is messaging: request handling, Serve's streaming, reports)."""
+def outside_engine_ms(cpu_ms: dict[str, float], router_step_ms: float) -> dict:
+    """CPU ms per streamed token outside the engine's own compute: the edge processes on the token
+    path (ingress + Serve proxy) plus the router's CPU less its engine steps' CPU (`router_step_ms`
+    per token; what is left of the router is messaging: request handling, Serve's streaming, reports)."""
     edge = sum(cpu_ms.get(role, 0.0) for role in TOKEN_PATH_EDGE)
-    step_ms = 1000 * router_step_cpu_s / tokens if tokens else 0.0
-    router_messaging = max(cpu_ms.get(ROUTER, 0.0) - step_ms, 0.0)
-    return {"edge_ms": round(edge, 3), "router_step_ms": round(step_ms, 3),
+    router_messaging = max(cpu_ms.get(ROUTER, 0.0) - router_step_ms, 0.0)
+    return {"edge_ms": round(edge, 3), "router_step_ms": round(router_step_ms, 3),
             "router_messaging_ms": round(router_messaging, 3), "total_ms": round(edge + router_messaging, 3)}
 
 
-def router_step_cpu_seconds(before: dict, after: dict) -> tuple[float, str]:
-    """Seconds the routers' engines spent in their steps between two /admin/stats bodies, and how
-    it was known: `step_cpu_seconds` where the routers report it (CPU time of the step thread);
-    else their step wall time less the time spent waiting on expert workers (an approximation:
-    wall, not CPU, time)."""
-    if "step_cpu_seconds" in after:
-        return after["step_cpu_seconds"] - before.get("step_cpu_seconds", 0.0), "step_cpu_seconds"
-    wall = after.get("step_seconds", 0.0) - before.get("step_seconds", 0.0)
-    wait = 0.0
-    if after.get("data_plane") and before.get("data_plane"):
-        wait = after["data_plane"]["wait_s"] - before["data_plane"]["wait_s"]
-    return max(wall - wait, 0.0), "step wall time less expert wait (routers report no step CPU time)"
+def router_step_ms(before: dict, after: dict, tokens: int, cpu_ms: dict[str, float],
+                   in_process_cpu_ms: float) -> tuple[float, str]:
+    """CPU ms per token of the routers' engine steps between two /admin/stats bodies, and where it
+    came from: `step_cpu_seconds` where the routers report it (CPU time of their step thread).
+    Else an estimate: the in-process engine's CPU per token on the same workload (all of the
+    engine's compute) less what the expert workers spent (their share of it). The routers' step
+    *wall* time is no estimate: on a shared machine it counts time the step thread waited for a
+    core, and exceeds the router's whole CPU."""
+    if "step_cpu_seconds" in after and tokens:
+        spent = after["step_cpu_seconds"] - before.get("step_cpu_seconds", 0.0)
+        return 1000 * spent / tokens, "routers' step_cpu_seconds"
+    return (max(in_process_cpu_ms - cpu_ms.get(WORKERS, 0.0), 0.0),
+            "estimate: in-process engine CPU per token less the expert workers' (routers report no step CPU time)")
 
 
 def ratio(a: float, b: float) -> float:

@@ -61,19 +61,22 @@ def test_cpu_attribution_from_a_fake_process_table():
     ms = sm.per_token_ms(cpu, tokens=1000)
     assert list(ms) == [sm.ROUTER, sm.INGRESS, sm.PROXY, sm.WORKERS, sm.LOAD_GENERATOR]
     assert ms[sm.ROUTER] == 2.0 and ms[sm.PROXY] == 0.5
-    # outside the engine: ingress + proxy + (router - its steps' 1.5 s)
-    out = sm.outside_engine_ms(ms, router_step_cpu_s=1.5, tokens=1000)
+    # outside the engine: ingress + proxy + (router - its steps' 1.5 ms per token)
+    out = sm.outside_engine_ms(ms, router_step_ms=1.5)
     assert out == {"edge_ms": 1.5, "router_step_ms": 1.5, "router_messaging_ms": 0.5, "total_ms": 2.0}
+    assert sm.outside_engine_ms(ms, router_step_ms=3.0)["router_messaging_ms"] == 0.0
 
 
-def test_router_step_time_prefers_step_cpu_and_else_wall_less_expert_wait():
-    before = {"step_seconds": 1.0, "data_plane": {"wait_s": 0.1}}
-    after = {"step_seconds": 3.0, "data_plane": {"wait_s": 0.6}}
-    seconds, how = sm.router_step_cpu_seconds(before, after)
-    assert seconds == pytest.approx(1.5) and "wall" in how
-    seconds, how = sm.router_step_cpu_seconds({**before, "step_cpu_seconds": 0.5},
-                                              {**after, "step_cpu_seconds": 1.75})
-    assert seconds == pytest.approx(1.25) and how == "step_cpu_seconds"
+def test_router_step_cpu_is_the_routers_figure_when_reported_else_in_process_less_workers():
+    cpu_ms = {sm.ROUTER: 2.0, sm.WORKERS: 0.25}
+    before, after = {"step_seconds": 1.0}, {"step_seconds": 9.0}  # wall time: never used
+    ms, how = sm.router_step_ms(before, after, tokens=1000, cpu_ms=cpu_ms, in_process_cpu_ms=1.0)
+    assert ms == pytest.approx(0.75) and "estimate" in how
+    ms, _ = sm.router_step_ms(before, after, tokens=1000, cpu_ms=cpu_ms, in_process_cpu_ms=0.1)
+    assert ms == 0.0
+    ms, how = sm.router_step_ms({**before, "step_cpu_seconds": 0.5}, {**after, "step_cpu_seconds": 1.75},
+                                tokens=1000, cpu_ms=cpu_ms, in_process_cpu_ms=1.0)
+    assert ms == pytest.approx(1.25) and "step_cpu_seconds" in how
 
 
 def test_goal_checks_and_ratios():
