@@ -285,8 +285,9 @@ def table(result: dict) -> str:
                  f"ITL p50: {s['goal_one_stream_itl_p50']}; ITL p99 <= 2x p50 at {n} streams: "
                  f"{s['goal_itl_p99_within_2x_p50']}")
     lines.append("\nCPU ms per streamed token, by kind of process:")
-    for name, r in rows[::2]:
-        lines.append(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in r["many"]["cpu_ms_per_token"].items()))
+    for name, r in rows:
+        cpu = r["many"].get("cpu_ms_per_token") or {"the engine (one process)": r["many"]["engine_cpu_ms_per_token"]}
+        lines.append(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in cpu.items()))
     o = result["moe_cluster"]["many"]["outside_engine_cpu_ms_per_token"]
     lines.append(f"outside the engine's compute: {o['total_ms']} ms/token = edge (ingress + proxy) {o['edge_ms']} "
                  f"+ router messaging {o['router_messaging_ms']} (router minus engine steps {o['router_step_ms']}; "

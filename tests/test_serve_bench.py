@@ -96,3 +96,33 @@ def test_app_config_of_a_run_is_valid_for_the_server():
     assert cfg.ingress.replicas == 2 and cfg.engine_step_delay_s == 0.05 and cfg.dtype == "float32"
     assert cfg.routers.device == "cuda" and cfg.routers.num_cpus == 1 and 0 < cfg.routers.num_gpus <= 0.25
     assert cfg.worker_device == "cuda" and cfg.routers.num_gpus + 2 * cfg.worker.num_gpus <= 1
+
+
+def _run(tok_s: float, ttft: float, itl: float, **extra) -> dict:
+    return {"tokens_per_s": tok_s, "ttft_ms_p50": ttft, "ttft_ms_p99": 2 * ttft, "itl_ms_p50": itl,
+            "itl_ms_p99": 1.5 * itl, **extra}
+
+
+def test_summary_and_table_of_a_result():
+    import serve_bench
+
+    cpu = {sm.ROUTER: 0.6, sm.INGRESS: 0.2, sm.PROXY: 0.1, sm.LOAD_GENERATOR: 0.05}
+    outside = {"edge_ms": 0.3, "router_step_ms": 0.5, "router_messaging_ms": 0.1, "total_ms": 0.4,
+               "router_step_from": "estimate"}
+    served = {w: _run(800.0, 100.0, 10.0, cpu_ms_per_token=cpu, server_cpu_ms_per_token=0.9,
+                      outside_engine_cpu_ms_per_token=outside) for w in ("many", "one")}
+    local = {w: _run(1000.0, 50.0, 8.0, engine_cpu_ms_per_token=0.5, server_cpu_ms_per_token=0.5)
+             for w in ("many", "one")}
+    peer = {w: _run(400.0, 200.0, 20.0, cpu_ms_per_token={sm.TRANSFORMERS: 1.0}, server_cpu_ms_per_token=1.0)
+            for w in ("many", "one")}
+    result = {"concurrency": 64, "max_tokens": 64, "single": 4, "workers": 2, "routers": 1, "ingress": 1,
+              "device": "cpu", "moe_cluster": served, "in_process": local, "transformers_serve": peer,
+              "scale_routers": {"service_time_model": {}, "routers_1": {"tokens_per_s": 100.0},
+                                "routers_2": {"tokens_per_s": 180.0}, "ratio_2_over_1": 1.8}}
+    s = result["summary"] = serve_bench.summary(result)
+    assert s["served_over_in_process"] == {"many": 0.8, "one": 0.8}
+    assert s["moe_cluster_over_transformers_serve"] == {"many": 2.0, "one": 2.0}
+    assert not s["goal_one_stream_ttft_p50"] and s["goal_one_stream_itl_p50"]  # 100 > 62; 10 <= 11.6
+    assert s["goal_itl_p99_within_2x_p50"] and s["outside_engine_cpu_ms_per_token"] == 0.4
+    text = serve_bench.table(result)
+    assert "| transformers serve | 400.0 |" in text and "ratio 1.8" in text and "transformers-serve 1.0" in text
