@@ -15,8 +15,9 @@ One asyncio client (this process) drives every server. Measured:
   per SSE event that carries tokens (one per token on both servers). In process: at the consumer of
   `AsyncEngine.generate` (the engine on its own thread, as a router hosts it; no Ray, no HTTP):
   TTFT from the call to the first token's arrival on the consumer's event loop, inter-token the
-  gaps between arrivals (tokens that arrive together count one gap of ~0). The in-process
-  throughput of the ratio is `LLMEngine.generate` (the engine alone, no thread hop).
+  gaps between arrivals (tokens that arrive together count one gap of ~0). Its tok/s is the
+  ratio's denominator; `LLMEngine.generate` on the main thread is printed too (on a crowded
+  machine torch's two intra-op threads on the main thread ran 10-30x slower than on a thread).
 - CPU ms per streamed token of each kind of process (router, ingress, Serve proxy, expert workers,
   load generator, transformers-serve, the rest), from the server's process tree, and the CPU
   outside the engine's own compute: ingress + Serve proxy + (router − its engine steps), see
@@ -198,30 +199,31 @@ def scale_routers(args, prompts: list[str]) -> dict:
 
 # -- in process ----------------------------------------------------------------------------------------
 def in_process(args, prompt_ids: list[list[int]]) -> dict:
+    """The same workload through the engine as a router hosts it (AsyncEngine: the engine on its own
+    thread, an asyncio consumer per stream): tok/s, per-stream TTFT/ITL and CPU per token (this
+    process's CPU time, engine and consumers). Also `LLMEngine.generate` on the main thread
+    (`engine_generate_tokens_per_s`, the figure earlier runs divided by)."""
     engine = LLMEngine.from_pretrained(args.model, device=args.device, dtype="float32",
                                        max_num_seqs=max(64, args.concurrency), max_model_len=512)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     engine.generate(prompt_ids[:2], SamplingParams(max_tokens=4, temperature=0))  # warm-up
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0 = time.perf_counter()
     engine.generate(prompt_ids[:args.concurrency], params)
-    many_tok_s = args.concurrency * args.max_tokens / (time.perf_counter() - t0)
-    many_cpu = 1000 * (time.process_time() - c0) / (args.concurrency * args.max_tokens)
-    t0, c0 = time.perf_counter(), time.process_time()
-    for p in prompt_ids[:args.single]:
-        engine.generate([p], params)
-    one_tok_s = args.single * args.max_tokens / (time.perf_counter() - t0)
-    one_cpu = 1000 * (time.process_time() - c0) / (args.single * args.max_tokens)
+    generate_tok_s = round(args.concurrency * args.max_tokens / (time.perf_counter() - t0), 1)
     host = AsyncEngine(engine)
     try:
-        many = asyncio.run(_async_streams(host, prompt_ids[:args.concurrency], params, True))
-        one = asyncio.run(_async_streams(host, prompt_ids[:args.single], params, False))
+        asyncio.run(_async_streams(host, prompt_ids[:1], SamplingParams(max_tokens=4, temperature=0), False))
+        out = {}
+        for w, prompts, concurrent in (("many", prompt_ids[:args.concurrency], True),
+                                       ("one", prompt_ids[:args.single], False)):
+            c0 = time.process_time()
+            run = asyncio.run(_async_streams(host, prompts, params, concurrent))
+            cpu = round(1000 * (time.process_time() - c0) / max(run["tokens"], 1), 3)
+            out[w] = {**run, "engine_cpu_ms_per_token": cpu, "server_cpu_ms_per_token": cpu}
     finally:
         host.shutdown()
-    # tokens_per_s (the ratio's denominator) is the engine alone; async_tokens_per_s, the AsyncEngine run
-    return {"many": {**many, "async_tokens_per_s": many["tokens_per_s"], "tokens_per_s": round(many_tok_s, 1),
-                     "engine_cpu_ms_per_token": round(many_cpu, 3), "server_cpu_ms_per_token": round(many_cpu, 3)},
-            "one": {**one, "async_tokens_per_s": one["tokens_per_s"], "tokens_per_s": round(one_tok_s, 1),
-                    "engine_cpu_ms_per_token": round(one_cpu, 3), "server_cpu_ms_per_token": round(one_cpu, 3)}}
+    out["many"]["engine_generate_tokens_per_s"] = generate_tok_s
+    return out
 
 
 async def _consume(host: AsyncEngine, prompt: list[int], params: SamplingParams) -> sm.Stream:
@@ -278,6 +280,8 @@ def table(result: dict) -> str:
                  f"device {result['device']}")
     lines.append(f"served / in-process: {s['served_over_in_process']['many']} ({n} streams), "
                  f"{s['served_over_in_process']['one']} (1 stream)")
+    lines.append(f"in process, LLMEngine.generate on the main thread: "
+                 f"{result['in_process']['many'].get('engine_generate_tokens_per_s')} tok/s ({n} streams)")
     if "moe_cluster_over_transformers_serve" in s:
         r = s["moe_cluster_over_transformers_serve"]
         lines.append(f"moe-cluster / transformers serve: {r['many']} ({n} streams), {r['one']} (1 stream)")
@@ -319,8 +323,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,
                    help="also run transformers serve (default: on, off with --quick)")
     p.add_argument("--scale-routers", action="store_true", help="also measure 1 vs 2 routers, router-bound")
-    p.add_argument("--scale-step-delay", type=float, default=0.05, help="engine_step_delay_s of the scale runs")
-    p.add_argument("--scale-max-num-seqs", type=int, default=16, help="max_num_seqs per router in the scale runs")
+    p.add_argument("--scale-step-delay", type=float, default=0.2,
+                   help="engine_step_delay_s of the scale runs (well above a step's own time, so the router binds)")
+    p.add_argument("--scale-max-num-seqs", type=int, default=None,
+                   help="max_num_seqs per router in the scale runs (default: concurrency / 4, so even two "
+                        "routers leave streams waiting)")
     p.add_argument("--scale-max-tokens", type=int, default=16)
     p.add_argument("--quick", action="store_true", help="8 streams x 16 tokens, 2 single streams, no peers")
     p.add_argument("--start-timeout", type=float, default=600)
@@ -330,6 +337,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.concurrency, args.max_tokens, args.single = 8, 16, 2
     if args.peers is None:
         args.peers = not args.quick
+    if args.scale_max_num_seqs is None:
+        args.scale_max_num_seqs = max(1, args.concurrency // 4)
     return args
 
 
