@@ -120,8 +120,13 @@ def run_workload(server: peers.ServerProcess, kind: str, model_name: str, prompt
 
 
 def _counters(stats: dict) -> dict:
-    """The cluster-wide counters the CPU split needs (the full /admin/stats body is large)."""
-    return {k: stats[k] for k in ("steps", "step_seconds", "step_cpu_seconds") if k in stats}
+    """The cluster-wide counters the CPU split needs (the full /admin/stats body is large);
+    `step_cpu_seconds` summed over the routers where only each router's own stats carry it."""
+    out = {k: stats[k] for k in ("steps", "step_seconds", "step_cpu_seconds") if k in stats}
+    per_router = [r.get("step_cpu_seconds") for r in (stats.get("routers") or {}).values()]
+    if "step_cpu_seconds" not in out and per_router and None not in per_router:
+        out["step_cpu_seconds"] = sum(per_router)
+    return out
 
 
 def outside_engine(served_run: dict, in_process_run: dict) -> dict:

@@ -126,3 +126,13 @@ def test_summary_and_table_of_a_result():
     assert s["goal_itl_p99_within_2x_p50"] and s["outside_engine_cpu_ms_per_token"] == 0.4
     text = serve_bench.table(result)
     assert "| transformers serve | 400.0 |" in text and "ratio 1.8" in text and "transformers-serve 1.0" in text
+
+
+def test_router_step_cpu_is_read_from_the_cluster_or_summed_over_routers():
+    import serve_bench
+
+    assert serve_bench._counters({"steps": 3, "step_seconds": 1.0, "routers": {"a": {}, "b": {}}}) == \
+        {"steps": 3, "step_seconds": 1.0}
+    both = {"steps": 3, "routers": {"a": {"step_cpu_seconds": 0.5}, "b": {"step_cpu_seconds": 0.25}}}
+    assert serve_bench._counters(both)["step_cpu_seconds"] == 0.75
+    assert serve_bench._counters({**both, "step_cpu_seconds": 2.0})["step_cpu_seconds"] == 2.0
