@@ -271,7 +271,8 @@ def table(result: dict) -> str:
     if result.get("transformers_serve"):
         rows.append(("transformers serve", result["transformers_serve"]))
     head = (f"| server | tok/s, {n} streams | TTFT p50 / p99 ms | ITL p50 / p99 ms | server CPU ms/token "
-            f"| 1 stream tok/s | 1 stream TTFT p50 ms | 1 stream ITL p50 / p99 ms |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+            f"| 1 stream tok/s | 1 stream TTFT p50 ms | 1 stream ITL p50 / p99 ms |\n"
+            f"|---|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for name, r in rows:
         a, b = r["many"], r["one"]

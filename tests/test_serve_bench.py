@@ -26,8 +26,8 @@ def test_latency_figures_from_streams():
     f = sm.latency_figures([a, b], seconds=0.5)
     assert f["tokens"] == 6 and f["tokens_per_s"] == 12.0
     assert f["ttft_ms_p50"] == pytest.approx(200.0)
-    gaps = sorted([0.01, 0.01, 0.0, 0.02])
-    assert f["itl_ms_p50"] == pytest.approx(10.0) and f["itl_ms_p99"] == pytest.approx(1000 * (gaps[2] + 0.97 * (gaps[3] - gaps[2])))
+    # gaps 0, 10, 10, 20 ms: p99 interpolates between the last two (inclusive method)
+    assert f["itl_ms_p50"] == pytest.approx(10.0) and f["itl_ms_p99"] == pytest.approx(10.0 + 0.97 * 10.0)
 
 
 @pytest.mark.parametrize("name,title,role", [
