@@ -113,7 +113,7 @@ class Serving:
         (the template wrote any BOS itself, as transformers' apply_chat_template does)."""
         if self.tokenizer is None:
             raise ApiError(400, "this checkpoint has no tokenizer.json: chat needs one", "messages")
-        return self.tokenizer.encode(self.templates.render(messages, **template_args))
+        return self.tokenizer.encode(self.templates.render(messages, **template_args), add_special_tokens=False)
 
     def render_chat(self, req: ChatCompletionRequest) -> list[int]:
         return self.chat_ids(req.messages_json(), tools=req.tools, documents=req.documents,
