@@ -138,6 +138,15 @@ class ResponseFormat(_Body):
                                               "guided decoding, which this server does not do)")
 
 
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
@@ -145,9 +154,11 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = None
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none"] | None = Field(None, description="tools are rendered into the prompt with the "
-                                                "checkpoint's template; calling them (auto / required) needs a "
-                                                "tool-call parser, which this server does not have")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="default: auto with tools (calls are read from the reply by the model's tool-call "
+                          "parser), none without; required and a named function need constrained decoding, "
+                          "which this server does not do yet (400)")
+    parallel_tool_calls: bool = Field(True, description="false: at most one call per reply (the first)")
     chat_template_kwargs: dict[str, Any] | None = None
     documents: list[dict[str, Any]] | None = None
     add_generation_prompt: bool = True
@@ -155,14 +166,26 @@ class ChatCompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _checks(self):
-        if self.tools and self.tool_choice is None:
-            raise ValueError("tool_choice: with tools, set tool_choice to 'none': tool calls (auto / required) "
-                             "are not supported, tools are only shown to the model through its chat template")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise ValueError("tool_choice: 'required' and a named function are not supported yet (they need "
+                             "constrained decoding); use 'auto' or 'none'")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice: needs tools")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise ValueError("give max_tokens or max_completion_tokens, not both")
         return self
+
+    def tool_schemas(self) -> dict[str, dict[str, Any]]:
+        """Each tool's parameter schema by function name (what the bare-text call formats read types from)."""
+        out = {}
+        for tool in self.tools or []:
+            function = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+            if isinstance(function.get("name"), str):
+                out[function["name"]] = function.get("parameters") if isinstance(function.get("parameters"),
+                                                                                  dict) else {}
+        return out
 
     def messages_json(self) -> list[dict[str, Any]]:
         return [m.model_dump(exclude_none=True) for m in self.messages]

@@ -21,6 +21,7 @@ from cluster.loader import open_model
 from cluster.tokenizer import TextTokenizer
 from deployments import metrics
 from deployments.api.chat import ChatTemplates
+from deployments.api.chat_reply import ChatReply, detect_tool_parser
 from deployments.api.errors import ApiError, classify, overloaded
 from deployments.api.responses import ChoiceResult
 from deployments.api.router_client import RouterClient, first
@@ -44,6 +45,7 @@ class Serving:
         self.max_model_len = min(cfg.max_model_len, model_cfg.context_limit)
         self.checker = PromptChecker(model_cfg, self.tokenizer, self.max_model_len)
         self.templates = ChatTemplates.from_checkpoint(cfg.model)
+        self.tool_parser = cfg.tool_call_parser or detect_tool_parser(self.templates)
         self.client = RouterClient(routers)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self.active = 0
@@ -132,6 +134,18 @@ class Serving:
             self.checker.validate(prompt_ids, params, "messages")
             choices.append(Choice(j, prompt_ids, params))
         return choices
+
+    def chat_reply(self, req: ChatCompletionRequest) -> ChatReply:
+        """How the request's reply text becomes its message: tool calls are read when tools are given and
+        tool_choice is not none."""
+        if not req.tools or req.tool_choice == "none":
+            return ChatReply()
+        if self.tool_parser is None:
+            if req.tool_choice == "auto":
+                raise ApiError(400, "tool_choice: this model's chat template renders no tool-call format we know; "
+                                    "set tool_call_parser in the config (or --tool-call-parser)", "tool_choice")
+            return ChatReply()  # tools are only shown to the model, as before
+        return ChatReply(self.tool_parser, req.tool_schemas(), req.parallel_tool_calls)
 
     def tokenize(self, req) -> list[int]:
         """POST /tokenize: exactly the ids the model would receive (vLLM's shape)."""
