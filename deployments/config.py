@@ -135,6 +135,10 @@ class AppConfig(_Options):
                                          "qwen3_coder | deepseek_v3 | deepseek_v31 | kimi_k2 | glm45 | mistral | "
                                          "openai (vLLM's --tool-call-parser names); default: detected from the "
                                          "chat template")
+    reasoning_parser: Literal["deepseek_r1", "deepseek_v3", "qwen3", "glm45", "gpt_oss", "none"] | None = Field(
+        None, description="how a reasoning model's thinking is split into reasoning_content (vLLM's "
+                          "--reasoning-parser names; the first four read <think> blocks alike); default: detected "
+                          "from the chat template")
     engine_step_delay_s: float = Field(0.0, ge=0, le=5, description="testing only: sleep this long before every "
                                        "engine step (makes time-dependent tests independent of the machine)")
 

@@ -17,7 +17,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from deployments.api import reasoning as thinking
 from deployments.api.chat import ChatTemplateError, ChatTemplates
+from deployments.api.reasoning import ThinkStream, partial_marker
 from deployments.api.tool_parsers import Parsed, ToolCall, detect, parse, start_marker
 
 
@@ -26,16 +28,36 @@ class ChatReply:
     parser: str | None = None  # None: no tool calls are read (no tools, tool_choice none, or no parser)
     schemas: dict[str, dict] = field(default_factory=dict)  # tools' parameter schemas by name
     parallel: bool = True  # parallel_tool_calls: false keeps the first call only
+    reasoning: str | None = None  # reasoning.THINK / HARMONY: thinking goes to reasoning_content
+    opened: bool = False  # the prompt left a <think> block open: the reply starts inside it
+
+    @property
+    def reads_channels(self) -> bool:
+        """harmony replies are read whole by its parser, for reasoning even without tools."""
+        return self.parser == "openai" or self.reasoning == thinking.HARMONY
 
     def parsed(self, text: str) -> Parsed:
-        if self.parser is None:
-            return Parsed(text)
-        parsed = parse(text, self.parser, self.schemas)
+        if self.reads_channels:
+            parsed = parse(text, "openai", self.schemas)
+            if self.parser is None:
+                parsed = Parsed(parsed.content, (), parsed.reasoning)
+        elif self.parser is None:
+            parsed = Parsed(text)
+        else:
+            parsed = parse(text, self.parser, self.schemas)
+        if self.reasoning != thinking.HARMONY:
+            parsed = Parsed(parsed.content, parsed.calls)
         return parsed if self.parallel else Parsed(parsed.content, parsed.calls[:1], parsed.reasoning)
 
     def message(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
+        reasoning = None
+        if self.reasoning == thinking.THINK:
+            reasoning, text = thinking.split(text, self.opened)
         parsed = self.parsed(text)
         message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+        reasoning = reasoning if reasoning is not None else parsed.reasoning
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
         if parsed.calls:
             message["content"] = parsed.content or None
             message["tool_calls"] = [call_json(c) for c in parsed.calls]
@@ -50,6 +72,13 @@ def detect_tool_parser(templates: ChatTemplates) -> str | None:
     """The parser a checkpoint's template implies (the tool-use template where it has one)."""
     try:
         return detect(templates.template_for(with_tools=True))
+    except ChatTemplateError:
+        return None
+
+
+def detect_reasoning(templates: ChatTemplates) -> str | None:
+    try:
+        return thinking.detect(templates.template_for())
     except ChatTemplateError:
         return None
 
@@ -73,12 +102,21 @@ def call_deltas(calls: tuple[ToolCall, ...]) -> list[dict[str, Any]]:
 class ReplyStream:
     def __init__(self, reply: ChatReply):
         self.reply = reply
-        self.marker = start_marker(reply.parser) if reply.parser else None
+        self.marker = start_marker("openai") if reply.reads_channels else \
+            start_marker(reply.parser) if reply.parser else None
+        self.think = ThinkStream(reply.opened) if reply.reasoning == thinking.THINK else None
         self.text = ""
         self.sent = 0  # characters of text sent as content
         self.holding = False  # the marker was seen: the rest waits for the end
 
-    def feed(self, delta: str) -> str:
+    def feed(self, delta: str) -> tuple[str, str]:
+        """(reasoning delta, content delta) that can be sent now."""
+        reasoning = ""
+        if self.think is not None:
+            reasoning, delta = self.think.feed(delta)
+        return reasoning, self._content(delta)
+
+    def _content(self, delta: str) -> str:
         self.text += delta
         if self.marker is None:
             self.sent = len(self.text)
@@ -86,22 +124,18 @@ class ReplyStream:
         if self.holding:
             return ""
         at = self.text.find(self.marker, max(self.sent - len(self.marker), 0))
-        end = at if at >= 0 else len(self.text) - _partial_marker(self.text, self.marker)
+        end = at if at >= 0 else len(self.text) - partial_marker(self.text, self.marker)
         self.holding = at >= 0
         out, self.sent = self.text[self.sent:end], max(end, self.sent)
         return out
 
-    def finish(self, finish_reason: str | None) -> tuple[str, list[dict[str, Any]], str | None]:
+    def finish(self, finish_reason: str | None) -> tuple[str, str, list[dict[str, Any]], str | None]:
+        """(reasoning, content, tool-call deltas, finish_reason) for what is left when the reply ends."""
+        reasoning, content = self.think.finish() if self.think is not None else ("", "")
+        content = self._content(content)
         parsed = self.reply.parsed(self.text)
+        reasoning += parsed.reasoning or ""
         rest = parsed.content[self.sent:] if parsed.content.startswith(self.text[:self.sent]) else ""
         if not parsed.calls:
-            return rest, [], finish_reason
-        return rest, call_deltas(parsed.calls), "tool_calls"
-
-
-def _partial_marker(text: str, marker: str) -> int:
-    """The length of the longest end of `text` that is a beginning of `marker` (it may yet become it)."""
-    for k in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:k]):
-            return k
-    return 0
+            return reasoning, content + rest, [], finish_reason
+        return reasoning, content + rest, call_deltas(parsed.calls), "tool_calls"

@@ -10,6 +10,7 @@ import hmac
 import json
 import re
 import uuid
+from dataclasses import replace
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -128,6 +129,7 @@ def _generation_routes(api: APIRouter, ingress) -> None:
         serving.check_model(req.model)
         reply = serving.chat_reply(req)
         choices = await serving.admitted(lambda: serving.chat_choices(req))
+        reply = replace(reply, opened=serving.opens_thinking(choices[0].prompt_ids))
         return await _generate(serving, request_id(request, "chatcmpl-"), choices, req, chat=True, echo=False,
                                with_logprobs=req.logprobs, reply=reply)
 

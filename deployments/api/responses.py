@@ -152,18 +152,19 @@ class ChunkWriter:
         if not self.chat:
             return [self.chunk(index, o, o.text_delta, o.finish_reason)]
         stream = self.replies.setdefault(index, self.reply.stream())
-        content = stream.feed(o.text_delta)
+        reasoning, content = stream.feed(o.text_delta)
         if not o.finish_reason:
-            return [self.chunk(index, o, content, None)]
-        rest, calls, finish_reason = stream.finish(o.finish_reason)
+            return [self.chunk(index, o, content, None, reasoning)]
+        more_reasoning, rest, calls, finish_reason = stream.finish(o.finish_reason)
+        reasoning += more_reasoning
         if not calls:
-            return [self.chunk(index, o, content + rest, finish_reason)]
+            return [self.chunk(index, o, content + rest, finish_reason, reasoning)]
         ended = {"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason}
-        return [self.chunk(index, o, content + rest, None), self._body([
+        return [self.chunk(index, o, content + rest, None, reasoning), self._body([
             {"index": index, "delta": {"tool_calls": calls}, "logprobs": None, "finish_reason": None}]),
             self._body([ended])]
 
-    def chunk(self, index: int, o, text: str, finish_reason: str | None) -> dict[str, Any]:
+    def chunk(self, index: int, o, text: str, finish_reason: str | None, reasoning: str = "") -> dict[str, Any]:
         choice: dict[str, Any] = {"index": index, "finish_reason": finish_reason,
                                   "token_ids": [] if o.token_id is None else [o.token_id]}
         logprobs = None
@@ -172,7 +173,7 @@ class ChunkWriter:
                 completion_logprobs(_generated([o.sampled]), self.decode, self.offsets.get(index, 0))
         self.offsets[index] = self.offsets.get(index, 0) + len(o.text_delta)
         if self.chat:
-            choice["delta"] = {"content": text}
+            choice["delta"] = {"content": text, **({"reasoning_content": reasoning} if reasoning else {})}
         else:
             choice["text"] = text
         choice["logprobs"] = logprobs

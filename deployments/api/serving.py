@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AsyncIterator, Awaitable, Callable
 
 from cluster.engine import SamplingParams
@@ -21,7 +21,8 @@ from cluster.loader import open_model
 from cluster.tokenizer import TextTokenizer
 from deployments import metrics
 from deployments.api.chat import ChatTemplates
-from deployments.api.chat_reply import ChatReply, detect_tool_parser
+from deployments.api import reasoning
+from deployments.api.chat_reply import ChatReply, detect_reasoning, detect_tool_parser
 from deployments.api.errors import ApiError, classify, overloaded
 from deployments.api.responses import ChoiceResult
 from deployments.api.router_client import RouterClient, first
@@ -46,6 +47,8 @@ class Serving:
         self.checker = PromptChecker(model_cfg, self.tokenizer, self.max_model_len)
         self.templates = ChatTemplates.from_checkpoint(cfg.model)
         self.tool_parser = cfg.tool_call_parser or detect_tool_parser(self.templates)
+        self.reasoning = reasoning.PARSERS.get(cfg.reasoning_parser) if cfg.reasoning_parser else \
+            detect_reasoning(self.templates)
         self.client = RouterClient(routers)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self.active = 0
@@ -138,14 +141,19 @@ class Serving:
     def chat_reply(self, req: ChatCompletionRequest) -> ChatReply:
         """How the request's reply text becomes its message: tool calls are read when tools are given and
         tool_choice is not none."""
+        plain = ChatReply(reasoning=self.reasoning)
         if not req.tools or req.tool_choice == "none":
-            return ChatReply()
+            return plain
         if self.tool_parser is None:
             if req.tool_choice == "auto":
                 raise ApiError(400, "tool_choice: this model's chat template renders no tool-call format we know; "
                                     "set tool_call_parser in the config (or --tool-call-parser)", "tool_choice")
-            return ChatReply()  # tools are only shown to the model, as before
-        return ChatReply(self.tool_parser, req.tool_schemas(), req.parallel_tool_calls)
+            return plain  # tools are only shown to the model, as before
+        return replace(plain, parser=self.tool_parser, schemas=req.tool_schemas(), parallel=req.parallel_tool_calls)
+
+    def opens_thinking(self, prompt_ids: list[int]) -> bool:
+        """Whether the rendered prompt left a <think> block open (R1, V3.1 thinking): the reply starts in it."""
+        return self.reasoning == reasoning.THINK and reasoning.opens_thinking(self.decode(prompt_ids[-16:]))
 
     def tokenize(self, req) -> list[int]:
         """POST /tokenize: exactly the ids the model would receive (vLLM's shape)."""
