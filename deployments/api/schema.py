@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cluster.engine import InvalidRequest, SamplingParams
+from cluster.engine.grammar import GrammarSpec
 from cluster.engine.params import SEED_MAX, SEED_MIN
 
 MAX_N = 16  # choices per prompt (and prompts per request)
@@ -64,7 +65,7 @@ class SamplingFields(_Body):
         return tuple(out)
 
     def sampling_params(self, index: int, max_tokens: int, *, logprobs: int | None = None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
+                        prompt_logprobs: int | None = None, grammar: GrammarSpec | None = None) -> SamplingParams:
         """The params of choice `index` (n > 1: seed + index). Every request gets a seed so that a
         request resumed on another router replays exactly. temperature / top_p / top_k stay None when
         the request gives none: the router's engine fills them from the checkpoint's
@@ -76,7 +77,7 @@ class SamplingFields(_Body):
             ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-            logit_bias=self._bias(), return_routing=self.return_routing)
+            logit_bias=self._bias(), return_routing=self.return_routing, grammar=grammar)
 
 
 class CompletionRequest(SamplingFields):
@@ -133,9 +134,31 @@ class ChatMessage(_Body):
         return self
 
 
+class JsonSchemaFormat(_Body):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Body):
-    type: Literal["text"] = Field(description="only plain text is supported (json_object / json_schema need "
-                                              "guided decoding, which this server does not do)")
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description="json_object: any JSON object; json_schema: JSON valid against json_schema.schema "
+                    "(decoding is constrained by a grammar, strict or not)")
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("response_format: json_schema is given with type json_schema, and only then")
+        return self
+
+    def grammar(self) -> GrammarSpec | None:
+        if self.type == "json_object":
+            return GrammarSpec.json_object()
+        if self.type == "json_schema":
+            return GrammarSpec.json_schema(self.json_schema.schema_)
+        return None
 
 
 class NamedFunction(_Body):

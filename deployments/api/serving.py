@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 from typing import AsyncIterator, Awaitable, Callable
 
 from cluster.engine import SamplingParams
+from cluster.engine.grammar import GrammarSpec
+from cluster.engine.grammar import check as check_grammar
 from cluster.engine.prompts import PromptChecker
 from cluster.loader import open_model
 from cluster.tokenizer import TextTokenizer
@@ -128,12 +130,13 @@ class Serving:
 
     async def chat_choices(self, req: ChatCompletionRequest) -> list[Choice]:
         prompt_ids = await self.off_loop(self.render_chat, req)
+        grammar = await self.off_loop(checked_grammar, req)
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = limit if limit is not None else max(self.max_model_len - len(prompt_ids), 1)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         choices = []
         for j in range(req.n):
-            params = req.sampling_params(j, max_tokens, logprobs=logprobs)
+            params = req.sampling_params(j, max_tokens, logprobs=logprobs, grammar=grammar)
             self.checker.validate(prompt_ids, params, "messages")
             choices.append(Choice(j, prompt_ids, params))
         return choices
@@ -227,6 +230,17 @@ class Serving:
             for o in batch:
                 results[index].add(o)
         return [results[c.index] for c in choices]
+
+
+def checked_grammar(req: ChatCompletionRequest) -> GrammarSpec | None:
+    """The request's grammar, checked (an unsupported schema feature is a 400 naming it); cached by schema."""
+    spec = req.response_format.grammar() if req.response_format else None
+    if spec is not None:
+        try:
+            check_grammar(spec)
+        except ValueError as e:
+            raise ApiError(400, f"response_format: {e}", "response_format") from None
+    return spec
 
 
 async def _cancel(tasks: list[asyncio.Future]) -> None:

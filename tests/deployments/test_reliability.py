@@ -130,7 +130,8 @@ def test_max_completion_tokens_and_logit_bias_are_honoured(server, local):
 
 
 @pytest.mark.parametrize("body,path,param", [
-    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"properties": {"a": {"$ref": "#/definitions/missing"}}}}}},
      "/v1/chat/completions", "response_format"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}],
       "tool_choice": "required"}, "/v1/chat/completions", "tool_choice"),
