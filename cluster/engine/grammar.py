@@ -29,11 +29,17 @@ SCHEMA = "json_schema"
 class GrammarSpec:
     kind: str  # ANY_JSON: any JSON object; SCHEMA: JSON valid against `schema`
     schema: str = ""  # the JSON schema, as compact text (the cache key)
+    prefix: str = ""  # literal text before the JSON (a tool-call format's opening, e.g. "<tool_call>\n")
+    suffix: str = ""  # and after it
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any] | str) -> "GrammarSpec":
         text = schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True, separators=(",", ":"))
         return cls(SCHEMA, text)
+
+    @classmethod
+    def wrapped(cls, schema: dict[str, Any], prefix: str, suffix: str) -> "GrammarSpec":
+        return cls(SCHEMA, json.dumps(schema, sort_keys=True, separators=(",", ":")), prefix, suffix)
 
     @classmethod
     def json_object(cls) -> "GrammarSpec":
@@ -51,9 +57,21 @@ def check(spec: GrammarSpec) -> None:
 
     if spec.kind == SCHEMA:
         try:
-            xgr.Grammar.from_json_schema(spec.schema, any_whitespace=False, strict_mode=True)
+            grammar_of(xgr, spec)
         except Exception as e:  # noqa: BLE001 xgrammar raises RuntimeError / ValueError / its own types
             raise ValueError(f"unsupported or invalid JSON schema: {str(e)[:300]}") from None
+
+
+def grammar_of(xgr, spec: GrammarSpec):
+    """The xgrammar Grammar of a spec: JSON (compact) for the schema, between the literal prefix and suffix."""
+    # json_object is an object, not any JSON value (xgrammar's built-in JSON grammar allows `[1]`)
+    schema = '{"type": "object"}' if spec.kind == ANY_JSON else spec.schema
+    body = xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=spec.kind == SCHEMA)
+    if not (spec.prefix or spec.suffix):
+        return body
+    literal = lambda text: xgr.Grammar.from_ebnf("root ::= " + json.dumps(text))  # noqa: E731
+    return xgr.Grammar.concat(*([literal(spec.prefix)] if spec.prefix else []), body,
+                              *([literal(spec.suffix)] if spec.suffix else []))
 
 
 class Grammars:
@@ -74,9 +92,7 @@ class Grammars:
         self.compiled = lru_cache(maxsize=64)(self._compile)
 
     def _compile(self, spec: GrammarSpec):
-        # json_object is an object, not any JSON value (xgrammar's built-in JSON grammar allows `[1]`)
-        schema = '{"type": "object"}' if spec.kind == ANY_JSON else spec.schema
-        return self.compiler.compile_json_schema(schema, any_whitespace=False, strict_mode=spec.kind == SCHEMA)
+        return self.compiler.compile_grammar(grammar_of(self.xgr, spec))
 
     def matcher(self, spec: GrammarSpec):
         return self.xgr.GrammarMatcher(self.compiled(spec))

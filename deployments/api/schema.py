@@ -189,11 +189,10 @@ class ChatCompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _checks(self):
-        if self.tool_choice not in (None, "none", "auto"):
-            raise ValueError("tool_choice: 'required' and a named function are not supported yet (they need "
-                             "constrained decoding); use 'auto' or 'none'")
         if self.tool_choice not in (None, "none") and not self.tools:
             raise ValueError("tool_choice: needs tools")
+        if self.forced_tools() is not None and self.response_format and self.response_format.type != "text":
+            raise ValueError("response_format: give either a JSON response_format or a forced tool_choice")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         if self.max_tokens is not None and self.max_completion_tokens is not None:
@@ -209,6 +208,16 @@ class ChatCompletionRequest(SamplingFields):
                 out[function["name"]] = function.get("parameters") if isinstance(function.get("parameters"),
                                                                                   dict) else {}
         return out
+
+    def forced_tools(self) -> list[str] | None:
+        """The function names a call must use: all (required), one (named), or None (no call is forced)."""
+        if self.tool_choice == "required":
+            return list(self.tool_schemas())
+        if isinstance(self.tool_choice, NamedToolChoice):
+            if self.tool_choice.function.name not in self.tool_schemas():
+                raise ValueError(f"tool_choice: function {self.tool_choice.function.name[:64]!r} is not in tools")
+            return [self.tool_choice.function.name]
+        return None
 
     def messages_json(self) -> list[dict[str, Any]]:
         return [m.model_dump(exclude_none=True) for m in self.messages]

@@ -25,6 +25,7 @@ from deployments import metrics
 from deployments.api.chat import ChatTemplates
 from deployments.api import reasoning
 from deployments.api.chat_reply import ChatReply, detect_reasoning, detect_tool_parser
+from deployments.api.tool_parsers import forced_call
 from deployments.api.errors import ApiError, classify, overloaded
 from deployments.api.responses import ChoiceResult
 from deployments.api.router_client import RouterClient, first
@@ -130,7 +131,8 @@ class Serving:
 
     async def chat_choices(self, req: ChatCompletionRequest) -> list[Choice]:
         prompt_ids = await self.off_loop(self.render_chat, req)
-        grammar = await self.off_loop(checked_grammar, req)
+        grammar = await self.off_loop(checked_grammar, self.request_grammar(req),
+                                      "response_format" if req.forced_tools() is None else "tools")
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = limit if limit is not None else max(self.max_model_len - len(prompt_ids), 1)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -147,12 +149,24 @@ class Serving:
         plain = ChatReply(reasoning=self.reasoning)
         if not req.tools or req.tool_choice == "none":
             return plain
+        if req.forced_tools() is not None and (self.tool_parser is None or self.request_grammar(req) is None):
+            raise ApiError(400, f"tool_choice: required / a named function needs a call format we can constrain "
+                                f"(hermes, mistral); this model's is {self.tool_parser or 'unknown'}", "tool_choice")
         if self.tool_parser is None:
             if req.tool_choice == "auto":
                 raise ApiError(400, "tool_choice: this model's chat template renders no tool-call format we know; "
                                     "set tool_call_parser in the config (or --tool-call-parser)", "tool_choice")
             return plain  # tools are only shown to the model, as before
         return replace(plain, parser=self.tool_parser, schemas=req.tool_schemas(), parallel=req.parallel_tool_calls)
+
+    def request_grammar(self, req: ChatCompletionRequest) -> GrammarSpec | None:
+        """What the reply must follow: the response_format's JSON, or a call (tool_choice required / named)
+        in the model's format with the tools' parameter schemas."""
+        forced = req.forced_tools()
+        if forced is None:
+            return req.response_format.grammar() if req.response_format else None
+        call = forced_call(self.tool_parser, req.tool_schemas(), forced) if self.tool_parser else None
+        return GrammarSpec.wrapped(*call) if call else None
 
     def opens_thinking(self, prompt_ids: list[int]) -> bool:
         """Whether the rendered prompt left a <think> block open (R1, V3.1 thinking): the reply starts in it."""
@@ -232,14 +246,13 @@ class Serving:
         return [results[c.index] for c in choices]
 
 
-def checked_grammar(req: ChatCompletionRequest) -> GrammarSpec | None:
-    """The request's grammar, checked (an unsupported schema feature is a 400 naming it); cached by schema."""
-    spec = req.response_format.grammar() if req.response_format else None
+def checked_grammar(spec: GrammarSpec | None, field: str) -> GrammarSpec | None:
+    """A request's grammar, checked (an unsupported schema feature is a 400 naming `field`); cached by schema."""
     if spec is not None:
         try:
             check_grammar(spec)
         except ValueError as e:
-            raise ApiError(400, f"response_format: {e}", "response_format") from None
+            raise ApiError(400, f"{field}: {e}", field) from None
     return spec
 
 

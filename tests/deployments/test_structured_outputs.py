@@ -109,3 +109,34 @@ def test_json_object_and_an_unsupported_schema(served):
     out, error = run_client(served, use)
     assert isinstance(json.loads(out.choices[0].message.content), dict)
     assert error.status_code == 400 and "response_format" in str(error)
+
+
+SEARCH_TOOLS = [{"type": "function", "function": {"name": "search", "parameters": Weather.model_json_schema()}},
+                {"type": "function", "function": {"name": "noop", "parameters": {
+                    "type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}}}]
+
+
+def test_tool_choice_required_and_named_return_a_call_whose_arguments_validate(served):
+    async def use(client, name):
+        ask = dict(model=name, messages=[{"role": "user", "content": "Weather?"}], tools=SEARCH_TOOLS,
+                   temperature=1.0, max_tokens=80)
+        required = await asyncio.gather(*(client.chat.completions.create(tool_choice="required", seed=s, **ask)
+                                          for s in range(4)))
+        named = await client.chat.completions.create(
+            tool_choice={"type": "function", "function": {"name": "search"}}, seed=9, **ask)
+        stream = await client.chat.completions.create(
+            tool_choice={"type": "function", "function": {"name": "search"}}, seed=5, stream=True, **ask)
+        return required, named, [c async for c in stream]
+
+    required, named, chunks = run_client(served, use)
+    for out in required + [named]:
+        assert out.choices[0].finish_reason == "tool_calls"
+        call = out.choices[0].message.tool_calls[0]
+        if call.function.name == "search":
+            Weather.model_validate_json(call.function.arguments)
+        else:
+            assert call.function.name == "noop" and isinstance(json.loads(call.function.arguments)["ok"], bool)
+    assert named.choices[0].message.tool_calls[0].function.name == "search"
+    deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert [d.function.name for d in deltas if d.function.name] == ["search"]
+    Weather.model_validate_json("".join(d.function.arguments or "" for d in deltas))

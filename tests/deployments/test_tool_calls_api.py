@@ -142,11 +142,30 @@ def test_streaming_without_calls_is_the_whole_text(serving):
     assert not any(c.choices[0].delta.tool_calls for c in cut if c.choices)
 
 
-@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "search"}}])
-def test_tool_choice_that_needs_constrained_decoding_is_a_400_naming_it(serving, tool_choice):
-    with pytest.raises(openai.BadRequestError) as e:
-        ask(serving, TWO_CALLS, tools=TOOLS, tool_choice=tool_choice)
+def test_forced_tool_choice_becomes_a_grammar_in_the_models_call_format(serving, tmp_path):
+    from deployments.api.schema import ChatCompletionRequest
+
+    named = serving.request_grammar(ChatCompletionRequest(messages=MESSAGES, tools=TOOLS, tool_choice={
+        "type": "function", "function": {"name": "search"}}))
+    assert (named.prefix, named.suffix) == ("<tool_call>\n", "\n</tool_call>")
+    assert json.loads(named.schema)["properties"]["name"] == {"const": "search"}
+    required = serving.request_grammar(ChatCompletionRequest(messages=MESSAGES, tools=TOOLS, tool_choice="required"))
+    assert [c["properties"]["name"]["const"] for c in json.loads(required.schema)["anyOf"]] == ["get_weather",
+                                                                                               "search"]
+    with pytest.raises(openai.BadRequestError) as e:  # not one of the tools
+        ask(serving, TWO_CALLS, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
     assert "tool_choice" in str(e.value)
+
+
+def test_forced_tool_choice_on_a_format_not_constrained_yet_is_a_400_naming_it():
+    from deployments.api.errors import ApiError
+    from deployments.api.schema import ChatCompletionRequest
+
+    glm = Serving(app_config({"model": str(DEMO), "tool_call_parser": "glm45"}),
+                  type("R", (), {"options": lambda self, **kw: self})())
+    with pytest.raises(ApiError) as e:
+        glm.chat_reply(ChatCompletionRequest(messages=MESSAGES, tools=TOOLS, tool_choice="required"))
+    assert e.value.param == "tool_choice" and "glm45" in e.value.message
 
 
 def test_auto_on_a_model_without_a_known_call_format_is_a_400_naming_tool_choice():

@@ -16,7 +16,7 @@ from deployments.api.tool_parsers import (deepseek_v3, deepseek_v31, glm45, herm
                                           qwen3_coder)
 from deployments.api.tool_parsers.base import Parsed, ToolCall
 
-__all__ = ["PARSERS", "Parsed", "ToolCall", "detect", "parse", "start_marker"]
+__all__ = ["PARSERS", "Parsed", "ToolCall", "detect", "forced_call", "parse", "start_marker"]
 
 PARSERS: dict[str, ModuleType] = {
     "hermes": hermes, "qwen3_coder": qwen3_coder, "deepseek_v3": deepseek_v3, "deepseek_v31": deepseek_v31,
@@ -40,6 +40,26 @@ def detect(template: str) -> str | None:
     """The parser for a checkpoint whose chat template is `template`; None when it renders no tool calls
     in a format we know."""
     return next((name for signs, name in _SIGNS if all(s in template for s in signs)), None)
+
+
+# Formats whose call is one JSON object between fixed text, so a forced call (tool_choice required /
+# named) is that text around a JSON schema: (prefix, suffix, how a call object looks).
+_FORCED = {
+    "hermes": ("<tool_call>\n", "\n</tool_call>"),
+    "mistral": ("[TOOL_CALLS][", "]"),
+}
+
+
+def forced_call(parser: str, schemas: dict[str, dict], names: list[str]) -> tuple[dict, str, str] | None:
+    """(JSON schema of one call to any of `names`, the text before it, the text after it), or None when this
+    format cannot be forced yet."""
+    if parser not in _FORCED:
+        return None
+    calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": schemas.get(name) or
+                                               {"type": "object"}},
+              "required": ["name", "arguments"], "additionalProperties": False} for name in names]
+    prefix, suffix = _FORCED[parser]
+    return (calls[0] if len(calls) == 1 else {"anyOf": calls}), prefix, suffix
 
 
 def start_marker(parser: str) -> str:
