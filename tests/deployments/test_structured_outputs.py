@@ -140,3 +140,46 @@ def test_tool_choice_required_and_named_return_a_call_whose_arguments_validate(s
     deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
     assert [d.function.name for d in deltas if d.function.name] == ["search"]
     Weather.model_validate_json("".join(d.function.arguments or "" for d in deltas))
+
+
+def test_langchain_openai_bind_tools_and_with_structured_output(served):
+    """langchain-openai (a client nobody here wrote) over real HTTP: uvicorn on 127.0.0.1 serving the app."""
+    import socket
+    import threading
+
+    import uvicorn
+    lc = pytest.importorskip("langchain_openai")
+
+    serving, engine = served
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_http_app(_Ingress(serving)), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    serving.cut = asyncio.Event()
+    started = threading.Event()
+
+    def serve():
+        async def main():
+            serving.client = AsyncEngine(engine)  # its streams belong to this loop
+            started.set()
+            await server.serve()
+        asyncio.run(main())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    started.wait(30)
+    try:
+        while not server.started:
+            threading.Event().wait(0.05)
+        llm = lc.ChatOpenAI(model=serving.cfg.model_name, base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
+                            temperature=1.0, max_tokens=80, max_retries=0, seed=1)
+        structured = llm.with_structured_output(Weather, method="json_schema", strict=True).invoke("Weather?")
+        assert isinstance(structured, Weather)
+        message = llm.bind_tools([SEARCH_TOOLS[0]], tool_choice="search").invoke("Weather in Paris?")
+        assert [c["name"] for c in message.tool_calls] == ["search"]
+        Weather.model_validate(message.tool_calls[0]["args"])
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        serving.client.shutdown()
