@@ -28,8 +28,10 @@ class TextTokenizer:
         path = Path(root) / "tokenizer.json"
         return cls(path) if path.exists() else None
 
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """add_special_tokens=False for rendered chat prompts: the template wrote its own BOS, and
+        transformers' apply_chat_template and vLLM tokenise them without adding another."""
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)

@@ -74,7 +74,7 @@ def _start_ray(address: str | None, cfg, host: str) -> None:
 
 def _overrides(args: argparse.Namespace, app_conf: dict) -> dict:
     out = {"model": args.model, "num_workers": args.num_workers, "api_key": args.api_key, "dtype": args.dtype,
-           "app_name": app_conf.get("name", "moe")}
+           "tool_call_parser": args.tool_call_parser, "reasoning_parser": args.reasoning_parser, "app_name": app_conf.get("name", "moe")}
     if args.routers is not None:
         out["routers"] = {**app_conf.get("args", {}).get("routers", {}), "min": args.routers, "max": args.routers}
     return {k: v for k, v in out.items() if v is not None}
@@ -212,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default=None, help="existing Ray cluster to join (default: start one here)")
     s.add_argument("--api-key", default=None,
                    help="require this key on every route but /health (or set MOE_CLUSTER_API_KEY)")
+    s.add_argument("--tool-call-parser", default=None,
+                   help="how tool calls are read from replies (hermes, qwen3_coder, deepseek_v3, deepseek_v31, "
+                        "kimi_k2, glm45, mistral, openai); default: detected from the chat template")
+    s.add_argument("--reasoning-parser", default=None,
+                   choices=["deepseek_r1", "deepseek_v3", "qwen3", "glm45", "gpt_oss", "none"],
+                   help="how thinking is split into reasoning_content; default: detected from the chat template")
     s.set_defaults(func=cmd_serve)
     r = sub.add_parser("record-profile", help="record the expert load of live traffic into a profile file "
                                               "(for the autoscaling policy's mode static)")

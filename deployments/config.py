@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from deployments.api.tool_parsers import PARSERS
 
 from deployments.policy import AutoscalePolicy, load_policy
 
@@ -131,8 +133,23 @@ class AppConfig(_Options):
     stream_interval: int = Field(1, ge=1, le=64, description="a stream's tokens travel from its router in groups "
                                  "of this many (the first at once, the last when it ends), as vLLM's and SGLang's "
                                  "--stream-interval: fewer messages per token, at the cost of burstier streams")
+    tool_call_parser: str | None = Field(None, description="how tool calls are read from replies: hermes | "
+                                         "qwen3_coder | deepseek_v3 | deepseek_v31 | kimi_k2 | glm45 | mistral | "
+                                         "openai (vLLM's --tool-call-parser names); default: detected from the "
+                                         "chat template")
+    reasoning_parser: Literal["deepseek_r1", "deepseek_v3", "qwen3", "glm45", "gpt_oss", "none"] | None = Field(
+        None, description="how a reasoning model's thinking is split into reasoning_content (vLLM's "
+                          "--reasoning-parser names; the first four read <think> blocks alike); default: detected "
+                          "from the chat template")
     engine_step_delay_s: float = Field(0.0, ge=0, le=5, description="testing only: sleep this long before every "
                                        "engine step (makes time-dependent tests independent of the machine)")
+
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _known_parser(cls, name: str | None) -> str | None:
+        if name is not None and name not in PARSERS:
+            raise ValueError(f"tool_call_parser {name!r} is not one of {sorted(PARSERS)}")
+        return name
 
     @model_validator(mode="after")
     def _consistent(self) -> "AppConfig":

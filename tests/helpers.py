@@ -64,3 +64,46 @@ def load_hf(path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+class GeneratorClient:
+    """The ingress's router client (deployments/api/router_client.py's `start`) over any
+    `generate(prompt_ids, params)` async iterator of output batches: an in-process AsyncEngine or a
+    scripted router. No Ray, no token stream: tests of the API layer above `Serving.stream`."""
+
+    def __init__(self, generate, shutdown=None):
+        self.generate, self.shutdown = generate, shutdown or (lambda: None)
+
+    def start(self, index, prompt_ids, params, out):
+        return _GeneratorRun(self.generate(prompt_ids, params), index, out)
+
+
+class _GeneratorRun:
+    def __init__(self, stream, index, out):
+        import asyncio
+
+        self.admitted = asyncio.get_running_loop().create_future()
+        self.task = asyncio.ensure_future(self._run(stream, index, out))
+
+    async def _run(self, stream, index, out):
+        try:
+            async for batch in stream:
+                if not self.admitted.done():
+                    self.admitted.set_result(None)  # the first batch: admitted
+                if batch:
+                    out.put_nowait((index, batch))
+        except Exception as e:  # noqa: BLE001 - the request's error, as a router's would arrive
+            if self.admitted.done():
+                out.put_nowait((index, e))
+            else:
+                self.admitted.set_exception(e)
+        finally:
+            await stream.aclose()
+
+    async def close(self):
+        import asyncio
+
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        if not self.admitted.done():
+            self.admitted.cancel()

@@ -13,8 +13,9 @@ import torch
 
 from cluster.config import ModelConfig
 from cluster.engine.memory import kv_cache_budget, memory_report
-from cluster.engine.params import SamplingParams
+from cluster.engine.params import InvalidRequest, SamplingParams
 from cluster.engine.prompts import PromptChecker
+from cluster.engine.grammar import Grammars
 from cluster.engine.sampling import History, Sampled, sample_row, top_logprobs
 from cluster.engine.scheduler import Scheduler
 from cluster.engine.sequence import Sequence
@@ -91,6 +92,7 @@ class LLMEngine:
         use_graphs = cuda_graphs if cuda_graphs is not None else cuda_graphs_unsupported(model) is None
         self.graphs = DecodeGraphs(model, self.cache) if use_graphs else None
         self._ids = itertools.count()
+        self.grammars: Grammars | None = None  # built when the first constrained request comes
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu", experts: ExpertExecutor | None = None,
@@ -137,8 +139,19 @@ class LLMEngine:
         prompt_ids = self.encode(prompt)
         self.validate(prompt_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
-        self.scheduler.add(Sequence(request_id, prompt_ids, self.with_defaults(params)))
+        seq = Sequence(request_id, prompt_ids, self.with_defaults(params))
+        if params.grammar is not None:  # compiled here, on the engine's thread (cached by spec)
+            seq.matcher = self._grammars().matcher(params.grammar)
+        self.scheduler.add(seq)
         return request_id
+
+    def _grammars(self) -> Grammars:
+        if self.tokenizer is None:
+            raise InvalidRequest("response_format: constrained decoding needs the checkpoint's tokenizer.json",
+                                 "response_format")
+        if self.grammars is None:
+            self.grammars = Grammars(self.tokenizer, self.cfg.vocab_size, self.stop_ids)
+        return self.grammars
 
     def abort(self, request_id: str) -> bool:
         """Drop a request (e.g. its client went away); its KV-cache blocks are freed at once."""
@@ -164,6 +177,9 @@ class LLMEngine:
         self.expert_load.record(routing)
         moe_rows = len(routing) * self.cfg.top_k
         logits = logits.float().cpu()
+        constrained = [(i, s.matcher) for i, s in enumerate(seqs) if s.matcher is not None]
+        if constrained:  # one bitmask for the constrained rows; the others are not touched
+            self.grammars.mask(logits, constrained)
         argmax = logits[:len(seqs)].argmax(-1).tolist()  # one call for the whole batch: most requests are greedy
         outputs = []
         for i, seq in enumerate(seqs):
@@ -206,6 +222,8 @@ class LLMEngine:
     def _advance(self, seq: Sequence, sampled: Sampled, routing: TokenRouting | None,
                  scored: tuple | None = None) -> StepOutput:
         seq.output_ids.append(sampled.token_id)
+        if seq.matcher is not None:
+            seq.matcher.accept_token(sampled.token_id)
         if seq.params.logprobs is not None:
             seq.logprobs.append(sampled)
         if routing is not None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from cluster.engine.grammar import GrammarSpec
+
 MAX_LOGPROBS = 20
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 GREEDY_TEMPERATURE = 1e-5  # below this, sampling is greedy (as vLLM): logits / 1e-40 overflow
@@ -63,6 +65,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     return_routing: bool = False  # per generated token and MoE layer: the expert ids and weights chosen
+    grammar: GrammarSpec | None = None  # constrained decoding (JSON / a JSON schema); compiled by the engine
 
     def __post_init__(self) -> None:
         scoring = self.prompt_logprobs is not None

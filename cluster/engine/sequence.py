@@ -26,6 +26,7 @@ class Sequence:
     expert_tokens: int = 0  # (token, expert) pairs this request used, over all MoE layers
     routing: list = field(default_factory=list)  # per generated token, when params.return_routing
     sent_chars: int = 0  # text already handed out as deltas
+    matcher: object | None = None  # its xgrammar GrammarMatcher when params.grammar is set (engine-side only)
     generator: torch.Generator = field(init=False)
 
     def __post_init__(self) -> None:

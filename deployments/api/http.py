@@ -10,6 +10,7 @@ import hmac
 import json
 import re
 import uuid
+from dataclasses import replace
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,6 +21,7 @@ from deployments import metrics
 from deployments.api.admin import admin_routes
 from deployments.api.body import read_model
 from deployments.api.errors import ApiError, classify, outcome
+from deployments.api.chat_reply import ChatReply
 from deployments.api.responses import ChoiceResult, ChunkWriter, completion_body
 from deployments.api.schema import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
@@ -125,9 +127,11 @@ def _generation_routes(api: APIRouter, ingress) -> None:
     async def chat_completions(request: Request):
         req = await read_model(request, ChatCompletionRequest, cfg.max_body_bytes)
         serving.check_model(req.model)
+        reply = serving.chat_reply(req)
         choices = await serving.admitted(lambda: serving.chat_choices(req))
+        reply = replace(reply, opened=serving.opens_thinking(choices[0].prompt_ids))
         return await _generate(serving, request_id(request, "chatcmpl-"), choices, req, chat=True, echo=False,
-                               with_logprobs=req.logprobs)
+                               with_logprobs=req.logprobs, reply=reply)
 
 
 def _token_routes(api: APIRouter, ingress) -> None:
@@ -147,7 +151,8 @@ def _token_routes(api: APIRouter, ingress) -> None:
         return {"prompt": await serving.off_loop(serving.detokenize, req.tokens)}
 
 
-async def _generate(serving, rid: str, choices, req, *, chat: bool, echo: bool, with_logprobs: bool):
+async def _generate(serving, rid: str, choices, req, *, chat: bool, echo: bool, with_logprobs: bool,
+                    reply: ChatReply = ChatReply()):
     events = serving.stream(choices)
     try:
         head = await anext(events)  # fails here (a proper HTTP error) if the request cannot start
@@ -159,7 +164,7 @@ async def _generate(serving, rid: str, choices, req, *, chat: bool, echo: bool, 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         writer = ChunkWriter(rid, serving.cfg.model_name, serving.decode, chat=chat, echo=echo,
-                             with_logprobs=with_logprobs, include_usage=include_usage)
+                             with_logprobs=with_logprobs, include_usage=include_usage, reply=reply)
         return StreamingResponse(_sse(head, events, results, writer, req.n), media_type="text/event-stream")
     try:
         _add(results, *head)
@@ -172,7 +177,7 @@ async def _generate(serving, rid: str, choices, req, *, chat: bool, echo: bool, 
     ordered = [results[c.index] for c in choices]
     _count_expert_tokens(ordered)
     return JSONResponse(completion_body(rid, serving.cfg.model_name, ordered, req.n, serving.decode, chat=chat,
-                                        echo=echo, with_logprobs=with_logprobs))
+                                        echo=echo, with_logprobs=with_logprobs, reply=reply))
 
 
 def _add(results: dict[int, ChoiceResult], index: int, batch: list) -> None:
@@ -199,7 +204,7 @@ async def _sse(head, events, results: dict[int, ChoiceResult], writer: ChunkWrit
                     results[index].add(o)
                     if index not in writer.started and (opening := writer.opening(results[index])):
                         out.append(_event(opening))
-                    out.append(_event(writer.chunk(index, o)))
+                    out.extend(_event(body) for body in writer.chunks(index, o))
             if out:
                 yield "".join(out)
             pending = [await anext(events)]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from cluster.engine.sampling import Sampled
+from deployments.api.chat_reply import ChatReply
 
 Decode = Callable[[list[int]], str]
 
@@ -87,10 +88,11 @@ def chat_logprobs(sampled: list[Sampled], decode: Decode) -> dict[str, Any]:
                          "top_logprobs": [entry(t, lp) for t, lp in s.top_logprobs]} for s in sampled]}
 
 
-def _choice(c: ChoiceResult, decode: Decode, chat: bool, echo: bool, with_logprobs: bool) -> dict[str, Any]:
+def _choice(c: ChoiceResult, decode: Decode, chat: bool, echo: bool, with_logprobs: bool,
+            reply: ChatReply) -> dict[str, Any]:
     out: dict[str, Any] = {"index": c.index, "finish_reason": c.finish_reason}
     if chat:
-        out["message"] = {"role": "assistant", "content": c.text}
+        out["message"], out["finish_reason"] = reply.message(c.text, c.finish_reason)
         out["logprobs"] = chat_logprobs(c.logprobs, decode) if with_logprobs else None
     else:
         out["text"] = (c.echo_text if echo else "") + c.text
@@ -104,9 +106,9 @@ def _choice(c: ChoiceResult, decode: Decode, chat: bool, echo: bool, with_logpro
 
 
 def completion_body(rid: str, model: str, choices: list[ChoiceResult], n: int, decode: Decode, *, chat: bool,
-                    echo: bool = False, with_logprobs: bool = False) -> dict[str, Any]:
+                    echo: bool = False, with_logprobs: bool = False, reply: ChatReply = ChatReply()) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [_choice(c, decode, chat, echo, with_logprobs) for c in choices],
+            "model": model, "choices": [_choice(c, decode, chat, echo, with_logprobs, reply) for c in choices],
             "usage": usage(choices, n)}
 
 
@@ -116,8 +118,9 @@ class ChunkWriter:
     `choices: []` and the usage, and the others `usage: null`."""
 
     def __init__(self, rid: str, model: str, decode: Decode, *, chat: bool, echo: bool, with_logprobs: bool,
-                 include_usage: bool):
+                 include_usage: bool, reply: ChatReply = ChatReply()):
         self.rid, self.model, self.decode, self.chat = rid, model, decode, chat
+        self.reply, self.replies = reply, {}  # choice index -> its ReplyStream
         self.echo, self.with_logprobs, self.include_usage = echo, with_logprobs, include_usage
         self.created = int(time.time())
         self.started: set[int] = set()
@@ -143,8 +146,26 @@ class ChunkWriter:
                                 "finish_reason": None, "token_ids": []}])
         return None
 
-    def chunk(self, index: int, o) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": index, "finish_reason": o.finish_reason,
+    def chunks(self, index: int, o) -> list[dict[str, Any]]:
+        """The chunks one output makes: one, or for a chat choice that ends in tool calls, its last content
+        delta, then the calls' deltas, then an empty delta with finish_reason "tool_calls"."""
+        if not self.chat:
+            return [self.chunk(index, o, o.text_delta, o.finish_reason)]
+        stream = self.replies.setdefault(index, self.reply.stream())
+        reasoning, content = stream.feed(o.text_delta)
+        if not o.finish_reason:
+            return [self.chunk(index, o, content, None, reasoning)]
+        more_reasoning, rest, calls, finish_reason = stream.finish(o.finish_reason)
+        reasoning += more_reasoning
+        if not calls:
+            return [self.chunk(index, o, content + rest, finish_reason, reasoning)]
+        ended = {"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason}
+        return [self.chunk(index, o, content + rest, None, reasoning), self._body([
+            {"index": index, "delta": {"tool_calls": calls}, "logprobs": None, "finish_reason": None}]),
+            self._body([ended])]
+
+    def chunk(self, index: int, o, text: str, finish_reason: str | None, reasoning: str = "") -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index, "finish_reason": finish_reason,
                                   "token_ids": [] if o.token_id is None else [o.token_id]}
         logprobs = None
         if self.with_logprobs and o.sampled is not None and o.sampled.logprob is not None:
@@ -152,9 +173,9 @@ class ChunkWriter:
                 completion_logprobs(_generated([o.sampled]), self.decode, self.offsets.get(index, 0))
         self.offsets[index] = self.offsets.get(index, 0) + len(o.text_delta)
         if self.chat:
-            choice["delta"] = {"content": o.text_delta}
+            choice["delta"] = {"content": text, **({"reasoning_content": reasoning} if reasoning else {})}
         else:
-            choice["text"] = o.text_delta
+            choice["text"] = text
         choice["logprobs"] = logprobs
         if o.routing is not None:
             choice["routing"] = [routing_json(o.routing)]

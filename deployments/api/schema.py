@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cluster.engine import InvalidRequest, SamplingParams
+from cluster.engine.grammar import GrammarSpec
 from cluster.engine.params import SEED_MAX, SEED_MIN
 
 MAX_N = 16  # choices per prompt (and prompts per request)
@@ -64,7 +65,7 @@ class SamplingFields(_Body):
         return tuple(out)
 
     def sampling_params(self, index: int, max_tokens: int, *, logprobs: int | None = None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
+                        prompt_logprobs: int | None = None, grammar: GrammarSpec | None = None) -> SamplingParams:
         """The params of choice `index` (n > 1: seed + index). Every request gets a seed so that a
         request resumed on another router replays exactly. temperature / top_p / top_k stay None when
         the request gives none: the router's engine fills them from the checkpoint's
@@ -76,7 +77,7 @@ class SamplingFields(_Body):
             ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-            logit_bias=self._bias(), return_routing=self.return_routing)
+            logit_bias=self._bias(), return_routing=self.return_routing, grammar=grammar)
 
 
 class CompletionRequest(SamplingFields):
@@ -133,9 +134,40 @@ class ChatMessage(_Body):
         return self
 
 
+class JsonSchemaFormat(_Body):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Body):
-    type: Literal["text"] = Field(description="only plain text is supported (json_object / json_schema need "
-                                              "guided decoding, which this server does not do)")
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description="json_object: any JSON object; json_schema: JSON valid against json_schema.schema "
+                    "(decoding is constrained by a grammar, strict or not)")
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("response_format: json_schema is given with type json_schema, and only then")
+        return self
+
+    def grammar(self) -> GrammarSpec | None:
+        if self.type == "json_object":
+            return GrammarSpec.json_object()
+        if self.type == "json_schema":
+            return GrammarSpec.json_schema(self.json_schema.schema_)
+        return None
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -145,9 +177,11 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = None
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none"] | None = Field(None, description="tools are rendered into the prompt with the "
-                                                "checkpoint's template; calling them (auto / required) needs a "
-                                                "tool-call parser, which this server does not have")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="default: auto with tools (calls are read from the reply by the model's tool-call "
+                          "parser), none without; required and a named function need constrained decoding, "
+                          "which this server does not do yet (400)")
+    parallel_tool_calls: bool = Field(True, description="false: at most one call per reply (the first)")
     chat_template_kwargs: dict[str, Any] | None = None
     documents: list[dict[str, Any]] | None = None
     add_generation_prompt: bool = True
@@ -155,14 +189,35 @@ class ChatCompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _checks(self):
-        if self.tools and self.tool_choice is None:
-            raise ValueError("tool_choice: with tools, set tool_choice to 'none': tool calls (auto / required) "
-                             "are not supported, tools are only shown to the model through its chat template")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice: needs tools")
+        if self.forced_tools() is not None and self.response_format and self.response_format.type != "text":
+            raise ValueError("response_format: give either a JSON response_format or a forced tool_choice")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise ValueError("give max_tokens or max_completion_tokens, not both")
         return self
+
+    def tool_schemas(self) -> dict[str, dict[str, Any]]:
+        """Each tool's parameter schema by function name (what the bare-text call formats read types from)."""
+        out = {}
+        for tool in self.tools or []:
+            function = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+            if isinstance(function.get("name"), str):
+                out[function["name"]] = function.get("parameters") if isinstance(function.get("parameters"),
+                                                                                  dict) else {}
+        return out
+
+    def forced_tools(self) -> list[str] | None:
+        """The function names a call must use: all (required), one (named), or None (no call is forced)."""
+        if self.tool_choice == "required":
+            return list(self.tool_schemas())
+        if isinstance(self.tool_choice, NamedToolChoice):
+            if self.tool_choice.function.name not in self.tool_schemas():
+                raise ValueError(f"tool_choice: function {self.tool_choice.function.name[:64]!r} is not in tools")
+            return [self.tool_choice.function.name]
+        return None
 
     def messages_json(self) -> list[dict[str, Any]]:
         return [m.model_dump(exclude_none=True) for m in self.messages]

@@ -12,16 +12,21 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AsyncIterator, Awaitable, Callable
 
 from cluster.engine import SamplingParams
+from cluster.engine.grammar import GrammarSpec
+from cluster.engine.grammar import check as check_grammar
 from cluster.engine.prompts import PromptChecker
 from cluster.loader import open_model
 from cluster.tokenizer import TextTokenizer
 from deployments import metrics
 from deployments.api.chat import ChatTemplates
+from deployments.api import reasoning
+from deployments.api.chat_reply import ChatReply, detect_reasoning, detect_tool_parser
 from deployments.api.errors import ApiError, overloaded
+from deployments.api.tool_parsers import forced_call
 from deployments.api.responses import ChoiceResult
 from deployments.api.router_client import RouterClient
 from deployments.api.schema import ChatCompletionRequest, CompletionRequest
@@ -49,6 +54,9 @@ class Serving:
         self.max_model_len = min(cfg.max_model_len, model_cfg.context_limit)
         self.checker = PromptChecker(model_cfg, self.tokenizer, self.max_model_len)
         self.templates = ChatTemplates.from_checkpoint(cfg.model)
+        self.tool_parser = cfg.tool_call_parser or detect_tool_parser(self.templates)
+        self.reasoning = reasoning.PARSERS.get(cfg.reasoning_parser) if cfg.reasoning_parser else \
+            detect_reasoning(self.templates)
         self.client = RouterClient(routers, sink)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self.active = 0
@@ -121,7 +129,7 @@ class Serving:
         (the template wrote any BOS itself, as transformers' apply_chat_template does)."""
         if self.tokenizer is None:
             raise ApiError(400, "this checkpoint has no tokenizer.json: chat needs one", "messages")
-        return self.tokenizer.encode(self.templates.render(messages, **template_args))
+        return self.tokenizer.encode(self.templates.render(messages, **template_args), add_special_tokens=False)
 
     def render_chat(self, req: ChatCompletionRequest) -> list[int]:
         return self.chat_ids(req.messages_json(), tools=req.tools, documents=req.documents,
@@ -131,15 +139,46 @@ class Serving:
 
     async def chat_choices(self, req: ChatCompletionRequest) -> list[Choice]:
         prompt_ids = await self.off_loop(self.render_chat, req)
+        grammar = await self.off_loop(checked_grammar, self.request_grammar(req),
+                                      "response_format" if req.forced_tools() is None else "tools")
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = limit if limit is not None else max(self.max_model_len - len(prompt_ids), 1)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         choices = []
         for j in range(req.n):
-            params = req.sampling_params(j, max_tokens, logprobs=logprobs)
+            params = req.sampling_params(j, max_tokens, logprobs=logprobs, grammar=grammar)
             self.checker.validate(prompt_ids, params, "messages")
             choices.append(Choice(j, prompt_ids, params))
         return choices
+
+    def chat_reply(self, req: ChatCompletionRequest) -> ChatReply:
+        """How the request's reply text becomes its message: tool calls are read when tools are given and
+        tool_choice is not none."""
+        plain = ChatReply(reasoning=self.reasoning)
+        if not req.tools or req.tool_choice == "none":
+            return plain
+        if req.forced_tools() is not None and (self.tool_parser is None or self.request_grammar(req) is None):
+            raise ApiError(400, f"tool_choice: required / a named function needs a call format we can constrain "
+                                f"(hermes, mistral); this model's is {self.tool_parser or 'unknown'}", "tool_choice")
+        if self.tool_parser is None:
+            if req.tool_choice == "auto":
+                raise ApiError(400, "tool_choice: this model's chat template renders no tool-call format we know; "
+                                    "set tool_call_parser in the config (or --tool-call-parser)", "tool_choice")
+            return plain  # tools are only shown to the model, as before
+        return replace(plain, parser=self.tool_parser, schemas=req.tool_schemas(), parallel=req.parallel_tool_calls)
+
+    def request_grammar(self, req: ChatCompletionRequest) -> GrammarSpec | None:
+        """What the reply must follow: the response_format's JSON, or a call (tool_choice required / named)
+        in the model's format with the tools' parameter schemas."""
+        forced = req.forced_tools()
+        if forced is None:
+            return req.response_format.grammar() if req.response_format else None
+        call = forced_call(self.tool_parser, req.tool_schemas(), forced) if self.tool_parser else None
+        return GrammarSpec.wrapped(*call) if call else None
+
+    def opens_thinking(self, prompt_ids: list[int]) -> bool:
+        """Whether the rendered prompt left a <think> block open (R1, V3.1 thinking): the reply starts in it."""
+        return self.reasoning == reasoning.THINK and reasoning.opens_thinking(self.decode(prompt_ids[-16:]))
 
     def tokenize(self, req) -> list[int]:
         """POST /tokenize: exactly the ids the model would receive (vLLM's shape)."""
@@ -215,6 +254,16 @@ class Serving:
             for o in batch:
                 results[index].add(o)
         return [results[c.index] for c in choices]
+
+
+def checked_grammar(spec: GrammarSpec | None, field: str) -> GrammarSpec | None:
+    """A request's grammar, checked (an unsupported schema feature is a 400 naming `field`); cached by schema."""
+    if spec is not None:
+        try:
+            check_grammar(spec)
+        except ValueError as e:
+            raise ApiError(400, f"{field}: {e}", field) from None
+    return spec
 
 
 async def _cancel(tasks: list[asyncio.Future]) -> None:

@@ -15,6 +15,7 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from deployments.api.chat import ChatTemplateError, ChatTemplates
+from tests.deployments.released_templates import BY_FAMILY, WRITES_BOS
 
 DEMO_TOKENIZER = Path(__file__).resolve().parents[2] / "models" / "demo" / "tokenizer.json"
 
@@ -330,3 +331,50 @@ def test_templates_compile_once_and_render_from_many_threads(tmp_path):
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(lambda _: ours.render(CONVERSATION), range(64)))
     assert results == [first] * 64 and compile_template.cache_info().misses == misses
+
+
+# --- /tokenize of a chat: exactly apply_chat_template's ids (one BOS, never two) ---------------------------
+
+CALL = {"id": "functions.add:0", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": "3é"}'}}
+TOOL_TURNS = [{"role": "user", "content": "Sum 2 and 3"}, {"role": "assistant", "content": None, "tool_calls": [CALL]},
+              {"role": "tool", "tool_call_id": CALL["id"], "name": "add", "content": "5"}]
+
+
+@pytest.fixture(scope="module")
+def bos_serving(tmp_path_factory):
+    """Serving over the demo checkpoint whose tokenizer.json puts BOS first, as DeepSeek's and Mixtral's do."""
+    from deployments.api.serving import Serving
+    from deployments.config import app_config
+    from tests.deployments.test_serving_unit import _NoRouters
+
+    root = tmp_path_factory.mktemp("bos") / "model"
+    shutil.copytree(DEMO_TOKENIZER.parent, root)
+    spec = json.loads((root / "tokenizer.json").read_text())
+    bos = {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}
+    spec["post_processor"] = {
+        "type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, bos, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0], "tokens": ["<|endoftext|>"]}}}
+    (root / "tokenizer.json").write_text(json.dumps(spec))
+    return root, Serving(app_config({"model": str(root)}), _NoRouters())
+
+
+@pytest.mark.parametrize("family", sorted(BY_FAMILY))
+@pytest.mark.parametrize("turns", ["plain", "tools"])
+def test_tokenize_chat_equals_apply_chat_template_ids(bos_serving, tmp_path, family, turns):
+    from deployments.api.schema import TokenizeRequest
+
+    root, serving = bos_serving
+    _, serving.templates = checkpoint(tmp_path, BY_FAMILY[family])
+    shutil.copy(root / "tokenizer.json", tmp_path / "tokenizer.json")
+    tok = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    messages = CONVERSATION if turns == "plain" else TOOL_TURNS
+    reference_messages = messages if turns == "plain" else [
+        TOOL_TURNS[0], {**TOOL_TURNS[1], "content": "", "tool_calls": [
+            {**CALL, "function": {"name": "add", "arguments": {"a": 2, "b": "3é"}}}]}, TOOL_TURNS[2]]
+    want = tok.apply_chat_template(reference_messages, tools=TOOLS, add_generation_prompt=True, tokenize=True,
+                                   return_dict=False)
+    got = serving.tokenize(TokenizeRequest(messages=messages, tools=TOOLS))
+    assert got == want
+    assert tok.encode("x")[0] == 0  # the tokenizer does add BOS to plain text ...
+    assert got[:2] != [0, 0] and (got[0] == 0) == (family in WRITES_BOS)  # ... but a chat has the template's only

@@ -131,12 +131,13 @@ def test_max_completion_tokens_and_logit_bias_are_honoured(server, local):
 
 
 @pytest.mark.parametrize("body,path,param", [
-    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"properties": {"a": {"$ref": "#/definitions/missing"}}}}}},
      "/v1/chat/completions", "response_format"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}],
       "tool_choice": "required"}, "/v1/chat/completions", "tool_choice"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
-     "/v1/chat/completions", "tool_choice"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": "auto"}, "/v1/chat/completions", "tool_choice"),  # the demo's template has no call format
     ({"prompt": "x", "suffix": "y"}, "/v1/completions", "suffix"),
     ({"prompt": "x", "max_tokens": 0}, "/v1/completions", "max_tokens"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, "/v1/completions", "stream_options"),

@@ -1,0 +1,141 @@
+"""A chat reply's text turned into the OpenAI message: `content` and `tool_calls`, whole (non-streaming)
+or as deltas (streaming).
+
+    reply = ChatReply(parser="hermes", schemas={"f": {...}})      # per request (None: text only)
+    message, finish_reason = reply.message(text, "stop")           # {"role", "content", "tool_calls"}
+    stream = reply.stream()                                        # per choice
+    content = stream.feed(text_delta)                              # what can be sent as content now
+    content, call_deltas, finish_reason = stream.finish("stop")    # the rest, when the choice ends
+
+Streaming sends content until the parser's start marker (holding back text that may be the marker's
+beginning), then holds the rest: at the end the calls go out in OpenAI's delta shape (id, type and name
+first, arguments after), or, when the calls did not parse (cut off), the held text goes out as content.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from deployments.api import reasoning as thinking
+from deployments.api.chat import ChatTemplateError, ChatTemplates
+from deployments.api.reasoning import ThinkStream, partial_marker
+from deployments.api.tool_parsers import Parsed, ToolCall, detect, parse, start_marker
+
+
+@dataclass(frozen=True)
+class ChatReply:
+    parser: str | None = None  # None: no tool calls are read (no tools, tool_choice none, or no parser)
+    schemas: dict[str, dict] = field(default_factory=dict)  # tools' parameter schemas by name
+    parallel: bool = True  # parallel_tool_calls: false keeps the first call only
+    reasoning: str | None = None  # reasoning.THINK / HARMONY: thinking goes to reasoning_content
+    opened: bool = False  # the prompt left a <think> block open: the reply starts inside it
+
+    @property
+    def reads_channels(self) -> bool:
+        """harmony replies are read whole by its parser, for reasoning even without tools."""
+        return self.parser == "openai" or self.reasoning == thinking.HARMONY
+
+    def parsed(self, text: str) -> Parsed:
+        if self.reads_channels:
+            parsed = parse(text, "openai", self.schemas)
+            if self.parser is None:
+                parsed = Parsed(parsed.content, (), parsed.reasoning)
+        elif self.parser is None:
+            parsed = Parsed(text)
+        else:
+            parsed = parse(text, self.parser, self.schemas)
+        if self.reasoning != thinking.HARMONY:
+            parsed = Parsed(parsed.content, parsed.calls)
+        return parsed if self.parallel else Parsed(parsed.content, parsed.calls[:1], parsed.reasoning)
+
+    def message(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
+        reasoning = None
+        if self.reasoning == thinking.THINK:
+            reasoning, text = thinking.split(text, self.opened)
+        parsed = self.parsed(text)
+        message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+        reasoning = reasoning if reasoning is not None else parsed.reasoning
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
+        if parsed.calls:
+            message["content"] = parsed.content or None
+            message["tool_calls"] = [call_json(c) for c in parsed.calls]
+            finish_reason = "tool_calls"
+        return message, finish_reason
+
+    def stream(self) -> ReplyStream:
+        return ReplyStream(self)
+
+
+def detect_tool_parser(templates: ChatTemplates) -> str | None:
+    """The parser a checkpoint's template implies (the tool-use template where it has one)."""
+    try:
+        return detect(templates.template_for(with_tools=True))
+    except ChatTemplateError:
+        return None
+
+
+def detect_reasoning(templates: ChatTemplates) -> str | None:
+    try:
+        return thinking.detect(templates.template_for())
+    except ChatTemplateError:
+        return None
+
+
+def call_json(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def call_deltas(calls: tuple[ToolCall, ...]) -> list[dict[str, Any]]:
+    """Per call: the id, type and name with empty arguments, then the arguments (OpenAI's shape)."""
+    out = []
+    for i, call in enumerate(calls):
+        whole = call_json(call)
+        out.append({"index": i, "id": whole["id"], "type": "function", "function": {"name": call.name,
+                                                                                    "arguments": ""}})
+        out.append({"index": i, "function": {"arguments": call.arguments}})
+    return out
+
+
+class ReplyStream:
+    def __init__(self, reply: ChatReply):
+        self.reply = reply
+        self.marker = start_marker("openai") if reply.reads_channels else \
+            start_marker(reply.parser) if reply.parser else None
+        self.think = ThinkStream(reply.opened) if reply.reasoning == thinking.THINK else None
+        self.text = ""
+        self.sent = 0  # characters of text sent as content
+        self.holding = False  # the marker was seen: the rest waits for the end
+
+    def feed(self, delta: str) -> tuple[str, str]:
+        """(reasoning delta, content delta) that can be sent now."""
+        reasoning = ""
+        if self.think is not None:
+            reasoning, delta = self.think.feed(delta)
+        return reasoning, self._content(delta)
+
+    def _content(self, delta: str) -> str:
+        self.text += delta
+        if self.marker is None:
+            self.sent = len(self.text)
+            return delta
+        if self.holding:
+            return ""
+        at = self.text.find(self.marker, max(self.sent - len(self.marker), 0))
+        end = at if at >= 0 else len(self.text) - partial_marker(self.text, self.marker)
+        self.holding = at >= 0
+        out, self.sent = self.text[self.sent:end], max(end, self.sent)
+        return out
+
+    def finish(self, finish_reason: str | None) -> tuple[str, str, list[dict[str, Any]], str | None]:
+        """(reasoning, content, tool-call deltas, finish_reason) for what is left when the reply ends."""
+        reasoning, content = self.think.finish() if self.think is not None else ("", "")
+        content = self._content(content)
+        parsed = self.reply.parsed(self.text)
+        reasoning += parsed.reasoning or ""
+        rest = parsed.content[self.sent:] if parsed.content.startswith(self.text[:self.sent]) else ""
+        if not parsed.calls:
+            return reasoning, content + rest, [], finish_reason
+        return reasoning, content + rest, call_deltas(parsed.calls), "tool_calls"
