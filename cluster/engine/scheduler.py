@@ -6,20 +6,49 @@ running sequence is preempted: its blocks are freed and it goes back to the
 front of the queue, to be recomputed from its tokens later (same output).
 Then waiting sequences join while there are blocks for all their tokens, fewer
 than max_num_seqs run, and the step's token budget allows.
+With prefix caching a joining sequence first takes the cached blocks its tokens
+start with and computes only the rest (at least its last token: it needs logits);
+after each step the blocks it filled are named for later sequences to take.
 """
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 from cluster.engine.sequence import Sequence
+from cluster.model.block_pool import block_hashes
 from cluster.model.kv_cache import KVCache
 
 
+@dataclass(frozen=True)
+class PrefixCaching:
+    """extra: what else the cached keys and values depend on (model, cache dtype), in every name.
+    max_len: blocks past this many tokens are not cached, and longer prompts take none: RoPE kinds
+    whose frequencies depend on the sequence's length (dynamic, longrope) write other keys for the
+    same tokens once a sequence is longer than their threshold."""
+
+    extra: bytes = b""
+    max_len: int | None = None
+
+
+@dataclass
+class PrefixStats:
+    query_tokens: int = 0  # prompt tokens of admitted sequences that looked in the cache
+    hit_tokens: int = 0  # of which were taken from it
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
+
+
 class Scheduler:
-    def __init__(self, cache: KVCache, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, cache: KVCache, max_num_seqs: int, max_num_batched_tokens: int,
+                 prefix_caching: PrefixCaching | None = None):
         self.cache = cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefix_caching = prefix_caching
+        self.prefix_stats = PrefixStats()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -39,7 +68,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.cache.release(seq.blocks)
-        seq.blocks, seq.prefilled = [], False
+        seq.blocks, seq.num_computed = [], 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
@@ -53,12 +82,56 @@ class Scheduler:
         budget = self.max_num_batched_tokens - len(self.running)
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if seq.num_tokens > budget and (self.running or budget < self.max_num_batched_tokens):
+            hits = self._cached_prefix(seq)
+            new = seq.num_tokens - len(hits) * self.cache.block_size
+            if new > budget and (self.running or budget < self.max_num_batched_tokens):
                 break  # a long prompt waits for the next step rather than stalling this one
-            if not self._grow(seq):
+            need = self.cache.blocks_for(seq.num_tokens) - len(hits)
+            if need > self.cache.num_free_blocks - self.cache.blocks.num_idle(hits):
                 break
+            self._take_prefix(seq, hits)
+            self._grow(seq)
             self.running.append(self.waiting.popleft())
-            budget -= seq.num_tokens
+            budget -= new
+
+    # -- prefix caching ---------------------------------------------------------------------
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks seq's tokens start with (none when it must compute its whole prompt: prompt
+        logprobs need every prompt row's logits), leaving at least its last token to compute."""
+        pc = self.prefix_caching
+        if pc is None or seq.wants_prompt_logprobs or (pc.max_len is not None and seq.num_tokens > pc.max_len):
+            return []
+        self._name_blocks(seq, (seq.num_tokens - 1) // self.cache.block_size)
+        return self.cache.blocks.cached(seq.block_names[:(seq.num_tokens - 1) // self.cache.block_size])
+
+    def _take_prefix(self, seq: Sequence, hits: list[int]) -> None:
+        self.cache.blocks.take(hits)
+        seq.blocks, seq.num_computed = list(hits), len(hits) * self.cache.block_size
+        if not seq.output_ids:  # a first admission (or a preemption before any output): the request's figure
+            seq.num_cached = seq.num_computed
+            self.prefix_stats.query_tokens += len(seq.prompt_ids) if self.prefix_caching else 0
+            self.prefix_stats.hit_tokens += seq.num_computed
+
+    def _name_blocks(self, seq: Sequence, n: int) -> None:
+        """seq.block_names up to its first n full blocks."""
+        have = len(seq.block_names)
+        if n > have:
+            bs = self.cache.block_size
+            parent = seq.block_names[-1] if have else None
+            seq.block_names += block_hashes(seq.token_ids[:n * bs], bs, self.prefix_caching.extra, parent, have * bs)
+
+    def computed(self, seq: Sequence, n: int) -> None:
+        """seq's next n tokens are now in the cache: the blocks they filled get their names."""
+        before, seq.num_computed = seq.num_computed, seq.num_computed + n
+        pc = self.prefix_caching
+        if pc is None or (pc.max_len is not None and len(seq.prompt_ids) > pc.max_len):
+            return
+        bs, end = self.cache.block_size, seq.num_computed if pc.max_len is None else min(seq.num_computed, pc.max_len)
+        first, full = before // bs, end // bs
+        if full > first:
+            self._name_blocks(seq, full)
+            for i in range(first, full):
+                self.cache.blocks.name(seq.blocks[i], seq.block_names[i])
 
     def schedule(self) -> list[Sequence]:
         """The sequences to run this step."""
