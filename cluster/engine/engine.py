@@ -72,10 +72,12 @@ class LLMEngine:
                  device: str = "cpu", kv_cache_dtype=None, kv_cache_memory_bytes: int | None = None,
                  gpu_memory_utilization: float = 0.9, block_size: int = 16,
                  generation: GenerationDefaults = GenerationDefaults(), no_tokenizer_reason: str | None = None,
-                 cuda_graphs: bool | None = None, enable_prefix_caching: bool = True):
+                 cuda_graphs: bool | None = None, enable_prefix_caching: bool = True,
+                 enable_chunked_prefill: bool = True):
         """cuda_graphs: replay decode-only steps from CUDA graphs (None = auto: where the model allows it,
         i.e. on a CUDA device with in-process grouped experts; True where it does not raises).
-        enable_prefix_caching: reuse the KV-cache blocks of prompts that start like earlier ones."""
+        enable_prefix_caching: reuse the KV-cache blocks of prompts that start like earlier ones.
+        enable_chunked_prefill: prefill long prompts over several steps, beside the running decodes."""
         self.cfg, self.model, self.tokenizer, self.device = cfg, model, tokenizer, device
         self.max_model_len = max_model_len
         self.dtype = model.weights.embed.dtype
@@ -85,7 +87,8 @@ class LLMEngine:
         self.cache = KVCache.for_budget(cfg, budget, block_size, self.kv_dtype, device)
         self.prompts = PromptChecker(cfg, tokenizer, max_model_len, self.cache.capacity_tokens, no_tokenizer_reason)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens,
-                                   prefix_caching_for(cfg, self.kv_dtype) if enable_prefix_caching else None)
+                                   prefix_caching_for(cfg, self.kv_dtype) if enable_prefix_caching else None,
+                                   enable_chunked_prefill, cfg.rope.length_threshold)
         self.expert_load = ExpertLoadTracker(cfg.moe_layer_ids, cfg.num_experts)
         self.generation = generation
         self.default_sampling = generation.as_dict()  # what a request that gives none of them gets
@@ -103,7 +106,8 @@ class LLMEngine:
         """overlap: run each step as two micro-batches in ping-pong, so remote experts compute one
         while the backbone runs the other (None = auto: on for remote experts on a GPU router, steps of ≥ 2 sequences).
         kwargs: max_num_seqs, max_num_batched_tokens, kv_cache_dtype (auto = dtype),
-        kv_cache_memory_bytes, gpu_memory_utilization, block_size, cuda_graphs, enable_prefix_caching."""
+        kv_cache_memory_bytes, gpu_memory_utilization, block_size, cuda_graphs, enable_prefix_caching,
+        enable_chunked_prefill."""
         ckpt, family, cfg = open_model(path)
         dtype = resolve_dtype(dtype, device, cfg.checkpoint_dtype)
         progress = stderr_progress("loading backbone") if show_progress else None
@@ -124,6 +128,13 @@ class LLMEngine:
         """Sequences that could still join the batch (what `cache.free_slots` counted before the
         cache was paged); the KV cache's own room is `cache.num_free_blocks`."""
         return self.scheduler.free_seq_slots
+
+    def cache_stats(self) -> dict[str, float]:
+        """Prefix caching since start: prompt tokens looked up and found, named blocks now, evictions."""
+        p, blocks = self.scheduler.prefix_stats, self.cache.blocks
+        return {"prefix_cache_query_tokens": p.query_tokens, "prefix_cache_hit_tokens": p.hit_tokens,
+                "prefix_cache_hit_rate": p.hit_rate, "prefix_cached_blocks": blocks.num_cached,
+                "prefix_cache_evictions": blocks.num_evictions}
 
     # -- requests ---------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -174,6 +185,8 @@ class LLMEngine:
         outputs = []
         for i, seq in enumerate(seqs):
             seq.expert_tokens += batch.chunks[i].num_tokens * moe_rows
+            if seq.is_prefilling:  # a chunk of its prompt: nothing to sample yet
+                continue
             try:
                 outputs.append(self._next(seq, i, logits, argmax[i], prompt_rows, routing, batch))
             except Exception as e:  # noqa: BLE001 - one sequence's failure must not touch the others

@@ -6,6 +6,11 @@ running sequence is preempted: its blocks are freed and it goes back to the
 front of the queue, to be recomputed from its tokens later (same output).
 Then waiting sequences join while there are blocks for all their tokens, fewer
 than max_num_seqs run, and the step's token budget allows.
+Chunked prefill: a step's budget (max_num_batched_tokens) goes first to the
+decodes (one token each), then to prompts in order, a chunk each; a prompt longer
+than what is left is prefilled over several steps, so a long prompt no longer
+stalls the running streams for one long step. Without it a prompt runs whole (and
+waits for a step with room for it).
 With prefix caching a joining sequence first takes the cached blocks its tokens
 start with and computes only the rest (at least its last token: it needs logits);
 after each step the blocks it filled are named for later sequences to take.
@@ -43,10 +48,14 @@ class PrefixStats:
 
 class Scheduler:
     def __init__(self, cache: KVCache, max_num_seqs: int, max_num_batched_tokens: int,
-                 prefix_caching: PrefixCaching | None = None):
+                 prefix_caching: PrefixCaching | None = None, chunked_prefill: bool = False,
+                 max_chunked_len: int | None = None):
+        """max_chunked_len: longer sequences are prefilled whole (length-dependent RoPE: their keys
+        take the frequencies of the whole prompt's length, which a chunk does not know)."""
         self.cache = cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.chunked_prefill, self.max_chunked_len = chunked_prefill, max_chunked_len
         self.prefix_caching = prefix_caching
         self.prefix_stats = PrefixStats()
         self.waiting: deque[Sequence] = deque()
@@ -68,7 +77,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.cache.release(seq.blocks)
-        seq.blocks, seq.num_computed = [], 0
+        seq.blocks, seq.num_computed, seq.num_new = [], 0, 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
@@ -78,21 +87,40 @@ class Scheduler:
             while seq in self.running and not self._grow(seq):
                 self._preempt(self.running[-1])
 
-    def _admit(self) -> None:
-        budget = self.max_num_batched_tokens - len(self.running)
+    def _chunkable(self, seq: Sequence) -> bool:
+        """Prompt logprobs are scored in one step (every prompt row's logits at once)."""
+        return (self.chunked_prefill and not seq.wants_prompt_logprobs
+                and (self.max_chunked_len is None or seq.num_tokens <= self.max_chunked_len))
+
+    def _plan_running(self) -> int:
+        """Each running sequence's tokens this step (num_new): decodes first, then the prompts being
+        prefilled in chunks; returns the budget left."""
+        budget = self.max_num_batched_tokens
+        for seq in self.running:
+            seq.num_new = seq.num_tokens - seq.num_computed
+            budget -= seq.num_new if seq.num_new == 1 else 0
+        for seq in self.running:
+            if seq.num_new > 1:
+                seq.num_new = min(seq.num_new, max(budget, 0))
+                budget -= seq.num_new
+        return budget
+
+    def _admit(self, budget: int) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             hits = self._cached_prefix(seq)
             new = seq.num_tokens - len(hits) * self.cache.block_size
-            if new > budget and (self.running or budget < self.max_num_batched_tokens):
+            chunk = min(new, budget) if self._chunkable(seq) else new
+            if chunk <= 0 or (chunk > budget and (self.running or budget < self.max_num_batched_tokens)):
                 break  # a long prompt waits for the next step rather than stalling this one
             need = self.cache.blocks_for(seq.num_tokens) - len(hits)
             if need > self.cache.num_free_blocks - self.cache.blocks.num_idle(hits):
                 break
             self._take_prefix(seq, hits)
             self._grow(seq)
+            seq.num_new = chunk
             self.running.append(self.waiting.popleft())
-            budget -= new
+            budget -= chunk
 
     # -- prefix caching ---------------------------------------------------------------------
     def _cached_prefix(self, seq: Sequence) -> list[int]:
@@ -136,8 +164,8 @@ class Scheduler:
     def schedule(self) -> list[Sequence]:
         """The sequences to run this step."""
         self._reserve()
-        self._admit()
-        return list(self.running)
+        self._admit(self._plan_running())
+        return [s for s in self.running if s.num_new > 0]
 
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:

@@ -63,3 +63,20 @@ def test_prefix_caching_keeps_outputs(published, name):
     if limit is None or len(base) <= limit:
         assert all(o.cached_tokens > 0 for o in got[1:])
     print(f"{name}: cached tokens per request {[o.cached_tokens for o in got]}, outputs identical")
+
+
+@pytest.mark.parametrize("name", ["Qwen3-30B-A3B+YaRN", "gpt-oss-20b", "DeepSeek-V3"])  # RoPE scaling, windows, MLA
+def test_chunked_prefill_keeps_outputs(published, name):
+    """Prompts prefilled 8 tokens a step beside running decodes give the greedy and seeded outputs
+    of whole-prompt prefill."""
+    ours, _ = published(name)
+    base = LONG_PROMPT if name.startswith("gpt-oss") else PROMPT * 3
+    prompts = [PROMPT, base, base[:-4] + [9, 8]]
+    params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=6, temperature=0.8, seed=5, ignore_eos=True)] * 2
+    whole = LLMEngine.from_pretrained(str(ours), dtype="float32", max_num_seqs=4, max_model_len=256,
+                                      enable_chunked_prefill=False, enable_prefix_caching=False)
+    chunked = LLMEngine(whole.cfg, whole.model, whole.tokenizer, max_num_seqs=4, max_model_len=256,
+                        max_num_batched_tokens=8, block_size=4)
+    expected = [o.token_ids for o in whole.generate(prompts, params[:3])]
+    assert [o.token_ids for o in chunked.generate(prompts, params[:3])] == expected
