@@ -30,3 +30,14 @@ def test_engine_cache_stats_reach_admin_stats_and_metrics(checkpoint_factory):
     assert 'moe_prefix_cache_query_tokens_total{router="r1"} 13.0' in text
     assert 'moe_prefix_cached_blocks{router="r1"} 1.0' in text
     assert 'moe_prefix_cache_evictions_total{router="r0"} 0.0' in text
+
+
+def test_usage_reports_cached_prompt_tokens():
+    from cluster.engine.engine import StepOutput
+    from deployments.api.responses import ChoiceResult, usage
+
+    choices = [ChoiceResult(i, list(range(20))) for i in range(2)]  # n = 2: one prompt, counted once
+    for c in choices:
+        c.add(StepOutput("r", 5, "x", None, "length", prompt_tokens=20, completion_tokens=1, cached_tokens=16))
+    u = usage(choices, 2)
+    assert u["prompt_tokens"] == 20 and u["prompt_tokens_details"] == {"cached_tokens": 16}
