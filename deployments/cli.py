@@ -24,9 +24,16 @@ def _token_ids(text: str) -> list[int]:
         raise InvalidRequest(f"--prompt-ids: expected comma-separated integers, got {text!r}", "prompt") from None
 
 
+def _prefix_caching_flag(parser: argparse.ArgumentParser, default: bool | None = True) -> None:
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=default,
+                        help="reuse the KV cache of prompts that start like earlier ones (default: on"
+                             + ("" if default else "; overrides the config") + ")")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     engine = LLMEngine.from_pretrained(args.model, device=args.device, show_progress=not args.quiet,
-                                       max_model_len=args.max_model_len, dtype=args.dtype)
+                                       max_model_len=args.max_model_len, dtype=args.dtype,
+                                       enable_prefix_caching=args.enable_prefix_caching)
     prompt = _token_ids(args.prompt_ids) if args.prompt_ids is not None else args.prompt
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()),
@@ -74,7 +81,8 @@ def _start_ray(address: str | None, cfg, host: str) -> None:
 
 def _overrides(args: argparse.Namespace, app_conf: dict) -> dict:
     out = {"model": args.model, "num_workers": args.num_workers, "api_key": args.api_key, "dtype": args.dtype,
-           "tool_call_parser": args.tool_call_parser, "reasoning_parser": args.reasoning_parser, "app_name": app_conf.get("name", "moe")}
+           "tool_call_parser": args.tool_call_parser, "reasoning_parser": args.reasoning_parser,
+           "app_name": app_conf.get("name", "moe"), "enable_prefix_caching": args.enable_prefix_caching}
     if args.routers is not None:
         out["routers"] = {**app_conf.get("args", {}).get("routers", {}), "min": args.routers, "max": args.routers}
     return {k: v for k, v in out.items() if v is not None}
@@ -183,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=DTYPE_SETTINGS,
                    help="weights and compute (auto: the checkpoint's dtype on a GPU, float32 on a CPU)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    _prefix_caching_flag(g)
     g.add_argument("--quiet", action="store_true", help="no loading progress on stderr")
     g.set_defaults(func=cmd_generate)
     pl = sub.add_parser("plan", help="memory and capacity plan from config.json alone (no weights needed)")
@@ -218,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reasoning-parser", default=None,
                    choices=["deepseek_r1", "deepseek_v3", "qwen3", "glm45", "gpt_oss", "none"],
                    help="how thinking is split into reasoning_content; default: detected from the chat template")
+    _prefix_caching_flag(s, default=None)
     s.set_defaults(func=cmd_serve)
     r = sub.add_parser("record-profile", help="record the expert load of live traffic into a profile file "
                                               "(for the autoscaling policy's mode static)")

@@ -56,8 +56,24 @@ def _tensor(a: np.ndarray):
 
 def _sum_stats(mine: list[RouterReport]) -> dict:
     keys = ("running", "waiting", "steps", "step_seconds", "step_cpu_seconds", "active_requests", "free_seq_slots",
-            "free_kv_blocks", "kv_blocks", "preemptions")
-    return {k: sum(r.stats.get(k, 0) for r in mine) for k in keys}
+            "free_kv_blocks", "kv_blocks", "preemptions", *PREFIX_KEYS)
+    out = {k: sum(r.stats.get(k, 0) for r in mine) for k in keys}
+    queried = out["prefix_cache_query_tokens"]
+    return {**out, "prefix_cache_hit_rate": out["prefix_cache_hit_tokens"] / queried if queried else 0.0}
+
+
+PREFIX_KEYS = ("prefix_cache_query_tokens", "prefix_cache_hit_tokens", "prefix_cached_blocks", "prefix_cache_evictions")
+
+
+def _prefix_metrics(mine: list[RouterReport]) -> None:
+    """Per router (its own KV cache): what its engine reports since it started."""
+    per = {k: {r.router_id: r.stats.get(k, 0) for r in mine} for k in PREFIX_KEYS}
+    metrics.PREFIX_QUERY_TOKENS.set(per["prefix_cache_query_tokens"])
+    metrics.PREFIX_HIT_TOKENS.set(per["prefix_cache_hit_tokens"])
+    metrics.PREFIX_EVICTIONS.set(per["prefix_cache_evictions"])
+    metrics.PREFIX_CACHED_BLOCKS.clear()
+    for router, n in per["prefix_cached_blocks"].items():
+        metrics.PREFIX_CACHED_BLOCKS.labels(router).set(n)
 
 
 def _data_plane(mine: list[RouterReport], state, spec: AppSpec) -> dict | None:
@@ -99,6 +115,7 @@ def update_metrics(reports, live, state, spec: AppSpec) -> None:
     stats = _sum_stats(mine)
     metrics.RUNNING.set(stats["running"])
     metrics.WAITING.set(stats["waiting"])
+    _prefix_metrics(mine)
     if table is not None:
         metrics.TABLE_VERSION.set(table.version)
         metrics.WORKERS_DOWN.set(len(down_workers(reports, live, table)))

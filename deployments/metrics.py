@@ -60,6 +60,15 @@ EXPERT_CALL_FAILURES = ReportedCounter("moe_expert_call_failures", "expert calls
                                        "(re-sent to another copy when one is live), all routers", "code", CLUSTER)
 WORKERS_DOWN = Gauge("moe_expert_workers_down", "expert workers some router saw fail and the controller has not "
                      "healed yet", registry=CLUSTER)
+# Prefix caching, one series per router (each has its own KV cache); hit rate = hit / query tokens.
+PREFIX_QUERY_TOKENS = ReportedCounter("moe_prefix_cache_query_tokens", "prompt tokens looked up in the prefix cache",
+                                      "router", CLUSTER)
+PREFIX_HIT_TOKENS = ReportedCounter("moe_prefix_cache_hit_tokens", "prompt tokens taken from the prefix cache (not "
+                                    "computed)", "router", CLUSTER)
+PREFIX_EVICTIONS = ReportedCounter("moe_prefix_cache_evictions", "cached KV blocks given to new contents", "router",
+                                   CLUSTER)
+PREFIX_CACHED_BLOCKS = Gauge("moe_prefix_cached_blocks", "KV blocks holding a reusable prefix", ["router"],
+                             registry=CLUSTER)
 # One series per MoE layer or worker: bounded by the model and the pool, not by traffic.
 EXPERT_IMBALANCE = Gauge("moe_layer_expert_load_max_over_mean",
                          "hottest expert's load / mean expert load (EMA of tokens per step)", ["layer"],

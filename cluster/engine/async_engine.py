@@ -123,7 +123,7 @@ class AsyncEngine:
                 "step_cpu_seconds": self.step_cpu_seconds, "active_requests": self.active,
                 "free_seq_slots": self.engine.free_seq_slots, "free_kv_blocks": self.engine.cache.num_free_blocks,
                 "kv_blocks": self.engine.cache.num_blocks, "preemptions": s.num_preemptions,
-                "engine_alive": self.alive}
+                "engine_alive": self.alive, **self.engine.cache_stats()}
 
     def shutdown(self) -> None:
         self._stop.set()

@@ -17,7 +17,7 @@ from cluster.engine.params import InvalidRequest, SamplingParams
 from cluster.engine.prompts import PromptChecker
 from cluster.engine.grammar import Grammars
 from cluster.engine.sampling import History, Sampled, sample_row, top_logprobs
-from cluster.engine.scheduler import Scheduler
+from cluster.engine.scheduler import PrefixCaching, Scheduler
 from cluster.engine.sequence import Sequence
 from cluster.generation_config import GenerationDefaults, read_generation_config
 from cluster.expert_load import ExpertLoadTracker
@@ -50,6 +50,7 @@ class StepOutput:
     expert_tokens: int = 0
     prompt_logprobs: tuple[Sampled | None, ...] | None = None  # on the first output, when asked for
     error: str | None = None  # finish_reason "error": why this sequence failed (the batch went on)
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache (usage.prompt_tokens_details)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class Completion:
     expert_tokens: int
     routing: list[TokenRouting]
     prompt_logprobs: list[Sampled | None] | None = None
+    cached_tokens: int = 0
 
 
 class LLMEngine:
@@ -71,9 +73,12 @@ class LLMEngine:
                  device: str = "cpu", kv_cache_dtype=None, kv_cache_memory_bytes: int | None = None,
                  gpu_memory_utilization: float = 0.9, block_size: int = 16,
                  generation: GenerationDefaults = GenerationDefaults(), no_tokenizer_reason: str | None = None,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, enable_prefix_caching: bool = True,
+                 enable_chunked_prefill: bool = True):
         """cuda_graphs: replay decode-only steps from CUDA graphs (None = auto: where the model allows it,
-        i.e. on a CUDA device with in-process grouped experts; True where it does not raises)."""
+        i.e. on a CUDA device with in-process grouped experts; True where it does not raises).
+        enable_prefix_caching: reuse the KV-cache blocks of prompts that start like earlier ones.
+        enable_chunked_prefill: prefill long prompts over several steps, beside the running decodes."""
         self.cfg, self.model, self.tokenizer, self.device = cfg, model, tokenizer, device
         self.max_model_len = max_model_len
         self.dtype = model.weights.embed.dtype
@@ -82,7 +87,9 @@ class LLMEngine:
                                  gpu_memory_utilization)
         self.cache = KVCache.for_budget(cfg, budget, block_size, self.kv_dtype, device)
         self.prompts = PromptChecker(cfg, tokenizer, max_model_len, self.cache.capacity_tokens, no_tokenizer_reason)
-        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens,
+                                   prefix_caching_for(cfg, self.kv_dtype) if enable_prefix_caching else None,
+                                   enable_chunked_prefill, cfg.rope.length_threshold)
         self.expert_load = ExpertLoadTracker(cfg.moe_layer_ids, cfg.num_experts)
         self.generation = generation
         self.default_sampling = generation.as_dict()  # what a request that gives none of them gets
@@ -101,7 +108,8 @@ class LLMEngine:
         """overlap: run each step as two micro-batches in ping-pong, so remote experts compute one
         while the backbone runs the other (None = auto: on for remote experts on a GPU router, steps of ≥ 2 sequences).
         kwargs: max_num_seqs, max_num_batched_tokens, kv_cache_dtype (auto = dtype),
-        kv_cache_memory_bytes, gpu_memory_utilization, block_size, cuda_graphs."""
+        kv_cache_memory_bytes, gpu_memory_utilization, block_size, cuda_graphs, enable_prefix_caching,
+        enable_chunked_prefill."""
         ckpt, family, cfg = open_model(path)
         dtype = resolve_dtype(dtype, device, cfg.checkpoint_dtype)
         progress = stderr_progress("loading backbone") if show_progress else None
@@ -122,6 +130,13 @@ class LLMEngine:
         """Sequences that could still join the batch (what `cache.free_slots` counted before the
         cache was paged); the KV cache's own room is `cache.num_free_blocks`."""
         return self.scheduler.free_seq_slots
+
+    def cache_stats(self) -> dict[str, float]:
+        """Prefix caching since start: prompt tokens looked up and found, named blocks now, evictions."""
+        p, blocks = self.scheduler.prefix_stats, self.cache.blocks
+        return {"prefix_cache_query_tokens": p.query_tokens, "prefix_cache_hit_tokens": p.hit_tokens,
+                "prefix_cache_hit_rate": p.hit_rate, "prefix_cached_blocks": blocks.num_cached,
+                "prefix_cache_evictions": blocks.num_evictions}
 
     # -- requests ---------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -174,7 +189,9 @@ class LLMEngine:
         batch = make_batch(items, self.cache.block_size, self.device)
         rows, prompt_rows = _logit_rows(batch, seqs)
         logits, routing = self._forward(batch, rows)  # [B + P, V]
-        self.expert_load.record(routing)
+        self.expert_load.record(routing)  # computed rows only: cached prefix tokens are no expert load
+        for seq, chunk in zip(seqs, batch.chunks):
+            self.scheduler.computed(seq, chunk.num_tokens)
         moe_rows = len(routing) * self.cfg.top_k
         logits = logits.float().cpu()
         constrained = [(i, s.matcher) for i, s in enumerate(seqs) if s.matcher is not None]
@@ -184,6 +201,8 @@ class LLMEngine:
         outputs = []
         for i, seq in enumerate(seqs):
             seq.expert_tokens += batch.chunks[i].num_tokens * moe_rows
+            if seq.is_prefilling:  # a chunk of its prompt: nothing to sample yet
+                continue
             try:
                 outputs.append(self._next(seq, i, logits, argmax[i], prompt_rows, routing, batch))
             except Exception as e:  # noqa: BLE001 - one sequence's failure must not touch the others
@@ -199,12 +218,11 @@ class LLMEngine:
         if seq.wants_prompt_logprobs:
             seq.prompt_logprobs = _prompt_logprobs(seq, logits, prompt_rows[i])
             scored = tuple(seq.prompt_logprobs)
-        seq.prefilled = True
         if seq.params.max_tokens == 0:  # scoring only: nothing to sample
             seq.finish_reason = "length"
             self.scheduler.finish(seq)
             return StepOutput(seq.request_id, None, "", None, "length", None, len(seq.prompt_ids), 0,
-                              seq.expert_tokens, scored)
+                              seq.expert_tokens, scored, cached_tokens=seq.num_cached)
         history = History(seq.prompt_ids, seq.output_ids, self._banned_early(seq.params))
         sampled = sample_row(logits[i], seq.params, seq.generator, argmax, history)
         row_routing = _routing_at(routing, int(batch.last_rows[i])) if seq.params.return_routing else None
@@ -232,7 +250,8 @@ class LLMEngine:
         if seq.finish_reason:
             self.scheduler.finish(seq)
         return StepOutput(seq.request_id, sampled.token_id, _text_delta(seq), sampled, seq.finish_reason,
-                          routing, len(seq.prompt_ids), len(seq.output_ids), seq.expert_tokens, scored)
+                          routing, len(seq.prompt_ids), len(seq.output_ids), seq.expert_tokens, scored,
+                          cached_tokens=seq.num_cached)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
@@ -263,7 +282,16 @@ class LLMEngine:
             raise RuntimeError(f"request {seq.request_id} failed: {seq.error}")
         return Completion(seq.request_id, seq.prompt_ids, seq.output_ids, seq.text, seq.finish_reason,
                           seq.logprobs, seq.expert_tokens, seq.routing,
-                          seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None)
+                          seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None,
+                          seq.num_cached)
+
+
+def prefix_caching_for(cfg: ModelConfig, kv_dtype: torch.dtype) -> PrefixCaching:
+    """What names this engine's cached blocks beyond their tokens. Every attention kind is cached:
+    the paged cache keeps every position's keys (sliding windows and sinks only mask at attention
+    time) and MLA's latent is as reusable as plain keys; length-dependent RoPE caps it."""
+    extra = f"{cfg.model_type}|{cfg.num_layers}|{cfg.hidden_size}|{cfg.quantization}|{kv_dtype}".encode()
+    return PrefixCaching(extra, cfg.rope.length_threshold)
 
 
 def _text_delta(seq: Sequence) -> str:

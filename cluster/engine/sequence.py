@@ -20,7 +20,10 @@ class Sequence:
     prompt_logprobs: list[Sampled | None] = field(default_factory=list)  # when params.prompt_logprobs is set
     text: str = ""
     blocks: list[int] = field(default_factory=list)  # its KV-cache block table
-    prefilled: bool = False  # its tokens are in the KV cache (False again after a preemption)
+    num_computed: int = 0  # its first tokens whose keys/values are in the KV cache (0 again after a preemption)
+    num_new: int = 0  # tokens to compute this step (the scheduler's choice: a prompt may take several steps)
+    num_cached: int = 0  # prompt tokens taken from the prefix cache, not computed (usage's cached_tokens)
+    block_names: list = field(default_factory=list)  # prefix-cache names of its full blocks so far
     finish_reason: str | None = None
     error: str | None = None  # why this sequence failed (finish_reason "error"); the others go on
     expert_tokens: int = 0  # (token, expert) pairs this request used, over all MoE layers
@@ -38,12 +41,22 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
     def wants_prompt_logprobs(self) -> bool:
-        return not self.prefilled and self.params.prompt_logprobs is not None and not self.prompt_logprobs
+        return self.params.prompt_logprobs is not None and not self.prompt_logprobs
+
+    @property
+    def is_prefilling(self) -> bool:
+        """Some of its prompt (or, after a preemption, its tokens) still to compute before it samples."""
+        return self.num_computed < self.num_tokens
 
     def next_input(self) -> tuple[list[int], int]:
-        """New tokens to run this step and the position of the first one. A sequence that is not in
-        the cache (new, or preempted) runs all its tokens: recomputing them gives the same output."""
-        if not self.prefilled:
-            return self.prompt_ids + self.output_ids, 0
-        return [self.output_ids[-1]], self.num_tokens - 1
+        """This step's num_new tokens and the position of the first one: the tokens not in the cache
+        (all of a new or preempted sequence but a cached prefix; recomputing them gives the same
+        output), a chunk of them with chunked prefill, else the last sampled one."""
+        if self.num_computed == self.num_tokens - 1 and self.output_ids:  # a decode: skip the copy
+            return [self.output_ids[-1]], self.num_computed
+        return self.token_ids[self.num_computed:self.num_computed + self.num_new], self.num_computed

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from cluster.config import ModelConfig
+from cluster.model.block_pool import BlockPool
 
 
 def entry_shapes(cfg: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -45,7 +46,7 @@ class KVCache:
         self.k = torch.zeros((num_layers, slots, *k_shape), dtype=dtype, device=device)
         self.v = torch.zeros((num_layers, slots, *v_shape), dtype=dtype, device=device)
         self.num_blocks, self.block_size = num_blocks, block_size
-        self._free = list(range(num_blocks - 1, -1, -1))
+        self.blocks = BlockPool(num_blocks)  # who holds which block; prefix caching's names
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, num_blocks: int, block_size: int = 16, dtype=torch.float32,
@@ -77,18 +78,16 @@ class KVCache:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return self.blocks.num_free
 
     def blocks_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise RuntimeError(f"KV cache: {n} blocks asked for, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
+        return self.blocks.allocate(n)
 
     def release(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        self.blocks.release(blocks)
 
     def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
         """slots [T]: the cache slot of each new token; k, v [T, H_kv, hd]."""

@@ -30,6 +30,7 @@ class ChoiceResult:
     prompt_logprobs: list[Sampled | None] | None = None
     expert_tokens: int = 0
     routing: list = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens served from the router's prefix cache
 
     def add(self, o) -> None:
         if o.token_id is not None:
@@ -43,13 +44,15 @@ class ChoiceResult:
         if o.routing is not None:
             self.routing.append(o.routing)
         self.expert_tokens = o.expert_tokens
+        self.cached_tokens = getattr(o, "cached_tokens", 0)  # an output from an older router has none
 
 
 def usage(choices: list[ChoiceResult], n: int) -> dict[str, int]:
     prompts = sum(len(c.prompt_ids) for c in choices) // max(n, 1)  # each prompt counted once, as OpenAI does
     completion = sum(len(c.token_ids) for c in choices)
+    cached = sum(c.cached_tokens for c in choices) // max(n, 1)
     return {"prompt_tokens": prompts, "completion_tokens": completion, "total_tokens": prompts + completion,
-            "expert_tokens": sum(c.expert_tokens for c in choices)}
+            "prompt_tokens_details": {"cached_tokens": cached}, "expert_tokens": sum(c.expert_tokens for c in choices)}
 
 
 def routing_json(routing) -> list[dict[str, Any]]:

@@ -1,0 +1,43 @@
+"""Prefix-cache figures: what an engine reports, summed in /admin/stats and per router in /metrics."""
+from prometheus_client import generate_latest
+
+from cluster.engine import LLMEngine, SamplingParams
+from deployments import metrics
+from deployments.cluster_view import _prefix_metrics, _sum_stats
+from deployments.messages import RouterReport
+
+
+def _report(router_id: str, stats: dict) -> RouterReport:
+    return RouterReport("b", router_id, "n", 1, [], [], None, (), stats)
+
+
+def test_engine_cache_stats_reach_admin_stats_and_metrics(checkpoint_factory):
+    engine = LLMEngine.from_pretrained(str(checkpoint_factory("mixtral")), max_num_seqs=2, max_model_len=64,
+                                       block_size=4)
+    system = list(range(1, 13))
+    engine.generate([system + [20, 21]], SamplingParams(max_tokens=2, temperature=0))
+    engine.generate([system + [30]], SamplingParams(max_tokens=2, temperature=0))
+    a = engine.cache_stats()
+    assert a["prefix_cache_hit_tokens"] == 12 and a["prefix_cache_query_tokens"] == 27
+    assert a["prefix_cached_blocks"] >= 3 and a["prefix_cache_evictions"] == 0
+    b = {**a, "prefix_cache_hit_tokens": 0, "prefix_cache_query_tokens": 13, "prefix_cached_blocks": 1}
+    reports = [_report("r0", a), _report("r1", b)]
+    summed = _sum_stats(reports)
+    assert summed["prefix_cache_hit_tokens"] == 12 and summed["prefix_cache_hit_rate"] == 12 / 40
+    _prefix_metrics(reports)
+    text = generate_latest(metrics.CLUSTER).decode()
+    assert 'moe_prefix_cache_hit_tokens_total{router="r0"} 12.0' in text
+    assert 'moe_prefix_cache_query_tokens_total{router="r1"} 13.0' in text
+    assert 'moe_prefix_cached_blocks{router="r1"} 1.0' in text
+    assert 'moe_prefix_cache_evictions_total{router="r0"} 0.0' in text
+
+
+def test_usage_reports_cached_prompt_tokens():
+    from cluster.engine.engine import StepOutput
+    from deployments.api.responses import ChoiceResult, usage
+
+    choices = [ChoiceResult(i, list(range(20))) for i in range(2)]  # n = 2: one prompt, counted once
+    for c in choices:
+        c.add(StepOutput("r", 5, "x", None, "length", prompt_tokens=20, completion_tokens=1, cached_tokens=16))
+    u = usage(choices, 2)
+    assert u["prompt_tokens"] == 20 and u["prompt_tokens_details"] == {"cached_tokens": 16}
