@@ -39,8 +39,9 @@ def haproxy_env(host: str) -> dict[str, str]:
     """Environment that turns HAProxy mode on for one local start (empty: keep Serve's proxy)."""
     if os.environ.get(HAPROXY_ENV) == "0" or not haproxy_available():
         return {}
-    # Beside Ray's session files (RAY_TMPDIR, as Ray places them), and short: admin.sock < 108 characters.
-    files = tempfile.mkdtemp(prefix="moe-haproxy-", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
+    # Short: Serve puts admin.sock in a per-node folder (56 characters) below this one, and HAProxy
+    # takes a socket path of at most 97 characters.
+    files = tempfile.mkdtemp(prefix="/tmp/moe-haproxy-")
     bind = "127.0.0.1" if host in ("localhost",) else host
     return {HAPROXY_ENV: "1",
             # Serve gives a starting proxy 5 s to say it is ready, then kills it; on a loaded small

@@ -171,7 +171,8 @@ def _of_this_server(pid: int | None, started: float, ray_tmp: str) -> str | None
             return None
         cmdline = " ".join(p.cmdline())
         if (inside in cmdline or p.environ().get("RAY_TMPDIR") == ray_tmp
-                or any(f.path.startswith(inside) for f in p.open_files())):
+                or any(f.path.startswith(inside) for f in p.open_files())
+                or _of_this_server(p.ppid(), started, ray_tmp)):  # e.g. haproxy, a child of Serve's manager
             return f"{p.name()} {cmdline[:80]}"
     except psutil.Error:  # gone meanwhile
         pass
