@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 import ray
@@ -47,6 +48,8 @@ class ExpertHost:
         log.info("%s: %d expert copies (%d bytes, %s) on %s, data plane at %s and %s", name, len(experts),
                  sum(w.nbytes for w in self.experts.experts.values()), self.dtype, self.device, self.address,
                  self.local.path)
+        if device.startswith("cuda"):  # expandable segments are shared as fds, which CUDA IPC may not map
+            log.info("%s: PYTORCH_CUDA_ALLOC_CONF=%s", name, os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
 
     def _load_copies(self, experts: list[tuple[int, int]]) -> int:
         """Loading more copies (the data plane's Load, on its own thread, while it keeps serving)."""
