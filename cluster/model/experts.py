@@ -99,9 +99,19 @@ class LocalExperts:
         return sorted(self.experts)
 
     @property
+    def stacks(self) -> dict[int, ExpertStack]:
+        """The layers' stacks; a new dict whenever `add` or `remove` restacks (copy-on-write)."""
+        return self._state[1]
+
+    @property
     def grouped(self) -> bool:
         """Every layer runs as grouped matmuls: no step of this executor reads counts on the host."""
-        return all(st.grouped for st in self._state[1].values())
+        return self.loop_reason is None
+
+    @property
+    def loop_reason(self) -> str | None:
+        """Why some layer runs the per-expert loop (cluster/model/grouped.py), or None."""
+        return next((st.loop_reason for st in self._state[1].values() if st.loop_reason is not None), None)
 
     def submit(self, layer: int, rows: Tensor, counts: Sequence[int]) -> Done:
         return Done(self.run(layer, rows, counts))

@@ -64,7 +64,7 @@ def test_grouped_experts_on_cuda_equal_the_loop():
     experts = {(0, e): MLPWeights((torch.randn(64, 32, generator=g) * 0.2).bfloat16().cuda(),
                                   (torch.randn(32, 32, generator=g) * 0.2).bfloat16().cuda()) for e in range(8)}
     local = LocalExperts(experts)
-    assert local.grouped
+    assert local.grouped == (torch.cuda.get_device_capability()[0] in (9, 10)), local.loop_reason  # else the loop
     rows = torch.randn(24, 32, generator=g).bfloat16().cuda()
     for counts in ([3, 0, 5, 0, 0, 8, 8, 0], [0, 0, 24, 0, 0, 0, 0, 0], [24, 0, 0, 0, 0, 0, 0, 0]):
         got, start = local.run(0, rows, counts), 0
