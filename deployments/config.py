@@ -41,14 +41,29 @@ class RouterOptions(_Options):
                                                                  "requests per router exceed this")
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per router replica")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per router replica")
-    device: str = Field("cpu", description="device of the router's backbone: cpu or cuda")
+    device: str | None = Field(None, description="device of the router's backbone: cpu or cuda; default cuda "
+                                                 "when num_gpus > 0, else cpu (as workers derive theirs)")
     label_selector: dict[str, str] = Field(default_factory=dict, description="node labels a router must land on")
 
     @model_validator(mode="after")
     def _bounds(self) -> "RouterOptions":
         if self.min > self.max:
             raise ValueError(f"routers.min ({self.min}) must not exceed routers.max ({self.max})")
+        self.device = router_device(self.device, self.num_gpus)
         return self
+
+
+def router_device(device: str | None, num_gpus: float) -> str:
+    """The router's device from its setting and its GPUs: Ray hides every GPU from a replica with
+    num_gpus 0, so cuda there fails at load (and Serve restarts it forever)."""
+    if device is None:
+        return "cuda" if num_gpus > 0 else "cpu"
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"routers.device {device!r} is not cpu or cuda")
+    if device.startswith("cuda") and num_gpus <= 0:
+        raise ValueError(f"routers.device {device!r} needs routers.num_gpus > 0 (Ray shows a replica "
+                         "without GPUs none)")
+    return device
 
 
 class IngressOptions(_Options):
