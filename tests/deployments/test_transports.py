@@ -281,3 +281,26 @@ def test_an_8192_token_prefill_at_qwen3_30b_sizes_through_one_worker(prefill, ki
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_gpu_workers_busy_time_is_its_kernels_not_their_launch(in_process_worker, monkeypatch):
+    """On a GPU run_subset returns once the kernels are queued: the worker waits for its stream before
+    it reads the clock, so the busy fraction the pool autoscaler reads sees the GPU's work."""
+    _, local, cfg = in_process_worker
+    waited = []
+
+    class Stream:  # the GPU still working for 50 ms after the launch returned
+        def synchronize(self):
+            waited.append(1)
+            time.sleep(0.05)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **kw: self if a == ("cuda",) else to(self, *a, **kw))
+    compute = ExpertCompute("gpu-worker", cfg, local, "cuda")
+    x = torch.randn(3, cfg.hidden_size)
+    compute.run(0, x, [1], [3])
+    assert waited == [1] and compute.busy_s >= 0.05
+    cpu = ExpertCompute("cpu-worker", cfg, local, "cpu")
+    cpu.run(0, x, [1], [3])
+    assert waited == [1]  # a CPU worker's compute is done when it returns
