@@ -84,7 +84,7 @@ def attend_batch(q: Tensor, batch: Batch, read: Reader, v_dim: int, scale: float
         k, v = read(c.context_slots[None])  # [1, H_kv, C, d]
         qs = q[c.start:c.start + c.num_tokens].transpose(0, 1)[None]  # [1, H, n, dk]
         simple = c.context_len == c.num_tokens and window is None and sinks is None
-        lens = torch.tensor([c.context_len], device=q.device)
+        lens = torch.full((1,), c.context_len, device=q.device)  # a fill on the device: no host-to-device copy
         mask = None if simple else visible(lens, c.context_len, c.num_tokens, window)
         out[c.start:c.start + c.num_tokens] = _attend(qs, k, v, mask, scale, sinks)[0].transpose(0, 1)
     return out
