@@ -107,7 +107,8 @@ class LLMEngine:
         if experts is None:
             if show_progress:
                 print(f"loading {len(cfg.experts())} experts", end="", flush=True, file=sys.stderr)
-            experts = LocalExperts(load_experts(ckpt, family, cfg, cfg.experts(), dtype=dtype, device=device))
+            experts = LocalExperts.stacked_by_layer(
+                cfg.experts(), lambda pairs: load_experts(ckpt, family, cfg, pairs, dtype=dtype, device=device))
             if show_progress:
                 print(" done", file=sys.stderr)
         max_len = min(max_model_len or 2048, cfg.context_limit)

@@ -12,7 +12,7 @@ with them there is nothing to overlap.
 from __future__ import annotations
 
 import threading
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,16 @@ class LocalExperts:
         self._lock = threading.Lock()
         self._state: tuple[dict[tuple[int, int], MLPWeights], dict[int, ExpertStack]] = ({}, {})
         self._restack(experts, {layer for layer, _ in experts})
+
+    @classmethod
+    def stacked_by_layer(cls, pairs: Sequence[tuple[int, int]],
+                         load: Callable[[list[tuple[int, int]]], dict[tuple[int, int], MLPWeights]]) -> "LocalExperts":
+        """`load` one layer's (layer, expert_id) pairs at a time, stacking each before the next is read:
+        loading peaks at the stacks plus one layer, not twice all experts (a GPU sized for them fits)."""
+        held = cls({})
+        for layer in sorted({layer for layer, _ in pairs}):
+            held.add(load([p for p in pairs if p[0] == layer]))
+        return held
 
     @property
     def experts(self) -> dict[tuple[int, int], MLPWeights]:

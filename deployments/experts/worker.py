@@ -38,8 +38,9 @@ class ExpertHost:
         self.name = name
         self.ckpt, self.family, self.cfg = open_model(model)
         self.dtype = resolve_dtype(dtype, device, self.cfg.checkpoint_dtype)
-        self.experts = LocalExperts(load_experts(self.ckpt, self.family, self.cfg, [tuple(e) for e in experts],
-                                                 dtype=self.dtype, device=self.device))
+        self.experts = LocalExperts.stacked_by_layer(
+            [tuple(e) for e in experts],
+            lambda pairs: load_experts(self.ckpt, self.family, self.cfg, pairs, dtype=self.dtype, device=self.device))
         self.compute = ExpertCompute(name, self.cfg, self.experts, self.device, service_time_per_token_s)
         self.server, port = serve_data_plane(ExpertServicer(self.compute, self._load_copies), host, secret)
         self.local = serve_local(self.compute, secret)

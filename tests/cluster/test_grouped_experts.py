@@ -131,3 +131,21 @@ def test_grouped_mm_is_used_only_where_it_is_sync_free(device, dtype, capability
     assert (reason is None) == grouped
     if not grouped:
         assert "sync-free only in bfloat16 on 9.x/10.x" in reason and str(capability) in reason
+
+
+def test_experts_are_loaded_and_stacked_one_layer_at_a_time():
+    """Each layer is stacked before the next is read: loading never holds every expert twice."""
+    experts = {(layer, e): w for layer in (1, 3, 4) for (_, e), w in _experts(layer).items()}
+    live = []
+
+    def load(pairs):
+        live.append(sorted({layer for layer, _ in pairs}))
+        return {p: experts[p] for p in pairs}
+
+    local = LocalExperts.stacked_by_layer(list(experts), load)
+    assert live == [[1], [3], [4]]  # one layer per read
+    assert local.held() == sorted(experts) and local.grouped
+    whole = LocalExperts(experts)
+    rows, counts = torch.randn(10, D), [1, 0, 3, 0, 2, 4, 0, 0]
+    for layer in (1, 3, 4):
+        torch.testing.assert_close(local.run(layer, rows, counts), whole.run(layer, rows, counts))
