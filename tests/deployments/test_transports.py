@@ -17,7 +17,7 @@ from cluster.model.experts import LocalExperts
 from cluster.placement import Placement, Table, WorkerRef
 from deployments.experts import transport as transports
 from deployments.experts.compute import ExpertCompute
-from deployments.experts.remote import RemoteExperts
+from deployments.experts.remote import RemoteExperts, on_side_stream
 from deployments.experts.servicer import ExpertServicer
 from deployments.experts.stats import error_code
 from deployments.experts.transport import grpc as grpc_transport
@@ -231,7 +231,9 @@ def test_cuda_ipc_matches_local_experts_on_the_gpu(checkpoint_factory):
         for rows in (1, 64, 4096, 70000):
             x = torch.randn(rows, cfg.hidden_size, dtype=torch.bfloat16, device="cuda")
             counts = [rows // 2, rows - rows // 2]
-            out = transport.forward(0, x, [1, 6], counts, 30)
+            ready = torch.cuda.Event()
+            ready.record()
+            out = on_side_stream(ready, transport.forward, 0, x, [1, 6], counts, 30)  # as RemoteExperts calls it
             assert out.device.type == "cuda" and out.dtype == torch.bfloat16
             torch.testing.assert_close(out, local.run_subset(0, x, [1, 6], counts))
         assert transport.kind == "cuda_ipc"
@@ -304,3 +306,18 @@ def test_a_gpu_workers_busy_time_is_its_kernels_not_their_launch(in_process_work
     cpu = ExpertCompute("cpu-worker", cfg, local, "cpu")
     cpu.run(0, x, [1], [3])
     assert waited == [1]  # a CPU worker's compute is done when it returns
+
+
+@cuda
+def test_expert_calls_run_on_the_pool_threads_own_stream():
+    """Not the engine's default stream, where the other micro-batch's attention is queued (overlap)."""
+    x = torch.randn(4, 8, device="cuda")
+    ready = torch.cuda.Event()
+    ready.record()
+    seen = on_side_stream(ready, lambda t: (torch.cuda.current_stream(), t * 2), x)
+    assert seen[0] != torch.cuda.default_stream() and torch.equal(seen[1], x * 2)
+    assert on_side_stream(None, lambda t: torch.cuda.current_stream(), x) == torch.cuda.current_stream()
+
+
+def test_expert_calls_without_cuda_rows_run_as_they_are():
+    assert on_side_stream(None, lambda a, b: a + b, 2, 3) == 5

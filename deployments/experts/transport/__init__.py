@@ -79,7 +79,7 @@ class CudaIpcOrShm:
                     failed, self.transport = self.transport, ShmTransport(self.address, self.ref.local_socket,
                                                                           self.secret)
                     failed.close()
-        return self.transport.forward(layer, rows, expert_ids, counts, timeout).to(rows.device)  # shm: host out
+        return self.transport.forward(layer, rows, expert_ids, counts, timeout)  # shm: on the host (the caller moves it)
 
     @property
     def kind(self) -> str:
