@@ -112,12 +112,13 @@ class AppConfig(_Options):
                             "benchmarks). Workers on other nodes always use gRPC; cuda_ipc needs CUDA on both sides")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="weights and compute (routers and expert workers): auto = the checkpoint's dtype on a "
-                            "GPU, float32 on a CPU; expert rows cross the data plane in it")
+                            "GPU (bfloat16 for a float32 checkpoint), float32 on a CPU; expert rows cross the data "
+                            "plane in it")
     kv_cache_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="the routers' KV cache (auto = dtype)")
     kv_cache_memory_bytes: int | None = Field(None, ge=1, description="bytes of KV cache per router (default: "
-                                              "gpu_memory_utilization of the GPU, or what max_num_seqs × "
-                                              "max_model_len needs on a CPU)")
+                                              "what max_num_seqs × max_model_len needs, capped by "
+                                              "gpu_memory_utilization of the GPU or 4 GiB on a CPU)")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="fraction of a router's GPU its weights "
                                           "and KV cache may use")
     max_num_seqs: int = Field(64, ge=1, description="sequences each router decodes together")
