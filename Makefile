@@ -1,6 +1,8 @@
 # Two entry points, each sets up .venv on first use:
 #   make run   - the main job: the server (Ray Serve, HTTP :8000, gRPC :9000) on the bundled demo model
 #   make test  - the whole test suite (what CI runs)
+# On a machine with one NVIDIA GPU only:
+#   make gpu-check - installs tmp/gpu-venv (CUDA torch), runs every CUDA test (a skip fails), measures (JSON)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -14,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-.PHONY: run test bench
+.PHONY: run test bench gpu-check
 run: $(STAMP)
 	$(BIN)/moe-cluster serve --model models/demo --num-workers 2
 
@@ -23,3 +25,6 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/engine_bench.py
+
+gpu-check:
+	bash bench/gpu_check.sh

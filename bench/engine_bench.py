@@ -5,7 +5,9 @@
 
 `--model qwen3_moe-1b`: a random ~1B-parameter qwen3_moe checkpoint (16 layers, 64 experts,
 top-8, hidden 1024) that the script builds once under tmp/bench-models/ (saved in bf16 as real
-checkpoints are, with the demo model's tokenizer); both sides run it in fp32 on a CPU.
+checkpoints are, with the demo model's tokenizer). Both sides run in the same dtype on the same
+device: `--dtype auto` is ours (fp32 on a CPU, bf16 for this checkpoint on a GPU), and transformers
+is loaded in whatever that resolved to.
 
 Greedy decoding of prompts of 8-64 tokens of held-out code and prose, EOS
 ignored so both sides generate exactly the same tokens. Two workloads:
@@ -109,23 +111,27 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--device", default="cpu", help="cpu or cuda (both sides run there)")
+    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (both sides)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     from transformers import AutoModelForCausalLM
 
     n, m = args.prompts, args.max_tokens
     path = built_model(args.model) if args.model in BUILT else args.model
-    engine = LLMEngine.from_pretrained(path, max_num_seqs=n, max_model_len=64 + 2 * m + 8, device=args.device)
-    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(args.device).eval()
+    engine = LLMEngine.from_pretrained(path, max_num_seqs=n, max_model_len=64 + 2 * m + 8, device=args.device,
+                                       dtype=args.dtype)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=engine.dtype).to(args.device).eval()  # same as ours
     prompts = make_prompts(engine, 2 * n)
     mixed = [16 + (2 * m - 16) * ((i * 37) % (2 * n)) // (2 * n - 1) for i in range(2 * n)]
     result = {"model": args.model, "threads": torch.get_num_threads(), "device": args.device,
+              "dtype": str(engine.dtype).removeprefix("torch."),
               "uniform": compare(engine, hf_model, prompts[:n], [m] * n, n),
               "mixed": compare(engine, hf_model, prompts, mixed, n)}
     if args.json:
         print(json.dumps(result))
         return
-    print(f"model: {args.model}, device: {args.device}, torch threads: {result['threads']}")
+    print(f"model: {args.model}, device: {args.device}, dtype: {result['dtype']} (both sides), "
+          f"torch threads: {result['threads']}")
     for name in ("uniform", "mixed"):
         print(f"[{name}]")
         for k, v in result[name].items():

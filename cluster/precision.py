@@ -1,7 +1,10 @@
 """Which dtype weights, compute and the KV cache use.
 
-`auto` means the checkpoint's own dtype on a GPU and float32 on a CPU: bf16
-matmuls on the CPUs we run on are about 100x slower than fp32. Weights are
+`auto` means float32 on a CPU (bf16 matmuls on the CPUs we run on are about
+100x slower than fp32) and on a GPU the checkpoint's own dtype, except that a
+float32 checkpoint (or a config without a dtype) runs in bfloat16, as vLLM's
+auto does: half the memory, and the grouped experts and CUDA graphs that need
+bf16 (cluster/model/grouped.py). float32 on a GPU only when asked. Weights are
 converted once per tensor on the device that will hold them.
 """
 from __future__ import annotations
@@ -31,7 +34,9 @@ def resolve_dtype(setting: str | torch.dtype | None, device: str, ckpt_dtype: to
         return setting
     setting = setting or "auto"
     if setting == "auto":
-        return ckpt_dtype if str(device).startswith("cuda") else torch.float32
+        if not str(device).startswith("cuda"):
+            return torch.float32
+        return torch.bfloat16 if ckpt_dtype == torch.float32 else ckpt_dtype
     if setting not in DTYPES:
         raise ValueError(f"dtype: {setting!r} is not one of {', '.join(SETTINGS)}")
     return DTYPES[setting]

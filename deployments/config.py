@@ -45,14 +45,29 @@ class RouterOptions(_Options):
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per router (default: what "
                                                               "Ray sets from num_cpus)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per router replica")
-    device: str = Field("cpu", description="device of the router's backbone: cpu or cuda")
+    device: str | None = Field(None, description="device of the router's backbone: cpu or cuda; default cuda "
+                                                 "when num_gpus > 0, else cpu (as workers derive theirs)")
     label_selector: dict[str, str] = Field(default_factory=dict, description="node labels a router must land on")
 
     @model_validator(mode="after")
     def _bounds(self) -> "RouterOptions":
         if self.min > self.max:
             raise ValueError(f"routers.min ({self.min}) must not exceed routers.max ({self.max})")
+        self.device = router_device(self.device, self.num_gpus)
         return self
+
+
+def router_device(device: str | None, num_gpus: float) -> str:
+    """The router's device from its setting and its GPUs: Ray hides every GPU from a replica with
+    num_gpus 0, so cuda there fails at load (and Serve restarts it forever)."""
+    if device is None:
+        return "cuda" if num_gpus > 0 else "cpu"
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"routers.device {device!r} is not cpu or cuda")
+    if device.startswith("cuda") and num_gpus <= 0:
+        raise ValueError(f"routers.device {device!r} needs routers.num_gpus > 0 (Ray shows a replica "
+                         "without GPUs none)")
+    return device
 
 
 class IngressOptions(_Options):
@@ -101,12 +116,13 @@ class AppConfig(_Options):
                             "benchmarks). Workers on other nodes always use gRPC; cuda_ipc needs CUDA on both sides")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="weights and compute (routers and expert workers): auto = the checkpoint's dtype on a "
-                            "GPU, float32 on a CPU; expert rows cross the data plane in it")
+                            "GPU (bfloat16 for a float32 checkpoint), float32 on a CPU; expert rows cross the data "
+                            "plane in it")
     kv_cache_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="the routers' KV cache (auto = dtype)")
     kv_cache_memory_bytes: int | None = Field(None, ge=1, description="bytes of KV cache per router (default: "
-                                              "gpu_memory_utilization of the GPU, or what max_num_seqs × "
-                                              "max_model_len needs on a CPU)")
+                                              "what max_num_seqs × max_model_len needs, capped by "
+                                              "gpu_memory_utilization of the GPU or 4 GiB on a CPU)")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="fraction of a router's GPU its weights "
                                           "and KV cache may use")
     max_num_seqs: int = Field(64, ge=1, description="sequences each router decodes together")

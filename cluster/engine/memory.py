@@ -1,9 +1,12 @@
 """How many bytes the KV cache gets, and the start-up memory report.
 
-On a GPU the cache takes what is left of `gpu_memory_utilization` of the
-device after the weights are loaded (as vLLM does); on a CPU it takes what
-max_num_seqs sequences of max_model_len tokens need, capped at CPU_KV_CAP_BYTES
-but never below one full-length sequence. An explicit kv_cache_memory_bytes wins.
+The cache takes what max_num_seqs sequences of max_model_len tokens need, but
+never below one full-length sequence; on a CPU that is capped at
+CPU_KV_CAP_BYTES, on a GPU at what is left of `gpu_memory_utilization` of the
+device after the weights are loaded (as vLLM does). Memory PyTorch's caching
+allocator holds but no tensor uses counts as free there: mem_get_info reports it
+as used, which would leave a second engine in the process nothing.
+An explicit kv_cache_memory_bytes wins.
 """
 from __future__ import annotations
 
@@ -23,11 +26,24 @@ def kv_cache_budget(cfg: ModelConfig, kv_dtype: torch.dtype, device: str, max_nu
                     memory_bytes: int | None = None, gpu_memory_utilization: float = 0.9) -> int:
     if memory_bytes is not None:
         return int(memory_bytes)
-    if str(device).startswith("cuda"):
-        free, total = torch.cuda.mem_get_info(torch.device(device))
-        return max(0, int(free - (1 - gpu_memory_utilization) * total))
     per_token = kv_bytes_per_token(cfg, kv_dtype)
-    return max(min(max_num_seqs * max_model_len * per_token, CPU_KV_CAP_BYTES), max_model_len * per_token)
+    needed, one_seq = max_num_seqs * max_model_len * per_token, max_model_len * per_token
+    if not str(device).startswith("cuda"):
+        return max(min(needed, CPU_KV_CAP_BYTES), one_seq)
+    free = gpu_free_bytes(device, gpu_memory_utilization)
+    if free < one_seq:
+        raise ValueError(f"KV cache: {free} bytes of {device} are left within gpu_memory_utilization="
+                         f"{gpu_memory_utilization}, less than one sequence of max_model_len={max_model_len} "
+                         f"({one_seq} bytes); raise gpu_memory_utilization or set kv_cache_memory_bytes")
+    return min(needed, free)
+
+
+def gpu_free_bytes(device: str, gpu_memory_utilization: float) -> int:
+    """Bytes of the GPU this engine may still take, within gpu_memory_utilization of the device."""
+    dev = torch.device(device)
+    free, total = torch.cuda.mem_get_info(dev)
+    cached = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+    return max(0, int(free + cached - (1 - gpu_memory_utilization) * total))
 
 
 def memory_report(dtype: torch.dtype, cache: KVCache, backbone_bytes: int, expert_bytes: int) -> dict:

@@ -95,7 +95,7 @@ def attend_batch(q: Tensor, batch: Batch, read: Reader, v_dim: int, scale: float
         qs = q[c.start:c.start + c.num_tokens].transpose(0, 1)[None]  # [1, H, n, dk]
         simple = (c.context_len == c.num_tokens and window is None and sinks is None and chunk is None
                   and select is None)
-        lens = torch.tensor([c.context_len], device=q.device)
+        lens = torch.full((1,), c.context_len, device=q.device)  # a fill on the device: no host-to-device copy
         mask = None if simple else visible(lens, c.context_len, c.num_tokens, window, chunk)
         if select is not None:
             rows = torch.arange(c.start, c.start + c.num_tokens, device=q.device)[None]

@@ -36,8 +36,10 @@ def unsupported(model) -> str | None:
         return "this machine has no CUDA device"
     if model.weights.embed.device.type != "cuda":
         return "the model is not on a CUDA device"
-    if not isinstance(model.experts, LocalExperts) or not model.experts.grouped:
-        return "the experts are remote or not grouped: their counts must reach the host every layer"
+    if not isinstance(model.experts, LocalExperts):
+        return "the experts are remote: their counts must reach the host every layer"
+    if not model.experts.grouped:
+        return f"the experts are not grouped, their counts must reach the host every layer: {model.experts.loop_reason}"
     if model.cfg.rope.length_threshold is not None:
         return f"{model.cfg.rope.kind} rope recomputes frequencies from each sequence's length"
     return None
@@ -82,6 +84,7 @@ class DecodeGraphs:
             raise ValueError(f"decode steps cannot be replayed from CUDA graphs: {reason}")
         self.model, self.cache = model, cache
         self.graphs: dict[tuple[int, int], DecodeBucket] = {}
+        self.stacks = model.experts.stacks  # the expert tensors the graphs read
         self.pool = torch.cuda.graph_pool_handle()
         self.replays = 0
         self.failed: str | None = None  # a capture failed (an op this torch cannot capture): eager from then on
@@ -91,6 +94,8 @@ class DecodeGraphs:
         d = batch.decode
         if self.failed or rows is not None or d is None or d.rows.shape[0] != len(batch.chunks):
             return None
+        if self.stacks is not self.model.experts.stacks:  # experts restacked: the graphs read freed memory
+            self.graphs, self.stacks = {}, self.model.experts.stacks
         b = len(batch.chunks)
         key = (_bucket(b), _bucket(max(c.context_len for c in batch.chunks), least=32))
         graph = self.graphs.get(key)
@@ -116,7 +121,11 @@ class DecodeGraphs:
         with torch.cuda.stream(side):  # warm-up (a capture needs one): this step's real forward
             self.model.forward(graph.batch, self.cache)
         torch.cuda.current_stream().wait_stream(side)
-        graph.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph.graph, pool=self.pool):
-            graph.logits, graph.routing = self.model.forward(graph.batch, self.cache)
+        graph.graph, prev = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
+        try:
+            with torch.cuda.graph(graph.graph, pool=self.pool):
+                graph.logits, graph.routing = self.model.forward(graph.batch, self.cache)
+        except RuntimeError:  # torch.cuda.graph's __exit__ raises before it leaves its side stream
+            torch.cuda.set_stream(prev)
+            raise
         return graph

@@ -71,7 +71,13 @@ def gather_rows(hidden: Tensor, plan: DispatchPlan) -> Tensor:
 
 
 def combine(expert_out: Tensor, plan: DispatchPlan, weights: Tensor) -> Tensor:
-    """Weighted sum of each token's expert outputs: [N, D] sorted rows → [T, D]."""
-    w = weights.reshape(-1).index_select(0, plan.order).to(expert_out.dtype)  # [N]
-    out = torch.zeros(plan.num_tokens, expert_out.shape[-1], dtype=expert_out.dtype, device=expert_out.device)
-    return out.index_add_(0, plan.token_index, expert_out * w[:, None])  # [T, D]
+    """Weighted sum of each token's expert outputs: [N, D] sorted rows → [T, D].
+
+    Each token's K rows are gathered back into (token, k) order and summed in fp32, in that fixed
+    order: an index_add_ into [T, D] is an atomicAdd on CUDA, in no fixed order, and in bf16 the
+    order changes the result (greedy tokens then differ run to run on near-ties)."""
+    n, d = expert_out.shape
+    inverse = torch.empty_like(plan.order).scatter_(0, plan.order, torch.arange(n, device=plan.order.device))  # [N]
+    w = weights.reshape(plan.num_tokens, n // max(plan.num_tokens, 1), 1).float()  # [T, K, 1]
+    rows = expert_out.index_select(0, inverse).view(plan.num_tokens, w.shape[1], d)  # [T, K, D]
+    return (rows.float() * w).sum(1).to(expert_out.dtype)  # [T, D]

@@ -12,7 +12,7 @@ with them there is nothing to overlap.
 from __future__ import annotations
 
 import threading
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,16 @@ class LocalExperts:
         self._state: tuple[dict[tuple[int, int], MLPWeights], dict[int, ExpertStack]] = ({}, {})
         self._restack(experts, {layer for layer, _ in experts})
 
+    @classmethod
+    def stacked_by_layer(cls, pairs: Sequence[tuple[int, int]],
+                         load: Callable[[list[tuple[int, int]]], dict[tuple[int, int], MLPWeights]]) -> "LocalExperts":
+        """`load` one layer's (layer, expert_id) pairs at a time, stacking each before the next is read:
+        loading peaks at the stacks plus one layer, not twice all experts (a GPU sized for them fits)."""
+        held = cls({})
+        for layer in sorted({layer for layer, _ in pairs}):
+            held.add(load([p for p in pairs if p[0] == layer]))
+        return held
+
     @property
     def experts(self) -> dict[tuple[int, int], MLPWeights]:
         return self._state[0]
@@ -99,9 +109,19 @@ class LocalExperts:
         return sorted(self.experts)
 
     @property
+    def stacks(self) -> dict[int, ExpertStack]:
+        """The layers' stacks; a new dict whenever `add` or `remove` restacks (copy-on-write)."""
+        return self._state[1]
+
+    @property
     def grouped(self) -> bool:
         """Every layer runs as grouped matmuls: no step of this executor reads counts on the host."""
-        return all(st.grouped for st in self._state[1].values())
+        return self.loop_reason is None
+
+    @property
+    def loop_reason(self) -> str | None:
+        """Why some layer runs the per-expert loop (cluster/model/grouped.py), or None."""
+        return next((st.loop_reason for st in self._state[1].values() if st.loop_reason is not None), None)
 
     def submit(self, layer: int, rows: Tensor, counts: Sequence[int]) -> Done:
         return Done(self.run(layer, rows, counts))

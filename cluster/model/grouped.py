@@ -6,9 +6,12 @@ expert_ids[s]), D hidden, I expert intermediate.
 The per-expert loop (`swiglu` on each expert's rows) launches two matmuls per
 expert that got rows and needs the counts on the host; `torch.nn.functional.grouped_mm`
 takes the counts as device offsets, so a layer costs two matmul calls whatever E is
-and a GPU step never waits for the host. It is used where this torch supports it
-for the stack's device, dtype and shapes (probed once per stack: CPU for any float
-dtype, CUDA SM80+ in bf16 at least, dims a multiple of 16 bytes); elsewhere the loop.
+and a GPU step never waits for the host. It is used where this torch runs it without a host sync
+(`sync_free_reason`: CPU for any float dtype; CUDA only in bf16 on compute capability
+9.x/10.x, where torch 2.13 has its CUTLASS kernel, while elsewhere `_grouped_mm_fallback`
+copies the offsets to the host and loops, no better than our loop and not capturable)
+and for the stack's shapes (probed once per stack: dims a multiple of 16 bytes);
+elsewhere the loop. The reason a stack loops is logged and kept (`loop_reason`).
 On this project's CPU it measured as fast as or faster than the loop and a padded
 bmm (bench/expert_compute_bench.py).
 """
@@ -21,8 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import logging
+
 from cluster.model.layers import swiglu
 from cluster.model.weights import ExpertActivation, MLPWeights
+
+log = logging.getLogger("cluster.engine")
+SYNC_FREE_CUDA_MAJORS = (9, 10)  # torch 2.13 GroupedBlas.cpp: CUTLASS grouped GEMM on SM90/SM100, bf16 only
 
 
 @dataclass(frozen=True)
@@ -36,7 +44,11 @@ class ExpertStack:
     gate_up_bias: Tensor | None  # [S, 2I]
     down_bias: Tensor | None  # [S, D]
     activation: ExpertActivation
-    grouped: bool  # grouped_mm works here; False: the per-expert loop
+    loop_reason: str | None  # why the per-expert loop runs instead of grouped_mm; None: grouped
+
+    @property
+    def grouped(self) -> bool:
+        return self.loop_reason is None
 
     def weights(self, s: int) -> MLPWeights:
         """Slot s as an MLPWeights of views into the stack (no copy)."""
@@ -52,23 +64,48 @@ def stack_layer(experts: dict[int, MLPWeights]) -> ExpertStack:
     maybe = lambda ts: None if ts[0] is None else torch.stack(ts)  # noqa: E731
     stack = ExpertStack(ids, {e: s for s, e in enumerate(ids)}, torch.stack([w.gate_up for w in ws]), torch.stack([w.down for w in ws]),
                         maybe([w.gate_up_bias for w in ws]), maybe([w.down_bias for w in ws]), ws[0].activation,
-                        grouped=False)
-    return replace(stack, grouped=_grouped_works(stack))
+                        loop_reason="not probed")
+    reason = _loop_reason(stack)
+    if reason is not None:
+        log.info("experts of one layer (%d, %s on %s) run as a per-expert loop: %s", len(ids), stack.gate_up.dtype,
+                 stack.gate_up.device, reason)
+    return replace(stack, loop_reason=reason)
 
 
-def _grouped_works(stack: ExpertStack) -> bool:
-    """Whether grouped_mm runs on this stack's device, dtype and shapes (and equals the loop on one row)."""
+def sync_free_reason(device: torch.device, dtype: torch.dtype, capability: tuple[int, int] | None) -> str | None:
+    """Why grouped_mm would sync with the host on `device` at `dtype` (capability: the CUDA device's),
+    or None when it does not."""
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda":
+        return f"grouped_mm on {device.type} is not known to be sync-free"
+    if capability is None or capability[0] not in SYNC_FREE_CUDA_MAJORS or dtype != torch.bfloat16:
+        return (f"grouped_mm on compute capability {capability} in {dtype} is torch's fallback (offsets copied to "
+                f"the host, one matmul per expert); it is sync-free only in bfloat16 on 9.x/10.x")
+    return None
+
+
+def _loop_reason(stack: ExpertStack) -> str | None:
+    """None when grouped_mm runs sync-free on this stack's device, dtype and shapes and equals the loop
+    on one row; else why not."""
     if not hasattr(F, "grouped_mm"):
-        return False
-    row = torch.ones(1, stack.gate_up.shape[-1], dtype=stack.gate_up.dtype, device=stack.gate_up.device)
-    counts = torch.zeros(len(stack.expert_ids), dtype=torch.long, device=row.device)
+        return "this torch has no grouped_mm"
+    device, dtype = stack.gate_up.device, stack.gate_up.dtype
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    reason = sync_free_reason(device, dtype, capability)
+    if reason is not None:
+        return reason
+    row = torch.ones(1, stack.gate_up.shape[-1], dtype=dtype, device=device)
+    counts = torch.zeros(len(stack.expert_ids), dtype=torch.long, device=device)
     counts[0] = 1
     try:
         got = grouped_swiglu(row, stack, counts)
-    except (RuntimeError, NotImplementedError, TypeError):
-        return False
+    except (RuntimeError, NotImplementedError, TypeError) as e:
+        return f"grouped_mm refused these shapes ({type(e).__name__}: {str(e)[:200]})"
     want = swiglu_loop(row, stack, [1] + [0] * (len(counts) - 1))
-    return bool(torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2))
+    if not torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2):
+        return f"grouped_mm differs from the loop by {(got.float() - want.float()).abs().max().item():.3g} on one row"
+    return None
 
 
 def _bias(out: Tensor, bias: Tensor | None, counts: Tensor) -> Tensor:

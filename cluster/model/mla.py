@@ -2,17 +2,24 @@
 
 Shapes: T rows, B sequences, H heads, C context, R kv_lora_rank, P rope dim,
 N no-rope key dim, V value dim. The cache keeps only the compressed latent
-[R] and the shared rotary key [P] per token; keys and values are expanded
-from the latent (kv_b) when attended.
+[R] and the shared rotary key [P] per token. Prefill chunks expand keys and
+values from the latent (kv_b) when attended. Decode absorbs kv_b instead (as
+DeepSeek's and vLLM's MLA do): the no-rope query is mapped into the latent space
+(q_nope · W_uk), attends the cached [latent, k_rot] as one shared key head
+(multi-query), and the latent output is mapped to values (· W_uv). Nothing of
+size [B, H, C, N+V] is built: at DeepSeek-V3 sizes, B=64 and C=4096 that is
+16 GiB per layer and step.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from cluster.config import ModelConfig
-from cluster.model.attention import attend_batch
+from cluster.model.attention import attend_batch, visible
 from cluster.model.batch import Batch
 from cluster.model.kv_cache import KVCache
 from cluster.model.layers import rms_norm
@@ -23,6 +30,8 @@ from cluster.model.weights import IndexerWeights, MLAWeights
 # config.json's rms_norm_eps says (GLM-4.7-Flash and GLM-5 set 1e-5 for the other norms).
 LATENT_NORM_EPS = 1e-6
 INDEXER_NORM_EPS = 1e-6  # the indexer's key LayerNorm, fixed in DeepSeek's and transformers' code
+
+ABSORB_DECODE = True  # False: decode expands kv_b over the context as prefill does (the reference the tests use)
 
 
 def _queries(x: Tensor, w: MLAWeights, cfg: ModelConfig) -> tuple[Tensor, Tensor | None]:
@@ -71,6 +80,22 @@ def select_topk(index_q: Tensor, x: Tensor, index_k: Tensor, mask: Tensor, w: In
     return torch.zeros_like(mask).scatter_(-1, top, True) & mask
 
 
+def _absorbed_decode(q: Tensor, latent: Tensor, k_rot: Tensor, lens: Tensor, w: MLAWeights, cfg: ModelConfig,
+                     window: int | None) -> Tensor:
+    """q [B, H, N+P] (rope applied), latent [B, 1, C, R], k_rot [B, 1, C, P] → [B, H, V]."""
+    h, n = cfg.num_heads, cfg.qk_nope_head_dim
+    w_kv = w.kv_b.view(h, n + cfg.v_head_dim, cfg.kv_lora_rank)  # [H, N+V, R]
+    w_uk, w_uv = w_kv[:, :n], w_kv[:, n:]  # [H, N, R], [H, V, R]
+    q_nope, q_rot = q.to(w.kv_b.dtype).split([n, cfg.qk_rope_head_dim], dim=-1)
+    q_latent = torch.einsum("bhn,hnr->bhr", q_nope, w_uk)  # [B, H, R]
+    qs = torch.cat([q_latent, q_rot], dim=-1)[:, :, None, :]  # [B, H, 1, R+P]
+    keys = torch.cat([latent, k_rot], dim=-1).to(qs.dtype)  # [B, 1, C, R+P]: one key head for all
+    mask = visible(lens, keys.shape[2], 1, window)[:, None]  # [B, 1, 1, C]
+    out = F.scaled_dot_product_attention(qs, keys, latent.to(qs.dtype), attn_mask=mask, scale=cfg.attn_scale,
+                                         enable_gqa=True)  # [B, H, 1, R]
+    return torch.einsum("bhr,hvr->bhv", out[:, :, 0], w_uv)  # [B, H, V]
+
+
 def mla_attention(x: Tensor, w: MLAWeights, cfg: ModelConfig, layer: int, batch: Batch, cache: KVCache,
                   rope: tuple[Tensor, Tensor]) -> Tensor:
     rotate = rotary_interleaved if cfg.rope_interleave else apply_rotary
@@ -89,5 +114,12 @@ def mla_attention(x: Tensor, w: MLAWeights, cfg: ModelConfig, layer: int, batch:
             w.indexer, cfg)
     cache.write(layer, batch.slot_mapping, latent, k_rot)
     read = lambda slots: _expand(*cache.gather(layer, slots), w, cfg)  # noqa: E731
-    out = attend_batch(q, batch, read, cfg.v_head_dim, cfg.attn_scale, cfg.sliding_window(layer), select=select)
-    return F.linear(out.reshape(x.shape[0], -1), w.o)  # out: [T, H, V]
+    window, d = cfg.sliding_window(layer), batch.decode
+    absorb = ABSORB_DECODE and d is not None and select is None  # DSA's selection: the expanded path
+    if absorb:
+        decoded = _absorbed_decode(q[d.rows], *cache.gather(layer, d.context_slots), d.lens, w, cfg, window)
+        batch = replace(batch, decode=None)  # attend_batch: the prefill chunks only
+    out = attend_batch(q, batch, read, cfg.v_head_dim, cfg.attn_scale, window, select=select)  # [T, H, V]
+    if absorb:
+        out[d.rows] = decoded.to(out.dtype)
+    return F.linear(out.reshape(x.shape[0], -1), w.o)

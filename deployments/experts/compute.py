@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Sequence
 
+import torch
 from torch import Tensor
 
 from cluster.config import ModelConfig
@@ -48,6 +49,8 @@ class ExpertCompute:
         with self._device_lock if modelled else contextlib.nullcontext():  # modelled: one call at a time
             t0 = time.perf_counter()
             out = self.experts.run_subset(layer, rows, expert_ids, counts)
+            if self.device.startswith("cuda"):  # the kernels were only queued: busy time is theirs, not the launches'
+                torch.cuda.current_stream(torch.device(self.device)).synchronize()
             if modelled:
                 time.sleep(max(0.0, self.service_time_per_token_s * len(rows) - (time.perf_counter() - t0)))
         with self._busy_lock:

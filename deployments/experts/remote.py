@@ -30,6 +30,23 @@ from deployments.experts.stats import DataPlaneStats, error_code
 log = logging.getLogger("ray.serve")
 
 
+_thread = threading.local()
+
+
+def on_side_stream(ready, forward: Callable[..., Tensor], *args) -> Tensor:
+    """Run a transport call from the pool thread on that thread's own CUDA stream, after `ready` (an
+    event the engine thread recorded once the rows existed). On the shared default stream the call's
+    copies and syncs would queue behind the other micro-batch's attention, undoing the overlap."""
+    if ready is None:
+        return forward(*args)
+    stream = getattr(_thread, "stream", None)
+    if stream is None or stream.device != ready.device:
+        stream = _thread.stream = torch.cuda.Stream(ready.device)
+    stream.wait_event(ready)
+    with torch.cuda.stream(stream):
+        return forward(*args)  # each transport syncs its stream before returning device outputs
+
+
 class Transport(Protocol):
     address: str
 
@@ -210,7 +227,12 @@ class RemoteExperts:
     def _send(self, worker: int, layer: int, rows: Tensor, group):
         index = torch.cat([torch.arange(s, s + n, device=rows.device) for _, s, n in group])
         transport = self.transports.get(worker, self._table.workers[worker])
-        future = self._pool.submit(transport.forward, layer, rows.index_select(0, index),
+        picked = rows.index_select(0, index)
+        ready = None
+        if picked.is_cuda:  # the rows are ready here; what the engine queues after them is not the call's
+            ready = torch.cuda.Event()
+            ready.record()
+        future = self._pool.submit(on_side_stream, ready, transport.forward, layer, picked,
                                    [e for e, _, _ in group], [n for _, _, n in group], self.call_timeout_s)
         return future, index
 

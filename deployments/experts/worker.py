@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 import ray
@@ -37,8 +38,9 @@ class ExpertHost:
         self.name = name
         self.ckpt, self.family, self.cfg = open_model(model)
         self.dtype = resolve_dtype(dtype, device, self.cfg.checkpoint_dtype)
-        self.experts = LocalExperts(load_experts(self.ckpt, self.family, self.cfg, [tuple(e) for e in experts],
-                                                 dtype=self.dtype, device=self.device))
+        self.experts = LocalExperts.stacked_by_layer(
+            [tuple(e) for e in experts],
+            lambda pairs: load_experts(self.ckpt, self.family, self.cfg, pairs, dtype=self.dtype, device=self.device))
         self.compute = ExpertCompute(name, self.cfg, self.experts, self.device, service_time_per_token_s)
         self.server, port = serve_data_plane(ExpertServicer(self.compute, self._load_copies), host, secret)
         self.local = serve_local(self.compute, secret)
@@ -47,6 +49,8 @@ class ExpertHost:
         log.info("%s: %d expert copies (%d bytes, %s) on %s, data plane at %s and %s", name, len(experts),
                  sum(w.nbytes for w in self.experts.experts.values()), self.dtype, self.device, self.address,
                  self.local.path)
+        if device.startswith("cuda"):  # expandable segments are shared as fds, which CUDA IPC may not map
+            log.info("%s: PYTORCH_CUDA_ALLOC_CONF=%s", name, os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
 
     def _load_copies(self, experts: list[tuple[int, int]]) -> int:
         """Loading more copies (the data plane's Load, on its own thread, while it keeps serving)."""

@@ -115,3 +115,28 @@ def test_prompt_plus_max_tokens_over_context(engine):
     with pytest.raises(InvalidRequest, match="exceeds the context length") as e:
         engine.add_request([1] * 250, SamplingParams(max_tokens=10))
     assert e.value.param == "max_tokens"
+
+
+def test_routing_read_once_per_step_is_each_sequences_own(engine, monkeypatch):
+    """return_routing: each token's routing (read to the host once per step) is its own sequence's, the
+    same batched as alone; greedy steps leave the [B, V] logits on the device."""
+    from cluster.engine import engine as engine_module
+
+    reads = []
+    real = engine_module._reads_logits
+    monkeypatch.setattr(engine_module, "_reads_logits", lambda s: reads.append(real(s)) or reads[-1])
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, return_routing=True)
+    prompts = [[5, 17, 33, 2], [9, 4], list(range(3, 30, 3))]
+    batched = engine.generate(prompts, params)
+    assert reads and not any(reads)  # greedy without logprobs: only the argmax crossed to the host
+    for prompt, out in zip(prompts, batched):
+        [alone] = engine.generate([prompt], params)
+        assert len(out.routing) == 5 and out.token_ids == alone.token_ids
+        for a, b in zip(out.routing, alone.routing):  # ids exactly, weights to batch-shape rounding
+            assert [(layer, ids) for layer, ids, _ in a] == [(layer, ids) for layer, ids, _ in b]
+            assert torch.allclose(torch.tensor([w for *_, w in a]), torch.tensor([w for *_, w in b]), atol=1e-5)
+        assert all(len(ids) == engine.cfg.top_k for _, ids, _ in out.routing[0])
+    sampled = SamplingParams(max_tokens=2, temperature=0.8, seed=1, logprobs=2)
+    reads.clear()
+    engine.generate([prompts[0]], sampled)
+    assert reads and all(reads)

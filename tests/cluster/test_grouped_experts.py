@@ -7,6 +7,7 @@ import torch
 from cluster.model.dispatch import dispatch
 from cluster.model.experts import LocalExperts, reference_moe, swiglu
 from cluster.model.gating import Gating
+from cluster.model.grouped import sync_free_reason
 from cluster.model.moe import moe_block
 from cluster.model.weights import AttentionWeights, ExpertActivation, LayerWeights, MLPWeights
 
@@ -88,7 +89,7 @@ def test_shapes_grouped_mm_refuses_fall_back_to_the_loop():
     """grouped_mm wants rows of a multiple of 16 bytes; a hidden size of 6 floats runs the loop."""
     experts = _experts(6, d=6)
     local = LocalExperts(experts)
-    assert not local.grouped
+    assert not local.grouped and "grouped_mm refused these shapes" in local.loop_reason
     rows, counts = torch.randn(7, 6), [0, 7, 0, 0, 0, 0, 0, 0]
     torch.testing.assert_close(local.run(0, rows, counts), _loop(experts, 0, rows, range(E), counts))
 
@@ -108,3 +109,43 @@ def test_copies_added_and_removed_restack_the_layer():
     keep = [e for e in range(E) if e != 2]
     torch.testing.assert_close(local.run_subset(0, rows[:7], keep, [1] * 7),
                                _loop(experts, 0, rows[:7], keep, [1] * 7), atol=1e-5, rtol=1e-5)
+
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("device,dtype,capability,grouped", [
+    (CPU, torch.float32, None, True),
+    (CPU, torch.bfloat16, None, True),
+    (CUDA, torch.bfloat16, (9, 0), True),  # H100/H200: CUTLASS grouped GEMM, offsets stay on the device
+    (CUDA, torch.bfloat16, (10, 0), True),  # B200
+    (CUDA, torch.float32, (9, 0), False),  # fp32 on an H100: torch's fallback, offs.cpu() + a loop
+    (CUDA, torch.float16, (9, 0), False),
+    (CUDA, torch.bfloat16, (8, 0), False),  # A100
+    (CUDA, torch.bfloat16, (8, 9), False),  # L40S
+    (CUDA, torch.bfloat16, (12, 0), False),  # consumer Blackwell: no SM100 kernel either
+    (CUDA, torch.bfloat16, None, False),
+])
+def test_grouped_mm_is_used_only_where_it_is_sync_free(device, dtype, capability, grouped):
+    reason = sync_free_reason(device, dtype, capability)
+    assert (reason is None) == grouped
+    if not grouped:
+        assert "sync-free only in bfloat16 on 9.x/10.x" in reason and str(capability) in reason
+
+
+def test_experts_are_loaded_and_stacked_one_layer_at_a_time():
+    """Each layer is stacked before the next is read: loading never holds every expert twice."""
+    experts = {(layer, e): w for layer in (1, 3, 4) for (_, e), w in _experts(layer).items()}
+    live = []
+
+    def load(pairs):
+        live.append(sorted({layer for layer, _ in pairs}))
+        return {p: experts[p] for p in pairs}
+
+    local = LocalExperts.stacked_by_layer(list(experts), load)
+    assert live == [[1], [3], [4]]  # one layer per read
+    assert local.held() == sorted(experts) and local.grouped
+    whole = LocalExperts(experts)
+    rows, counts = torch.randn(10, D), [1, 0, 3, 0, 2, 4, 0, 0]
+    for layer in (1, 3, 4):
+        torch.testing.assert_close(local.run(layer, rows, counts), whole.run(layer, rows, counts))

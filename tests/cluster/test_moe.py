@@ -69,3 +69,28 @@ def test_nan_gate_logits_are_served():
     out, routing = moe_block(torch.randn(10, D), layer, 0, Gating(2, True), LocalExperts(experts))
     assert ((routing.ids >= 0) & (routing.ids < 8)).all()
     assert all(len(set(r)) == 2 for r in routing.ids.tolist())
+
+
+def test_combine_sums_each_tokens_rows_in_fp32_in_a_fixed_order():
+    """bf16 combine: each token's K outputs summed in fp32 in (token, k) order, so the result does not
+    depend on how rows were sorted (an index_add_ into bf16 is a CUDA atomicAdd, order varies)."""
+    from cluster.model.dispatch import DispatchPlan, combine
+
+    g = torch.Generator().manual_seed(3)
+    t, k, d = 64, 8, 32
+    ids = torch.stack([torch.randperm(16, generator=g)[:k] for _ in range(t)])  # [T, K]
+    weights = torch.rand(t, k, generator=g).softmax(-1)
+    per_pair = (torch.randn(t, k, d, generator=g) * 4).bfloat16()  # each (token, k) row's expert output
+    want = (per_pair.float() * weights[..., None]).sum(1).bfloat16()
+    plan = dispatch(ids, 16)
+    results = []
+    for order in (plan.order, plan.order.flip(0)):  # two valid sortings of the same rows
+        p = DispatchPlan(order, order // k, plan.counts, t)
+        results.append(combine(per_pair.reshape(t * k, d).index_select(0, order), p, weights))
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], want)
+    assert results[0].dtype == torch.bfloat16
+    naive = torch.zeros(t, d, dtype=torch.bfloat16)  # what index_add_ in bf16 gives in the flipped order
+    flipped = plan.order.flip(0)
+    naive.index_add_(0, flipped // k, per_pair.reshape(t * k, d)[flipped]
+                     * weights.reshape(-1)[flipped, None].bfloat16())
+    assert not torch.equal(naive, want)  # the order-dependent result this replaces

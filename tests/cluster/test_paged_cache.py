@@ -97,3 +97,34 @@ def test_prompt_logprobs_survive_a_preemption_unchanged(checkpoint_factory):
     assert tight.scheduler.num_preemptions > 0
     assert all(n == 1 for n in scored.values())  # once, on the first output, not again after a recompute
     assert [outs[rid] for rid in ids] == [c.token_ids for c in expected]
+
+
+class FakeGpu:
+    """torch.cuda's memory queries for a 141 GB device (the review's H200), without CUDA: `allocated`
+    bytes in tensors, `reserved` held by the caching allocator (mem_get_info counts both as used)."""
+    total = 141 * 10**9
+
+    def __init__(self, monkeypatch, allocated: int, reserved: int):
+        self.allocated, self.reserved = allocated, reserved
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (self.total - self.reserved, self.total))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: self.reserved)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: self.allocated)
+
+
+def test_gpu_budget_is_what_the_engine_needs_and_leaves_room_for_a_second_engine(monkeypatch):
+    from cluster.loader import open_model
+    from cluster.engine.memory import kv_cache_budget
+
+    _, _, cfg = open_model("models/demo")
+    per_token = kv_bytes_per_token(cfg, torch.bfloat16)
+    gpu = FakeGpu(monkeypatch, allocated=2 << 30, reserved=2 << 30)  # weights of the first engine
+    first = kv_cache_budget(cfg, torch.bfloat16, "cuda", 8, 128, None, 0.9)
+    assert first == 8 * 128 * per_token  # not ~90% of the device (126 GiB before)
+    gpu.allocated += first  # the first engine's cache, and a freed third engine's 40 GB still cached:
+    gpu.reserved += first + 40 * 10**9
+    second = kv_cache_budget(cfg, torch.bfloat16, "cuda:0", 64, 2048, None, 0.9)
+    assert second == 64 * 2048 * per_token  # the cached bytes count as free (was 0 → ValueError)
+    gpu.allocated = gpu.reserved = int(0.9 * gpu.total) - 1000  # truly full: a clear refusal, no OOM later
+    with pytest.raises(ValueError, match="gpu_memory_utilization=0.9, less than one sequence of max_model_len=2048"):
+        kv_cache_budget(cfg, torch.bfloat16, "cuda", 64, 2048, None, 0.9)
+    assert kv_cache_budget(cfg, torch.bfloat16, "cuda", 64, 2048, 12345, 0.9) == 12345  # explicit bytes win

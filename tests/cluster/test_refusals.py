@@ -65,6 +65,9 @@ def test_dtype_auto_is_the_checkpoints_on_gpu_and_fp32_on_cpu():
     assert resolve_dtype("auto", "cpu", torch.bfloat16) == torch.float32
     assert resolve_dtype("auto", "cuda", torch.bfloat16) == torch.bfloat16
     assert resolve_dtype("auto", "cuda:1", torch.float16) == torch.float16
+    assert resolve_dtype("auto", "cuda", torch.float32) == torch.bfloat16  # vLLM's rule: fp32 checkpoints in bf16
+    assert resolve_dtype(None, "cuda:0", torch.float32) == torch.bfloat16
+    assert resolve_dtype("float32", "cuda", torch.float32) == torch.float32  # only when asked
     assert resolve_dtype("bfloat16", "cpu", torch.float32) == torch.bfloat16
     assert resolve_kv_dtype("auto", torch.bfloat16) == torch.bfloat16
     assert resolve_kv_dtype("float32", torch.bfloat16) == torch.float32

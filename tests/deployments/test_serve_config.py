@@ -33,6 +33,9 @@ def test_serve_local_yaml_is_a_serve_config_that_builds(monkeypatch):
     ({"routers": {"min": 3, "max": 2}}, r"routers.min \(3\) must not exceed routers.max \(2\)"),
     ({"pool": {"min_workers": 3, "max_workers": 1}}, r"pool.min_workers \(3\) must not exceed pool.max_workers"),
     ({"router_num_cpus": 1}, "router_num_cpus: Extra inputs are not permitted"),
+    ({"routers": {"device": "cuda"}}, r"routers.device 'cuda' needs routers.num_gpus > 0"),
+    ({"routers": {"device": "cuda:0", "num_gpus": 0}}, r"routers.device 'cuda:0' needs routers.num_gpus > 0"),
+    ({"routers": {"device": "tpu", "num_gpus": 1}}, r"routers.device 'tpu' is not cpu or cuda"),
 ])
 def test_bad_app_config_names_the_field(args, message):
     with pytest.raises(ValueError, match=message):
@@ -53,3 +56,14 @@ def test_a_local_start_binds_loopback_or_every_interface(host, bound):
     env = local_env(bound, 1 << 20)
     assert env["MOE_CLUSTER_BIND_HOST"] == bound  # Serve's hard-coded [::] servers follow it
     assert ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in env) == (bound == "127.0.0.1")  # Ray's node IP on loopback
+
+
+@pytest.mark.parametrize("routers,device", [
+    ({}, "cpu"),
+    ({"num_gpus": 1}, "cuda"),  # a router holding a GPU runs on it (it used to stay on the CPU)
+    ({"num_gpus": 0.4}, "cuda"),  # sharing a GPU with workers
+    ({"num_gpus": 1, "device": "cpu"}, "cpu"),  # explicit wins where it can work
+    ({"num_gpus": 1, "device": "cuda"}, "cuda"),
+])
+def test_router_device_follows_its_gpus(routers, device):
+    assert app_config({"routers": routers}).routers.device == device

@@ -2,6 +2,8 @@
 authentication, gRPC's chunked streams, shared-memory buffers that grow, CUDA IPC (on a GPU;
 skipped without CUDA), and an 8192-token prefill at Qwen3-30B-A3B layer sizes through one
 worker on each CPU transport."""
+import json
+import logging
 import socket
 import threading
 import time
@@ -15,15 +17,16 @@ from cluster.model.experts import LocalExperts
 from cluster.placement import Placement, Table, WorkerRef
 from deployments.experts import transport as transports
 from deployments.experts.compute import ExpertCompute
-from deployments.experts.remote import RemoteExperts
+from deployments.experts.remote import RemoteExperts, on_side_stream
 from deployments.experts.servicer import ExpertServicer
 from deployments.experts.stats import error_code
 from deployments.experts.transport import grpc as grpc_transport
 from deployments.experts.transport import local_socket
+from deployments.experts.transport import cuda_ipc, local_server
 from deployments.experts.transport.cuda_ipc import CudaIpcTransport
-from deployments.experts.transport.local_socket import (GREETING, MODE_CUDA_IPC, CallFailed, ForwardHeader,
-                                                        reply)
-from deployments.experts.transport.shm import ShmTransport
+from deployments.experts.transport.local_socket import (GREETING, MODE_CUDA_IPC, MODE_SHM, CallFailed,
+                                                        ForwardHeader, reply)
+from deployments.experts.transport.shm import ShmSession, ShmTransport
 from deployments.experts.validate import BadRequest
 from protos import expert_pb2
 from tests.checkpoints import make_checkpoint
@@ -169,6 +172,51 @@ def test_cuda_ipc_is_refused_by_a_worker_on_a_cpu(in_process_worker):
         local_socket.call(sock, b"G" + (1 << 20).to_bytes(8, "little"), [], 10, "cpu worker")
 
 
+class UnmappableCudaIpcSession:
+    """A GPU worker's CUDA IPC session whose buffers this process cannot map: the handles of a GPU
+    without peer access to the router's (here: any handle, as this machine has no CUDA)."""
+
+    def __init__(self, grows: list):
+        self.grows = grows
+
+    def handle(self, message: bytes, fds: list[int]) -> bytes:
+        assert message[:1] == local_socket.OP_GROW, "no forward before the buffers are mapped"
+        self.grows.append(message)
+        fields = {"handle": "00" * 64, "size": 1 << 20, "offset": 0, "counter": "00" * 8, "counter_offset": 0,
+                  "event": "", "sync": False}
+        return json.dumps({"inputs": fields, "outputs": fields}).encode()
+
+    def close(self) -> None:
+        pass
+
+
+def test_cuda_ipc_falls_back_to_shm_when_the_buffers_cannot_be_mapped(in_process_worker, caplog):
+    """A failed mapping (no peer access) is a transport error, not a crash: that worker is reached by
+    shared memory from then on, and the call that found out still gets its rows."""
+    _, local, cfg = in_process_worker
+    compute = ExpertCompute("gpu-without-peer-access", cfg, local, "cpu")
+    grows: list = []
+    unix = local_server.LocalServer("w", SECRET, {MODE_SHM: lambda: ShmSession(compute),
+                                                  MODE_CUDA_IPC: lambda: UnmappableCudaIpcSession(grows)})
+    try:
+        ref = WorkerRef("127.0.0.1:1", HERE, local_socket=unix.path, device="cuda")
+        channel = cuda_ipc.CudaIpcChannel(unix.path, SECRET, 10, torch.device("cuda", 0))
+        with pytest.raises(cuda_ipc.MappingFailed, match="FAILED_PRECONDITION.*cannot be mapped") as e:
+            channel._fit(1000, 10)
+        assert isinstance(e.value, CallFailed)  # what failover counts: never a bare RuntimeError
+        channel.close()
+        transport = transports.CudaIpcOrShm(ref, SECRET, "cuda:0")
+        x = torch.randn(9, cfg.hidden_size)
+        with caplog.at_level(logging.WARNING, logger="ray.serve"):
+            for _ in range(3):
+                assert torch.equal(transport.forward(0, x, [2, 5], [4, 5], 10), local.run_subset(0, x, [2, 5], [4, 5]))
+        assert transport.kind == "shm" and len(grows) == 2  # tried once (and by the channel above), then remembered
+        assert [r.message for r in caplog.records if "CUDA IPC cannot map" in r.message]
+        transport.close()
+    finally:
+        unix.close()
+
+
 @cuda
 def test_cuda_ipc_matches_local_experts_on_the_gpu(checkpoint_factory):
     """Rows cross device to device in bf16; buffers grow; a wrong secret is refused."""
@@ -179,13 +227,16 @@ def test_cuda_ipc_matches_local_experts_on_the_gpu(checkpoint_factory):
     try:
         ref = worker_ref(proc)
         transport = transports.connect(ref, node_id=HERE, device="cuda", secret=SECRET)
-        assert isinstance(transport, CudaIpcTransport)
+        assert isinstance(transport, transports.CudaIpcOrShm)
         for rows in (1, 64, 4096, 70000):
             x = torch.randn(rows, cfg.hidden_size, dtype=torch.bfloat16, device="cuda")
             counts = [rows // 2, rows - rows // 2]
-            out = transport.forward(0, x, [1, 6], counts, 30)
+            ready = torch.cuda.Event()
+            ready.record()
+            out = on_side_stream(ready, transport.forward, 0, x, [1, 6], counts, 30)  # as RemoteExperts calls it
             assert out.device.type == "cuda" and out.dtype == torch.bfloat16
             torch.testing.assert_close(out, local.run_subset(0, x, [1, 6], counts))
+        assert transport.kind == "cuda_ipc"
         with pytest.raises(CallFailed, match="UNAUTHENTICATED"):
             CudaIpcTransport(ref.address, ref.local_socket, "wrong", "cuda").forward(0, x[:1], [1], [1], 10)
         transport.close()
@@ -232,3 +283,41 @@ def test_an_8192_token_prefill_at_qwen3_30b_sizes_through_one_worker(prefill, ki
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_gpu_workers_busy_time_is_its_kernels_not_their_launch(in_process_worker, monkeypatch):
+    """On a GPU run_subset returns once the kernels are queued: the worker waits for its stream before
+    it reads the clock, so the busy fraction the pool autoscaler reads sees the GPU's work."""
+    _, local, cfg = in_process_worker
+    waited = []
+
+    class Stream:  # the GPU still working for 50 ms after the launch returned
+        def synchronize(self):
+            waited.append(1)
+            time.sleep(0.05)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **kw: self if a == ("cuda",) else to(self, *a, **kw))
+    compute = ExpertCompute("gpu-worker", cfg, local, "cuda")
+    x = torch.randn(3, cfg.hidden_size)
+    compute.run(0, x, [1], [3])
+    assert waited == [1] and compute.busy_s >= 0.05
+    cpu = ExpertCompute("cpu-worker", cfg, local, "cpu")
+    cpu.run(0, x, [1], [3])
+    assert waited == [1]  # a CPU worker's compute is done when it returns
+
+
+@cuda
+def test_expert_calls_run_on_the_pool_threads_own_stream():
+    """Not the engine's default stream, where the other micro-batch's attention is queued (overlap)."""
+    x = torch.randn(4, 8, device="cuda")
+    ready = torch.cuda.Event()
+    ready.record()
+    seen = on_side_stream(ready, lambda t: (torch.cuda.current_stream(), t * 2), x)
+    assert seen[0] != torch.cuda.default_stream() and torch.equal(seen[1], x * 2)
+    assert on_side_stream(None, lambda t: torch.cuda.current_stream(), x) == torch.cuda.current_stream()
+
+
+def test_expert_calls_without_cuda_rows_run_as_they_are():
+    assert on_side_stream(None, lambda a, b: a + b, 2, 3) == 5

@@ -3,7 +3,7 @@
 | where the worker is, seen from the router | transport | module |
 |---|---|---|
 | same process | a direct call (`LocalExperts`, no transport) | cluster/model/experts.py |
-| same node, router and worker on GPUs | CUDA IPC: device-to-device copies | cuda_ipc.py |
+| same node, router and worker on GPUs | CUDA IPC: device-to-device copies (shm once a mapping fails) | cuda_ipc.py |
 | same node | shared memory, a control message on a Unix socket | shm.py |
 | another node, or no local endpoint | gRPC, streamed in chunks | grpc.py |
 
@@ -14,13 +14,14 @@ Load / Retire / Health stay on gRPC (controller → worker).
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Callable
 
 import torch
 
 from cluster.placement import WorkerRef
 from deployments.experts.compute import ExpertCompute
-from deployments.experts.transport.cuda_ipc import CudaIpcSession, CudaIpcTransport
+from deployments.experts.transport.cuda_ipc import CudaIpcSession, CudaIpcTransport, MappingFailed
 from deployments.experts.transport.grpc import GrpcTransport
 from deployments.experts.transport.local_server import LocalServer
 from deployments.experts.transport.local_socket import MODE_CUDA_IPC, MODE_SHM
@@ -51,10 +52,41 @@ def connect(ref: WorkerRef, *, node_id: str, device: str, secret: str, prefer: s
     kind = choose(ref, node_id=node_id, device=device, prefer=prefer)
     log.info("expert worker at %s (generation %d): %s", ref.address, ref.generation, kind)
     if kind == "cuda_ipc":
-        return CudaIpcTransport(ref.address, ref.local_socket, secret, device)
+        return CudaIpcOrShm(ref, secret, device)
     if kind == "shm":
         return ShmTransport(ref.address, ref.local_socket, secret)
     return GrpcTransport(ref.address, secret)
+
+
+class CudaIpcOrShm:
+    """CUDA IPC to one worker until its buffers cannot be mapped here (no peer access between the two
+    GPUs, which the router cannot ask about beforehand), then shared memory to it for good."""
+
+    def __init__(self, ref: WorkerRef, secret: str, device: str):
+        self.address, self.ref, self.secret = ref.address, ref, secret
+        self._lock = threading.Lock()
+        self.transport: CudaIpcTransport | ShmTransport = CudaIpcTransport(ref.address, ref.local_socket, secret,
+                                                                           device)
+
+    def forward(self, layer: int, rows: torch.Tensor, expert_ids, counts, timeout: float) -> torch.Tensor:
+        try:
+            return self.transport.forward(layer, rows, expert_ids, counts, timeout)
+        except MappingFailed as e:
+            with self._lock:  # two micro-batches may both fail: one switch
+                if isinstance(self.transport, CudaIpcTransport):
+                    log.warning("expert worker at %s: CUDA IPC cannot map its buffers (%s); shared memory "
+                                "from now on", self.address, e.message)
+                    failed, self.transport = self.transport, ShmTransport(self.address, self.ref.local_socket,
+                                                                          self.secret)
+                    failed.close()
+        return self.transport.forward(layer, rows, expert_ids, counts, timeout)  # shm: on the host (the caller moves it)
+
+    @property
+    def kind(self) -> str:
+        return "cuda_ipc" if isinstance(self.transport, CudaIpcTransport) else "shm"
+
+    def close(self) -> None:
+        self.transport.close()
 
 
 def serve_local(compute: ExpertCompute, secret: str) -> LocalServer:

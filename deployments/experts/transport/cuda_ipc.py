@@ -9,8 +9,11 @@ the worker's memory (a peer copy: NVLink when present, else PCIe), sends a heade
 and copies the outputs back once the reply (one status byte) says they are there.
 A larger batch first asks the worker for larger buffers (no upper limit).
 
-Needs CUDA on both sides and peer access between the two GPUs (or one shared GPU);
-`transport.choose` never picks it otherwise.
+Needs CUDA on both sides (`transport.choose` never picks it otherwise) and peer access
+between the two GPUs (or one shared GPU). The router cannot ask for peer access (under
+Ray each actor sees only its own GPU), so the first mapping tells: when it fails,
+`MappingFailed` is raised and the transport falls back to shared memory for that worker
+(`transport.CudaIpcOrShm`).
 """
 from __future__ import annotations
 
@@ -48,25 +51,36 @@ def open_shared(fields: dict, device: torch.device) -> Tensor:
     return torch.empty(0, dtype=torch.uint8, device=device).set_(storage, 0, (storage.nbytes(),), (1,))
 
 
+class MappingFailed(CallFailed):
+    """The worker's buffers could not be mapped here (no peer access, an allocator whose segments
+    cannot be shared): CUDA IPC cannot reach this worker, shared memory still can."""
+
+
 class CudaIpcChannel:
     """The router's side of one connection: the worker's two buffers, mapped."""
 
     def __init__(self, path: str, secret: str, timeout: float, device: torch.device):
         self.path, self.device = path, device
         self.sock = connect(path, secret, MODE_CUDA_IPC, timeout)
-        self.inputs = self.outputs = torch.empty(0, dtype=torch.uint8, device=device)
+        self.inputs = self.outputs = None  # mapped on the first call
 
     def _fit(self, nbytes: int, timeout: float) -> None:
-        if nbytes <= self.inputs.numel():
+        held = 0 if self.inputs is None else self.inputs.numel()
+        if nbytes <= held:
             return
-        size = max(nbytes, 2 * self.inputs.numel(), MIN_BUFFER)
-        self.inputs = self.outputs = torch.empty(0, dtype=torch.uint8, device=self.device)  # unmap the old ones
+        size = max(nbytes, 2 * held, MIN_BUFFER)
+        self.inputs = self.outputs = None  # unmap the old ones
         body = call(self.sock, OP_GROW + GROW.pack(size), [], timeout, self.path)
         try:
             handles = json.loads(body)
-            self.inputs, self.outputs = (open_shared(handles[k], self.device) for k in ("inputs", "outputs"))
+            fields = [handles[k] for k in ("inputs", "outputs")]
         except (ValueError, KeyError, TypeError) as e:
             raise CallFailed("INTERNAL", f"the worker at {self.path} sent unusable buffer handles ({e})") from None
+        try:
+            self.inputs, self.outputs = (open_shared(f, self.device) for f in fields)
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:  # torch.AcceleratorError is a RuntimeError
+            raise MappingFailed("FAILED_PRECONDITION", f"the buffers of the worker at {self.path} cannot be "
+                                f"mapped on {self.device} ({e})") from None
 
     def forward(self, layer: int, rows: Tensor, expert_ids: Sequence[int], counts: Sequence[int],
                 timeout: float) -> Tensor:
@@ -83,7 +97,7 @@ class CudaIpcChannel:
 
     def close(self) -> None:
         self.sock.close()
-        self.inputs = self.outputs = torch.empty(0, dtype=torch.uint8, device=self.device)
+        self.inputs = self.outputs = None
 
 
 class CudaIpcTransport(ChannelPool):
