@@ -5,8 +5,21 @@ import torch
 
 from tests.checkpoints import FAMILIES, make_checkpoint
 
-# Tests share 2 cores with whatever else runs; more threads only add contention.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tests share 2 cores with whatever else runs; more threads only add contention. Under `make test`
+# (pytest-xdist, 2 workers) each worker computes on one core.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
+
+# Tests that start Ray, Serve or a server process. `make test` runs them all on one xdist worker, in
+# file order (`--dist loadgroup`): two Ray clusters never share the machine, and the session-scoped
+# cluster is started once. Everything else is in process and spreads over both workers.
+SERIAL = ("tests/deployments/", "tests/test_cli.py", "tests/test_k8s.py", "tests/test_serve_bench.py",
+          "tests/test_gpu_check.py")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.nodeid.startswith(SERIAL):
+            item.add_marker(pytest.mark.xdist_group("serial"))
 
 
 @pytest.fixture(scope="session")
