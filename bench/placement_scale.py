@@ -73,8 +73,9 @@ def planners(scale: Scale, loads: np.ndarray):
     return {
         "round-robin, no extra copies": lambda: round_robin([(lyr, e) for lyr in layers for e in range(scale.experts)],
                                                             scale.workers),
-        "ours": lambda: plan(loads, layers, workers, scale.extra).placement,
-        "ours, hierarchical": lambda: plan(loads, layers, workers, scale.extra, hierarchical=True).placement,
+        "ours": lambda: plan(loads, moe_layers=layers, workers=workers, extra_per_layer=scale.extra).placement,
+        "ours, hierarchical": lambda: plan(loads, moe_layers=layers, workers=workers, extra_per_layer=scale.extra,
+                                           hierarchical=True).placement,
         "EPLB": lambda: to_placement(rebalance_experts(loads=loads, extra_per_layer=scale.extra,
                                                        num_workers=scale.workers), layers),
         "EPLB, hierarchical": lambda: to_placement(rebalance_experts(

@@ -172,9 +172,9 @@ def _keeps(layer: _Layer, now: dict[int, list[int]], new: dict[int, list[int]], 
     return layer.ratio(now) <= layer.ratio(new) + EXTRA_GAIN
 
 
-def plan(loads: np.ndarray, moe_layers: list[int], workers: list[Worker], extra_per_layer: int,
+def plan(loads: np.ndarray, *, moe_layers: list[int], workers: list[Worker], extra_per_layer: int,
          current: Placement | None = None, hierarchical: bool = False, max_copies: int | None = None,
-         coactivation: np.ndarray | None = None, *, expert_bytes: int = 0) -> Plan:
+         coactivation: np.ndarray | None = None, expert_bytes: int = 0) -> Plan:
     """A new placement for the expert loads.
 
     loads [L, E]: tokens per expert over the window, row i for MoE layer `moe_layers[i]`.

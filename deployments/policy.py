@@ -11,6 +11,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cluster.autoscale import Limits
+
 
 class AutoscalePolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -63,6 +65,14 @@ class AutoscalePolicy(BaseModel):
             share = -(-num_copies // max(active_workers, 1)) * expert_bytes
             limits.append(share + self.extra_copy_bytes_per_worker)
         return min(limits) if limits else None
+
+    def limits(self, *, num_copies: int, active_workers: int, expert_bytes: int) -> Limits:
+        """The knobs `cluster.autoscale.decide` reads, with the byte budget for this many copies and workers."""
+        return Limits(hot_threshold=self.hot_threshold, min_gain=self.min_gain, cooldown_s=self.cooldown_s,
+                      extra_per_layer=self.extra_slots_per_layer, max_copies=self.max_copies_per_expert,
+                      hierarchical=self.hierarchical, co_activation=self.co_activation,
+                      slots_per_worker=self.slots_per_worker,
+                      budget_bytes=self.worker_budget_bytes(num_copies, active_workers, expert_bytes))
 
     @property
     def ema_alpha(self) -> float:
