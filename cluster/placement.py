@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 Expert = tuple[int, int]  # (layer, expert_id)
-Expert = Expert  # kept for callers that name the experts a worker holds its slots
 
 
 @dataclass(frozen=True)

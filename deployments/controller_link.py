@@ -63,7 +63,7 @@ class ControllerLink:
     def stats(self) -> dict:
         data_plane = None
         if self.remote is not None:
-            data_plane = {**self.remote.stats.snapshot(), "local_workers": sorted(self.remote.local)}
+            data_plane = {**self.remote.stats.snapshot(), "same_node_workers": sorted(self.remote.same_node)}
         remote = self.remote
         return {"router": self.router_id, "node_id": self.node_id, **self.engine.stats(), "data_plane": data_plane,
                 "table_version": remote.table.version if remote and remote.table else None}
@@ -77,7 +77,7 @@ class ControllerLink:
         if self.remote is not None:
             if reply.table is not None:
                 self.remote.adopt(reply.table)
-            self.remote.apply_settings(reply.settings.token_split)
+            self.remote.apply_settings(reply.settings.copy_choice)
         self.engine.set_expert_load_window(reply.settings.ema_alpha)
 
     async def run_forever(self) -> None:

@@ -5,13 +5,17 @@ when the application is built (pool bounds, router counts) live in deployments/c
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cluster.autoscale import Limits
+
+log = logging.getLogger("ray.serve")
+RENAMED = {"token_split": "copy_choice"}  # old key → new key: old policy files keep working, with a warning
 
 
 class AutoscalePolicy(BaseModel):
@@ -41,7 +45,7 @@ class AutoscalePolicy(BaseModel):
     extra_copy_bytes_per_worker: int | None = Field(None, ge=0, description="most bytes of extra copies one worker "
                                                     "may hold beyond its even share of one copy per expert "
                                                     "(the memory redundancy costs; None: no limit)")
-    token_split: Literal["even", "least_loaded"] = Field(
+    copy_choice: Literal["even", "least_loaded"] = Field(
         "even", description="how an expert's rows are shared among its copies (router's own node first): split "
                             "evenly, or all to the copy whose worker has the fewest rows so far in the layer")
     max_copies_per_stage: int | None = Field(None, ge=1, description="load at most this many new copies per table "
@@ -50,6 +54,11 @@ class AutoscalePolicy(BaseModel):
     switch_timeout_s: float = Field(30.0, gt=0, description="a rebalance whose new table not every router has "
                                     "switched to within this is abandoned: nothing is retired, it is counted "
                                     "and logged, and the next one can run")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        return renamed(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _static_needs_a_profile(self) -> "AutoscalePolicy":
@@ -74,9 +83,27 @@ class AutoscalePolicy(BaseModel):
                       slots_per_worker=self.slots_per_worker,
                       budget_bytes=self.worker_budget_bytes(num_copies, active_workers, expert_bytes))
 
+    def merge(self, fields: dict) -> "AutoscalePolicy":
+        """This policy with `fields` changed (old key names accepted); ValueError names the field."""
+        try:
+            return AutoscalePolicy(**{**self.model_dump(), **renamed(fields)})
+        except (ValidationError, TypeError) as e:
+            raise ValueError(describe(e) if isinstance(e, ValidationError) else str(e)) from None
+
     @property
     def ema_alpha(self) -> float:
         return 2.0 / (self.window_steps + 1)
+
+
+def renamed(data: dict) -> dict:
+    """`data` with every old key under its new name, each logged as deprecated."""
+    for old, new in RENAMED.items():
+        if old in data:
+            if new in data:
+                raise ValueError(f"{old} is the old name of {new}: give only {new}")
+            log.warning("policy key %r is deprecated: it is now %r", old, new)
+            data = {**{k: v for k, v in data.items() if k != old}, new: data[old]}
+    return data
 
 
 def describe(e: ValidationError) -> str:
