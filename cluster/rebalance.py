@@ -210,7 +210,7 @@ def plan(loads: np.ndarray, *, moe_layers: list[int], workers: list[Worker], ext
 
 
 def _result(loads, moe_layers, chosen, old, active, num_workers, expert_bytes) -> Plan:
-    slots: list[list[Expert]] = [[] for _ in range(num_workers)]
+    held: list[list[Expert]] = [[] for _ in range(num_workers)]
     moves = retires = 0
     worst = 0.0
     for li, where in sorted(chosen.items()):
@@ -218,11 +218,11 @@ def _result(loads, moe_layers, chosen, old, active, num_workers, expert_bytes) -
         for e, ws in where.items():
             moves += len(set(ws) - set(before.get(e, ())))
             for w in ws:
-                slots[w].append((layer, e))
+                held[w].append((layer, e))
         retires += sum(len(set(ws) - set(where.get(e, ()))) for e, ws in before.items())
         worst = max(worst, _Layer(loads[li], active, ("",) * num_workers, {}, False, None).ratio(where))
-    return Plan(Placement(tuple(tuple(sorted(s)) for s in slots)), moves, worst, retires,
-                tuple(len(s) * expert_bytes for s in slots))
+    return Plan(Placement(tuple(tuple(sorted(h)) for h in held)), moves, worst, retires,
+                tuple(len(h) * expert_bytes for h in held))
 
 
 def worker_imbalance(loads: np.ndarray, moe_layers: list[int], placement: Placement,
@@ -243,16 +243,16 @@ def imbalance(loads: np.ndarray, moe_layers: list[int], placement: Placement, nu
 
 
 def hand_back(placement: Placement, worker: int, active: list[int]) -> Placement:
-    """`worker` leaves: its copies go away, and each slot it held the last copy of moves to
-    the active worker holding the fewest slots (so every expert keeps a copy)."""
+    """`worker` leaves: its copies go away, and each expert it held the last copy of gets a
+    copy on the active worker holding the fewest copies (so every expert keeps a copy)."""
     copies = placement.copies()
-    slots = [list(s) for s in placement.workers]
+    held = [list(h) for h in placement.workers]
     others = [w for w in active if w != worker]
     if not others:
         raise ValueError("the last worker cannot leave")
-    for slot in placement.workers[worker]:
-        if copies[slot] == (worker,):
-            target = min(others, key=lambda w: len(slots[w]))
-            slots[target].append(slot)
-    slots[worker] = []
-    return Placement(tuple(tuple(sorted(s)) for s in slots))
+    for expert in placement.workers[worker]:
+        if copies[expert] == (worker,):
+            target = min(others, key=lambda w: len(held[w]))
+            held[target].append(expert)
+    held[worker] = []
+    return Placement(tuple(tuple(sorted(h)) for h in held))
