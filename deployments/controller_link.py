@@ -18,7 +18,7 @@ from deployments.messages import AppSpec, ControllerReply, RouterReport
 
 log = logging.getLogger("ray.serve")
 REPORT_INTERVAL_S = 0.5
-CONTROLLER_TIMEOUT_S = 5.0
+REPORT_TIMEOUT_S = 5.0
 
 
 class ControllerLink:
@@ -70,7 +70,7 @@ class ControllerLink:
 
     async def report_once(self) -> None:
         reply: ControllerReply | None = await asyncio.wait_for(self.controller.report.remote(self._report()),
-                                                               CONTROLLER_TIMEOUT_S)
+                                                               REPORT_TIMEOUT_S)
         if reply is None:
             return  # the other build's controller (rolling update): ours answers the next report
         self._send_table = reply.send_table

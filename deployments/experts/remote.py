@@ -154,7 +154,7 @@ class RemoteExperts:
         self.health = WorkerHealth()
         self.transports = Transports(connect)
         self._lock = threading.Lock()
-        self._pending: Table | None = None
+        self._next_table: Table | None = None
         self._table: Table | None = None
         self._copies: dict = {}
         self.same_node: frozenset[int] = frozenset()  # workers on this router's node
@@ -170,14 +170,14 @@ class RemoteExperts:
     def adopt(self, table: Table) -> None:
         """A newer table from the controller: used from the next step on."""
         with self._lock:
-            newest = max(self._table.version if self._table else -1, self._pending.version if self._pending else -1)
+            newest = max((t.version for t in (self._table, self._next_table) if t is not None), default=-1)
             if table.version > newest:
-                self._pending = table
+                self._next_table = table
 
     def begin_step(self) -> None:
         """Called by the model at the start of every forward pass: the only place tables switch."""
         with self._lock:
-            table, self._pending = self._pending, None
+            table, self._next_table = self._next_table, None
         if table is not None:
             self._apply(table)
 
@@ -186,7 +186,8 @@ class RemoteExperts:
 
     def _apply(self, table: Table) -> None:
         self._table, self._copies = table, table.placement.copies()
-        self.same_node = frozenset(w for w, ref in enumerate(table.workers) if ref.node_id and ref.node_id == self.node_id)
+        self.same_node = frozenset(w for w, ref in enumerate(table.workers)
+                                   if ref.node_id and ref.node_id == self.node_id)
         self.health.forget_healed(table)
 
     # -- health ------------------------------------------------------------------------------
