@@ -99,7 +99,7 @@ def main() -> None:
         loads = expert_loads(rng, scale, args.tokens, args.zipf)
         for name, fn in planners(scale, loads).items():
             placement, wall, cpu = timed(fn, 1 if name.startswith("round") else args.repeat)
-            ratios = worker_imbalance(loads, list(range(scale.layers)), placement, scale.workers)
+            ratios = worker_imbalance(loads, list(range(scale.layers)), placement)
             kept = (sum(map(len, placement.workers)) - scale.layers * scale.experts) / scale.layers
             print(f"| {scale.name} | {scale.layers} × {scale.experts}, top-{scale.top_k} | {scale.workers} / "
                   f"{scale.nodes} | {scale.extra} | {name} | {wall:.3f} | {cpu:.3f} | {cpu / scale.layers * 1e3:.1f} "

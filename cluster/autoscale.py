@@ -53,8 +53,8 @@ class Decision:
 
 def workers(table: Table, limits: Limits) -> list[Worker]:
     """[W] each worker's room for copies; a retired worker has none."""
-    return [Worker(node=ref.node_id or "node-0", layer_slots=0 if ref.retired else None,
-                   slots=limits.slots_per_worker, budget_bytes=limits.budget_bytes) for ref in table.workers]
+    return [Worker(node=ref.node_id or "node-0", slots=limits.slots_per_worker, budget_bytes=limits.budget_bytes,
+                   retired=ref.retired) for ref in table.workers]
 
 
 def decide(loads: np.ndarray, *, table: Table, limits: Limits, moe_layers: list[int], expert_bytes: int,
@@ -65,7 +65,7 @@ def decide(loads: np.ndarray, *, table: Table, limits: Limits, moe_layers: list[
     if loads.sum() <= 0:
         return Decision("no_load", None, 0.0, 0.0)
     current, active = table.placement, table.active()
-    before = imbalance(loads, moe_layers, current, current.num_workers, active)
+    before = imbalance(loads, moe_layers, current, active=active)
     if since_change_s < limits.cooldown_s:
         return Decision("cooldown", None, before, before)
     room = workers(table, limits)
@@ -111,6 +111,6 @@ def static(profile_loads: np.ndarray, profile_layers: list[int], *, table: Table
     for i, w in enumerate(active):
         held[w] = placed.workers[i]
     current, new = table.placement, Placement(tuple(held))
-    before = imbalance(profile_loads, moe_layers, current, current.num_workers, active)
-    after = imbalance(profile_loads, moe_layers, new, new.num_workers, active)
+    before = imbalance(profile_loads, moe_layers, current, active=active)
+    after = imbalance(profile_loads, moe_layers, new, active=active)
     return Decision("static", new, before, after)

@@ -179,7 +179,7 @@ def plan(loads: np.ndarray, *, moe_layers: list[int], workers: list[Worker], ext
 
     loads [L, E]: tokens per expert over the window, row i for MoE layer `moe_layers[i]`.
     workers [W]: each worker's node and limits (`Worker.slots`, `.budget_bytes`, `.layer_slots`;
-    a limit of 0 retires it). extra_per_layer: most copies beyond one per expert, per layer
+    `.retired`, or a limit of 0, leaves it out). extra_per_layer: most copies beyond one per expert, per layer
     (fewer when the room or `max_copies` leave no place, or when more would not lower
     max/mean). current: the placement in use (copies stay where they are when that keeps
     balance; a layer no better off keeps its current copies). max_copies: most copies of one
@@ -225,21 +225,21 @@ def _result(loads, moe_layers, chosen, old, active, num_workers, expert_bytes) -
                 tuple(len(h) * expert_bytes for h in held))
 
 
-def worker_imbalance(loads: np.ndarray, moe_layers: list[int], placement: Placement,
-                     num_workers: int, active: list[int] | None = None) -> list[float]:
+def worker_imbalance(loads: np.ndarray, moe_layers: list[int], placement: Placement, *,
+                     active: list[int] | None = None) -> list[float]:
     """Per layer: max/mean worker load for a placement, tokens split evenly among copies
     (1.0 = perfect; 0.0 for a layer with no load yet), over the `active` workers (default all)."""
     copies = _by_layer(placement)
-    active = list(range(num_workers)) if active is None else active
-    nodes = ("",) * num_workers
+    active = list(range(placement.num_workers)) if active is None else active
+    nodes = ("",) * placement.num_workers
     return [_Layer(np.asarray(loads[li], dtype=float), active, nodes, {}, False, None).ratio(copies.get(layer, {}))
             for li, layer in enumerate(moe_layers)]
 
 
-def imbalance(loads: np.ndarray, moe_layers: list[int], placement: Placement, num_workers: int,
+def imbalance(loads: np.ndarray, moe_layers: list[int], placement: Placement, *,
               active: list[int] | None = None) -> float:
     """Worst layer's max/mean worker load for a placement, tokens split evenly among copies."""
-    return max(worker_imbalance(loads, moe_layers, placement, num_workers, active), default=0.0)
+    return max(worker_imbalance(loads, moe_layers, placement, active=active), default=0.0)
 
 
 def hand_back(placement: Placement, worker: int, active: list[int]) -> Placement:

@@ -57,7 +57,7 @@ def test_retired_workers_get_no_room_and_no_copies():
     table = _table(ONE_EACH.placement.with_worker(), retired=(4,))
     limits = Limits(**{**vars(LIMITS), "slots_per_worker": 9, "budget_bytes": 500})
     room = workers(table, limits)
-    assert [w.layer_slots for w in room] == [None] * 4 + [0]
+    assert [w.retired for w in room] == [False] * 4 + [True]
     assert {(w.slots, w.budget_bytes) for w in room} == {(9, 500)} and room[1].node == "node-1"
     d = decide(SKEWED, table=table, limits=limits, moe_layers=LAYERS, expert_bytes=100, since_change_s=1e9)
     assert d.reason == "rebalance" and d.placement.workers[4] == ()

@@ -85,7 +85,7 @@ def test_the_planner_returns_a_valid_placement_whenever_one_exists(case):
     check_valid(p, loads, workers, kwargs)
     check_moves(p, kwargs)
     assert all(not slots for w, slots in enumerate(p.placement.workers) if w not in active)  # retired: nothing
-    ratios = worker_imbalance(loads, list(range(n_layers)), p.placement, len(workers), active)
+    ratios = worker_imbalance(loads, list(range(n_layers)), p.placement, active=active)
     assert p.max_over_mean == pytest.approx(max(ratios))
 
 
@@ -104,8 +104,8 @@ def test_a_valid_current_placement_changes_only_for_better_balance_or_fewer_copi
     check_valid(p, loads, workers, kwargs)
     active = [w for w, worker in enumerate(workers) if room(worker, n_layers, kwargs["expert_bytes"]) > 0
               and worker.layer_slots != 0]
-    before = worker_imbalance(loads, list(range(n_layers)), first.placement, len(workers), active)
-    after = worker_imbalance(loads, list(range(n_layers)), p.placement, len(workers), active)
+    before = worker_imbalance(loads, list(range(n_layers)), first.placement, active=active)
+    after = worker_imbalance(loads, list(range(n_layers)), p.placement, active=active)
     for layer in range(n_layers):
         old = sorted((w, s) for w, slots in enumerate(first.placement.workers) for s in slots if s[0] == layer)
         new = sorted((w, s) for w, slots in enumerate(p.placement.workers) for s in slots if s[0] == layer)
