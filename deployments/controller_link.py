@@ -50,11 +50,10 @@ class ControllerLink:
         self._loop.call_soon_threadsafe(self._now.set)
 
     def _report(self) -> RouterReport:
-        tracker, remote = self.engine.engine.expert_load, self.remote
-        coactivation = None
-        if self.spec.policy is not None and self.spec.policy.co_activation:
-            coactivation = tracker.coactivation_counts().numpy()  # an array: no per-element Python objects
-        ema, totals = tracker.arrays()
+        remote = self.remote
+        # arrays, not lists: no per-element Python objects to pickle
+        ema, totals, coactivation = self.engine.expert_load_report(
+            self.spec.policy is not None and self.spec.policy.co_activation)
         return RouterReport(self.spec.build_id, self.router_id, self.node_id,
                             remote.table.version if remote and remote.table else -1, ema, totals, coactivation,
                             tuple(remote.down_workers()) if remote else (), self.stats(),

@@ -107,6 +107,7 @@ def renamed(data: dict) -> dict:
 
 
 def describe(e: ValidationError) -> str:
+    """One line per bad field: 'worker.num_cpus: Input should be greater than or equal to 0'."""
     return "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
 
 

@@ -156,7 +156,7 @@ class _Controller:
 
 
 def _engine(tracker):
-    return SimpleNamespace(engine=SimpleNamespace(expert_load=tracker), stats=lambda: {"running": 0},
+    return SimpleNamespace(expert_load_report=tracker.report, stats=lambda: {"running": 0},
                            set_expert_load_window=tracker.set_alpha)
 
 
@@ -176,6 +176,8 @@ def test_the_router_adopts_a_newer_table_at_its_next_step_and_applies_the_settin
         first = controller.sent[0]
         assert (first.router_id, first.node_id, first.table_version, first.table) == ("r1", "node-a", 3, None)
         assert first.stats["data_plane"]["same_node_workers"] == [0] and first.stats["table_version"] == 3
+        assert first.coactivation is None and np.shape(first.expert_load) == (2, 2)  # the policy does not co-locate
+        assert tracker.report(co_activation=True)[2].shape == (2, 2, 2)
         assert remote.table.version == 3 and remote.copy_choice == "least_loaded" and tracker.alpha == 0.25
         remote.begin_step()  # tables switch only at a step boundary
         assert remote.table == newer
