@@ -73,8 +73,9 @@ def planners(scale: Scale, loads: np.ndarray):
     return {
         "round-robin, no extra copies": lambda: round_robin([(lyr, e) for lyr in layers for e in range(scale.experts)],
                                                             scale.workers),
-        "ours": lambda: plan(loads, layers, workers, scale.extra).placement,
-        "ours, hierarchical": lambda: plan(loads, layers, workers, scale.extra, hierarchical=True).placement,
+        "ours": lambda: plan(loads, moe_layers=layers, workers=workers, extra_per_layer=scale.extra).placement,
+        "ours, hierarchical": lambda: plan(loads, moe_layers=layers, workers=workers, extra_per_layer=scale.extra,
+                                           hierarchical=True).placement,
         "EPLB": lambda: to_placement(rebalance_experts(loads=loads, extra_per_layer=scale.extra,
                                                        num_workers=scale.workers), layers),
         "EPLB, hierarchical": lambda: to_placement(rebalance_experts(
@@ -98,7 +99,7 @@ def main() -> None:
         loads = expert_loads(rng, scale, args.tokens, args.zipf)
         for name, fn in planners(scale, loads).items():
             placement, wall, cpu = timed(fn, 1 if name.startswith("round") else args.repeat)
-            ratios = worker_imbalance(loads, list(range(scale.layers)), placement, scale.workers)
+            ratios = worker_imbalance(loads, list(range(scale.layers)), placement)
             kept = (sum(map(len, placement.workers)) - scale.layers * scale.experts) / scale.layers
             print(f"| {scale.name} | {scale.layers} × {scale.experts}, top-{scale.top_k} | {scale.workers} / "
                   f"{scale.nodes} | {scale.extra} | {name} | {wall:.3f} | {cpu:.3f} | {cpu / scale.layers * 1e3:.1f} "

@@ -9,8 +9,8 @@ A worker's room, all MoE layers together, is the least of its limits:
 | `budget_bytes` | `budget_bytes // expert_bytes`           |
 | `layer_slots`  | `layer_slots × L` (and per layer: `layer_slots`) |
 
-A worker with no limit has unlimited room; any limit of 0 retires the worker (it
-holds nothing and does not count). Layers are planned one at a time: before a
+A worker with no limit has unlimited room; a `retired` worker, or one with a limit
+of 0, holds nothing and does not count. Layers are planned one at a time: before a
 layer is planned, every layer not yet planned keeps its share of the copies it
 must have (one per expert), so the room a layer may use never starves a later one.
 """
@@ -33,6 +33,8 @@ class Worker:
     slots: int | None = None
     # Most bytes of expert copies at the serving dtype (plan's `expert_bytes` per copy); None = no limit.
     budget_bytes: int | None = None
+    # A pool worker that left: no room at all, whatever its limits.
+    retired: bool = False
 
 
 def _limits(worker: Worker, num_layers: int, expert_bytes: int) -> dict[str, int]:
@@ -68,7 +70,8 @@ class LayerRoom:
         self.per_layer = np.array([UNLIMITED if w.layer_slots is None else w.layer_slots for w in workers],
                                   dtype=np.int64)  # [W]
         self.limited = self.room < UNLIMITED  # [W]
-        self.active = [w for w in range(len(workers)) if self.room[w] > 0 and self.per_layer[w] > 0]
+        self.active = [w for w in range(len(workers))
+                       if not workers[w].retired and self.room[w] > 0 and self.per_layer[w] > 0]
         self.retired = np.ones(len(workers), dtype=bool)  # [W] holds nothing, does not count
         self.retired[self.active] = False
         _check(limits, self.room, self.limited, num_layers, num_experts, self.active)
@@ -124,7 +127,7 @@ def _check(limits: list[dict[str, int]], room: np.ndarray, limited: np.ndarray, 
            num_experts: int, active: list[int]) -> None:
     """Raise, naming the limit, when not even one copy per expert fits."""
     if not active:
-        raise ValueError("no worker may hold expert copies (no workers, or every worker has a limit of 0)")
+        raise ValueError("no worker may hold expert copies (no workers, or each is retired or has a limit of 0)")
     if not limited[active].all():
         return
     total = int(room[active].sum())

@@ -46,11 +46,11 @@ RULES: dict[str, Callable[[list[int], int, int, dict[int, int]], list[tuple[int,
 
 
 def choose_copies(layer: int, counts: Sequence[int], copies: Mapping[tuple[int, int], tuple[int, ...]], *,
-                  down: set[int], local: frozenset[int], rule: str = "even") -> dict[int, list[Group]]:
+                  down: set[int], same_node: frozenset[int], rule: str = "even") -> dict[int, list[Group]]:
     """worker -> [(expert_id, first row, rows)] for one layer's rows.
 
     `copies[(layer, e)]`: workers holding expert e; `down`: workers not to use;
-    `local`: workers on the router's node. Raises NoLiveCopy when an expert with
+    `same_node`: workers on the router's node. Raises NoLiveCopy when an expert with
     rows has no copy outside `down`.
     """
     pick = RULES[rule]
@@ -63,7 +63,7 @@ def choose_copies(layer: int, counts: Sequence[int], copies: Mapping[tuple[int, 
             live = [w for w in holders if w not in down]
             if not live:
                 raise NoLiveCopy(layer, expert_id, holders)
-            candidates = [w for w in live if w in local] or live
+            candidates = [w for w in live if w in same_node] or live
             for worker, s, k in pick(candidates, start, n, rows):
                 groups.setdefault(worker, []).append((expert_id, s, k))
                 rows[worker] = rows.get(worker, 0) + k

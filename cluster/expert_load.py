@@ -56,6 +56,11 @@ class ExpertLoadTracker:
         with self._lock:
             self.alpha = alpha
 
+    def report(self, co_activation: bool) -> tuple:
+        """(EMA [L, E], totals [L, E], co-activation [L, E, E] or None) as numpy: what a router reports."""
+        ema, totals = self.arrays()
+        return ema, totals, self.coactivation_counts().numpy() if co_activation else None
+
     def arrays(self):
         """(EMA [L, E] float64, totals [L, E] int64) as numpy copies: cheap to send between processes."""
         with self._lock:

@@ -1,20 +1,7 @@
 """Placement: which expert worker holds which experts. Pure, no Ray.
 
-Glossary (one name per concept, here and in protos, YAML and metrics):
-
-| name | meaning | example |
-|---|---|---|
-| expert | `(layer, expert_id)` of the model | `(3, 17)` |
-| copy | one loaded instance of an expert on a worker | expert `(3, 17)` on workers 0 and 5: two copies |
-| worker | a process holding copies, reached over a transport | `expert-worker-2`, an `expert-pool` replica |
-| slot | room for one copy on a worker | `slots_per_worker: 64` |
-| placement | `workers[w]` = the experts worker w holds a copy of | `((( 0, 0), (0, 2)), ((0, 1),))` |
-| placement table | a placement + the workers' addresses, with a version | version 7 |
-| table version | increases on every change; routers switch at step boundaries | 7 → 8 |
-| generation | per worker, increases each time the controller heals it | a replaced worker comes back as generation 1 |
-
-"Expert load" is traffic (tokens routed to an expert); putting weights on a
-worker is "loading copies", never "load". The KV cache has `kv_slot`s, not slots.
+Names (expert, copy, worker, slot, placement, placement table, table version,
+generation) are defined once, with examples, in docs/glossary.md.
 
 A router reads one table at a time; a new table replaces the old one
 atomically (one reference swap), so a step never sees half a change.
@@ -24,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 Expert = tuple[int, int]  # (layer, expert_id)
-Expert = Expert  # kept for callers that name the experts a worker holds its slots
 
 
 @dataclass(frozen=True)

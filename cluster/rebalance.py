@@ -172,14 +172,14 @@ def _keeps(layer: _Layer, now: dict[int, list[int]], new: dict[int, list[int]], 
     return layer.ratio(now) <= layer.ratio(new) + EXTRA_GAIN
 
 
-def plan(loads: np.ndarray, moe_layers: list[int], workers: list[Worker], extra_per_layer: int,
+def plan(loads: np.ndarray, *, moe_layers: list[int], workers: list[Worker], extra_per_layer: int,
          current: Placement | None = None, hierarchical: bool = False, max_copies: int | None = None,
-         coactivation: np.ndarray | None = None, *, expert_bytes: int = 0) -> Plan:
+         coactivation: np.ndarray | None = None, expert_bytes: int = 0) -> Plan:
     """A new placement for the expert loads.
 
     loads [L, E]: tokens per expert over the window, row i for MoE layer `moe_layers[i]`.
     workers [W]: each worker's node and limits (`Worker.slots`, `.budget_bytes`, `.layer_slots`;
-    a limit of 0 retires it). extra_per_layer: most copies beyond one per expert, per layer
+    `.retired`, or a limit of 0, leaves it out). extra_per_layer: most copies beyond one per expert, per layer
     (fewer when the room or `max_copies` leave no place, or when more would not lower
     max/mean). current: the placement in use (copies stay where they are when that keeps
     balance; a layer no better off keeps its current copies). max_copies: most copies of one
@@ -210,7 +210,7 @@ def plan(loads: np.ndarray, moe_layers: list[int], workers: list[Worker], extra_
 
 
 def _result(loads, moe_layers, chosen, old, active, num_workers, expert_bytes) -> Plan:
-    slots: list[list[Expert]] = [[] for _ in range(num_workers)]
+    held: list[list[Expert]] = [[] for _ in range(num_workers)]
     moves = retires = 0
     worst = 0.0
     for li, where in sorted(chosen.items()):
@@ -218,41 +218,41 @@ def _result(loads, moe_layers, chosen, old, active, num_workers, expert_bytes) -
         for e, ws in where.items():
             moves += len(set(ws) - set(before.get(e, ())))
             for w in ws:
-                slots[w].append((layer, e))
+                held[w].append((layer, e))
         retires += sum(len(set(ws) - set(where.get(e, ()))) for e, ws in before.items())
         worst = max(worst, _Layer(loads[li], active, ("",) * num_workers, {}, False, None).ratio(where))
-    return Plan(Placement(tuple(tuple(sorted(s)) for s in slots)), moves, worst, retires,
-                tuple(len(s) * expert_bytes for s in slots))
+    return Plan(Placement(tuple(tuple(sorted(h)) for h in held)), moves, worst, retires,
+                tuple(len(h) * expert_bytes for h in held))
 
 
-def worker_imbalance(loads: np.ndarray, moe_layers: list[int], placement: Placement,
-                     num_workers: int, active: list[int] | None = None) -> list[float]:
+def worker_imbalance(loads: np.ndarray, moe_layers: list[int], placement: Placement, *,
+                     active: list[int] | None = None) -> list[float]:
     """Per layer: max/mean worker load for a placement, tokens split evenly among copies
     (1.0 = perfect; 0.0 for a layer with no load yet), over the `active` workers (default all)."""
     copies = _by_layer(placement)
-    active = list(range(num_workers)) if active is None else active
-    nodes = ("",) * num_workers
+    active = list(range(placement.num_workers)) if active is None else active
+    nodes = ("",) * placement.num_workers
     return [_Layer(np.asarray(loads[li], dtype=float), active, nodes, {}, False, None).ratio(copies.get(layer, {}))
             for li, layer in enumerate(moe_layers)]
 
 
-def imbalance(loads: np.ndarray, moe_layers: list[int], placement: Placement, num_workers: int,
+def imbalance(loads: np.ndarray, moe_layers: list[int], placement: Placement, *,
               active: list[int] | None = None) -> float:
     """Worst layer's max/mean worker load for a placement, tokens split evenly among copies."""
-    return max(worker_imbalance(loads, moe_layers, placement, num_workers, active), default=0.0)
+    return max(worker_imbalance(loads, moe_layers, placement, active=active), default=0.0)
 
 
 def hand_back(placement: Placement, worker: int, active: list[int]) -> Placement:
-    """`worker` leaves: its copies go away, and each slot it held the last copy of moves to
-    the active worker holding the fewest slots (so every expert keeps a copy)."""
+    """`worker` leaves: its copies go away, and each expert it held the last copy of gets a
+    copy on the active worker holding the fewest copies (so every expert keeps a copy)."""
     copies = placement.copies()
-    slots = [list(s) for s in placement.workers]
+    held = [list(h) for h in placement.workers]
     others = [w for w in active if w != worker]
     if not others:
         raise ValueError("the last worker cannot leave")
-    for slot in placement.workers[worker]:
-        if copies[slot] == (worker,):
-            target = min(others, key=lambda w: len(slots[w]))
-            slots[target].append(slot)
-    slots[worker] = []
-    return Placement(tuple(tuple(sorted(s)) for s in slots))
+    for expert in placement.workers[worker]:
+        if copies[expert] == (worker,):
+            target = min(others, key=lambda w: len(held[w]))
+            held[target].append(expert)
+    held[worker] = []
+    return Placement(tuple(tuple(sorted(h)) for h in held))

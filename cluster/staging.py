@@ -47,16 +47,16 @@ def _stages(old: Placement, new: Placement, per_stage: int | None, by_layer: boo
         raise ValueError(f"the new placement leaves {len(missing)} expert(s) without a copy, e.g. {missing[:3]}")
     freed: list[Copy] = []  # copies of experts that gain no new copy: their own first stage
     stages: list[tuple[list[Copy], list[Copy]]] = [([], [])]
-    for slot in sorted(after):
-        adds = [(w, slot) for w in sorted(set(after[slot]) - set(before.get(slot, ())))]
-        drops = [(w, slot) for w in sorted(set(before.get(slot, ())) - set(after[slot]))]
+    for expert in sorted(after):
+        adds = [(w, expert) for w in sorted(set(after[expert]) - set(before.get(expert, ())))]
+        drops = [(w, expert) for w in sorted(set(before.get(expert, ())) - set(after[expert]))]
         if not adds:
             freed.extend(drops)
             continue
         for copy in adds:
             current = stages[-1][0]
             full = per_stage is not None and len(current) >= per_stage
-            if current and (full or (by_layer and current[-1][1][0] != slot[0])):
+            if current and (full or (by_layer and current[-1][1][0] != expert[0])):
                 stages.append(([], []))
             stages[-1][0].append(copy)
         stages[-1][1].extend(drops)  # the expert's last new copy is in this stage
@@ -75,12 +75,12 @@ def stage_moves(*, old: Placement, new: Placement, max_copies: int | None = None
     """
     per_stage = _per_stage(max_copies, max_bytes, expert_bytes)
     n = max(old.num_workers, new.num_workers)
-    held = {(w, s) for w, slots in enumerate(old.workers) for s in slots}
+    held = {(w, e) for w, experts in enumerate(old.workers) for e in experts}
     tables = []
     for adds, drops in _stages(old, new, per_stage, by_layer):
         held = (held | set(adds)) - set(drops)
         workers: list[list[Expert]] = [[] for _ in range(n)]
-        for w, slot in held:
-            workers[w].append(slot)
+        for w, expert in held:
+            workers[w].append(expert)
         tables.append(Placement(tuple(tuple(sorted(s)) for s in workers)))
     return tables

@@ -55,13 +55,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    """Capacity plan from config.json alone (cluster/plan.py): works before any weights are downloaded."""
-    from cluster.plan import format_plan, plan_from_config
+    """Capacity plan from config.json alone (cluster/sizing.py): works before any weights are downloaded."""
+    from cluster.sizing import format_sizing, sizing_from_config
 
-    p = plan_from_config(args.model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, workers=args.workers,
+    p = sizing_from_config(args.model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, workers=args.workers,
                          gpu_memory=args.gpu_memory, gpu_memory_utilization=args.gpu_memory_utilization,
                          max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs)
-    print(json.dumps(p.as_dict()) if args.json else format_plan(p))
+    print(json.dumps(p.as_dict()) if args.json else format_sizing(p))
     return 0
 
 

@@ -90,8 +90,8 @@ def _data_plane(mine: list[RouterReport], state, spec: AppSpec) -> dict | None:
             calls[k] = calls.get(k, 0) + v
     totals = {k: sum(p.get(k, 0) for p in planes) for k in ("serialize_s", "wait_s", "deserialize_s", "calls")}
     loads, _ = expert_load({r.router_id: r for r in mine}, [r.router_id for r in mine]) if mine else (None, None)
-    imbalance = worker_imbalance(loads, list(spec.moe_layers), table.placement, table.placement.num_workers,
-                                 table.active()) if loads is not None else []
+    imbalance = worker_imbalance(loads, list(spec.moe_layers), table.placement,
+                                 active=table.active()) if loads is not None else []
     return {**totals, "failovers": sum(p.get("failovers", 0) for p in planes), "failures": failures,
             "calls_per_worker": calls,
             "down_workers": sorted(down_workers({r.router_id: r for r in mine}, [r.router_id for r in mine], table)),

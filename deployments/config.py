@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from deployments.api.tool_parsers import PARSERS
 
-from deployments.policy import AutoscalePolicy, load_policy
+from deployments.policy import AutoscalePolicy, describe, load_policy
 
 
 class _Options(BaseModel):
@@ -201,9 +201,6 @@ class AppConfig(_Options):
         return self.served_model_name or Path(self.model).name
 
 
-def describe(e: ValidationError) -> str:
-    """One line per bad field: 'worker.num_cpus: Input should be greater than or equal to 0'."""
-    return "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
 
 
 def load_serve_config(path: str) -> dict[str, Any]:

@@ -74,7 +74,7 @@ class PlacementController:
                         report.router_id)
         table = self.state.table
         self._heal_reported(report)
-        settings = RouterSettings(self.policy.token_split, self.policy.ema_alpha)
+        settings = RouterSettings(self.policy.copy_choice, self.policy.ema_alpha)
         newer = table is not None and table.version > report.table_version
         behind = table is not None and report.table_version > table.version  # we restarted
         return ControllerReply(table if newer else None, settings, send_table=behind)
@@ -159,13 +159,7 @@ class PlacementController:
 
     async def set_policy(self, fields: dict) -> dict:
         """Validated merge into the running policy (ValueError names the field)."""
-        from deployments.policy import describe
-        from pydantic import ValidationError
-
-        try:
-            policy = AutoscalePolicy(**{**self.policy.model_dump(), **fields})
-        except (ValidationError, TypeError) as e:
-            raise ValueError(describe(e) if isinstance(e, ValidationError) else str(e)) from None
+        policy = self.policy.merge(fields)
         self.policy = policy
         self.rebalancer.set_policy(policy)
         return policy.model_dump()

@@ -18,7 +18,7 @@ from deployments.messages import AppSpec, ControllerReply, RouterReport
 
 log = logging.getLogger("ray.serve")
 REPORT_INTERVAL_S = 0.5
-CONTROLLER_TIMEOUT_S = 5.0
+REPORT_TIMEOUT_S = 5.0
 
 
 class ControllerLink:
@@ -50,11 +50,10 @@ class ControllerLink:
         self._loop.call_soon_threadsafe(self._now.set)
 
     def _report(self) -> RouterReport:
-        tracker, remote = self.engine.engine.expert_load, self.remote
-        coactivation = None
-        if self.spec.policy is not None and self.spec.policy.co_activation:
-            coactivation = tracker.coactivation_counts().numpy()  # an array: no per-element Python objects
-        ema, totals = tracker.arrays()
+        remote = self.remote
+        # arrays, not lists: no per-element Python objects to pickle
+        ema, totals, coactivation = self.engine.expert_load_report(
+            self.spec.policy is not None and self.spec.policy.co_activation)
         return RouterReport(self.spec.build_id, self.router_id, self.node_id,
                             remote.table.version if remote and remote.table else -1, ema, totals, coactivation,
                             tuple(remote.down_workers()) if remote else (), self.stats(),
@@ -63,21 +62,21 @@ class ControllerLink:
     def stats(self) -> dict:
         data_plane = None
         if self.remote is not None:
-            data_plane = {**self.remote.stats.snapshot(), "local_workers": sorted(self.remote.local)}
+            data_plane = {**self.remote.stats.snapshot(), "same_node_workers": sorted(self.remote.same_node)}
         remote = self.remote
         return {"router": self.router_id, "node_id": self.node_id, **self.engine.stats(), "data_plane": data_plane,
                 "table_version": remote.table.version if remote and remote.table else None}
 
     async def report_once(self) -> None:
         reply: ControllerReply | None = await asyncio.wait_for(self.controller.report.remote(self._report()),
-                                                               CONTROLLER_TIMEOUT_S)
+                                                               REPORT_TIMEOUT_S)
         if reply is None:
             return  # the other build's controller (rolling update): ours answers the next report
         self._send_table = reply.send_table
         if self.remote is not None:
             if reply.table is not None:
                 self.remote.adopt(reply.table)
-            self.remote.apply_settings(reply.settings.token_split)
+            self.remote.apply_settings(reply.settings.copy_choice)
         self.engine.set_expert_load_window(reply.settings.ema_alpha)
 
     async def run_forever(self) -> None:

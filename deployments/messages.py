@@ -33,7 +33,7 @@ class AppSpec:
 class RouterSettings:
     """The runtime policy as far as routers apply it."""
 
-    token_split: str = "even"
+    copy_choice: str = "even"  # cluster.copy_choice.RULES
     ema_alpha: float = 2.0 / 51
 
 

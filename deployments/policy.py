@@ -5,11 +5,17 @@ when the application is built (pool bounds, router counts) live in deployments/c
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cluster.autoscale import Limits
+
+log = logging.getLogger("ray.serve")
+RENAMED = {"token_split": "copy_choice"}  # old key → new key: old policy files keep working, with a warning
 
 
 class AutoscalePolicy(BaseModel):
@@ -39,7 +45,7 @@ class AutoscalePolicy(BaseModel):
     extra_copy_bytes_per_worker: int | None = Field(None, ge=0, description="most bytes of extra copies one worker "
                                                     "may hold beyond its even share of one copy per expert "
                                                     "(the memory redundancy costs; None: no limit)")
-    token_split: Literal["even", "least_loaded"] = Field(
+    copy_choice: Literal["even", "least_loaded"] = Field(
         "even", description="how an expert's rows are shared among its copies (router's own node first): split "
                             "evenly, or all to the copy whose worker has the fewest rows so far in the layer")
     max_copies_per_stage: int | None = Field(None, ge=1, description="load at most this many new copies per table "
@@ -48,6 +54,11 @@ class AutoscalePolicy(BaseModel):
     switch_timeout_s: float = Field(30.0, gt=0, description="a rebalance whose new table not every router has "
                                     "switched to within this is abandoned: nothing is retired, it is counted "
                                     "and logged, and the next one can run")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        return renamed(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _static_needs_a_profile(self) -> "AutoscalePolicy":
@@ -64,12 +75,39 @@ class AutoscalePolicy(BaseModel):
             limits.append(share + self.extra_copy_bytes_per_worker)
         return min(limits) if limits else None
 
+    def limits(self, *, num_copies: int, active_workers: int, expert_bytes: int) -> Limits:
+        """The knobs `cluster.autoscale.decide` reads, with the byte budget for this many copies and workers."""
+        return Limits(hot_threshold=self.hot_threshold, min_gain=self.min_gain, cooldown_s=self.cooldown_s,
+                      extra_per_layer=self.extra_slots_per_layer, max_copies=self.max_copies_per_expert,
+                      hierarchical=self.hierarchical, co_activation=self.co_activation,
+                      slots_per_worker=self.slots_per_worker,
+                      budget_bytes=self.worker_budget_bytes(num_copies, active_workers, expert_bytes))
+
+    def merge(self, fields: dict) -> "AutoscalePolicy":
+        """This policy with `fields` changed (old key names accepted); ValueError names the field."""
+        try:
+            return AutoscalePolicy(**{**self.model_dump(), **renamed(fields)})
+        except (ValidationError, TypeError) as e:
+            raise ValueError(describe(e) if isinstance(e, ValidationError) else str(e)) from None
+
     @property
     def ema_alpha(self) -> float:
         return 2.0 / (self.window_steps + 1)
 
 
+def renamed(data: dict) -> dict:
+    """`data` with every old key under its new name, each logged as deprecated."""
+    for old, new in RENAMED.items():
+        if old in data:
+            if new in data:
+                raise ValueError(f"{old} is the old name of {new}: give only {new}")
+            log.warning("policy key %r is deprecated: it is now %r", old, new)
+            data = {**{k: v for k, v in data.items() if k != old}, new: data[old]}
+    return data
+
+
 def describe(e: ValidationError) -> str:
+    """One line per bad field: 'worker.num_cpus: Input should be greater than or equal to 0'."""
     return "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
 
 

@@ -1,6 +1,6 @@
 """One placement change at a time, never stalling traffic:
 
-    decide (pure: cluster.rebalance) → workers load the new copies in the background
+    decide (pure: cluster.autoscale) → workers load the new copies in the background
     → publish table v+1 → wait until every router routes by it → retire the old copies
 
 Until the switch the old table serves; after it, the new copies do; nothing in
@@ -14,38 +14,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
-from cluster.placement import Expert, Placement, Table
-from cluster.eplb import rebalance_experts, to_placement
+from cluster import autoscale
+from cluster.autoscale import Decision
+from cluster.placement import Expert, Placement
 from cluster.profile import load_profile
-from cluster.rebalance import Worker, imbalance, plan
-from cluster.staging import stage_moves
+from cluster.staging import changes, stage_moves
 from deployments import metrics
 from deployments.membership import Membership
 from deployments.policy import AutoscalePolicy
 from deployments.table_state import TableState
 
 log = logging.getLogger("ray.serve")
-
-
-@dataclass(frozen=True)
-class Decision:
-    reason: str  # "rebalance", "retire" (extra copies no longer worth their memory) or why not: balanced,
-    # cooldown, small_gain, no_change, no_load
-    placement: Placement | None
-    before: float
-    after: float
-
-
-def diff(old: Placement, new: Placement) -> tuple[list[list[Expert]], list[list[Expert]]]:
-    """Per worker: copies to add, copies to retire."""
-    olds = list(old.workers) + [()] * (new.num_workers - old.num_workers)
-    adds = [sorted(set(n) - set(o)) for n, o in zip(new.workers, olds)]
-    drops = [sorted(set(o) - set(n)) for n, o in zip(new.workers, olds)]
-    return adds, drops
 
 
 class Rebalancer:
@@ -59,67 +41,24 @@ class Rebalancer:
         self._pending_retire: list[tuple[int, int, list[Expert]]] = []  # (version, worker, experts)
         self.static_applied: str | None = None  # the profile a static placement was planned from
 
-    def _workers(self, table: Table) -> list[Worker]:
-        policy, active = self.policy, table.active()
-        experts = len(table.placement.copies())
-        budget = policy.worker_budget_bytes(experts, len(active), self.expert_bytes)
-        return [Worker(node=ref.node_id or "node-0", layer_slots=0 if ref.retired else None,
-                       slots=policy.slots_per_worker, budget_bytes=budget) for ref in table.workers]
-
     def decide(self, loads: np.ndarray, coactivation: np.ndarray | None) -> Decision:
-        table, policy = self.state.table, self.policy
-        if loads.sum() <= 0:
-            return Decision("no_load", None, 0.0, 0.0)
-        current, active = table.placement, table.active()
-        before = imbalance(loads, self.moe_layers, current, current.num_workers, active)
-        if time.monotonic() - self.last_change < policy.cooldown_s:
-            return Decision("cooldown", None, before, before)
-        workers = self._workers(table)
-        new = plan(loads, self.moe_layers, workers, policy.extra_slots_per_layer, current,
-                   policy.hierarchical, policy.max_copies_per_expert, coactivation if policy.co_activation else None,
-                   expert_bytes=self.expert_bytes)
-        if not new.changed:
-            return Decision("no_change", None, before, new.max_over_mean)  # min_gain 0 must not move nothing
-        if new.moves == 0 and new.retires > 0 and new.max_over_mean <= max(before, policy.hot_threshold):
-            return Decision("retire", new.placement, before, new.max_over_mean)  # traffic evened out: free memory
-        if before < policy.hot_threshold:
-            return self._evened_out(loads, before, table, workers)
-        if before - new.max_over_mean < policy.min_gain:
-            return Decision("small_gain", None, before, new.max_over_mean)
-        return Decision("rebalance", new.placement, before, new.max_over_mean)
-
-    def _evened_out(self, loads: np.ndarray, before: float, table: Table, workers: list[Worker]) -> Decision:
-        """Balanced: if the placement without any extra copy stays under the threshold too, the extra
-        copies are memory for nothing: retire them (the planner keeps copies where they are)."""
-        policy = self.policy
-        if sum(map(len, table.placement.workers)) <= len(table.placement.copies()):
-            return Decision("balanced", None, before, before)  # no extra copies to free
-        lean = plan(loads, self.moe_layers, workers, 0, table.placement, policy.hierarchical,
-                    policy.max_copies_per_expert, expert_bytes=self.expert_bytes)
-        if lean.changed and lean.moves == 0 and lean.max_over_mean < policy.hot_threshold:
-            return Decision("retire", lean.placement, before, lean.max_over_mean)
-        return Decision("balanced", None, before, before)
+        """`cluster.autoscale.decide` on the table in force and the policy now."""
+        table = self.state.table
+        limits = self.policy.limits(num_copies=len(table.placement.copies()), active_workers=len(table.active()),
+                                    expert_bytes=self.expert_bytes)
+        return autoscale.decide(loads, table=table, limits=limits, moe_layers=self.moe_layers,
+                                expert_bytes=self.expert_bytes, since_change_s=time.monotonic() - self.last_change,
+                                coactivation=coactivation)
 
     def static_plan(self) -> Decision:
-        """Mode static: DeepSeek's EPLB, once, on the recorded profile, with the online planner's copy
-        budget (extra_slots_per_layer), over the active workers."""
-        table, policy = self.state.table, self.policy
-        profile = load_profile(policy.profile_file)
-        if list(profile.layers) != list(self.moe_layers):
-            raise ValueError(f"{policy.profile_file}: profile layers {list(profile.layers)} are not this model's "
-                             f"MoE layers {list(self.moe_layers)}")
-        active = table.active()
-        maps = rebalance_experts(loads=profile.loads, extra_per_layer=policy.extra_slots_per_layer,
-                                 num_workers=len(active))
-        placed = to_placement(maps, list(self.moe_layers))
-        workers = [()] * table.placement.num_workers
-        for i, w in enumerate(active):
-            workers[w] = placed.workers[i]
-        current = table.placement
-        before = imbalance(profile.loads, self.moe_layers, current, current.num_workers, active)
-        new = Placement(tuple(workers))
-        after = imbalance(profile.loads, self.moe_layers, new, new.num_workers, active)
-        return Decision("static", new, before, after)
+        """`cluster.autoscale.static` on the policy's recorded profile."""
+        path = self.policy.profile_file
+        profile = load_profile(path)
+        try:
+            return autoscale.static(profile.loads, list(profile.layers), table=self.state.table,
+                                    moe_layers=self.moe_layers, extra_per_layer=self.policy.extra_slots_per_layer)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def set_policy(self, policy: AutoscalePolicy) -> None:
         self.policy = policy
@@ -156,7 +95,7 @@ class Rebalancer:
         stages = [new]
         if self.policy.max_copies_per_stage:
             stages = stage_moves(old=table.placement, new=new, max_copies=self.policy.max_copies_per_stage) or [new]
-        adds, drops = diff(table.placement, new)
+        adds, drops = changes(table.placement, new)
         loaded, outcome, version = 0, "done", table.version
         for stage in stages:
             outcome, stage_bytes, version = await self._switch(stage, refs)
@@ -175,7 +114,7 @@ class Rebalancer:
         """One table version: load the new copies, publish, wait for every router, retire the old ones.
         Returns (outcome, bytes loaded, version)."""
         table = self.state.table
-        adds, drops = diff(table.placement, new)
+        adds, drops = changes(table.placement, new)
         loading = [w for w in range(len(adds)) if adds[w]]
         results = await asyncio.gather(*(self.membership.load_copies(refs[w], adds[w]) for w in loading),
                                        return_exceptions=True)

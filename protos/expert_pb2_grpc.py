@@ -87,7 +87,8 @@ class ExpertServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Load(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """loads copies (weights), not expert load (traffic)
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -83,6 +83,7 @@ def test_serve_config_matches_the_local_one():
         cluster_only = ("num_cpus", "num_gpus", "label_selector", "max", "device")
         for conf in (local, remote):
             conf["http_options"].pop("host")
+            conf["grpc_options"].pop("enable_reflection", None)  # off on a cluster (docs/security.md)
             args = conf["applications"][0]["args"]
             args.pop("data_plane_host")
             for group in ("worker", "routers"):

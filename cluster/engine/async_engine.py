@@ -110,6 +110,10 @@ class AsyncEngine:
     def set_expert_load_window(self, alpha: float) -> None:
         self.engine.expert_load.set_alpha(alpha)
 
+    def expert_load_report(self, co_activation: bool) -> tuple:
+        """`ExpertLoadTracker.report`: the expert load a router sends the controller."""
+        return self.engine.expert_load.report(co_activation)
+
     def abort(self, request_id: str) -> None:
         """From the request's event loop: nothing more is delivered; the engine frees its slot."""
         self._delivers.pop(request_id, None)

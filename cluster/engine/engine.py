@@ -152,6 +152,10 @@ class LLMEngine:
         return params.with_defaults(g.temperature, g.top_p, g.top_k)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue a request. It is validated here although a served request was checked before
+        (`AsyncEngine.validate`, in the router's event loop, to refuse it before its stream opens):
+        this is the engine's own entry (offline `generate`, tests), and the checks are reads of the
+        config and cache size, cheap beside a step."""
         prompt_ids = self.encode(prompt)
         self.validate(prompt_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"

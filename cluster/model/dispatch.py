@@ -1,4 +1,4 @@
-"""Dispatch and combine: group a batch's (token, slot) pairs by expert, and back.
+"""Dispatch and combine: group a batch's (token, top-k position) pairs by expert, and back.
 
 Shapes: T tokens, K top-k, N = T*K routed rows, E experts, D hidden.
 Dispatch is pure bookkeeping; the rows are sent to whoever computes the

@@ -128,7 +128,7 @@ class LocalExperts:
 
     def run(self, layer: int, rows: Tensor, counts: Sequence[int]) -> Tensor:
         stack = self._state[1].get(layer)
-        if stack is not None and stack.expert_ids == tuple(range(len(counts))):  # the whole layer: slot = id
+        if stack is not None and stack.expert_ids == tuple(range(len(counts))):  # the whole layer: stack index = id
             return run_stack(rows, stack, counts.tensor if isinstance(counts, Counts) else counts)
         return self.run_subset(layer, rows, range(len(counts)), counts)
 
@@ -136,24 +136,24 @@ class LocalExperts:
         """rows grouped by expert: the first counts[0] rows go to expert_ids[0], and so on.
         Rows arrive in the caller's dtype and are computed in the experts' (they may differ)."""
         stack = self._state[1].get(layer)
-        groups, start = [], 0  # (slot, first row, rows) of each expert with rows
+        groups, start = [], 0  # (stack index, first row, rows) of each expert with rows
         for expert_id, n in zip(expert_ids, counts):
             if n:
-                if stack is None or expert_id not in stack.slot:
+                if stack is None or expert_id not in stack.index:
                     raise KeyError((layer, expert_id))
-                groups.append((stack.slot[expert_id], start, n))
+                groups.append((stack.index[expert_id], start, n))
                 start += n
         if not groups:
             return torch.empty_like(rows)
-        per_slot = [0] * len(stack.expert_ids)
+        per_index = [0] * len(stack.expert_ids)
         for s, _, n in groups:
-            per_slot[s] += n
+            per_index[s] += n
         ordered = sorted(groups, key=lambda g: g[0])  # stable: an expert's rows keep their order
         if ordered == groups:
-            return run_stack(rows, stack, per_slot)
+            return run_stack(rows, stack, per_index)
         perm = torch.cat([torch.arange(s0, s0 + n, device=rows.device) for _, s0, n in ordered])  # [N]
         out = torch.empty_like(rows)
-        out[perm] = run_stack(rows.index_select(0, perm), stack, per_slot)
+        out[perm] = run_stack(rows.index_select(0, perm), stack, per_index)
         return out
 
 
@@ -169,8 +169,8 @@ def reference_moe(x: Tensor, gate: Tensor, experts: dict[tuple[int, int], MLPWei
         weights = weights / weights.sum(-1, keepdim=True)
     out = torch.zeros_like(x)
     for expert_id in range(gate.shape[0]):
-        token, slot = torch.where(ids == expert_id)
+        token, k = torch.where(ids == expert_id)  # k: the top-k position
         if len(token):
             y = swiglu(x[token], experts[(layer, expert_id)])
-            out[token] += weights[token, slot, None].to(x.dtype) * y
+            out[token] += weights[token, k, None].to(x.dtype) * y
     return out

@@ -58,7 +58,7 @@ def route(logits: Tensor, g: Gating, bias: Tensor | None = None) -> tuple[Tensor
     Returns (weights [T, K] fp32, ids [T, K] int64). `bias` (DeepSeek-V3's
     e_score_correction_bias, [E]) shifts which experts are chosen but not their
     weights. NaN logits are treated as the lowest score, so a NaN never wins a
-    slot while a real score is left; ids are always in [0, E) and distinct per
+    top-k position while a real score is left; ids are always in [0, E) and distinct per
     token (topk picks distinct positions).
     """
     logits = logits.float()

@@ -1,6 +1,6 @@
 """Grouped expert compute: one layer's experts as stacked tensors, one grouped matmul per projection.
 
-Shapes: N rows sorted by expert, S experts held in the stack (slot s holds
+Shapes: N rows sorted by expert, S experts held in the stack (stack index s holds
 expert_ids[s]), D hidden, I expert intermediate.
 
 The per-expert loop (`swiglu` on each expert's rows) launches two matmuls per
@@ -35,10 +35,10 @@ SYNC_FREE_CUDA_MAJORS = (9, 10)  # torch 2.13 GroupedBlas.cpp: CUTLASS grouped G
 
 @dataclass(frozen=True)
 class ExpertStack:
-    """One layer's held experts stacked along a slot dimension (expert_ids ascending)."""
+    """One layer's held experts stacked along a first dimension (expert_ids ascending)."""
 
     expert_ids: tuple[int, ...]  # [S]
-    slot: Mapping[int, int]  # expert_id → its slot
+    index: Mapping[int, int]  # expert_id → its stack index
     gate_up: Tensor  # [S, 2I, D]
     down: Tensor  # [S, D, I]
     gate_up_bias: Tensor | None  # [S, 2I]
@@ -51,7 +51,7 @@ class ExpertStack:
         return self.loop_reason is None
 
     def weights(self, s: int) -> MLPWeights:
-        """Slot s as an MLPWeights of views into the stack (no copy)."""
+        """Stack index s as an MLPWeights of views into the stack (no copy)."""
         bias = lambda t: None if t is None else t[s]  # noqa: E731
         return MLPWeights(self.gate_up[s], self.down[s], bias(self.gate_up_bias), bias(self.down_bias),
                           self.activation)
@@ -111,14 +111,14 @@ def _loop_reason(stack: ExpertStack) -> str | None:
 def _bias(out: Tensor, bias: Tensor | None, counts: Tensor) -> Tensor:
     if bias is None:
         return out
-    slot = torch.repeat_interleave(torch.arange(bias.shape[0], device=out.device), counts,
+    index = torch.repeat_interleave(torch.arange(bias.shape[0], device=out.device), counts,
                                    output_size=out.shape[0])  # [N]; output_size: no host sync
-    return out + bias.index_select(0, slot)
+    return out + bias.index_select(0, index)
 
 
 def grouped_swiglu(rows: Tensor, stack: ExpertStack, counts: Tensor) -> Tensor:
-    """rows [N, D] sorted by slot, counts [S] rows per slot (on the rows' device) → [N, D]."""
-    offs = counts.cumsum(0).to(torch.int32)  # [S] end of each slot's rows
+    """rows [N, D] sorted by stack index, counts [S] rows per stack index (on the rows' device) → [N, D]."""
+    offs = counts.cumsum(0).to(torch.int32)  # [S] end of each stack index's rows
     gate_up = F.grouped_mm(rows, stack.gate_up.transpose(1, 2), offs=offs)  # [N, 2I]
     gate, up = _bias(gate_up, stack.gate_up_bias, counts).chunk(2, dim=-1)  # [N, I] each
     out = F.grouped_mm(stack.activation(gate, up).contiguous(), stack.down.transpose(1, 2), offs=offs)  # [N, D]
@@ -126,7 +126,7 @@ def grouped_swiglu(rows: Tensor, stack: ExpertStack, counts: Tensor) -> Tensor:
 
 
 def swiglu_loop(rows: Tensor, stack: ExpertStack, counts: Sequence[int]) -> Tensor:
-    """The per-expert loop over the same stack (host counts per slot)."""
+    """The per-expert loop over the same stack (host counts per stack index)."""
     out, start = torch.empty_like(rows), 0
     for s, n in enumerate(counts):
         if n:
@@ -136,7 +136,7 @@ def swiglu_loop(rows: Tensor, stack: ExpertStack, counts: Sequence[int]) -> Tens
 
 
 def run_stack(rows: Tensor, stack: ExpertStack, counts: Tensor | Sequence[int]) -> Tensor:
-    """Rows sorted by slot → outputs, computed in the stack's dtype and returned in the rows'."""
+    """Rows sorted by stack index → outputs, computed in the stack's dtype and returned in the rows'."""
     x = rows.to(stack.gate_up.dtype)
     if stack.grouped:
         counts = counts if isinstance(counts, Tensor) else torch.tensor(list(counts), device=x.device)

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from deployments.api.body import parse_json, read_bytes
 from deployments.api.errors import ApiError, cause_of
 
-CONTROLLER_TIMEOUT_S = 10.0
+ADMIN_CALL_TIMEOUT_S = 10.0  # an admin call may wait for the controller's lock (a change in progress)
 
 
 def admin_routes(ingress) -> APIRouter:
@@ -20,7 +20,7 @@ def admin_routes(ingress) -> APIRouter:
 
     async def ask(call):
         try:
-            return await asyncio.wait_for(call, CONTROLLER_TIMEOUT_S)
+            return await asyncio.wait_for(call, ADMIN_CALL_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001
             cause = cause_of(e)
             if isinstance(cause, ValueError):

@@ -20,7 +20,7 @@ class Status:
     retry_after_s: int | None = None
 
 
-STATUSES: dict[int, Status] = {
+HTTP_STATUSES: dict[int, Status] = {
     400: Status("invalid_request_error", grpc.StatusCode.INVALID_ARGUMENT),
     401: Status("authentication_error", grpc.StatusCode.UNAUTHENTICATED),
     404: Status("not_found_error", grpc.StatusCode.NOT_FOUND),
@@ -31,7 +31,7 @@ STATUSES: dict[int, Status] = {
     500: Status("server_error", grpc.StatusCode.INTERNAL),
     503: Status("service_unavailable_error", grpc.StatusCode.UNAVAILABLE, retry_after_s=1),
 }
-MAX_MESSAGE = 500  # a 100 KB bad value is never echoed back whole
+MAX_MESSAGE_CHARS = 500  # a 100 KB bad value is never echoed back whole
 
 
 class ApiError(Exception):
@@ -40,9 +40,9 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, param: str | None = None,
                  grpc_code: grpc.StatusCode | None = None, openai_type: str | None = None):
-        message = message if len(message) <= MAX_MESSAGE + 12 else message[:MAX_MESSAGE] + "...(truncated)"
+        message = message if len(message) <= MAX_MESSAGE_CHARS + 12 else message[:MAX_MESSAGE_CHARS] + "...(truncated)"
         super().__init__(message)
-        self.status, self.message, self.param = status if status in STATUSES else 500, message, param
+        self.status, self.message, self.param = status if status in HTTP_STATUSES else 500, message, param
         self._grpc_code, self._openai_type = grpc_code, openai_type
 
     def __reduce__(self):  # Serve ships exceptions between processes
@@ -50,7 +50,7 @@ class ApiError(Exception):
 
     @property
     def kind(self) -> Status:
-        return STATUSES[self.status]
+        return HTTP_STATUSES[self.status]
 
     @property
     def grpc_code(self) -> grpc.StatusCode:

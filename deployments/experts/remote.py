@@ -146,18 +146,18 @@ class Pending:
 
 class RemoteExperts:
     def __init__(self, table: Table | None, connect: Callable[[WorkerRef], Transport], *, node_id: str = "",
-                 call_timeout_s: float = 10.0, token_split: str = "even",
+                 call_timeout_s: float = 10.0, copy_choice: str = "even",
                  on_down: Callable[[int, int], None] | None = None):
-        self.node_id, self.call_timeout_s, self.token_split = node_id, call_timeout_s, token_split
+        self.node_id, self.call_timeout_s, self.copy_choice = node_id, call_timeout_s, copy_choice
         self.on_down = on_down or (lambda worker, generation: None)
         self.stats = DataPlaneStats()
         self.health = WorkerHealth()
         self.transports = Transports(connect)
         self._lock = threading.Lock()
-        self._pending: Table | None = None
+        self._next_table: Table | None = None
         self._table: Table | None = None
         self._copies: dict = {}
-        self.local: frozenset[int] = frozenset()
+        self.same_node: frozenset[int] = frozenset()  # workers on this router's node
         self._pool = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="experts")
         if table is not None:
             self._apply(table)
@@ -170,23 +170,24 @@ class RemoteExperts:
     def adopt(self, table: Table) -> None:
         """A newer table from the controller: used from the next step on."""
         with self._lock:
-            newest = max(self._table.version if self._table else -1, self._pending.version if self._pending else -1)
+            newest = max((t.version for t in (self._table, self._next_table) if t is not None), default=-1)
             if table.version > newest:
-                self._pending = table
+                self._next_table = table
 
     def begin_step(self) -> None:
         """Called by the model at the start of every forward pass: the only place tables switch."""
         with self._lock:
-            table, self._pending = self._pending, None
+            table, self._next_table = self._next_table, None
         if table is not None:
             self._apply(table)
 
-    def apply_settings(self, token_split: str) -> None:
-        self.token_split = token_split
+    def apply_settings(self, copy_choice: str) -> None:
+        self.copy_choice = copy_choice
 
     def _apply(self, table: Table) -> None:
         self._table, self._copies = table, table.placement.copies()
-        self.local = frozenset(w for w, ref in enumerate(table.workers) if ref.node_id and ref.node_id == self.node_id)
+        self.same_node = frozenset(w for w, ref in enumerate(table.workers)
+                                   if ref.node_id and ref.node_id == self.node_id)
         self.health.forget_healed(table)
 
     # -- health ------------------------------------------------------------------------------
@@ -213,8 +214,8 @@ class RemoteExperts:
     def submit(self, layer: int, rows: Tensor, counts: Sequence[int]) -> Pending:
         copies = self._copies
         try:
-            groups = choose_copies(layer, counts, copies, down=self.health.down(self._table), local=self.local,
-                                   rule=self.token_split)
+            groups = choose_copies(layer, counts, copies, down=self.health.down(self._table),
+                                   same_node=self.same_node, rule=self.copy_choice)
         except NoLiveCopy as e:
             raise ExpertUnavailable(str(e)) from None
         t0 = time.perf_counter()
@@ -249,7 +250,7 @@ class RemoteExperts:
                     raise ExpertUnavailable(f"layer {layer} expert {expert_id}: worker {failed} failed "
                                             f"({error_code(error)}) and no other live copy answered; retry once "
                                             "it is back")
-                worker = next((w for w in live if w in self.local), live[0])
+                worker = next((w for w in live if w in self.same_node), live[0])
                 tried.add(worker)
                 try:
                     reply = self.transports.get(worker, self._table.workers[worker]).forward(

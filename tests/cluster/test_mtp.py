@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from cluster.loader import load_backbone, load_experts, open_model
-from cluster.plan import format_plan, plan_from_config
+from cluster.sizing import format_sizing, sizing_from_config
 from tests.published_checkpoints import build
 
 
@@ -65,4 +65,4 @@ def test_mtp_weights_are_never_read_nor_counted(name, style, tmp_path):
     assert ckpt.bytes_read == model_bytes  # every model byte, not one MTP byte
     assert cfg.num_layers == raw["num_hidden_layers"]
     assert len(cfg.experts()) == sum(cfg.moe_layers) * experts  # MTP experts are no expert slots
-    assert f"{len(cfg.experts())} routed" in format_plan(plan_from_config(str(ours), workers=2))
+    assert f"{len(cfg.experts())} routed" in format_sizing(sizing_from_config(str(ours), workers=2))

@@ -79,13 +79,13 @@ def test_the_planner_returns_a_valid_placement_whenever_one_exists(case):
     active = [w for w, r in enumerate(rooms) if r > 0 and workers[w].layer_slots != 0]
     if not active or sum(rooms[w] for w in active) < n_layers * n_exp:
         with pytest.raises(ValueError, match="at most|no worker may hold"):
-            plan(loads, list(range(n_layers)), workers, **kwargs)
+            plan(loads, moe_layers=list(range(n_layers)), workers=workers, **kwargs)
         return
-    p = plan(loads, list(range(n_layers)), workers, **kwargs)
+    p = plan(loads, moe_layers=list(range(n_layers)), workers=workers, **kwargs)
     check_valid(p, loads, workers, kwargs)
     check_moves(p, kwargs)
     assert all(not slots for w, slots in enumerate(p.placement.workers) if w not in active)  # retired: nothing
-    ratios = worker_imbalance(loads, list(range(n_layers)), p.placement, len(workers), active)
+    ratios = worker_imbalance(loads, list(range(n_layers)), p.placement, active=active)
     assert p.max_over_mean == pytest.approx(max(ratios))
 
 
@@ -96,15 +96,16 @@ def test_a_valid_current_placement_changes_only_for_better_balance_or_fewer_copi
     kwargs = {**kwargs, "current": None}
     n_layers = loads.shape[0]
     try:
-        first = plan(loads * np.random.default_rng(0).random(loads.shape), list(range(n_layers)), workers, **kwargs)
+        first = plan(loads * np.random.default_rng(0).random(loads.shape), moe_layers=list(range(n_layers)),
+                     workers=workers, **kwargs)
     except ValueError:
         return  # no valid placement: covered above
-    p = plan(loads, list(range(n_layers)), workers, **{**kwargs, "current": first.placement})
+    p = plan(loads, moe_layers=list(range(n_layers)), workers=workers, **{**kwargs, "current": first.placement})
     check_valid(p, loads, workers, kwargs)
     active = [w for w, worker in enumerate(workers) if room(worker, n_layers, kwargs["expert_bytes"]) > 0
               and worker.layer_slots != 0]
-    before = worker_imbalance(loads, list(range(n_layers)), first.placement, len(workers), active)
-    after = worker_imbalance(loads, list(range(n_layers)), p.placement, len(workers), active)
+    before = worker_imbalance(loads, list(range(n_layers)), first.placement, active=active)
+    after = worker_imbalance(loads, list(range(n_layers)), p.placement, active=active)
     for layer in range(n_layers):
         old = sorted((w, s) for w, slots in enumerate(first.placement.workers) for s in slots if s[0] == layer)
         new = sorted((w, s) for w, slots in enumerate(p.placement.workers) for s in slots if s[0] == layer)

@@ -9,7 +9,7 @@ import torch
 
 from cluster.engine import LLMEngine, SamplingParams
 from cluster.families import resolve
-from cluster.plan import format_plan, plan_from_config
+from cluster.sizing import format_sizing, sizing_from_config
 from tests.helpers import hf_greedy_logits, load_hf, our_greedy_logits
 from tests.published_checkpoints import build
 from tests.published_configs import PUBLISHED, tiny
@@ -90,12 +90,12 @@ def test_new_family_plans_from_its_released_config(tmp_path, name):
     """`moe-cluster plan` reads the config.json as released (full sizes, no weights)."""
     import json
 
-    from cluster.plan import format_plan, plan_from_config
+    from cluster.sizing import format_sizing, sizing_from_config
 
     (tmp_path / "config.json").write_text(json.dumps(PUBLISHED[name]))
-    p = plan_from_config(str(tmp_path), workers=8)
-    assert p.total_params > p.active_params > 0 and "total" in format_plan(p)
-    print(format_plan(p))
+    p = sizing_from_config(str(tmp_path), workers=8)
+    assert p.total_params > p.active_params > 0 and "total" in format_sizing(p)
+    print(format_sizing(p))
 
 
 # (published config, a change, the field the error names): what these families refuse.
@@ -156,7 +156,7 @@ def test_plan_prints_for_the_released_config(name, tmp_path):
     so its shrunk config): every routed expert counted."""
     config = tiny(name) if name.startswith("Phi") else PUBLISHED[name]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    text = format_plan(plan_from_config(str(tmp_path), workers=8))
+    text = format_sizing(sizing_from_config(str(tmp_path), workers=8))
     family, text_config = resolve(config)
     cfg = family.parse_config(text_config)
     assert f"experts: {len(cfg.experts())} routed" in text and "fits:" in text

@@ -52,7 +52,7 @@ def test_every_stage_covers_every_expert_and_ends_at_the_new_table(seed, layers,
 def test_a_rebalance_moves_in_chunks_of_bytes_with_retirements_first():
     loads = np.array([[60.0, 10, 10, 10, 5, 5], [5, 5, 10, 10, 10, 60]])
     old = round_robin([(layer, e) for layer in (0, 1) for e in range(6)], 3, copies=2)
-    new = plan(loads, [0, 1], [Worker()] * 3, extra_per_layer=3, current=old).placement
+    new = plan(loads, moe_layers=[0, 1], workers=[Worker()] * 3, extra_per_layer=3, current=old).placement
     tables = stage_moves(old=old, new=new, max_bytes=250, expert_bytes=100)  # 2 copies per stage
     check_stages(old, new, tables, 2, False)
     adds, drops = changes(old, tables[0])

@@ -47,7 +47,7 @@ def main() -> None:
             stats = requests.get(f"{base}/admin/stats", timeout=30).json()
         [router] = stats["routers"].values()
         print(json.dumps({"node_roles": nodes, "tokens": tokens, "data_plane": stats["data_plane"],
-                          "local_workers": router["data_plane"]["local_workers"],
+                          "same_node_workers": router["data_plane"]["same_node_workers"],
                           "steps": stats["steps"], "step_seconds": stats["step_seconds"],
                           "stats_ms": 1000 * (time.perf_counter() - t0)}), flush=True)
     finally:

@@ -78,14 +78,14 @@ def test_split_is_even_and_contiguous():
 ])
 def test_copy_choice_rules(rule, expected):
     copies = Placement((((0, 0), (0, 1)), ((0, 0), (0, 1)))).copies()
-    assert choose_copies(0, [4, 2], copies, down=set(), local=frozenset(), rule=rule) == expected
+    assert choose_copies(0, [4, 2], copies, down=set(), same_node=frozenset(), rule=rule) == expected
     # a copy on the router's node wins either way; a down worker is never chosen
-    assert choose_copies(0, [4, 2], copies, down=set(), local=frozenset({1}), rule=rule) == \
+    assert choose_copies(0, [4, 2], copies, down=set(), same_node=frozenset({1}), rule=rule) == \
         {1: [(0, 0, 4), (1, 4, 2)]}
-    assert choose_copies(0, [4, 2], copies, down={1}, local=frozenset({1}), rule=rule) == \
+    assert choose_copies(0, [4, 2], copies, down={1}, same_node=frozenset({1}), rule=rule) == \
         {0: [(0, 0, 4), (1, 4, 2)]}
     with pytest.raises(NoLiveCopy):
-        choose_copies(0, [4, 2], copies, down={0, 1}, local=frozenset(), rule=rule)
+        choose_copies(0, [4, 2], copies, down={0, 1}, same_node=frozenset(), rule=rule)
 
 
 @pytest.mark.parametrize("split_rule", ["even", "least_loaded"])
@@ -94,7 +94,7 @@ def test_copies_share_rows_and_output_is_unchanged(checkpoint_factory, workers, 
     model = str(checkpoint_factory("mixtral"))
     _, _, cfg = open_model(model)
     both = Placement((tuple(cfg.experts()), tuple(cfg.experts())))  # every expert twice
-    engine, remote, _ = _engine(model, both, workers(model, both.workers), kind=kind, token_split=split_rule)
+    engine, remote, _ = _engine(model, both, workers(model, both.workers), kind=kind, copy_choice=split_rule)
     assert [o.token_ids for o in engine.generate(PROMPTS, PARAMS)] == _expected(model)
     assert remote.stats.snapshot()["calls"] > 0
 

@@ -27,7 +27,7 @@ def test_workers_follow_label_selectors_across_nodes(checkpoint_factory):
     assert sorted(roles.values()) == ["experts", "router"]
     dp = out["data_plane"]
     assert [roles[n] for n in dp["worker_nodes"]] == ["router", "experts", "experts"]  # the selectors held
-    assert out["local_workers"] == [0]  # the router's own node: its copies are used first
+    assert out["same_node_workers"] == [0]  # the router's own node: its copies are used first
     # experts with a copy on worker 0 are served there; the others cross to the experts node over gRPC
     assert set(dp["calls_per_worker"]) == {"0", "1", "2"} and dp["failovers"] == 0
     local = LLMEngine.from_pretrained(model)

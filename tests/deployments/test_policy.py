@@ -36,3 +36,21 @@ def test_deployment_options_are_not_runtime_policy():
     """Pool bounds are read when the app is built (config `pool:`), so the policy refuses them."""
     with pytest.raises(ValueError, match="max_pool_workers"):
         AutoscalePolicy(max_pool_workers=2)
+
+
+def test_the_old_key_token_split_is_accepted_with_a_deprecation_line(tmp_path, caplog):
+    path = tmp_path / "policy.yaml"
+    path.write_text("token_split: least_loaded\n")
+    with caplog.at_level("WARNING", logger="ray.serve"):
+        assert load_policy(path).copy_choice == "least_loaded"
+    assert "'token_split' is deprecated: it is now 'copy_choice'" in caplog.text
+    # PUT /admin/policy merges into the running policy, whose dump holds the new key
+    assert AutoscalePolicy().merge({"token_split": "least_loaded"}).copy_choice == "least_loaded"
+    with pytest.raises(ValueError, match="token_split is the old name of copy_choice: give only copy_choice"):
+        AutoscalePolicy(token_split="even", copy_choice="even")
+
+
+def test_merge_names_the_field_it_refuses():
+    with pytest.raises(ValueError, match="copy_choice: Input should be 'even' or 'least_loaded'"):
+        AutoscalePolicy().merge({"copy_choice": "random"})
+    assert AutoscalePolicy().merge({"min_gain": 0.5}).min_gain == 0.5

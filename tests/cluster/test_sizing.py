@@ -8,7 +8,7 @@ import torch
 
 from cluster.engine import LLMEngine
 from cluster.families import resolve
-from cluster.plan import ParamCounts, backbone_bytes, parse_bytes, plan, plan_from_config
+from cluster.sizing import ParamCounts, backbone_bytes, parse_bytes, size, sizing_from_config
 from tests.published_checkpoints import _transformers_model, build
 from tests.published_configs import PUBLISHED, tiny
 
@@ -42,26 +42,26 @@ def test_planned_bytes_are_what_the_engine_loads(name, tmp_path):
         experts = len(cfg.experts()) * cfg.expert_bytes(dtype)
         assert engine.memory["backbone_bytes"] == backbone_bytes(cfg, dtype)
         assert engine.memory["weights_bytes"] == backbone_bytes(cfg, dtype) + experts
-        p = plan(cfg, dtype=dtype, kv_dtype=dtype, workers=0, gpu_memory_bytes=1 << 30, max_model_len=64,
+        p = size(cfg, dtype=dtype, kv_dtype=dtype, workers=0, gpu_memory_bytes=1 << 30, max_model_len=64,
                  max_num_seqs=1)
         assert p.router_weight_bytes == engine.memory["weights_bytes"]
         assert p.kv_bytes_per_token == engine.cache.bytes_per_token
 
 
 def test_published_figures():
-    mixtral = plan_from_config(str(DOCS / "Mixtral-8x7B-Instruct-v0.1.json"), workers=4)
+    mixtral = sizing_from_config(str(DOCS / "Mixtral-8x7B-Instruct-v0.1.json"), workers=4)
     assert round(mixtral.total_params / 1e9, 1) == 46.7 and round(mixtral.active_params / 1e9, 1) == 12.9
     assert mixtral.kv_bytes_per_token == 32 * 2 * 8 * 128 * 2 and mixtral.fits
-    v3 = plan_from_config(str(DOCS / "DeepSeek-V3.json"), workers=4)
+    v3 = sizing_from_config(str(DOCS / "DeepSeek-V3.json"), workers=4)
     assert round(v3.total_params / 1e9) == 671 and round(v3.active_params / 1e9, 1) == 37.6
     assert v3.kv_bytes_per_token == 61 * (512 + 64) * 2  # the compressed latent: ~70 KB per token
     assert not v3.fits and "use more workers" in v3.reasons[0]
-    assert plan_from_config(str(DOCS / "DeepSeek-V3.json"), workers=24).fits
-    fp32 = plan_from_config(str(DOCS / "Qwen3-30B-A3B.json"), dtype="float32", workers=4)
-    bf16 = plan_from_config(str(DOCS / "Qwen3-30B-A3B.json"), workers=4)
+    assert sizing_from_config(str(DOCS / "DeepSeek-V3.json"), workers=24).fits
+    fp32 = sizing_from_config(str(DOCS / "Qwen3-30B-A3B.json"), dtype="float32", workers=4)
+    bf16 = sizing_from_config(str(DOCS / "Qwen3-30B-A3B.json"), workers=4)
     assert fp32.worker_expert_bytes == 2 * bf16.worker_expert_bytes and fp32.kv_tokens < bf16.kv_tokens
-    assert plan_from_config(str(DOCS / "Qwen3-30B-A3B.json"), workers=0).fits  # 57 GiB in bf16 on one GPU
-    alone = plan_from_config(str(DOCS / "Qwen3-30B-A3B.json"), dtype="float32", workers=0)
+    assert sizing_from_config(str(DOCS / "Qwen3-30B-A3B.json"), workers=0).fits  # 57 GiB in bf16 on one GPU
+    alone = sizing_from_config(str(DOCS / "Qwen3-30B-A3B.json"), dtype="float32", workers=0)
     assert not alone.fits and "spread the experts over --workers" in alone.reasons[0]
 
 

@@ -1,4 +1,5 @@
-"""Capacity planning from config.json alone, before any weights are downloaded.
+"""Sizing (memory and capacity, what `moe-cluster plan` prints) from config.json alone, before any
+weights are downloaded. Not placement: `plan` alone means a placement plan (`cluster.rebalance.plan`).
 
 For a deployment of one router (the backbone: embeddings, attention, norms,
 gates, shared experts, LM head, and the KV cache) and N expert workers (the
@@ -113,7 +114,7 @@ def attention_flops(c: ModelConfig, context: int) -> int:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Sizing:
     model_type: str
     dtype: str
     kv_cache_dtype: str
@@ -147,8 +148,8 @@ class Plan:
         return asdict(self)
 
 
-def plan(c: ModelConfig, *, dtype: torch.dtype, kv_dtype: torch.dtype, workers: int, gpu_memory_bytes: int,
-         max_model_len: int, max_num_seqs: int, gpu_memory_utilization: float = 0.9, block_size: int = 16) -> Plan:
+def size(c: ModelConfig, *, dtype: torch.dtype, kv_dtype: torch.dtype, workers: int, gpu_memory_bytes: int,
+         max_model_len: int, max_num_seqs: int, gpu_memory_utilization: float = 0.9, block_size: int = 16) -> Sizing:
     counts, usable = ParamCounts.of(c), int(gpu_memory_bytes * gpu_memory_utilization)
     slots = len(c.moe_layer_ids) * c.num_experts
     per_worker = math.ceil(slots / workers) if workers else 0
@@ -166,7 +167,7 @@ def plan(c: ModelConfig, *, dtype: torch.dtype, kv_dtype: torch.dtype, workers: 
     if workers and per_worker * expert_bytes > usable:
         reasons.append(f"{per_worker} experts per worker take {per_worker * expert_bytes / GiB:.1f} GiB, more than "
                        f"{usable / GiB:.1f} GiB: use more workers")
-    return Plan(c.model_type, dtype_name(dtype), dtype_name(kv_dtype), c.quantization.method, counts.total,
+    return Sizing(c.model_type, dtype_name(dtype), dtype_name(kv_dtype), c.quantization.method, counts.total,
                 counts.active, counts.embedding, counts.backbone, counts.expert, slots,
                 2 * (counts.active - counts.embedding), attention_flops(c, max_model_len), router, expert_bytes,
                 workers, per_worker, per_worker * expert_bytes, per_token, budget, tokens, tokens // max_model_len,
@@ -175,15 +176,15 @@ def plan(c: ModelConfig, *, dtype: torch.dtype, kv_dtype: torch.dtype, workers: 
                 gpu_memory_bytes, gpu_memory_utilization, not reasons, tuple(reasons))
 
 
-def _size(n: float) -> str:
+def _bytes_text(n: float) -> str:
     for unit, scale in (("TiB", 1 << 40), ("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{int(n)} B"
 
 
-def format_plan(p: Plan) -> str:
-    """The plan as a few lines a person reads."""
+def format_sizing(p: Sizing) -> str:
+    """The sizing as a few lines a person reads."""
     stored = "" if p.quantization == "none" else f" (stored {p.quantization}, dequantised at load)"
     lines = [
         f"model: {p.model_type}, weights {p.dtype}{stored}, KV cache {p.kv_cache_dtype}",
@@ -191,12 +192,12 @@ def format_plan(p: Plan) -> str:
         f"FLOPs per token: {p.flops_per_token / 1e9:.1f} GFLOP in matmuls, + {p.attention_flops_per_token_at_max_len / 1e9:.1f}"
         f" GFLOP attention at {p.max_model_len} tokens of context",
         f"router (backbone: embeddings, attention, norms, gates, shared experts, LM head): "
-        f"{p.backbone_params / 1e9:.2f} B params, {_size(p.router_weight_bytes)}",
-        f"experts: {p.routed_expert_count} routed, {p.expert_params / 1e6:.1f} M params = {_size(p.expert_bytes)} each; "
-        + (f"{p.workers} worker{'s' if p.workers != 1 else ''} hold up to {p.experts_per_worker} each = {_size(p.worker_expert_bytes)} per worker"
+        f"{p.backbone_params / 1e9:.2f} B params, {_bytes_text(p.router_weight_bytes)}",
+        f"experts: {p.routed_expert_count} routed, {p.expert_params / 1e6:.1f} M params = {_bytes_text(p.expert_bytes)} each; "
+        + (f"{p.workers} worker{'s' if p.workers != 1 else ''} hold up to {p.experts_per_worker} each = {_bytes_text(p.worker_expert_bytes)} per worker"
            if p.workers else "no workers: the router holds them all"),
-        f"KV cache: {_size(p.kv_bytes_per_token)} per token; {_size(p.kv_budget_bytes)} left on the router's "
-        f"{_size(p.gpu_memory_bytes)} GPU at {p.gpu_memory_utilization:.0%}: {p.kv_tokens:,} tokens = "
+        f"KV cache: {_bytes_text(p.kv_bytes_per_token)} per token; {_bytes_text(p.kv_budget_bytes)} left on the router's "
+        f"{_bytes_text(p.gpu_memory_bytes)} GPU at {p.gpu_memory_utilization:.0%}: {p.kv_tokens:,} tokens = "
         f"{p.full_length_sequences} sequences of {p.max_model_len} (max_num_seqs {p.max_num_seqs})",
     ]
     if p.workers:
@@ -205,9 +206,9 @@ def format_plan(p: Plan) -> str:
     return "\n".join(lines)
 
 
-def plan_from_config(model: str, *, dtype: str = "auto", kv_cache_dtype: str = "auto", workers: int = 1,
+def sizing_from_config(model: str, *, dtype: str = "auto", kv_cache_dtype: str = "auto", workers: int = 1,
                      gpu_memory: str = "80GiB", gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
-                     max_num_seqs: int = 64) -> Plan:
+                     max_num_seqs: int = 64) -> Sizing:
     """`model`: a checkpoint directory or its config.json; nothing else is read."""
     path = Path(model)
     path = path / "config.json" if path.is_dir() else path
@@ -219,6 +220,6 @@ def plan_from_config(model: str, *, dtype: str = "auto", kv_cache_dtype: str = "
     if workers < 0:
         raise ValueError("--workers: must be ≥ 0")
     weights = resolve_dtype(dtype, "cuda", cfg.checkpoint_dtype)  # planned for GPUs: auto = the checkpoint's
-    return plan(cfg, dtype=weights, kv_dtype=resolve_kv_dtype(kv_cache_dtype, weights), workers=workers,
+    return size(cfg, dtype=weights, kv_dtype=resolve_kv_dtype(kv_cache_dtype, weights), workers=workers,
                 gpu_memory_bytes=parse_bytes(gpu_memory), max_model_len=max_model_len or cfg.context_limit,
                 max_num_seqs=max_num_seqs, gpu_memory_utilization=gpu_memory_utilization)
