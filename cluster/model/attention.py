@@ -6,6 +6,8 @@ longest context with a mask; each prefill attends on its own, causally.
 Sliding windows (a query sees only the last `window` positions, itself included,
 as transformers' sliding_window_overlay) and attention sinks (gpt-oss: a learned
 per-head logit in the softmax that carries no value) are per layer.
+Grouped-query attention with a mask folds each kv head's query heads into rows of
+that kv head, so K/V are never repeated per query head.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from cluster.model.weights import AttentionWeights
 Reader = Callable[[Tensor], tuple[Tensor, Tensor]]  # slots [B, C] → k [B, H_kv, C, dk], v [B, H_kv, C, dv]
 # Sparse attention: (query rows [B, n], context slots [B, C], visible [B, n, C]) → the keys each query keeps.
 Selector = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+FOLD_GQA = True  # False: each query head attends on its own (K/V repeated per head), the reference the tests use
 
 
 def _project(x: Tensor, w: AttentionWeights, cfg: ModelConfig, rotates: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -56,25 +60,52 @@ def visible(lens: Tensor, width: int, n: int, window: int | None, chunk: int | N
     return mask
 
 
-def _with_sinks(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None, sinks: Tensor) -> Tensor:
+def _with_sinks(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None, sink: Tensor) -> Tensor:
+    """q [B, H, n, dk]; mask [B, 1, n, C]; sink [H, n] or [H, 1]: each row's sink logit."""
     groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, H, C, d]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, H, C, d] (folded: as is)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q @ k.transpose(-1, -2)).float() * scale  # [B, H, n, C]
-    scores = scores.masked_fill(~mask[:, None], float("-inf"))
-    sink = sinks.float()[None, :, None, None].expand(*scores.shape[:-1], 1)  # [B, H, n, 1]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sink.float()[None, :, :, None].expand(*scores.shape[:-1], 1)  # [B, H, n, 1]
     probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     return probs.to(v.dtype) @ v  # [B, H, n, dv]
+
+
+def _per_head(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None,
+              sinks: Tensor | None) -> Tensor:
+    if sinks is not None:
+        return _with_sinks(q, k, v, mask[:, None], scale, sinks[:, None])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
+                                          is_causal=mask is None, scale=scale, enable_gqa=True)
+
+
+def _folded(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None, sinks: Tensor | None) -> Tensor:
+    """Grouped-query attention as multi-head attention over the kv heads: the G query heads of a kv head
+    become G·n query rows of it, so K/V are read once per kv head and never repeated (SDPA's
+    enable_gqa with a mask takes the math path on CUDA, which repeats them; the sink path did too)."""
+    (b, h, n, d), hk = q.shape, k.shape[1]
+    groups = h // hk
+    q = q.reshape(b, hk, groups * n, d)  # rows (g, i)
+    if n == 1:
+        mask = mask[:, None]  # [B, 1, 1, C]: the same for every row
+    else:
+        mask = mask[:, None, None].expand(b, 1, groups, n, mask.shape[-1]).reshape(b, 1, groups * n, -1)
+    if sinks is not None:
+        sink = sinks.view(hk, groups, 1).expand(hk, groups, n).reshape(hk, groups * n)
+        out = _with_sinks(q, k, v, mask, scale, sink)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(b, h, n, -1)  # [B, H_kv, G·n, dv] → [B, H, n, dv]
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None,
             sinks: Tensor | None) -> Tensor:
     """q [B, H, n, dk], k [B, H_kv, C, dk], v [B, H_kv, C, dv]; mask [B, n, C] (None: causal, no past)."""
     k, v = k.to(q.dtype), v.to(q.dtype)  # the cache may be kept in another dtype
-    if sinks is not None:
-        return _with_sinks(q, k, v, mask, scale, sinks)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
-                                          is_causal=mask is None, scale=scale, enable_gqa=True)
+    if FOLD_GQA and mask is not None and q.shape[1] != k.shape[1]:
+        return _folded(q, k, v, mask, scale, sinks)
+    return _per_head(q, k, v, mask, scale, sinks)
 
 
 def attend_batch(q: Tensor, batch: Batch, read: Reader, v_dim: int, scale: float | None = None,
