@@ -22,6 +22,7 @@ from cluster.engine.sequence import Sequence
 from cluster.generation_config import GenerationDefaults, read_generation_config
 from cluster.expert_load import ExpertLoadTracker
 from cluster.loader import load_backbone, load_experts, open_model, stderr_progress
+from cluster.model.attention_backend import choose_backend, flashinfer_missing, make_backend
 from cluster.model.batch import make_batch
 from cluster.model.cuda_graphs import DecodeGraphs
 from cluster.model.cuda_graphs import unsupported as cuda_graphs_unsupported
@@ -104,13 +105,16 @@ class LLMEngine:
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu", experts: ExpertExecutor | None = None,
                         max_model_len: int | None = None, show_progress: bool = False, dtype="auto",
-                        overlap: bool | None = None, **kwargs) -> "LLMEngine":
+                        overlap: bool | None = None, attention_backend: str = "auto", **kwargs) -> "LLMEngine":
         """overlap: run each step as two micro-batches in ping-pong, so remote experts compute one
         while the backbone runs the other (None = auto: on for remote experts on a GPU router, steps of ≥ 2 sequences).
+        attention_backend: auto | sdpa | flashinfer (attention_backend.py; auto = FlashInfer on a GPU when installed).
         kwargs: max_num_seqs, max_num_batched_tokens, kv_cache_dtype (auto = dtype),
         kv_cache_memory_bytes, gpu_memory_utilization, block_size, cuda_graphs, enable_prefix_caching,
         enable_chunked_prefill."""
         ckpt, family, cfg = open_model(path)
+        missing = flashinfer_missing() if attention_backend != "sdpa" and device.startswith("cuda") else None
+        backend = choose_backend(attention_backend, device, cfg.attention, missing)  # refused before loading
         dtype = resolve_dtype(dtype, device, cfg.checkpoint_dtype)
         progress = stderr_progress("loading backbone") if show_progress else None
         backbone = load_backbone(ckpt, family, cfg, dtype=dtype, device=device, progress=progress)
@@ -122,7 +126,8 @@ class LLMEngine:
             if show_progress:
                 print(" done", file=sys.stderr)
         max_len = min(max_model_len or 2048, cfg.context_limit)
-        model = MoETransformer(cfg, backbone, experts, max_len, device, overlap=overlap)
+        model = MoETransformer(cfg, backbone, experts, max_len, device, overlap=overlap,
+                               paged_attention=make_backend(backend, device))
         return cls(cfg, model, TextTokenizer.from_checkpoint(path), max_model_len=max_len, device=device,
                    generation=read_generation_config(path), no_tokenizer_reason=missing_reason(path), **kwargs)
 

@@ -110,10 +110,10 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float |
 
 def attend_batch(q: Tensor, batch: Batch, read: Reader, v_dim: int, scale: float | None = None,
                  window: int | None = None, sinks: Tensor | None = None, chunk: int | None = None,
-                 select: Selector | None = None) -> Tensor:
+                 select: Selector | None = None, out: Tensor | None = None) -> Tensor:
     """q [T, H, dk] → [T, H, dv], each row attending to its own sequence's cached context
-    (only to the keys `select` keeps, when given)."""
-    out = q.new_empty(q.shape[0], q.shape[1], v_dim)
+    (only to the keys `select` keeps, when given); written into `out` when given."""
+    out = q.new_empty(q.shape[0], q.shape[1], v_dim) if out is None else out
     d = batch.decode
     if d is not None:
         k, v = read(d.context_slots)  # [B, H_kv, C, d]
@@ -141,7 +141,9 @@ def query_temperature(positions: Tensor, floor_scale: float, attn_scale: float) 
 
 
 def attention(x: Tensor, w: AttentionWeights, cfg: ModelConfig, layer: int, batch: Batch,
-              cache: KVCache, rope: tuple[Tensor, Tensor]) -> Tensor:
+              cache: KVCache, rope: tuple[Tensor, Tensor], paged=None) -> Tensor:
+    """paged: a paged-attention backend (attention_backend.make_backend) that attends what it covers
+    of the batch first; SDPA attends the rest."""
     rotates = cfg.rotates(layer)
     q, k, v = _project(x, w, cfg, rotates)
     if rotates:
@@ -150,6 +152,9 @@ def attention(x: Tensor, w: AttentionWeights, cfg: ModelConfig, layer: int, batc
     elif cfg.attn_temperature is not None:
         q = (q * query_temperature(batch.positions, *cfg.attn_temperature)[:, None, None]).to(q.dtype)
     cache.write(layer, batch.slot_mapping, k, v)
-    out = attend_batch(q, batch, lambda slots: cache.gather(layer, slots), cfg.head_dim, cfg.attn_scale,
-                       cfg.sliding_window(layer), w.sinks, cfg.attention_chunk(layer))
+    window, chunk, out = cfg.sliding_window(layer), cfg.attention_chunk(layer), q.new_empty(q.shape)
+    if paged is not None:
+        batch = paged.attend(q, out, batch, cache, layer, cfg.attn_scale, window, w.sinks, chunk)
+    attend_batch(q, batch, lambda slots: cache.gather(layer, slots), cfg.head_dim, cfg.attn_scale, window,
+                 w.sinks, chunk, out=out)
     return F.linear(out.reshape(x.shape[0], -1), w.o, w.o_bias)

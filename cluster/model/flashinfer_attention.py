@@ -1,0 +1,100 @@
+"""Paged attention through FlashInfer (the `gpu` extra): decode and prefill read the KV pages in place.
+
+The cache's flat slots of a layer are FlashInfer's NHD pages: [num_blocks, block_size, H_kv, hd]. A
+sequence's page table is read off its context slots (the slot at every block_size-th position, divided by
+block_size); its last page holds (len - 1) % block_size + 1 tokens. FlashInfer's plan builds its schedule on
+the host, so there is one plan per step, micro-batch, kind (decode / prefill) and window, reused by every
+layer that shares them. Windows: ours keeps the last `window` positions, FlashInfer's window_left counts
+the keys left of the query, so window_left = window - 1 (as vLLM sets it).
+Shapes: T rows, H heads, H_kv kv heads, hd head dim, B decoding sequences, n prefill rows.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from cluster.model.attention_backend import flashinfer_declines
+from cluster.model.batch import Batch
+from cluster.model.kv_cache import KVCache
+
+WORKSPACE_BYTES = 128 << 20  # FlashInfer's float workspace (split-kv partials), shared by its wrappers
+KEPT_BATCHES = 2  # plans kept for this many batches: the overlap's two micro-batches alternate per layer
+
+
+def page_table(contexts: list[int], slots: list[Tensor], block_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """FlashInfer's CSR page table of sequences with `contexts` tokens whose context slots are `slots`:
+    indptr [B + 1] and last_page_len [B] (int32, host), indices [pages] (int32, the slots' device)."""
+    pages = [-(-n // block_size) for n in contexts]
+    indptr = torch.tensor([0] + pages, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    last = torch.tensor([(n - 1) % block_size + 1 for n in contexts], dtype=torch.int32)
+    indices = torch.cat([s[:n * block_size:block_size] // block_size for s, n in zip(slots, pages)])
+    return indptr, indices.to(torch.int32), last
+
+
+class FlashInferAttention:
+    def __init__(self, device: torch.device):
+        import flashinfer  # the `gpu` extra; attention_backend.choose_backend checked it imports
+
+        self.fi = flashinfer
+        self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.plans: dict[tuple, object] = {}  # (batch id, kind, window) → a planned wrapper
+        self.batches: list[Batch] = []  # the batches with plans (held, so their ids stay theirs)
+        self.calls: Counter[str] = Counter()  # layers attended here, per kind
+
+    def attend(self, q: Tensor, out: Tensor, batch: Batch, cache: KVCache, layer: int, scale: float | None,
+               window: int | None, sinks: Tensor | None, chunk: int | None) -> Batch:
+        """Attend what FlashInfer covers of `batch` into out [T, H, hd]; return the rest, for SDPA."""
+        if flashinfer_declines(q.dtype, cache.k.dtype, q.shape[-1], sinks is not None, chunk, False):
+            return batch
+        kv = tuple(t[layer].view(cache.num_blocks, cache.block_size, *t.shape[2:]) for t in (cache.k, cache.v))
+        d, rest = batch.decode, batch
+        capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+        if d is not None and not capturing:  # a plan cannot be captured: SDPA decodes in a CUDA graph
+            wrapper = self._plan(batch, "decode", window, scale, q, cache)
+            out[d.rows] = wrapper.run(q[d.rows], kv)
+            rest = replace(rest, decode=None)
+        prefills = batch.prefills
+        if prefills:
+            rows = torch.cat([torch.arange(c.start, c.start + c.num_tokens) for c in prefills]).to(q.device)
+            out[rows] = self._plan(batch, "prefill", window, scale, q, cache).run(q[rows], kv)
+            rest = replace(rest, chunks=tuple(c for c in rest.chunks if c.num_tokens == 1))
+        return rest
+
+    def _plan(self, batch: Batch, kind: str, window: int | None, scale: float | None, q: Tensor,
+              cache: KVCache):
+        key = (id(batch), kind, window)
+        if key in self.plans:
+            self.calls[kind] += 1
+            return self.plans[key]
+        if not any(b is batch for b in self.batches):
+            self._hold(batch)
+        common = dict(window_left=-1 if window is None else window - 1, sm_scale=scale,
+                      q_data_type=q.dtype, kv_data_type=cache.k.dtype)
+        heads, kv_heads, head_dim = q.shape[1], cache.k.shape[2], q.shape[2]
+        if kind == "decode":
+            chunks = [c for c in batch.chunks if c.num_tokens == 1]  # the decode group's order
+            wrapper = self.fi.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD")
+            indptr, indices, last = page_table([c.context_len for c in chunks], list(batch.decode.context_slots),
+                                               cache.block_size)
+            wrapper.plan(indptr, indices, last, heads, kv_heads, head_dim, cache.block_size, **common)
+        else:
+            chunks = list(batch.prefills)
+            wrapper = self.fi.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+            qo = torch.tensor([0] + [c.num_tokens for c in chunks], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            indptr, indices, last = page_table([c.context_len for c in chunks], [c.context_slots for c in chunks], cache.block_size)
+            wrapper.plan(qo, indptr, indices, last, heads, kv_heads, head_dim, cache.block_size, causal=True,
+                         **common)
+        self.plans[key] = wrapper
+        self.calls[kind] += 1
+        return wrapper
+
+    def _hold(self, batch: Batch) -> None:
+        """A new batch: forget the plans of the oldest held past KEPT_BATCHES."""
+        self.batches.append(batch)
+        if len(self.batches) > KEPT_BATCHES:
+            old = id(self.batches.pop(0))
+            self.plans = {k: v for k, v in self.plans.items() if k[0] != old}
+
