@@ -132,6 +132,10 @@ class AppConfig(_Options):
         "auto", description="the routers' attention kernels: flashinfer = FlashInfer's paged decode and prefill "
                             "(a GPU router with the `gpu` extra installed; refused otherwise), sdpa = PyTorch's SDPA "
                             "over the gathered context; auto = flashinfer where it can run, else sdpa")
+    cuda_graph_max_seqs: int | None = Field(None, ge=1, description="a GPU router captures its decode steps' CUDA "
+                                            "graphs at start-up for up to this many sequences (powers of two) and "
+                                            "every context bucket up to max_model_len; larger steps run eagerly "
+                                            "(default: max_num_seqs)")
     enable_prefix_caching: bool = Field(True, description="reuse the KV-cache blocks of prompts that start like "
                                         "earlier ones on the same router (automatic prefix caching)")
     overlap: Literal["auto", "on", "off"] = Field("auto", description="run each step as two micro-batches in "
@@ -188,6 +192,7 @@ class AppConfig(_Options):
                 "gpu_memory_utilization": self.gpu_memory_utilization, "max_model_len": self.max_model_len,
                 "max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
                 "enable_prefix_caching": self.enable_prefix_caching, "attention_backend": self.attention_backend,
+                "cuda_graph_max_seqs": self.cuda_graph_max_seqs,
                 "overlap": {"auto": None, "on": True, "off": False}[self.overlap]}
 
     @property

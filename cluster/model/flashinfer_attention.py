@@ -51,8 +51,8 @@ class FlashInferAttention:
             return batch
         kv = tuple(t[layer].view(cache.num_blocks, cache.block_size, *t.shape[2:]) for t in (cache.k, cache.v))
         d, rest = batch.decode, batch
-        capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-        if d is not None and not capturing:  # a plan cannot be captured: SDPA decodes in a CUDA graph
+        graph = not batch.chunks  # a CUDA graph's static batch (cuda_graphs.py): a plan cannot be captured
+        if d is not None and not graph:
             wrapper = self._plan(batch, "decode", window, scale, q, cache)
             out[d.rows] = wrapper.run(q[d.rows], kv)
             rest = replace(rest, decode=None)
