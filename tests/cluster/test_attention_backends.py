@@ -112,8 +112,9 @@ def _reference_flashinfer():
     import types
 
     class Paged:
-        def __init__(self, workspace, kv_layout):
+        def __init__(self, workspace, kv_layout, use_tensor_cores=False):
             assert kv_layout == "NHD" and workspace.dtype == torch.uint8
+            Paged.made += 1
 
         def _keep(self, qo, indptr, indices, last, hq, hk, page_size, window_left, sm_scale):
             assert indptr.dtype == indices.dtype == last.dtype == torch.int32
@@ -137,6 +138,8 @@ def _reference_flashinfer():
                 outs.append(torch.einsum("hnk,khd->nhd", scores.softmax(-1), v).to(q.dtype))
             return torch.cat(outs)
 
+    Paged.made = 0
+
     class BatchDecodeWithPagedKVCacheWrapper(Paged):
         def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, *,
                  window_left=-1, sm_scale=None, q_data_type=None, kv_data_type=None):
@@ -153,6 +156,7 @@ def _reference_flashinfer():
                        num_kv_heads, page_size, window_left, sm_scale)
 
     module = types.ModuleType("flashinfer")
+    module.Paged = Paged
     module.BatchDecodeWithPagedKVCacheWrapper = BatchDecodeWithPagedKVCacheWrapper
     module.BatchPrefillWithPagedKVCacheWrapper = BatchPrefillWithPagedKVCacheWrapper
     return module
@@ -168,7 +172,8 @@ def test_paged_backend_bookkeeping_equals_sdpa(checkpoint_factory, monkeypatch, 
     from cluster.model import flashinfer_attention
     from cluster.model.transformer import MoETransformer
 
-    monkeypatch.setitem(sys.modules, "flashinfer", _reference_flashinfer())
+    reference = _reference_flashinfer()
+    monkeypatch.setitem(sys.modules, "flashinfer", reference)
     monkeypatch.setattr(flashinfer_attention, "flashinfer_declines",
                         lambda q, kv, hd, sinks, chunk, select: "sinks" if sinks else None)
     sdpa = LLMEngine.from_pretrained(str(checkpoint_factory(family, **overrides)), max_model_len=128)
@@ -185,6 +190,8 @@ def test_paged_backend_bookkeeping_equals_sdpa(checkpoint_factory, monkeypatch, 
     print(f"{family} {overrides}: paged vs SDPA max |logit diff| {worst:.2e}, calls {dict(paged.calls)}")
     assert worst < 1e-4
     assert paged.calls["decode"] > 0 and paged.calls["prefill"] > 0
+    assert all(b is not None for b in paged.held)  # two micro-batches met
+    assert reference.Paged.made <= 4  # kept and re-planned: decode and prefill, one each per micro-batch
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
