@@ -10,8 +10,8 @@ pool), up to `max_seqs` sequences and the context limit; a step with more sequen
 runs eagerly. A bucket met before it was captured (no start-up capture, or graphs
 dropped after a restack) is captured then, its warm-up being that step's real forward.
 Captured graphs read the expert stacks' addresses: when in-process experts are added
-or removed (a new stack version) they are all dropped. Padding rows repeat the last real sequence (same
-token, position and cache slots): they write the same K/V to the same slot and their
+or removed (a new stack version) they are all dropped. Padding rows repeat the last
+real sequence (same token, position and cache slots): they write the same K/V to the same slot and their
 outputs are dropped, so no cache slot is set aside for them. Context padding uses
 slot 0, masked by the lengths as in every decode group.
 What a graph cannot hold runs eagerly: prefills, logits of other rows, remote
@@ -102,7 +102,8 @@ class DecodeGraphs:
         self.model, self.cache = model, cache
         self.max_seqs = None if max_seqs is None else _bucket(max_seqs)
         self.graphs: dict[tuple[int, int], DecodeBucket] = {}
-        self.stack_version = model.experts.version  # the expert stacks the graphs read
+        self.stack_version = model.experts.version  # the expert stacks the graphs read: their version,
+        self.stacks = model.experts.stacks  # and held, so they outlive a restack until the graphs are dropped
         self.pool = torch.cuda.graph_pool_handle()
         self.replays = 0
         self.failed: str | None = None  # a capture failed (an op this torch cannot capture): eager from then on
@@ -113,7 +114,7 @@ class DecodeGraphs:
         version = self.model.experts.version
         if version == self.stack_version:
             return False
-        self.graphs, self.stack_version = {}, version
+        self.graphs, self.stack_version, self.stacks = {}, version, self.model.experts.stacks
         return True
 
     def capture_grid(self, grid: list[tuple[int, int]]) -> None:
