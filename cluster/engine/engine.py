@@ -114,7 +114,8 @@ class LLMEngine:
                         overlap: bool | None = None, attention_backend: str = "auto", **kwargs) -> "LLMEngine":
         """overlap: run each step as two micro-batches in ping-pong, so remote experts compute one
         while the backbone runs the other (None = auto: on for remote experts on a GPU router, steps of ≥ 2 sequences).
-        attention_backend: auto | sdpa | flashinfer (attention_backend.py; auto = FlashInfer on a GPU when installed).
+        attention_backend: auto | sdpa | flashinfer (attention_backend.py; auto = FlashInfer on a GPU when
+        installed).
         kwargs: max_num_seqs, max_num_batched_tokens, kv_cache_dtype (auto = dtype),
         kv_cache_memory_bytes, gpu_memory_utilization, block_size, cuda_graphs, cuda_graph_max_seqs,
         enable_prefix_caching, enable_chunked_prefill."""

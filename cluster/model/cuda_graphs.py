@@ -11,8 +11,8 @@ runs eagerly. A bucket met before it was captured (no start-up capture, or graph
 dropped after a restack) is captured then, its warm-up being that step's real forward.
 Captured graphs read the expert stacks' addresses: when in-process experts are added
 or removed (a new stack version) they are all dropped. Padding rows repeat the last
-real sequence (same token, position and cache slots): they write the same K/V to the same slot and their
-outputs are dropped, so no cache slot is set aside for them. Context padding uses
+real sequence (same token, position and cache slots): they write the same K/V to the
+same slot and their outputs are dropped, so no cache slot is set aside for them. Context padding uses
 slot 0, masked by the lengths as in every decode group.
 What a graph cannot hold runs eagerly: prefills, logits of other rows, remote
 experts or experts without grouped matmul, rope whose frequencies depend on the
