@@ -36,7 +36,7 @@ echo "== installed in $((SECONDS - t0)) s"
 export PYTHONPATH=$PWD
 
 # Every file with a CUDA test; none of them skips anything on a GPU, so a skip is a failure.
-CUDA_TESTS=(tests/cluster/test_cuda.py tests/deployments/test_transports.py)
+CUDA_TESTS=(tests/cluster/test_cuda.py tests/deployments/test_transports.py tests/cluster/test_attention_backends.py)
 tests_rc=0
 timeout 360 "$PY" -m pytest -q -rfEs -p no:cacheprovider --junitxml="$OUT/pytest.xml" "${CUDA_TESTS[@]}" \
   2>&1 | tee "$OUT/pytest.txt" || tests_rc=$?

@@ -77,6 +77,8 @@ def part_ab(out: dict, path: str, problems: list[str]) -> None:
     kw = dict(device="cuda", max_num_seqs=N, max_model_len=64 + M + 8, kv_cache_memory_bytes=KV)
     on = LLMEngine.from_pretrained(path, **kw)  # dtype and CUDA graphs auto, as a user gets them
     out["engine_memory"] = on.memory
+    paged = on.model.paged_attention  # attention_backend auto: FlashInfer when the gpu extra installed
+    out["attention_backend"] = "sdpa" if paged is None else type(paged).__name__
     if on.memory["dtype"] != "bfloat16" or on.model.weights.embed.device.type != "cuda":
         problems.append(f"weights are {on.memory['dtype']} on {on.model.weights.embed.device}, not bf16 on the GPU")
     if on.graphs is None:
@@ -85,6 +87,8 @@ def part_ab(out: dict, path: str, problems: list[str]) -> None:
     g_on, tok_on = run_engine(on, prompts, M)
     g = on.graphs
     out["graphs"] = None if g is None else {"buckets": sorted(g.graphs), "replays": g.replays, "failed": g.failed}
+    if paged is not None:
+        out["flashinfer_layer_calls"] = dict(paged.calls)
     if g is not None and (g.failed or not g.replays):
         problems.append(f"CUDA graphs did not replay: {g.failed}")
     del on, g

@@ -128,6 +128,14 @@ class AppConfig(_Options):
     max_num_seqs: int = Field(64, ge=1, description="sequences each router decodes together")
     max_model_len: int = Field(1024, ge=8, description="context length: prompt + max_tokens")
     max_num_batched_tokens: int = Field(4096, ge=1, description="prompt tokens admitted per step")
+    attention_backend: Literal["auto", "sdpa", "flashinfer"] = Field(
+        "auto", description="the routers' attention kernels: flashinfer = FlashInfer's paged decode and prefill "
+                            "(a GPU router with the `gpu` extra installed; refused otherwise), sdpa = PyTorch's SDPA "
+                            "over the gathered context; auto = flashinfer where it can run, else sdpa")
+    cuda_graph_max_seqs: int | None = Field(None, ge=1, description="a GPU router captures its decode steps' CUDA "
+                                            "graphs at start-up for up to this many sequences (powers of two) and "
+                                            "every context bucket up to max_model_len; larger steps run eagerly "
+                                            "(default: max_num_seqs)")
     enable_prefix_caching: bool = Field(True, description="reuse the KV-cache blocks of prompts that start like "
                                         "earlier ones on the same router (automatic prefix caching)")
     overlap: Literal["auto", "on", "off"] = Field("auto", description="run each step as two micro-batches in "
@@ -183,7 +191,8 @@ class AppConfig(_Options):
                 "kv_cache_memory_bytes": self.kv_cache_memory_bytes,
                 "gpu_memory_utilization": self.gpu_memory_utilization, "max_model_len": self.max_model_len,
                 "max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
-                "enable_prefix_caching": self.enable_prefix_caching,
+                "enable_prefix_caching": self.enable_prefix_caching, "attention_backend": self.attention_backend,
+                "cuda_graph_max_seqs": self.cuda_graph_max_seqs,
                 "overlap": {"auto": None, "on": True, "off": False}[self.overlap]}
 
     @property

@@ -22,8 +22,9 @@ from cluster.engine.sequence import Sequence
 from cluster.generation_config import GenerationDefaults, read_generation_config
 from cluster.expert_load import ExpertLoadTracker
 from cluster.loader import load_backbone, load_experts, open_model, stderr_progress
+from cluster.model.attention_backend import choose_backend, flashinfer_missing, make_backend
 from cluster.model.batch import make_batch
-from cluster.model.cuda_graphs import DecodeGraphs
+from cluster.model.cuda_graphs import DecodeGraphs, bucket_grid
 from cluster.model.cuda_graphs import unsupported as cuda_graphs_unsupported
 from cluster.model.experts import ExpertExecutor, LocalExperts
 from cluster.model.kv_cache import KVCache
@@ -74,9 +75,11 @@ class LLMEngine:
                  gpu_memory_utilization: float = 0.9, block_size: int = 16,
                  generation: GenerationDefaults = GenerationDefaults(), no_tokenizer_reason: str | None = None,
                  cuda_graphs: bool | None = None, enable_prefix_caching: bool = True,
-                 enable_chunked_prefill: bool = True):
+                 enable_chunked_prefill: bool = True, cuda_graph_max_seqs: int | None = None):
         """cuda_graphs: replay decode-only steps from CUDA graphs (None = auto: where the model allows it,
-        i.e. on a CUDA device with in-process grouped experts; True where it does not raises).
+        i.e. on a CUDA device with in-process grouped experts; True where it does not raises). Their
+        bucket grid is captured here, up to cuda_graph_max_seqs sequences (None: max_num_seqs; steps with
+        more run eagerly) and max_model_len.
         enable_prefix_caching: reuse the KV-cache blocks of prompts that start like earlier ones.
         enable_chunked_prefill: prefill long prompts over several steps, beside the running decodes."""
         self.cfg, self.model, self.tokenizer, self.device = cfg, model, tokenizer, device
@@ -97,20 +100,28 @@ class LLMEngine:
         local = model.experts.experts.values() if isinstance(model.experts, LocalExperts) else ()  # remote: 0 here
         self.memory = memory_report(self.dtype, self.cache, model.weights.nbytes, sum(w.nbytes for w in local))
         use_graphs = cuda_graphs if cuda_graphs is not None else cuda_graphs_unsupported(model) is None
-        self.graphs = DecodeGraphs(model, self.cache) if use_graphs else None
+        self.graphs = None
+        if use_graphs:
+            graph_seqs = min(cuda_graph_max_seqs or max_num_seqs, max_num_seqs)
+            self.graphs = DecodeGraphs(model, self.cache, graph_seqs)
+            self.graphs.capture_grid(bucket_grid(graph_seqs, max_model_len))
         self._ids = itertools.count()
         self.grammars: Grammars | None = None  # built when the first constrained request comes
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu", experts: ExpertExecutor | None = None,
                         max_model_len: int | None = None, show_progress: bool = False, dtype="auto",
-                        overlap: bool | None = None, **kwargs) -> "LLMEngine":
+                        overlap: bool | None = None, attention_backend: str = "auto", **kwargs) -> "LLMEngine":
         """overlap: run each step as two micro-batches in ping-pong, so remote experts compute one
         while the backbone runs the other (None = auto: on for remote experts on a GPU router, steps of ≥ 2 sequences).
+        attention_backend: auto | sdpa | flashinfer (attention_backend.py; auto = FlashInfer on a GPU when
+        installed).
         kwargs: max_num_seqs, max_num_batched_tokens, kv_cache_dtype (auto = dtype),
-        kv_cache_memory_bytes, gpu_memory_utilization, block_size, cuda_graphs, enable_prefix_caching,
-        enable_chunked_prefill."""
+        kv_cache_memory_bytes, gpu_memory_utilization, block_size, cuda_graphs, cuda_graph_max_seqs,
+        enable_prefix_caching, enable_chunked_prefill."""
         ckpt, family, cfg = open_model(path)
+        missing = flashinfer_missing() if attention_backend != "sdpa" and device.startswith("cuda") else None
+        backend = choose_backend(attention_backend, device, cfg.attention, missing)  # refused before loading
         dtype = resolve_dtype(dtype, device, cfg.checkpoint_dtype)
         progress = stderr_progress("loading backbone") if show_progress else None
         backbone = load_backbone(ckpt, family, cfg, dtype=dtype, device=device, progress=progress)
@@ -122,7 +133,8 @@ class LLMEngine:
             if show_progress:
                 print(" done", file=sys.stderr)
         max_len = min(max_model_len or 2048, cfg.context_limit)
-        model = MoETransformer(cfg, backbone, experts, max_len, device, overlap=overlap)
+        model = MoETransformer(cfg, backbone, experts, max_len, device, overlap=overlap,
+                               paged_attention=make_backend(backend, device))
         return cls(cfg, model, TextTokenizer.from_checkpoint(path), max_model_len=max_len, device=device,
                    generation=read_generation_config(path), no_tokenizer_reason=missing_reason(path), **kwargs)
 

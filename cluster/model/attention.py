@@ -6,6 +6,8 @@ longest context with a mask; each prefill attends on its own, causally.
 Sliding windows (a query sees only the last `window` positions, itself included,
 as transformers' sliding_window_overlay) and attention sinks (gpt-oss: a learned
 per-head logit in the softmax that carries no value) are per layer.
+Grouped-query attention with a mask folds each kv head's query heads into rows of
+that kv head, so K/V are never repeated per query head.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from cluster.model.weights import AttentionWeights
 Reader = Callable[[Tensor], tuple[Tensor, Tensor]]  # slots [B, C] → k [B, H_kv, C, dk], v [B, H_kv, C, dv]
 # Sparse attention: (query rows [B, n], context slots [B, C], visible [B, n, C]) → the keys each query keeps.
 Selector = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+FOLD_GQA = True  # False: each query head attends on its own (K/V repeated per head), the reference the tests use
 
 
 def _project(x: Tensor, w: AttentionWeights, cfg: ModelConfig, rotates: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -56,33 +60,60 @@ def visible(lens: Tensor, width: int, n: int, window: int | None, chunk: int | N
     return mask
 
 
-def _with_sinks(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None, sinks: Tensor) -> Tensor:
+def _with_sinks(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None, sink: Tensor) -> Tensor:
+    """q [B, H, n, dk]; mask [B, 1, n, C]; sink [H, n] or [H, 1]: each row's sink logit."""
     groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, H, C, d]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, H, C, d] (folded: as is)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q @ k.transpose(-1, -2)).float() * scale  # [B, H, n, C]
-    scores = scores.masked_fill(~mask[:, None], float("-inf"))
-    sink = sinks.float()[None, :, None, None].expand(*scores.shape[:-1], 1)  # [B, H, n, 1]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sink.float()[None, :, :, None].expand(*scores.shape[:-1], 1)  # [B, H, n, 1]
     probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     return probs.to(v.dtype) @ v  # [B, H, n, dv]
+
+
+def _per_head(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None,
+              sinks: Tensor | None) -> Tensor:
+    if sinks is not None:
+        return _with_sinks(q, k, v, mask[:, None], scale, sinks[:, None])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
+                                          is_causal=mask is None, scale=scale, enable_gqa=True)
+
+
+def _folded(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None, sinks: Tensor | None) -> Tensor:
+    """Grouped-query attention as multi-head attention over the kv heads: the G query heads of a kv head
+    become G·n query rows of it, so K/V are read once per kv head and never repeated (SDPA's
+    enable_gqa with a mask takes the math path on CUDA, which repeats them; the sink path did too)."""
+    (b, h, n, d), hk = q.shape, k.shape[1]
+    groups = h // hk
+    q = q.reshape(b, hk, groups * n, d)  # rows (g, i)
+    if n == 1:
+        mask = mask[:, None]  # [B, 1, 1, C]: the same for every row
+    else:
+        mask = mask[:, None, None].expand(b, 1, groups, n, mask.shape[-1]).reshape(b, 1, groups * n, -1)
+    if sinks is not None:
+        sink = sinks.view(hk, groups, 1).expand(hk, groups, n).reshape(hk, groups * n)
+        out = _with_sinks(q, k, v, mask, scale, sink)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(b, h, n, -1)  # [B, H_kv, G·n, dv] → [B, H, n, dv]
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None,
             sinks: Tensor | None) -> Tensor:
     """q [B, H, n, dk], k [B, H_kv, C, dk], v [B, H_kv, C, dv]; mask [B, n, C] (None: causal, no past)."""
     k, v = k.to(q.dtype), v.to(q.dtype)  # the cache may be kept in another dtype
-    if sinks is not None:
-        return _with_sinks(q, k, v, mask, scale, sinks)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
-                                          is_causal=mask is None, scale=scale, enable_gqa=True)
+    if FOLD_GQA and mask is not None and q.shape[1] != k.shape[1]:
+        return _folded(q, k, v, mask, scale, sinks)
+    return _per_head(q, k, v, mask, scale, sinks)
 
 
 def attend_batch(q: Tensor, batch: Batch, read: Reader, v_dim: int, scale: float | None = None,
                  window: int | None = None, sinks: Tensor | None = None, chunk: int | None = None,
-                 select: Selector | None = None) -> Tensor:
+                 select: Selector | None = None, out: Tensor | None = None) -> Tensor:
     """q [T, H, dk] → [T, H, dv], each row attending to its own sequence's cached context
-    (only to the keys `select` keeps, when given)."""
-    out = q.new_empty(q.shape[0], q.shape[1], v_dim)
+    (only to the keys `select` keeps, when given); written into `out` when given."""
+    out = q.new_empty(q.shape[0], q.shape[1], v_dim) if out is None else out
     d = batch.decode
     if d is not None:
         k, v = read(d.context_slots)  # [B, H_kv, C, d]
@@ -110,7 +141,9 @@ def query_temperature(positions: Tensor, floor_scale: float, attn_scale: float) 
 
 
 def attention(x: Tensor, w: AttentionWeights, cfg: ModelConfig, layer: int, batch: Batch,
-              cache: KVCache, rope: tuple[Tensor, Tensor]) -> Tensor:
+              cache: KVCache, rope: tuple[Tensor, Tensor], paged=None) -> Tensor:
+    """paged: a paged-attention backend (attention_backend.make_backend) that attends what it covers
+    of the batch first; SDPA attends the rest."""
     rotates = cfg.rotates(layer)
     q, k, v = _project(x, w, cfg, rotates)
     if rotates:
@@ -119,6 +152,9 @@ def attention(x: Tensor, w: AttentionWeights, cfg: ModelConfig, layer: int, batc
     elif cfg.attn_temperature is not None:
         q = (q * query_temperature(batch.positions, *cfg.attn_temperature)[:, None, None]).to(q.dtype)
     cache.write(layer, batch.slot_mapping, k, v)
-    out = attend_batch(q, batch, lambda slots: cache.gather(layer, slots), cfg.head_dim, cfg.attn_scale,
-                       cfg.sliding_window(layer), w.sinks, cfg.attention_chunk(layer))
+    window, chunk, out = cfg.sliding_window(layer), cfg.attention_chunk(layer), q.new_empty(q.shape)
+    if paged is not None:
+        batch = paged.attend(q, out, batch, cache, layer, cfg.attn_scale, window, w.sinks, chunk)
+    attend_batch(q, batch, lambda slots: cache.gather(layer, slots), cfg.head_dim, cfg.attn_scale, window,
+                 w.sinks, chunk, out=out)
     return F.linear(out.reshape(x.shape[0], -1), w.o, w.o_bias)

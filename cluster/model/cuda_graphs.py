@@ -3,11 +3,16 @@
 Shapes: B decoding sequences, C context, V vocab, K top-k; Bp, Cp their buckets.
 A decode-only step has fixed shapes once B and C are fixed, and with in-process
 grouped experts (counts stay on the device) nothing in it reads back to the host,
-so it can be captured. One graph per (Bp, Cp) bucket, powers of two, captured the
-first time the bucket is met (the warm-up run before the capture is that step's
-real forward) and replayed after. Padding rows repeat the last real sequence (same
-token, position and cache slots): they write the same K/V to the same slot and their
-outputs are dropped, so no cache slot is set aside for them. Context padding uses
+so it can be captured. One graph per (Bp, Cp) bucket, powers of two. The engine
+captures the whole grid at start-up, largest first (as vLLM does: no capture, with its
+synchronize and empty_cache, lands mid-serving; smaller graphs reuse the larger ones'
+pool), up to `max_seqs` sequences and the context limit; a step with more sequences
+runs eagerly. A bucket met before it was captured (no start-up capture, or graphs
+dropped after a restack) is captured then, its warm-up being that step's real forward.
+Captured graphs read the expert stacks' addresses: when in-process experts are added
+or removed (a new stack version) they are all dropped. Padding rows repeat the last
+real sequence (same token, position and cache slots): they write the same K/V to the
+same slot and their outputs are dropped, so no cache slot is set aside for them. Context padding uses
 slot 0, masked by the lengths as in every decode group.
 What a graph cannot hold runs eagerly: prefills, logits of other rows, remote
 experts or experts without grouped matmul, rope whose frequencies depend on the
@@ -45,8 +50,19 @@ def unsupported(model) -> str | None:
     return None
 
 
+MIN_WIDTH = 32  # the smallest context bucket
+
+
 def _bucket(n: int, least: int = 1) -> int:
     return max(least, 1 << (n - 1).bit_length())
+
+
+def bucket_grid(max_seqs: int, max_len: int) -> list[tuple[int, int]]:
+    """Every (Bp, Cp) bucket of decode steps with at most max_seqs sequences and max_len context, the
+    largest first (the order to capture them in)."""
+    seqs = [1 << i for i in range(_bucket(max_seqs).bit_length())]
+    widths = [1 << i for i in range(MIN_WIDTH.bit_length() - 1, _bucket(max_len, MIN_WIDTH).bit_length())]
+    return sorted(((b, c) for b in seqs for c in widths), key=lambda k: (k[0] * k[1], k), reverse=True)
 
 
 class DecodeBucket:
@@ -78,33 +94,57 @@ class DecodeBucket:
 
 
 class DecodeGraphs:
-    def __init__(self, model, cache: KVCache):
+    def __init__(self, model, cache: KVCache, max_seqs: int | None = None):
+        """max_seqs: steps with more decoding sequences run eagerly (None: no bound)."""
         reason = unsupported(model)
         if reason is not None:
             raise ValueError(f"decode steps cannot be replayed from CUDA graphs: {reason}")
         self.model, self.cache = model, cache
+        self.max_seqs = None if max_seqs is None else _bucket(max_seqs)
         self.graphs: dict[tuple[int, int], DecodeBucket] = {}
-        self.stacks = model.experts.stacks  # the expert tensors the graphs read
+        self.stack_version = model.experts.version  # the expert stacks the graphs read: their version,
+        self.stacks = model.experts.stacks  # and held, so they outlive a restack until the graphs are dropped
         self.pool = torch.cuda.graph_pool_handle()
         self.replays = 0
         self.failed: str | None = None  # a capture failed (an op this torch cannot capture): eager from then on
+
+    def drop_if_restacked(self) -> bool:
+        """Forget every graph when the experts were restacked since they were captured (they would
+        replay on freed memory); True when they were."""
+        version = self.model.experts.version
+        if version == self.stack_version:
+            return False
+        self.graphs, self.stack_version, self.stacks = {}, version, self.model.experts.stacks
+        return True
+
+    def capture_grid(self, grid: list[tuple[int, int]]) -> None:
+        """Capture these buckets now, in this order, on a placeholder step: every sequence at position 0
+        with slot 0 as its one-token context (the cache is empty at start-up, and slot 0 keeps finite
+        values for the masked padding that reads it later)."""
+        for key in grid:
+            if self.failed or key in self.graphs:
+                continue
+            try:
+                self.graphs[key] = self._capture(key, None)
+            except RuntimeError as e:
+                self._fail(e)
 
     def run(self, batch: Batch, rows: Tensor | None = None) -> tuple[Tensor, list[Routing]] | None:
         """The step's logits [B, V] and routing from a graph, or None when the step is not decode-only."""
         d = batch.decode
         if self.failed or rows is not None or d is None or d.rows.shape[0] != len(batch.chunks):
             return None
-        if self.stacks is not self.model.experts.stacks:  # experts restacked: the graphs read freed memory
-            self.graphs, self.stacks = {}, self.model.experts.stacks
         b = len(batch.chunks)
-        key = (_bucket(b), _bucket(max(c.context_len for c in batch.chunks), least=32))
+        if self.max_seqs is not None and b > self.max_seqs:
+            return None
+        self.drop_if_restacked()
+        key = (_bucket(b), _bucket(max(c.context_len for c in batch.chunks), least=MIN_WIDTH))
         graph = self.graphs.get(key)
         if graph is None:
             try:
                 graph = self._capture(key, batch)
             except RuntimeError as e:  # e.g. a kernel that syncs: the step (and all after it) runs eagerly
-                self.failed = f"{type(e).__name__}: {e}"[:300]
-                log.warning("CUDA graph capture failed, decoding eagerly from now on: %s", self.failed)
+                self._fail(e)
                 return None
             self.graphs[key] = graph
         else:
@@ -113,9 +153,17 @@ class DecodeGraphs:
         self.replays += 1
         return graph.outputs(b)
 
-    def _capture(self, key: tuple[int, int], batch: Batch) -> DecodeBucket:
+    def _fail(self, e: RuntimeError) -> None:
+        self.failed = f"{type(e).__name__}: {e}"[:300]
+        log.warning("CUDA graph capture failed, decoding eagerly from now on: %s", self.failed)
+
+    def _capture(self, key: tuple[int, int], batch: Batch | None) -> DecodeBucket:
+        """Capture one bucket; its warm-up runs `batch` (None: the start-up placeholder)."""
         graph = DecodeBucket(*key, self.cache.k.device)
-        graph.load(batch)
+        if batch is None:
+            graph.batch.decode.lens.fill_(1)
+        else:
+            graph.load(batch)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up (a capture needs one): this step's real forward

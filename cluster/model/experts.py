@@ -64,6 +64,7 @@ class LocalExperts:
     def __init__(self, experts: dict[tuple[int, int], MLPWeights]):
         self._lock = threading.Lock()
         self._state: tuple[dict[tuple[int, int], MLPWeights], dict[int, ExpertStack]] = ({}, {})
+        self.version = 0  # counts restacks: CUDA graphs captured at an older one read freed stacks
         self._restack(experts, {layer for layer, _ in experts})
 
     @classmethod
@@ -89,6 +90,7 @@ class LocalExperts:
                 stacks[layer] = stack_layer(held)
         views = {(layer, e): st.weights(s) for layer, st in stacks.items() for s, e in enumerate(st.expert_ids)}
         self._state = (views, stacks)
+        self.version += 1
 
     def add(self, experts: dict[tuple[int, int], MLPWeights]) -> None:
         with self._lock:

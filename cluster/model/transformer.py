@@ -7,6 +7,8 @@ remote experts compute one micro-batch while the router computes the other.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -26,17 +28,19 @@ from cluster.model.weights import BackboneWeights, LayerWeights
 
 class MoETransformer:
     def __init__(self, cfg: ModelConfig, weights: BackboneWeights, experts: ExpertExecutor,
-                 max_len: int, device: str = "cpu", overlap: bool | None = None):
+                 max_len: int, device: str = "cpu", overlap: bool | None = None, paged_attention=None):
         """overlap: pipeline two micro-batches through the layers (steps of ≥ 2 sequences); None = auto:
         on for remote experts and a GPU router. Off for in-process experts (they compute inside
         `submit`: nothing to overlap) and on a CPU router, where the split costs more backbone time
         than it hides unless the experts dominate (served demo on 2 cores: 692 tok/s on, 763 off;
-        docs/benchmarks.md)."""
+        docs/benchmarks.md).
+        paged_attention: the attention backend's paged kernels (attention_backend.make_backend; None: SDPA)."""
         self.cfg, self.weights, self.experts = cfg, weights, experts
         auto = not isinstance(experts, LocalExperts) and device.startswith("cuda")
         self.overlap = auto if overlap is None else overlap
         self.rotary = Rotary(cfg.rope, max_len, device)
-        self._attend = mla_attention if cfg.attention == "mla" else attention
+        self.paged_attention = paged_attention
+        self._attend = mla_attention if cfg.attention == "mla" else partial(attention, paged=paged_attention)
 
     def _norm(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return norm(x, weight, bias, self.cfg.rms_norm_eps, self.cfg.norm)

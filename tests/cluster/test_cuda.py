@@ -138,3 +138,22 @@ def test_overlap_is_on_by_default_for_remote_experts_on_a_gpu_router(checkpoint_
     prompts = [PROMPT, PROMPT[:2], PROMPT[1:]]
     assert [o.token_ids for o in deferred.generate(prompts, params)] == \
         [o.token_ids for o in plain.generate(prompts, params)]
+
+
+def test_cuda_graph_grid_is_captured_at_start_up_and_nothing_mid_serving(checkpoint_factory):
+    """Finding 14: every bucket up to max_num_seqs × max_model_len is captured when the engine is built;
+    serving then only replays (no capture, with its synchronize and empty_cache, mid-stream)."""
+    from cluster.model.cuda_graphs import bucket_grid
+
+    path = str(checkpoint_factory("qwen3_moe"))
+    kw = dict(device="cuda", dtype="bfloat16", max_num_seqs=4, max_model_len=64, kv_cache_memory_bytes=16 << 20)
+    engine = LLMEngine.from_pretrained(path, **kw)
+    graphs = engine.graphs
+    assert graphs is not None and graphs.failed is None, graphs and graphs.failed
+    assert set(graphs.graphs) == set(bucket_grid(4, 64))
+    captured = {k: g.graph for k, g in graphs.graphs.items()}
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    out = engine.generate([PROMPT, PROMPT[:2], [7]], params)
+    assert graphs.replays >= 7 and {k: g.graph for k, g in graphs.graphs.items()} == captured
+    eager = LLMEngine.from_pretrained(path, cuda_graphs=False, **kw).generate([PROMPT, PROMPT[:2], [7]], params)
+    assert [o.token_ids[:2] for o in out] == [o.token_ids[:2] for o in eager]
