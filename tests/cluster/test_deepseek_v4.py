@@ -1,0 +1,109 @@
+"""DeepSeek-V4-Flash (sizes shrunk, stored under the release's tensor names) against transformers in fp32:
+a prompt longer than the 128-token window and the HCA ratio, CSA layers with their indexer (index_topk as
+released, and shrunk so it selects), hash-routed layers; greedy decode through our paged cache against
+transformers' step-by-step decode with its own cache."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from cluster.engine import LLMEngine, SamplingParams
+from cluster.errors import UnsupportedModelError
+from cluster.families.deepseek_v4 import parse_config
+from cluster.model.gating import Gating, route
+from tests.deepseek_v4_checkpoints import build, load_reference, tiny_flash
+from tests.helpers import hf_greedy_logits, our_greedy_logits
+
+STEPS = 6
+PROMPT = [(7 * i + 3) % 250 + 1 for i in range(150)]  # past the window (128) and one HCA entry (128)
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """{index_topk: checkpoint dir}: as released (512: every compressed entry kept at this length) and 4."""
+    released = build(tmp_path_factory.mktemp("dsv4") / "released")
+    selecting = released.parent / "topk4"
+    shutil.copytree(released, selecting)
+    cfg = json.loads((selecting / "config.json").read_text())
+    (selecting / "config.json").write_text(json.dumps({**cfg, "index_topk": 4}))
+    return {512: released, 4: selecting}
+
+
+@pytest.fixture(scope="module")
+def runs(checkpoints):
+    """Per index_topk: (ours: tokens, logits, engine; transformers: tokens, logits)."""
+    out = {}
+    for topk, path in checkpoints.items():
+        engine = LLMEngine.from_pretrained(str(path), dtype="float32", max_num_seqs=2, max_model_len=256)
+        out[topk] = (*our_greedy_logits(engine, PROMPT, STEPS), engine, *hf_greedy_logits(load_reference(path), PROMPT, STEPS))
+    return out
+
+
+@pytest.mark.parametrize("topk", [512, 4])
+def test_matches_transformers_prefill_and_paged_decode(runs, topk):
+    tokens, logits, engine, hf_tokens, hf_logits = runs[topk]
+    worst = max((a - b).abs().max().item() for a, b in zip(logits, hf_logits))
+    print(f"deepseek_v4 index_topk={topk}: max |logit diff| {worst:.2e} over {STEPS} steps")
+    assert tokens == hf_tokens
+    assert worst < TOLERANCE
+    [out] = engine.generate([PROMPT], SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True))
+    assert out.token_ids == hf_tokens  # through the scheduler: paged blocks of 16, prefill then decode
+
+
+def test_the_indexer_selects_when_index_topk_is_small(runs):
+    """With 4 of ~37 compressed entries kept the output changes: the selection is exercised, not bypassed."""
+    assert max((a - b).abs().max().item() for a, b in zip(runs[512][1], runs[4][1])) > 1e-3
+
+
+def test_hash_layers_route_by_token_id_and_are_counted(runs, checkpoints):
+    """route() exposes the fixed table's choice: the trace names tid2eid[token] on the hash layers, and the
+    load accounting counts exactly those rows."""
+    from safetensors.torch import load_file
+
+    engine = runs[512][2]
+    tables = load_file(str(checkpoints[512] / "model.safetensors"))
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, return_routing=True)
+    prompt = [t + 1 for t in PROMPT[:20]]  # no prefix shared with the earlier requests: every row is computed
+    before = engine.expert_load.total.clone()
+    [out] = engine.generate([prompt], params)
+    fed = prompt[-1:] + out.token_ids[:-1]  # the input of the forward pass that chose each token
+    computed = prompt + out.token_ids[:-1]  # every row the experts saw
+    for layer in (0, 1, 2):
+        table = tables[f"layers.{layer}.ffn.gate.tid2eid"]
+        assert [sorted(step[layer][1]) for step in out.routing] == [sorted(table[t].tolist()) for t in fed]
+        expected = torch.bincount(table[computed].reshape(-1), minlength=engine.cfg.num_experts)
+        assert torch.equal(engine.expert_load.total[layer] - before[layer], expected)
+
+
+def test_sqrtsoftplus_with_fixed_ids_weighs_the_fixed_experts():
+    logits = torch.tensor([[0.5, -1.0, 2.0, 0.0]])
+    fixed = torch.tensor([[1, 3]])
+    weights, ids = route(logits, Gating(2, scoring="sqrtsoftplus", scale=1.5), fixed_ids=fixed)
+    scores = torch.nn.functional.softplus(logits).sqrt()[0, [1, 3]]
+    assert ids.tolist() == [[1, 3]]
+    assert torch.allclose(weights[0], scores / scores.sum() * 1.5)
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"num_key_value_heads": 2}, "num_key_value_heads"),
+    ({"compress_ratios": [0, 8, 128, 4, 0]}, "compress_ratios"),
+    ({"compress_ratios": [0, 4]}, "compress_ratios"),
+    ({"scoring_func": "softmax"}, "scoring_func"),
+    ({"n_shared_experts": 2}, "n_shared_experts"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+])
+def test_refusals_name_the_field(changes, field):
+    with pytest.raises(UnsupportedModelError, match=field):
+        parse_config(tiny_flash(**changes))
+
+
+def test_released_config_parses_to_its_layers():
+    cfg = parse_config(tiny_flash())
+    assert cfg.compress_ratios == (0, 4, 128, 4) and cfg.csa_ratio == 4
+    assert cfg.hash_layers == (True, True, True, False)
+    assert cfg.sliding_windows == (128,) * 4 and cfg.hc_mult == 4
+    assert cfg.rope.theta == 10000 and cfg.rope.kind == "default"
+    assert (cfg.compress_rope.kind, cfg.compress_rope.theta, cfg.compress_rope.factor) == ("yarn", 160000, 16)
+    assert cfg.compress_rope.attention_factor == 1.0
