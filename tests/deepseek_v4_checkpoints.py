@@ -141,3 +141,67 @@ def load_reference(path: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+# As released: routed experts FP4 (E2M1 pairs in I8, a UE8M0 `.scale` per 32 values of a row); the attention
+# projections and the shared expert FP8 e4m3 in 128x128 blocks with UE8M0 `.scale`; the compressors'
+# projections, the indexer's weights_proj, the gates, norms, embeddings and head as they are (BF16 / FP32).
+_FP4_MAGNITUDES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+_FP8 = (".wq_a.weight", ".wq_b.weight", ".wkv.weight", ".wo_a.weight", ".wo_b.weight", "shared_experts.w1.weight",
+        "shared_experts.w2.weight", "shared_experts.w3.weight")
+
+
+def _ue8m0(amax: torch.Tensor, top: float) -> torch.Tensor:
+    """The power-of-two exponent that brings `amax` within `top` (UE8M0 stores it biased by 127)."""
+    return torch.ceil(torch.log2(amax.clamp(min=1e-30) / top)).clamp(-127, 127)
+
+
+def quantize_fp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [M, N] → (packed I8 [M, N/2] low nibble first, UE8M0 scale [M, N/32], the dequantised [M, N])."""
+    m, n = w.shape
+    groups = w.float().view(m, n // 32, 32)
+    exp = _ue8m0(groups.abs().amax(-1), 6.0)  # [M, N/32]
+    q = groups / torch.exp2(exp)[..., None]
+    idx = (q.abs()[..., None] - _FP4_MAGNITUDES).abs().argmin(-1)  # nearest magnitude
+    nibble = (idx + 8 * (q < 0)).view(m, n).to(torch.uint8)
+    packed = (nibble[:, 0::2] | (nibble[:, 1::2] << 4)).view(torch.int8)
+    value = _FP4_MAGNITUDES[idx] * torch.where(q < 0, -1.0, 1.0) * torch.exp2(exp)[..., None]
+    return packed, (exp + 127).to(torch.uint8).view(torch.float8_e8m0fnu), value.view(m, n)
+
+
+def quantize_fp8_ue8m0(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [M, N] → (F8_E4M3, UE8M0 scale per block (the last may be partial), the dequantised [M, N])."""
+    m, n = w.shape
+    rows, cols = -(-m // block), -(-n // block)
+    exp = torch.zeros(rows, cols)
+    for i in range(rows):
+        for j in range(cols):
+            exp[i, j] = _ue8m0(w[i * block:(i + 1) * block, j * block:(j + 1) * block].float().abs().max(), 448.0)
+    scale = torch.exp2(exp).repeat_interleave(block, 0)[:m].repeat_interleave(block, 1)[:, :n]
+    q = (w.float() / scale).to(torch.float8_e4m3fn)
+    return q, (exp + 127).to(torch.uint8).view(torch.float8_e8m0fnu), q.float() * scale
+
+
+def build_quantized(root: Path, seed: int = 0, **overrides) -> tuple[Path, Path]:
+    """(ours, reference): the release's FP4 / FP8 layout and config.json (quantization_config, expert_dtype),
+    and the same weights dequantised by the code above (bf16 holds every such value exactly) without them."""
+    reference = build(root / "reference", seed, **overrides)
+    from safetensors.torch import load_file
+
+    tensors, ours = load_file(str(reference / "model.safetensors")), {}
+    dequantised = {}
+    for name, t in tensors.items():
+        fp4 = ".ffn.experts." in name
+        if fp4 or (name.endswith(_FP8) and ".compressor." not in name):
+            q, scale, value = quantize_fp4(t) if fp4 else quantize_fp8_ue8m0(t)
+            ours[name], ours[name[:-len("weight")] + "scale"] = q, scale
+            dequantised[name] = value.to(t.dtype)
+        else:
+            ours[name] = t
+    save_file({**tensors, **dequantised}, reference / "model.safetensors")
+    (root / "ours").mkdir()
+    save_file(ours, root / "ours" / "model.safetensors")
+    cfg = {**tiny_flash(**overrides), "quantization_config": copy.deepcopy(FLASH["quantization_config"]),
+           "expert_dtype": FLASH["expert_dtype"]}
+    (root / "ours" / "config.json").write_text(json.dumps(cfg, indent=2))
+    return root / "ours", reference

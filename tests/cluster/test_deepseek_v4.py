@@ -107,3 +107,20 @@ def test_released_config_parses_to_its_layers():
     assert cfg.rope.theta == 10000 and cfg.rope.kind == "default"
     assert (cfg.compress_rope.kind, cfg.compress_rope.theta, cfg.compress_rope.factor) == ("yarn", 160000, 16)
     assert cfg.compress_rope.attention_factor == 1.0
+
+
+def test_fp4_experts_and_fp8_blocks_as_released_match_transformers(tmp_path):
+    """Stored as released (FP4 experts, FP8 blocks, UE8M0 `.scale` tensors): dequantised at load, equal to
+    transformers on the same weights dequantised by the test's own code."""
+    from cluster.loader import open_model
+    from tests.deepseek_v4_checkpoints import build_quantized
+
+    ours, reference = build_quantized(tmp_path)
+    ckpt, _, cfg = open_model(str(ours))
+    assert ckpt.info("layers.3.ffn.experts.0.w1.weight").shape == (cfg.expert_intermediate_size, cfg.hidden_size // 2)
+    prompt = PROMPT[:40]
+    engine = LLMEngine.from_pretrained(str(ours), dtype="float32", max_num_seqs=2, max_model_len=128)
+    tokens, logits = our_greedy_logits(engine, prompt, 4)
+    hf_tokens, hf_logits = hf_greedy_logits(load_reference(reference), prompt, 4)
+    assert tokens == hf_tokens
+    assert max((a - b).abs().max().item() for a, b in zip(logits, hf_logits)) < TOLERANCE
