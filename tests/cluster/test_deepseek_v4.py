@@ -124,3 +124,26 @@ def test_fp4_experts_and_fp8_blocks_as_released_match_transformers(tmp_path):
     hf_tokens, hf_logits = hf_greedy_logits(load_reference(reference), prompt, 4)
     assert tokens == hf_tokens
     assert max((a - b).abs().max().item() for a, b in zip(logits, hf_logits)) < TOLERANCE
+
+
+def test_split_experts_chunked_prefill_and_batching_keep_outputs(runs, checkpoints):
+    """The rest of the engine with V4: two workers each reading only their half of the experts (FP4-free
+    bf16 here), prompts prefilled 24 tokens a step (chunks ending mid-window) in blocks of 4 beside running decodes, and batched
+    sequences all give transformers' greedy tokens."""
+    from cluster.loader import load_experts, open_model
+    from cluster.model.experts import LocalExperts
+    from tests.cluster.test_expert_workers import Workers
+
+    path, hf_tokens = checkpoints[4], runs[4][3]
+    ckpt, family, cfg = open_model(str(path))
+    pairs = cfg.experts()
+    workers = [LocalExperts(load_experts(open_model(str(path))[0], family, cfg, half)) for half in (pairs[0::2], pairs[1::2])]
+    split = LLMEngine.from_pretrained(str(path), dtype="float32", experts=Workers(workers), max_model_len=256)
+    greedy = SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True)
+    assert split.generate([PROMPT], greedy)[0].token_ids == hf_tokens
+    chunked = LLMEngine(split.cfg, runs[4][2].model, split.tokenizer, max_num_seqs=4, max_model_len=256,
+                        max_num_batched_tokens=24, block_size=4)
+    other = [t + 2 for t in PROMPT[:40]]
+    whole = runs[4][2].generate([other], greedy)[0].token_ids
+    outs = chunked.generate([PROMPT, other], greedy)
+    assert [o.token_ids for o in outs] == [hf_tokens, whole]
