@@ -147,3 +147,16 @@ def test_split_experts_chunked_prefill_and_batching_keep_outputs(runs, checkpoin
     whole = runs[4][2].generate([other], greedy)[0].token_ids
     outs = chunked.generate([PROMPT, other], greedy)
     assert [o.token_ids for o in outs] == [hf_tokens, whole]
+
+
+def test_plan_counts_the_released_flash(tmp_path):
+    """`moe-cluster plan` on V4-Flash's config.json as released: its published size (284B, 13B active), FP4
+    experts dequantised, and the cache bytes of K=V plus the compressor inputs per token."""
+    from cluster.plan import format_plan, plan_from_config
+    from tests.deepseek_v4_checkpoints import FLASH
+
+    (tmp_path / "config.json").write_text(json.dumps(FLASH))
+    text = format_plan(plan_from_config(str(tmp_path), workers=8, gpu_memory="141GiB"))
+    assert "284.33 B total, 13.80 B active" in text
+    assert "11008 routed" in text  # 43 layers x 256 experts; the MTP layer's are not counted
+    assert "KV cache: 258.00 KiB per token" in text  # 43 x (512 + 4 x 512 + 4 x 128) x 2 bytes
