@@ -160,3 +160,17 @@ def test_plan_counts_the_released_flash(tmp_path):
     assert "284.33 B total, 13.80 B active" in text
     assert "11008 routed" in text  # 43 layers x 256 experts; the MTP layer's are not counted
     assert "KV cache: 258.00 KiB per token" in text  # 43 x (512 + 4 x 512 + 4 x 128) x 2 bytes
+
+
+def test_preemption_under_a_tiny_budget_gives_the_same_outputs(runs):
+    """V4's state is all in the paged cache: preempted sequences are recomputed from their tokens, outputs
+    unchanged, every block back at the end."""
+    roomy = runs[4][2]
+    prompts = [[(5 * i + 7 * j) % 250 + 1 for j in range(10 + i)] for i in range(4)]
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    per_block = roomy.cache.bytes_per_token * 4
+    tight = LLMEngine(roomy.cfg, roomy.model, roomy.tokenizer, max_num_seqs=4, max_model_len=64, block_size=4,
+                      kv_cache_memory_bytes=10 * per_block, enable_prefix_caching=False)
+    assert tight.cache.num_blocks == 10
+    assert [o.token_ids for o in tight.generate(prompts, greedy)] == [o.token_ids for o in roomy.generate(prompts, greedy)]
+    assert tight.scheduler.num_preemptions > 0 and tight.cache.num_free_blocks == 10
