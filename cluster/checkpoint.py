@@ -21,7 +21,8 @@ import torch
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
+    "F4": torch.uint8,  # E2M1 pairs: the header counts values, a byte holds two (read as packed bytes)
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
 }
@@ -65,7 +66,10 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
         start = 8 + size + begin
         if end < begin or 8 + size + end > file_size:
             raise CheckpointError(f"{path}: tensor {name!r} lies outside the file (truncated checkpoint?)")
-        infos[name] = TensorInfo(path, _DTYPES[meta["dtype"]], tuple(meta["shape"]), start, end - begin)
+        shape = tuple(meta["shape"])
+        if meta["dtype"] == "F4":
+            shape = (*shape[:-1], shape[-1] // 2)
+        infos[name] = TensorInfo(path, _DTYPES[meta["dtype"]], shape, start, end - begin)
     return infos
 
 

@@ -87,6 +87,19 @@ class ModelConfig:
     index_n_heads: int = 0
     index_head_dim: int = 0
     index_rope_interleave: bool = False  # the indexer's rotary: halves (V3.2) or interleaved pairs (GLM-5)
+    # DeepSeek-V4 (attention="dsv4"): one shared K=V head of head_dim beside a sliding window; per layer a
+    # compression ratio (0: window only; with an indexer when it is csa_ratio) whose compressed entries use
+    # compress_rope; a grouped low-rank output (o_groups groups to o_lora_rank each); hc_mult residual
+    # streams (hyper-connections); hash routing on the hash_layers (a token id -> experts table).
+    compress_ratios: tuple[int, ...] = ()
+    csa_ratio: int = 0  # the ratio whose layers select compressed entries with an indexer
+    compress_rope: Rope | None = None
+    o_groups: int = 0
+    o_lora_rank: int = 0
+    hc_mult: int = 0  # 0: one residual stream, as every other family
+    hc_sinkhorn_iters: int = 0
+    hc_eps: float = 0.0
+    hash_layers: tuple[bool, ...] = ()
 
     @property
     def gating(self) -> Gating:
@@ -106,6 +119,12 @@ class ModelConfig:
 
     def attention_chunk(self, layer: int) -> int | None:
         return self.attention_chunks[layer] if self.attention_chunks else None
+
+    def compress_ratio(self, layer: int) -> int:
+        return self.compress_ratios[layer] if self.compress_ratios else 0
+
+    def hash_routed(self, layer: int) -> bool:
+        return bool(self.hash_layers) and self.hash_layers[layer]
 
     def rotates(self, layer: int) -> bool:
         return self.rope_layers[layer] if self.rope_layers else True

@@ -15,8 +15,8 @@ import torch
 from cluster.checkpoint import Checkpoint, CheckpointError
 from cluster.config import ModelConfig
 from cluster.families import Family, relocate, resolve
-from cluster.model.weights import (AttentionWeights, BackboneWeights, IndexerWeights, LayerWeights, MLAWeights,
-                                   MLPWeights)
+from cluster.model.weights import (AttentionWeights, BackboneWeights, CompressorWeights, HyperWeights,
+                                   IndexerWeights, LayerWeights, MLAWeights, MLPWeights, V4AttentionWeights)
 from cluster.precision import resolve_dtype
 from cluster.quant import read_weight
 
@@ -152,29 +152,74 @@ def _indexer(r: _Reader, cfg: ModelConfig, layer: int) -> IndexerWeights:
         head_weights=r.get("index_weights", (hi, d), layer, dtype=torch.float32))  # fp32, as transformers keeps it
 
 
+def _compressor(r: _Reader, prefix: str, layer: int, dim: int, ratio: int, overlap: bool) -> CompressorWeights:
+    width, fp32 = dim * (2 if overlap else 1), torch.float32  # transformers keeps position_bias in fp32
+    d = r.cfg.hidden_size
+    return CompressorWeights(kv=r.get(f"{prefix}_kv", (width, d), layer), gate=r.get(f"{prefix}_gate", (width, d), layer),
+                             position_bias=r.get(f"{prefix}_ape", (ratio, width), layer, dtype=fp32),
+                             norm=r.get(f"{prefix}_norm", (dim,), layer, dtype=fp32))
+
+
+def _v4_attention(r: _Reader, cfg: ModelConfig, layer: int) -> V4AttentionWeights:
+    d, h, hd, g = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.o_groups
+    ratio, fp32 = cfg.compress_ratio(layer), torch.float32
+    csa = bool(ratio) and ratio == cfg.csa_ratio
+    return V4AttentionWeights(
+        q_a=r.get("q_a_proj", (cfg.q_lora_rank, d), layer), q_a_norm=r.get("q_a_norm", (cfg.q_lora_rank,), layer, dtype=fp32),
+        q_b=r.get("q_b_proj", (h * hd, cfg.q_lora_rank), layer), kv=r.get("kv_proj", (hd, d), layer),
+        kv_norm=r.get("kv_norm", (hd,), layer, dtype=fp32), o_a=r.get("o_a_proj", (g * cfg.o_lora_rank, h * hd // g), layer),
+        o_b=r.get("o_b_proj", (d, g * cfg.o_lora_rank), layer), sinks=r.get("sinks", (h,), layer, dtype=fp32),
+        compressor=_compressor(r, "compressor", layer, hd, ratio, csa) if ratio else None,
+        indexer=_compressor(r, "index_compressor", layer, cfg.index_head_dim, ratio, True) if csa else None,
+        index_q=r.get("index_q", (cfg.index_n_heads * cfg.index_head_dim, cfg.q_lora_rank), layer) if csa else None,
+        index_weights=r.get("index_weights", (cfg.index_n_heads, d), layer) if csa else None)
+
+
+def _hyper(r: _Reader, prefix: str, layer: int | None, mixes: int, scales: int) -> HyperWeights:
+    """fp32, as transformers keeps the hyper-connections."""
+    n, fp32 = r.cfg.hc_mult, torch.float32
+    return HyperWeights(fn=r.get(f"{prefix}_fn", (mixes, n * r.cfg.hidden_size), layer, dtype=fp32),
+                        base=r.get(f"{prefix}_base", (mixes,), layer, dtype=fp32),
+                        scale=r.get(f"{prefix}_scale", (scales,), layer, dtype=fp32))
+
+
+def _hyper_fields(r: _Reader, cfg: ModelConfig, layer: int) -> dict:
+    if not cfg.hc_mult:
+        return {}
+    mixes = (2 + cfg.hc_mult) * cfg.hc_mult
+    return dict(attn_hc=_hyper(r, "attn_hc", layer, mixes, 3), mlp_hc=_hyper(r, "mlp_hc", layer, mixes, 3))
+
+
 def _gate(r: _Reader, cfg: ModelConfig, layer: int) -> dict:
     """The gate of a MoE layer: its weight (fp32 where transformers computes the logits in fp32),
     DeepSeek's selection bias (fp32) and gpt-oss's logits bias."""
     e, d = cfg.num_experts, cfg.hidden_size
+    hashed = cfg.hash_routed(layer)
     return dict(gate=r.get("gate", (e, d), layer, dtype=torch.float32 if cfg.gate_fp32 else None),
-                gate_bias=r.maybe("gate_bias", (e,), layer, dtype=torch.float32),
+                gate_bias=None if hashed else r.maybe("gate_bias", (e,), layer, dtype=torch.float32),
+                hash_table=r.get("hash_table", (cfg.vocab_size, cfg.top_k), layer, dtype=torch.long) if hashed else None,
                 gate_logits_bias=r.get("gate_logits_bias", (e,), layer) if cfg.gate_logits_bias else None)
 
 
 def _layer(r: _Reader, cfg: ModelConfig, layer: int) -> LayerWeights:
     d, moe = cfg.hidden_size, cfg.moe_layers[layer]
     shared = None
-    if moe and cfg.shared_expert_intermediate_size:
-        shared = r.mlp("shared", cfg.shared_expert_intermediate_size, d, layer)
+    if moe and cfg.shared_expert_intermediate_size:  # with the routed experts' activation (V4 clamps both)
+        w = r.mlp("shared", cfg.shared_expert_intermediate_size, d, layer)
+        shared = MLPWeights(w.gate_up, w.down, activation=cfg.expert_activation)
     (attn_norm, attn_norm_bias), (mlp_norm, mlp_norm_bias) = r.norm("attn_norm", d, layer), r.norm("mlp_norm", d, layer)
     return LayerWeights(
         attn_norm=attn_norm, attn_norm_bias=attn_norm_bias, mlp_norm=mlp_norm, mlp_norm_bias=mlp_norm_bias,
-        attn=_mla(r, cfg, layer) if cfg.attention == "mla" else _attention(r, cfg, layer),
+        attn=_ATTENTION.get(cfg.attention, _attention)(r, cfg, layer),
+        **_hyper_fields(r, cfg, layer),
         **(_gate(r, cfg, layer) if moe else {}),
         dense=None if moe else r.mlp("dense", cfg.dense_intermediate_size, d, layer),
         shared=shared,
         shared_expert_gate=r.get("shared_expert_gate", (1, d), layer) if shared is not None and cfg.shared_expert_gate else None,
     )
+
+
+_ATTENTION = {"mla": _mla, "dsv4": _v4_attention}
 
 
 def load_backbone(ckpt: Checkpoint, family: Family, cfg: ModelConfig, dtype=None, device: str = "cpu",
@@ -191,7 +236,8 @@ def load_backbone(ckpt: Checkpoint, family: Family, cfg: ModelConfig, dtype=None
     lm_head = embed if cfg.tie_word_embeddings and not ckpt.has(r.name("lm_head")) else r.get("lm_head", (v, d))
     final_norm, final_norm_bias = r.norm("final_norm", d)
     return BackboneWeights(embed, final_norm, lm_head, tuple(layers), final_norm_bias,
-                           r.get("lm_head_bias", (v,)) if cfg.lm_head_bias else None)
+                           r.get("lm_head_bias", (v,)) if cfg.lm_head_bias else None,
+                           _hyper(r, "hc_head", None, cfg.hc_mult, 1) if cfg.hc_mult else None)
 
 
 def load_experts(ckpt: Checkpoint, family: Family, cfg: ModelConfig, pairs: Iterable[tuple[int, int]],

@@ -4,6 +4,10 @@
   weights stored F8_E4M3 with a sibling `<name>_scale_inv` F32 tensor holding
   one multiplier per `weight_block_size` block (the last block of a dimension
   may be partial): w = fp8 * scale_inv, block by block.
+  DeepSeek-V4 names the scale `<module>.scale` (UE8M0: float8_e8m0fnu, a power of two) and stores
+  its routed experts as FP4 instead (`expert_dtype: fp4`): `<module>.weight` I8 (or F4) [M, N/2], two
+  E2M1 values per byte (low nibble first), with one UE8M0 `<module>.scale` per 32 values of a row
+  [M, N/32]: w = e2m1 * scale.
 - mxfp4 (gpt-oss as released): `<name>_blocks` U8 [..., out, G, 16] packs two
   E2M1 values per byte (low nibble first) and `<name>_scales` U8 [..., out, G]
   a power-of-two exponent (biased by 127) per 32 values. Dequantised, a tensor
@@ -61,6 +65,9 @@ def parse_quantization(config: dict[str, Any]) -> Quantization:
         if q.get("fmt", "e4m3") not in _E4M3:
             raise UnsupportedModelError(f"config.json: quantization_config.fmt {q['fmt']!r} is not supported "
                                         "(e4m3 / float8_e4m3fn)")
+        expert_dtype = q.get("expert_dtype", config.get("expert_dtype", "fp8"))
+        if expert_dtype not in ("fp8", "fp4"):
+            raise UnsupportedModelError(f"config.json: expert_dtype {expert_dtype!r} is not supported (fp8 or fp4)")
         return Quantization("fp8", (int(block[0]), int(block[1])))
     if method == "mxfp4":
         return Quantization("mxfp4")
@@ -110,6 +117,36 @@ def dequantize_fp8(weight: Tensor, scale_inv: Tensor, block: tuple[int, int], dt
     return (weight.float() * scale).to(dtype)
 
 
+def dequantize_fp4(packed: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """packed [M, N/2] (two E2M1 per byte, low nibble first), scale [M, N/32] → [M, N] in `dtype`."""
+    lut = torch.tensor(_FP4_VALUES, dtype=torch.float32, device=packed.device)
+    u8 = packed.contiguous().view(torch.uint8)
+    values = torch.stack([lut[(u8 & 0x0F).long()], lut[(u8 >> 4).long()]], dim=-1).reshape(u8.shape[0], -1)  # [M, N]
+    group = values.shape[-1] // scale.shape[-1]
+    return (values * scale.float().repeat_interleave(group, dim=-1)).to(dtype)
+
+
+def _scale_name(ckpt: Checkpoint, name: str) -> str | None:
+    """The fp8 / fp4 scale stored beside weight `name`: `<name>_scale_inv`, or DeepSeek-V4's `<module>.scale`."""
+    for candidate in (name + "_scale_inv", name[:-len("weight")] + "scale" if name.endswith(".weight") else None):
+        if candidate and ckpt.has(candidate):
+            return candidate
+    return None
+
+
+def _read_fp8_or_fp4(ckpt: Checkpoint, quant: Quantization, name: str, scale_name: str, shape: tuple[int, ...],
+                     dtype: torch.dtype, device: str, index: int | None) -> Tensor:
+    weight = ckpt.read_raw(name, index).to(device)
+    scale = ckpt.read_raw(scale_name, index).to(device)
+    if weight.dtype in (torch.int8, torch.uint8):  # FP4 pairs
+        m, n = shape
+        ckpt.check_shape(name, (m, n // 2), index)
+        ckpt.check_shape(scale_name, (m, math.ceil(n / _MXFP4_GROUP)), index)
+        return dequantize_fp4(weight, scale, dtype)
+    ckpt.check_shape(name, shape, index)
+    return dequantize_fp8(weight, scale, quant.block, dtype)
+
+
 def dequantize_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
     """blocks [M, G, 16] u8, scales [M, G] u8 → [N, M] (N = 32 G) in `dtype` (transposed, see above)."""
     lut = torch.tensor(_FP4_VALUES, dtype=torch.float32, device=blocks.device)
@@ -145,11 +182,9 @@ def _read_int4(ckpt: Checkpoint, quant: Quantization, base: str, shape: tuple[in
 def read_weight(ckpt: Checkpoint, quant: Quantization, name: str, shape: tuple[int, ...], dtype: torch.dtype,
                 device: str, index: int | None = None) -> Tensor:
     """One weight in `dtype` on `device`, dequantised if the checkpoint stores it quantised."""
-    if quant.method == "fp8" and ckpt.has(name + "_scale_inv"):
-        ckpt.check_shape(name, shape, index)
-        weight = ckpt.read_raw(name, index).to(device)
-        scale = ckpt.read_raw(name + "_scale_inv", index).to(device)
-        return dequantize_fp8(weight, scale, quant.block, dtype)
+    scale_name = _scale_name(ckpt, name) if quant.method == "fp8" else None
+    if scale_name is not None:
+        return _read_fp8_or_fp4(ckpt, quant, name, scale_name, shape, dtype, device, index)
     if quant.method == "mxfp4" and ckpt.has(name + "_blocks"):
         out, n_in = shape[-1], shape[-2]
         ckpt.check_shape(name + "_blocks", (out, n_in // _MXFP4_GROUP, _MXFP4_GROUP // 2), index)

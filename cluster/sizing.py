@@ -43,8 +43,24 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def _attention_params(c: ModelConfig) -> int:
+def _v4_layer_params(c: ModelConfig, layer: int) -> int:
+    """DeepSeek-V4's attention (with its compressor and indexer) and its two hyper-connections."""
+    d, h, hd, ql, n = c.hidden_size, c.num_heads, c.head_dim, c.q_lora_rank, c.hc_mult
+    params = d * ql + ql + ql * h * hd + d * hd + hd + h * hd * c.o_lora_rank + c.o_groups * c.o_lora_rank * d + h
+    ratio = c.compress_ratio(layer)
+    if ratio:
+        width = hd * (2 if ratio == c.csa_ratio else 1)
+        params += 2 * d * width + ratio * width + hd
+    if ratio and ratio == c.csa_ratio:
+        hi, di = c.index_n_heads, c.index_head_dim
+        params += 4 * d * di + 2 * ratio * di + di + ql * hi * di + d * hi
+    return params + 2 * ((2 + n) * n * (n * d + 1) + 3)
+
+
+def _attention_params(c: ModelConfig, layer: int = 0) -> int:
     d, h = c.hidden_size, c.num_heads
+    if c.attention == "dsv4":
+        return _v4_layer_params(c, layer)
     if c.attention == "mla":
         qk = c.qk_nope_head_dim + c.qk_rope_head_dim
         q = d * h * qk if not c.q_lora_rank else d * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * h * qk
@@ -64,10 +80,10 @@ def _layer_params(c: ModelConfig, layer: int) -> int:
     d = c.hidden_size
     norms = 2 * d * (2 if c.norm == "layer" and c.norm_bias else 1)
     if not c.moe_layers[layer]:
-        return _attention_params(c) + norms + 3 * d * c.dense_intermediate_size
+        return _attention_params(c, layer) + norms + 3 * d * c.dense_intermediate_size
     gate = c.num_experts * d + (c.num_experts if c.gate_logits_bias else 0)
     shared = 3 * d * c.shared_expert_intermediate_size + (d if c.shared_expert_gate else 0)
-    return _attention_params(c) + norms + gate + shared
+    return _attention_params(c, layer) + norms + gate + shared
 
 
 @dataclass(frozen=True)
@@ -97,11 +113,20 @@ def backbone_bytes(c: ModelConfig, dtype: torch.dtype) -> int:
     computes them in fp32, DeepSeek-V3 / GLM's selection bias (a buffer, so no parameter) fp32, and
     gpt-oss's norms fp32."""
     gates = len(c.moe_layer_ids) * c.num_experts
-    selection_bias = gates if c.scoring == "sigmoid" else 0
+    selection_bias = gates if c.scoring in ("sigmoid", "sqrtsoftplus") else 0
     fp32 = selection_bias + (gates * c.hidden_size if c.gate_fp32 else 0) + (
         (2 * c.num_layers + 1) * c.hidden_size if c.norm_fp32 else 0)
     held = ParamCounts.of(c).backbone + selection_bias
     return (held - fp32) * dtype.itemsize + fp32 * 4
+
+
+def _compressed_seen(c: ModelConfig, layer: int, context: int) -> int:
+    """DeepSeek-V4: the compressed entries a token attends beside its window (CSA: the indexer's top-k)."""
+    ratio = c.compress_ratio(layer)
+    if not ratio:
+        return 0
+    entries = context // ratio
+    return min(entries, c.index_topk) if ratio == c.csa_ratio else entries
 
 
 def attention_flops(c: ModelConfig, context: int) -> int:
@@ -109,7 +134,8 @@ def attention_flops(c: ModelConfig, context: int) -> int:
     dk, dv = ((c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attention == "mla"
               else (c.head_dim, c.head_dim))
     # a chunk of n positions sees n / 2 keys on average, at most n: counted as n (an upper bound)
-    seen = [min(context, c.sliding_window(layer) or c.attention_chunk(layer) or context) for layer in range(c.num_layers)]
+    seen = [min(context, c.sliding_window(layer) or c.attention_chunk(layer) or context) + _compressed_seen(c, layer, context)
+            for layer in range(c.num_layers)]
     return sum(2 * c.num_heads * (dk + dv) * n for n in seen)
 
 

@@ -29,6 +29,7 @@ from cluster.model.cuda_graphs import unsupported as cuda_graphs_unsupported
 from cluster.model.experts import ExpertExecutor, LocalExperts
 from cluster.model.kv_cache import KVCache
 from cluster.model.transformer import MoETransformer
+from cluster.model.hyper import model_class
 from cluster.precision import resolve_dtype, resolve_kv_dtype
 from cluster.tokenizer import TextTokenizer, missing_reason
 
@@ -133,8 +134,8 @@ class LLMEngine:
             if show_progress:
                 print(" done", file=sys.stderr)
         max_len = min(max_model_len or 2048, cfg.context_limit)
-        model = MoETransformer(cfg, backbone, experts, max_len, device, overlap=overlap,
-                               paged_attention=make_backend(backend, device))
+        model = model_class(cfg)(cfg, backbone, experts, max_len, device, overlap=overlap,
+                                 paged_attention=make_backend(backend, device))
         return cls(cfg, model, TextTokenizer.from_checkpoint(path), max_model_len=max_len, device=device,
                    generation=read_generation_config(path), no_tokenizer_reason=missing_reason(path), **kwargs)
 

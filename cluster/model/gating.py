@@ -18,6 +18,7 @@ class Gating:
     normalize: bool = True  # renormalise the chosen weights to sum to 1
     # "softmax" | "sigmoid" (DeepSeek-V3) | "topk_softmax" (softmax over the K best logits: gpt-oss,
     # Granite) | "topk_sigmoid" (sigmoid of the K best logits: Llama 4) | "sparsemixer" (Phi-3.5-MoE, top-2)
+    # | "sqrtsoftplus" (sqrt(softplus(logit)): DeepSeek-V4)
     scoring: str = "softmax"
     n_group: int = 1  # group-limited routing: experts split into n_group groups ...
     topk_group: int = 1  # ... and only the best topk_group groups may be chosen from
@@ -52,14 +53,24 @@ def sparsemixer(logits: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return torch.cat([w1, w2], dim=-1), torch.cat([i1, i2], dim=-1)  # [T, 2]
 
 
-def route(logits: Tensor, g: Gating, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _scores(logits: Tensor, scoring: str) -> Tensor:
+    if scoring == "sigmoid":
+        return torch.sigmoid(logits)
+    if scoring == "sqrtsoftplus":
+        return torch.nn.functional.softplus(logits).sqrt()
+    return torch.softmax(logits, dim=-1)
+
+
+def route(logits: Tensor, g: Gating, bias: Tensor | None = None,
+          fixed_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """scores → (group limit) → top-k → optional renormalisation → scale.
 
     Returns (weights [T, K] fp32, ids [T, K] int64). `bias` (DeepSeek-V3's
     e_score_correction_bias, [E]) shifts which experts are chosen but not their
     weights. NaN logits are treated as the lowest score, so a NaN never wins a
     top-k position while a real score is left; ids are always in [0, E) and distinct per
-    token (topk picks distinct positions).
+    token (topk picks distinct positions). `fixed_ids` [T, K] (DeepSeek-V4's hash layers: a fixed
+    token id -> experts table) are the choice itself; the scores still weigh them.
     """
     logits = logits.float()
     logits = torch.where(torch.isnan(logits), torch.finfo(torch.float32).min, logits)  # [T, E]
@@ -70,11 +81,14 @@ def route(logits: Tensor, g: Gating, bias: Tensor | None = None) -> tuple[Tensor
         best, ids = torch.topk(logits, g.top_k, dim=-1)  # [T, K]
         weights = torch.softmax(best, dim=-1) if g.scoring == "topk_softmax" else torch.sigmoid(best)
         return weights * g.scale, ids
-    scores = torch.sigmoid(logits) if g.scoring == "sigmoid" else torch.softmax(logits, dim=-1)  # [T, E]
-    choice = scores if bias is None else scores + bias.float()
-    if g.n_group > 1:
-        choice = choice.masked_fill(~_group_mask(choice, g), float("-inf"))
-    ids = torch.topk(choice, g.top_k, dim=-1).indices  # [T, K]
+    scores = _scores(logits, g.scoring)  # [T, E]
+    if fixed_ids is not None:
+        ids = fixed_ids.long()
+    else:
+        choice = scores if bias is None else scores + bias.float()
+        if g.n_group > 1:
+            choice = choice.masked_fill(~_group_mask(choice, g), float("-inf"))
+        ids = torch.topk(choice, g.top_k, dim=-1).indices  # [T, K]
     weights = scores.gather(1, ids)  # [T, K]
     if g.normalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

@@ -10,6 +10,8 @@ For multi-head latent attention the two tensors hold the compressed latent
 as the design intends. With sparse attention (DSA) the second also carries the
 indexer's key after the rotary key ([1, P + index_head_dim]): paged, budgeted
 and freed with the rest.
+DeepSeek-V4 keeps its one K=V row in the first and each token's compressor inputs in the second
+(see cluster.model.dsv4_attention).
 Shapes: T new tokens, B sequences, C context, H_kv kv heads, hd head dim.
 """
 from __future__ import annotations
@@ -23,8 +25,20 @@ from cluster.config import ModelConfig
 from cluster.model.block_pool import BlockPool
 
 
+def raw_width(cfg: ModelConfig, layer: int) -> int:
+    """Features of one token's compressor inputs on `layer` (0: a window-only layer)."""
+    ratio = cfg.compress_ratio(layer)
+    if not ratio:
+        return 0
+    if ratio == cfg.csa_ratio:  # overlapping windows: kv and gate twice as wide, plus the indexer's
+        return 4 * cfg.head_dim + 4 * cfg.index_head_dim
+    return 2 * cfg.head_dim
+
+
 def entry_shapes(cfg: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
     """(heads, dim) of the two cached tensors per token and layer."""
+    if cfg.attention == "dsv4":  # K=V, and the compressor inputs (cluster.model.dsv4_attention)
+        return (1, cfg.head_dim), (1, max([raw_width(cfg, layer) for layer in range(cfg.num_layers)] + [1]))
     if cfg.attention == "mla":
         return (1, cfg.kv_lora_rank), (1, cfg.qk_rope_head_dim + cfg.index_head_dim)
     return (cfg.num_kv_heads, cfg.head_dim), (cfg.num_kv_heads, cfg.head_dim)

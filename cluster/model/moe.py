@@ -54,10 +54,12 @@ class MoEInFlight:
 
 
 def moe_begin(x: Tensor, w: LayerWeights, layer: int, gating: Gating, experts: ExpertExecutor,
-              gate_fp32: bool = False, scale_inputs: bool = False) -> MoEInFlight:
-    """scale_inputs (Llama 4): each routed row is multiplied by its weight before the expert, not after."""
+              gate_fp32: bool = False, scale_inputs: bool = False, token_ids: Tensor | None = None) -> MoEInFlight:
+    """scale_inputs (Llama 4): each routed row is multiplied by its weight before the expert, not after.
+    token_ids [T]: the rows' tokens, which pick the experts on a hash-routed layer (w.hash_table)."""
     logits = F.linear(x.float() if gate_fp32 else x, w.gate, w.gate_logits_bias)  # [T, E]
-    weights, ids = route(logits, gating, w.gate_bias)  # [T, K]
+    fixed = w.hash_table[token_ids] if w.hash_table is not None else None  # [T, K]
+    weights, ids = route(logits, gating, w.gate_bias, fixed)  # [T, K]
     plan = dispatch(ids, w.gate.shape[0])
     rows = gather_rows(x, plan)  # [N, D]
     if scale_inputs:

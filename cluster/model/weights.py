@@ -11,7 +11,8 @@ from torch import Tensor
 @dataclass(frozen=True)
 class ExpertActivation:
     """gate, up → hidden of a gated MLP. "silu": silu(gate) * up. "clamped_swiglu" (gpt-oss): gate
-    clamped above at `limit`, up to ±`limit`, then (up + 1) * gate * sigmoid(alpha * gate)."""
+    clamped above at `limit`, up to ±`limit`, then (up + 1) * gate * sigmoid(alpha * gate).
+    "clamped_silu" (DeepSeek-V4): the same clamps, then silu(gate) * up."""
 
     kind: str = "silu"
     alpha: float = 1.702
@@ -22,6 +23,8 @@ class ExpertActivation:
             return F.silu(gate) * up
         gate = gate.clamp(max=self.limit)
         up = up.clamp(-self.limit, self.limit)
+        if self.kind == "clamped_silu":
+            return F.silu(gate) * up
         return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
 
 
@@ -91,9 +94,49 @@ class IndexerWeights:
 
 
 @dataclass(frozen=True)
+class CompressorWeights:
+    """DeepSeek-V4's compressor of one layer (or of its indexer): each window of `ratio` tokens becomes
+    one entry, a softmax(gate + position_bias)-weighted sum of the tokens' kv, then RMS-normed.
+    With overlap (CSA) kv and gate are 2 * dim wide: the first half feeds the next window's entry."""
+
+    kv: Tensor  # [dim or 2 * dim, D]
+    gate: Tensor  # same shape as kv
+    position_bias: Tensor  # [ratio, dim or 2 * dim]
+    norm: Tensor  # [dim]
+
+
+@dataclass(frozen=True)
+class V4AttentionWeights:
+    """DeepSeek-V4 attention: low-rank q, one K=V head, sinks, grouped low-rank output."""
+
+    q_a: Tensor  # [q_lora, D]
+    q_a_norm: Tensor  # [q_lora]
+    q_b: Tensor  # [H * hd, q_lora]
+    kv: Tensor  # [hd, D]
+    kv_norm: Tensor  # [hd]
+    o_a: Tensor  # [groups * o_lora, H * hd / groups]: group g's rows are g * o_lora ...
+    o_b: Tensor  # [D, groups * o_lora]
+    sinks: Tensor  # [H]
+    compressor: CompressorWeights | None = None
+    indexer: CompressorWeights | None = None  # CSA layers: the indexer's own compressor ...
+    index_q: Tensor | None = None  # [Hi * Di, q_lora]
+    index_weights: Tensor | None = None  # [Hi, D]
+
+
+@dataclass(frozen=True)
+class HyperWeights:
+    """A hyper-connection: from the hc_mult streams, the weights that collapse them into a block's input
+    (pre), spread its output back (post) and mix the streams (comb). fn [(2 + n) * n, n * D], base, scale [3]."""
+
+    fn: Tensor
+    base: Tensor
+    scale: Tensor
+
+
+@dataclass(frozen=True)
 class LayerWeights:
     attn_norm: Tensor
-    attn: AttentionWeights | MLAWeights
+    attn: AttentionWeights | MLAWeights | V4AttentionWeights
     mlp_norm: Tensor
     gate: Tensor | None = None  # [E, D] on MoE layers: the gate (router weight) of the MoE block
     gate_bias: Tensor | None = None  # [E] DeepSeek-V3 e_score_correction_bias: steers the choice only
@@ -103,6 +146,9 @@ class LayerWeights:
     shared_expert_gate: Tensor | None = None  # [1, D] sigmoid gate of the shared expert
     attn_norm_bias: Tensor | None = None  # LayerNorm biases (phimoe)
     mlp_norm_bias: Tensor | None = None
+    hash_table: Tensor | None = None  # [V, K] DeepSeek-V4's hash layers: the experts of each token id
+    attn_hc: HyperWeights | None = None  # DeepSeek-V4's hyper-connections around attention and the MoE block
+    mlp_hc: HyperWeights | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +161,7 @@ class BackboneWeights:
     layers: tuple[LayerWeights, ...]
     final_norm_bias: Tensor | None = None
     lm_head_bias: Tensor | None = None
+    hc_head: HyperWeights | None = None  # DeepSeek-V4: collapses the streams before the final norm (fn [n, n * D])
 
     @property
     def nbytes(self) -> int:

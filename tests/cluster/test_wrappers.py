@@ -84,3 +84,9 @@ def test_mrope_is_plain_rope_for_text():
                                                                   "mrope_section": [24, 20, 20],
                                                                   "mrope_interleaved": True}}
     assert parse_rope(mrope, 128) == parse_rope(plain, 128)
+
+
+def test_gemma4_is_refused_naming_what_it_needs():
+    config = {"model_type": "gemma4", "text_config": {"model_type": "gemma4_text", "enable_moe_block": True}}
+    with pytest.raises(UnsupportedModelError, match="gemma4.*not implemented yet.*global_head_dim"):
+        resolve(config)
