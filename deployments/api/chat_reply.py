@@ -19,7 +19,8 @@ from typing import Any
 
 from deployments.api import reasoning as thinking
 from deployments.api.chat import ChatTemplateError, ChatTemplates
-from deployments.api.reasoning import ThinkStream, partial_marker
+from deployments.api.markers import Holdback
+from deployments.api.reasoning import ThinkStream
 from deployments.api.tool_parsers import Parsed, ToolCall, detect, parse, start_marker
 
 
@@ -102,40 +103,25 @@ def call_deltas(calls: tuple[ToolCall, ...]) -> list[dict[str, Any]]:
 class ReplyStream:
     def __init__(self, reply: ChatReply):
         self.reply = reply
-        self.marker = start_marker("openai") if reply.reads_channels else \
-            start_marker(reply.parser) if reply.parser else None
+        self.content = Holdback(start_marker("openai") if reply.reads_channels else
+                                start_marker(reply.parser) if reply.parser else None)
         self.think = ThinkStream(reply.opened) if reply.reasoning == thinking.THINK else None
-        self.text = ""
-        self.sent = 0  # characters of text sent as content
-        self.holding = False  # the marker was seen: the rest waits for the end
 
     def feed(self, delta: str) -> tuple[str, str]:
         """(reasoning delta, content delta) that can be sent now."""
         reasoning = ""
         if self.think is not None:
             reasoning, delta = self.think.feed(delta)
-        return reasoning, self._content(delta)
-
-    def _content(self, delta: str) -> str:
-        self.text += delta
-        if self.marker is None:
-            self.sent = len(self.text)
-            return delta
-        if self.holding:
-            return ""
-        at = self.text.find(self.marker, max(self.sent - len(self.marker), 0))
-        end = at if at >= 0 else len(self.text) - partial_marker(self.text, self.marker)
-        self.holding = at >= 0
-        out, self.sent = self.text[self.sent:end], max(end, self.sent)
-        return out
+        return reasoning, self.content.feed(delta)
 
     def finish(self, finish_reason: str | None) -> tuple[str, str, list[dict[str, Any]], str | None]:
         """(reasoning, content, tool-call deltas, finish_reason) for what is left when the reply ends."""
         reasoning, content = self.think.finish() if self.think is not None else ("", "")
-        content = self._content(content)
-        parsed = self.reply.parsed(self.text)
+        content = self.content.feed(content)
+        text, sent = self.content.text, self.content.sent
+        parsed = self.reply.parsed(text)
         reasoning += parsed.reasoning or ""
-        rest = parsed.content[self.sent:] if parsed.content.startswith(self.text[:self.sent]) else ""
+        rest = parsed.content[sent:] if parsed.content.startswith(text[:sent]) else ""
         if not parsed.calls:
             return reasoning, content + rest, [], finish_reason
         return reasoning, content + rest, call_deltas(parsed.calls), "tool_calls"

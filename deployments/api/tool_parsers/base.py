@@ -1,6 +1,6 @@
 """What every tool-call parser returns, and the helpers they share.
 
-A parser is a module with `START` (the text where a message's tool calls begin: what comes before it is
+Most formats are blocks between fixed markers, read with `markers.blocks`. A parser is a module with `START` (the text where a message's tool calls begin: what comes before it is
 content) and `calls(section, schemas) -> list[ToolCall] | None` over the text from `START` on. `None`
 means the section is not a complete, well-formed run of calls (e.g. cut off by max_tokens): the whole
 message is then returned as content, never a broken call (vLLM does the same).
@@ -52,15 +52,11 @@ def typed_value(raw: str, name: str, schema: dict[str, Any] | None) -> Any:
         return raw
 
 
-def only_blocks(section: str, spans: list[tuple[int, int]], markers: tuple[str, ...] = ()) -> bool:
-    """True when `section` is nothing but the matched call blocks, the format's wrapper markers and
-    whitespace: anything else (an unclosed call, text after the calls) makes it incomplete."""
-    rest, at = [], 0
-    for start, end in spans:
-        rest.append(section[at:start])
-        at = end
-    rest.append(section[at:])
-    leftover = "".join(rest)
-    for marker in markers:
-        leftover = leftover.replace(marker, "")
-    return bool(spans) and not leftover.strip()
+def json_calls(found: list[tuple[str, str, str | None]]) -> list[ToolCall] | None:
+    """Calls from (name, arguments as JSON text, the model's id or None) per call; None when there are
+    none or any arguments are not a JSON object."""
+    arguments = [json_object(raw) for _, raw, _ in found]
+    if not found or any(a is None for a in arguments):
+        return None
+    return [ToolCall(name.strip(), arguments_text(a), id=call_id)
+            for (name, _, call_id), a in zip(found, arguments)]
