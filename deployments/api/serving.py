@@ -25,6 +25,7 @@ from deployments import metrics
 from deployments.api.chat import ChatTemplates
 from deployments.api import reasoning
 from deployments.api.chat_reply import ChatReply, detect_reasoning, detect_tool_parser
+from deployments.api.reply_view import ReplyView
 from deployments.api.errors import ApiError, overloaded
 from deployments.api.tool_parsers import forced_call
 from deployments.api.responses import ChoiceResult
@@ -152,8 +153,12 @@ class Serving:
         return choices
 
     def chat_reply(self, req: ChatCompletionRequest) -> ChatReply:
-        """How the request's reply text becomes its message: tool calls are read when tools are given and
-        tool_choice is not none."""
+        """How the request's reply becomes its message: tool calls are read when tools are given and
+        tool_choice is not none; read from the token ids where the format's markers are special tokens."""
+        reply = self._reply_format(req)
+        return replace(reply, view=ReplyView.needed(self.tokenizer, reply.markers))
+
+    def _reply_format(self, req: ChatCompletionRequest) -> ChatReply:
         plain = ChatReply(reasoning=self.reasoning)
         if not req.tools or req.tool_choice == "none":
             return plain

@@ -16,7 +16,7 @@ from deployments.api.tool_parsers import (deepseek_v3, deepseek_v31, glm45, herm
                                           qwen3_coder)
 from deployments.api.tool_parsers.base import Parsed, ToolCall
 
-__all__ = ["PARSERS", "Parsed", "ToolCall", "detect", "forced_call", "parse", "start_marker"]
+__all__ = ["PARSERS", "Parsed", "ToolCall", "detect", "forced_call", "marker_tokens", "parse", "start_marker"]
 
 PARSERS: dict[str, ModuleType] = {
     "hermes": hermes, "qwen3_coder": qwen3_coder, "deepseek_v3": deepseek_v3, "deepseek_v31": deepseek_v31,
@@ -64,6 +64,10 @@ def forced_call(parser: str, schemas: dict[str, dict], names: list[str]) -> tupl
 
 def start_marker(parser: str) -> str:
     return PARSERS[parser].START
+
+
+def marker_tokens(parser: str) -> tuple[str, ...]:
+    return PARSERS[parser].TOKENS
 
 
 def parse(text: str, parser: str, schemas: dict[str, dict]) -> Parsed:

@@ -1,9 +1,11 @@
 """What every tool-call parser returns, and the helpers they share.
 
-Most formats are blocks between fixed markers, read with `markers.blocks`. A parser is a module with `START` (the text where a message's tool calls begin: what comes before it is
-content) and `calls(section, schemas) -> list[ToolCall] | None` over the text from `START` on. `None`
-means the section is not a complete, well-formed run of calls (e.g. cut off by max_tokens): the whole
-message is then returned as content, never a broken call (vLLM does the same).
+A parser is a module with `START` (the text where a message's tool calls begin: what comes before it is
+content), `TOKENS` (every marker text the format reads: a tokenizer may hold them as special tokens, which
+the parser's view keeps) and `calls(section, schemas) -> list[ToolCall] | None` over the text from `START`
+on; most formats are blocks between fixed markers, read with `markers.blocks`. `None` means the section
+is not a complete, well-formed run of calls (e.g. cut off by max_tokens): the whole message is then
+returned as content, never a broken call (vLLM does the same).
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ from deployments.api.tool_parsers.base import ToolCall, json_calls
 
 START = "<｜tool▁calls▁begin｜>"
 MARKERS = (START, "<｜tool▁calls▁end｜>")
+TOKENS = (*MARKERS, "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>")
 _CALL = re.compile(r"\w*<｜tool▁sep｜>([^\n]+)\n```json\n(.*?)\n```\s*", re.DOTALL)
 
 

@@ -7,6 +7,7 @@ from deployments.api.tool_parsers.base import ToolCall, json_calls
 
 START = "<｜tool▁calls▁begin｜>"
 MARKERS = (START, "<｜tool▁calls▁end｜>")
+TOKENS = (*MARKERS, "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>")
 
 
 def calls(section: str, schemas: dict) -> list[ToolCall] | None:

@@ -5,6 +5,7 @@ from deployments.api.markers import blocks
 from deployments.api.tool_parsers.base import ToolCall, arguments_text, json_object
 
 START = "<tool_call>"
+TOKENS = (START, "</tool_call>")
 
 
 def calls(section: str, schemas: dict) -> list[ToolCall] | None:

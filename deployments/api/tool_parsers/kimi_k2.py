@@ -9,6 +9,7 @@ from deployments.api.tool_parsers.base import ToolCall, json_calls
 
 START = "<|tool_calls_section_begin|>"
 MARKERS = (START, "<|tool_calls_section_end|>")
+TOKENS = (*MARKERS, "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>")
 _ID = re.compile(r"(?:functions\.)?(.+?)(?::\d+)?")
 
 

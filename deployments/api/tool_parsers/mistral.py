@@ -7,6 +7,7 @@ import json
 from deployments.api.tool_parsers.base import ToolCall, arguments_text
 
 START = "[TOOL_CALLS]"
+TOKENS = (START, "[ARGS]")
 _DECODER = json.JSONDecoder()
 
 

@@ -12,6 +12,7 @@ import re
 from deployments.api.tool_parsers.base import Parsed, ToolCall, arguments_text, json_object
 
 START = "<|channel|>"
+TOKENS = ("<|start|>", START, "<|constrain|>", "<|message|>", "<|end|>", "<|call|>", "<|return|>")
 _MESSAGE = re.compile(r"(?:<\|start\|>assistant)?(?P<header>(?:(?!<\|message\|>).)*?)<\|message\|>"
                       r"(?P<body>.*?)(?P<end><\|end\|>|<\|call\|>|<\|return\|>|$)", re.DOTALL)
 _CHANNEL = re.compile(r"<\|channel\|>(\w+)")

@@ -6,6 +6,7 @@ from deployments.api.markers import blocks
 from deployments.api.tool_parsers.base import ToolCall, arguments_text, typed_value
 
 START = "<tool_call>"
+TOKENS = (START, "</tool_call>")
 
 
 def calls(section: str, schemas: dict) -> list[ToolCall] | None:
