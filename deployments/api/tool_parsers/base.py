@@ -1,6 +1,9 @@
 """What every tool-call parser returns, and the helpers they share.
 
-A parser is a module with `START` (the text where a message's tool calls begin: what comes before it is
+A parser is a module with `forced(schemas) -> GrammarSpec` (a reply that is one call, in its format,
+to one of the tools in `schemas` with arguments that follow the tool's parameter schema: what
+tool_choice required / named constrain decoding to; ValueError naming what the format cannot
+express), `START` (the text where a message's tool calls begin: what comes before it is
 content), `TOKENS` (every marker text the format reads: a tokenizer may hold them as special tokens, which
 the parser's view keeps) and `calls(section, schemas) -> list[ToolCall] | None` over the text from `START`
 on; most formats are blocks between fixed markers, read with `markers.blocks`. `None` means the section
@@ -11,7 +14,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
+
+from cluster.engine.grammar import GrammarSpec
 
 
 @dataclass(frozen=True)
@@ -62,3 +67,44 @@ def json_calls(found: list[tuple[str, str, str | None]]) -> list[ToolCall] | Non
         return None
     return [ToolCall(name.strip(), arguments_text(a), id=call_id)
             for (name, _, call_id), a in zip(found, arguments)]
+
+
+def call_object(name: str, schema: dict | None) -> dict:
+    """The JSON schema of `{"name": name, "arguments": {...}}` (formats whose call is one JSON object)."""
+    return {"type": "object", "properties": {"name": {"const": name}, "arguments": schema or {"type": "object"}},
+            "required": ["name", "arguments"], "additionalProperties": False}
+
+
+def each_call(schemas: dict[str, dict], call: Callable[[str, dict], GrammarSpec]) -> GrammarSpec:
+    """A call to any one of the tools, each in the format's text around its JSON arguments."""
+    return GrammarSpec.any_of(*(call(name, schema or {"type": "object"}) for name, schema in schemas.items()))
+
+
+def bare_arguments(parser: str, schema: dict, pair: Callable[[str, GrammarSpec], GrammarSpec]) -> GrammarSpec:
+    """Arguments written as bare key/value pairs (Qwen3-Coder, GLM-4.5): each property in the schema's
+    order as `pair(key, value)`, the required ones always, the others optionally. Strings are bare text
+    (an enum as its words, a pattern as its regex), anything else JSON of the property's schema, as
+    `typed_value` reads them back."""
+    if schema.get("type", "object") != "object" or "$ref" in json.dumps(schema):
+        raise ValueError(f"{parser} writes arguments as bare key/value pairs: only a flat object schema "
+                         "without $ref can be forced")
+    required = set(schema.get("required") or ())
+    parts = []
+    for key, prop in (schema.get("properties") or {}).items():
+        piece = pair(key, _bare_value(parser, key, prop if isinstance(prop, dict) else {}))
+        parts.append(piece if key in required else GrammarSpec.any_of(piece, GrammarSpec.literal("")))
+    return GrammarSpec.sequence(*parts) if parts else GrammarSpec.literal("")
+
+
+def _bare_value(parser: str, key: str, prop: dict) -> GrammarSpec:
+    if prop.get("type") != "string":
+        return GrammarSpec.json_schema(prop)
+    if "enum" in prop or "const" in prop:
+        return GrammarSpec.any_of(*(GrammarSpec.literal(str(v)) for v in prop.get("enum", [prop.get("const")])))
+    if "pattern" in prop:
+        return GrammarSpec.regex(prop["pattern"].removeprefix("^").removesuffix("$"))
+    limits = sorted(set(prop) & {"minLength", "maxLength", "format"})
+    if limits:
+        raise ValueError(f"{parser} writes strings bare: parameter {key!r} with {', '.join(limits)} cannot be "
+                         "forced (use a pattern)")
+    return GrammarSpec.text()

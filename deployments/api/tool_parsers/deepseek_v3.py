@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 
 from deployments.api.markers import blocks
-from deployments.api.tool_parsers.base import ToolCall, json_calls
+from cluster.engine.grammar import GrammarSpec
+from deployments.api.tool_parsers.base import ToolCall, each_call, json_calls
 
 START = "<｜tool▁calls▁begin｜>"
 MARKERS = (START, "<｜tool▁calls▁end｜>")
@@ -19,3 +20,9 @@ def calls(section: str, schemas: dict) -> list[ToolCall] | None:
     if not all(found):
         return None
     return json_calls([(m.group(1), m.group(2), None) for m in found])
+
+
+def forced(schemas: dict[str, dict]) -> GrammarSpec:
+    return each_call(schemas, lambda name, schema: GrammarSpec.wrapped(
+        schema, f"{START}<｜tool▁call▁begin｜>function<｜tool▁sep｜>{name}\n```json\n",
+        "\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>"))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from deployments.api.markers import blocks
-from deployments.api.tool_parsers.base import ToolCall, json_calls
+from cluster.engine.grammar import GrammarSpec
+from deployments.api.tool_parsers.base import ToolCall, each_call, json_calls
 
 START = "<｜tool▁calls▁begin｜>"
 MARKERS = (START, "<｜tool▁calls▁end｜>")
@@ -16,3 +17,9 @@ def calls(section: str, schemas: dict) -> list[ToolCall] | None:
     if not all(sep for _, sep, _ in found):
         return None
     return json_calls([(name, arguments, None) for name, _, arguments in found])
+
+
+def forced(schemas: dict[str, dict]) -> GrammarSpec:
+    return each_call(schemas, lambda name, schema: GrammarSpec.wrapped(
+        schema, f"{START}<｜tool▁call▁begin｜>{name}<｜tool▁sep｜>",
+        "<｜tool▁call▁end｜><｜tool▁calls▁end｜>"))

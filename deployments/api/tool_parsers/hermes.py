@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from deployments.api.markers import blocks
-from deployments.api.tool_parsers.base import ToolCall, arguments_text, json_object
+from cluster.engine.grammar import GrammarSpec
+from deployments.api.tool_parsers.base import ToolCall, arguments_text, call_object, json_object
 
 START = "<tool_call>"
 TOKENS = (START, "</tool_call>")
@@ -17,3 +18,8 @@ def calls(section: str, schemas: dict) -> list[ToolCall] | None:
             return None
         out.append(ToolCall(call["name"], arguments_text(arguments)))
     return out or None
+
+
+def forced(schemas: dict[str, dict]) -> GrammarSpec:
+    calls = [call_object(name, schema) for name, schema in schemas.items()]
+    return GrammarSpec.wrapped(calls[0] if len(calls) == 1 else {"anyOf": calls}, "<tool_call>\n", "\n</tool_call>")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 
 from deployments.api.markers import blocks
-from deployments.api.tool_parsers.base import ToolCall, json_calls
+from cluster.engine.grammar import GrammarSpec
+from deployments.api.tool_parsers.base import ToolCall, each_call, json_calls
 
 START = "<|tool_calls_section_begin|>"
 MARKERS = (START, "<|tool_calls_section_end|>")
@@ -20,3 +21,9 @@ def calls(section: str, schemas: dict) -> list[ToolCall] | None:
         return None
     return json_calls([(_ID.fullmatch(call_id.strip()).group(1), arguments, call_id.strip())
                        for call_id, _, arguments in found])
+
+
+def forced(schemas: dict[str, dict]) -> GrammarSpec:
+    return each_call(schemas, lambda name, schema: GrammarSpec.wrapped(
+        schema, f"{START}<|tool_call_begin|>functions.{name}:0<|tool_call_argument_begin|>",
+        "<|tool_call_end|><|tool_calls_section_end|>"))

@@ -3,7 +3,8 @@ Values are bare text: strings as written, anything else as JSON (the template's 
 from __future__ import annotations
 
 from deployments.api.markers import blocks
-from deployments.api.tool_parsers.base import ToolCall, arguments_text, typed_value
+from cluster.engine.grammar import GrammarSpec
+from deployments.api.tool_parsers.base import ToolCall, arguments_text, bare_arguments, each_call, typed_value
 
 START = "<tool_call>"
 TOKENS = (START, "</tool_call>")
@@ -27,3 +28,14 @@ def calls(section: str, schemas: dict) -> list[ToolCall] | None:
             arguments[key.strip()] = typed_value(value, key.strip(), schemas.get(name.strip()))
         out.append(ToolCall(name.strip(), arguments_text(arguments)))
     return out or None
+
+
+def forced(schemas: dict[str, dict]) -> GrammarSpec:
+    return each_call(schemas, lambda name, schema: GrammarSpec.sequence(
+        GrammarSpec.literal(f"<tool_call>\n<function={name}>\n"), bare_arguments("qwen3_coder", schema, _pair),
+        GrammarSpec.literal("</function>\n</tool_call>")))
+
+
+def _pair(key: str, value: GrammarSpec) -> GrammarSpec:
+    return GrammarSpec.sequence(GrammarSpec.literal(f"<parameter={key}>\n"), value,
+                                GrammarSpec.literal("\n</parameter>\n"))
