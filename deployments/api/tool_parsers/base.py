@@ -80,18 +80,27 @@ def each_call(schemas: dict[str, dict], call: Callable[[str, dict], GrammarSpec]
     return GrammarSpec.any_of(*(call(name, schema or {"type": "object"}) for name, schema in schemas.items()))
 
 
-def bare_arguments(parser: str, schema: dict, pair: Callable[[str, GrammarSpec], GrammarSpec]) -> GrammarSpec:
-    """Arguments written as bare key/value pairs (Qwen3-Coder, GLM-4.5): each property in the schema's
-    order as `pair(key, value)`, the required ones always, the others optionally. Strings are bare text
-    (an enum as its words, a pattern as its regex), anything else JSON of the property's schema, as
-    `typed_value` reads them back."""
+def bare_calls(parser: str, schemas: dict[str, dict], call: tuple[str, str], pair: tuple[str, str]) -> GrammarSpec:
+    """A call in a bare-text format (Qwen3-Coder, GLM-4.5): `call` is the text before the arguments (with
+    `{name}`) and after them, `pair` the text before each value (with `{key}`) and after it."""
+    def one(name: str, schema: dict) -> GrammarSpec:
+        return GrammarSpec.sequence(GrammarSpec.literal(call[0].format(name=name)),
+                                    _bare_arguments(parser, schema, pair), GrammarSpec.literal(call[1]))
+    return each_call(schemas, one)
+
+
+def _bare_arguments(parser: str, schema: dict, pair: tuple[str, str]) -> GrammarSpec:
+    """Each property in the schema's order, the required ones always, the others optionally. Strings are
+    bare text (an enum as its words, a pattern as its regex), anything else JSON of the property's
+    schema, as `typed_value` reads them back."""
     if schema.get("type", "object") != "object" or "$ref" in json.dumps(schema):
         raise ValueError(f"{parser} writes arguments as bare key/value pairs: only a flat object schema "
                          "without $ref can be forced")
     required = set(schema.get("required") or ())
     parts = []
     for key, prop in (schema.get("properties") or {}).items():
-        piece = pair(key, _bare_value(parser, key, prop if isinstance(prop, dict) else {}))
+        value = _bare_value(parser, key, prop if isinstance(prop, dict) else {})
+        piece = GrammarSpec.sequence(GrammarSpec.literal(pair[0].format(key=key)), value, GrammarSpec.literal(pair[1]))
         parts.append(piece if key in required else GrammarSpec.any_of(piece, GrammarSpec.literal("")))
     return GrammarSpec.sequence(*parts) if parts else GrammarSpec.literal("")
 

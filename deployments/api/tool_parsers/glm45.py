@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from deployments.api.markers import blocks
 from cluster.engine.grammar import GrammarSpec
-from deployments.api.tool_parsers.base import ToolCall, arguments_text, bare_arguments, each_call, typed_value
+from deployments.api.tool_parsers.base import ToolCall, arguments_text, bare_calls, typed_value
 
 START = "<tool_call>"
 TOKENS = (START, "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>")
@@ -30,11 +30,5 @@ def calls(section: str, schemas: dict) -> list[ToolCall] | None:
 
 
 def forced(schemas: dict[str, dict]) -> GrammarSpec:
-    return each_call(schemas, lambda name, schema: GrammarSpec.sequence(
-        GrammarSpec.literal(f"<tool_call>{name}\n"), bare_arguments("glm45", schema, _pair),
-        GrammarSpec.literal("</tool_call>")))
-
-
-def _pair(key: str, value: GrammarSpec) -> GrammarSpec:
-    return GrammarSpec.sequence(GrammarSpec.literal(f"<arg_key>{key}</arg_key>\n<arg_value>"), value,
-                                GrammarSpec.literal("</arg_value>\n"))
+    return bare_calls("glm45", schemas, ("<tool_call>{name}\n", "</tool_call>"),
+                      ("<arg_key>{key}</arg_key>\n<arg_value>", "</arg_value>\n"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from deployments.api.markers import blocks
 from cluster.engine.grammar import GrammarSpec
-from deployments.api.tool_parsers.base import ToolCall, arguments_text, bare_arguments, each_call, typed_value
+from deployments.api.tool_parsers.base import ToolCall, arguments_text, bare_calls, typed_value
 
 START = "<tool_call>"
 TOKENS = (START, "</tool_call>")
@@ -31,11 +31,5 @@ def calls(section: str, schemas: dict) -> list[ToolCall] | None:
 
 
 def forced(schemas: dict[str, dict]) -> GrammarSpec:
-    return each_call(schemas, lambda name, schema: GrammarSpec.sequence(
-        GrammarSpec.literal(f"<tool_call>\n<function={name}>\n"), bare_arguments("qwen3_coder", schema, _pair),
-        GrammarSpec.literal("</function>\n</tool_call>")))
-
-
-def _pair(key: str, value: GrammarSpec) -> GrammarSpec:
-    return GrammarSpec.sequence(GrammarSpec.literal(f"<parameter={key}>\n"), value,
-                                GrammarSpec.literal("\n</parameter>\n"))
+    return bare_calls("qwen3_coder", schemas, ("<tool_call>\n<function={name}>\n", "</function>\n</tool_call>"),
+                      ("<parameter={key}>\n", "\n</parameter>\n"))
