@@ -4,7 +4,7 @@ or as deltas (streaming).
     reply = ChatReply(parser="hermes", schemas={"f": {...}})      # per request (None: text only)
     message, finish_reason = reply.message(text, "stop")           # {"role", "content", "tool_calls"}
     stream = reply.stream()                                        # per choice
-    content = stream.feed(text_delta)                              # what can be sent as content now
+    reasoning, content = stream.feed(text_delta, token_id)         # what can be sent now
     content, call_deltas, finish_reason = stream.finish("stop")    # the rest, when the choice ends
 
 Streaming sends content until the parser's start marker (holding back text that may be the marker's
