@@ -12,9 +12,12 @@ what to do.
 """
 from __future__ import annotations
 
+import re
+from functools import lru_cache
 from pathlib import Path
 
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 _OTHER_FORMATS = ("tiktoken.model", "tokenizer.model", "vocab.json", "tokenizer.tiktoken")
 
@@ -33,8 +36,30 @@ class TextTokenizer:
         transformers' apply_chat_template and vLLM tokenise them without adding another."""
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def decode_stream(self) -> "TokenStream":
+        """Incremental decoding with special tokens kept: one token at a time, no re-decoding of the past."""
+        return TokenStream(self.tok)
+
+    @lru_cache(maxsize=64)
+    def specials_except(self, kept: frozenset[str]) -> re.Pattern | None:
+        """A pattern for the text of every special token but `kept` (None when there is none): what
+        `decode` drops, for text decoded with special tokens kept."""
+        texts = {t.content for t in self.tok.get_added_tokens_decoder().values() if t.special} - kept
+        if not texts:
+            return None
+        return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
+
+
+class TokenStream:
+    def __init__(self, tok: Tokenizer):
+        self.tok, self.stream = tok, DecodeStream(skip_special_tokens=False)
+
+    def step(self, token_id: int) -> str:
+        """The text token `token_id` completes ("" while a character is still partial)."""
+        return self.stream.step(self.tok, token_id) or ""
 
 
 def missing_reason(root: str | Path) -> str:

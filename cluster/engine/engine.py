@@ -211,7 +211,8 @@ class LLMEngine:
         for seq, chunk in zip(seqs, batch.chunks):
             self.scheduler.computed(seq, chunk.num_tokens)
         moe_rows = len(routing) * self.cfg.top_k
-        constrained = [(i, s.matcher) for i, s in enumerate(seqs) if s.matcher is not None]
+        # rows that sample under a grammar this step (a prompt chunk samples nothing: no bitmask to fill)
+        constrained = [(i, s.matcher) for i, s in enumerate(seqs) if s.matcher is not None and not s.is_prefilling]
         if constrained:  # one bitmask (on host logits) for the constrained rows; the others are not touched
             logits = logits.float().cpu()
             self.grammars.mask(logits, constrained)

@@ -23,14 +23,18 @@ import torch
 
 ANY_JSON = "json_object"
 SCHEMA = "json_schema"
+# Pieces a tool-call format is built from where its arguments are not one JSON object (bare-text values,
+# names outside the JSON): fixed text, free text up to the next tag, a regex, and their sequences / choices.
+LITERAL, TEXT, REGEX, SEQUENCE, ANY_OF = "literal", "text", "regex", "sequence", "any_of"
 
 
 @dataclass(frozen=True)
 class GrammarSpec:
-    kind: str  # ANY_JSON: any JSON object; SCHEMA: JSON valid against `schema`
-    schema: str = ""  # the JSON schema, as compact text (the cache key)
+    kind: str  # ANY_JSON: any JSON object; SCHEMA: JSON valid against `schema`; or one of the pieces above
+    schema: str = ""  # the JSON schema, as compact text (the cache key); LITERAL's text; REGEX's pattern
     prefix: str = ""  # literal text before the JSON (a tool-call format's opening, e.g. "<tool_call>\n")
     suffix: str = ""  # and after it
+    parts: tuple["GrammarSpec", ...] = ()  # SEQUENCE / ANY_OF: the pieces
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any] | str) -> "GrammarSpec":
@@ -45,6 +49,27 @@ class GrammarSpec:
     def json_object(cls) -> "GrammarSpec":
         return cls(ANY_JSON)
 
+    @classmethod
+    def literal(cls, text: str) -> "GrammarSpec":
+        return cls(LITERAL, text)
+
+    @classmethod
+    def text(cls) -> "GrammarSpec":
+        """Free text without `<` (a bare value, ended by the format's next tag)."""
+        return cls(TEXT)
+
+    @classmethod
+    def regex(cls, pattern: str) -> "GrammarSpec":
+        return cls(REGEX, pattern)
+
+    @classmethod
+    def sequence(cls, *parts: "GrammarSpec") -> "GrammarSpec":
+        return cls(SEQUENCE, parts=parts)
+
+    @classmethod
+    def any_of(cls, *parts: "GrammarSpec") -> "GrammarSpec":
+        return parts[0] if len(parts) == 1 else cls(ANY_OF, parts=parts)
+
 
 @lru_cache(maxsize=256)
 def check(spec: GrammarSpec) -> None:
@@ -55,7 +80,7 @@ def check(spec: GrammarSpec) -> None:
         raise ValueError("constrained decoding needs xgrammar, which this server lacks (pip install "
                          "'moe-cluster[structured]')") from None
 
-    if spec.kind == SCHEMA:
+    if spec.kind != ANY_JSON:
         try:
             grammar_of(xgr, spec)
         except Exception as e:  # noqa: BLE001 xgrammar raises RuntimeError / ValueError / its own types
@@ -63,15 +88,28 @@ def check(spec: GrammarSpec) -> None:
 
 
 def grammar_of(xgr, spec: GrammarSpec):
-    """The xgrammar Grammar of a spec: JSON (compact) for the schema, between the literal prefix and suffix."""
+    """The xgrammar Grammar of a spec: JSON (compact) for the schema, between the literal prefix and suffix;
+    the pieces of a bare-text call format as they say."""
+    if spec.kind == LITERAL:
+        return _literal(xgr, spec.schema)
+    if spec.kind == TEXT:
+        return xgr.Grammar.from_ebnf("root ::= [^<]*")
+    if spec.kind == REGEX:
+        return xgr.Grammar.from_regex(spec.schema)
+    if spec.kind in (SEQUENCE, ANY_OF):
+        parts = [grammar_of(xgr, p) for p in spec.parts]
+        return xgr.Grammar.concat(*parts) if spec.kind == SEQUENCE else xgr.Grammar.union(*parts)
     # json_object is an object, not any JSON value (xgrammar's built-in JSON grammar allows `[1]`)
     schema = '{"type": "object"}' if spec.kind == ANY_JSON else spec.schema
     body = xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=spec.kind == SCHEMA)
     if not (spec.prefix or spec.suffix):
         return body
-    literal = lambda text: xgr.Grammar.from_ebnf("root ::= " + json.dumps(text))  # noqa: E731
-    return xgr.Grammar.concat(*([literal(spec.prefix)] if spec.prefix else []), body,
-                              *([literal(spec.suffix)] if spec.suffix else []))
+    return xgr.Grammar.concat(*([_literal(xgr, spec.prefix)] if spec.prefix else []), body,
+                              *([_literal(xgr, spec.suffix)] if spec.suffix else []))
+
+
+def _literal(xgr, text: str):
+    return xgr.Grammar.from_ebnf("root ::= " + json.dumps(text, ensure_ascii=False))
 
 
 class Grammars:
@@ -90,6 +128,8 @@ class Grammars:
         self.vocab_size = vocab_size
         self.compiler = xgr.GrammarCompiler(info, max_threads=1)
         self.compiled = lru_cache(maxsize=64)(self._compile)
+        self.batch = xgr.BatchGrammarMatcher()
+        self.bitmask = None  # [rows, ceil(V / 32)] int32, grown to the largest batch seen
 
     def _compile(self, spec: GrammarSpec):
         return self.compiler.compile_grammar(grammar_of(self.xgr, spec))
@@ -98,15 +138,19 @@ class Grammars:
         return self.xgr.GrammarMatcher(self.compiled(spec))
 
     def mask(self, logits, rows: list[tuple[int, Any]]) -> None:
-        """Set to -inf, in place, every token a row's matcher forbids (one bitmask for all the rows)."""
-        bitmask = self.xgr.allocate_token_bitmask(len(rows), self.vocab_size)
-        for k, (_, matcher) in enumerate(rows):
-            matcher.fill_next_token_bitmask(bitmask, k)
+        """Set to -inf, in place, every token a row's matcher forbids. One bitmask for the batch (kept
+        between steps), filled for the constrained rows only by xgrammar's batch matcher and applied to
+        those rows in place: no copy of the logits, no Python loop over rows or the vocabulary."""
         indices = [row for row, _ in rows]
+        bitmask = self._bitmask(logits.shape[0])
+        self.batch.batch_fill_next_token_bitmask([matcher for _, matcher in rows], bitmask, indices)
         with torch.inference_mode():  # the logits come from the model's forward, an inference tensor
-            view = logits[indices]  # [R, V]: the constrained rows, masked together, written back
-            self.xgr.apply_token_bitmask_inplace(view, bitmask)
-            logits[indices] = view
+            self.xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=indices)
+
+    def _bitmask(self, batch: int):
+        if self.bitmask is None or self.bitmask.shape[0] < batch:
+            self.bitmask = self.xgr.allocate_token_bitmask(batch, self.vocab_size)
+        return self.bitmask
 
 
 def _vocab_type(xgr, spec: str):

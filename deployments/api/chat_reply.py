@@ -4,7 +4,7 @@ or as deltas (streaming).
     reply = ChatReply(parser="hermes", schemas={"f": {...}})      # per request (None: text only)
     message, finish_reason = reply.message(text, "stop")           # {"role", "content", "tool_calls"}
     stream = reply.stream()                                        # per choice
-    content = stream.feed(text_delta)                              # what can be sent as content now
+    reasoning, content = stream.feed(text_delta, token_id)         # what can be sent now
     content, call_deltas, finish_reason = stream.finish("stop")    # the rest, when the choice ends
 
 Streaming sends content until the parser's start marker (holding back text that may be the marker's
@@ -19,8 +19,10 @@ from typing import Any
 
 from deployments.api import reasoning as thinking
 from deployments.api.chat import ChatTemplateError, ChatTemplates
-from deployments.api.reasoning import ThinkStream, partial_marker
-from deployments.api.tool_parsers import Parsed, ToolCall, detect, parse, start_marker
+from deployments.api.markers import Holdback
+from deployments.api.reasoning import ThinkStream
+from deployments.api.reply_view import ReplyView
+from deployments.api.tool_parsers import Parsed, ToolCall, detect, marker_tokens, parse, start_marker
 
 
 @dataclass(frozen=True)
@@ -30,11 +32,22 @@ class ChatReply:
     parallel: bool = True  # parallel_tool_calls: false keeps the first call only
     reasoning: str | None = None  # reasoning.THINK / HARMONY: thinking goes to reasoning_content
     opened: bool = False  # the prompt left a <think> block open: the reply starts inside it
+    view: ReplyView | None = None  # where the format's markers are special tokens: read from the token ids
 
     @property
     def reads_channels(self) -> bool:
         """harmony replies are read whole by its parser, for reasoning even without tools."""
         return self.parser == "openai" or self.reasoning == thinking.HARMONY
+
+    @property
+    def markers(self) -> frozenset[str]:
+        """Every marker text this reply's parsers read."""
+        kept = set(marker_tokens(self.parser)) if self.parser else set()
+        if self.reads_channels:
+            kept.update(marker_tokens("openai"))
+        if self.reasoning == thinking.THINK:
+            kept.update((thinking.OPEN, thinking.CLOSE))
+        return frozenset(kept)
 
     def parsed(self, text: str) -> Parsed:
         if self.reads_channels:
@@ -49,20 +62,28 @@ class ChatReply:
             parsed = Parsed(parsed.content, parsed.calls)
         return parsed if self.parallel else Parsed(parsed.content, parsed.calls[:1], parsed.reasoning)
 
-    def message(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
+    def message(self, text: str, finish_reason: str | None,
+                token_ids: list[int] | None = None) -> tuple[dict[str, Any], str | None]:
+        """`text` as the engine decoded it; with a view, the reply is read from `token_ids` instead."""
+        if self.view is not None and token_ids is not None:
+            text = self.view.text(token_ids)
         reasoning = None
         if self.reasoning == thinking.THINK:
             reasoning, text = thinking.split(text, self.opened)
         parsed = self.parsed(text)
-        message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+        message: dict[str, Any] = {"role": "assistant", "content": self.clean(parsed.content)}
         reasoning = reasoning if reasoning is not None else parsed.reasoning
         if reasoning is not None:
-            message["reasoning_content"] = reasoning
+            message["reasoning_content"] = self.clean(reasoning)
         if parsed.calls:
-            message["content"] = parsed.content or None
+            message["content"] = message["content"] or None
             message["tool_calls"] = [call_json(c) for c in parsed.calls]
             finish_reason = "tool_calls"
         return message, finish_reason
+
+    def clean(self, text: str) -> str:
+        """What the user sees: no special tokens (the engine's own text has none)."""
+        return self.view.clean(text) if self.view is not None else text
 
     def stream(self) -> ReplyStream:
         return ReplyStream(self)
@@ -102,40 +123,30 @@ def call_deltas(calls: tuple[ToolCall, ...]) -> list[dict[str, Any]]:
 class ReplyStream:
     def __init__(self, reply: ChatReply):
         self.reply = reply
-        self.marker = start_marker("openai") if reply.reads_channels else \
-            start_marker(reply.parser) if reply.parser else None
+        self.content = Holdback(start_marker("openai") if reply.reads_channels else
+                                start_marker(reply.parser) if reply.parser else None)
         self.think = ThinkStream(reply.opened) if reply.reasoning == thinking.THINK else None
-        self.text = ""
-        self.sent = 0  # characters of text sent as content
-        self.holding = False  # the marker was seen: the rest waits for the end
+        self.tokens = reply.view.stream() if reply.view is not None else None
 
-    def feed(self, delta: str) -> tuple[str, str]:
-        """(reasoning delta, content delta) that can be sent now."""
+    def feed(self, delta: str, token_id: int | None = None) -> tuple[str, str]:
+        """(reasoning delta, content delta) that can be sent now. `delta` is the engine's text; with a
+        view the reply is read from `token_id` instead."""
+        if self.tokens is not None:
+            delta = self.tokens.step(token_id)
         reasoning = ""
         if self.think is not None:
             reasoning, delta = self.think.feed(delta)
-        return reasoning, self._content(delta)
-
-    def _content(self, delta: str) -> str:
-        self.text += delta
-        if self.marker is None:
-            self.sent = len(self.text)
-            return delta
-        if self.holding:
-            return ""
-        at = self.text.find(self.marker, max(self.sent - len(self.marker), 0))
-        end = at if at >= 0 else len(self.text) - partial_marker(self.text, self.marker)
-        self.holding = at >= 0
-        out, self.sent = self.text[self.sent:end], max(end, self.sent)
-        return out
+        return self.reply.clean(reasoning), self.reply.clean(self.content.feed(delta))
 
     def finish(self, finish_reason: str | None) -> tuple[str, str, list[dict[str, Any]], str | None]:
         """(reasoning, content, tool-call deltas, finish_reason) for what is left when the reply ends."""
         reasoning, content = self.think.finish() if self.think is not None else ("", "")
-        content = self._content(content)
-        parsed = self.reply.parsed(self.text)
-        reasoning += parsed.reasoning or ""
-        rest = parsed.content[self.sent:] if parsed.content.startswith(self.text[:self.sent]) else ""
+        content = self.content.feed(content)
+        text, sent = self.content.text, self.content.sent
+        parsed = self.reply.parsed(text)
+        reasoning = self.reply.clean(reasoning + (parsed.reasoning or ""))
+        rest = parsed.content[sent:] if parsed.content.startswith(text[:sent]) else ""
+        content = self.reply.clean(content + rest)
         if not parsed.calls:
-            return reasoning, content + rest, [], finish_reason
-        return reasoning, content + rest, call_deltas(parsed.calls), "tool_calls"
+            return reasoning, content, [], finish_reason
+        return reasoning, content, call_deltas(parsed.calls), "tool_calls"

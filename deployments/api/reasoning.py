@@ -12,6 +12,8 @@ Newlines right inside the tags are dropped, as the templates drop them when they
 """
 from __future__ import annotations
 
+from deployments.api.markers import partial_marker
+
 OPEN, CLOSE = "<think>", "</think>"
 THINK, HARMONY = "think", "harmony"
 PARSERS = {"deepseek_r1": THINK, "deepseek_v3": THINK, "qwen3": THINK, "glm45": THINK, "gpt_oss": HARMONY}
@@ -90,11 +92,3 @@ class ThinkStream:
         if self.state == "reasoning":
             return self._lead(rest.rstrip("\n")), ""
         return "", self._lead(rest) if self.state == "content" else rest
-
-
-def partial_marker(text: str, marker: str) -> int:
-    """The length of the longest end of `text` that is a beginning of `marker` (it may yet become it)."""
-    for k in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:k]):
-            return k
-    return 0

@@ -95,7 +95,7 @@ def _choice(c: ChoiceResult, decode: Decode, chat: bool, echo: bool, with_logpro
             reply: ChatReply) -> dict[str, Any]:
     out: dict[str, Any] = {"index": c.index, "finish_reason": c.finish_reason}
     if chat:
-        out["message"], out["finish_reason"] = reply.message(c.text, c.finish_reason)
+        out["message"], out["finish_reason"] = reply.message(c.text, c.finish_reason, c.token_ids)
         out["logprobs"] = chat_logprobs(c.logprobs, decode) if with_logprobs else None
     else:
         out["text"] = (c.echo_text if echo else "") + c.text
@@ -155,7 +155,7 @@ class ChunkWriter:
         if not self.chat:
             return [self.chunk(index, o, o.text_delta, o.finish_reason)]
         stream = self.replies.setdefault(index, self.reply.stream())
-        reasoning, content = stream.feed(o.text_delta)
+        reasoning, content = stream.feed(o.text_delta, o.token_id)
         if not o.finish_reason:
             return [self.chunk(index, o, content, None, reasoning)]
         more_reasoning, rest, calls, finish_reason = stream.finish(o.finish_reason)

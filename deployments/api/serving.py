@@ -25,6 +25,7 @@ from deployments import metrics
 from deployments.api.chat import ChatTemplates
 from deployments.api import reasoning
 from deployments.api.chat_reply import ChatReply, detect_reasoning, detect_tool_parser
+from deployments.api.reply_view import ReplyView
 from deployments.api.errors import ApiError, overloaded
 from deployments.api.tool_parsers import forced_call
 from deployments.api.responses import ChoiceResult
@@ -152,14 +153,17 @@ class Serving:
         return choices
 
     def chat_reply(self, req: ChatCompletionRequest) -> ChatReply:
-        """How the request's reply text becomes its message: tool calls are read when tools are given and
-        tool_choice is not none."""
+        """How the request's reply becomes its message: tool calls are read when tools are given and
+        tool_choice is not none; read from the token ids where the format's markers are special tokens."""
+        reply = self._reply_format(req)
+        return replace(reply, view=ReplyView.needed(self.tokenizer, reply.markers))
+
+    def _reply_format(self, req: ChatCompletionRequest) -> ChatReply:
         plain = ChatReply(reasoning=self.reasoning)
         if not req.tools or req.tool_choice == "none":
             return plain
-        if req.forced_tools() is not None and (self.tool_parser is None or self.request_grammar(req) is None):
-            raise ApiError(400, f"tool_choice: required / a named function needs a call format we can constrain "
-                                f"(hermes, mistral); this model's is {self.tool_parser or 'unknown'}", "tool_choice")
+        if req.forced_tools() is not None:
+            self.request_grammar(req)  # a 400 naming the format when a forced call cannot be expressed in it
         if self.tool_parser is None:
             if req.tool_choice == "auto":
                 raise ApiError(400, "tool_choice: this model's chat template renders no tool-call format we know; "
@@ -173,8 +177,15 @@ class Serving:
         forced = req.forced_tools()
         if forced is None:
             return req.response_format.grammar() if req.response_format else None
-        call = forced_call(self.tool_parser, req.tool_schemas(), forced) if self.tool_parser else None
-        return GrammarSpec.wrapped(*call) if call else None
+        if self.tool_parser is None:
+            raise ApiError(400, "tool_choice: required / a named function needs the model's call format, and "
+                                "this model's chat template renders none we know; set tool_call_parser in the "
+                                "config (or --tool-call-parser)", "tool_choice")
+        try:
+            return forced_call(self.tool_parser, req.tool_schemas(), forced)
+        except ValueError as e:
+            raise ApiError(400, f"tool_choice: cannot force a call in this model's format "
+                                f"({self.tool_parser}): {e}", "tool_choice") from None
 
     def opens_thinking(self, prompt_ids: list[int]) -> bool:
         """Whether the rendered prompt left a <think> block open (R1, V3.1 thinking): the reply starts in it."""

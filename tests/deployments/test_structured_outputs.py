@@ -186,3 +186,34 @@ def test_langchain_openai_bind_tools_and_with_structured_output(served):
         server.should_exit = True
         thread.join(30)
         serving.client.shutdown()
+
+
+@pytest.mark.parametrize("parser", ["glm45", "kimi_k2", "openai"])
+def test_every_call_format_forces_a_valid_call_streaming_and_not(served, parser):
+    """The same model served with a family's parser (tool_call_parser): required and named calls come back
+    in that format, parsed, with arguments that validate. One format of each shape (bare-text arguments,
+    the name outside the JSON, harmony channels; hermes above); every format's grammar is walked in
+    test_forced_calls.py."""
+    serving, engine = served
+    other = Serving(app_config({"model": serving.cfg.model, "tool_call_parser": parser}),
+                    type("R", (), {"options": lambda self, **kw: self})())
+
+    async def use(client, name):
+        ask = dict(model=name, messages=[{"role": "user", "content": "Weather?"}], temperature=1.0)
+        # DeepSeek's markers are ~60 byte tokens here, and the context is 512: the named call gets one tool
+        required = await client.chat.completions.create(tool_choice="required", seed=1, tools=SEARCH_TOOLS,
+                                                        max_tokens=150, **ask)
+        stream = await client.chat.completions.create(
+            tool_choice={"type": "function", "function": {"name": "search"}}, seed=2, stream=True,
+            tools=SEARCH_TOOLS[:1], max_tokens=210, **ask)
+        return required, [c async for c in stream]
+
+    required, chunks = run_client((other, engine), use)
+    assert required.choices[0].message.tool_calls, required.choices[0].message.content
+    call = required.choices[0].message.tool_calls[0]
+    assert required.choices[0].finish_reason == "tool_calls" and call.function.name in ("search", "noop")
+    if call.function.name == "search":
+        Weather.model_validate_json(call.function.arguments)
+    deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert [d.function.name for d in deltas if d.function.name] == ["search"]
+    Weather.model_validate_json("".join(d.function.arguments or "" for d in deltas))

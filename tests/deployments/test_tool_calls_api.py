@@ -158,15 +158,20 @@ def test_forced_tool_choice_becomes_a_grammar_in_the_models_call_format(serving,
     assert "tool_choice" in str(e.value)
 
 
-def test_forced_tool_choice_on_a_format_not_constrained_yet_is_a_400_naming_it():
+def test_forced_tool_choice_a_format_cannot_express_is_a_400_naming_it():
+    """GLM-4.5 writes string arguments bare: a length-bounded string cannot be forced in it."""
     from deployments.api.errors import ApiError
     from deployments.api.schema import ChatCompletionRequest
 
     glm = Serving(app_config({"model": str(DEMO), "tool_call_parser": "glm45"}),
                   type("R", (), {"options": lambda self, **kw: self})())
+    bounded = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"q": {"type": "string", "maxLength": 9}}}}}]
     with pytest.raises(ApiError) as e:
-        glm.chat_reply(ChatCompletionRequest(messages=MESSAGES, tools=TOOLS, tool_choice="required"))
-    assert e.value.param == "tool_choice" and "glm45" in e.value.message
+        glm.chat_reply(ChatCompletionRequest(messages=MESSAGES, tools=bounded, tool_choice="required"))
+    assert e.value.status == 400 and e.value.param == "tool_choice" and "glm45" in e.value.message
+    assert "maxLength" in e.value.message
+    assert glm.request_grammar(ChatCompletionRequest(messages=MESSAGES, tools=TOOLS, tool_choice="required"))
 
 
 def test_auto_on_a_model_without_a_known_call_format_is_a_400_naming_tool_choice():

@@ -14,9 +14,10 @@ from types import ModuleType
 
 from deployments.api.tool_parsers import (deepseek_v3, deepseek_v31, glm45, hermes, kimi_k2, mistral, openai,
                                           qwen3_coder)
+from cluster.engine.grammar import GrammarSpec
 from deployments.api.tool_parsers.base import Parsed, ToolCall
 
-__all__ = ["PARSERS", "Parsed", "ToolCall", "detect", "forced_call", "parse", "start_marker"]
+__all__ = ["PARSERS", "Parsed", "ToolCall", "detect", "forced_call", "marker_tokens", "parse", "start_marker"]
 
 PARSERS: dict[str, ModuleType] = {
     "hermes": hermes, "qwen3_coder": qwen3_coder, "deepseek_v3": deepseek_v3, "deepseek_v31": deepseek_v31,
@@ -42,28 +43,19 @@ def detect(template: str) -> str | None:
     return next((name for signs, name in _SIGNS if all(s in template for s in signs)), None)
 
 
-# Formats whose call is one JSON object between fixed text, so a forced call (tool_choice required /
-# named) is that text around a JSON schema: (prefix, suffix, how a call object looks).
-_FORCED = {
-    "hermes": ("<tool_call>\n", "\n</tool_call>"),
-    "mistral": ("[TOOL_CALLS][", "]"),
-}
-
-
-def forced_call(parser: str, schemas: dict[str, dict], names: list[str]) -> tuple[dict, str, str] | None:
-    """(JSON schema of one call to any of `names`, the text before it, the text after it), or None when this
-    format cannot be forced yet."""
-    if parser not in _FORCED:
-        return None
-    calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": schemas.get(name) or
-                                               {"type": "object"}},
-              "required": ["name", "arguments"], "additionalProperties": False} for name in names]
-    prefix, suffix = _FORCED[parser]
-    return (calls[0] if len(calls) == 1 else {"anyOf": calls}), prefix, suffix
+def forced_call(parser: str, schemas: dict[str, dict], names: list[str]) -> GrammarSpec:
+    """What a reply forced to call one of `names` (tool_choice required / named) must follow: one call in
+    the format's own text with arguments that follow the tool's parameter schema. ValueError naming what
+    the format cannot express."""
+    return PARSERS[parser].forced({name: schemas.get(name) or {} for name in names})
 
 
 def start_marker(parser: str) -> str:
     return PARSERS[parser].START
+
+
+def marker_tokens(parser: str) -> tuple[str, ...]:
+    return PARSERS[parser].TOKENS
 
 
 def parse(text: str, parser: str, schemas: dict[str, dict]) -> Parsed:

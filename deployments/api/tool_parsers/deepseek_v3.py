@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import re
 
-from deployments.api.tool_parsers.base import ToolCall, arguments_text, json_object, only_blocks
+from deployments.api.markers import blocks
+from cluster.engine.grammar import GrammarSpec
+from deployments.api.tool_parsers.base import ToolCall, each_call, json_calls
 
 START = "<｜tool▁calls▁begin｜>"
 MARKERS = (START, "<｜tool▁calls▁end｜>")
-_CALL = re.compile(r"<｜tool▁call▁begin｜>(\w*)<｜tool▁sep｜>([^\n]+)\n```json\n(.*?)\n```\s*<｜tool▁call▁end｜>",
-                   re.DOTALL)
+TOKENS = (*MARKERS, "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>")
+_CALL = re.compile(r"\w*<｜tool▁sep｜>([^\n]+)\n```json\n(.*?)\n```\s*", re.DOTALL)
 
 
 def calls(section: str, schemas: dict) -> list[ToolCall] | None:
-    found = list(_CALL.finditer(section))
-    if not only_blocks(section, [m.span() for m in found], MARKERS):
+    inner = blocks(section, "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", MARKERS) or []
+    found = [_CALL.fullmatch(call) for call in inner]
+    if not all(found):
         return None
-    arguments = [json_object(m.group(3)) for m in found]
-    if any(a is None for a in arguments):
-        return None
-    return [ToolCall(m.group(2).strip(), arguments_text(a)) for m, a in zip(found, arguments)]
+    return json_calls([(m.group(1), m.group(2), None) for m in found])
+
+
+def forced(schemas: dict[str, dict]) -> GrammarSpec:
+    return each_call(schemas, lambda name, schema: GrammarSpec.wrapped(
+        schema, f"{START}<｜tool▁call▁begin｜>function<｜tool▁sep｜>{name}\n```json\n",
+        "\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>"))

@@ -2,20 +2,24 @@
 <｜tool▁calls▁end｜>`."""
 from __future__ import annotations
 
-import re
-
-from deployments.api.tool_parsers.base import ToolCall, arguments_text, json_object, only_blocks
+from deployments.api.markers import blocks
+from cluster.engine.grammar import GrammarSpec
+from deployments.api.tool_parsers.base import ToolCall, each_call, json_calls
 
 START = "<｜tool▁calls▁begin｜>"
 MARKERS = (START, "<｜tool▁calls▁end｜>")
-_CALL = re.compile(r"<｜tool▁call▁begin｜>(.*?)<｜tool▁sep｜>(.*?)<｜tool▁call▁end｜>", re.DOTALL)
+TOKENS = (*MARKERS, "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>")
 
 
 def calls(section: str, schemas: dict) -> list[ToolCall] | None:
-    found = list(_CALL.finditer(section))
-    if not only_blocks(section, [m.span() for m in found], MARKERS):
+    inner = blocks(section, "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", MARKERS) or []
+    found = [call.partition("<｜tool▁sep｜>") for call in inner]
+    if not all(sep for _, sep, _ in found):
         return None
-    arguments = [json_object(m.group(2)) for m in found]
-    if any(a is None for a in arguments):
-        return None
-    return [ToolCall(m.group(1).strip(), arguments_text(a)) for m, a in zip(found, arguments)]
+    return json_calls([(name, arguments, None) for name, _, arguments in found])
+
+
+def forced(schemas: dict[str, dict]) -> GrammarSpec:
+    return each_call(schemas, lambda name, schema: GrammarSpec.wrapped(
+        schema, f"{START}<｜tool▁call▁begin｜>{name}<｜tool▁sep｜>",
+        "<｜tool▁call▁end｜><｜tool▁calls▁end｜>"))

@@ -2,26 +2,33 @@
 Values are bare text: strings as written, anything else as JSON (the template's `tojson`)."""
 from __future__ import annotations
 
-import re
-
-from deployments.api.tool_parsers.base import ToolCall, arguments_text, only_blocks, typed_value
+from deployments.api.markers import blocks
+from cluster.engine.grammar import GrammarSpec
+from deployments.api.tool_parsers.base import ToolCall, arguments_text, bare_calls, typed_value
 
 START = "<tool_call>"
-_BLOCK = re.compile(r"<tool_call>([^\n<]+)\n?(.*?)</tool_call>", re.DOTALL)
-_ARGUMENT = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
+TOKENS = (START, "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>")
 
 
 def calls(section: str, schemas: dict) -> list[ToolCall] | None:
-    blocks = list(_BLOCK.finditer(section))
-    if not only_blocks(section, [m.span() for m in blocks]):
-        return None
     out = []
-    for m in blocks:
-        name, body = m.group(1).strip(), m.group(2)
-        pairs = list(_ARGUMENT.finditer(body))
-        if body.strip() and not only_blocks(body, [p.span() for p in pairs]):
+    for block in blocks(section, START, "</tool_call>") or ():
+        name, sep, body = block.partition("<")
+        pairs = blocks(sep + body, "<arg_key>", "</arg_value>")
+        if not name.strip() or "\n" in name.strip() or pairs is None:
             return None
-        arguments = {p.group(1).strip(): typed_value(p.group(2), p.group(1).strip(), schemas.get(name))
-                     for p in pairs}
-        out.append(ToolCall(name, arguments_text(arguments)))
-    return out
+        arguments = {}
+        for pair in pairs:
+            key, closed, value = pair.partition("</arg_key>")
+            value = value.lstrip()
+            if not closed or not value.startswith("<arg_value>"):
+                return None
+            arguments[key.strip()] = typed_value(value[len("<arg_value>"):], key.strip(),
+                                                 schemas.get(name.strip()))
+        out.append(ToolCall(name.strip(), arguments_text(arguments)))
+    return out or None
+
+
+def forced(schemas: dict[str, dict]) -> GrammarSpec:
+    return bare_calls("glm45", schemas, ("<tool_call>{name}\n", "</tool_call>"),
+                      ("<arg_key>{key}</arg_key>\n<arg_value>", "</arg_value>\n"))

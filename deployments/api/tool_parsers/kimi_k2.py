@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import re
 
-from deployments.api.tool_parsers.base import ToolCall, arguments_text, json_object, only_blocks
+from deployments.api.markers import blocks
+from cluster.engine.grammar import GrammarSpec
+from deployments.api.tool_parsers.base import ToolCall, each_call, json_calls
 
 START = "<|tool_calls_section_begin|>"
 MARKERS = (START, "<|tool_calls_section_end|>")
-_CALL = re.compile(r"<\|tool_call_begin\|>\s*([^<]+?)\s*<\|tool_call_argument_begin\|>(.*?)<\|tool_call_end\|>",
-                   re.DOTALL)
-_ID = re.compile(r"(?:functions\.)?(.+?)(?::\d+)?$")
+TOKENS = (*MARKERS, "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>")
+_ID = re.compile(r"(?:functions\.)?(.+?)(?::\d+)?")
 
 
 def calls(section: str, schemas: dict) -> list[ToolCall] | None:
-    found = list(_CALL.finditer(section))
-    if not only_blocks(section, [m.span() for m in found], MARKERS):
+    inner = blocks(section, "<|tool_call_begin|>", "<|tool_call_end|>", MARKERS) or []
+    found = [call.partition("<|tool_call_argument_begin|>") for call in inner]
+    if not all(sep and call_id.strip() and "<" not in call_id for call_id, sep, _ in found):
         return None
-    arguments = [json_object(m.group(2)) for m in found]
-    if any(a is None for a in arguments):
-        return None
-    return [ToolCall(_ID.match(m.group(1)).group(1), arguments_text(a), id=m.group(1))
-            for m, a in zip(found, arguments)]
+    return json_calls([(_ID.fullmatch(call_id.strip()).group(1), arguments, call_id.strip())
+                       for call_id, _, arguments in found])
+
+
+def forced(schemas: dict[str, dict]) -> GrammarSpec:
+    return each_call(schemas, lambda name, schema: GrammarSpec.wrapped(
+        schema, f"{START}<|tool_call_begin|>functions.{name}:0<|tool_call_argument_begin|>",
+        "<|tool_call_end|><|tool_calls_section_end|>"))

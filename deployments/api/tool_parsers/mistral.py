@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
-from deployments.api.tool_parsers.base import ToolCall, arguments_text
+from cluster.engine.grammar import GrammarSpec
+from deployments.api.tool_parsers.base import ToolCall, arguments_text, call_object
 
 START = "[TOOL_CALLS]"
+TOKENS = (START, "[ARGS]")
 _DECODER = json.JSONDecoder()
 
 
@@ -48,3 +50,8 @@ def _v11(piece: str) -> list[ToolCall] | None:
     if not name.strip() or not isinstance(arguments, dict):
         return None
     return [ToolCall(name.strip(), arguments_text(arguments))]
+
+
+def forced(schemas: dict[str, dict]) -> GrammarSpec:
+    calls = [call_object(name, schema) for name, schema in schemas.items()]
+    return GrammarSpec.wrapped(calls[0] if len(calls) == 1 else {"anyOf": calls}, "[TOOL_CALLS][", "]")

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import re
 
-from deployments.api.tool_parsers.base import Parsed, ToolCall, arguments_text, json_object
+from cluster.engine.grammar import GrammarSpec
+from deployments.api.tool_parsers.base import Parsed, ToolCall, arguments_text, each_call, json_object
 
 START = "<|channel|>"
+TOKENS = ("<|start|>", START, "<|constrain|>", "<|message|>", "<|end|>", "<|call|>", "<|return|>")
 _MESSAGE = re.compile(r"(?:<\|start\|>assistant)?(?P<header>(?:(?!<\|message\|>).)*?)<\|message\|>"
                       r"(?P<body>.*?)(?P<end><\|end\|>|<\|call\|>|<\|return\|>|$)", re.DOTALL)
 _CHANNEL = re.compile(r"<\|channel\|>(\w+)")
@@ -37,3 +39,10 @@ def parse(text: str, schemas: dict) -> Parsed:
         else:
             content.append(body)
     return Parsed("".join(content), tuple(calls), "".join(reasoning) if reasoning else None)
+
+
+def forced(schemas: dict[str, dict]) -> GrammarSpec:
+    """The call right away on the commentary channel; `<|call|>` ends it (a stop token where the checkpoint
+    says so: the engine stops on it, and the parser's view keeps it)."""
+    return each_call(schemas, lambda name, schema: GrammarSpec.wrapped(
+        schema, f"{START}commentary to=functions.{name} <|constrain|>json<|message|>", "<|call|>"))

@@ -2,26 +2,34 @@
 Values are bare text: strings as written, anything else as JSON (the template's `tojson`)."""
 from __future__ import annotations
 
-import re
-
-from deployments.api.tool_parsers.base import ToolCall, arguments_text, only_blocks, typed_value
+from deployments.api.markers import blocks
+from cluster.engine.grammar import GrammarSpec
+from deployments.api.tool_parsers.base import ToolCall, arguments_text, bare_calls, typed_value
 
 START = "<tool_call>"
-_BLOCK = re.compile(r"<tool_call>\s*<function=([^>\n]+)>(.*?)</function>\s*</tool_call>", re.DOTALL)
-_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.DOTALL)
+TOKENS = (START, "</tool_call>")
 
 
 def calls(section: str, schemas: dict) -> list[ToolCall] | None:
-    blocks = list(_BLOCK.finditer(section))
-    if not only_blocks(section, [m.span() for m in blocks]):
-        return None
     out = []
-    for m in blocks:
-        name = m.group(1).strip()
-        params = list(_PARAMETER.finditer(m.group(2)))
-        if not only_blocks(m.group(2), [p.span() for p in params]) and m.group(2).strip():
+    for block in blocks(section, START, "</tool_call>") or ():
+        function = blocks(block, "<function=", "</function>") or []
+        name, closed, body = function[0].partition(">") if len(function) == 1 else ("", "", "")
+        params = blocks(body, "<parameter=", "</parameter>")
+        if not closed or not name.strip() or "\n" in name or params is None:
             return None
-        arguments = {p.group(1).strip(): typed_value(p.group(2), p.group(1).strip(), schemas.get(name))
-                     for p in params}
-        out.append(ToolCall(name, arguments_text(arguments)))
-    return out
+        arguments = {}
+        for param in params:
+            key, closed, value = param.partition(">")
+            if not closed or not key.strip() or "\n" in key:
+                return None
+            value = value[1:] if value.startswith("\n") else value
+            value = value[:-1] if value.endswith("\n") else value
+            arguments[key.strip()] = typed_value(value, key.strip(), schemas.get(name.strip()))
+        out.append(ToolCall(name.strip(), arguments_text(arguments)))
+    return out or None
+
+
+def forced(schemas: dict[str, dict]) -> GrammarSpec:
+    return bare_calls("qwen3_coder", schemas, ("<tool_call>\n<function={name}>\n", "</function>\n</tool_call>"),
+                      ("<parameter={key}>\n", "\n</parameter>\n"))

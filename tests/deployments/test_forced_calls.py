@@ -1,0 +1,79 @@
+"""tool_choice required / named in every family's own call format: the grammar of a forced call, walked
+token by token at random through xgrammar over a real tokenizer (any path the grammar allows is a reply a
+model could give), always parses back, with that family's parser, into one call whose arguments validate
+against the tool's schema. In process, no model; the served path is in test_structured_outputs.py."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import BaseModel, Field
+from typing import Literal
+
+from cluster.engine.grammar import GrammarSpec, check
+from cluster.tokenizer import TextTokenizer
+from deployments.api.tool_parsers import PARSERS, forced_call, parse
+from tests.test_demo_model import DEMO
+
+xgr = pytest.importorskip("xgrammar")
+
+
+class Weather(BaseModel):
+    city: str = Field(pattern=r"^[A-Za-z ]{1,6}$")
+    days: int = Field(ge=1, le=9)
+    unit: Literal["c", "f"]
+    detail: bool | None = None  # optional: the bare-text formats may leave it out
+
+
+SCHEMAS = {"search": Weather.model_json_schema(),
+           "noop": {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}}
+
+
+@pytest.fixture(scope="module")
+def grammars():
+    from cluster.engine.grammar import Grammars
+
+    tokenizer = TextTokenizer(Path(DEMO / "tokenizer.json"))
+    return tokenizer, Grammars(tokenizer, tokenizer.tok.get_vocab_size(), (0,))
+
+
+def walk(tokenizer, grammars, spec: GrammarSpec, seed: int) -> str:
+    """A reply sampled uniformly among the tokens the grammar allows, to its end."""
+    matcher, out = grammars.matcher(spec), []
+    generator = torch.Generator().manual_seed(seed)
+    while not matcher.is_terminated() and len(out) < 400:
+        logits = torch.zeros(1, grammars.vocab_size)
+        grammars.mask(logits, [(0, matcher)])
+        token = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+        assert matcher.accept_token(token)
+        out.append(token)
+    assert matcher.is_terminated(), "the walk did not end"
+    return tokenizer.decode(out[:-1] if out[-1] == 0 else out)
+
+
+@pytest.mark.parametrize("parser", sorted(PARSERS))
+def test_a_forced_call_parses_back_into_a_valid_call(grammars, parser):
+    tokenizer, compiled = grammars
+    for names, seeds in ((["search"], range(3)), (["search", "noop"], range(3, 6))):
+        spec = forced_call(parser, SCHEMAS, names)
+        check(spec)
+        for seed in seeds:
+            text = walk(tokenizer, compiled, spec, seed)
+            parsed = parse(text, parser, SCHEMAS)
+            assert len(parsed.calls) == 1 and parsed.calls[0].name in names, (parser, text)
+            arguments = parsed.calls[0].arguments
+            if parsed.calls[0].name == "search":
+                Weather.model_validate_json(arguments)
+            else:
+                assert isinstance(json.loads(arguments)["ok"], bool)
+
+
+@pytest.mark.parametrize("parser", ["qwen3_coder", "glm45"])
+def test_bare_text_formats_refuse_what_they_cannot_write_by_name(parser):
+    for schema, words in (({"type": "object", "properties": {"q": {"type": "string", "maxLength": 9}}}, "'q'"),
+                          ({"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}}, "$ref")):
+        with pytest.raises(ValueError, match=parser) as e:
+            forced_call(parser, {"f": schema}, ["f"])
+        assert words in str(e.value)
