@@ -54,3 +54,7 @@ class PrefixAffinityRouter(RequestRouter):
         super().update_replicas(replicas)
         for name in gone:  # its cache went with it
             self._affinity.forget(name)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._affinity.forget(replica_id.to_full_id_str())
