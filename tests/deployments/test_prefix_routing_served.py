@@ -7,7 +7,7 @@ import time
 
 import requests
 
-from tests.deployments.clients import concurrently, http_complete
+from tests.deployments.clients import concurrently, grpc_request, grpc_stub, http_complete
 from tests.test_demo_model import DEMO
 
 CONVERSATIONS, TURNS, HEAD, MESSAGE = 16, 4, 96, 15  # tokens: a conversation's start, each later message
@@ -31,9 +31,9 @@ def _settled(base: str, before: dict, queried: int, limit_s: float = 60) -> dict
         time.sleep(0.2)
 
 
-def _chat(base: str, seed: int) -> tuple[float, dict[str, int]]:
+def _chat(base: str, seed: int) -> tuple[float, dict[str, int], list[list[int]]]:
     """Runs the conversations turn by turn (all 16 at once per turn); returns the hit rate of turns
-    2..TURNS and how many of their prompt tokens each router looked up."""
+    2..TURNS, how many of their prompt tokens each router looked up, and each conversation's next prompt."""
     rng = random.Random(seed)
     prompts = [[rng.randrange(1, 4096) for _ in range(HEAD)] for _ in range(CONVERSATIONS)]
     hits, queried = 0, {}
@@ -47,7 +47,7 @@ def _chat(base: str, seed: int) -> tuple[float, dict[str, int]]:
                 queried[router] = queried.get(router, 0) + q
         prompts = [p + r["choices"][0]["token_ids"] + [rng.randrange(1, 4096) for _ in range(MESSAGE)]
                    for p, r in zip(prompts, replies)]
-    return hits / sum(queried.values()), queried
+    return hits / sum(queried.values()), queried, prompts
 
 
 def _affinity_choices(base: str) -> float:
@@ -60,10 +60,13 @@ def _affinity_choices(base: str) -> float:
 def test_two_routers_conversations_meet_their_cache(cluster):
     routers = {"min": 2, "max": 2, "num_cpus": 0.25}
     c = cluster.deploy(str(DEMO), 0, routers={**routers, "prefix_aware": True}, max_num_seqs=16)
-    affinity, spread = _chat(c.base, seed=1)
+    affinity, spread, next_turns = _chat(c.base, seed=1)
     chosen = _affinity_choices(c.base)
+    # gRPC reports what the cache gave, as HTTP usage does: the whole last turn's prompt (full blocks)
+    reply = grpc_stub(c.grpc_target).Complete(grpc_request(next_turns[0], 1), timeout=60)
+    assert reply.usage.prompt_tokens_details.cached_tokens == HEAD + (TURNS - 1) * (MESSAGE + 1)
     c = cluster.deploy(str(DEMO), 0, routers={**routers, "prefix_aware": False}, max_num_seqs=16)
-    power_of_two, _ = _chat(c.base, seed=2)  # other conversations: nothing cached by the first run helps
+    power_of_two, _, _ = _chat(c.base, seed=2)  # other conversations: nothing cached by the first run helps
     print(f"\nhit rate of turns 2-{TURNS}: prefix-aware {affinity:.2f}, power of two {power_of_two:.2f}; "
           f"prompt tokens per router (prefix-aware) {spread}; affinity choices {chosen:.0f}")
     # the most any routing gets here: each turn's earlier prompt, in full blocks (96 of 112 tokens, ...): 0.875
