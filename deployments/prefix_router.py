@@ -6,7 +6,9 @@ load as the tie-breaker, capped so a hot conversation cannot overload one router
 Loads are Serve's own: the ongoing `generate` calls per router replica (a call lasts as long as
 its request), as the handle's queue-length cache holds them; no extra probe per request. The
 chosen replica is offered first and the rest, least loaded first, after it: Serve probes and
-skips a full or silent one, so a request never waits on its preferred router. The table learns where each request was actually sent (`on_request_routed`).
+skips a full or silent one, so a request never waits on its preferred router. The table learns
+where each request was actually sent (`on_request_routed`). Serve's private queue-length cache and
+replica set are read as Ray's own PrefixCacheAffinityRouter reads them (Ray 2.60).
 """
 from __future__ import annotations
 
