@@ -14,6 +14,7 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from cluster.loader import open_model
 from cluster.placement import round_robin
@@ -24,6 +25,7 @@ from deployments.experts.auth import resolve_secret
 from deployments.experts.worker import ExpertPoolWorker, ExpertWorker
 from deployments.ingress import Ingress
 from deployments.messages import AppSpec
+from deployments.prefix_router import PrefixAffinityRouter
 from deployments.router import Router
 
 def spec_of(cfg: AppConfig) -> AppSpec:
@@ -85,6 +87,10 @@ def _router_options(cfg: AppConfig) -> dict[str, Any]:
     # queue requests past its limit at the caller instead, which looks like a hang to the client.
     limit = 2 * (cfg.max_num_seqs + cfg.max_queued_requests) + 8
     options: dict[str, Any] = {"ray_actor_options": actor, "health_check_period_s": 5, "max_ongoing_requests": limit}
+    if r.prefix_aware:  # chosen in the ingress's handle, from the prompt's token ids (deployments/prefix_router.py)
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class=PrefixAffinityRouter,
+            request_router_kwargs={"block_size": cfg.block_size, "max_imbalance": r.prefix_max_imbalance})
     if r.min == r.max:
         options["num_replicas"] = r.min
     else:

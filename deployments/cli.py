@@ -83,8 +83,11 @@ def _overrides(args: argparse.Namespace, app_conf: dict) -> dict:
     out = {"model": args.model, "num_workers": args.num_workers, "api_key": args.api_key, "dtype": args.dtype,
            "tool_call_parser": args.tool_call_parser, "reasoning_parser": args.reasoning_parser,
            "app_name": app_conf.get("name", "moe"), "enable_prefix_caching": args.enable_prefix_caching}
+    routers = dict(app_conf.get("args", {}).get("routers", {}))
     if args.routers is not None:
-        out["routers"] = {**app_conf.get("args", {}).get("routers", {}), "min": args.routers, "max": args.routers}
+        out["routers"] = routers = {**routers, "min": args.routers, "max": args.routers}
+    if args.prefix_aware_routing is not None:
+        out["routers"] = {**routers, "prefix_aware": args.prefix_aware_routing}
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -228,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["deepseek_r1", "deepseek_v3", "qwen3", "glm45", "gpt_oss", "none"],
                    help="how thinking is split into reasoning_content; default: detected from the chat template")
     _prefix_caching_flag(s, default=None)
+    s.add_argument("--prefix-aware-routing", action=argparse.BooleanOptionalAction, default=None,
+                   help="send each request to the router likely to hold its prompt's prefix (default: on; "
+                        "overrides the config's routers.prefix_aware)")
     s.set_defaults(func=cmd_serve)
     r = sub.add_parser("record-profile", help="record the expert load of live traffic into a profile file "
                                               "(for the autoscaling policy's mode static)")

@@ -48,6 +48,11 @@ class RouterOptions(_Options):
     device: str | None = Field(None, description="device of the router's backbone: cpu or cuda; default cuda "
                                                  "when num_gpus > 0, else cpu (as workers derive theirs)")
     label_selector: dict[str, str] = Field(default_factory=dict, description="node labels a router must land on")
+    prefix_aware: bool = Field(True, description="send each request to the router most likely to hold its prompt's "
+                               "prefix in its KV cache (the router that took the conversation's earlier turn), load "
+                               "as the tie-breaker; off: Serve's power of two choices")
+    prefix_max_imbalance: int = Field(16, ge=0, description="prefix-aware routing gives up affinity when that router "
+                                      "has more than this many requests above the least loaded one")
 
     @model_validator(mode="after")
     def _bounds(self) -> "RouterOptions":
@@ -136,6 +141,8 @@ class AppConfig(_Options):
                                             "graphs at start-up for up to this many sequences (powers of two) and "
                                             "every context bucket up to max_model_len; larger steps run eagerly "
                                             "(default: max_num_seqs)")
+    block_size: int = Field(16, ge=1, description="tokens per KV-cache block (prefix caching and prefix-aware routing "
+                            "reuse whole blocks)")
     enable_prefix_caching: bool = Field(True, description="reuse the KV-cache blocks of prompts that start like "
                                         "earlier ones on the same router (automatic prefix caching)")
     overlap: Literal["auto", "on", "off"] = Field("auto", description="run each step as two micro-batches in "
@@ -191,6 +198,7 @@ class AppConfig(_Options):
                 "kv_cache_memory_bytes": self.kv_cache_memory_bytes,
                 "gpu_memory_utilization": self.gpu_memory_utilization, "max_model_len": self.max_model_len,
                 "max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
+                "block_size": self.block_size,
                 "enable_prefix_caching": self.enable_prefix_caching, "attention_backend": self.attention_backend,
                 "cuda_graph_max_seqs": self.cuda_graph_max_seqs,
                 "overlap": {"auto": None, "on": True, "off": False}[self.overlap]}

@@ -41,6 +41,9 @@ EXPERT_TOKENS = Counter("moe_expert_tokens", "(token, expert) pairs computed", r
 TTFT = Histogram("moe_time_to_first_token_seconds", "time to first token", buckets=_LATENCY_BUCKETS, registry=API)
 ITL = Histogram("moe_inter_token_latency_seconds", "time between tokens of a stream", buckets=_LATENCY_BUCKETS,
                 registry=API)
+ROUTE_CHOICES = Counter("moe_route_choices", "router replicas chosen for requests, by reason: affinity (the one "
+                        "likely to hold the prompt's prefix), least_loaded, overloaded (the affine one was too busy)",
+                        ["reason"], registry=API)
 RESUMED = Counter("moe_requests_resumed", "requests moved to another router after theirs stopped", registry=API)
 
 # -- controller ------------------------------------------------------------------------------------

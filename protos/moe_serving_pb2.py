@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/moe_serving.proto\x12\x13moe_cluster.serving\"\xb8\x02\n\x0f\x43ompleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nprompt_ids\x18\x03 \x03(\x05\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x05\x88\x01\x01\x12\x16\n\x0ereturn_routing\x18\x0b \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobs\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"@\n\x0cLayerRouting\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x11\n\texpert_id\x18\x02 \x03(\x05\x12\x0e\n\x06weight\x18\x03 \x03(\x02\"A\n\x0cTokenRouting\x12\x31\n\x06layers\x18\x01 \x03(\x0b\x32!.moe_cluster.serving.LayerRouting\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x15\n\rexpert_tokens\x18\x04 \x01(\x03\"\xe7\x01\n\rCompleteReply\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12)\n\x05usage\x18\x05 \x01(\x0b\x32\x1a.moe_cluster.serving.Usage\x12\x33\n\x08logprobs\x18\x06 \x03(\x0b\x32!.moe_cluster.serving.TokenLogprob\x12\x32\n\x07routing\x18\x07 \x03(\x0b\x32!.moe_cluster.serving.TokenRouting\"\xeb\x01\n\rGenerateReply\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12\x10\n\x08token_id\x18\x03 \x01(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12)\n\x05usage\x18\x05 \x01(\x0b\x32\x1a.moe_cluster.serving.Usage\x12\x32\n\x07logprob\x18\x06 \x01(\x0b\x32!.moe_cluster.serving.TokenLogprob\x12\x32\n\x07routing\x18\x07 \x01(\x0b\x32!.moe_cluster.serving.TokenRouting2\xba\x01\n\nMoeServing\x12T\n\x08\x43omplete\x12$.moe_cluster.serving.CompleteRequest\x1a\".moe_cluster.serving.CompleteReply\x12V\n\x08Generate\x12$.moe_cluster.serving.CompleteRequest\x1a\".moe_cluster.serving.GenerateReply0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/moe_serving.proto\x12\x13moe_cluster.serving\"\xb8\x02\n\x0f\x43ompleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nprompt_ids\x18\x03 \x03(\x05\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x05\x88\x01\x01\x12\x16\n\x0ereturn_routing\x18\x0b \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobs\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"@\n\x0cLayerRouting\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x11\n\texpert_id\x18\x02 \x03(\x05\x12\x0e\n\x06weight\x18\x03 \x03(\x02\"A\n\x0cTokenRouting\x12\x31\n\x06layers\x18\x01 \x03(\x0b\x32!.moe_cluster.serving.LayerRouting\",\n\x13PromptTokensDetails\x12\x15\n\rcached_tokens\x18\x01 \x01(\x05\"\xaf\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x15\n\rexpert_tokens\x18\x04 \x01(\x03\x12G\n\x15prompt_tokens_details\x18\x05 \x01(\x0b\x32(.moe_cluster.serving.PromptTokensDetails\"\xe7\x01\n\rCompleteReply\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12)\n\x05usage\x18\x05 \x01(\x0b\x32\x1a.moe_cluster.serving.Usage\x12\x33\n\x08logprobs\x18\x06 \x03(\x0b\x32!.moe_cluster.serving.TokenLogprob\x12\x32\n\x07routing\x18\x07 \x03(\x0b\x32!.moe_cluster.serving.TokenRouting\"\xeb\x01\n\rGenerateReply\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12\x10\n\x08token_id\x18\x03 \x01(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12)\n\x05usage\x18\x05 \x01(\x0b\x32\x1a.moe_cluster.serving.Usage\x12\x32\n\x07logprob\x18\x06 \x01(\x0b\x32!.moe_cluster.serving.TokenLogprob\x12\x32\n\x07routing\x18\x07 \x01(\x0b\x32!.moe_cluster.serving.TokenRouting2\xba\x01\n\nMoeServing\x12T\n\x08\x43omplete\x12$.moe_cluster.serving.CompleteRequest\x1a\".moe_cluster.serving.CompleteReply\x12V\n\x08Generate\x12$.moe_cluster.serving.CompleteRequest\x1a\".moe_cluster.serving.GenerateReply0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,12 +39,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LAYERROUTING']._serialized_end=524
   _globals['_TOKENROUTING']._serialized_start=526
   _globals['_TOKENROUTING']._serialized_end=591
-  _globals['_USAGE']._serialized_start=593
-  _globals['_USAGE']._serialized_end=695
-  _globals['_COMPLETEREPLY']._serialized_start=698
-  _globals['_COMPLETEREPLY']._serialized_end=929
-  _globals['_GENERATEREPLY']._serialized_start=932
-  _globals['_GENERATEREPLY']._serialized_end=1167
-  _globals['_MOESERVING']._serialized_start=1170
-  _globals['_MOESERVING']._serialized_end=1356
+  _globals['_PROMPTTOKENSDETAILS']._serialized_start=593
+  _globals['_PROMPTTOKENSDETAILS']._serialized_end=637
+  _globals['_USAGE']._serialized_start=640
+  _globals['_USAGE']._serialized_end=815
+  _globals['_COMPLETEREPLY']._serialized_start=818
+  _globals['_COMPLETEREPLY']._serialized_end=1049
+  _globals['_GENERATEREPLY']._serialized_start=1052
+  _globals['_GENERATEREPLY']._serialized_end=1287
+  _globals['_MOESERVING']._serialized_start=1290
+  _globals['_MOESERVING']._serialized_end=1476
 # @@protoc_insertion_point(module_scope)

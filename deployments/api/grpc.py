@@ -52,7 +52,8 @@ def to_request(request: pb.CompleteRequest, limit: int) -> CompletionRequest:
 def _usage(c: ChoiceResult) -> pb.Usage:
     n = len(c.prompt_ids)
     return pb.Usage(prompt_tokens=n, completion_tokens=len(c.token_ids), total_tokens=n + len(c.token_ids),
-                    expert_tokens=c.expert_tokens)
+                    expert_tokens=c.expert_tokens,
+                    prompt_tokens_details=pb.PromptTokensDetails(cached_tokens=c.cached_tokens))
 
 
 def _logprob(s) -> pb.TokenLogprob:

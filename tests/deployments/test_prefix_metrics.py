@@ -41,3 +41,16 @@ def test_usage_reports_cached_prompt_tokens():
         c.add(StepOutput("r", 5, "x", None, "length", prompt_tokens=20, completion_tokens=1, cached_tokens=16))
     u = usage(choices, 2)
     assert u["prompt_tokens"] == 20 and u["prompt_tokens_details"] == {"cached_tokens": 16}
+
+
+def test_grpc_usage_reports_cached_prompt_tokens_as_http_does():
+    from cluster.engine.engine import StepOutput
+    from deployments.api.grpc import _usage
+    from deployments.api.responses import ChoiceResult
+    from protos import moe_serving_pb2 as pb
+
+    c = ChoiceResult(0, list(range(20)))
+    c.add(StepOutput("r", 5, "x", None, "length", prompt_tokens=20, completion_tokens=1, cached_tokens=16))
+    u = _usage(c)
+    assert (u.prompt_tokens, u.completion_tokens, u.prompt_tokens_details.cached_tokens) == (20, 1, 16)
+    assert pb.Usage.FromString(pb.Usage(prompt_tokens=3).SerializeToString()).prompt_tokens_details.cached_tokens == 0

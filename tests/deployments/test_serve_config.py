@@ -67,3 +67,33 @@ def test_a_local_start_binds_loopback_or_every_interface(host, bound):
 ])
 def test_router_device_follows_its_gpus(routers, device):
     assert app_config({"routers": routers}).routers.device == device
+
+
+@pytest.mark.parametrize("routers,expected", [
+    ({}, {"block_size": 16, "max_imbalance": 16}),  # on by default
+    ({"prefix_max_imbalance": 3}, {"block_size": 16, "max_imbalance": 3}),
+    ({"prefix_aware": False}, None),  # Serve's power of two choices
+])
+def test_prefix_aware_routing_is_the_routers_request_router(routers, expected):
+    from deployments.app import _router_options
+    from deployments.prefix_router import PrefixAffinityRouter
+
+    config = _router_options(app_config({"routers": routers})).get("request_router_config")
+    if expected is None:
+        assert config is None
+    else:
+        assert config.request_router_class == f"{PrefixAffinityRouter.__module__}.PrefixAffinityRouter"
+        assert config.request_router_kwargs == expected
+
+
+@pytest.mark.parametrize("argv,routers", [
+    ([], {"num_cpus": 0.5}),
+    (["--no-prefix-aware-routing"], {"num_cpus": 0.5, "prefix_aware": False}),
+    (["--routers", "2", "--prefix-aware-routing"], {"num_cpus": 0.5, "min": 2, "max": 2, "prefix_aware": True}),
+])
+def test_cli_prefix_aware_routing_flag(argv, routers):
+    from deployments.cli import _overrides, build_parser
+
+    args = build_parser().parse_args(["serve", *argv])
+    out = _overrides(args, {"args": {"routers": {"num_cpus": 0.5}}})
+    assert out.get("routers", {"num_cpus": 0.5}) == routers
