@@ -40,6 +40,8 @@ def unsupported(model) -> str | None:
         return "the experts are remote: their counts must reach the host every layer"
     if not model.experts.grouped:
         return f"the experts are not grouped, their counts must reach the host every layer: {model.experts.loop_reason}"
+    if model.cfg.hybrid:
+        return "its linear-attention layers read and write per-sequence recurrent state, not captured yet"
     if model.cfg.rope.length_threshold is not None:
         return f"{model.cfg.rope.kind} rope recomputes frequencies from each sequence's length"
     return None
