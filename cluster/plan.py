@@ -27,6 +27,7 @@ import torch
 from cluster.config import ModelConfig
 from cluster.families import resolve
 from cluster.model.kv_cache import kv_bytes_per_token
+from cluster.model.state_cache import conv_channels, state_bytes_per_seq
 from cluster.precision import dtype_name, resolve_dtype, resolve_kv_dtype
 
 GiB = 1 << 30
@@ -42,8 +43,16 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def _attention_params(c: ModelConfig) -> int:
+def _deltanet_params(c: ModelConfig) -> int:
+    d, hv, dv = c.hidden_size, c.linear_num_value_heads, c.linear_value_head_dim
+    channels = conv_channels(c)
+    return d * channels + d * hv * dv + 2 * d * hv + channels * c.linear_conv_kernel + 2 * hv + dv + hv * dv * d
+
+
+def _attention_params(c: ModelConfig, layer: int = 0) -> int:
     d, h = c.hidden_size, c.num_heads
+    if c.is_linear(layer):
+        return _deltanet_params(c)
     if c.attention == "mla":
         qk = c.qk_nope_head_dim + c.qk_rope_head_dim
         q = d * h * qk if not c.q_lora_rank else d * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * h * qk
@@ -53,7 +62,8 @@ def _attention_params(c: ModelConfig) -> int:
         indexer = c.q_lora_rank * hi * di + d * di + 2 * di + d * hi if c.index_topk else 0
         return q + kv + h * c.v_head_dim * d + indexer
     q, kv = h * c.head_dim, c.num_kv_heads * c.head_dim
-    weights = 2 * d * q + 2 * d * kv + (q + 2 * kv if c.qkv_bias else 0) + (d if c.o_bias else 0)
+    weights = 2 * d * q + 2 * d * kv + (q + 2 * kv if c.qkv_bias else 0) + (d if c.o_bias else 0) + (
+        d * q if c.attn_output_gate else 0)
     norms = {"none": 0, "l2": 0, "head": 2 * c.head_dim, "full": q + kv}[c.qk_norm]
     return weights + norms + (h if c.attn_sinks else 0)
 
@@ -63,10 +73,10 @@ def _layer_params(c: ModelConfig, layer: int) -> int:
     d = c.hidden_size
     norms = 2 * d * (2 if c.norm == "layer" and c.norm_bias else 1)
     if not c.moe_layers[layer]:
-        return _attention_params(c) + norms + 3 * d * c.dense_intermediate_size
+        return _attention_params(c, layer) + norms + 3 * d * c.dense_intermediate_size
     gate = c.num_experts * d + (c.num_experts if c.gate_logits_bias else 0)
     shared = 3 * d * c.shared_expert_intermediate_size + (d if c.shared_expert_gate else 0)
-    return _attention_params(c) + norms + gate + shared
+    return _attention_params(c, layer) + norms + gate + shared
 
 
 @dataclass(frozen=True)
@@ -104,12 +114,14 @@ def backbone_bytes(c: ModelConfig, dtype: torch.dtype) -> int:
 
 
 def attention_flops(c: ModelConfig, context: int) -> int:
-    """Score and value FLOPs for one token attending to `context` tokens, over all layers."""
+    """Score and value FLOPs for one token attending to `context` tokens, over all layers; a linear-attention
+    layer's are the same at any context: its state [Hv, dk, dv] decayed, read, written and read again."""
     dk, dv = ((c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attention == "mla"
               else (c.head_dim, c.head_dim))
     # a chunk of n positions sees n / 2 keys on average, at most n: counted as n (an upper bound)
-    seen = [min(context, c.sliding_window(layer) or c.attention_chunk(layer) or context) for layer in range(c.num_layers)]
-    return sum(2 * c.num_heads * (dk + dv) * n for n in seen)
+    seen = [min(context, c.sliding_window(layer) or c.attention_chunk(layer) or context) for layer in c.attention_layer_ids]
+    linear = 8 * c.linear_num_value_heads * c.linear_key_head_dim * c.linear_value_head_dim * len(c.linear_layer_ids)
+    return sum(2 * c.num_heads * (dk + dv) * n for n in seen) + linear
 
 
 @dataclass(frozen=True)
@@ -142,6 +154,7 @@ class Plan:
     gpu_memory_utilization: float
     fits: bool
     reasons: tuple[str, ...]
+    state_bytes_per_seq: int = 0  # linear-attention layers' recurrent + conv state, whatever the length
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -154,9 +167,9 @@ def plan(c: ModelConfig, *, dtype: torch.dtype, kv_dtype: torch.dtype, workers: 
     per_worker = math.ceil(slots / workers) if workers else 0
     expert_bytes = c.expert_bytes(dtype)
     router = backbone_bytes(c, dtype) + (0 if workers else slots * expert_bytes)  # no workers: all in-process
-    per_token = kv_bytes_per_token(c, kv_dtype)
+    per_token, per_seq = kv_bytes_per_token(c, kv_dtype), state_bytes_per_seq(c, kv_dtype)
     budget = max(0, usable - router)
-    tokens = budget // (per_token * block_size) * block_size
+    tokens = max(0, budget - max_num_seqs * per_seq) // (per_token * block_size) * block_size  # states first
     reasons = []
     if router > usable:
         reasons.append(f"the router's weights ({router / GiB:.1f} GiB) exceed {gpu_memory_utilization:.0%} of its GPU "
@@ -172,7 +185,7 @@ def plan(c: ModelConfig, *, dtype: torch.dtype, kv_dtype: torch.dtype, workers: 
                 workers, per_worker, per_worker * expert_bytes, per_token, budget, tokens, tokens // max_model_len,
                 max_model_len, max_num_seqs,
                 max(0, (usable - per_worker * expert_bytes) // expert_bytes) if workers else 0,
-                gpu_memory_bytes, gpu_memory_utilization, not reasons, tuple(reasons))
+                gpu_memory_bytes, gpu_memory_utilization, not reasons, tuple(reasons), per_seq)
 
 
 def _size(n: float) -> str:
@@ -197,7 +210,9 @@ def format_plan(p: Plan) -> str:
            if p.workers else "no workers: the router holds them all"),
         f"KV cache: {_size(p.kv_bytes_per_token)} per token; {_size(p.kv_budget_bytes)} left on the router's "
         f"{_size(p.gpu_memory_bytes)} GPU at {p.gpu_memory_utilization:.0%}: {p.kv_tokens:,} tokens = "
-        f"{p.full_length_sequences} sequences of {p.max_model_len} (max_num_seqs {p.max_num_seqs})",
+        f"{p.full_length_sequences} sequences of {p.max_model_len} (max_num_seqs {p.max_num_seqs})"
+        + (f", after {p.max_num_seqs} sequences' recurrent state of {_size(p.state_bytes_per_seq)} each"
+           if p.state_bytes_per_seq else ""),
     ]
     if p.workers:
         lines.append(f"spare expert copies per worker: {p.spare_expert_copies_per_worker}")

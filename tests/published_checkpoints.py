@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from tests.published_configs import tiny
 
 _FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+_ZERO_CENTRED_NORMS = ("qwen3_next", "qwen3_5_moe_text")
 _NOT_FOR_TRANSFORMERS = ("auto_map", "architectures", "transformers_version", "torch_dtype", "dtype",
                          "quantization_config")
 
@@ -142,6 +143,10 @@ def _transformers_model(cfg: dict, seed: int):
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(torch.randn(buf.shape) * 0.02)
+        if model_type in _ZERO_CENTRED_NORMS:  # (1 + w) norms start at w = 0: random, so the offset is tested
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.add_(torch.randn(param.shape) * 0.2)
     return model
 
 
