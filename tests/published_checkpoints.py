@@ -162,6 +162,17 @@ def _wrap_kimi_k25(tensors: dict) -> dict:
     return {**out, **{n: torch.randn(shape).to(torch.bfloat16) for n, shape in _KIMI_K25_VISION.items()}}
 
 
+# Qwen3.5's release beside its text model: a vision tower and the multi-token-prediction layer, never read.
+_QWEN3_5_EXTRA = {"model.visual.patch_embed.proj.weight": (32, 3, 2, 16, 16), "model.visual.merger.norm.weight": (32,),
+                  "mtp.fc.weight": (64, 128), "mtp.pre_fc_norm_hidden.weight": (64,)}
+
+
+def _wrap_qwen3_5(tensors: dict) -> dict:
+    """Qwen3.5's release layout: the text model under model.language_model.*, lm_head.* beside it."""
+    out = {("model.language_model." + n[len("model."):] if n.startswith("model.") else n): t for n, t in tensors.items()}
+    return {**out, **{n: torch.randn(shape).to(torch.bfloat16) for n, shape in _QWEN3_5_EXTRA.items()}}
+
+
 def build(name: str, root: Path, seed: int = 0, overrides: dict | None = None) -> tuple[Path, Path]:
     """(ours, reference) checkpoint directories for the published config `name`. A multimodal
     wrapper's reference is its text model alone (what a text-only request runs)."""
@@ -177,6 +188,8 @@ def build(name: str, root: Path, seed: int = 0, overrides: dict | None = None) -
         ours_tensors = {**{"language_model." + k: v for k, v in ours_tensors.items()}, **_LLAMA4_VISION}
     if cfg.get("model_type") == "kimi_k25":
         ours_tensors = _wrap_kimi_k25(ours_tensors)
+    if cfg.get("model_type") == "qwen3_5_moe":
+        ours_tensors = _wrap_qwen3_5(ours_tensors)
     ours.mkdir(parents=True)
     save_file(ours_tensors, ours / "model.safetensors")
     (ours / "config.json").write_text(json.dumps(cfg, indent=2))

@@ -10,7 +10,8 @@ from cluster.families.wrappers import relocate, text_config
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     mixtral.FAMILY, qwen2_moe.FAMILY, qwen3_moe.FAMILY, olmoe.FAMILY, deepseek.V2, deepseek.V3, deepseek.KIMI_K2,
     glm4_moe.FAMILY, glm4_moe_lite.FAMILY, deepseek_dsa.V32, deepseek_dsa.GLM_DSA, gpt_oss.FAMILY, phimoe.FAMILY,
-    granitemoe.FAMILY, minimax_m2.FAMILY, dbrx.FAMILY, llama4.FAMILY, qwen3_next.FAMILY)}
+    granitemoe.FAMILY, minimax_m2.FAMILY, dbrx.FAMILY, llama4.FAMILY, qwen3_next.FAMILY,
+    qwen3_next.QWEN3_5_MOE)}
 
 
 def get_family(model_type: str | None) -> Family:

@@ -3,9 +3,16 @@ sequence, no KV cache), the fourth gated full attention (q_proj also yields a si
 output; per-head q/k RMSNorm; rotary on the first quarter of each head). Every RMSNorm but the
 DeltaNet's gated one stores w and applies (1 + w). MoE layers: softmax top-k of many small experts
 plus a shared expert behind a sigmoid gate. The layer pattern is config.json's layer_types, else
-every full_attention_interval-th layer attends (transformers' rule)."""
+every full_attention_interval-th layer attends (transformers' rule).
+
+Qwen3.5 / Qwen3.6 MoE (`qwen3_5_moe`, served through the multimodal wrapper: text_config's
+`qwen3_5_moe_text`, weights under model.language_model.*, the vision tower never read): the same
+layers with the DeltaNet's projections stored apart (in_proj_qkv / z / b / a), every layer MoE with
+normalised top-k weights, and M-RoPE, which for text alone (the three position streams all equal the
+token's position) is plain rotary: mrope_section only says which stream each frequency reads."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from cluster.config import ModelConfig
@@ -69,3 +76,12 @@ def parse_config(cfg: dict[str, Any]) -> ModelConfig:
 
 
 FAMILY = Family("qwen3_next", parse_config, TENSORS)
+
+def parse_qwen3_5(cfg: dict[str, Any]) -> ModelConfig:
+    refuse_if(cfg.get("attn_output_gate") is False, "attn_output_gate", "false: transformers' Qwen3.5 always gates")
+    # transformers' Qwen3.5 reads no mlp_only_layers / decoder_sparse_step: every layer is MoE
+    parsed = parse_config({k: v for k, v in cfg.items() if k not in ("mlp_only_layers", "decoder_sparse_step")})
+    return replace(parsed, norm_topk_prob=True, moe_layers=(True,) * parsed.num_layers)
+
+
+QWEN3_5_MOE = Family("qwen3_5_moe_text", parse_qwen3_5, TENSORS)

@@ -12,12 +12,9 @@ from cluster.errors import UnsupportedModelError
 from cluster.families.base import Family
 
 # Wrapper model_type → the text_config model_types it may wrap.
-WRAPPED: dict[str, tuple[str, ...]] = {"kimi_k25": ("kimi_k2", "deepseek_v3")}
+WRAPPED: dict[str, tuple[str, ...]] = {"kimi_k25": ("kimi_k2", "deepseek_v3"), "qwen3_5_moe": ("qwen3_5_moe_text",)}
 # Wrappers we recognise but cannot serve yet, and why.
-REFUSED: dict[str, str] = {
-    "qwen3_5_moe": "its text layers interleave Gated DeltaNet linear attention (layer_types 'linear_attention') "
-                   "with full attention; linear-attention layers and their recurrent state are not implemented yet",
-}
+REFUSED: dict[str, str] = {}
 # Wrapper fields the text model inherits when text_config does not set them.
 _INHERITED = ("quantization_config", "torch_dtype", "dtype", "bos_token_id", "eos_token_id")
 # (our "model." prefix, our "lm_head" name) as each layout stores them.
