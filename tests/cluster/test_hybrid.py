@@ -90,14 +90,17 @@ def test_chunked_form_equals_the_recurrence():
 
 def test_preemption_and_chunked_prefill_keep_outputs(checkpoint):
     """A budget of 3 state slots and 8 blocks of 4 tokens for 4 requests of up to 26 tokens: sequences are
-    preempted (their state freed) and recomputed, prompts prefilled 8 tokens a step beside running decodes;
-    greedy and seeded outputs equal one roomy engine's whole-prompt ones. A one-token prompt starts from a
-    decode step."""
+    preempted (their state freed) and recomputed, prompts prefilled 8 tokens a step beside running decodes,
+    each step run as two micro-batches (the overlap's split carries the state slots); greedy and seeded
+    outputs equal one roomy engine's whole-prompt ones. A one-token prompt starts from a decode step."""
+    from cluster.model.transformer import MoETransformer
+
     roomy = LLMEngine.from_pretrained(str(checkpoint), dtype="float32", max_num_seqs=4, max_model_len=128,
                                       enable_chunked_prefill=False)
     cfg = roomy.cfg
     per_block, per_seq = kv_bytes_per_token(cfg, torch.float32) * 4, state_bytes_per_seq(cfg, torch.float32)
-    tight = LLMEngine(cfg, roomy.model, roomy.tokenizer, max_num_seqs=4, max_model_len=128, block_size=4,
+    split = MoETransformer(cfg, roomy.model.weights, roomy.model.experts, 128, overlap=True)
+    tight = LLMEngine(cfg, split, roomy.tokenizer, max_num_seqs=4, max_model_len=128, block_size=4,
                       max_num_batched_tokens=8, kv_cache_memory_bytes=3 * per_seq + 8 * per_block)
     assert tight.cache.states.num_slots == 3 and tight.cache.num_blocks == 8
     prompts = [[(5 * i + 1) % 250 for i in range(20)], [100], [(3 * i + 7) % 250 for i in range(14)], [9, 8, 7, 6]]
@@ -119,6 +122,21 @@ def test_prefix_caching_and_cuda_graphs_are_off_with_the_reason(checkpoint, capl
     assert engine.memory["state_slots"] > 0 and engine.memory["state_bytes_per_seq"] > 0
     if torch.cuda.is_available():  # elsewhere the missing device is the reason given first
         assert "recurrent state" in unsupported(engine.model)
+
+
+@pytest.mark.parametrize("changes,field", [
+    ({"layer_types": ["linear_attention", "sliding_attention", "linear_attention", "full_attention"]}, "layer_types"),
+    ({"layer_types": ["linear_attention", "full_attention"]}, "layer_types"),
+    ({"linear_num_value_heads": 3}, "linear_num_value_heads"),
+    ({"linear_conv_kernel_dim": 1}, "linear_conv_kernel_dim"),
+    ({"attention_bias": True}, "attention_bias"),
+])
+def test_refusals_name_the_field(changes, field):
+    from cluster.errors import UnsupportedModelError
+    from cluster.families import get_family
+
+    with pytest.raises(UnsupportedModelError, match=field):
+        get_family("qwen3_next").parse_config({**tiny(NAME), **changes})
 
 
 def test_plan_counts_the_recurrent_state(tmp_path):

@@ -61,7 +61,8 @@ def test_published_config_matches_transformers(published, name):
 
 
 # Families added by issue 18 (part 1): beside matching transformers, the expert machinery works on them.
-NEW_FAMILIES = ["MiniMax-M2", "dbrx-instruct", "Llama-4-Scout-17B-16E", "Llama-4-Maverick-17B-128E-Instruct"]
+NEW_FAMILIES = ["MiniMax-M2", "dbrx-instruct", "Llama-4-Scout-17B-16E", "Llama-4-Maverick-17B-128E-Instruct",
+                "Qwen3-Next-80B-A3B-Instruct"]  # issue 19: the hybrid (recurrent state) family too
 
 
 @pytest.mark.parametrize("name", NEW_FAMILIES)
