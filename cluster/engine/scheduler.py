@@ -192,8 +192,11 @@ class Scheduler:
 
     @property
     def free_seq_slots(self) -> int:
-        """Sequences that could still join the batch (max_num_seqs minus the running ones)."""
-        return self.max_num_seqs - len(self.running)
+        """Sequences that could still join the batch (max_num_seqs, or fewer recurrent-state slots, minus the
+        running ones)."""
+        states = self.cache.states
+        room = self.max_num_seqs if states is None else min(self.max_num_seqs, states.num_slots)
+        return room - len(self.running)
 
     @property
     def num_unfinished(self) -> int:

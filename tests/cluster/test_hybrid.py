@@ -59,7 +59,9 @@ def test_scheduler_admits_by_blocks_and_state_slots():
     seqs = [Sequence(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=4)) for i in range(3)]
     for seq in seqs:
         scheduler.add(seq)
+    assert scheduler.free_seq_slots == 2  # the state slots, not max_num_seqs, bound what may join
     assert scheduler.schedule() == seqs[:2]  # the third waits for a slot, not for blocks
+    assert scheduler.free_seq_slots == 0
     assert sorted(s.state_slot for s in seqs[:2]) == [0, 1] and cache.states.num_free == 0
     scheduler.finish(seqs[0])
     assert seqs[0].state_slot is None and cache.states.num_free == 1
