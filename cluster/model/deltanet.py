@@ -33,11 +33,12 @@ def _l2norm(x: Tensor) -> Tensor:
 def causal_conv(x: Tensor, prev: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     """x [B, C, n], prev [B, C, K-1] (the inputs before x), weight [C, K] → silu(conv) [B, C, n] and
     the new prev (the last K-1 inputs)."""
-    full = torch.cat([prev.to(x.dtype), x], dim=-1).to(weight.dtype)
+    full = torch.cat([prev.to(x.dtype), x], dim=-1)
     n, k = x.shape[-1], weight.shape[1]
-    # K shifted multiply-adds: a handful of taps, cheaper than conv1d's set-up per call
-    out = sum(full[..., j:j + n] * weight[:, j, None] for j in range(k))  # [B, C, n]
-    return F.silu(out).to(x.dtype), full[..., -(k - 1):].to(x.dtype)
+    # K shifted multiply-adds in fp32 (as conv1d accumulates): a handful of taps, cheaper than conv1d's set-up
+    wf, ff = weight.float(), full.float()
+    out = sum(ff[..., j:j + n] * wf[:, j, None] for j in range(k)).to(weight.dtype)  # [B, C, n]
+    return F.silu(out).to(x.dtype), full[..., -(k - 1):]
 
 
 def _heads(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor) -> list[Tensor]:

@@ -114,6 +114,20 @@ def test_preemption_and_chunked_prefill_keep_outputs(checkpoint):
     assert tight.cache.states.num_free == 3 and tight.cache.num_free_blocks == 8  # all given back
 
 
+def test_bf16_follows_fp32(checkpoint):
+    """Served in bf16 (activations and conv state bf16, recurrent state fp32), the logits stay within bf16's
+    rounding of the fp32 ones over a prompt crossing a delta-rule chunk."""
+    from tests.helpers import our_greedy_logits
+
+    prompt = [(7 * i + 3) % 250 + 1 for i in range(80)]
+    fp32 = LLMEngine.from_pretrained(str(checkpoint), dtype="float32", max_model_len=128)
+    bf16 = LLMEngine.from_pretrained(str(checkpoint), dtype="bfloat16", max_model_len=128)
+    assert bf16.cache.states.conv.dtype == torch.bfloat16 and bf16.cache.states.recurrent.dtype == torch.float32
+    _, want = our_greedy_logits(fp32, prompt, 1)
+    _, got = our_greedy_logits(bf16, prompt, 1)
+    assert (got[0].float() - want[0]).abs().max() < 0.05 < want[0].abs().max()
+
+
 def test_prefix_caching_and_cuda_graphs_are_off_with_the_reason(checkpoint, caplog):
     from cluster.model.cuda_graphs import unsupported
 
