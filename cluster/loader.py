@@ -158,7 +158,8 @@ def _deltanet(r: _Reader, cfg: ModelConfig, layer: int) -> DeltaNetWeights:
     return DeltaNetWeights(
         qkv=qkv.contiguous(), z=z.contiguous(), b=b.contiguous(), a=a.contiguous(),
         conv=r.get("linear_conv", (channels, 1, cfg.linear_conv_kernel), layer)[:, 0].contiguous(),
-        a_log=r.get("linear_a_log", (hv,), layer, dtype=fp32), dt_bias=r.get("linear_dt_bias", (hv,), layer, dtype=fp32),
+        a_log=r.get("linear_a_log", (hv,), layer, dtype=fp32),
+        dt_bias=r.get("linear_dt_bias", (hv,), layer, dtype=fp32),
         norm=r.get("linear_norm", (dv,), layer), out=r.get("linear_out", (d, hv * dv), layer))
 
 

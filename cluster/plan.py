@@ -119,7 +119,8 @@ def attention_flops(c: ModelConfig, context: int) -> int:
     dk, dv = ((c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attention == "mla"
               else (c.head_dim, c.head_dim))
     # a chunk of n positions sees n / 2 keys on average, at most n: counted as n (an upper bound)
-    seen = [min(context, c.sliding_window(layer) or c.attention_chunk(layer) or context) for layer in c.attention_layer_ids]
+    seen = [min(context, c.sliding_window(layer) or c.attention_chunk(layer) or context)
+            for layer in c.attention_layer_ids]
     linear = 8 * c.linear_num_value_heads * c.linear_key_head_dim * c.linear_value_head_dim * len(c.linear_layer_ids)
     return sum(2 * c.num_heads * (dk + dv) * n for n in seen) + linear
 

@@ -112,8 +112,9 @@ def gated_deltanet(x: Tensor, w: DeltaNetWeights, cfg: ModelConfig, layer: int, 
     z = F.linear(x, w.z).view(t, hv, dv)
     beta = torch.sigmoid(F.linear(x, w.b))  # [T, Hv]
     g = -w.a_log.exp() * F.softplus(F.linear(x, w.a).float() + w.dt_bias)  # [T, Hv] log-decay, ≤ 0
-    split = lambda m: (m[..., :hk * dk].unflatten(-1, (hk, dk)),  # noqa: E731
-                       m[..., hk * dk:2 * hk * dk].unflatten(-1, (hk, dk)), m[..., 2 * hk * dk:].unflatten(-1, (hv, dv)))
+    split = lambda m: (m[..., :hk * dk].unflatten(-1, (hk, dk)),  # noqa: E731  (q, k, v of the conv's output)
+                       m[..., hk * dk:2 * hk * dk].unflatten(-1, (hk, dk)),
+                       m[..., 2 * hk * dk:].unflatten(-1, (hv, dv)))
     out = x.new_empty(t, hv, dv)
     d = batch.decode
     if d is not None:

@@ -21,13 +21,15 @@ RECURRENT_DTYPE = torch.float32
 
 def conv_channels(cfg: ModelConfig) -> int:
     """q, k and v channels, the convolution's input."""
-    return 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + cfg.linear_num_value_heads * cfg.linear_value_head_dim
+    keys, values = cfg.linear_num_key_heads * cfg.linear_key_head_dim, cfg.linear_num_value_heads * cfg.linear_value_head_dim
+    return 2 * keys + values
 
 
 def state_bytes_per_seq(cfg: ModelConfig, dtype: torch.dtype) -> int:
     """Bytes of one sequence's state over all linear layers (0 for a model without them)."""
     conv = conv_channels(cfg) * (cfg.linear_conv_kernel - 1) * dtype.itemsize
-    recurrent = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * RECURRENT_DTYPE.itemsize
+    recurrent = (cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim
+                 * RECURRENT_DTYPE.itemsize)
     return len(cfg.linear_layer_ids) * (conv + recurrent)
 
 
