@@ -100,6 +100,17 @@ class ModelConfig:
     hc_sinkhorn_iters: int = 0
     hc_eps: float = 0.0
     hash_layers: tuple[bool, ...] = ()
+    # Hybrid models (Qwen3-Next, Qwen3.5/3.6): per layer True = gated DeltaNet linear attention, which keeps a
+    # fixed-size recurrent state and a short convolution state per sequence instead of KV-cache entries;
+    # () = every layer attends.
+    linear_layers: tuple[bool, ...] = ()
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 0
+    attn_output_gate: bool = False  # q_proj also yields a sigmoid gate on each attention output channel
+    norm_unit_offset: bool = False  # RMSNorm weights stored zero-centred and applied as (1 + w)
 
     @property
     def gating(self) -> Gating:
@@ -125,6 +136,23 @@ class ModelConfig:
 
     def hash_routed(self, layer: int) -> bool:
         return bool(self.hash_layers) and self.hash_layers[layer]
+
+    def is_linear(self, layer: int) -> bool:
+        return bool(self.linear_layers) and self.linear_layers[layer]
+
+    @property
+    def hybrid(self) -> bool:
+        """Some layers carry recurrent state per sequence (linear attention)."""
+        return any(self.linear_layers)
+
+    @property
+    def attention_layer_ids(self) -> tuple[int, ...]:
+        """Layers whose keys and values go to the paged KV cache."""
+        return tuple(layer for layer in range(self.num_layers) if not self.is_linear(layer))
+
+    @property
+    def linear_layer_ids(self) -> tuple[int, ...]:
+        return tuple(layer for layer in range(self.num_layers) if self.is_linear(layer))
 
     def rotates(self, layer: int) -> bool:
         return self.rope_layers[layer] if self.rope_layers else True

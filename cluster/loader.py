@@ -15,7 +15,7 @@ import torch
 from cluster.checkpoint import Checkpoint, CheckpointError
 from cluster.config import ModelConfig
 from cluster.families import Family, relocate, resolve
-from cluster.model.weights import (AttentionWeights, BackboneWeights, CompressorWeights, HyperWeights,
+from cluster.model.weights import (AttentionWeights, BackboneWeights, CompressorWeights, DeltaNetWeights, HyperWeights,
                                    IndexerWeights, LayerWeights, MLAWeights, MLPWeights, V4AttentionWeights)
 from cluster.precision import resolve_dtype
 from cluster.quant import read_weight
@@ -60,7 +60,12 @@ class _Reader:
         dtype = torch.float32 if self.cfg.norm_fp32 else None
         has_bias = self.cfg.norm == "layer" and self.cfg.norm_bias
         bias = self.get(ours + "_bias", (dim,), layer, dtype=dtype) if has_bias else None
-        return self.get(ours, (dim,), layer, dtype=dtype), bias
+        return self.offset(self.get(ours, (dim,), layer, dtype=dtype)), bias
+
+    def offset(self, weight: torch.Tensor) -> torch.Tensor:
+        """A zero-centred RMSNorm weight (Qwen3-Next) as the (1 + w) it is applied as, in fp32 (transformers
+        scales in fp32, then casts)."""
+        return weight.float() + 1.0 if self.cfg.norm_unit_offset else weight
 
     def mlp(self, prefix: str, inter: int, hidden: int, layer: int, expert_id: int | None = None) -> MLPWeights:
         gate = self.get(f"{prefix}_gate", (inter, hidden), layer, expert_id)
@@ -113,7 +118,12 @@ def _attention(r: _Reader, cfg: ModelConfig, layer: int) -> AttentionWeights:
     bias = (lambda name, n: r.get(name, (n,), layer)) if cfg.qkv_bias else (lambda name, n: None)
     norm_shapes = {"none": (None, None), "l2": (None, None), "head": ((hd,), (hd,)),
                    "full": ((h * hd,), (kvh * hd,))}[cfg.qk_norm]
-    if "qkv_proj" in r.family.tensors:  # one fused projection (DBRX's Wqkv): q rows, then k, then v
+    gate = None
+    if cfg.attn_output_gate:  # q_proj gives per head hd query rows, then hd gate rows
+        q_gate = r.get("q_proj", (h * 2 * hd, d), layer).view(h, 2, hd, d)
+        q, gate = q_gate[:, 0].reshape(h * hd, d), q_gate[:, 1].reshape(h * hd, d)
+        k, v = r.get("k_proj", (kvh * hd, d), layer), r.get("v_proj", (kvh * hd, d), layer)
+    elif "qkv_proj" in r.family.tensors:  # one fused projection (DBRX's Wqkv): q rows, then k, then v
         qkv = r.get("qkv_proj", ((h + 2 * kvh) * hd, d), layer).split([h * hd, kvh * hd, kvh * hd])
         q, k, v = (t.contiguous() for t in qkv)
     else:
@@ -123,10 +133,34 @@ def _attention(r: _Reader, cfg: ModelConfig, layer: int) -> AttentionWeights:
         q=q, k=k, v=v, o=r.get("o_proj", (d, h * hd), layer),
         q_bias=bias("q_bias", h * hd), k_bias=bias("k_bias", kvh * hd), v_bias=bias("v_bias", kvh * hd),
         o_bias=r.get("o_bias", (d,), layer) if cfg.o_bias else None,
-        q_norm=r.get("q_norm", norm_shapes[0], layer) if norm_shapes[0] else None,
-        k_norm=r.get("k_norm", norm_shapes[1], layer) if norm_shapes[1] else None,
-        sinks=r.get("sinks", (h,), layer) if cfg.attn_sinks else None,
+        q_norm=r.offset(r.get("q_norm", norm_shapes[0], layer)) if norm_shapes[0] else None,
+        k_norm=r.offset(r.get("k_norm", norm_shapes[1], layer)) if norm_shapes[1] else None,
+        sinks=r.get("sinks", (h,), layer) if cfg.attn_sinks else None, gate=gate,
     )
+
+
+def _deltanet(r: _Reader, cfg: ModelConfig, layer: int) -> DeltaNetWeights:
+    """Gated DeltaNet's projections, from Qwen3-Next's fused in_proj_qkvz / in_proj_ba (grouped per key
+    head: q, k, then that head's value heads' v and z; b then a) or Qwen3.5's separate in_proj_qkv / z / b / a."""
+    d, hk, hv, dk, dv = (cfg.hidden_size, cfg.linear_num_key_heads, cfg.linear_num_value_heads,
+                         cfg.linear_key_head_dim, cfg.linear_value_head_dim)
+    r_v, channels = hv // hk, 2 * hk * dk + hv * dv
+    if r.ckpt.has(r.name("linear_qkvz", layer)):
+        qkvz = r.get("linear_qkvz", (channels + hv * dv, d), layer).view(hk, 2 * dk + 2 * r_v * dv, d)
+        q, k, v, z = qkvz.split([dk, dk, r_v * dv, r_v * dv], dim=1)
+        qkv = torch.cat([q.reshape(-1, d), k.reshape(-1, d), v.reshape(-1, d)])
+        b, a = r.get("linear_ba", (2 * hv, d), layer).view(hk, 2 * r_v, d).split([r_v, r_v], dim=1)
+        z, b, a = z.reshape(-1, d), b.reshape(-1, d), a.reshape(-1, d)
+    else:
+        qkv, z = r.get("linear_qkv", (channels, d), layer), r.get("linear_z", (hv * dv, d), layer)
+        b, a = r.get("linear_b", (hv, d), layer), r.get("linear_a", (hv, d), layer)
+    fp32 = torch.float32  # transformers computes the decay in fp32 from them
+    return DeltaNetWeights(
+        qkv=qkv.contiguous(), z=z.contiguous(), b=b.contiguous(), a=a.contiguous(),
+        conv=r.get("linear_conv", (channels, 1, cfg.linear_conv_kernel), layer)[:, 0].contiguous(),
+        a_log=r.get("linear_a_log", (hv,), layer, dtype=fp32),
+        dt_bias=r.get("linear_dt_bias", (hv,), layer, dtype=fp32),
+        norm=r.get("linear_norm", (dv,), layer), out=r.get("linear_out", (d, hv * dv), layer))
 
 
 def _mla(r: _Reader, cfg: ModelConfig, layer: int) -> MLAWeights:
@@ -210,7 +244,7 @@ def _layer(r: _Reader, cfg: ModelConfig, layer: int) -> LayerWeights:
     (attn_norm, attn_norm_bias), (mlp_norm, mlp_norm_bias) = r.norm("attn_norm", d, layer), r.norm("mlp_norm", d, layer)
     return LayerWeights(
         attn_norm=attn_norm, attn_norm_bias=attn_norm_bias, mlp_norm=mlp_norm, mlp_norm_bias=mlp_norm_bias,
-        attn=_ATTENTION.get(cfg.attention, _attention)(r, cfg, layer),
+        attn=_deltanet(r, cfg, layer) if cfg.is_linear(layer) else _ATTENTION.get(cfg.attention, _attention)(r, cfg, layer),
         **_hyper_fields(r, cfg, layer),
         **(_gate(r, cfg, layer) if moe else {}),
         dense=None if moe else r.mlp("dense", cfg.dense_intermediate_size, d, layer),

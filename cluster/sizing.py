@@ -28,6 +28,7 @@ import torch
 from cluster.config import ModelConfig
 from cluster.families import resolve
 from cluster.model.kv_cache import kv_bytes_per_token
+from cluster.model.state_cache import conv_channels, state_bytes_per_seq
 from cluster.precision import dtype_name, resolve_dtype, resolve_kv_dtype
 
 GiB = 1 << 30
@@ -57,10 +58,18 @@ def _v4_layer_params(c: ModelConfig, layer: int) -> int:
     return params + 2 * ((2 + n) * n * (n * d + 1) + 3)
 
 
+def _deltanet_params(c: ModelConfig) -> int:
+    d, hv, dv = c.hidden_size, c.linear_num_value_heads, c.linear_value_head_dim
+    channels = conv_channels(c)
+    return d * channels + d * hv * dv + 2 * d * hv + channels * c.linear_conv_kernel + 2 * hv + dv + hv * dv * d
+
+
 def _attention_params(c: ModelConfig, layer: int = 0) -> int:
     d, h = c.hidden_size, c.num_heads
     if c.attention == "dsv4":
         return _v4_layer_params(c, layer)
+    if c.is_linear(layer):
+        return _deltanet_params(c)
     if c.attention == "mla":
         qk = c.qk_nope_head_dim + c.qk_rope_head_dim
         q = d * h * qk if not c.q_lora_rank else d * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * h * qk
@@ -70,7 +79,8 @@ def _attention_params(c: ModelConfig, layer: int = 0) -> int:
         indexer = c.q_lora_rank * hi * di + d * di + 2 * di + d * hi if c.index_topk else 0
         return q + kv + h * c.v_head_dim * d + indexer
     q, kv = h * c.head_dim, c.num_kv_heads * c.head_dim
-    weights = 2 * d * q + 2 * d * kv + (q + 2 * kv if c.qkv_bias else 0) + (d if c.o_bias else 0)
+    weights = 2 * d * q + 2 * d * kv + (q + 2 * kv if c.qkv_bias else 0) + (d if c.o_bias else 0) + (
+        d * q if c.attn_output_gate else 0)
     norms = {"none": 0, "l2": 0, "head": 2 * c.head_dim, "full": q + kv}[c.qk_norm]
     return weights + norms + (h if c.attn_sinks else 0)
 
@@ -130,13 +140,15 @@ def _compressed_seen(c: ModelConfig, layer: int, context: int) -> int:
 
 
 def attention_flops(c: ModelConfig, context: int) -> int:
-    """Score and value FLOPs for one token attending to `context` tokens, over all layers."""
+    """Score and value FLOPs for one token attending to `context` tokens, over all layers; a linear-attention
+    layer's are the same at any context: its state [Hv, dk, dv] decayed, read, written and read again."""
     dk, dv = ((c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attention == "mla"
               else (c.head_dim, c.head_dim))
     # a chunk of n positions sees n / 2 keys on average, at most n: counted as n (an upper bound)
     seen = [min(context, c.sliding_window(layer) or c.attention_chunk(layer) or context) + _compressed_seen(c, layer, context)
-            for layer in range(c.num_layers)]
-    return sum(2 * c.num_heads * (dk + dv) * n for n in seen)
+            for layer in c.attention_layer_ids]
+    linear = 8 * c.linear_num_value_heads * c.linear_key_head_dim * c.linear_value_head_dim * len(c.linear_layer_ids)
+    return sum(2 * c.num_heads * (dk + dv) * n for n in seen) + linear
 
 
 @dataclass(frozen=True)
@@ -169,6 +181,7 @@ class Sizing:
     gpu_memory_utilization: float
     fits: bool
     reasons: tuple[str, ...]
+    state_bytes_per_seq: int = 0  # linear-attention layers' recurrent + conv state, whatever the length
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -181,9 +194,9 @@ def size(c: ModelConfig, *, dtype: torch.dtype, kv_dtype: torch.dtype, workers: 
     per_worker = math.ceil(slots / workers) if workers else 0
     expert_bytes = c.expert_bytes(dtype)
     router = backbone_bytes(c, dtype) + (0 if workers else slots * expert_bytes)  # no workers: all in-process
-    per_token = kv_bytes_per_token(c, kv_dtype)
+    per_token, per_seq = kv_bytes_per_token(c, kv_dtype), state_bytes_per_seq(c, kv_dtype)
     budget = max(0, usable - router)
-    tokens = budget // (per_token * block_size) * block_size
+    tokens = max(0, budget - max_num_seqs * per_seq) // (per_token * block_size) * block_size  # states first
     reasons = []
     if router > usable:
         reasons.append(f"the router's weights ({router / GiB:.1f} GiB) exceed {gpu_memory_utilization:.0%} of its GPU "
@@ -199,7 +212,7 @@ def size(c: ModelConfig, *, dtype: torch.dtype, kv_dtype: torch.dtype, workers: 
                 workers, per_worker, per_worker * expert_bytes, per_token, budget, tokens, tokens // max_model_len,
                 max_model_len, max_num_seqs,
                 max(0, (usable - per_worker * expert_bytes) // expert_bytes) if workers else 0,
-                gpu_memory_bytes, gpu_memory_utilization, not reasons, tuple(reasons))
+                gpu_memory_bytes, gpu_memory_utilization, not reasons, tuple(reasons), per_seq)
 
 
 def _bytes_text(n: float) -> str:
@@ -224,7 +237,9 @@ def format_sizing(p: Sizing) -> str:
            if p.workers else "no workers: the router holds them all"),
         f"KV cache: {_bytes_text(p.kv_bytes_per_token)} per token; {_bytes_text(p.kv_budget_bytes)} left on the router's "
         f"{_bytes_text(p.gpu_memory_bytes)} GPU at {p.gpu_memory_utilization:.0%}: {p.kv_tokens:,} tokens = "
-        f"{p.full_length_sequences} sequences of {p.max_model_len} (max_num_seqs {p.max_num_seqs})",
+        f"{p.full_length_sequences} sequences of {p.max_model_len} (max_num_seqs {p.max_num_seqs})"
+        + (f", after {p.max_num_seqs} sequences' recurrent state of {_bytes_text(p.state_bytes_per_seq)} each"
+           if p.state_bytes_per_seq else ""),
     ]
     if p.workers:
         lines.append(f"spare expert copies per worker: {p.spare_expert_copies_per_worker}")

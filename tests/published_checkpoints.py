@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from tests.published_configs import tiny
 
 _FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+_ZERO_CENTRED_NORMS = ("qwen3_next", "qwen3_5_moe_text")
 _NOT_FOR_TRANSFORMERS = ("auto_map", "architectures", "transformers_version", "torch_dtype", "dtype",
                          "quantization_config")
 
@@ -142,6 +143,10 @@ def _transformers_model(cfg: dict, seed: int):
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(torch.randn(buf.shape) * 0.02)
+        if model_type in _ZERO_CENTRED_NORMS:  # (1 + w) norms start at w = 0: random, so the offset is tested
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.add_(torch.randn(param.shape) * 0.2)
     return model
 
 
@@ -155,6 +160,17 @@ def _wrap_kimi_k25(tensors: dict) -> dict:
     """Kimi-K2.5's release layout: the text model under language_model.*, the vision modules beside it."""
     out = {("language_model." + n if n.startswith(("model.", "lm_head.")) else n): t for n, t in tensors.items()}
     return {**out, **{n: torch.randn(shape).to(torch.bfloat16) for n, shape in _KIMI_K25_VISION.items()}}
+
+
+# Qwen3.5's release beside its text model: a vision tower and the multi-token-prediction layer, never read.
+_QWEN3_5_EXTRA = {"model.visual.patch_embed.proj.weight": (32, 3, 2, 16, 16), "model.visual.merger.norm.weight": (32,),
+                  "mtp.fc.weight": (64, 128), "mtp.pre_fc_norm_hidden.weight": (64,)}
+
+
+def _wrap_qwen3_5(tensors: dict) -> dict:
+    """Qwen3.5's release layout: the text model under model.language_model.*, lm_head.* beside it."""
+    out = {("model.language_model." + n[len("model."):] if n.startswith("model.") else n): t for n, t in tensors.items()}
+    return {**out, **{n: torch.randn(shape).to(torch.bfloat16) for n, shape in _QWEN3_5_EXTRA.items()}}
 
 
 def build(name: str, root: Path, seed: int = 0, overrides: dict | None = None) -> tuple[Path, Path]:
@@ -172,6 +188,8 @@ def build(name: str, root: Path, seed: int = 0, overrides: dict | None = None) -
         ours_tensors = {**{"language_model." + k: v for k, v in ours_tensors.items()}, **_LLAMA4_VISION}
     if cfg.get("model_type") == "kimi_k25":
         ours_tensors = _wrap_kimi_k25(ours_tensors)
+    if cfg.get("model_type") == "qwen3_5_moe":
+        ours_tensors = _wrap_qwen3_5(ours_tensors)
     ours.mkdir(parents=True)
     save_file(ours_tensors, ours / "model.safetensors")
     (ours / "config.json").write_text(json.dumps(cfg, indent=2))

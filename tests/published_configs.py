@@ -326,6 +326,44 @@ PUBLISHED: dict[str, dict] = {
             "num_hidden_layers": 34, "patch_size": 14, "pixel_shuffle_ratio": 0.5, "projector_dropout": 0.0,
             "projector_input_dim": 4096, "projector_output_dim": 4096, "rope_theta": 10000,
             "vision_feature_layer": -1, "vision_feature_select_strategy": "default", "vision_output_dim": 4096}},
+    # Recalled (no public copy of its config.json found by the search tools); transformers' defaults agree.
+    "Qwen3-Next-80B-A3B-Instruct": {
+        "architectures": ["Qwen3NextForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "full_attention_interval": 4,
+        "head_dim": 256, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+        "intermediate_size": 5120, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128,
+        "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_value_head_dim": 128,
+        "max_position_embeddings": 262144, "mlp_only_layers": [], "model_type": "qwen3_next",
+        "moe_intermediate_size": 512, "norm_topk_prob": True, "num_attention_heads": 16, "num_experts": 512,
+        "num_experts_per_tok": 10, "num_hidden_layers": 48, "num_key_value_heads": 2, "output_router_logits": False,
+        "partial_rotary_factor": 0.25, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 10000000,
+        "router_aux_loss_coef": 0.001, "shared_expert_intermediate_size": 512, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "transformers_version": "4.57.0.dev0", "use_cache": True,
+        "use_sliding_window": False, "vocab_size": 151936},
+    # Qwen3.5-35B-A3B (Qwen3.6-35B-A3B ships the same config.json): recalled; its text_config's layers, heads and
+    # state sizes checked against public copies quoting them.
+    "Qwen3.5-35B-A3B": {
+        "architectures": ["Qwen3_5MoeForConditionalGeneration"], "image_token_id": 248056, "model_type": "qwen3_5_moe",
+        "text_config": {
+            "attention_bias": False, "attention_dropout": 0.0, "attn_output_gate": True, "dtype": "bfloat16",
+            "eos_token_id": 248044, "full_attention_interval": 4, "head_dim": 256, "hidden_act": "silu",
+            "hidden_size": 2048, "initializer_range": 0.02,
+            "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"] * 10,
+            "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_num_key_heads": 16,
+            "linear_num_value_heads": 32, "linear_value_head_dim": 128, "max_position_embeddings": 262144,
+            "model_type": "qwen3_5_moe_text", "moe_intermediate_size": 512, "mtp_num_hidden_layers": 1,
+            "mtp_use_dedicated_embeddings": False, "num_attention_heads": 16, "num_experts": 256,
+            "num_experts_per_tok": 8, "num_hidden_layers": 40, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+            "router_aux_loss_coef": 0.001, "shared_expert_intermediate_size": 512, "use_cache": True,
+            "vocab_size": 248320,
+            "rope_parameters": {"mrope_interleaved": True, "mrope_section": [11, 11, 10], "rope_type": "default",
+                                "rope_theta": 10000000, "partial_rotary_factor": 0.25}},
+        "tie_word_embeddings": False, "transformers_version": "4.57.0.dev0", "video_token_id": 248057,
+        "vision_config": {"deepstack_visual_indexes": [], "depth": 27, "hidden_act": "gelu_pytorch_tanh",
+                          "hidden_size": 1152, "in_channels": 3, "intermediate_size": 4304, "model_type": "qwen3_5_moe",
+                          "num_heads": 16, "num_position_embeddings": 2304, "out_hidden_size": 2048, "patch_size": 16,
+                          "spatial_merge_size": 2, "temporal_patch_size": 2},
+        "vision_end_token_id": 248054, "vision_start_token_id": 248053},
 }
 PUBLISHED["Kimi-K2.5"]["text_config"] = {
     **PUBLISHED["Kimi-K2-Thinking"], "eos_token_id": 163585, "transformers_version": "4.57.1",
@@ -382,6 +420,20 @@ _SIZES: dict[str, dict] = {
     "Phi-3.5-MoE-instruct": {**_MHA, "intermediate_size": 64},
     "granite-3.1-3b-a800m-instruct": {**_MHA, "num_local_experts": 16, "intermediate_size": 32},
 }
+# Qwen3-Next: 4 layers (3 gated DeltaNet, 1 gated attention), 2 key heads serving 4 value heads, rotary on 4 of
+# 16 head dims, 16 of 512 experts top 10 as released.
+_SIZES["Qwen3-Next-80B-A3B-Instruct"] = {
+    **_MHA, "num_hidden_layers": 4, "head_dim": 16, "intermediate_size": 64, "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32, "num_experts": 16, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+    "linear_num_key_heads": 2, "linear_num_value_heads": 4}
+_SIZES["Qwen3.5-35B-A3B"] = {"text_config": {
+    "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4, "head_dim": 16,
+    "vocab_size": 256, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "num_experts": 16,
+    "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+    "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+    # M-RoPE's sections cover the rotary half-dimension (2 of 16 x 0.25 = 4): shrunk with it
+    "rope_parameters": {"mrope_interleaved": True, "mrope_section": [1, 1, 0], "rope_type": "default",
+                        "rope_theta": 10000000, "partial_rotary_factor": 0.25}}}
 _SIZES["Qwen3-Coder-30B-A3B-Instruct"] = _SIZES["Qwen3-30B-A3B+YaRN"] = _SIZES["Qwen3-30B-A3B"]
 # MiniMax-M2: rotary on the first quarter of each head as released (64 of 128), 8 of 16 experts.
 _SIZES["MiniMax-M2"] = {**_MHA, "head_dim": 16, "rotary_dim": 4, "intermediate_size": 32, "num_local_experts": 16,

@@ -37,7 +37,7 @@ def expert_counts(engine: LLMEngine, prompts: list[list[int]]) -> torch.Tensor:
     """Tokens routed to each expert: [num_moe_layers, num_experts]."""
     cfg = engine.cfg
     blocks_each = -(-max(map(len, prompts)) // 16)
-    cache = KVCache.for_model(cfg, len(prompts) * blocks_each, block_size=16)
+    cache = KVCache.for_model(cfg, len(prompts) * blocks_each, block_size=16, num_state_slots=len(prompts))
     items = [(cache.allocate(blocks_each), p, 0) for p in prompts]
     _, routing = engine.model.forward(make_batch(items, cache.block_size), cache)
     return torch.stack([torch.bincount(r.ids.reshape(-1), minlength=cfg.num_experts) for r in routing]).float()

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import sys
 from dataclasses import dataclass
 
@@ -33,6 +34,8 @@ from cluster.model.hyper import model_class
 from cluster.precision import resolve_dtype, resolve_kv_dtype
 from cluster.tokenizer import TextTokenizer, missing_reason
 
+
+log = logging.getLogger("cluster.engine")
 
 # Routing of one token: per MoE layer, (layer, expert ids, weights). For generated token i it is
 # the routing of the forward pass that produced token i (its input: the previous token).
@@ -89,7 +92,10 @@ class LLMEngine:
         self.kv_dtype = resolve_kv_dtype(kv_cache_dtype, self.dtype)
         budget = kv_cache_budget(cfg, self.kv_dtype, device, max_num_seqs, max_model_len, kv_cache_memory_bytes,
                                  gpu_memory_utilization)
-        self.cache = KVCache.for_budget(cfg, budget, block_size, self.kv_dtype, device)
+        self.cache = KVCache.for_budget(cfg, budget, block_size, self.kv_dtype, device, max_num_seqs)
+        if enable_prefix_caching and cfg.hybrid:
+            log.info("prefix caching is off for %s: %s", cfg.model_type, PREFIX_CACHING_HYBRID)
+            enable_prefix_caching = False
         self.prompts = PromptChecker(cfg, tokenizer, max_model_len, self.cache.capacity_tokens, no_tokenizer_reason)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens,
                                    prefix_caching_for(cfg, self.kv_dtype) if enable_prefix_caching else None,
@@ -204,7 +210,8 @@ class LLMEngine:
         if not seqs:
             return []
         items = [(s.blocks, *s.next_input()) for s in seqs]
-        batch = make_batch(items, self.cache.block_size, self.device)
+        slots = [s.state_slot for s in seqs] if self.cache.states is not None else None
+        batch = make_batch(items, self.cache.block_size, self.device, slots)
         rows, prompt_rows = _logit_rows(batch, seqs)
         logits, routing = self._forward(batch, rows)  # [B + P, V]
         self.expert_load.record(routing)  # computed rows only: cached prefix tokens are no expert load
@@ -308,6 +315,12 @@ class LLMEngine:
                           seq.logprobs, seq.expert_tokens, seq.routing,
                           seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None,
                           seq.num_cached)
+
+
+# Why a hybrid model's prompts are always computed whole.
+PREFIX_CACHING_HYBRID = ("its linear-attention layers keep one recurrent state per sequence, not one entry per "
+                         "token: a cached prefix's KV blocks would not bring the state at the prefix's end, so the "
+                         "rest of the prompt would be computed from a wrong (zero) state")
 
 
 def prefix_caching_for(cfg: ModelConfig, kv_dtype: torch.dtype) -> PrefixCaching:

@@ -16,6 +16,7 @@ import torch
 
 from cluster.config import ModelConfig
 from cluster.model.kv_cache import KVCache, kv_bytes_per_token
+from cluster.model.state_cache import state_bytes_per_seq
 from cluster.precision import dtype_name
 
 CPU_KV_CAP_BYTES = 4 << 30
@@ -27,7 +28,8 @@ def kv_cache_budget(cfg: ModelConfig, kv_dtype: torch.dtype, device: str, max_nu
     if memory_bytes is not None:
         return int(memory_bytes)
     per_token = kv_bytes_per_token(cfg, kv_dtype)
-    needed, one_seq = max_num_seqs * max_model_len * per_token, max_model_len * per_token
+    one_seq = max_model_len * per_token + state_bytes_per_seq(cfg, kv_dtype)  # + a hybrid model's recurrent state
+    needed = max_num_seqs * one_seq
     if not str(device).startswith("cuda"):
         return max(min(needed, CPU_KV_CAP_BYTES), one_seq)
     free = gpu_free_bytes(device, gpu_memory_utilization)
@@ -52,7 +54,9 @@ def memory_report(dtype: torch.dtype, cache: KVCache, backbone_bytes: int, exper
               "weights_bytes": backbone_bytes + expert_bytes, "backbone_bytes": backbone_bytes,
               "local_expert_bytes": expert_bytes, "kv_cache_bytes": cache.nbytes,
               "kv_cache_tokens": cache.capacity_tokens, "kv_bytes_per_token": cache.bytes_per_token,
-              "kv_block_size": cache.block_size, "kv_blocks": cache.num_blocks}
+              "kv_block_size": cache.block_size, "kv_blocks": cache.num_blocks,
+              "state_bytes_per_seq": cache.states.bytes_per_seq if cache.states is not None else 0,
+              "state_slots": cache.states.num_slots if cache.states is not None else 0}
     log.info("weights %.3f GiB (%s; backbone %.3f GiB, local experts %.3f GiB), KV cache %.3f GiB (%s): "
              "%d tokens in %d blocks of %d", report["weights_bytes"] / 2**30, report["dtype"], backbone_bytes / 2**30,
              expert_bytes / 2**30, cache.nbytes / 2**30, report["kv_cache_dtype"], cache.capacity_tokens,

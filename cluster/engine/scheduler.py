@@ -14,6 +14,9 @@ waits for a step with room for it).
 With prefix caching a joining sequence first takes the cached blocks its tokens
 start with and computes only the rest (at least its last token: it needs logits);
 after each step the blocks it filled are named for later sequences to take.
+Hybrid models (linear-attention layers) also give each running sequence a recurrent-state
+slot: a sequence joins only when one is free as well as its blocks, and gives it back with
+its blocks (a preempted one rebuilds its state by recomputing its tokens).
 """
 from __future__ import annotations
 
@@ -74,10 +77,16 @@ class Scheduler:
             seq.blocks += self.cache.allocate(need)
         return True
 
+    def _release(self, seq: Sequence) -> None:
+        self.cache.release(seq.blocks)
+        if self.cache.states is not None:
+            self.cache.states.release(seq.state_slot)
+        seq.blocks, seq.state_slot = [], None
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.cache.release(seq.blocks)
-        seq.blocks, seq.num_computed, seq.num_new = [], 0, 0
+        self._release(seq)
+        seq.num_computed, seq.num_new = 0, 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
@@ -116,8 +125,12 @@ class Scheduler:
             need = self.cache.blocks_for(seq.num_tokens) - len(hits)
             if need > self.cache.num_free_blocks - self.cache.blocks.num_idle(hits):
                 break
+            states = self.cache.states
+            if states is not None and states.num_free == 0:
+                break  # every recurrent-state slot is with a running sequence
             self._take_prefix(seq, hits)
             self._grow(seq)
+            seq.state_slot = states.allocate() if states is not None else None
             seq.num_new = chunk
             self.running.append(self.waiting.popleft())
             budget -= chunk
@@ -172,16 +185,18 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.cache.release(seq.blocks)
-        seq.blocks = []
+        self._release(seq)
 
     def find(self, request_id: str) -> Sequence | None:
         return next((s for s in [*self.running, *self.waiting] if s.request_id == request_id), None)
 
     @property
     def free_seq_slots(self) -> int:
-        """Sequences that could still join the batch (max_num_seqs minus the running ones)."""
-        return self.max_num_seqs - len(self.running)
+        """Sequences that could still join the batch (max_num_seqs, or fewer recurrent-state slots, minus the
+        running ones)."""
+        states = self.cache.states
+        room = self.max_num_seqs if states is None else min(self.max_num_seqs, states.num_slots)
+        return room - len(self.running)
 
     @property
     def num_unfinished(self) -> int:

@@ -20,6 +20,7 @@ class Sequence:
     prompt_logprobs: list[Sampled | None] = field(default_factory=list)  # when params.prompt_logprobs is set
     text: str = ""
     blocks: list[int] = field(default_factory=list)  # its KV-cache block table
+    state_slot: int | None = None  # its recurrent-state slot while it runs (hybrid models)
     num_computed: int = 0  # its first tokens whose keys/values are in the KV cache (0 again after a preemption)
     num_new: int = 0  # tokens to compute this step (the scheduler's choice: a prompt may take several steps)
     num_cached: int = 0  # prompt tokens taken from the prefix cache, not computed (usage's cached_tokens)

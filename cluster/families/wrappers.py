@@ -12,11 +12,9 @@ from cluster.errors import UnsupportedModelError
 from cluster.families.base import Family
 
 # Wrapper model_type → the text_config model_types it may wrap.
-WRAPPED: dict[str, tuple[str, ...]] = {"kimi_k25": ("kimi_k2", "deepseek_v3")}
+WRAPPED: dict[str, tuple[str, ...]] = {"kimi_k25": ("kimi_k2", "deepseek_v3"), "qwen3_5_moe": ("qwen3_5_moe_text",)}
 # Wrappers we recognise but cannot serve yet, and why.
 REFUSED: dict[str, str] = {
-    "qwen3_5_moe": "its text layers interleave Gated DeltaNet linear attention (layer_types 'linear_attention') "
-                   "with full attention; linear-attention layers and their recurrent state are not implemented yet",
     "gemma4": "Gemma 4's text layers are not implemented yet: per-layer KV shapes (global_head_dim, "
               "num_global_key_value_heads, attention_k_eq_v), proportional rope on full layers, a dense GELU-tanh "
               "MLP beside the MoE with their own norms, router scale / per_expert_scale, layer_scalar and "

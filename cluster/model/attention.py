@@ -157,4 +157,7 @@ def attention(x: Tensor, w: AttentionWeights, cfg: ModelConfig, layer: int, batc
         batch = paged.attend(q, out, batch, cache, layer, cfg.attn_scale, window, w.sinks, chunk)
     attend_batch(q, batch, lambda slots: cache.gather(layer, slots), cfg.head_dim, cfg.attn_scale, window,
                  w.sinks, chunk, out=out)
-    return F.linear(out.reshape(x.shape[0], -1), w.o, w.o_bias)
+    out = out.reshape(x.shape[0], -1)
+    if w.gate is not None:  # Qwen3-Next: each output channel gated by its own sigmoid
+        out = out * torch.sigmoid(F.linear(x, w.gate))
+    return F.linear(out, w.o, w.o_bias)

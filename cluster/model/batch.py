@@ -3,7 +3,8 @@
 A step mixes prefills (many new tokens) and decodes (one new token) of
 different sequences; linear layers and experts see one [T, D] matrix, only
 attention looks at the sequence boundaries. Where each token lives in the paged
-KV cache is worked out here once per step, for every layer to use.
+KV cache is worked out here once per step, for every layer to use, and so is each
+sequence's recurrent-state slot (hybrid models' linear-attention layers).
 Shapes: T rows, B decoding sequences, C context.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ class SeqChunk:
     num_tokens: int  # new tokens this step
     context_len: int  # tokens in the cache after this step
     context_slots: Tensor  # [context_len] cache slot of each of the sequence's tokens
+    state_slot: int = 0  # its recurrent-state slot (hybrid models)
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class DecodeGroup:
     rows: Tensor  # [B] row of each sequence's token
     lens: Tensor  # [B] context length of each
     context_slots: Tensor  # [B, C] cache slots, padded with slot 0 (masked out)
+    state_slots: Tensor | None = None  # [B] recurrent-state slot of each
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,11 @@ def _slot_grid(tables: list[list[int]], contexts: list[int], block_size: int) ->
     return grid.masked_fill_(pos[None, :] >= torch.tensor(contexts)[:, None], 0)
 
 
-def make_batch(items: list[tuple[list[int], list[int], int]], block_size: int, device: str = "cpu") -> Batch:
-    """items: (block table, new token ids, position of the first new token) per sequence."""
+def make_batch(items: list[tuple[list[int], list[int], int]], block_size: int, device: str = "cpu",
+               state_slots: list[int] | None = None) -> Batch:
+    """items: (block table, new token ids, position of the first new token) per sequence.
+    state_slots: each sequence's recurrent-state slot (None: sequence i in slot i)."""
+    state_slots = list(range(len(items))) if state_slots is None else state_slots
     ids, pos, owner, starts, contexts = [], [], [], [], []
     for i, (_, tokens, start_pos) in enumerate(items):
         starts.append(len(ids))
@@ -71,7 +77,7 @@ def make_batch(items: list[tuple[list[int], list[int], int]], block_size: int, d
         owner += [i] * len(tokens)
     host = _slot_grid([table for table, _, _ in items], contexts, block_size)  # [B, C]
     grid = host.to(device)
-    chunks = tuple(SeqChunk(s, len(tokens), c, grid[i, :c])
+    chunks = tuple(SeqChunk(s, len(tokens), c, grid[i, :c], state_slots[i])
                    for i, (s, (_, tokens, _), c) in enumerate(zip(starts, items, contexts)))
     as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
     decodes = [i for i, c in enumerate(chunks) if c.num_tokens == 1]
@@ -79,7 +85,7 @@ def make_batch(items: list[tuple[list[int], list[int], int]], block_size: int, d
     if decodes:  # padded to the longest decoding context with slot 0 (masked out by the lengths)
         width = max(contexts[i] for i in decodes)
         decode = DecodeGroup(as_long([starts[i] for i in decodes]), as_long([contexts[i] for i in decodes]),
-                             grid[as_long(decodes), :width])
+                             grid[as_long(decodes), :width], as_long([state_slots[i] for i in decodes]))
     slot_mapping = host[torch.tensor(owner, dtype=torch.long), torch.tensor(pos, dtype=torch.long)]  # [T]
     last = [s + len(tokens) - 1 for s, (_, tokens, _) in zip(starts, items)]
     return Batch(as_long(ids), as_long(pos), slot_mapping.to(device), chunks, as_long(last), decode)
@@ -107,4 +113,5 @@ def _decode_part(batch: Batch, first: int, end: int, r0: int) -> DecodeGroup | N
         return None
     before = sum(c.num_tokens == 1 for c in batch.chunks[:first])
     d, sel, width = batch.decode, slice(before, before + len(mine)), max(c.context_len for c in mine)
-    return DecodeGroup(d.rows[sel] - r0, d.lens[sel], d.context_slots[sel, :width])
+    return DecodeGroup(d.rows[sel] - r0, d.lens[sel], d.context_slots[sel, :width],
+                       None if d.state_slots is None else d.state_slots[sel])

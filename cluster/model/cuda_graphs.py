@@ -47,6 +47,8 @@ def unsupported(model) -> str | None:
         return f"the experts are not grouped, their counts must reach the host every layer: {model.experts.loop_reason}"
     if model.cfg.attention == "dsv4":
         return "DeepSeek-V4's attention attends each sequence on its own (its compressed entries differ per sequence)"
+    if model.cfg.hybrid:
+        return "its linear-attention layers read and write per-sequence recurrent state, not captured yet"
     if model.cfg.rope.length_threshold is not None:
         return f"{model.cfg.rope.kind} rope recomputes frequencies from each sequence's length"
     return None

@@ -16,6 +16,7 @@ from torch import Tensor
 from cluster.config import ModelConfig
 from cluster.model.attention import attention
 from cluster.model.batch import Batch
+from cluster.model.deltanet import gated_deltanet
 from cluster.model.experts import ExpertExecutor, LocalExperts
 from cluster.model.kv_cache import KVCache
 from cluster.model.layers import norm, swiglu
@@ -75,8 +76,8 @@ class MoETransformer:
         the other micro-batch ran), then attention, then this layer's MLP or the start of its MoE."""
         cfg = self.cfg
         self._finish_moe(part)
-        h = self._attend(self._norm(part.x, w.attn_norm, w.attn_norm_bias), w.attn, cfg, layer, part.batch, cache,
-                         part.rope)
+        attend = gated_deltanet if cfg.is_linear(layer) else self._attend
+        h = attend(self._norm(part.x, w.attn_norm, w.attn_norm_bias), w.attn, cfg, layer, part.batch, cache, part.rope)
         part.x = self._residual(part.x, h)
         h = self._norm(part.x, w.mlp_norm, w.mlp_norm_bias)
         if w.gate is None:

@@ -65,6 +65,7 @@ class AttentionWeights:
     q_norm: Tensor | None = None
     k_norm: Tensor | None = None
     sinks: Tensor | None = None  # [H] gpt-oss attention sinks
+    gate: Tensor | None = None  # [H * hd, D] Qwen3-Next: sigmoid gate on the attention output (from q_proj)
 
 
 @dataclass(frozen=True)
@@ -134,9 +135,24 @@ class HyperWeights:
 
 
 @dataclass(frozen=True)
+class DeltaNetWeights:
+    """Gated DeltaNet linear attention (Qwen3-Next, Qwen3.5): Hk key heads of dk, Hv value heads of dv."""
+
+    qkv: Tensor  # [2 * Hk * dk + Hv * dv, D]: q rows, k rows, v rows (the convolution's channel order)
+    z: Tensor  # [Hv * dv, D]: the output gate
+    b: Tensor  # [Hv, D]: beta (write strength) = sigmoid(b · x)
+    a: Tensor  # [Hv, D]: decay input
+    conv: Tensor  # [C, K] depthwise causal convolution over q, k, v
+    a_log: Tensor  # [Hv] fp32: decay rate log(A)
+    dt_bias: Tensor  # [Hv] fp32
+    norm: Tensor  # [dv] gated RMSNorm weight
+    out: Tensor  # [D, Hv * dv]
+
+
+@dataclass(frozen=True)
 class LayerWeights:
     attn_norm: Tensor
-    attn: AttentionWeights | MLAWeights | V4AttentionWeights
+    attn: AttentionWeights | MLAWeights | V4AttentionWeights | DeltaNetWeights
     mlp_norm: Tensor
     gate: Tensor | None = None  # [E, D] on MoE layers: the gate (router weight) of the MoE block
     gate_bias: Tensor | None = None  # [E] DeepSeek-V3 e_score_correction_bias: steers the choice only

@@ -48,7 +48,7 @@ def test_wrapper_text_config_of_another_model_is_refused():
         resolve(config)
 
 
-# Qwen3.5's MoE as released (sizes as published; it is refused before they matter): a vision wrapper whose
+# Qwen3.5's MoE as released (sizes as published): a vision wrapper whose
 # text layers are 3 Gated DeltaNet (linear attention) to 1 full attention, M-RoPE on a quarter of each head.
 QWEN3_5_MOE = {
     "architectures": ["Qwen3_5MoeForConditionalGeneration"], "image_token_id": 248056, "model_type": "qwen3_5_moe",
@@ -73,9 +73,11 @@ QWEN3_5_MOE = {
     "vision_end_token_id": 248054, "vision_start_token_id": 248053}
 
 
-def test_qwen3_5_moe_is_refused_naming_linear_attention():
-    with pytest.raises(UnsupportedModelError, match="qwen3_5_moe.*linear attention.*not implemented"):
-        resolve(QWEN3_5_MOE)
+def test_qwen3_5_moe_resolves_to_its_hybrid_text_model():
+    family, text = resolve(QWEN3_5_MOE)
+    cfg = family.parse_config(text)
+    assert family.model_type == "qwen3_5_moe_text" and cfg.linear_layers == (True, True, True, False) * 15
+    assert cfg.moe_layers == (True,) * 60 and cfg.norm_topk_prob and cfg.rope.dim == 64
 
 
 def test_mrope_is_plain_rope_for_text():

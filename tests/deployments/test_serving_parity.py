@@ -86,3 +86,16 @@ def test_llama4_through_two_workers(cluster, tmp_path_factory):
     got = concurrently(lambda i: http_complete(cluster.base, ID_PROMPTS[i], MAX_TOKENS[i])["choices"][0]["token_ids"],
                        range(len(ID_PROMPTS)))
     assert got == expected
+
+
+def test_qwen3_next_through_two_workers(cluster, tmp_path_factory):
+    """Issue 19's hybrid model: the router holds the attention KV cache and every sequence's recurrent state,
+    the two workers only experts; HTTP gives the in-process tokens."""
+    from tests.published_checkpoints import build
+
+    ours, _ = build("Qwen3-Next-80B-A3B-Instruct", tmp_path_factory.mktemp("qwen3_next"))
+    expected = expected_tokens(str(ours), ID_PROMPTS)
+    cluster.deploy(str(ours), 2)
+    got = concurrently(lambda i: http_complete(cluster.base, ID_PROMPTS[i], MAX_TOKENS[i])["choices"][0]["token_ids"],
+                       range(len(ID_PROMPTS)))
+    assert got == expected

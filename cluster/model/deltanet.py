@@ -1,0 +1,134 @@
+"""Gated DeltaNet linear attention (Qwen3-Next, Qwen3.5/3.6) over a ragged batch.
+
+Per token: q, k, v through a short depthwise causal convolution (silu), q and k L2-normed,
+then the gated delta rule on a per-sequence state S [Hv, dk, dv]:
+    S ← exp(g) · S;  S ← S + k ⊗ β (v − Sᵀk);  out = Sᵀ q / √dk
+with β = sigmoid(b · x) and g = −exp(A_log) · softplus(a · x + dt_bias). The output is
+RMS-normed per head, gated by silu(z · x), and projected back.
+Prefill chunks run the chunked form (chunks of 64, triangular solves inside each, a scan
+across them), decodes the one-token recurrence, batched: the algorithms of transformers'
+torch fallbacks (torch_chunk_gated_delta_rule, torch_recurrent_gated_delta_rule). The
+convolution's last K-1 inputs and S are kept in the state cache between steps.
+Shapes: T rows, B decoding sequences, n a chunk's tokens, C = 2·Hk·dk + Hv·dv conv channels.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cluster.config import ModelConfig
+from cluster.model.batch import Batch
+from cluster.model.kv_cache import KVCache
+from cluster.model.weights import DeltaNetWeights
+
+CHUNK = 64  # transformers' and flash-linear-attention's chunk size
+L2_EPS = 1e-6
+
+
+def _l2norm(x: Tensor) -> Tensor:
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + L2_EPS)
+
+
+def causal_conv(x: Tensor, prev: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """x [B, C, n], prev [B, C, K-1] (the inputs before x), weight [C, K] → silu(conv) [B, C, n] and
+    the new prev (the last K-1 inputs)."""
+    full = torch.cat([prev.to(x.dtype), x], dim=-1)
+    n, k = x.shape[-1], weight.shape[1]
+    # K shifted multiply-adds in fp32 (as conv1d accumulates): a handful of taps, cheaper than conv1d's set-up
+    wf, ff = weight.float(), full.float()
+    out = sum(ff[..., j:j + n] * wf[:, j, None] for j in range(k)).to(weight.dtype)  # [B, C, n]
+    return F.silu(out).to(x.dtype), full[..., -(k - 1):]
+
+
+def _heads(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor) -> list[Tensor]:
+    """[.., n, H*, d] inputs → fp32 [.., H, n, d], q and k repeated over the value heads they serve and
+    L2-normed, q scaled by 1/√dk."""
+    groups = v.shape[-2] // k.shape[-2]
+    if groups > 1:
+        q, k = q.repeat_interleave(groups, dim=-2), k.repeat_interleave(groups, dim=-2)
+    q, k, v, beta, g = (t.transpose(-2, -3) if t.dim() == v.dim() else t.transpose(-1, -2)
+                        for t in (q, k, v, beta, g))
+    q, k, v, beta, g = (t.float().contiguous() for t in (q, k, v, beta, g))
+    q, k = _l2norm(q), _l2norm(k)
+    return [q * q.shape[-1] ** -0.5, k, v, beta, g]
+
+
+def chunked_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor,
+                       chunk: int = CHUNK) -> tuple[Tensor, Tensor]:
+    """One sequence's prefill chunk: q, k [n, Hk, dk], v [n, Hv, dv], g, beta [n, Hv], state [Hv, dk, dv]
+    → out [n, Hv, dv] (fp32), the state after the last token."""
+    n = q.shape[0]
+    q, k, v, beta, g = _heads(q, k, v, beta, g)  # [H, n, d], beta and g [H, n]
+    pad = (chunk - n % chunk) % chunk
+    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    beta, g = (F.pad(t, (0, pad)) for t in (beta, g))
+    h, chunks = q.shape[0], (n + pad) // chunk
+    v_beta, k_beta = v * beta[..., None], k * beta[..., None]
+    q, k, k_beta, v_beta = (t.reshape(h, chunks, chunk, t.shape[-1]) for t in (q, k, k_beta, v_beta))
+    cum = g.reshape(h, chunks, chunk).cumsum(dim=-1)  # log of the decay from the chunk's start
+    upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
+    pair = (cum[..., :, None] - cum[..., None, :]).masked_fill(upper, float("-inf")).exp()  # decay j → i
+    system = (k_beta @ k.transpose(-1, -2)) * pair
+    intra = (q @ k.transpose(-1, -2)) * pair
+    # the UT transform: all of a chunk's delta-rule writes as two unit-triangular solves
+    new_v = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
+    k_cum = torch.linalg.solve_triangular(system, k_beta * cum.exp()[..., None], upper=False, unitriangular=True)
+    q = q * cum.exp()[..., None]
+    k = k * (cum[..., -1:] - cum).exp()[..., None]
+    chunk_decay = cum[..., -1].exp()[..., None, None]
+    s, out = state.float(), torch.zeros_like(new_v)
+    for i in range(chunks):  # the scan: each chunk reads the state the previous ones left
+        v_i = new_v[:, i] - k_cum[:, i] @ s
+        out[:, i] = q[:, i] @ s + intra[:, i] @ v_i
+        s = s * chunk_decay[:, i] + k[:, i].transpose(-1, -2) @ v_i
+    return out.reshape(h, -1, out.shape[-1])[:, :n].transpose(0, 1), s
+
+
+def recurrent_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    """One token of B sequences: q, k [B, Hk, dk], v [B, Hv, dv], g, beta [B, Hv], state [B, Hv, dk, dv]
+    → out [B, Hv, dv] (fp32), the new state."""
+    q, k, v, beta, g = _heads(q[:, None], k[:, None], v[:, None], beta[:, None], g[:, None])  # [B, H, 1, d]
+    q, k, v, beta, g = q[:, :, 0], k[:, :, 0], v[:, :, 0], beta[:, :, 0], g[:, :, 0]
+    s = state.float() * g.exp()[..., None, None]
+    delta = (v - (s * k[..., None]).sum(dim=-2)) * beta[..., None]  # what the state does not yet predict
+    s = s + k[..., None] * delta[..., None, :]
+    return (s * q[..., None]).sum(dim=-2), s
+
+
+def gated_rms_norm(x: Tensor, gate: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x, gate [.., dv]: RMS-normed, weighed, then × silu(gate) in fp32."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return ((weight * xf.to(x.dtype)) * F.silu(gate.float())).to(x.dtype)
+
+
+def gated_deltanet(x: Tensor, w: DeltaNetWeights, cfg: ModelConfig, layer: int, batch: Batch, cache: KVCache,
+                   rope: tuple[Tensor, Tensor]) -> Tensor:
+    """x [T, D] → [T, D]; reads and writes each sequence's state in cache.states (rope: unused, no positions)."""
+    t, hk, hv = x.shape[0], cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    dk, dv, states = cfg.linear_key_head_dim, cfg.linear_value_head_dim, cache.states
+    mixed = F.linear(x, w.qkv)  # [T, C]
+    z = F.linear(x, w.z).view(t, hv, dv)
+    beta = torch.sigmoid(F.linear(x, w.b))  # [T, Hv]
+    g = -w.a_log.exp() * F.softplus(F.linear(x, w.a).float() + w.dt_bias)  # [T, Hv] log-decay, ≤ 0
+    split = lambda m: (m[..., :hk * dk].unflatten(-1, (hk, dk)),  # noqa: E731  (q, k, v of the conv's output)
+                       m[..., hk * dk:2 * hk * dk].unflatten(-1, (hk, dk)),
+                       m[..., 2 * hk * dk:].unflatten(-1, (hv, dv)))
+    out = x.new_empty(t, hv, dv)
+    d = batch.decode
+    if d is not None:
+        conv, s = states.read(layer, d.state_slots, d.lens == 1)
+        mixed_d, conv = causal_conv(mixed[d.rows][:, :, None], conv, w.conv)  # [B, C, 1]
+        o, s = recurrent_step(*split(mixed_d[:, :, 0]), g[d.rows], beta[d.rows], s)
+        states.write(layer, d.state_slots, conv, s)
+        out[d.rows] = o.to(out.dtype)
+    for c in batch.prefills:
+        rows, slot = slice(c.start, c.start + c.num_tokens), torch.tensor([c.state_slot], device=x.device)
+        conv, s = states.read(layer, slot, torch.tensor([c.context_len == c.num_tokens], device=x.device))
+        mixed_c, conv = causal_conv(mixed[rows].t()[None], conv, w.conv)  # [1, C, n]
+        o, s = chunked_delta_rule(*split(mixed_c[0].t()), g[rows], beta[rows], s[0])
+        states.write(layer, slot, conv, s[None])
+        out[rows] = o.to(out.dtype)
+    out = gated_rms_norm(out, z, w.norm, cfg.rms_norm_eps)
+    return F.linear(out.reshape(t, hv * dv), w.out)
