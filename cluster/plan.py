@@ -205,17 +205,21 @@ def format_plan(p: Plan) -> str:
     return "\n".join(lines)
 
 
-def plan_from_config(model: str, *, dtype: str = "auto", kv_cache_dtype: str = "auto", workers: int = 1,
-                     gpu_memory: str = "80GiB", gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
-                     max_num_seqs: int = 64) -> Plan:
-    """`model`: a checkpoint directory or its config.json; nothing else is read."""
+def model_config(model: str) -> ModelConfig:
+    """The model's config from a checkpoint directory or its config.json alone."""
     path = Path(model)
     path = path / "config.json" if path.is_dir() else path
     if not path.exists():
         raise ValueError(f"{path}: not found (give a checkpoint directory or its config.json)")
-    config = json.loads(path.read_text())
-    family, text = resolve(config)
-    cfg = family.parse_config(text)
+    family, text = resolve(json.loads(path.read_text()))
+    return family.parse_config(text)
+
+
+def plan_from_config(model: str, *, dtype: str = "auto", kv_cache_dtype: str = "auto", workers: int = 1,
+                     gpu_memory: str = "80GiB", gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
+                     max_num_seqs: int = 64) -> Plan:
+    """`model`: a checkpoint directory or its config.json; nothing else is read."""
+    cfg = model_config(model)
     if workers < 0:
         raise ValueError("--workers: must be ≥ 0")
     weights = resolve_dtype(dtype, "cuda", cfg.checkpoint_dtype)  # planned for GPUs: auto = the checkpoint's
