@@ -34,7 +34,9 @@ def choose_tiered(layer: int, counts: Sequence[int], copies: Mapping[tuple[int, 
             raise NoLiveCopy(layer, expert_id, holders)
         rank = lambda w: ((given.get(w, 0) + 1) * cost[w], cost[w], w not in local, w)  # noqa: E731
         share: dict[int, int] = {}
-        for _ in range(n):
+        if len(live) == 1:  # one copy: all its rows, no row-by-row weighing
+            share[live[0]], given[live[0]] = n, given.get(live[0], 0) + n
+        for _ in range(n if len(live) > 1 else 0):
             w = min(live, key=rank)
             given[w] = given.get(w, 0) + 1
             share[w] = share.get(w, 0) + 1

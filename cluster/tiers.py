@@ -41,6 +41,17 @@ class TierWorker:
         return self.budget_bytes // expert_bytes
 
 
+HOST_COST = 10.0  # a host-tier row's time over a fast-tier row's, as copy choice weighs them
+
+
+def row_costs(tiers: list[str]) -> list[float] | None:
+    """Per worker, the relative time per row copy choice weighs its copies by; None when no
+    worker has a tier (copies weigh alike). A worker without a tier counts as host."""
+    if not any(tiers):
+        return None
+    return [1.0 if t == FAST else HOST_COST for t in tiers]
+
+
 def tier_slots(workers: list[TierWorker], tier: str, expert_bytes: int) -> int:
     """Copies a tier holds, all its workers together."""
     return sum(w.slots(expert_bytes) for w in workers if w.tier == tier)
@@ -78,13 +89,15 @@ def layer_sets(num_layers: int, num_experts: int, fast_slots: int) -> FastSets:
 
 def tier_placement(fast: FastSets, moe_layers: list[int], num_experts: int, workers: list[TierWorker],
                    expert_bytes: int, loads: np.ndarray | None = None,
-                   current: Placement | None = None) -> Placement:
+                   current: Placement | None = None, host_copies: int = 1) -> Placement:
     """Copies on the workers: each chosen fast expert on one fast worker, every other expert on a
     host worker. When the host tier has room for every expert it keeps them all (as KTransformers
     does), so a demotion loads nothing and losing a fast worker loses no expert; with less room,
     the experts with a fast copy get host copies while room lasts. A copy stays on the worker
     holding it now while that worker has room; new copies go to the tier's worker with the least
-    load so far. Raises ValueError naming the tier when its budget cannot hold what it must."""
+    load so far. `host_copies` > 1: the experts without a fast copy get that many host copies on
+    different host workers (a host worker may die without failing a request).
+    Raises ValueError naming the tier when its budget cannot hold what it must."""
     n_layers = len(moe_layers)
     loads = np.ones((n_layers, num_experts)) if loads is None else np.asarray(loads, dtype=float)
     if len(fast) != n_layers:
@@ -94,10 +107,11 @@ def tier_placement(fast: FastSets, moe_layers: list[int], num_experts: int, work
     want_fast = [(loads[i, e], (moe_layers[i], e)) for i in range(n_layers) for e in sorted(fast[i])]
     host_only = [(loads[i, e], (moe_layers[i], e)) for i in range(n_layers) for e in range(num_experts)
                  if e not in fast[i]]
-    slots: list[list[Expert]] = [[] for _ in workers]
+    slots: list[set[Expert]] = [set() for _ in workers]
     busy = [0.0] * len(workers)
     _fill(FAST, want_fast, workers, room, held, slots, busy, required=True)
-    _fill(HOST, host_only, workers, room, held, slots, busy, required=True)
+    for _ in range(host_copies):
+        _fill(HOST, host_only, workers, room, held, slots, busy, required=True)
     _fill(HOST, [(0.0, x) for _, x in want_fast], workers, room, held, slots, busy, required=False)
     return Placement(tuple(tuple(sorted(s)) for s in slots))
 
@@ -110,20 +124,20 @@ def _held(current: Placement | None, num_workers: int) -> dict[Expert, list[int]
 
 
 def _fill(tier: str, todo: list[tuple[float, Expert]], workers: list[TierWorker], room: list[int],
-          held: dict[Expert, list[int]], slots: list[list[Expert]], busy: list[float], *, required: bool) -> None:
-    """One copy of each expert in `todo` (heaviest first) on a worker of `tier`."""
+          held: dict[Expert, list[int]], slots: list[set[Expert]], busy: list[float], *, required: bool) -> None:
+    """One more copy of each expert in `todo` (heaviest first) on a worker of `tier` not holding it."""
     mine = [w for w, tw in enumerate(workers) if tw.tier == tier]
     for load, expert in sorted(todo, key=lambda x: (-x[0], x[1])):
-        free = [w for w in mine if room[w] > 0]
+        free = [w for w in mine if room[w] > 0 and expert not in slots[w]]
         if not free:
             if not required:
                 return
             raise ValueError(f"the {tier} tier has no room for expert {expert}: its {len(mine)} worker(s) are "
-                             f"full at {sum(len(slots[w]) for w in mine)} copies; raise the {tier} tier's "
-                             "budget_bytes or its count")
+                             f"full at {sum(len(slots[w]) for w in mine)} copies (or already hold it); raise "
+                             f"the {tier} tier's budget_bytes or its count")
         stay = [w for w in held.get(expert, ()) if w in free]
         w = stay[0] if stay else min(free, key=lambda x: (busy[x], len(slots[x]), x))
-        slots[w].append(expert)
+        slots[w].add(expert)
         room[w] -= 1
         busy[w] += load
 

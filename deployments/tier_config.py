@@ -20,12 +20,14 @@ is `cluster.tiers.tier_placement`. Validated by pydantic; the errors name the fi
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cluster.plan import parse_bytes
-from cluster.tiers import TierWorker
+from cluster.placement import Placement
+from cluster.tiers import TierWorker, fast_sets, tier_placement, tier_slots, uniform_sets
 
 
 class TierGroup(BaseModel):
@@ -39,6 +41,8 @@ class TierGroup(BaseModel):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per worker")
     memory: int | None = Field(None, ge=0, description="bytes of memory reserved per worker (Ray resource)")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per worker")
+    copies: int = Field(1, ge=1, description="host tier: copies of each expert without a fast copy, on different "
+                                            "workers (2: a host worker may die without failing a request)")
     label_selector: dict[str, str] = Field(default_factory=dict, description="node labels its workers must land on")
 
     @field_validator("budget_bytes", mode="before")
@@ -53,6 +57,11 @@ class TierGroup(BaseModel):
 
     @model_validator(mode="after")
     def _gpu(self) -> "TierGroup":
+        if self.copies > self.count:
+            raise ValueError(f"tier {self.name!r}: copies ({self.copies}) must not exceed count ({self.count})")
+        if self.name == "fast" and self.copies != 1:
+            raise ValueError("tier 'fast': copies is the host tier's setting (the fast tier holds one copy of each "
+                             "expert it takes)")
         if self.device == "cuda" and self.num_gpus <= 0:
             raise ValueError(f"tier {self.name!r}: device cuda needs num_gpus > 0 (Ray shows a worker without "
                              "GPUs none)")
@@ -68,10 +77,27 @@ def check_tiers(groups: list[TierGroup]) -> None:
         raise ValueError("tiers: a host tier is needed (it holds every expert without a fast copy)")
 
 
-def tier_workers(groups: list[TierGroup]) -> list[TierWorker]:
-    """One entry per expert worker, fast tier first (worker i of the placement)."""
+def tier_workers(groups: list[TierGroup], expert_bytes: Callable[[str], int] | None = None) -> list[TierWorker]:
+    """One entry per expert worker, fast tier first (worker i of the placement). With
+    `expert_bytes(device)`, budgets are counted in copies of the first worker's size, so each
+    group's copies are those of its own device's dtype (auto: bf16 on cuda, float32 on cpu)."""
     ordered = sorted(groups, key=lambda g: g.name != "fast")
-    return [TierWorker(g.name, g.budget_bytes) for g in ordered for _ in range(g.count)]
+    if expert_bytes is None:
+        return [TierWorker(g.name, g.budget_bytes) for g in ordered for _ in range(g.count)]
+    unit = expert_bytes(ordered[0].device)
+    return [TierWorker(g.name, g.budget_bytes // expert_bytes(g.device) * unit) for g in ordered for _ in range(g.count)]
+
+
+def initial_placement(groups: list[TierGroup], moe_layers: list[int], num_experts: int,
+                      expert_bytes: Callable[[str], int], loads: np.ndarray | None = None) -> Placement:
+    """The placement at start: the fast tier's room spread evenly over the layers (no load yet),
+    or given a profile's loads [L, E], to its hottest experts; every other expert on the host tier."""
+    workers = tier_workers(groups, expert_bytes)
+    unit = expert_bytes(sorted(groups, key=lambda g: g.name != "fast")[0].device)
+    slots = tier_slots(workers, "fast", unit)
+    fast = fast_sets(loads, slots) if loads is not None else uniform_sets(len(moe_layers), num_experts, slots)
+    host = next(g for g in groups if g.name == "host")
+    return tier_placement(fast, moe_layers, num_experts, workers, unit, loads, host_copies=host.copies)
 
 
 def tier_group_of(groups: list[TierGroup], worker: int) -> TierGroup:

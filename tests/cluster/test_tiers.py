@@ -62,6 +62,17 @@ def test_tier_placement_covers_every_expert_within_budgets(fast_copies, host_cop
     assert len(host) == on_host
 
 
+def test_two_host_copies_on_different_host_workers():
+    loads = np.array([[9, 1, 5, 0, 3, 2, 7, 4]], float)
+    workers = _workers([2], [8, 8])
+    placement = tier_placement(fast_sets(loads, 2), [0], 8, workers, EB, loads, host_copies=2)
+    _check(placement, workers, 1, 8)
+    copies = placement.copies()
+    assert all(len([w for w in copies[(0, e)] if workers[w].tier == HOST]) == 2 for e in range(8) if e not in (0, 6))
+    with pytest.raises(ValueError, match="host tier has no room"):
+        tier_placement(fast_sets(loads, 2), [0], 8, _workers([2], [8]), EB, loads, host_copies=2)
+
+
 def test_tier_placement_refuses_a_host_tier_too_small():
     with pytest.raises(ValueError, match="host tier has no room"):
         tier_placement(fast_sets(np.ones((1, 8)), 2), [0], 8, _workers([2], [3]), EB)

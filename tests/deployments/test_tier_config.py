@@ -19,6 +19,18 @@ def test_tiers_set_the_workers():
     assert app_config({}).tiers == []
 
 
+def test_initial_placement_counts_each_tier_in_its_own_dtype():
+    from deployments.tier_config import initial_placement
+
+    fast = {**FAST, "count": 1, "budget_bytes": 4 * 200}  # cuda (bf16 copies, 200 bytes): 4 copies
+    host = {**HOST, "count": 2, "copies": 2, "budget_bytes": 64 * 400}  # cpu (float32, 400 bytes): 64 copies
+    cfg = app_config({"tiers": [fast, host]})
+    placement = initial_placement(cfg.tiers, [0, 1], 8, lambda device: 200 if device == "cuda" else 400)
+    assert [len(w) for w in placement.workers][0] == 4  # 2 per layer: spread evenly before any load
+    copies = placement.copies()
+    assert all(len([w for w in copies[x] if w > 0]) == 2 for x in copies if 0 not in copies[x])  # 2 host copies
+
+
 @pytest.mark.parametrize("args,message", [
     ({"tiers": [FAST]}, "a host tier is needed"),
     ({"tiers": [HOST, HOST]}, "each tier once"),
@@ -27,6 +39,9 @@ def test_tiers_set_the_workers():
     ({"tiers": [{**HOST, "name": "warm"}]}, "tiers.0.name"),
     ({"tiers": [HOST], "num_workers": 4}, "differs from the tiers' workers (3)"),
     ({"tiers": [HOST], "expert_copies": 2, "num_workers": 3}, "tiers decide the copies"),
+    ({"tiers": [HOST], "policy_file": "deployments/policies/default.yaml"}, "does not move copies between tiers"),
+    ({"tiers": [{**HOST, "copies": 4}]}, "copies (4) must not exceed count (3)"),
+    ({"tiers": [HOST, {**FAST, "copies": 2}]}, "copies is the host tier's setting"),
 ])
 def test_refusals_name_the_field(args, message):
     with pytest.raises(ValueError, match="bad application config") as e:
