@@ -96,7 +96,8 @@ def tier_placement(fast: FastSets, moe_layers: list[int], num_experts: int, work
     the experts with a fast copy get host copies while room lasts. A copy stays on the worker
     holding it now while that worker has room; new copies go to the tier's worker with the least
     load so far. `host_copies` > 1: the experts without a fast copy get that many host copies on
-    different host workers (a host worker may die without failing a request).
+    different host workers, and the others as many backups while room lasts (a host worker may
+    die, even with a fast worker down, without failing a request).
     Raises ValueError naming the tier when its budget cannot hold what it must."""
     n_layers = len(moe_layers)
     loads = np.ones((n_layers, num_experts)) if loads is None else np.asarray(loads, dtype=float)
@@ -112,7 +113,8 @@ def tier_placement(fast: FastSets, moe_layers: list[int], num_experts: int, work
     _fill(FAST, want_fast, workers, room, held, slots, busy, required=True)
     for _ in range(host_copies):
         _fill(HOST, host_only, workers, room, held, slots, busy, required=True)
-    _fill(HOST, [(0.0, x) for _, x in want_fast], workers, room, held, slots, busy, required=False)
+    for _ in range(host_copies):  # backups of the fast experts, while room lasts
+        _fill(HOST, [(0.0, x) for _, x in want_fast], workers, room, held, slots, busy, required=False)
     return Placement(tuple(tuple(sorted(s)) for s in slots))
 
 

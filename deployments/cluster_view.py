@@ -135,6 +135,9 @@ def update_metrics(reports, live, state, spec: AppSpec) -> None:
         for w, experts in enumerate(table.placement.workers):
             metrics.COPIES.labels(str(w)).set(len(experts))
             metrics.COPY_BYTES.labels(str(w)).set(len(experts) * spec.expert_bytes)
+        for tier, copies in _per_tier(table, lambda w: len(table.placement.workers[w])).items():
+            metrics.TIER_COPIES.labels(tier).set(copies)
+            metrics.TIER_COPY_BYTES.labels(tier).set(copies * spec.expert_bytes)
     if not mine:
         return
     loads, _ = expert_load(reports, live)
@@ -145,3 +148,4 @@ def update_metrics(reports, live, state, spec: AppSpec) -> None:
         for layer, ratio in zip(spec.moe_layers, plane["worker_max_over_mean"]):
             metrics.WORKER_IMBALANCE.labels(str(layer)).set(ratio)
         metrics.EXPERT_CALL_FAILURES.set(plane["failures"])
+        metrics.TIER_ROWS.set(plane["rows_per_tier"])
