@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiers = pl.add_argument_group("expert tiers: any of these plans a fast tier on the GPUs, the rest in host memory")
     tiers.add_argument("--gpus", type=int, default=None, help="GPUs: the router on the first, fast-tier experts on all")
     tiers.add_argument("--host-memory", default=None, help="host tier's memory, e.g. 256GiB (default 256GiB)")
-    tiers.add_argument("--profile", default=None, help="load profile (moe-cluster record-profile): fast experts by load")
+    tiers.add_argument("--profile", default=None,
+                       help="load profile (moe-cluster record-profile): fast experts by load")
     tiers.add_argument("--kv-tokens", type=int, default=8192, help="the router's KV cache, in tokens")
     pl.set_defaults(func=cmd_plan)
     s = sub.add_parser("serve", help="serve the model on Ray Serve (HTTP + gRPC)")

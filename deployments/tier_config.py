@@ -85,7 +85,8 @@ def tier_workers(groups: list[TierGroup], expert_bytes: Callable[[str], int] | N
     if expert_bytes is None:
         return [TierWorker(g.name, g.budget_bytes) for g in ordered for _ in range(g.count)]
     unit = expert_bytes(ordered[0].device)
-    return [TierWorker(g.name, g.budget_bytes // expert_bytes(g.device) * unit) for g in ordered for _ in range(g.count)]
+    return [TierWorker(g.name, g.budget_bytes // expert_bytes(g.device) * unit)
+            for g in ordered for _ in range(g.count)]
 
 
 def initial_placement(groups: list[TierGroup], moe_layers: list[int], num_experts: int,
