@@ -47,3 +47,28 @@ def test_refusals_name_the_field(args, message):
     with pytest.raises(ValueError, match="bad application config") as e:
         app_config(args)
     assert message in str(e.value)
+
+
+def test_rows_copies_and_bytes_per_tier_reach_admin_stats_and_metrics():
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from cluster.placement import Placement, Table, WorkerRef
+    from deployments import metrics
+    from deployments.cluster_view import cluster_stats, update_metrics
+    from deployments.messages import RouterReport
+
+    table = Table(3, Placement((((0, 0),), ((0, 0), (0, 1)), ((0, 1),))),
+                  (WorkerRef("a:1", tier="fast"), WorkerRef("b:1", tier="host"), WorkerRef("c:1", tier="host")))
+    spec = SimpleNamespace(moe_layers=(0,), expert_bytes=100)
+    plane = lambda fast, host: {"data_plane": {"rows_per_tier": {"fast": fast, "host": host}}}  # noqa: E731
+    reports = {r: RouterReport("b", r, "n", 3, [[1.0, 2.0]], [[1, 2]], None, (), plane(*rows))
+               for r, rows in (("r0", (30, 5)), ("r1", (10, 1)))}
+    state = SimpleNamespace(table=table)
+    dp = cluster_stats(reports, ["r0", "r1"], state, spec, 2)["data_plane"]
+    assert dp["rows_per_tier"] == {"fast": 40, "host": 6} and dp["copies_per_tier"] == {"fast": 1, "host": 3}
+    update_metrics(reports, ["r0", "r1"], state, spec)
+    text = generate_latest(metrics.CLUSTER).decode()
+    assert 'moe_tier_expert_rows_total{tier="fast"} 40.0' in text
+    assert 'moe_tier_expert_copies{tier="host"} 3.0' in text and 'moe_tier_expert_copy_bytes{tier="host"} 300.0' in text
