@@ -201,3 +201,26 @@ def decide(loads: np.ndarray, fast: FastSets, fast_slots: int, *, moved: dict[Ex
         new[x[0]].add(x[1])
         promoted.append(x)
     return Decision(tuple(frozenset(s) for s in new), tuple(promoted), tuple(demoted))
+
+
+@dataclass(frozen=True)
+class TierLayout:
+    """What the online tier step needs to know of the deployment (fixed while it runs)."""
+    workers: tuple[TierWorker, ...]  # per expert worker of the table, in table order
+    expert_bytes: int  # the unit the workers' budgets are counted in
+    host_copies: int = 1
+
+
+def tier_step(loads: np.ndarray, placement: Placement, layout: TierLayout, moe_layers: list[int], *,
+              moved: dict[Expert, int], now: int, rule: Hysteresis = Hysteresis()) -> tuple[Decision, Placement | None]:
+    """The online step on smoothed loads [L, E]: the decision and the placement it leads to (None when
+    nothing moves). `moved` is updated with the experts that moved (decision number `now`)."""
+    workers = list(layout.workers)
+    fast = fast_of(placement, workers, moe_layers)
+    d = decide(loads, fast, tier_slots(workers, FAST, layout.expert_bytes), moved=moved, now=now, rule=rule)
+    if not d.promoted:
+        return d, None
+    moved.update({x: now for x in d.promoted + d.demoted})
+    new = tier_placement(d.fast, moe_layers, np.asarray(loads).shape[1], workers, layout.expert_bytes, loads,
+                         current=placement, host_copies=layout.host_copies)
+    return d, new

@@ -85,6 +85,8 @@ TIER_ROWS = ReportedCounter("moe_tier_expert_rows", "expert rows ((token, expert
                             "workers, all routers", "tier", CLUSTER)
 TIER_COPIES = Gauge("moe_tier_expert_copies", "expert copies held per tier (current placement)", ["tier"],
                     registry=CLUSTER)
+TIER_MOVES = Counter("moe_tier_moves", "experts the online tier step moved: promoted (to the fast tier) or "
+                     "demoted", ["direction"], registry=CLUSTER)
 TIER_COPY_BYTES = Gauge("moe_tier_expert_copy_bytes", "expert weight bytes held per tier (current placement)",
                         ["tier"], registry=CLUSTER)
 

@@ -23,6 +23,7 @@ from cluster.eplb import rebalance_experts, to_placement
 from cluster.profile import load_profile
 from cluster.rebalance import Worker, imbalance, plan
 from cluster.staging import stage_moves
+from cluster.tiers import TierLayout, tier_step
 from deployments import metrics
 from deployments.membership import Membership
 from deployments.policy import AutoscalePolicy
@@ -50,7 +51,7 @@ def diff(old: Placement, new: Placement) -> tuple[list[list[Expert]], list[list[
 
 class Rebalancer:
     def __init__(self, policy: AutoscalePolicy, state: TableState, membership: Membership, *,
-                 moe_layers: list[int], expert_bytes: int):
+                 moe_layers: list[int], expert_bytes: int, tiers: TierLayout | None = None):
         self.policy, self.state, self.membership = policy, state, membership
         self.moe_layers, self.expert_bytes = moe_layers, expert_bytes
         self.lock = asyncio.Lock()  # one placement change at a time (rebalance, heal, pool joins/leaves)
@@ -58,6 +59,7 @@ class Rebalancer:
         self.history: list[dict] = []
         self._pending_retire: list[tuple[int, int, list[Expert]]] = []  # (version, worker, experts)
         self.static_applied: str | None = None  # the profile a static placement was planned from
+        self.tiers, self._moved, self._tier_steps = tiers, {}, 0  # expert tiers: promote / demote instead
 
     def _workers(self, table: Table) -> list[Worker]:
         policy, active = self.policy, table.active()
@@ -100,6 +102,22 @@ class Rebalancer:
             return Decision("retire", lean.placement, before, lean.max_over_mean)
         return Decision("balanced", None, before, before)
 
+    def tier_decide(self, loads: np.ndarray) -> Decision:
+        """Expert tiers: promote experts that turned hot to the fast tier, demote cold ones (hysteresis
+        in cluster.tiers); the change then moves like any other (staged, no stall)."""
+        if loads.sum() <= 0:
+            return Decision("no_load", None, 0.0, 0.0)
+        if time.monotonic() - self.last_change < self.policy.cooldown_s:
+            return Decision("cooldown", None, 0.0, 0.0)
+        self._tier_steps += 1
+        d, new = tier_step(loads, self.state.table.placement, self.tiers, self.moe_layers, moved=self._moved,
+                           now=self._tier_steps)
+        if new is None:
+            return Decision("no_change", None, 0.0, 0.0)
+        metrics.TIER_MOVES.labels("promoted").inc(len(d.promoted))
+        metrics.TIER_MOVES.labels("demoted").inc(len(d.demoted))
+        return Decision("promote", new, 0.0, 0.0)
+
     def static_plan(self) -> Decision:
         """Mode static: DeepSeek's EPLB, once, on the recorded profile, with the online planner's copy
         budget (extra_slots_per_layer), over the active workers."""
@@ -138,7 +156,7 @@ class Rebalancer:
                 self.static_applied = self.policy.profile_file
                 decision = self.static_plan()
             else:
-                decision = self.decide(loads, coactivation)
+                decision = self.tier_decide(loads) if self.tiers else self.decide(loads, coactivation)
             if decision.placement is None:
                 metrics.REBALANCES.labels(f"skipped_{decision.reason}").inc()
                 return decision.reason

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from cluster.plan import parse_bytes
 from cluster.placement import Placement
-from cluster.tiers import TierWorker, fast_sets, tier_placement, tier_slots, uniform_sets
+from cluster.tiers import TierLayout, TierWorker, fast_sets, tier_placement, tier_slots, uniform_sets
 
 
 class TierGroup(BaseModel):
@@ -87,6 +87,13 @@ def tier_workers(groups: list[TierGroup], expert_bytes: Callable[[str], int] | N
     unit = expert_bytes(ordered[0].device)
     return [TierWorker(g.name, g.budget_bytes // expert_bytes(g.device) * unit)
             for g in ordered for _ in range(g.count)]
+
+
+def tier_layout(groups: list[TierGroup], expert_bytes: Callable[[str], int]) -> TierLayout:
+    """The workers as the online tier step sees them (budgets in copies of the first group's size)."""
+    unit = expert_bytes(sorted(groups, key=lambda g: g.name != "fast")[0].device)
+    host = next(g for g in groups if g.name == "host")
+    return TierLayout(tuple(tier_workers(groups, expert_bytes)), unit, host.copies)
 
 
 def initial_placement(groups: list[TierGroup], moe_layers: list[int], num_experts: int,

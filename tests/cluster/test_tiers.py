@@ -166,3 +166,18 @@ def test_tier_weighted_copy_choice_skips_down_workers_and_refuses_no_copy():
     assert choose_tiered(0, [3], copies, cost=[1.0, 10.0], down={0}) == {1: [(0, 0, 3)]}
     with pytest.raises(NoLiveCopy):
         choose_tiered(0, [3], copies, cost=[1.0, 10.0], down={0, 1})
+
+
+def test_tier_step_promotes_the_hot_expert_and_keeps_every_expert_covered():
+    from cluster.tiers import TierLayout, tier_step
+
+    layout = TierLayout(tuple(_workers([2], [8, 8])), EB)
+    start = tier_placement(uniform_sets(1, 8, 2), [0], 8, list(layout.workers), EB)
+    loads = np.array([[1.0, 1, 1, 1, 1, 9, 1, 8]])
+    moved: dict = {}
+    d, new = tier_step(loads, start, layout, [0], moved=moved, now=1)
+    assert set(d.promoted) == {(0, 5), (0, 7)} and set(d.demoted) == {(0, 0), (0, 1)}
+    assert set(new.workers[0]) == {(0, 5), (0, 7)} and moved == {x: 1 for x in d.promoted + d.demoted}
+    _check(new, list(layout.workers), 1, 8)
+    assert tier_step(loads, new, layout, [0], moved=moved, now=2) == (tier_step(loads, new, layout, [0], moved={},
+                                                                                now=2)[0], None)  # settled

@@ -39,7 +39,7 @@ def test_initial_placement_counts_each_tier_in_its_own_dtype():
     ({"tiers": [{**HOST, "name": "warm"}]}, "tiers.0.name"),
     ({"tiers": [HOST], "num_workers": 4}, "differs from the tiers' workers (3)"),
     ({"tiers": [HOST], "expert_copies": 2, "num_workers": 3}, "tiers decide the copies"),
-    ({"tiers": [HOST], "policy_file": "deployments/policies/default.yaml"}, "does not move copies between tiers"),
+    ({"tiers": [HOST], "autoscaler": {"mode": "static", "profile_file": "p.json"}}, "mode static"),
     ({"tiers": [{**HOST, "copies": 4}]}, "copies (4) must not exceed count (3)"),
     ({"tiers": [HOST, {**FAST, "copies": 2}]}, "copies is the host tier's setting"),
 ])
