@@ -197,6 +197,7 @@ def test_tiers_promote_a_hot_expert_to_the_fast_worker(checkpoint_factory):
                                 moe_layers=layers, expert_bytes=eb, tiers=TierLayout(workers, eb))
         loads = np.ones((len(layers), cfg.num_experts))
         loads[-1, -1] = 40.0  # the last expert of the last layer turns hot
+        promoted = metrics.TIER_MOVES.labels("promoted")._value.get()
 
         async def follow():  # a router that switches to every table as soon as it is published
             while True:
@@ -216,6 +217,7 @@ def test_tiers_promote_a_hot_expert_to_the_fast_worker(checkpoint_factory):
         new.check_covers(cfg.experts())
         assert _held(membership, state.table) == [sorted(ws) for ws in new.workers]
         assert rebalancer.history[-1]["reason"] == "promote"
+        assert metrics.TIER_MOVES.labels("promoted")._value.get() >= promoted + 1
     finally:
         for p in procs:
             p.kill()
