@@ -49,6 +49,7 @@ class WorkerRef:
     retired: bool = False  # a pool worker that left: holds nothing, counted nowhere
     local_socket: str = ""  # Unix socket of the same-node transports (shm, cuda_ipc); "" = gRPC only
     device: str = ""  # where the worker computes ("cpu", "cuda"): cuda_ipc needs a GPU on both sides
+    tier: str = ""  # expert tier ("fast", "host"; cluster.tiers); "" = untiered: copies weigh alike
 
 
 @dataclass(frozen=True)

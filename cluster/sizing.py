@@ -215,7 +215,7 @@ def size(c: ModelConfig, *, dtype: torch.dtype, kv_dtype: torch.dtype, workers: 
                 gpu_memory_bytes, gpu_memory_utilization, not reasons, tuple(reasons), per_seq)
 
 
-def _bytes_text(n: float) -> str:
+def bytes_text(n: float) -> str:
     for unit, scale in (("TiB", 1 << 40), ("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
@@ -231,14 +231,14 @@ def format_sizing(p: Sizing) -> str:
         f"FLOPs per token: {p.flops_per_token / 1e9:.1f} GFLOP in matmuls, + {p.attention_flops_per_token_at_max_len / 1e9:.1f}"
         f" GFLOP attention at {p.max_model_len} tokens of context",
         f"router (backbone: embeddings, attention, norms, gates, shared experts, LM head): "
-        f"{p.backbone_params / 1e9:.2f} B params, {_bytes_text(p.router_weight_bytes)}",
-        f"experts: {p.routed_expert_count} routed, {p.expert_params / 1e6:.1f} M params = {_bytes_text(p.expert_bytes)} each; "
-        + (f"{p.workers} worker{'s' if p.workers != 1 else ''} hold up to {p.experts_per_worker} each = {_bytes_text(p.worker_expert_bytes)} per worker"
+        f"{p.backbone_params / 1e9:.2f} B params, {bytes_text(p.router_weight_bytes)}",
+        f"experts: {p.routed_expert_count} routed, {p.expert_params / 1e6:.1f} M params = {bytes_text(p.expert_bytes)} each; "
+        + (f"{p.workers} worker{'s' if p.workers != 1 else ''} hold up to {p.experts_per_worker} each = {bytes_text(p.worker_expert_bytes)} per worker"
            if p.workers else "no workers: the router holds them all"),
-        f"KV cache: {_bytes_text(p.kv_bytes_per_token)} per token; {_bytes_text(p.kv_budget_bytes)} left on the router's "
-        f"{_bytes_text(p.gpu_memory_bytes)} GPU at {p.gpu_memory_utilization:.0%}: {p.kv_tokens:,} tokens = "
+        f"KV cache: {bytes_text(p.kv_bytes_per_token)} per token; {bytes_text(p.kv_budget_bytes)} left on the router's "
+        f"{bytes_text(p.gpu_memory_bytes)} GPU at {p.gpu_memory_utilization:.0%}: {p.kv_tokens:,} tokens = "
         f"{p.full_length_sequences} sequences of {p.max_model_len} (max_num_seqs {p.max_num_seqs})"
-        + (f", after {p.max_num_seqs} sequences' recurrent state of {_bytes_text(p.state_bytes_per_seq)} each"
+        + (f", after {p.max_num_seqs} sequences' recurrent state of {bytes_text(p.state_bytes_per_seq)} each"
            if p.state_bytes_per_seq else ""),
     ]
     if p.workers:
@@ -247,17 +247,21 @@ def format_sizing(p: Sizing) -> str:
     return "\n".join(lines)
 
 
-def sizing_from_config(model: str, *, dtype: str = "auto", kv_cache_dtype: str = "auto", workers: int = 1,
-                     gpu_memory: str = "80GiB", gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
-                     max_num_seqs: int = 64) -> Sizing:
-    """`model`: a checkpoint directory or its config.json; nothing else is read."""
+def model_config(model: str) -> ModelConfig:
+    """The model's config from a checkpoint directory or its config.json alone."""
     path = Path(model)
     path = path / "config.json" if path.is_dir() else path
     if not path.exists():
         raise ValueError(f"{path}: not found (give a checkpoint directory or its config.json)")
-    config = json.loads(path.read_text())
-    family, text = resolve(config)
-    cfg = family.parse_config(text)
+    family, text = resolve(json.loads(path.read_text()))
+    return family.parse_config(text)
+
+
+def sizing_from_config(model: str, *, dtype: str = "auto", kv_cache_dtype: str = "auto", workers: int = 1,
+                       gpu_memory: str = "80GiB", gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
+                       max_num_seqs: int = 64) -> Sizing:
+    """`model`: a checkpoint directory or its config.json; nothing else is read."""
+    cfg = model_config(model)
     if workers < 0:
         raise ValueError("--workers: must be ≥ 0")
     weights = resolve_dtype(dtype, "cuda", cfg.checkpoint_dtype)  # planned for GPUs: auto = the checkpoint's

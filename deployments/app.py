@@ -27,22 +27,29 @@ from deployments.ingress import Ingress
 from deployments.messages import AppSpec
 from deployments.prefix_router import PrefixAffinityRouter
 from deployments.router import Router
+from deployments.tier_config import initial_placement, tier_group_of, tier_layout
 
 def spec_of(cfg: AppConfig) -> AppSpec:
     _, _, model_cfg = open_model(cfg.model)  # fail fast, before anything is deployed
     placement = round_robin(model_cfg.experts(), cfg.num_workers, cfg.expert_copies) if cfg.num_workers else None
+    layout = None
+    if cfg.tiers:  # the fast tier's room to the hottest experts (evenly, before any load), the rest on host
+        of_device = lambda d: model_cfg.expert_bytes(resolve_dtype(cfg.dtype, d, model_cfg.checkpoint_dtype))  # noqa
+        placement = initial_placement(cfg.tiers, list(model_cfg.moe_layer_ids), model_cfg.num_experts, of_device)
+        layout = tier_layout(cfg.tiers, of_device)
     # one copy's bytes at the dtype the workers hold it in (memory budgets, metrics)
     expert_bytes = model_cfg.expert_bytes(resolve_dtype(cfg.dtype, cfg.worker_device, model_cfg.checkpoint_dtype))
     return AppSpec(uuid.uuid4().hex, cfg, placement, cfg.policy(), resolve_secret(cfg.data_plane_secret), model_cfg.moe_layer_ids,
-                   model_cfg.num_experts, expert_bytes)
+                   model_cfg.num_experts, expert_bytes, layout)
 
 
 def worker_actor_options(cfg: AppConfig, worker: int = 0) -> dict[str, Any]:
-    w = cfg.worker
+    w = tier_group_of(cfg.tiers, worker) if cfg.tiers else cfg.worker
     options: dict[str, Any] = {"num_cpus": w.num_cpus, "num_gpus": w.num_gpus}
     if w.memory:
         options["memory"] = w.memory
-    selector = w.label_selectors[worker % len(w.label_selectors)] if w.label_selectors else w.label_selector
+    selectors = getattr(w, "label_selectors", None)  # a tier group has one selector for all its workers
+    selector = selectors[worker % len(selectors)] if selectors else w.label_selector
     if selector:
         options["label_selector"] = dict(selector)
     return options
@@ -53,9 +60,17 @@ def _workers(spec: AppSpec) -> list:
     deployment = serve.deployment(ExpertWorker, health_check_period_s=5, max_ongoing_requests=16)
     return [deployment.options(name=f"expert-worker-{i}", ray_actor_options=worker_actor_options(cfg, i))
             .bind(cfg.model, [list(e) for e in spec.placement.workers[i]], f"expert-worker-{i}", cfg.data_plane_host,
-                  spec.data_plane_secret, cfg.worker.torch_threads, cfg.worker_device,
-                  cfg.worker.service_time_per_token_s, cfg.dtype)
+                  spec.data_plane_secret, *_kind(cfg, i), cfg.worker.service_time_per_token_s, cfg.dtype,
+                  tier_group_of(cfg.tiers, i).name if cfg.tiers else "")
             for i in range(cfg.num_workers)]
+
+
+def _kind(cfg: AppConfig, worker: int) -> tuple[int, str]:
+    """(torch threads, device) of a fixed worker: its tier group's, else the worker section's."""
+    if cfg.tiers:
+        group = tier_group_of(cfg.tiers, worker)
+        return group.torch_threads, group.device
+    return cfg.worker.torch_threads, cfg.worker_device
 
 
 def _pool(spec: AppSpec, controller):

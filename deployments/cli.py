@@ -58,10 +58,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """Capacity plan from config.json alone (cluster/sizing.py): works before any weights are downloaded."""
     from cluster.sizing import format_sizing, sizing_from_config
 
+    if args.gpus is not None or args.host_memory is not None or args.profile is not None:
+        return _tier_plan(args)
     p = sizing_from_config(args.model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, workers=args.workers,
                          gpu_memory=args.gpu_memory, gpu_memory_utilization=args.gpu_memory_utilization,
                          max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs)
     print(json.dumps(p.as_dict()) if args.json else format_sizing(p))
+    return 0
+
+
+def _tier_plan(args: argparse.Namespace) -> int:
+    """What fits in which tier (cluster/tier_plan.py): fast tier on the GPUs, the rest in host memory."""
+    from cluster.tier_plan import format_tier_plan, tier_plan_from_config
+
+    p = tier_plan_from_config(args.model, gpus=2 if args.gpus is None else args.gpus, gpu_memory=args.gpu_memory,
+                              host_memory=args.host_memory or "256GiB", profile=args.profile, dtype=args.dtype,
+                              kv_cache_dtype=args.kv_cache_dtype, kv_tokens=args.kv_tokens,
+                              gpu_memory_utilization=args.gpu_memory_utilization)
+    print(json.dumps(p.as_dict()) if args.json else format_tier_plan(p))
     return 0
 
 
@@ -207,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
     pl.add_argument("--max-num-seqs", type=int, default=64)
     pl.add_argument("--json", action="store_true", help="print one JSON object")
+    tiers = pl.add_argument_group("expert tiers: any of these plans a fast tier on the GPUs, the rest in host memory")
+    tiers.add_argument("--gpus", type=int, default=None, help="GPUs: the router on the first, fast-tier experts on all")
+    tiers.add_argument("--host-memory", default=None, help="host tier's memory, e.g. 256GiB (default 256GiB)")
+    tiers.add_argument("--profile", default=None,
+                       help="load profile (moe-cluster record-profile): fast experts by load")
+    tiers.add_argument("--kv-tokens", type=int, default=8192, help="the router's KV cache, in tokens")
     pl.set_defaults(func=cmd_plan)
     s = sub.add_parser("serve", help="serve the model on Ray Serve (HTTP + gRPC)")
     s.add_argument("--config", default="deployments/serve_local.yaml", help="Ray Serve config YAML")

@@ -83,7 +83,10 @@ def _data_plane(mine: list[RouterReport], state, spec: AppSpec) -> dict | None:
     planes = [r.stats.get("data_plane") or {} for r in mine]
     failures: dict[str, int] = {}
     calls: dict[str, int] = {}
+    tier_rows: dict[str, int] = {}
     for p in planes:
+        for k, v in p.get("rows_per_tier", {}).items():
+            tier_rows[k] = tier_rows.get(k, 0) + v
         for k, v in p.get("failures", {}).items():
             failures[k] = failures.get(k, 0) + v
         for k, v in p.get("calls_per_worker", {}).items():
@@ -93,7 +96,8 @@ def _data_plane(mine: list[RouterReport], state, spec: AppSpec) -> dict | None:
     imbalance = worker_imbalance(loads, list(spec.moe_layers), table.placement,
                                  active=table.active()) if loads is not None else []
     return {**totals, "failovers": sum(p.get("failovers", 0) for p in planes), "failures": failures,
-            "calls_per_worker": calls,
+            "calls_per_worker": calls, "rows_per_tier": tier_rows,
+            "copies_per_tier": _per_tier(table, lambda w: len(table.placement.workers[w])),
             "down_workers": sorted(down_workers({r.router_id: r for r in mine}, [r.router_id for r in mine], table)),
             "worker_nodes": [ref.node_id for ref in table.workers],
             "copies_per_worker": [len(e) for e in table.placement.workers],
@@ -101,6 +105,15 @@ def _data_plane(mine: list[RouterReport], state, spec: AppSpec) -> dict | None:
             "copies": sum(len(e) for e in table.placement.workers),
             "retired_workers": [w for w, ref in enumerate(table.workers) if ref.retired],
             "worker_max_over_mean": [round(x, 3) for x in imbalance], "table_version": table.version}
+
+
+def _per_tier(table, count) -> dict[str, int]:
+    """Expert tiers only: tier -> a count summed over its workers (copies; × expert_bytes = bytes)."""
+    out: dict[str, int] = {}
+    for w, ref in enumerate(table.workers):
+        if ref.tier:
+            out[ref.tier] = out.get(ref.tier, 0) + count(w)
+    return out
 
 
 def cluster_stats(reports, live, state, spec: AppSpec, report_count: int) -> dict:
@@ -122,6 +135,9 @@ def update_metrics(reports, live, state, spec: AppSpec) -> None:
         for w, experts in enumerate(table.placement.workers):
             metrics.COPIES.labels(str(w)).set(len(experts))
             metrics.COPY_BYTES.labels(str(w)).set(len(experts) * spec.expert_bytes)
+        for tier, copies in _per_tier(table, lambda w: len(table.placement.workers[w])).items():
+            metrics.TIER_COPIES.labels(tier).set(copies)
+            metrics.TIER_COPY_BYTES.labels(tier).set(copies * spec.expert_bytes)
     if not mine:
         return
     loads, _ = expert_load(reports, live)
@@ -132,3 +148,4 @@ def update_metrics(reports, live, state, spec: AppSpec) -> None:
         for layer, ratio in zip(spec.moe_layers, plane["worker_max_over_mean"]):
             metrics.WORKER_IMBALANCE.labels(str(layer)).set(ratio)
         metrics.EXPERT_CALL_FAILURES.set(plane["failures"])
+        metrics.TIER_ROWS.set(plane["rows_per_tier"])

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from deployments.api.tool_parsers import PARSERS
 
 from deployments.policy import AutoscalePolicy, describe, load_policy
+from deployments.tier_config import TierGroup, check_tiers
 
 
 class _Options(BaseModel):
@@ -151,6 +152,9 @@ class AppConfig(_Options):
                                                   "router runs on a GPU")
     worker: WorkerOptions = Field(default_factory=WorkerOptions)
     pool: PoolOptions = Field(default_factory=PoolOptions)
+    tiers: list[TierGroup] = Field(default_factory=list, description="expert tiers (deployments/tier_config.py): "
+                                   "worker groups of different kinds; they replace num_workers and worker's "
+                                   "resources; empty = one kind of worker")
     autoscaler: AutoscalePolicy | None = Field(None, description="hot-expert autoscaling policy (inline); "
                                                                  "off when neither this nor policy_file is set")
     policy_file: str | None = Field(None, description="hot-expert autoscaling policy YAML (deployments/policies/)")
@@ -190,7 +194,25 @@ class AppConfig(_Options):
             raise ValueError(f"expert_copies ({self.expert_copies}) must not exceed num_workers ({self.num_workers})")
         if self.pool.max_workers and not self.num_workers:
             raise ValueError("pool.max_workers > 0 needs num_workers ≥ 1 (the pool joins fixed expert workers)")
+        if self.tiers:
+            self._tiered()
         return self
+
+    def _tiered(self) -> None:
+        """Tiers decide the workers and their copies: num_workers follows them."""
+        check_tiers(self.tiers)
+        count = sum(g.count for g in self.tiers)
+        if "num_workers" in self.model_fields_set and self.num_workers != count:
+            raise ValueError(f"num_workers ({self.num_workers}) differs from the tiers' workers ({count}): "
+                             "leave num_workers out with tiers")
+        policy = self.policy()
+        if policy is not None and policy.mode == "static":
+            raise ValueError("tiers: mode static (EPLB from a profile) does not place by tier; use mode online, "
+                             "which promotes and demotes experts between the tiers")
+        if self.expert_copies != 1 or self.pool.max_workers:
+            raise ValueError("tiers decide the copies: expert_copies and pool.max_workers are not used with tiers "
+                             "(leave them at 1 and 0)")
+        self.num_workers = count
 
     def engine_options(self) -> dict[str, Any]:
         """What a router's engine is built with (LLMEngine.from_pretrained keywords)."""

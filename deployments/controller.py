@@ -47,7 +47,7 @@ class PlacementController:
         self.state = TableState(table)
         self.policy = spec.policy or AutoscalePolicy(enabled=False)
         self.rebalancer = Rebalancer(self.policy, self.state, self.membership, moe_layers=list(spec.moe_layers),
-                                     expert_bytes=spec.expert_bytes)
+                                     expert_bytes=spec.expert_bytes, tiers=spec.tiers)
         self.reports: dict[str, RouterReport] = {}
         self.board = IngressBoard()
         self.report_count = 0

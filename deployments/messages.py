@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from cluster.engine import SamplingParams
 from cluster.placement import Placement, Table
+from cluster.tiers import TierLayout
 from deployments.config import AppConfig
 from deployments.policy import AutoscalePolicy
 
@@ -27,6 +28,7 @@ class AppSpec:
     moe_layers: tuple[int, ...]  # layer ids of the MoE layers: rows of every expert-load matrix
     num_experts: int
     expert_bytes: int  # one routed expert's weights at the serving dtype (memory budgets)
+    tiers: TierLayout | None = None  # expert tiers (cluster.tiers): the online tier step's view of the workers
 
 
 @dataclass(frozen=True)

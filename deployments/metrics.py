@@ -83,6 +83,15 @@ COPIES = Gauge("moe_expert_copies", "expert copies held per worker (current plac
                registry=CLUSTER)
 COPY_BYTES = Gauge("moe_expert_copy_bytes", "expert weight bytes held per worker (current placement)", ["worker"],
                    registry=CLUSTER)
+# Expert tiers (issue 23): one series per tier.
+TIER_ROWS = ReportedCounter("moe_tier_expert_rows", "expert rows ((token, expert) pairs) sent to each tier's "
+                            "workers, all routers", "tier", CLUSTER)
+TIER_COPIES = Gauge("moe_tier_expert_copies", "expert copies held per tier (current placement)", ["tier"],
+                    registry=CLUSTER)
+TIER_MOVES = Counter("moe_tier_moves", "experts the online tier step moved: promoted (to the fast tier) or "
+                     "demoted", ["direction"], registry=CLUSTER)
+TIER_COPY_BYTES = Gauge("moe_tier_expert_copy_bytes", "expert weight bytes held per tier (current placement)",
+                        ["tier"], registry=CLUSTER)
 
 
 def render(registry: CollectorRegistry) -> str:

@@ -22,6 +22,7 @@ from cluster.autoscale import Decision
 from cluster.placement import Expert, Placement
 from cluster.profile import load_profile
 from cluster.staging import changes, stage_moves
+from cluster.tiers import TierLayout, tier_step
 from deployments import metrics
 from deployments.membership import Membership
 from deployments.policy import AutoscalePolicy
@@ -32,7 +33,7 @@ log = logging.getLogger("ray.serve")
 
 class Rebalancer:
     def __init__(self, policy: AutoscalePolicy, state: TableState, membership: Membership, *,
-                 moe_layers: list[int], expert_bytes: int):
+                 moe_layers: list[int], expert_bytes: int, tiers: TierLayout | None = None):
         self.policy, self.state, self.membership = policy, state, membership
         self.moe_layers, self.expert_bytes = moe_layers, expert_bytes
         self.lock = asyncio.Lock()  # one placement change at a time (rebalance, heal, pool joins/leaves)
@@ -40,6 +41,7 @@ class Rebalancer:
         self.history: list[dict] = []
         self._pending_retire: list[tuple[int, int, list[Expert]]] = []  # (version, worker, experts)
         self.static_applied: str | None = None  # the profile a static placement was planned from
+        self.tiers, self._moved, self._tier_steps = tiers, {}, 0  # expert tiers: promote / demote instead
 
     def decide(self, loads: np.ndarray, coactivation: np.ndarray | None) -> Decision:
         """`cluster.autoscale.decide` on the table in force and the policy now."""
@@ -49,6 +51,22 @@ class Rebalancer:
         return autoscale.decide(loads, table=table, limits=limits, moe_layers=self.moe_layers,
                                 expert_bytes=self.expert_bytes, since_change_s=time.monotonic() - self.last_change,
                                 coactivation=coactivation)
+
+    def tier_decide(self, loads: np.ndarray) -> Decision:
+        """Expert tiers: promote experts that turned hot to the fast tier, demote cold ones (hysteresis
+        in cluster.tiers); the change then moves like any other (staged, no stall)."""
+        if loads.sum() <= 0:
+            return Decision("no_load", None, 0.0, 0.0)
+        if time.monotonic() - self.last_change < self.policy.cooldown_s:
+            return Decision("cooldown", None, 0.0, 0.0)
+        self._tier_steps += 1
+        d, new = tier_step(loads, self.state.table.placement, self.tiers, self.moe_layers, moved=self._moved,
+                           now=self._tier_steps)
+        if new is None:
+            return Decision("no_change", None, 0.0, 0.0)
+        metrics.TIER_MOVES.labels("promoted").inc(len(d.promoted))
+        metrics.TIER_MOVES.labels("demoted").inc(len(d.demoted))
+        return Decision("promote", new, 0.0, 0.0)
 
     def static_plan(self) -> Decision:
         """`cluster.autoscale.static` on the policy's recorded profile."""
@@ -77,7 +95,7 @@ class Rebalancer:
                 self.static_applied = self.policy.profile_file
                 decision = self.static_plan()
             else:
-                decision = self.decide(loads, coactivation)
+                decision = self.tier_decide(loads) if self.tiers else self.decide(loads, coactivation)
             if decision.placement is None:
                 metrics.REBALANCES.labels(f"skipped_{decision.reason}").inc()
                 return decision.reason

@@ -29,8 +29,10 @@ def apply_json_patch(doc: dict, ops: list[dict]) -> dict:
         node = doc
         for part in parents:
             node = node[int(part)] if isinstance(node, list) else node[part]
-        key = int(last) if isinstance(node, list) else last
-        if op["op"] == "remove":
+        key = (len(node) if last == "-" else int(last)) if isinstance(node, list) else last
+        if op["op"] == "add" and isinstance(node, list):
+            node.insert(key, op["value"])
+        elif op["op"] == "remove":
             del node[key]
         elif op["op"] == "replace":
             assert key in node or isinstance(node, list), f"replace of missing {op['path']}"
@@ -56,14 +58,14 @@ def rayservice(docs):
     return next(d for d in docs if d["kind"] == "RayService")
 
 
-@pytest.mark.parametrize("overlay", [None, "cpu", "gcs-ft"])
+@pytest.mark.parametrize("overlay", [None, "cpu", "gcs-ft", "tiers"])
 def test_manifests_validate_against_kuberay_crds(overlay):
     for doc in render(overlay):
         if doc["apiVersion"].startswith("ray.io/"):
             jsonschema.validate(doc, crd_schema(doc["kind"]))
 
 
-@pytest.mark.parametrize("overlay", [None, "cpu", "gcs-ft"])
+@pytest.mark.parametrize("overlay", [None, "cpu", "gcs-ft", "tiers"])
 def test_serve_config_is_a_valid_serve_config_that_builds(overlay, monkeypatch):
     from ray.serve.schema import ServeDeploySchema
 
@@ -92,7 +94,7 @@ def test_serve_config_matches_the_local_one():
 
 
 def test_only_serving_ports_are_exposed():
-    for overlay in (None, "cpu", "gcs-ft"):
+    for overlay in (None, "cpu", "gcs-ft", "tiers"):
         docs = render(overlay)
         service = rayservice(docs)["spec"]["serveService"]
         assert sorted(p["port"] for p in service["spec"]["ports"]) == [8000, 9000]
@@ -125,3 +127,18 @@ def test_schema_check_catches_a_broken_manifest():
     doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] = "two"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(doc, crd_schema("RayService"))
+
+
+def test_tiers_overlay_has_a_gpu_group_and_a_cpu_group_that_scale_independently():
+    spec = rayservice(render("tiers"))["spec"]
+    groups = {g["groupName"]: g for g in spec["rayClusterConfig"]["workerGroupSpecs"]}
+    assert set(groups) == {"routers-gpu", "experts-fast-gpu", "experts-host-cpu"}
+    tiers = {t["name"]: t for t in yaml.safe_load(spec["serveConfigV2"])["applications"][0]["args"]["tiers"]}
+    for name, tier in (("experts-fast-gpu", tiers["fast"]), ("experts-host-cpu", tiers["host"])):
+        group = groups[name]
+        assert group["rayStartParams"]["labels"] == "moe-cluster/role={}".format(
+            tier["label_selector"]["moe-cluster/role"])
+        assert group["minReplicas"] < group["maxReplicas"]
+    limits = {n: groups[n]["template"]["spec"]["containers"][0]["resources"]["limits"] for n in groups}
+    assert limits["experts-fast-gpu"]["nvidia.com/gpu"] == "1" and tiers["fast"]["device"] == "cuda"
+    assert "nvidia.com/gpu" not in limits["experts-host-cpu"] and tiers["host"]["device"] == "cpu"

@@ -41,6 +41,11 @@ PANELS = [
     ("Expert-call failures and workers down", "none", [
         ("sum by (code) (increase(moe_expert_call_failures_total[5m]))", "failed calls {{code}}"),
         ("moe_expert_workers_down", "workers down")]),
+    ("Expert rows per tier (fast tier's share)", "none", [
+        ("sum by (tier) (rate(moe_tier_expert_rows_total[1m]))", "{{tier}} rows/s"),
+        ('sum(rate(moe_tier_expert_rows_total{tier="fast"}[5m])) / sum(rate(moe_tier_expert_rows_total[5m]))',
+         "fast share")]),
+    ("Expert copy bytes per tier", "bytes", [("moe_tier_expert_copy_bytes", "{{tier}}")]),
 ]
 
 

@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 
 from cluster.copy_choice import NoLiveCopy, choose_copies
+from cluster.tier_choice import choose_tiered
+from cluster.tiers import row_costs
 from cluster.placement import Expert, Table, WorkerRef
 from deployments.experts.stats import DataPlaneStats, error_code
 
@@ -157,6 +159,7 @@ class RemoteExperts:
         self._next_table: Table | None = None
         self._table: Table | None = None
         self._copies: dict = {}
+        self._costs: list[float] | None = None
         self.same_node: frozenset[int] = frozenset()  # workers on this router's node
         self._pool = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="experts")
         if table is not None:
@@ -186,6 +189,7 @@ class RemoteExperts:
 
     def _apply(self, table: Table) -> None:
         self._table, self._copies = table, table.placement.copies()
+        self._costs = row_costs([ref.tier for ref in table.workers])  # None: untiered, the policy's rule
         self.same_node = frozenset(w for w, ref in enumerate(table.workers)
                                    if ref.node_id and ref.node_id == self.node_id)
         self.health.forget_healed(table)
@@ -212,15 +216,25 @@ class RemoteExperts:
 
     # -- the data path ---------------------------------------------------------------------
     def submit(self, layer: int, rows: Tensor, counts: Sequence[int]) -> Pending:
-        copies = self._copies
+        copies, costs, down = self._copies, self._costs, self.health.down(self._table)
         try:
-            groups = choose_copies(layer, counts, copies, down=self.health.down(self._table),
-                                   same_node=self.same_node, rule=self.copy_choice)
+            groups = (choose_tiered(layer, counts, copies, cost=costs, down=down, same_node=self.same_node)
+                      if costs else
+                      choose_copies(layer, counts, copies, down=down, same_node=self.same_node, rule=self.copy_choice))
         except NoLiveCopy as e:
             raise ExpertUnavailable(str(e)) from None
+        if costs:
+            self._count_tiers(groups)
         t0 = time.perf_counter()
         calls = {w: self._send(w, layer, rows, g) for w, g in groups.items()}
         return Pending(self, layer, rows, copies, groups, calls, time.perf_counter() - t0)
+
+    def _count_tiers(self, groups) -> None:
+        rows: dict[str, int] = {}
+        for w, g in groups.items():
+            tier = self._table.workers[w].tier or "host"
+            rows[tier] = rows.get(tier, 0) + sum(n for _, _, n in g)
+        self.stats.record_tiers(rows)
 
     def run(self, layer: int, rows: Tensor, counts: Sequence[int]) -> Tensor:
         return self.submit(layer, rows, counts).result()

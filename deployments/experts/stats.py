@@ -25,6 +25,7 @@ class DataPlaneStats:
         self.failovers = 0
         self.failures: dict[str, int] = {}  # error code -> failed expert calls
         self.calls_per_worker: dict[int, int] = {}
+        self.rows_per_tier: dict[str, int] = {}  # expert rows (token, expert pairs) sent to each tier
 
     def record_layer(self, sent_s: float, wait_s: float, workers: list[int]) -> None:
         with self.lock:
@@ -33,6 +34,11 @@ class DataPlaneStats:
             self.times["calls"] += len(workers)
             for w in workers:
                 self.calls_per_worker[w] = self.calls_per_worker.get(w, 0) + 1
+
+    def record_tiers(self, rows: dict[str, int]) -> None:
+        with self.lock:
+            for tier, n in rows.items():
+                self.rows_per_tier[tier] = self.rows_per_tier.get(tier, 0) + n
 
     def failed(self, code: str) -> None:
         with self.lock:
@@ -45,4 +51,5 @@ class DataPlaneStats:
     def snapshot(self) -> dict:
         with self.lock:
             return {**self.times, "failovers": self.failovers, "failures": dict(self.failures),
-                    "calls_per_worker": {str(w): n for w, n in sorted(self.calls_per_worker.items())}}
+                    "calls_per_worker": {str(w): n for w, n in sorted(self.calls_per_worker.items())},
+                    "rows_per_tier": dict(self.rows_per_tier)}

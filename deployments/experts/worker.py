@@ -32,8 +32,9 @@ class ExpertHost:
 
     def __init__(self, model: str, experts: list[list[int]], name: str, host: str, secret: str,
                  torch_threads: int = 1, device: str = "cpu", service_time_per_token_s: float = 0.0,
-                 dtype: str = "auto"):
+                 dtype: str = "auto", tier: str = ""):
         torch.set_num_threads(torch_threads)
+        self.tier = tier  # the expert tier it serves (routers weigh its copies by it)
         self.device = device  # "cuda" when the config gives workers GPUs (worker.num_gpus > 0)
         self.name = name
         self.ckpt, self.family, self.cfg = open_model(model)
@@ -69,7 +70,7 @@ class ExpertHost:
     def get_endpoints(self) -> dict[str, str]:
         """Where and how routers reach this replica: the WorkerRef fields that pick a transport."""
         return {"address": self.address, "node_id": self.get_node_id(), "local_socket": self.local.path,
-                "device": self.device}
+                "device": self.device, "tier": self.tier}
 
     def stop_serving(self) -> None:
         self.server.stop(grace=1)

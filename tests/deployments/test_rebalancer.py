@@ -175,3 +175,50 @@ def test_static_mode_plans_once_from_a_profile_with_eplb(setup, tmp_path):
     expected = to_placement(rebalance_experts(loads=loads, extra_per_layer=4, num_workers=4), layers)
     assert [set(w) for w in state.table.placement.workers] == [set(w) for w in expected.workers]
     assert rebalancer.history[-1]["reason"] == "static" and len(rebalancer.history) == 1
+
+
+def test_tiers_promote_a_hot_expert_to_the_fast_worker(checkpoint_factory):
+    """Expert tiers (issue 23): a fast worker with room for 2 copies per table and two host workers
+    holding every expert; skewed load promotes the hot experts, staged, every expert covered."""
+    from cluster.tiers import FAST, HOST, TierLayout, TierWorker, tier_placement, uniform_sets
+
+    model = str(checkpoint_factory("mixtral"))
+    _, _, cfg = open_model(model)
+    layers, eb = list(cfg.moe_layer_ids), cfg.expert_bytes(torch.float32)
+    workers = (TierWorker(FAST, 2 * eb), TierWorker(HOST, 64 * eb), TierWorker(HOST, 64 * eb))
+    placement = tier_placement(uniform_sets(len(layers), cfg.num_experts, 2), layers, cfg.num_experts,
+                               list(workers), eb)
+    procs = [start_worker(model, experts) for experts in placement.workers]
+    try:
+        state = TableState(Table(1, placement, tuple(worker_ref(p) for p in procs)))
+        _confirmed(state)
+        membership = Membership([], SECRET)
+        rebalancer = Rebalancer(AutoscalePolicy(interval_s=1, cooldown_s=0, switch_timeout_s=1.0), state, membership,
+                                moe_layers=layers, expert_bytes=eb, tiers=TierLayout(workers, eb))
+        loads = np.ones((len(layers), cfg.num_experts))
+        loads[-1, -1] = 40.0  # the last expert of the last layer turns hot
+        promoted = metrics.TIER_MOVES.labels("promoted")._value.get()
+
+        async def follow():  # a router that switches to every table as soon as it is published
+            while True:
+                state.seen("router", state.table.version)
+                await asyncio.sleep(0.05)
+
+        async def run():
+            task = asyncio.create_task(follow())
+            try:
+                return await rebalancer.step(loads, None)
+            finally:
+                task.cancel()
+
+        assert asyncio.run(run()) == "done"
+        new = state.table.placement
+        assert (layers[-1], cfg.num_experts - 1) in new.workers[0] and len(new.workers[0]) == 2
+        new.check_covers(cfg.experts())
+        assert _held(membership, state.table) == [sorted(ws) for ws in new.workers]
+        assert rebalancer.history[-1]["reason"] == "promote"
+        assert metrics.TIER_MOVES.labels("promoted")._value.get() >= promoted + 1
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

@@ -1,0 +1,278 @@
+"""Expert tiers: a small fast tier and a 10x slower host tier, placed five ways, on traffic whose hot
+experts move, in one run.
+
+    .venv/bin/python bench/tier_bench.py [--fast-shares 0.10,0.25] [--fast-workers 2] [--host-workers 2] \\
+        [--clients 16] [--phases prose:20,code:20,numbers:20,prose:20] [--row-ms 1] [--host-factor 10]
+
+The traffic is the shift benchmark's (prose → code → numbers → prose): the demo model's own routing of
+held-out text of each domain (our engine's forward, tools/routing_stats.py's windows), replayed token by
+token. Workers are devices of fixed capacity as in bench/shift_bench.py (one call at a time, a fixed
+time per row): fast-tier workers T ms per row, host-tier workers host_factor × T. A step runs the MoE
+layers one after another; a layer takes as long as its busiest worker; the step is one inter-token gap
+for every sequence in it (prompts of 16 tokens run in the step a request starts). The run is a
+discrete-time model, so it takes seconds and does not depend on this (shared) machine's speed.
+
+Placements (the fast tier holds `share` of the expert bytes; the host tier holds every expert):
+  all-fast  every expert on every fast worker (the upper bound: no memory limit);
+  by-layer  whole layers' experts on the fast tier (llama.cpp --n-cpu-moe): only layers that fit whole;
+  uniform   the same number of fast experts in every layer, chosen without load (KTransformers' uniform);
+  static    the fast tier's room to the experts hottest in a profile recorded during the first phase
+            of the uniform run ("frequency"), fixed from then on;
+  online    starts from the same profile; every interval the promote/demote decision (cluster/tiers.py, with
+            hysteresis) runs on the smoothed live load; a promotion loads its copies in the background
+            (load_ms each) and switches when they are in, as the staged autoscaler does.
+Rows go to copies by cluster/tier_choice.py (fast copy first, spill to a host copy by queue) in every mode.
+Printed per mode and share: tokens/s, inter-token p50/p99, failed requests (rows that found no live
+copy), the fast tier's share of rows, promotions/demotions, bytes moved, p99 in windows with a
+promotion over steady windows; then the ratios the issue's goals name.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+from cluster.copy_choice import NoLiveCopy  # noqa: E402
+from cluster.placement import Placement  # noqa: E402
+from cluster.tier_choice import choose_tiered  # noqa: E402
+from cluster.tiers import (FAST, HOST, Hysteresis, TierWorker, decide, fast_of, fast_sets,  # noqa: E402
+                           layer_sets, tier_placement, uniform_sets)
+
+MODES = ("all-fast", "by-layer", "uniform", "static", "online")
+PROMPT = 16
+
+
+def traces(model: str, domains: set[str], windows: int, length: int) -> tuple[dict[str, np.ndarray], int]:
+    """domain -> [T, L, K] expert ids the demo model routes each held-out token to; and bytes per expert."""
+    import torch
+
+    from cluster.engine import LLMEngine
+    from cluster.model.batch import make_batch
+    from cluster.model.kv_cache import KVCache
+    from routing_stats import windows as text_windows
+
+    engine = LLMEngine.from_pretrained(model, max_num_seqs=1, max_model_len=length)
+    out = {}
+    for d in sorted(domains):
+        prompts = text_windows(engine, d, windows, length)
+        blocks = -(-length // 16)
+        cache = KVCache.for_model(engine.cfg, len(prompts) * blocks, block_size=16)
+        with torch.no_grad():
+            _, routing = engine.model.forward(make_batch([(cache.allocate(blocks), p, 0) for p in prompts], 16), cache)
+        out[d] = torch.stack([r.ids for r in routing]).permute(1, 0, 2).numpy()  # [T, L, K]
+    return out, engine.cfg.expert_bytes(torch.bfloat16)
+
+
+@dataclass
+class Client:
+    k: int
+    domain: str = ""
+    pos: int = 0
+    prompt_left: int = 0
+    left: int = 0
+    requests: int = 0
+
+
+@dataclass
+class Result:
+    tokens: int = 0
+    failed: int = 0
+    sent: int = 0
+    gaps: list = field(default_factory=list)  # (time s, gap s)
+    switches: list = field(default_factory=list)  # (load start s, switch s)
+    fast_rows: int = 0
+    rows: int = 0
+    promoted: int = 0
+    demoted: int = 0
+    bytes_moved: int = 0
+    phase_tokens: list = field(default_factory=list)
+    first_phase_loads: np.ndarray | None = None
+
+
+class Sim:
+    def __init__(self, args, tr: dict[str, np.ndarray], expert_bytes: int, share: float):
+        self.args, self.tr, self.eb = args, tr, expert_bytes
+        _, self.L, self.K = next(iter(tr.values())).shape
+        self.E = int(max(t.max() for t in tr.values())) + 1
+        self.slots = max(0, round(share * self.L * self.E))  # the fast tier's copies, all workers together
+        nf, nh = args.fast_workers, args.host_workers
+        self.workers = ([TierWorker(FAST, (self.slots // nf + (i < self.slots % nf)) * expert_bytes) for i in range(nf)]
+                        + [TierWorker(HOST, self.L * self.E * expert_bytes) for _ in range(nh)])
+        self.cost = [args.row_ms] * nf + [args.row_ms * args.host_factor] * nh
+        self.bounds = np.cumsum([s for _, s in args.phases])
+
+    def domain_at(self, t: float) -> str:
+        return self.args.phases[min(int(np.searchsorted(self.bounds, t, side="right")), len(self.bounds) - 1)][0]
+
+    def placement(self, fast) -> Placement:
+        return tier_placement(fast, list(range(self.L)), self.E, self.workers, self.eb)
+
+    def start(self, mode: str, profile: np.ndarray | None) -> Placement:
+        if mode == "all-fast":
+            every = tuple((i, e) for i in range(self.L) for e in range(self.E))
+            return Placement(tuple(every if w.tier == FAST else () for w in self.workers))
+        fast = {"by-layer": lambda: layer_sets(self.L, self.E, self.slots),
+                "uniform": lambda: uniform_sets(self.L, self.E, self.slots),
+                "static": lambda: fast_sets(profile, self.slots),
+                "online": lambda: fast_sets(profile, self.slots)}[mode]()
+        return self.placement(fast)
+
+    def begin(self, c: Client, t: float) -> None:
+        c.domain, c.requests = self.domain_at(t), c.requests + 1
+        i = c.k * 7 + c.requests * 13
+        c.pos = (i * 97) % (len(self.tr[c.domain]) - PROMPT - 64)
+        c.prompt_left, c.left = PROMPT, self.args.max_tokens // 2 + (i * 13) % self.args.max_tokens
+
+    def run(self, mode: str, profile: np.ndarray | None = None) -> Result:
+        a, res = self.args, Result()
+        table = self.start(mode, profile)
+        fast = fast_of(table, self.workers, list(range(self.L)))
+        clients = [Client(k) for k in range(a.clients)]
+        for c in clients:
+            self.begin(c, 0.0)
+            res.sent += 1
+        ema = np.zeros((self.L, self.E))
+        seen = np.zeros((self.L, self.E))
+        pending, next_decide, decisions, moved = None, a.interval_s, 0, {}
+        t, total, phase = 0.0, float(self.bounds[-1]), 0
+        res.phase_tokens = [0] * len(self.bounds)
+        while t < total:
+            decoding = [c for c in clients if t >= a.stagger_s * c.k]  # requests join the batch one by one
+            ids = []
+            for c in decoding:
+                n = c.prompt_left or 1
+                ids.append(self.tr[c.domain][c.pos:c.pos + n])
+            rows = np.concatenate(ids)  # [N, L, K]
+            counts = np.stack([np.bincount(rows[:, i].reshape(-1), minlength=self.E) for i in range(self.L)])
+            step_ms, copies = a.router_ms, table.copies()
+            try:
+                for i in range(self.L):
+                    groups = choose_tiered(i, counts[i].tolist(), copies, cost=self.cost, down=set())
+                    per = {w: sum(k for _, _, k in g) for w, g in groups.items()}
+                    step_ms += max(n * self.cost[w] for w, n in per.items())
+                    res.fast_rows += sum(n for w, n in per.items() if self.workers[w].tier == FAST)
+                    res.rows += sum(per.values())
+            except NoLiveCopy:
+                res.failed += len(decoding)
+                for c in decoding:
+                    self.begin(c, t)
+                    res.sent += 1
+                continue
+            t += step_ms / 1000
+            while phase < len(self.bounds) - 1 and t >= self.bounds[phase]:
+                phase += 1
+            if phase == 0:
+                seen += counts
+            elif res.first_phase_loads is None:
+                res.first_phase_loads = seen.copy()
+            ema = (1 - a.alpha) * ema + a.alpha * counts
+            for c in decoding:
+                res.gaps.append((t, step_ms / 1000))  # a prefill's first token waits one step too
+                res.tokens += 1
+                res.phase_tokens[phase] += 1
+                c.pos += c.prompt_left or 1
+                c.prompt_left, c.left = 0, c.left - 1
+                if c.left <= 0:
+                    self.begin(c, t)
+                    res.sent += 1
+            if mode != "online":
+                continue
+            if pending and t >= pending[1]:
+                table = pending[0]
+                res.switches.append((pending[2], t))
+                pending = None
+            if not pending and t >= next_decide:
+                next_decide, decisions = t + a.interval_s, decisions + 1
+                d = decide(ema, fast, self.slots, moved=moved, now=decisions,
+                           rule=Hysteresis(margin=a.margin, dwell=a.dwell))
+                if d.promoted:
+                    new = tier_placement(d.fast, list(range(self.L)), self.E, self.workers, self.eb, ema, table)
+                    adds = sum(len(set(n) - set(o)) for n, o in zip(new.workers, table.workers))
+                    pending = (new, t + adds * a.load_ms / 1000, t)
+                    moved.update({x: decisions for x in d.promoted + d.demoted})
+                    res.promoted, res.demoted = res.promoted + len(d.promoted), res.demoted + len(d.demoted)
+                    res.bytes_moved += adds * self.eb
+                    fast = d.fast
+        return res
+
+
+def pct(values: list[float], q: int) -> float | None:
+    return round(1000 * statistics.quantiles(values, n=100)[q - 1], 1) if len(values) > 1 else None
+
+
+def summary(res: Result, phases, warmup_s: float) -> dict:
+    """Inter-token windows leave out the first warmup_s (every request's prompt at once)."""
+    total = sum(s for _, s in phases)
+    gaps = [(t, g) for t, g in res.gaps if t >= warmup_s]
+    inside = [g for t, g in gaps if any(a <= t <= b for a, b in res.switches)]
+    steady = [g for t, g in gaps if not any(a - 1 <= t <= b + 1 for a, b in res.switches)]
+    ratio = pct(inside, 99) / pct(steady, 99) if pct(inside, 99) and pct(steady, 99) else None
+    return {"tokens_per_s": round(res.tokens / total, 1), "failed": res.failed, "sent": res.sent,
+            "itl_p50_ms": pct([g for _, g in res.gaps], 50), "itl_p99_ms": pct([g for _, g in res.gaps], 99),
+            "tokens_per_s_by_phase": [round(n / s, 1) for n, (_, s) in zip(res.phase_tokens, phases)],
+            "fast_tier_row_share": round(res.fast_rows / max(res.rows, 1), 3),
+            "promoted": res.promoted, "demoted": res.demoted, "bytes_moved": res.bytes_moved,
+            "switches": len(res.switches), "itl_p99_ms_in_promotion_windows": pct(inside, 99),
+            "itl_p99_ms_steady": pct(steady, 99), "promotion_over_steady_p99": round(ratio, 2) if ratio else None}
+
+
+def compare(s: dict, phases) -> dict:
+    unseen = [i for i, (d, _) in enumerate(phases) if i > 0 and d != phases[0][0]]
+    rate = lambda m: sum(s[m]["tokens_per_s_by_phase"][i] for i in unseen) / max(len(unseen), 1)  # noqa: E731
+    r = lambda x, y: round(x / y, 2) if y else None  # noqa: E731
+    return {"online_over_all_fast": r(s["online"]["tokens_per_s"], s["all-fast"]["tokens_per_s"]),
+            "online_over_uniform": r(s["online"]["tokens_per_s"], s["uniform"]["tokens_per_s"]),
+            "online_over_by_layer": r(s["online"]["tokens_per_s"], s["by-layer"]["tokens_per_s"]),
+            "online_over_static_in_unseen_phases": r(rate("online"), rate("static")),
+            "online_over_static_whole_run": r(s["online"]["tokens_per_s"], s["static"]["tokens_per_s"]),
+            "failed_requests_all_modes": sum(x["failed"] for x in s.values())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="models/demo")
+    p.add_argument("--fast-shares", default="0.10,0.25", help="fast tier's share of the expert bytes, one run each")
+    p.add_argument("--fast-workers", type=int, default=2)
+    p.add_argument("--host-workers", type=int, default=2)
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--phases", default="prose:20,code:20,numbers:20,prose:20", help="domain:simulated seconds")
+    p.add_argument("--row-ms", type=float, default=1.0, help="T: a fast-tier worker's time per row")
+    p.add_argument("--host-factor", type=float, default=10.0, help="a host-tier worker's time per row over T")
+    p.add_argument("--router-ms", type=float, default=0.0, help="the router's time per step (attention etc.)")
+    p.add_argument("--stagger-s", type=float, default=0.2, help="client k starts at k x this")
+    p.add_argument("--warmup-s", type=float, default=5.0, help="left out of the inter-token windows")
+    p.add_argument("--interval-s", type=float, default=1.0, help="online: seconds between decisions")
+    p.add_argument("--alpha", type=float, default=2 / 21, help="online: EMA weight of the newest step (20 steps)")
+    p.add_argument("--margin", type=float, default=Hysteresis.margin)
+    p.add_argument("--dwell", type=int, default=Hysteresis.dwell)
+    p.add_argument("--load-ms", type=float, default=50.0, help="online: time to load one copy (staged: no stall)")
+    p.add_argument("--windows", type=int, default=16, help="held-out windows per domain (x 128 tokens)")
+    args = p.parse_args()
+    args.phases = [(d, float(s)) for d, s in (x.split(":") for x in args.phases.split(","))]
+    tr, expert_bytes = traces(args.model, {d for d, _ in args.phases}, args.windows, 128)
+    out = {"workload": f"{args.clients} clients, phases {args.phases} (simulated s), {args.fast_workers} fast "
+                       f"workers at {args.row_ms:g} ms/row, {args.host_workers} host workers at "
+                       f"{args.row_ms * args.host_factor:g} ms/row, router {args.router_ms:g} ms/step, "
+                       f"copy load {args.load_ms:g} ms", "shares": {}}
+    for share in (float(x) for x in args.fast_shares.split(",")):
+        sim = Sim(args, tr, expert_bytes, share)
+        runs = {"all-fast": sim.run("all-fast"), "by-layer": sim.run("by-layer"), "uniform": sim.run("uniform")}
+        runs["static"] = sim.run("static", runs["uniform"].first_phase_loads)
+        runs["online"] = sim.run("online", runs["uniform"].first_phase_loads)
+        s = {m: summary(runs[m], args.phases, args.warmup_s) for m in MODES}
+        out["shares"][f"{share:g}"] = {"fast_copies": sim.slots, "of": sim.L * sim.E, "summary": s,
+                                       "ratios": compare(s, args.phases)}
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
