@@ -7,7 +7,7 @@ bytes are counted as they arrive, against the shape its header states.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Iterator, Protocol
 
 import grpc
 
@@ -24,10 +24,22 @@ def _stream_data(chunks) -> Iterator[bytes]:
         yield chunk.data
 
 
+class Copies(Protocol):
+    """The copies a worker holds, as its host keeps them (deployments/experts/host.py)."""
+
+    def load_copies(self, experts: list[tuple[int, int]]) -> int:
+        """Loads those not held yet; the weight bytes read."""
+
+    def retire(self, experts: list[tuple[int, int]]) -> None:
+        ...
+
+    def held(self) -> list[tuple[int, int]]:
+        ...
+
+
 class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
-    def __init__(self, compute: ExpertCompute, loader: Callable[[list[tuple[int, int]]], int] | None = None):
-        self.compute, self.name, self.cfg = compute, compute.name, compute.cfg
-        self.loader = loader  # experts -> weight bytes read (loading copies)
+    def __init__(self, compute: ExpertCompute, copies: Copies):
+        self.compute, self.name, self.cfg, self.copies = compute, compute.name, compute.cfg, copies
 
     def _check(self, request, nbytes: int, context) -> None:
         try:
@@ -63,19 +75,16 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             experts = check_experts(self.cfg, request.layer, request.expert_id)
         except BadRequest as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.name}: {e}")
-        if self.loader is None:
-            context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{self.name} cannot load copies")
-        wanted = [e for e in experts if not self.compute.experts.holds(*e)]
-        return expert_pb2.CopiesReply(bytes_loaded=self.loader(wanted) if wanted else 0)
+        return expert_pb2.CopiesReply(bytes_loaded=self.copies.load_copies(experts))
 
     def Retire(self, request, context):
         try:
             experts = check_experts(self.cfg, request.layer, request.expert_id)
         except BadRequest as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.name}: {e}")
-        self.compute.experts.remove(experts)
+        self.copies.retire(experts)
         return expert_pb2.CopiesReply()
 
     def Health(self, request, context):
         return expert_pb2.HealthReply(worker=self.name,
-                                      experts=[f"{layer}:{e}" for layer, e in self.compute.experts.held()])
+                                      experts=[f"{layer}:{e}" for layer, e in self.copies.held()])

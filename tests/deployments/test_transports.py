@@ -17,8 +17,8 @@ from cluster.model.experts import LocalExperts
 from cluster.placement import Placement, Table, WorkerRef
 from deployments.experts import transport as transports
 from deployments.experts.compute import ExpertCompute
+from deployments.experts.host import ExpertHost, WorkerSpec
 from deployments.experts.remote import RemoteExperts, on_side_stream
-from deployments.experts.servicer import ExpertServicer
 from deployments.experts.stats import error_code
 from deployments.experts.transport import grpc as grpc_transport
 from deployments.experts.transport import local_socket
@@ -106,16 +106,15 @@ def test_a_router_sends_nothing_to_a_worker_that_cannot_prove_the_secret(tmp_pat
 
 @pytest.fixture(scope="module")
 def in_process_worker(tmp_path_factory):
-    """A worker's servers (gRPC + Unix socket) in this process, and the same experts in-process."""
+    """A worker (gRPC + Unix socket) in this process, and the same experts in-process."""
     model = str(make_checkpoint("mixtral", tmp_path_factory.mktemp("transports")))
     ckpt, family, cfg = open_model(model)
     local = LocalExperts(load_experts(ckpt, family, cfg, cfg.experts()))
-    compute = ExpertCompute("in-process", cfg, local, "cpu")
-    server, port = grpc_transport.serve(ExpertServicer(compute), "127.0.0.1", SECRET)
-    unix = transports.serve_local(compute, SECRET)
-    yield WorkerRef(f"127.0.0.1:{port}", HERE, local_socket=unix.path, device="cpu"), local, cfg
-    unix.close()
-    server.stop(grace=None)
+    host = ExpertHost(WorkerSpec(model=model, secret=SECRET, experts=tuple(cfg.experts()), name="in-process",
+                                 torch_threads=torch.get_num_threads()),
+                      node_id=HERE)
+    yield host.ref(), local, cfg
+    host.stop()
 
 
 def test_grpc_streams_calls_larger_than_a_chunk(in_process_worker, monkeypatch):
