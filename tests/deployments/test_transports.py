@@ -27,7 +27,7 @@ from deployments.experts.transport.cuda_ipc import CudaIpcTransport
 from deployments.experts.transport.local_socket import (GREETING, MODE_CUDA_IPC, MODE_SHM, CallFailed,
                                                         ForwardHeader, reply)
 from deployments.experts.transport.shm import ShmSession, ShmTransport
-from deployments.experts.validate import BadRequest
+from deployments.experts.validate import REFUSALS, BadRequest, NoRoom, NotHeld, refusal
 from protos import expert_pb2
 from tests.checkpoints import make_checkpoint
 from tests.deployments.standalone import HERE, SECRET, start_worker, worker_ref
@@ -78,6 +78,26 @@ def test_error_codes_are_uniform_across_transports():
     assert {error_code(e) for e in (Rpc(), TimeoutError(), socket.timeout())} == {"DEADLINE_EXCEEDED"}
     assert error_code(CallFailed("INVALID_ARGUMENT", "x")) == "INVALID_ARGUMENT"
     assert error_code(ConnectionRefusedError()) == "ConnectionRefusedError"
+
+
+@pytest.mark.parametrize("error,status,message", [
+    (BadRequest("counts [3] must be ≥ 0 and sum to the 2 rows"), "INVALID_ARGUMENT",
+     "w0: counts [3] must be ≥ 0 and sum to the 2 rows"),
+    (NotHeld("holds no copy of layer 0 expert(s) [1]"), "FAILED_PRECONDITION",
+     "w0: holds no copy of layer 0 expert(s) [1]"),
+    (NoRoom("OutOfMemoryError"), "RESOURCE_EXHAUSTED", "w0: OutOfMemoryError"),
+    (KeyError("a secret detail"), "INTERNAL", "w0: KeyError"),  # no refusal: only its type is told
+])
+def test_every_refusal_has_one_status_and_one_message_on_every_transport(error, status, message):
+    assert refusal("w0", error) == (status, message)
+    assert grpc.StatusCode[status].name == status
+    with pytest.raises(CallFailed) as e:
+        local_socket.parse_reply(reply(status, message.encode()), "w0")
+    assert (e.value.status, e.value.message) == (status, message)
+
+
+def test_the_refusal_table_names_each_refusal_once():
+    assert set(REFUSALS) == {BadRequest, NotHeld, NoRoom} and len(set(REFUSALS.values())) == len(REFUSALS)
 
 
 def test_a_router_sends_nothing_to_a_worker_that_cannot_prove_the_secret(tmp_path):
