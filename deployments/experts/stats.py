@@ -21,14 +21,16 @@ class DataPlaneStats:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.times = {"serialize_s": 0.0, "wait_s": 0.0, "deserialize_s": 0.0, "calls": 0}
+        # submit_s: choosing copies and handing each worker its rows (the calls go out on the pool);
+        # wait_s: blocked on the replies (the workers' compute and the transport, both ways).
+        self.times = {"submit_s": 0.0, "wait_s": 0.0, "calls": 0}
         self.failovers = 0
         self.failures: dict[str, int] = {}  # error code -> failed expert calls
         self.calls_per_worker: dict[int, int] = {}
 
-    def record_layer(self, sent_s: float, wait_s: float, workers: list[int]) -> None:
+    def record_layer(self, submit_s: float, wait_s: float, workers: list[int]) -> None:
         with self.lock:
-            self.times["serialize_s"] += sent_s
+            self.times["submit_s"] += submit_s
             self.times["wait_s"] += wait_s
             self.times["calls"] += len(workers)
             for w in workers:
