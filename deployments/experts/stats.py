@@ -21,8 +21,8 @@ class DataPlaneStats:
 
     def __init__(self):
         self.lock = threading.Lock()
-        # submit_s: choosing copies and handing each worker its rows (the calls go out on the pool);
-        # wait_s: blocked on the replies (the workers' compute and the transport, both ways).
+        # submit_s: picking each worker's rows and queuing its call on the pool (the bytes go out there);
+        # wait_s: blocked on the replies (the transport both ways and the workers' compute).
         self.times = {"submit_s": 0.0, "wait_s": 0.0, "calls": 0}
         self.failovers = 0
         self.failures: dict[str, int] = {}  # error code -> failed expert calls
