@@ -5,18 +5,35 @@
 
 Prints its endpoints as one JSON line, `{"port": ..., "local_socket": ..., "device": ...}`
 (gRPC on 127.0.0.1:port; the same-node transports' Unix socket), then serves until
-killed. Used by the benchmarks and the data-plane tests. The secret is required.
+killed. Used by the benchmarks and the data-plane tests (`start` and `worker_ref` below). The secret
+is required.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
 import sys
 import threading
 
+from cluster.placement import WorkerRef
 from deployments.experts.auth import ENV
 from deployments.experts.host import ExpertHost, WorkerSpec
+
+
+def start(model: str, experts, *extra: str, secret: str) -> subprocess.Popen:
+    """A worker process holding copies of `experts` ([(layer, expert_id), ...]); the caller kills it.
+    `extra`: the name and options, as on the command line."""
+    return subprocess.Popen([sys.executable, "-m", "deployments.standalone_worker", model,
+                             json.dumps([list(e) for e in experts]), *extra],
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, ENV: secret})
+
+
+def worker_ref(proc: subprocess.Popen, node: str) -> WorkerRef:
+    """What a started worker printed, as the controller would put it in the table (waits until it serves)."""
+    e = json.loads(proc.stdout.readline())
+    return WorkerRef(f"127.0.0.1:{e['port']}", node, local_socket=e["local_socket"], device=e["device"])
 
 
 def _args() -> argparse.Namespace:

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from tests.checkpoints import FAMILIES, make_checkpoint
+from tools.checkpoints import FAMILIES, make_checkpoint
 
 # Tests share 2 cores with whatever else runs; more threads only add contention.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

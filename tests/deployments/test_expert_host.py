@@ -12,7 +12,7 @@ from deployments.experts import transport as transports
 from deployments.experts import worker
 from deployments.experts.host import ExpertHost, WorkerSpec
 from deployments.experts.transport.grpc import GrpcTransport
-from tests.deployments.standalone import SECRET
+from tests.deployments.helpers import SECRET
 
 
 @pytest.fixture(scope="module")

@@ -1,75 +1,14 @@
 """Faults under steady load on a real Serve cluster: a killed expert worker replica (with and
 without a second copy of its experts) and a restarted Serve controller. Every test is bounded
 in time and counts the requests it sent, that succeeded and that failed (printed with -s)."""
-import threading
 import time
 
 import pytest
 import requests
 
-from cluster.engine import LLMEngine, SamplingParams
+from tests.deployments.helpers import Load, load_expected
 
 pytestmark = pytest.mark.slow
-
-PROMPTS = [[5, 17, 33], [100, 3, 9, 12], list(range(3, 30, 2)), [7, 7, 8]]
-MAX_TOKENS = 12
-
-
-class Load:
-    """`clients` threads sending greedy completions in a loop until stopped (or `limit_s`)."""
-
-    def __init__(self, base: str, clients: int = 3, limit_s: float = 240):
-        self.base, self.limit_s = base, limit_s
-        self.sent = self.ok = 0
-        self.failed: list[tuple[int, str, float]] = []  # (status, message, seconds)
-        self.outputs: dict[int, set[tuple[int, ...]]] = {}
-        self.lock = threading.Lock()
-        self.stop_event = threading.Event()
-        self.threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(clients)]
-        for t in self.threads:
-            t.start()
-
-    def _loop(self, client: int) -> None:
-        deadline = time.monotonic() + self.limit_s
-        i = client
-        while not self.stop_event.is_set() and time.monotonic() < deadline:
-            p = i % len(PROMPTS)
-            i += 1
-            t0 = time.monotonic()
-            with self.lock:
-                self.sent += 1
-            try:
-                r = requests.post(f"{self.base}/v1/completions", timeout=60,
-                                  json={"prompt": PROMPTS[p], "max_tokens": MAX_TOKENS, "temperature": 0,
-                                        "ignore_eos": True})
-                status, body = r.status_code, r.json()
-            except (requests.RequestException, ValueError) as e:
-                status, body = 0, {"error": {"message": repr(e)}}
-            with self.lock:
-                if status == 200:
-                    self.ok += 1
-                    self.outputs.setdefault(p, set()).add(tuple(body["choices"][0]["token_ids"]))
-                else:
-                    self.failed.append((status, body.get("error", {}).get("message", ""), time.monotonic() - t0))
-
-    def wait_ok(self, n: int, limit_s: float = 120) -> None:
-        deadline = time.monotonic() + limit_s
-        while self.ok < n and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert self.ok >= n, f"only {self.ok} requests succeeded ({len(self.failed)} failed: {self.failed[:3]})"
-
-    def stop(self) -> str:
-        self.stop_event.set()
-        for t in self.threads:
-            t.join(timeout=90)
-        return f"sent {self.sent}, succeeded {self.ok}, failed {len(self.failed)}"
-
-
-def _expected(model: str) -> dict[int, tuple[int, ...]]:
-    outs = LLMEngine.from_pretrained(model).generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0,
-                                                                             ignore_eos=True))
-    return {i: tuple(o.token_ids) for i, o in enumerate(outs)}
-
 
 def _kill_replica(deployment: str) -> str:
     import ray
@@ -98,7 +37,7 @@ def _wait_healed(base: str, limit_s: float = 120) -> dict:
 def test_killed_worker_with_a_second_copy_loses_no_request(cluster, checkpoint_factory):
     model = str(checkpoint_factory("mixtral"))
     c = cluster.deploy(model, 2, expert_copies=2, expert_call_timeout_s=5)
-    expected = _expected(model)
+    expected = load_expected(model)
     load = Load(c.base)
     try:
         load.wait_ok(6)
@@ -127,7 +66,7 @@ def test_killed_worker_with_a_second_copy_loses_no_request(cluster, checkpoint_f
 def test_killed_worker_without_a_copy_fails_clearly_then_resumes(cluster, checkpoint_factory):
     model = str(checkpoint_factory("mixtral"))
     c = cluster.deploy(model, 2, expert_copies=1, expert_call_timeout_s=5)
-    expected = _expected(model)
+    expected = load_expected(model)
     load = Load(c.base, clients=2)
     try:
         load.wait_ok(4)

@@ -12,8 +12,8 @@ from deployments.api.reasoning import ThinkStream, split
 from deployments.api.serving import Serving
 from deployments.config import app_config
 from tests.deployments.released_templates import DEEPSEEK_R1, GPT_OSS, QWEN3
-from tests.deployments.test_tool_calls_api import TOOLS, ask
-from tests.test_demo_model import DEMO
+from tests.deployments.helpers import TOOLS, ask
+from tests.helpers import DEMO
 
 REPLIES = [
     ("<think>\nI should check.\n</think>\n\nIt is sunny.", False, ("I should check.", "It is sunny.")),

@@ -29,8 +29,8 @@ from deployments.experts.transport.local_socket import (GREETING, MODE_CUDA_IPC,
 from deployments.experts.transport.shm import ShmSession, ShmTransport
 from deployments.experts.validate import REFUSALS, BadRequest, NoRoom, NotHeld, refusal
 from protos import expert_pb2
-from tests.checkpoints import make_checkpoint
-from tests.deployments.standalone import HERE, SECRET, start_worker, worker_ref
+from tools.checkpoints import make_checkpoint
+from tests.deployments.helpers import HERE, SECRET, start_worker, worker_ref
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
