@@ -107,8 +107,8 @@ class Load:
 
 def load_expected(model: str) -> dict[int, tuple[int, ...]]:
     """What Load's prompts give in process (greedy): each prompt's index -> its tokens."""
-    outs = LLMEngine.from_pretrained(model).generate(LOAD_PROMPTS, SamplingParams(max_tokens=LOAD_MAX_TOKENS, temperature=0,
-                                                                             ignore_eos=True))
+    params = SamplingParams(max_tokens=LOAD_MAX_TOKENS, temperature=0, ignore_eos=True)
+    outs = LLMEngine.from_pretrained(model).generate(LOAD_PROMPTS, params)
     return {i: tuple(o.token_ids) for i, o in enumerate(outs)}
 
 
