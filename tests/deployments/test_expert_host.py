@@ -1,6 +1,8 @@
 """One ExpertHost for every worker kind, built from a WorkerSpec, in this process (no Ray): the spec's
 dtype and copies are honoured, it serves what it holds on both transports, and loads, retires and
 reports copies over gRPC; the Serve replica and the app build theirs from the same spec."""
+import asyncio
+
 import pytest
 import torch
 
@@ -81,3 +83,35 @@ def test_the_serve_replica_builds_its_host_from_the_app_s_spec(model, monkeypatc
         replica.check_health()
     finally:
         replica.host.stop()
+
+
+# Serve awaits a replica's async __del__ (the hand-back); a test's garbage collector only calls it
+@pytest.mark.filterwarnings("ignore:coroutine 'ExpertPoolWorker.__del__' was never awaited")
+def test_a_pool_replica_starts_empty_registers_its_endpoints_and_reports_busy_time(model, monkeypatch):
+    registered = []
+
+    class Method:
+        def __init__(self, name):
+            self.name = name
+
+        def remote(self, *args):
+            registered.append((self.name, args))
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(1)
+            return future
+
+    controller = type("Controller", (), {"register_worker": Method("register"), "unregister_worker": Method("leave")})
+    monkeypatch.setattr(worker.ray, "get_runtime_context",
+                        lambda: type("Ctx", (), {"get_node_id": lambda self: "node-c"})())
+    replica = worker.ExpertPoolWorker(WorkerSpec(model=model, secret=SECRET, name="expert-pool",
+                                                 torch_threads=torch.get_num_threads()),
+                                      controller=controller(), build_id="b1", target_busy=0.5)
+    try:
+        assert replica.host.held() == []
+        stats = asyncio.run(replica.record_autoscaling_stats())
+        assert stats["target_busy"] == 0.5 and 0 <= stats["busy"] <= 1
+        assert registered == [("register", (replica.host.endpoints(), "b1"))] and replica.registered
+        assert replica.host.endpoints()["node_id"] == "node-c"
+    finally:
+        replica.host.stop()
+        replica.registered = False  # nothing to hand back when the test drops it
