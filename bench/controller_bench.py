@@ -40,11 +40,11 @@ def start(args) -> tuple[str, object]:
     from deployments.app import build_app
     from deployments.config import app_config
     from deployments.local import start_local_ray
-    from tests.deployments.conftest import free_port
+    from deployments.edge import free_port
 
     start_local_ray("127.0.0.1", 8, 1 << 20, _temp_dir=tempfile.mkdtemp(prefix="/tmp/moe-bench-"),
                     log_to_driver=False)
-    port = free_port()
+    port = free_port("127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = app_config({"model": args.model, "num_workers": args.workers, "max_num_seqs": 16, "max_model_len": 256,
                       "routers": {"min": args.routers, "max": args.routers, "num_cpus": 0.25},
@@ -136,7 +136,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=60)
     args = p.parse_args()
     if args.model is None:
-        from tests.checkpoints import make_checkpoint
+        from tools.checkpoints import make_checkpoint
 
         args.model = str(make_checkpoint("mixtral", Path(tempfile.mkdtemp(prefix="moe-bench-ckpt-"))))
     base, serve = start(args)

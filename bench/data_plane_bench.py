@@ -24,7 +24,9 @@ from cluster.loader import open_model  # noqa: E402
 from cluster.placement import Table, round_robin  # noqa: E402
 from deployments.experts import transport  # noqa: E402
 from deployments.experts.remote import RemoteExperts  # noqa: E402
-from tests.deployments.standalone import HERE, SECRET, start_worker, worker_ref  # noqa: E402
+from deployments.standalone_worker import start, worker_ref  # noqa: E402
+
+SECRET, HERE = "bench-data-plane-secret", "node-here"  # the workers and this "router" share one node
 
 
 def timed(engine: LLMEngine, prompts, max_tokens: int) -> float:
@@ -44,9 +46,9 @@ def main() -> None:
     args = p.parse_args()
     _, _, cfg = open_model(args.model)
     placement = round_robin(cfg.experts(), args.workers)
-    procs = [start_worker(args.model, experts) for experts in placement.workers]
+    procs = [start(args.model, experts, secret=SECRET) for experts in placement.workers]
     try:
-        table = Table(1, placement, tuple(worker_ref(proc) for proc in procs))
+        table = Table(1, placement, tuple(worker_ref(proc, HERE) for proc in procs))
         connect = functools.partial(transport.connect, node_id=HERE, device="cpu", secret=SECRET,
                                     prefer=args.transport)
         remote = RemoteExperts(table, connect)

@@ -28,9 +28,7 @@ from cluster.loader import load_experts, open_model  # noqa: E402
 from cluster.model.experts import LocalExperts  # noqa: E402
 from cluster.placement import WorkerRef  # noqa: E402
 from deployments.experts import transport  # noqa: E402
-from deployments.experts.compute import ExpertCompute  # noqa: E402
-from deployments.experts.servicer import ExpertServicer  # noqa: E402
-from deployments.experts.transport.grpc import serve  # noqa: E402
+from deployments.experts.host import ExpertHost, WorkerSpec  # noqa: E402
 
 SECRET = "bench-data-plane-secret"
 COLUMNS = ("in-process", "shm (same node)", "gRPC (same node)", "gRPC (other node)")
@@ -38,19 +36,13 @@ COLUMNS = ("in-process", "shm (same node)", "gRPC (same node)", "gRPC (other nod
 
 @ray.remote(num_cpus=0.5)
 class WorkerOnNode:
-    """An expert worker's data plane (gRPC + Unix socket), as ExpertHost serves it, without Serve."""
+    """An expert worker (the same ExpertHost the Serve replicas run) on a chosen Ray node, without Serve."""
 
-    def __init__(self, model: str, experts: list[tuple[int, int]]):
-        torch.set_num_threads(1)
-        ckpt, family, cfg = open_model(model)
-        compute = ExpertCompute("bench", cfg, LocalExperts(load_experts(ckpt, family, cfg, experts)), "cpu")
-        self.server, port = serve(ExpertServicer(compute), "127.0.0.1", SECRET)
-        self.local = transport.serve_local(compute, SECRET)
-        self.ref = WorkerRef(f"127.0.0.1:{port}", ray.get_runtime_context().get_node_id(),
-                             local_socket=self.local.path, device="cpu")
+    def __init__(self, spec: WorkerSpec):
+        self.host = ExpertHost(spec, node_id=ray.get_runtime_context().get_node_id())
 
     def where(self) -> WorkerRef:
-        return self.ref
+        return self.host.ref()
 
 
 def p50_p99_ms(samples: list[float]) -> tuple[float, float]:
@@ -111,7 +103,8 @@ def main() -> None:
     ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         here = ray.get_runtime_context().get_node_id()
-        actors = {role: WorkerOnNode.options(label_selector={"role": role}).remote(args.model, experts)
+        spec = WorkerSpec(model=args.model, secret=SECRET, experts=tuple(experts), name="bench")
+        actors = {role: WorkerOnNode.options(label_selector={"role": role}).remote(spec)
                   for role in ("router", "experts")}
         refs = {role: ray.get(a.where.remote()) for role, a in actors.items()}
         assert refs["router"].node_id == here and refs["experts"].node_id != here, refs

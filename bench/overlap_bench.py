@@ -37,7 +37,8 @@ from engine_bench import make_prompts  # noqa: E402
 
 from cluster.engine import LLMEngine, SamplingParams  # noqa: E402
 from cluster.loader import open_model  # noqa: E402
-from cluster.placement import Table, WorkerRef, round_robin  # noqa: E402
+from cluster.placement import Table, round_robin  # noqa: E402
+from deployments import standalone_worker  # noqa: E402
 from deployments.experts.auth import ENV  # noqa: E402
 from deployments.experts.remote import RemoteExperts  # noqa: E402
 from deployments.experts.transport.grpc import GrpcTransport  # noqa: E402
@@ -79,10 +80,8 @@ def service_time(args, prompts, cfg) -> float:
 
 
 def start_workers(args, placement, secret: str, per_row: float) -> list[subprocess.Popen]:
-    env = {**os.environ, ENV: secret}
-    return [subprocess.Popen([sys.executable, "-m", "deployments.standalone_worker", args.model, json.dumps(slots),
-                              f"w{i}", "--service-time-per-token", str(per_row)], stdout=subprocess.PIPE, text=True,
-                             env=env) for i, slots in enumerate(placement.workers)]
+    return [standalone_worker.start(args.model, experts, f"w{i}", "--service-time-per-token", str(per_row),
+                                    secret=secret) for i, experts in enumerate(placement.workers)]
 
 
 def measure(engine: LLMEngine, remote: RemoteExperts, prompts, args) -> dict:
@@ -130,7 +129,7 @@ def main() -> None:
     per_row = service_time(args, prompts, cfg) if auto else float(args.service_time_per_token)
     procs = start_workers(args, placement, secret, per_row)
     try:
-        refs = tuple(WorkerRef(f"127.0.0.1:{int(proc.stdout.readline())}") for proc in procs)
+        refs = tuple(standalone_worker.worker_ref(proc, node="") for proc in procs)  # gRPC, as across nodes
         remote = RemoteExperts(Table(1, placement, refs), lambda ref: GrpcTransport(ref.address, secret))
         engine = LLMEngine.from_pretrained(args.model, experts=remote, max_num_seqs=args.seqs, max_model_len=512)
         result = {"workload": f"{args.seqs} sequences decoding, {args.workers} workers, "

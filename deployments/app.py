@@ -22,6 +22,7 @@ from cluster.precision import resolve_dtype
 from deployments.config import AppConfig, app_config
 from deployments.controller import PlacementController
 from deployments.experts.auth import resolve_secret
+from deployments.experts.host import WorkerSpec
 from deployments.experts.worker import ExpertPoolWorker, ExpertWorker
 from deployments.ingress import Ingress
 from deployments.messages import AppSpec
@@ -55,13 +56,22 @@ def worker_actor_options(cfg: AppConfig, worker: int = 0) -> dict[str, Any]:
     return options
 
 
+def worker_spec(spec: AppSpec, name: str, experts, worker: int | None = None) -> WorkerSpec:
+    """One expert worker's spec: the same for the fixed workers and the pool but for name and copies, and
+    for a fixed worker of a tier group (`worker`: its index), that group's threads, device and tier."""
+    cfg = spec.cfg
+    threads, device = _kind(cfg, worker) if worker is not None else (cfg.worker.torch_threads, cfg.worker_device)
+    tier = tier_group_of(cfg.tiers, worker).name if cfg.tiers and worker is not None else ""
+    return WorkerSpec(model=cfg.model, secret=spec.data_plane_secret, experts=tuple(tuple(e) for e in experts),
+                      name=name, host=cfg.data_plane_host, device=device, dtype=cfg.dtype, torch_threads=threads,
+                      service_time_per_token_s=cfg.worker.service_time_per_token_s, tier=tier)
+
+
 def _workers(spec: AppSpec) -> list:
     cfg = spec.cfg
     deployment = serve.deployment(ExpertWorker, health_check_period_s=5, max_ongoing_requests=16)
     return [deployment.options(name=f"expert-worker-{i}", ray_actor_options=worker_actor_options(cfg, i))
-            .bind(cfg.model, [list(e) for e in spec.placement.workers[i]], f"expert-worker-{i}", cfg.data_plane_host,
-                  spec.data_plane_secret, *_kind(cfg, i), cfg.worker.service_time_per_token_s, cfg.dtype,
-                  tier_group_of(cfg.tiers, i).name if cfg.tiers else "")
+            .bind(spec=worker_spec(spec, f"expert-worker-{i}", spec.placement.workers[i], worker=i))
             for i in range(cfg.num_workers)]
 
 
@@ -88,9 +98,8 @@ def _pool(spec: AppSpec, controller):
     deployment = serve.deployment(ExpertPoolWorker, name="expert-pool", health_check_period_s=5,
                                   max_ongoing_requests=16, graceful_shutdown_timeout_s=switch + 120)
     return (deployment.options(ray_actor_options=worker_actor_options(cfg), autoscaling_config=autoscaling)
-            .bind(cfg.model, controller, spec.build_id, cfg.data_plane_host, spec.data_plane_secret,
-                  cfg.worker.torch_threads, cfg.worker_device, cfg.worker.service_time_per_token_s, pool.target_busy,
-                  cfg.dtype))
+            .bind(spec=worker_spec(spec, "expert-pool", ()), controller=controller, build_id=spec.build_id,
+                  target_busy=pool.target_busy))
 
 
 def _router_options(cfg: AppConfig) -> dict[str, Any]:

@@ -91,7 +91,7 @@ def _data_plane(mine: list[RouterReport], state, spec: AppSpec) -> dict | None:
             failures[k] = failures.get(k, 0) + v
         for k, v in p.get("calls_per_worker", {}).items():
             calls[k] = calls.get(k, 0) + v
-    totals = {k: sum(p.get(k, 0) for p in planes) for k in ("serialize_s", "wait_s", "deserialize_s", "calls")}
+    totals = {k: sum(p.get(k, 0) for p in planes) for k in ("submit_s", "wait_s", "calls")}
     loads, _ = expert_load({r.router_id: r for r in mine}, [r.router_id for r in mine]) if mine else (None, None)
     imbalance = worker_imbalance(loads, list(spec.moe_layers), table.placement,
                                  active=table.active()) if loads is not None else []

@@ -29,7 +29,7 @@ def haproxy_available() -> bool:
         return False
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -51,8 +51,8 @@ def haproxy_env(host: str) -> dict[str, str]:
             "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{files}/admin.sock",
             "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": files,
             "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{files}/server-state",
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port(bind)),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port(bind))}
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(bind)),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(bind))}
 
 
 def bind_haproxy_to_host(host: str) -> None:

@@ -5,26 +5,35 @@
 
 Prints its endpoints as one JSON line, `{"port": ..., "local_socket": ..., "device": ...}`
 (gRPC on 127.0.0.1:port; the same-node transports' Unix socket), then serves until
-killed. Used by the benchmarks and the data-plane tests. The secret is required.
+killed. Used by the benchmarks and the data-plane tests (`start` and `worker_ref` below). The secret
+is required.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
 import sys
 import threading
 
-import torch
-
-from cluster.loader import load_experts, open_model
-from cluster.model.experts import LocalExperts
-from cluster.precision import resolve_dtype
+from cluster.placement import WorkerRef
 from deployments.experts.auth import ENV
-from deployments.experts.compute import ExpertCompute
-from deployments.experts.servicer import ExpertServicer
-from deployments.experts.transport import serve_local
-from deployments.experts.transport.grpc import serve
+from deployments.experts.host import ExpertHost, WorkerSpec
+
+
+def start(model: str, experts, *extra: str, secret: str) -> subprocess.Popen:
+    """A worker process holding copies of `experts` ([(layer, expert_id), ...]); the caller kills it.
+    `extra`: the name and options, as on the command line."""
+    return subprocess.Popen([sys.executable, "-m", "deployments.standalone_worker", model,
+                             json.dumps([list(e) for e in experts]), *extra],
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, ENV: secret})
+
+
+def worker_ref(proc: subprocess.Popen, node: str) -> WorkerRef:
+    """What a started worker printed, as the controller would put it in the table (waits until it serves)."""
+    e = json.loads(proc.stdout.readline())
+    return WorkerRef(f"127.0.0.1:{e['port']}", node, local_socket=e["local_socket"], device=e["device"])
 
 
 def _args() -> argparse.Namespace:
@@ -45,21 +54,10 @@ def main() -> None:
     secret = os.environ.get(ENV)
     if not secret:
         sys.exit(f"set {ENV}: the data plane refuses callers without the shared secret")
-    experts = [tuple(e) for e in json.loads(args.experts)]
-    torch.set_num_threads(1)
-    ckpt, family, cfg = open_model(args.model)
-    dtype = resolve_dtype(args.dtype, args.device, cfg.checkpoint_dtype)
-    held = LocalExperts(load_experts(ckpt, family, cfg, experts, dtype=dtype, device=args.device))
-
-    def load_copies(wanted):
-        before = ckpt.bytes_read
-        held.add(load_experts(ckpt, family, cfg, wanted, dtype=dtype, device=args.device))
-        return ckpt.bytes_read - before
-
-    compute = ExpertCompute(args.name, cfg, held, args.device, args.service_time_per_token)
-    _, port = serve(ExpertServicer(compute, load_copies), "127.0.0.1", secret)
-    local = serve_local(compute, secret)
-    print(json.dumps({"port": port, "local_socket": local.path, "device": args.device}), flush=True)
+    experts = tuple(tuple(e) for e in json.loads(args.experts))
+    host = ExpertHost(WorkerSpec(model=args.model, secret=secret, experts=experts, name=args.name, device=args.device,
+                                 dtype=args.dtype, service_time_per_token_s=args.service_time_per_token))
+    print(json.dumps({"port": host.port, "local_socket": host.local.path, "device": host.device}), flush=True)
     threading.Event().wait()
 
 

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from tests.checkpoints import FAMILIES, make_checkpoint
+from tools.checkpoints import FAMILIES, make_checkpoint
 
 # Tests share 2 cores with whatever else runs; more threads only add contention. Under `make test`
 # (pytest-xdist, 2 workers) each worker computes on one core.

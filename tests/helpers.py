@@ -1,11 +1,15 @@
 """Shared test helpers: our model driven step by step, and transformers as the reference."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from cluster.engine import LLMEngine
 from cluster.model.batch import make_batch
 from cluster.model.kv_cache import KVCache
+
+DEMO = Path(__file__).resolve().parent.parent / "models" / "demo"  # the trained demo checkpoint
 
 
 def our_greedy_logits(engine: LLMEngine, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:

@@ -1,15 +1,13 @@
 """The bundled demo model: a standard HF checkpoint, parity with transformers, specialised routing."""
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from cluster.engine import LLMEngine, SamplingParams
-from tests.helpers import hf_greedy_logits, load_hf
+from tests.helpers import DEMO, hf_greedy_logits, load_hf
 
-DEMO = Path(__file__).resolve().parent.parent / "models" / "demo"
 sys.path.insert(0, str(DEMO.parent.parent / "tools"))
 
 

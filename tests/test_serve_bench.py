@@ -138,3 +138,20 @@ def test_router_step_cpu_is_read_from_the_cluster_or_summed_over_routers():
     both = {"steps": 3, "routers": {"a": {"step_cpu_seconds": 0.5}, "b": {"step_cpu_seconds": 0.25}}}
     assert serve_bench._counters(both)["step_cpu_seconds"] == 0.75
     assert serve_bench._counters({**both, "step_cpu_seconds": 2.0})["step_cpu_seconds"] == 2.0
+
+
+def test_the_step_breakdown_reads_the_routers_data_plane_figures():
+    """submit (rows handed out) + wait (replies) + the rest of the step (the backbone), from the names
+    DataPlaneStats keeps."""
+    import serve_bench
+
+    from deployments.experts.stats import DataPlaneStats
+
+    stats = DataPlaneStats()
+    before = {"steps": 10, "step_seconds": 1.0, "data_plane": stats.snapshot()}
+    for _ in range(10):
+        stats.record_layer(0.005, 0.04, [0, 1])
+    after = {"steps": 20, "step_seconds": 2.0, "data_plane": stats.snapshot()}
+    assert serve_bench.breakdown(before, after) == {
+        "steps": 10, "step_ms": 100.0, "submit_ms_per_step": 5.0, "wait_ms_per_step": 40.0,
+        "backbone_ms_per_step": 55.0, "expert_calls_per_step": 2.0}

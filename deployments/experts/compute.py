@@ -40,7 +40,7 @@ class ExpertCompute:
                       counts=counts)
         missing = sorted({e for e in expert_ids if not self.experts.holds(layer, e)})
         if missing:
-            raise NotHeld(f"{self.name} holds no copy of layer {layer} expert(s) {missing}")
+            raise NotHeld(f"holds no copy of layer {layer} expert(s) {missing}")
 
     def run(self, layer: int, rows: Tensor, expert_ids: Sequence[int], counts: Sequence[int]) -> Tensor:
         """Outputs [N, D] in the rows' dtype, on this worker's device."""

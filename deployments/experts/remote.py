@@ -128,9 +128,9 @@ class Transports:
 class Pending:
     """A layer's rows in flight; `result()` waits for them (failing over where a call failed)."""
 
-    def __init__(self, remote: "RemoteExperts", layer: int, rows: Tensor, copies, groups, calls, sent_s: float):
+    def __init__(self, remote: "RemoteExperts", layer: int, rows: Tensor, copies, groups, calls, submit_s: float):
         self.remote, self.layer, self.rows, self.copies = remote, layer, rows, copies
-        self.groups, self.calls, self.sent_s = groups, calls, sent_s
+        self.groups, self.calls, self.submit_s = groups, calls, submit_s
 
     def result(self) -> Tensor:
         out = torch.empty_like(self.rows)
@@ -142,7 +142,7 @@ class Pending:
             except Exception as e:  # noqa: BLE001 - transport errors of any kind: fail over
                 self.remote.failover(self.copies, worker, self.layer, self.rows, self.groups[worker], out, e)
             wait += time.perf_counter() - t
-        self.remote.stats.record_layer(self.sent_s, wait, list(self.calls))
+        self.remote.stats.record_layer(self.submit_s, wait, list(self.calls))
         return out
 
 

@@ -21,15 +21,17 @@ class DataPlaneStats:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.times = {"serialize_s": 0.0, "wait_s": 0.0, "deserialize_s": 0.0, "calls": 0}
+        # submit_s: picking each worker's rows and queuing its call on the pool (the bytes go out there);
+        # wait_s: blocked on the replies (the transport both ways and the workers' compute).
+        self.times = {"submit_s": 0.0, "wait_s": 0.0, "calls": 0}
         self.failovers = 0
         self.failures: dict[str, int] = {}  # error code -> failed expert calls
         self.calls_per_worker: dict[int, int] = {}
         self.rows_per_tier: dict[str, int] = {}  # expert rows (token, expert pairs) sent to each tier
 
-    def record_layer(self, sent_s: float, wait_s: float, workers: list[int]) -> None:
+    def record_layer(self, submit_s: float, wait_s: float, workers: list[int]) -> None:
         with self.lock:
-            self.times["serialize_s"] += sent_s
+            self.times["submit_s"] += submit_s
             self.times["wait_s"] += wait_s
             self.times["calls"] += len(workers)
             for w in workers:

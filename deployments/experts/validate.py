@@ -6,6 +6,9 @@ its expert ids and counts are lists of equal length, every count ≥ 0 and the c
 sum to N, and every expert is a routed expert of the model; NotHeld
 (→ FAILED_PRECONDITION) when the worker holds no copy of one of them. Nothing is
 computed on memory the request does not fully describe.
+
+`REFUSALS` is the one table of refusal → status, and `refusal` the one answer (status and
+message) that the gRPC servicer and the same-node server both give.
 """
 from __future__ import annotations
 
@@ -23,6 +26,24 @@ class BadRequest(ValueError):
 
 class NotHeld(ValueError):
     """A well-formed request for experts this worker holds no copy of (FAILED_PRECONDITION)."""
+
+
+class NoRoom(RuntimeError):
+    """A well-formed request whose stated size cannot be allocated here (RESOURCE_EXHAUSTED)."""
+
+
+# What each refusal is called on the wire, on every transport (named as gRPC names its codes).
+REFUSALS: dict[type[Exception], str] = {BadRequest: "INVALID_ARGUMENT", NotHeld: "FAILED_PRECONDITION",
+                                        NoRoom: "RESOURCE_EXHAUSTED"}
+
+
+def refusal(worker: str, error: Exception) -> tuple[str, str]:
+    """The status and message a worker answers `error` with: a refusal's own status, INTERNAL for
+    anything else (the caller fails over; only the type is told). Messages read "{worker}: {reason}"."""
+    for kind, status in REFUSALS.items():
+        if isinstance(error, kind):
+            return status, f"{worker}: {error}"
+    return "INTERNAL", f"{worker}: {type(error).__name__}"
 
 
 def nbytes_of(shape: Sequence[int], dtype: str) -> int:

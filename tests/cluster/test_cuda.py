@@ -126,7 +126,7 @@ def test_engine_with_cuda_graphs_generates_like_without(checkpoint_factory):
 
 def test_overlap_is_on_by_default_for_remote_experts_on_a_gpu_router(checkpoint_factory):
     """Auto: on for remote experts on a GPU (off on a CPU router, tests/cluster/test_overlap.py), same output."""
-    from tests.cluster.test_overlap import Recorder
+    from tests.cluster.helpers import Recorder
 
     path = str(checkpoint_factory("mixtral"))
     plain = LLMEngine.from_pretrained(path, device="cuda", dtype="float32", max_num_seqs=4, max_model_len=128,

@@ -132,7 +132,7 @@ def test_split_experts_chunked_prefill_and_batching_keep_outputs(runs, checkpoin
     sequences all give transformers' greedy tokens."""
     from cluster.loader import load_experts, open_model
     from cluster.model.experts import LocalExperts
-    from tests.cluster.test_expert_workers import Workers
+    from tests.cluster.helpers import Workers
 
     path, hf_tokens = checkpoints[4], runs[4][3]
     ckpt, family, cfg = open_model(str(path))

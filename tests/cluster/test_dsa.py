@@ -5,7 +5,7 @@ import pytest
 
 from cluster.engine import LLMEngine
 from cluster.model.kv_cache import KVCache
-from tests.cluster.test_published import PROMPT, STEPS, TOLERANCE
+from tests.cluster.helpers import PROMPT, STEPS, TOLERANCE
 from tests.helpers import hf_greedy_logits, load_hf, our_greedy_logits
 from tests.published_checkpoints import build
 

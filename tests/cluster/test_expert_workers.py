@@ -6,33 +6,12 @@ import torch
 
 from cluster.engine import LLMEngine, SamplingParams
 from cluster.loader import load_experts, open_model
-from cluster.model.experts import Done, LocalExperts
+from cluster.model.experts import LocalExperts
+from tests.cluster.helpers import Workers
 from tests.helpers import our_greedy_logits
 from tests.published_checkpoints import build
 
 PROMPT = [5, 17, 33, 2, 90, 41, 7]
-
-
-class Workers:
-    """Each expert's rows go to the worker holding it (what deployments' RemoteExperts does over gRPC)."""
-
-    def __init__(self, workers: list[LocalExperts]):
-        self.workers = workers
-
-    def begin_step(self) -> None:
-        pass
-
-    def submit(self, layer: int, rows: torch.Tensor, counts) -> Done:
-        return Done(self.run(layer, rows, counts))
-
-    def run(self, layer: int, rows: torch.Tensor, counts) -> torch.Tensor:
-        out, start = torch.empty_like(rows), 0
-        for expert_id, n in enumerate(counts):
-            if n:
-                worker = next(w for w in self.workers if w.holds(layer, expert_id))
-                out[start:start + n] = worker.run_subset(layer, rows[start:start + n], [expert_id], [n])
-                start += n
-        return out
 
 
 @pytest.mark.parametrize("name", ["gpt-oss-20b", "granite-3.1-3b-a800m-instruct", "Phi-3.5-MoE-instruct",

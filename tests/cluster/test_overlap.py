@@ -6,43 +6,9 @@ import torch
 
 from cluster.engine import LLMEngine, SamplingParams
 from cluster.model.batch import make_batch, split_batch
-from cluster.model.experts import LocalExperts
 from cluster.model.overlap import balanced_cut
+from tests.cluster.helpers import PARAMS, PROMPTS, Recorder
 from tests.helpers import run_recording_logits
-
-# 8 requests of different prompt and output lengths through 4 slots: prefills and decodes mix,
-# sequences join and leave, steps have 1 to 4 sequences.
-PROMPTS = [[(7 * i + j) % 120 + 1 for j in range(n)] for i, n in enumerate([1, 3, 9, 17, 30, 4, 55, 2])]
-PARAMS = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (5, 12, 3, 9, 12, 7, 10, 6)]
-
-
-class Recorder:
-    """In-process experts that compute only when the result is asked for (as remote ones return
-    from submit at once); records what the model submits and when it waits."""
-
-    def __init__(self, local: LocalExperts):
-        self.local, self.events = local, []
-
-    def begin_step(self) -> None:
-        self.events.append(("step",))
-
-    def submit(self, layer, rows, counts):
-        self.events.append(("submit", layer, rows.shape[0]))
-        return Later(self, layer, rows, list(counts))
-
-    def run(self, layer, rows, counts):
-        return self.submit(layer, rows, counts).result()
-
-
-class Later:
-    def __init__(self, recorder: Recorder, layer, rows, counts):
-        self.recorder, self.args = recorder, (layer, rows, counts)
-
-    def result(self):
-        layer, rows, _ = self.args
-        self.recorder.events.append(("result", layer, rows.shape[0]))
-        return self.recorder.local.run(*self.args)
-
 
 def _engine(path, **kw):
     return LLMEngine.from_pretrained(path, max_num_seqs=4, max_model_len=128, **kw)

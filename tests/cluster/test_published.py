@@ -10,12 +10,11 @@ import torch
 from cluster.engine import LLMEngine, SamplingParams
 from cluster.families import resolve
 from cluster.sizing import format_sizing, sizing_from_config
+from tests.cluster.helpers import PROMPT, STEPS, TOLERANCE, Workers
 from tests.helpers import hf_greedy_logits, load_hf, our_greedy_logits
 from tests.published_checkpoints import build
 from tests.published_configs import PUBLISHED, tiny
 
-STEPS = 16
-PROMPT = [5, 17, 33, 2, 90, 41, 7, 11, 64, 3]
 LONG_PROMPT = [(7 * i + 3) % 250 + 1 for i in range(150)]
 
 
@@ -28,7 +27,6 @@ def _prompt(name: str) -> list[int]:
     """gpt-oss slides a 128-token window on every other layer; hybrid models' prefill runs the delta rule in
     chunks of 64: their prompt crosses two chunk boundaries."""
     return LONG_PROMPT if name.startswith("gpt-oss") or _hybrid(name) else PROMPT
-TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +70,6 @@ def test_new_family_experts_split_traced_and_counted(published, name):
     every routed row."""
     from cluster.loader import load_experts, open_model
     from cluster.model.experts import LocalExperts
-    from tests.cluster.test_expert_workers import Workers
 
     ours, _ = published(name)
     ckpt, family, cfg = open_model(str(ours))

@@ -1,11 +1,14 @@
 """A real Ray instance and Serve (HTTP + gRPC on 127.0.0.1) shared by the serving tests."""
 import json
 import shutil
-import socket
+import subprocess
 import tempfile
 import time
 
 import pytest
+
+from deployments import edge
+from tests.deployments.helpers import KINDS, start_worker
 
 
 GRPC_SERVICERS = ["protos.moe_serving_pb2_grpc.add_MoeServingServicer_to_server",
@@ -13,9 +16,7 @@ GRPC_SERVICERS = ["protos.moe_serving_pb2_grpc.add_MoeServingServicer_to_server"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return edge.free_port("127.0.0.1")
 
 
 class Cluster:
@@ -79,3 +80,23 @@ def cluster():
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def workers(checkpoint_factory):
+    """Start standalone worker processes for given expert lists; returns the processes; killed at the end."""
+    procs = []
+
+    def start(model: str, expert_lists, *extra: str) -> list[subprocess.Popen]:
+        procs.extend(start_worker(model, experts, *extra) for experts in expert_lists)
+        return procs[-len(expert_lists):]
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+@pytest.fixture(params=sorted(KINDS))
+def kind(request) -> str:
+    return request.param

@@ -9,15 +9,14 @@ from __future__ import annotations
 import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 from transformers import PreTrainedTokenizerFast
 
 from deployments.api.chat import ChatTemplateError, ChatTemplates
+from tests.deployments.helpers import DEMO_TOKENIZER, checkpoint
 from tests.deployments.released_templates import BY_FAMILY, WRITES_BOS
 
-DEMO_TOKENIZER = Path(__file__).resolve().parents[2] / "models" / "demo" / "tokenizer.json"
 
 # Indented block tags, as templates are usually written: lstrip_blocks and trim_blocks decide the output.
 TURNS = """{{ bos_token }}
@@ -41,18 +40,6 @@ CONVERSATION = [
 TOOLS = [{"type": "function", "function": {
     "name": "météo", "description": "Weather <in> a \"city\" & 'region'",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
-
-
-def checkpoint(root: Path, chat_template=None, **config) -> tuple[PreTrainedTokenizerFast, ChatTemplates]:
-    """A checkpoint directory with the demo tokenizer; the reference tokenizer and ours, read from it."""
-    root.mkdir(parents=True, exist_ok=True)
-    shutil.copy(DEMO_TOKENIZER, root / "tokenizer.json")
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>",
-              "eos_token": "<|endoftext|>", **config}
-    if chat_template is not None:
-        config["chat_template"] = chat_template
-    (root / "tokenizer_config.json").write_text(json.dumps(config))
-    return PreTrainedTokenizerFast.from_pretrained(root), ChatTemplates.from_checkpoint(root)
 
 
 def reference(tok, messages, *, template_kwargs=None, template_name=None, **kwargs) -> str:
@@ -345,7 +332,7 @@ def bos_serving(tmp_path_factory):
     """Serving over the demo checkpoint whose tokenizer.json puts BOS first, as DeepSeek's and Mixtral's do."""
     from deployments.api.serving import Serving
     from deployments.config import app_config
-    from tests.deployments.test_serving_unit import _NoRouters
+    from tests.deployments.helpers import NoRouters
 
     root = tmp_path_factory.mktemp("bos") / "model"
     shutil.copytree(DEMO_TOKENIZER.parent, root)
@@ -356,7 +343,7 @@ def bos_serving(tmp_path_factory):
         "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, bos, {"Sequence": {"id": "B", "type_id": 1}}],
         "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0], "tokens": ["<|endoftext|>"]}}}
     (root / "tokenizer.json").write_text(json.dumps(spec))
-    return root, Serving(app_config({"model": str(root)}), _NoRouters())
+    return root, Serving(app_config({"model": str(root)}), NoRouters())
 
 
 @pytest.mark.parametrize("family", sorted(BY_FAMILY))

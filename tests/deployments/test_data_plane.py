@@ -4,7 +4,6 @@ import asyncio
 import functools
 import os
 import socket
-import subprocess
 import time
 
 import grpc
@@ -15,7 +14,6 @@ from cluster.copy_choice import NoLiveCopy, choose_copies, split
 from cluster.engine import LLMEngine, SamplingParams
 from cluster.loader import open_model
 from cluster.placement import Placement, Table, WorkerRef, round_robin
-from deployments.experts import transport as transports
 from deployments.experts.remote import ExpertUnavailable, RemoteExperts
 from deployments.experts.transport.grpc import GrpcTransport
 from deployments.experts.transport import local_socket
@@ -23,35 +21,10 @@ from deployments.experts.transport.local_socket import MODE_SHM, STATUSES, CallF
 from deployments.experts.transport.shm import ShmTransport, shared_buffer
 from deployments.membership import Membership
 from protos import expert_pb2, expert_pb2_grpc
-from tests.deployments.standalone import HERE, SECRET, start_worker, worker_ref
+from tests.deployments.helpers import HERE, KINDS, SECRET, connect, start_worker, worker_ref
 
 PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 PROMPTS = [[5, 17, 33], [100, 3], list(range(3, 40, 2)), [7, 7, 7, 7, 8]]
-KINDS = {"grpc": GrpcTransport, "shm": ShmTransport}
-
-
-@pytest.fixture
-def workers(checkpoint_factory):
-    """Start standalone worker processes for given expert lists; returns their ports; killed at the end."""
-    procs = []
-
-    def start(model: str, expert_lists, *extra: str) -> list[subprocess.Popen]:
-        procs.extend(start_worker(model, experts, *extra) for experts in expert_lists)
-        return procs[-len(expert_lists):]
-
-    yield start
-    for p in procs:
-        p.kill()
-        p.wait()
-
-
-@pytest.fixture(params=sorted(KINDS))
-def kind(request) -> str:
-    return request.param
-
-
-def connect(ref: WorkerRef, kind: str = "grpc"):
-    return transports.connect(ref, node_id=HERE, device="cpu", secret=SECRET, prefer=kind)
 
 
 def _engine(model, placement, procs, nodes=None, kind="grpc", **kw):
@@ -215,7 +188,7 @@ def test_replaced_worker_is_healed_with_a_new_generation(checkpoint_factory, wor
 def one_worker(tmp_path_factory):
     """A worker holding every expert of a mixtral checkpoint, shared by the refusal tests (each
     also checks that it still serves afterwards)."""
-    from tests.checkpoints import make_checkpoint
+    from tools.checkpoints import make_checkpoint
 
     model = str(make_checkpoint("mixtral", tmp_path_factory.mktemp("one-worker")))
     _, _, cfg = open_model(model)

@@ -1,114 +1,29 @@
 """Faults under steady load on a real Serve cluster: a killed expert worker replica (with and
 without a second copy of its experts) and a restarted Serve controller. Every test is bounded
 in time and counts the requests it sent, that succeeded and that failed (printed with -s)."""
-import threading
 import time
 
 import pytest
-import requests
 
-from cluster.engine import LLMEngine, SamplingParams
+from tests.deployments.helpers import Load, kill_replica, load_expected, plane_stats, wait_healed
 
 pytestmark = pytest.mark.slow
-
-PROMPTS = [[5, 17, 33], [100, 3, 9, 12], list(range(3, 30, 2)), [7, 7, 8]]
-MAX_TOKENS = 12
-
-
-class Load:
-    """`clients` threads sending greedy completions in a loop until stopped (or `limit_s`)."""
-
-    def __init__(self, base: str, clients: int = 3, limit_s: float = 240):
-        self.base, self.limit_s = base, limit_s
-        self.sent = self.ok = 0
-        self.failed: list[tuple[int, str, float]] = []  # (status, message, seconds)
-        self.outputs: dict[int, set[tuple[int, ...]]] = {}
-        self.lock = threading.Lock()
-        self.stop_event = threading.Event()
-        self.threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(clients)]
-        for t in self.threads:
-            t.start()
-
-    def _loop(self, client: int) -> None:
-        deadline = time.monotonic() + self.limit_s
-        i = client
-        while not self.stop_event.is_set() and time.monotonic() < deadline:
-            p = i % len(PROMPTS)
-            i += 1
-            t0 = time.monotonic()
-            with self.lock:
-                self.sent += 1
-            try:
-                r = requests.post(f"{self.base}/v1/completions", timeout=60,
-                                  json={"prompt": PROMPTS[p], "max_tokens": MAX_TOKENS, "temperature": 0,
-                                        "ignore_eos": True})
-                status, body = r.status_code, r.json()
-            except (requests.RequestException, ValueError) as e:
-                status, body = 0, {"error": {"message": repr(e)}}
-            with self.lock:
-                if status == 200:
-                    self.ok += 1
-                    self.outputs.setdefault(p, set()).add(tuple(body["choices"][0]["token_ids"]))
-                else:
-                    self.failed.append((status, body.get("error", {}).get("message", ""), time.monotonic() - t0))
-
-    def wait_ok(self, n: int, limit_s: float = 120) -> None:
-        deadline = time.monotonic() + limit_s
-        while self.ok < n and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert self.ok >= n, f"only {self.ok} requests succeeded ({len(self.failed)} failed: {self.failed[:3]})"
-
-    def stop(self) -> str:
-        self.stop_event.set()
-        for t in self.threads:
-            t.join(timeout=90)
-        return f"sent {self.sent}, succeeded {self.ok}, failed {len(self.failed)}"
-
-
-def _expected(model: str) -> dict[int, tuple[int, ...]]:
-    outs = LLMEngine.from_pretrained(model).generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0,
-                                                                             ignore_eos=True))
-    return {i: tuple(o.token_ids) for i, o in enumerate(outs)}
-
-
-def _kill_replica(deployment: str) -> str:
-    import ray
-
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith(f"SERVE_REPLICA::moe#{deployment}#")]
-    assert len(names) == 1, names
-    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
-    return names[0]
-
-
-def _stats(base: str) -> dict:
-    return requests.get(f"{base}/admin/stats", timeout=30).json()["data_plane"]
-
-
-def _wait_healed(base: str, limit_s: float = 120) -> dict:
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        dp = _stats(base)
-        if not dp["down_workers"] and requests.get(f"{base}/ready", timeout=30).status_code == 200:
-            return dp
-        time.sleep(0.5)
-    raise AssertionError(f"worker not back within {limit_s} s: {_stats(base)}")
 
 
 def test_killed_worker_with_a_second_copy_loses_no_request(cluster, checkpoint_factory):
     model = str(checkpoint_factory("mixtral"))
     c = cluster.deploy(model, 2, expert_copies=2, expert_call_timeout_s=5)
-    expected = _expected(model)
+    expected = load_expected(model)
     load = Load(c.base)
     try:
         load.wait_ok(6)
-        killed, t_kill = _kill_replica("expert-worker-0"), time.monotonic()
+        killed, t_kill = kill_replica("expert-worker-0"), time.monotonic()
         failovers_seen = 0
         deadline = time.monotonic() + 60
         while failovers_seen == 0 and time.monotonic() < deadline:  # traffic met the dead worker
-            failovers_seen = _stats(c.base)["failovers"]
+            failovers_seen = plane_stats(c.base)["failovers"]
             time.sleep(0.2)
-        dp = _wait_healed(c.base)  # Serve replaced the replica and the router put it back
+        dp = wait_healed(c.base)  # Serve replaced the replica and the router put it back
         outage = time.monotonic() - t_kill
         ok_at_heal = load.ok
         load.wait_ok(ok_at_heal + 6)
@@ -127,16 +42,16 @@ def test_killed_worker_with_a_second_copy_loses_no_request(cluster, checkpoint_f
 def test_killed_worker_without_a_copy_fails_clearly_then_resumes(cluster, checkpoint_factory):
     model = str(checkpoint_factory("mixtral"))
     c = cluster.deploy(model, 2, expert_copies=1, expert_call_timeout_s=5)
-    expected = _expected(model)
+    expected = load_expected(model)
     load = Load(c.base, clients=2)
     try:
         load.wait_ok(4)
-        _kill_replica("expert-worker-1")
+        kill_replica("expert-worker-1")
         t_kill = time.monotonic()
         deadline = time.monotonic() + 60
         while not load.failed and time.monotonic() < deadline:
             time.sleep(0.1)
-        _wait_healed(c.base)
+        wait_healed(c.base)
         outage = time.monotonic() - t_kill
         ok_at_heal = load.ok
         load.wait_ok(ok_at_heal + 4)  # service resumed once Serve's replacement was back

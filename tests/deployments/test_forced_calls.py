@@ -15,7 +15,7 @@ from typing import Literal
 from cluster.engine.grammar import GrammarSpec, check
 from cluster.tokenizer import TextTokenizer
 from deployments.api.tool_parsers import PARSERS, forced_call, parse
-from tests.test_demo_model import DEMO
+from tests.helpers import DEMO
 
 xgr = pytest.importorskip("xgrammar")
 

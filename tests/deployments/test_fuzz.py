@@ -12,7 +12,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.test_demo_model import DEMO
+from tests.helpers import DEMO
 
 pytestmark = pytest.mark.slow
 STATUSES: Counter = Counter()

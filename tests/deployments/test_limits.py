@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from tests.deployments.clients import grpc_request, grpc_stub
-from tests.test_demo_model import DEMO
+from tests.helpers import DEMO
 
 pytestmark = pytest.mark.slow
 KEY = "test-key-123"

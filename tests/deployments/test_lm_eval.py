@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from tests.test_demo_model import DEMO
+from tests.helpers import DEMO
 
 pytestmark = pytest.mark.slow
 

@@ -9,9 +9,8 @@ from cluster.engine import LLMEngine
 from cluster.loader import open_model
 from cluster.placement import Placement, Table
 from deployments.experts.remote import RemoteExperts
-from tests.cluster.test_overlap import PARAMS, PROMPTS
-from tests.deployments.standalone import worker_ref
-from tests.deployments.test_data_plane import KINDS, connect, kind, workers  # noqa: F401 - fixtures
+from tests.cluster.helpers import PARAMS, PROMPTS
+from tests.deployments.helpers import KINDS, connect, worker_ref
 
 
 def _every_expert_twice(model: str) -> Placement:

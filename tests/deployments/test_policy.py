@@ -1,7 +1,7 @@
 import pytest
 
 from deployments.policy import AutoscalePolicy, load_policy
-from tests.test_demo_model import DEMO
+from tests.helpers import DEMO
 
 
 def test_bundled_policy_loads():

@@ -7,7 +7,7 @@ import pytest
 import requests
 
 from deployments.pool_policy import desired_replicas
-from tests.deployments.test_faults import Load, _expected
+from tests.deployments.helpers import Load, load_expected
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,7 @@ def test_pool_grows_under_load_and_hands_back_when_it_shrinks(cluster, checkpoin
     model = str(checkpoint_factory("mixtral"))
     c = cluster.deploy(model, 2, autoscaler=POLICY, pool=POOL,
                        worker={"num_cpus": 0.25, "torch_threads": 1, "service_time_per_token_s": 0.002})
-    expected = _expected(model)
+    expected = load_expected(model)
     _wait(c.base, "the first pool worker registering", lambda dp: len(dp["worker_nodes"]) >= 3, 90)
     load = Load(c.base, clients=3)
     try:

@@ -8,7 +8,7 @@ import time
 import requests
 
 from tests.deployments.clients import concurrently, grpc_request, grpc_stub, http_complete
-from tests.test_demo_model import DEMO
+from tests.helpers import DEMO
 
 CONVERSATIONS, TURNS, HEAD, MESSAGE = 16, 4, 96, 15  # tokens: a conversation's start, each later message
 

@@ -12,8 +12,8 @@ from deployments.api.reasoning import ThinkStream, split
 from deployments.api.serving import Serving
 from deployments.config import app_config
 from tests.deployments.released_templates import DEEPSEEK_R1, GPT_OSS, QWEN3
-from tests.deployments.test_tool_calls_api import TOOLS, ask
-from tests.test_demo_model import DEMO
+from tests.deployments.helpers import TOOLS, ask, streamed
+from tests.helpers import DEMO
 
 REPLIES = [
     ("<think>\nI should check.\n</think>\n\nIt is sunny.", False, ("I should check.", "It is sunny.")),
@@ -47,12 +47,6 @@ def serving_with(tmp_path_factory, template: str, **cfg) -> Serving:
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory):
     return serving_with(tmp_path_factory, QWEN3)
-
-
-def streamed(chunks) -> tuple[str, str]:
-    deltas = [c.choices[0].delta for c in chunks if c.choices]
-    return ("".join(getattr(d, "reasoning_content", None) or "" for d in deltas),
-            "".join(d.content or "" for d in deltas))
 
 
 def test_qwen3_thinking_is_reasoning_content(qwen3):

@@ -15,7 +15,7 @@ from deployments.membership import Membership
 from deployments.policy import AutoscalePolicy
 from deployments.rebalancer import Rebalancer
 from deployments.table_state import TableState
-from tests.deployments.standalone import SECRET, start_worker, worker_ref
+from tests.deployments.helpers import SECRET, start_worker, worker_ref
 
 
 

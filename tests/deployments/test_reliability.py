@@ -9,7 +9,7 @@ import requests
 
 from cluster.engine import LLMEngine, SamplingParams
 from tests.deployments.clients import grpc_request, grpc_stub, http_complete
-from tests.test_demo_model import DEMO
+from tests.helpers import DEMO
 
 pytestmark = pytest.mark.slow
 PROMPT = "def main("

@@ -11,7 +11,7 @@ import requests
 
 from cluster.engine import LLMEngine, SamplingParams
 from tests.deployments.clients import concurrently, grpc_request, grpc_stub, http_complete
-from tests.deployments.test_faults import PROMPTS, Load, _expected
+from tests.deployments.helpers import LOAD_PROMPTS, Load, load_expected
 
 pytestmark = pytest.mark.slow
 POLICY = dict(interval_s=0.5, window_steps=4, hot_threshold=1.0, min_gain=0.01, cooldown_s=0,
@@ -56,7 +56,7 @@ def _two_routers(cluster, model, **extra):
 
 def test_two_routers_three_workers_match_in_process(cluster, model):
     c = _two_routers(cluster, model)
-    prompts = PROMPTS * 3
+    prompts = LOAD_PROMPTS * 3
     lengths = [6, 9, 12, 15] * 3
     local = LLMEngine.from_pretrained(model)
     expected = [o.token_ids for o in local.generate(prompts, [SamplingParams(max_tokens=n, temperature=0)
@@ -111,7 +111,7 @@ def test_skewed_load_on_both_routers_one_rebalance_both_switch(cluster, model):
 
 def test_router_killed_under_load_loses_no_request(cluster, model):
     c = _two_routers(cluster, model, engine_step_delay_s=0.1)  # a request takes ≥ 1.2 s: many are in flight
-    expected = _expected(model)
+    expected = load_expected(model)
     load = Load(c.base, clients=4)
     try:
         load.wait_ok(8)
@@ -133,7 +133,7 @@ def test_router_killed_under_load_loses_no_request(cluster, model):
 
 def test_controller_killed_under_load_fails_nothing_and_rebalancing_resumes(cluster, model):
     c = _two_routers(cluster, model, autoscaler={**POLICY, "hot_threshold": 1.0})
-    expected = _expected(model)
+    expected = load_expected(model)
     load = Load(c.base, clients=3)
     try:
         load.wait_ok(6)

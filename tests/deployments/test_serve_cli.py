@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from tests.deployments.conftest import free_port
-from tests.test_demo_model import DEMO
+from tests.helpers import DEMO
 
 pytestmark = pytest.mark.slow
 ROOT = DEMO.parent.parent

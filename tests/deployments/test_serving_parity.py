@@ -3,7 +3,7 @@ import pytest
 
 from cluster.engine import LLMEngine, SamplingParams
 from tests.deployments.clients import concurrently, grpc_request, grpc_stub, http_complete, http_stream
-from tests.test_demo_model import DEMO
+from tests.helpers import DEMO
 
 pytestmark = pytest.mark.slow
 

@@ -5,19 +5,13 @@ import threading
 from deployments.api.schema import ChatCompletionRequest, CompletionRequest
 from deployments.api.serving import Serving
 from deployments.config import app_config
-from tests.test_demo_model import DEMO
-
-
-class _NoRouters:
-    """Serving only needs a handle it can call `.options(stream=True)` on to be built."""
-
-    def options(self, **kw):
-        return self
+from tests.deployments.helpers import NoRouters
+from tests.helpers import DEMO
 
 
 def test_tokenising_and_chat_templates_run_off_the_event_loop():
     """A huge prompt must not stall other streams: encoding and rendering run on the pool's threads."""
-    serving = Serving(app_config({"model": str(DEMO)}), _NoRouters())
+    serving = Serving(app_config({"model": str(DEMO)}), NoRouters())
     seen = []
     encode, render = serving.checker.encode, serving.templates.render
 
@@ -60,7 +54,7 @@ def test_a_chat_template_error_is_a_400_with_the_templates_message(tmp_path):
                                "{{ raise_exception('System messages are not supported') }}{% endif %}"
                                "{{ m.content }}{% endfor %}")
     (model / "tokenizer_config.json").write_text(json.dumps(config))
-    serving = Serving(app_config({"model": str(model)}), _NoRouters())
+    serving = Serving(app_config({"model": str(model)}), NoRouters())
     req = ChatCompletionRequest(messages=[{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}],
                                 max_tokens=1)
     with pytest.raises(Exception) as e:

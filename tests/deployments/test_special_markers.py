@@ -4,7 +4,7 @@ Kimi-K2's `<|tool_calls_section_begin|>`â€¦ and gpt-oss's harmony `<|channel|>`â
 tokenizers, which the engine's text drops (skip_special_tokens, as a user must not see them). Each
 checkpoint here is a published config (tests/published_checkpoints.py) with a tokenizer.json that holds
 those markers as special tokens (the demo tokenizer plus them) and its family's template; the routers
-are scripted (tests/deployments/test_tool_calls_api.py): they stream the reply's tokens with the text
+are scripted (tests/deployments/helpers.py): they stream the reply's tokens with the text
 the engine's detokenizer gives, markers dropped, and end on the family's EOS as a real reply does."""
 from __future__ import annotations
 
@@ -17,11 +17,10 @@ from tokenizers import AddedToken, Tokenizer
 from deployments.api.serving import Serving
 from deployments.config import app_config
 from tests.deployments.released_templates import GPT_OSS, KIMI_K2
-from tests.deployments.test_reasoning import streamed
-from tests.deployments.test_tool_calls_api import TOOLS, WEATHER, ask
+from tests.deployments.helpers import TOOLS, WEATHER, ask, streamed
 from tests.published_checkpoints import build
 from tests.published_configs import tiny
-from tests.test_demo_model import DEMO
+from tests.helpers import DEMO
 
 KIMI_SPECIALS = ["<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>", "<|im_middle|>",
                  "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",

@@ -20,8 +20,8 @@ from deployments.api.serving import Serving
 from deployments.config import app_config
 from tests.helpers import GeneratorClient
 from tests.deployments.released_templates import QWEN3
-from tests.deployments.test_tool_calls_api import _Ingress
-from tests.test_demo_model import DEMO
+from tests.deployments.helpers import IngressStub
+from tests.helpers import DEMO
 
 openai = pytest.importorskip("openai")
 httpx2 = pytest.importorskip("httpx2")
@@ -73,7 +73,7 @@ def run_client(served, use):
         async_engine = AsyncEngine(engine)
         serving.client = GeneratorClient(async_engine.generate, async_engine.shutdown)
         serving.cut = asyncio.Event()
-        transport = httpx2.ASGITransport(app=build_http_app(_Ingress(serving)))
+        transport = httpx2.ASGITransport(app=build_http_app(IngressStub(serving)))
         try:
             async with openai.AsyncOpenAI(base_url="http://test/v1", api_key="x", max_retries=0,
                                           http_client=httpx2.AsyncClient(transport=transport)) as client:
@@ -156,7 +156,7 @@ def test_langchain_openai_bind_tools_and_with_structured_output(served):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_http_app(_Ingress(serving)), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(build_http_app(IngressStub(serving)), host="127.0.0.1", port=port,
                                            log_level="warning"))
     serving.cut = asyncio.Event()
     started = threading.Event()

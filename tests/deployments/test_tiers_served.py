@@ -8,7 +8,7 @@ import requests
 import torch
 
 from cluster.loader import open_model
-from tests.deployments.test_faults import Load, _expected, _kill_replica, _stats, _wait_healed
+from tests.deployments.helpers import Load, kill_replica, load_expected, plane_stats, wait_healed
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +22,8 @@ def _tiers(model: str) -> list[dict]:
 def test_tiers_serve_identical_output_and_survive_a_worker_of_each_tier(cluster, checkpoint_factory):
     model = str(checkpoint_factory("mixtral"))
     c = cluster.deploy(model, 3, tiers=_tiers(model), expert_call_timeout_s=5)
-    expected = _expected(model)
-    dp = _stats(c.base)
+    expected = load_expected(model)
+    dp = plane_stats(c.base)
     assert dp["copies_per_tier"]["fast"] == 3
     load = Load(c.base)
     summaries = []
@@ -31,13 +31,13 @@ def test_tiers_serve_identical_output_and_survive_a_worker_of_each_tier(cluster,
         load.wait_ok(4)
         for worker in ("expert-worker-0", "expert-worker-1"):  # the fast worker, then a host worker
             before = load.ok
-            _kill_replica(worker)
-            _wait_healed(c.base)
+            kill_replica(worker)
+            wait_healed(c.base)
             load.wait_ok(before + 4)
             summaries.append(f"{worker}: {load.ok - before} ok since the kill")
     finally:
         summary = load.stop()
-    dp = _stats(c.base)
+    dp = plane_stats(c.base)
     print(f"\ntiers, a worker of each tier killed: {summary}; {summaries}; rows per tier {dp['rows_per_tier']}, "
           f"failovers {dp['failovers']}")
     assert load.failed == [], load.failed[:5]

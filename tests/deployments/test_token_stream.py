@@ -137,7 +137,7 @@ def test_an_ingress_that_goes_away_fails_its_streams():
 
 def test_the_engine_hands_each_step_over_in_one_call():
     from cluster.engine import LLMEngine
-    from tests.test_demo_model import DEMO
+    from tests.helpers import DEMO
 
     engine = LLMEngine.from_pretrained(str(DEMO), max_num_seqs=8, max_model_len=128)
 

@@ -5,61 +5,23 @@ template (so the hermes parser is detected); only the routers are replaced, by a
 emits a fixed reply token by token through the demo tokenizer, as a router streams StepOutputs."""
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 
 import pytest
 
-from cluster.engine.engine import StepOutput
-from deployments.api.http import build_http_app
 from deployments.api.serving import Serving
 from deployments.config import app_config
-from tests.helpers import GeneratorClient
+from tests.deployments.helpers import MESSAGES, TOOLS, WEATHER, ask
 from tests.deployments.released_templates import QWEN3
-from tests.test_demo_model import DEMO
+from tests.helpers import DEMO
 
 openai = pytest.importorskip("openai")
 httpx2 = pytest.importorskip("httpx2")
 
-WEATHER = {"city": "Zürich 東京", "options": {"units": ["c", "f"], "deep": {"ok": True}}}
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}, "options": {"type": "object"}}}}},
-         {"type": "function", "function": {"name": "search", "parameters": {
-             "type": "object", "properties": {"query": {"type": "string"}}}}}]
 TWO_CALLS = ("Let me check.\n<tool_call>\n" + json.dumps({"name": "get_weather", "arguments": WEATHER},
                                                          ensure_ascii=False)
              + "\n</tool_call>\n<tool_call>\n{\"name\": \"search\", \"arguments\": {\"query\": \"x\"}}\n</tool_call>")
-MESSAGES = [{"role": "user", "content": "Weather in Zürich?"}]
-
-
-class ScriptedRouters:
-    """Streams `reply` as a router would: an empty batch (admitted), then one StepOutput per token,
-    ending with "stop", or "length" when max_tokens runs out first."""
-
-    def __init__(self, tokenizer, reply: str):
-        self.tokenizer, self.reply = tokenizer, reply
-
-    async def generate(self, prompt_ids, params):
-        ids = self.tokenizer.encode(self.reply, add_special_tokens=False)
-        yield []
-        text = ""
-        for i, token in enumerate(ids[:params.max_tokens]):
-            new = self.tokenizer.decode(ids[:i + 1])
-            last = i + 1 == len(ids) or i + 1 == params.max_tokens
-            finish = ("stop" if i + 1 == len(ids) else "length") if last else None
-            if new.endswith("\ufffd") and not last:  # half a character: held back, as a detokenizer does
-                new = text
-            yield [StepOutput("r", token, new[len(text):], None, finish)]
-            text = new
-
-
-class _Ingress:
-    def __init__(self, serving):
-        self.cfg, self.serving, self.cluster_state = serving.cfg, serving, {"ready": True}
-
-    async def cluster_metrics(self) -> str:
-        return ""
 
 
 @pytest.fixture(scope="module")
@@ -69,23 +31,6 @@ def serving(tmp_path_factory):
     config = json.loads((root / "tokenizer_config.json").read_text())
     (root / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": QWEN3}))
     return Serving(app_config({"model": str(root)}), type("R", (), {"options": lambda self, **kw: self})())
-
-
-def ask(serving, reply: str, **kwargs):
-    serving.client = GeneratorClient(ScriptedRouters(serving.tokenizer, reply).generate)
-    serving.cut = asyncio.Event()  # each call runs its own event loop
-    transport = httpx2.ASGITransport(app=build_http_app(_Ingress(serving)))
-
-    async def run():
-        async with openai.AsyncOpenAI(base_url="http://test/v1", api_key="x", max_retries=0,
-                                      http_client=httpx2.AsyncClient(transport=transport)) as client:
-            if not kwargs.pop("stream", False):
-                return await client.chat.completions.create(model=serving.cfg.model_name, messages=MESSAGES,
-                                                            **kwargs)
-            stream = await client.chat.completions.create(model=serving.cfg.model_name, messages=MESSAGES,
-                                                          stream=True, **kwargs)
-            return [chunk async for chunk in stream]
-    return asyncio.run(run())
 
 
 def test_the_parser_is_detected_from_the_template(serving):

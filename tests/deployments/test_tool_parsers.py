@@ -9,7 +9,7 @@ import pytest
 
 from deployments.api.tool_parsers import detect, parse
 from tests.deployments.released_templates import BY_FAMILY
-from tests.deployments.test_chat_templates import checkpoint
+from tests.deployments.helpers import checkpoint
 
 # family -> (its parser, the header of an assistant turn, what ends one)
 FAMILIES = {

@@ -17,8 +17,8 @@ from cluster.model.experts import LocalExperts
 from cluster.placement import Placement, Table, WorkerRef
 from deployments.experts import transport as transports
 from deployments.experts.compute import ExpertCompute
+from deployments.experts.host import ExpertHost, WorkerSpec
 from deployments.experts.remote import RemoteExperts, on_side_stream
-from deployments.experts.servicer import ExpertServicer
 from deployments.experts.stats import error_code
 from deployments.experts.transport import grpc as grpc_transport
 from deployments.experts.transport import local_socket
@@ -27,10 +27,10 @@ from deployments.experts.transport.cuda_ipc import CudaIpcTransport
 from deployments.experts.transport.local_socket import (GREETING, MODE_CUDA_IPC, MODE_SHM, CallFailed,
                                                         ForwardHeader, reply)
 from deployments.experts.transport.shm import ShmSession, ShmTransport
-from deployments.experts.validate import BadRequest
+from deployments.experts.validate import REFUSALS, BadRequest, NoRoom, NotHeld, refusal
 from protos import expert_pb2
-from tests.checkpoints import make_checkpoint
-from tests.deployments.standalone import HERE, SECRET, start_worker, worker_ref
+from tools.checkpoints import make_checkpoint
+from tests.deployments.helpers import HERE, SECRET, start_worker, worker_ref
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -80,6 +80,26 @@ def test_error_codes_are_uniform_across_transports():
     assert error_code(ConnectionRefusedError()) == "ConnectionRefusedError"
 
 
+@pytest.mark.parametrize("error,status,message", [
+    (BadRequest("counts [3] must be ≥ 0 and sum to the 2 rows"), "INVALID_ARGUMENT",
+     "w0: counts [3] must be ≥ 0 and sum to the 2 rows"),
+    (NotHeld("holds no copy of layer 0 expert(s) [1]"), "FAILED_PRECONDITION",
+     "w0: holds no copy of layer 0 expert(s) [1]"),
+    (NoRoom("OutOfMemoryError"), "RESOURCE_EXHAUSTED", "w0: OutOfMemoryError"),
+    (KeyError("a secret detail"), "INTERNAL", "w0: KeyError"),  # no refusal: only its type is told
+])
+def test_every_refusal_has_one_status_and_one_message_on_every_transport(error, status, message):
+    assert refusal("w0", error) == (status, message)
+    assert grpc.StatusCode[status].name == status
+    with pytest.raises(CallFailed) as e:
+        local_socket.parse_reply(reply(status, message.encode()), "w0")
+    assert (e.value.status, e.value.message) == (status, message)
+
+
+def test_the_refusal_table_names_each_refusal_once():
+    assert set(REFUSALS) == {BadRequest, NotHeld, NoRoom} and len(set(REFUSALS.values())) == len(REFUSALS)
+
+
 def test_a_router_sends_nothing_to_a_worker_that_cannot_prove_the_secret(tmp_path):
     """Mutual authentication: an impostor bound at a worker's socket path learns no rows."""
     path = str(tmp_path / "impostor.sock")
@@ -106,16 +126,15 @@ def test_a_router_sends_nothing_to_a_worker_that_cannot_prove_the_secret(tmp_pat
 
 @pytest.fixture(scope="module")
 def in_process_worker(tmp_path_factory):
-    """A worker's servers (gRPC + Unix socket) in this process, and the same experts in-process."""
+    """A worker (gRPC + Unix socket) in this process, and the same experts in-process."""
     model = str(make_checkpoint("mixtral", tmp_path_factory.mktemp("transports")))
     ckpt, family, cfg = open_model(model)
     local = LocalExperts(load_experts(ckpt, family, cfg, cfg.experts()))
-    compute = ExpertCompute("in-process", cfg, local, "cpu")
-    server, port = grpc_transport.serve(ExpertServicer(compute), "127.0.0.1", SECRET)
-    unix = transports.serve_local(compute, SECRET)
-    yield WorkerRef(f"127.0.0.1:{port}", HERE, local_socket=unix.path, device="cpu"), local, cfg
-    unix.close()
-    server.stop(grace=None)
+    host = ExpertHost(WorkerSpec(model=model, secret=SECRET, experts=tuple(cfg.experts()), name="in-process",
+                                 torch_threads=torch.get_num_threads()),
+                      node_id=HERE)
+    yield host.ref(), local, cfg
+    host.stop()
 
 
 def test_grpc_streams_calls_larger_than_a_chunk(in_process_worker, monkeypatch):

@@ -22,7 +22,7 @@ import threading
 from typing import Callable, Protocol
 
 from deployments.experts.transport.local_socket import accept, receive, reply, sockaddr
-from deployments.experts.validate import BadRequest, NotHeld
+from deployments.experts.validate import BadRequest, refusal
 
 log = logging.getLogger("ray.serve")
 HANDSHAKE_TIMEOUT_S = 5.0  # a caller that connects and says nothing does not hold a thread for long
@@ -31,7 +31,7 @@ PEERCRED = struct.Struct("3i")  # pid, uid, gid
 
 class Session(Protocol):
     def handle(self, message: bytes, fds: list[int]) -> bytes:
-        """The body of an OK reply; BadRequest / NotHeld for a request refused."""
+        """The body of an OK reply; one of validate.REFUSALS for a request refused."""
 
     def close(self) -> None:
         ...
@@ -120,18 +120,20 @@ class LocalServer:
         try:
             message, fds = receive(conn)
         except BadRequest as e:
-            return reply("INVALID_ARGUMENT", f"{self.name}: {e}".encode())
+            return self._refuse(e)
         if not message and not fds:
             return None
         try:
             return reply("OK", session.handle(message, fds))
-        except BadRequest as e:
-            return reply("INVALID_ARGUMENT", f"{self.name}: {e}".encode())
-        except NotHeld as e:
-            return reply("FAILED_PRECONDITION", str(e).encode())
         except Exception as e:  # noqa: BLE001 - the caller fails over; the worker keeps serving
+            return self._refuse(e)
+
+    def _refuse(self, error: Exception) -> bytes:
+        """The reply validate.refusal gives `error` (INTERNAL for what is no refusal: logged here)."""
+        status, message = refusal(self.name, error)
+        if status == "INTERNAL":
             log.exception("%s: a local data-plane call failed", self.name)
-            return reply("INTERNAL", f"{self.name}: {type(e).__name__}".encode())
+        return reply(status, message.encode())
 
     def close(self) -> None:
         try:

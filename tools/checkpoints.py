@@ -1,4 +1,4 @@
-"""Tiny random Hugging Face MoE checkpoints, written with transformers (fp32)."""
+"""Tiny random Hugging Face MoE checkpoints, written with transformers (fp32): the tests' and the benchmarks' models."""
 from __future__ import annotations
 
 from pathlib import Path
