@@ -21,7 +21,7 @@ run: $(STAMP)
 	$(BIN)/moe-cluster serve --model models/demo --num-workers 2
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 2 --dist load
 
 bench: $(STAMP)
 	$(BIN)/python bench/engine_bench.py
