@@ -27,3 +27,21 @@ def pytest_xdist_make_scheduler(config, log):
             return "serial" if nodeid.startswith(SERIAL) else nodeid
 
     return SerialApart(config, log) if config.getvalue("dist") == "load" else None
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory):
+    made = {}
+
+    def make(family: str, **overrides):
+        key = (family, tuple(sorted(overrides.items())))
+        if key not in made:
+            made[key] = make_checkpoint(family, tmp_path_factory.mktemp(family), **overrides)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session", params=sorted(FAMILIES))
+def family_checkpoint(request, checkpoint_factory):
+    return request.param, checkpoint_factory(request.param)

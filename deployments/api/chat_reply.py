@@ -66,7 +66,7 @@ class ChatReply:
                 token_ids: list[int] | None = None) -> tuple[dict[str, Any], str | None]:
         """`text` as the engine decoded it; with a view, the reply is read from `token_ids` instead."""
         if self.view is not None and token_ids is not None:
-            text = self.view.text(token_ids)
+            text = self.view.text(token_ids, text)
         reasoning = None
         if self.reasoning == thinking.THINK:
             reasoning, text = thinking.split(text, self.opened)
@@ -132,7 +132,10 @@ class ReplyStream:
         """(reasoning delta, content delta) that can be sent now. `delta` is the engine's text; with a
         view the reply is read from `token_id` instead."""
         if self.tokens is not None:
-            delta = self.tokens.step(token_id)
+            delta = self.tokens.step(token_id, delta)
+        return self._feed(delta)
+
+    def _feed(self, delta: str) -> tuple[str, str]:
         reasoning = ""
         if self.think is not None:
             reasoning, delta = self.think.feed(delta)
@@ -140,13 +143,15 @@ class ReplyStream:
 
     def finish(self, finish_reason: str | None) -> tuple[str, str, list[dict[str, Any]], str | None]:
         """(reasoning, content, tool-call deltas, finish_reason) for what is left when the reply ends."""
+        # the view's last markers (a call section's end), released once the engine's text is all in
+        early_reasoning, early_content = self._feed(self.tokens.finish()) if self.tokens is not None else ("", "")
         reasoning, content = self.think.finish() if self.think is not None else ("", "")
         content = self.content.feed(content)
         text, sent = self.content.text, self.content.sent
         parsed = self.reply.parsed(text)
-        reasoning = self.reply.clean(reasoning + (parsed.reasoning or ""))
+        reasoning = early_reasoning + self.reply.clean(reasoning + (parsed.reasoning or ""))
         rest = parsed.content[sent:] if parsed.content.startswith(text[:sent]) else ""
-        content = self.reply.clean(content + rest)
+        content = early_content + self.reply.clean(content + rest)
         if not parsed.calls:
             return reasoning, content, [], finish_reason
         return reasoning, content, call_deltas(parsed.calls), "tool_calls"

@@ -5,9 +5,13 @@ those its format does not read (the EOS that ends it, ...), and what goes back t
 them all. vLLM does the same (its parsers turn `skip_special_tokens` off).
 
     view = ReplyView.needed(tokenizer, {"<|tool_calls_section_begin|>", ...})  # None: the text will do
-    view.text(token_ids)            # the parser's view of a whole reply
-    stream = view.stream(); stream.step(token_id)   # the same, a token at a time
+    view.text(token_ids, text)      # the parser's view of a whole reply (`text`: the engine's)
+    stream = view.stream(); stream.step(token_id, delta); stream.finish()   # the same, a token at a time
     view.clean(content)             # what the user sees
+
+The view never runs ahead of the engine's text: a stop string ends the engine's text short of the
+reply's tokens (and, until the request ends, the engine holds back what could still become one), so
+the view releases only as many characters as the engine has, markers kept in place.
 """
 from __future__ import annotations
 
@@ -28,8 +32,22 @@ class ReplyView:
             return None
         return cls(tokenizer, markers)
 
-    def text(self, token_ids: list[int]) -> str:
-        return self.markers_only(self.tokenizer.decode(token_ids, skip_special_tokens=False))
+    def text(self, token_ids: list[int], text: str | None = None) -> str:
+        """The reply read from `token_ids`, ending where the engine's `text` ends (None: not cut)."""
+        view = self.markers_only(self.tokenizer.decode(token_ids, skip_special_tokens=False))
+        if text is None or len(self.clean(view)) <= len(text):
+            return view  # nothing cut: every marker stays, the trailing ones too
+        return view[:self.cut(view, len(text))]
+
+    def cut(self, view: str, chars: int) -> int:
+        """Where in `view` its first `chars` characters of plain text end (before any marker after them)."""
+        seen, pos = 0, 0
+        for m in self._all.finditer(view) if self._all is not None else ():
+            plain = m.start() - pos
+            if seen + plain >= chars:
+                break
+            seen, pos = seen + plain, m.end()
+        return pos + chars - seen
 
     def markers_only(self, text: str) -> str:
         return self._others.sub("", text) if self._others is not None else text
@@ -42,8 +60,29 @@ class ReplyView:
 
 
 class ViewStream:
+    """The view a token at a time, released as far as the engine's text has come."""
+
     def __init__(self, view: ReplyView):
         self.view, self.tokens = view, view.tokenizer.decode_stream()
+        self.pending = ""  # read from the tokens, not released yet
+        self.owed = 0  # characters of the engine's text not yet released from the view
 
-    def step(self, token_id: int | None) -> str:
-        return "" if token_id is None else self.view.markers_only(self.tokens.step(token_id))
+    def step(self, token_id: int | None, delta: str) -> str:
+        if token_id is not None:
+            self.pending += self.view.markers_only(self.tokens.step(token_id) or "")
+        self.owed += len(delta)
+        return self._release(self.owed)
+
+    def finish(self) -> str:
+        """At the end: the markers left after the engine's last character (a call section's end); text
+        past it (cut by a stop string) is dropped."""
+        rest = self.pending if not self.view.clean(self.pending) else ""
+        self.pending = ""
+        return rest
+
+    def _release(self, chars: int) -> str:
+        plain = len(self.view.clean(self.pending))
+        end = len(self.pending) if plain <= chars and plain == 0 else self.view.cut(self.pending, min(chars, plain))
+        out, self.pending = self.pending[:end], self.pending[end:]
+        self.owed -= len(self.view.clean(out))
+        return out

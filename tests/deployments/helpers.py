@@ -131,23 +131,32 @@ class NoRouters:
 
 class ScriptedRouters:
     """Streams `reply` as a router would: an empty batch (admitted), then one StepOutput per token,
-    ending with "stop", or "length" when max_tokens runs out first."""
+    ending with "stop", or "length" when max_tokens runs out first; `stop` strings end the text before
+    them, and until then what could still become one is held back (as the engine does)."""
 
     def __init__(self, tokenizer, reply: str):
         self.tokenizer, self.reply = tokenizer, reply
 
     async def generate(self, prompt_ids, params):
         ids = self.tokenizer.encode(self.reply, add_special_tokens=False)
+        hold = max((len(s) for s in params.stop), default=1) - 1  # what could still become a stop string
         yield []
         text = ""
         for i, token in enumerate(ids[:params.max_tokens]):
             new = self.tokenizer.decode(ids[:i + 1])
             last = i + 1 == len(ids) or i + 1 == params.max_tokens
             finish = ("stop" if i + 1 == len(ids) else "length") if last else None
-            if new.endswith("\ufffd") and not last:  # half a character: held back, as a detokenizer does
+            cut = min((i for i in (new.find(s) for s in params.stop) if i >= 0), default=-1)
+            if cut >= 0:  # a stop string: the text ends before it, as the engine ends it
+                new, last, finish = new[:cut], True, "stop"
+            elif new.endswith("\ufffd") and not last:  # half a character: held back, as a detokenizer does
                 new = text
+            elif hold and not last:
+                new = new[:max(len(text), len(new) - hold)]
             yield [StepOutput("r", token, new[len(text):], None, finish)]
             text = new
+            if last:
+                return
 
 
 class IngressStub:

@@ -74,26 +74,15 @@ def test_stream_interval_leaves_the_output_unchanged(cluster):
     assert got == expected
 
 
-def test_llama4_through_two_workers(cluster, tmp_path_factory):
-    """Issue 18's MoE path furthest from the others (Llama 4: the routing weight scales the expert's
-    input, a shared expert, dense layers between MoE layers, fused experts, a multimodal wrapper
-    checkpoint): served with 2 workers, HTTP gives the in-process tokens."""
+@pytest.mark.parametrize("name", ["Llama-4-Maverick-17B-128E-Instruct", "Qwen3-Next-80B-A3B-Instruct"])
+def test_published_family_through_two_workers(cluster, tmp_path_factory, name):
+    """The MoE paths furthest from the others, served with 2 workers: HTTP gives the in-process tokens.
+    Llama 4 (issue 18): the routing weight scales the expert's input, a shared expert, dense layers between
+    MoE layers, fused experts, a multimodal wrapper checkpoint. Qwen3-Next (issue 19): the router holds the
+    attention KV cache and every sequence's recurrent state, the two workers only experts."""
     from tests.published_checkpoints import build
 
-    ours, _ = build("Llama-4-Maverick-17B-128E-Instruct", tmp_path_factory.mktemp("maverick"))
-    expected = expected_tokens(str(ours), ID_PROMPTS)
-    cluster.deploy(str(ours), 2)
-    got = concurrently(lambda i: http_complete(cluster.base, ID_PROMPTS[i], MAX_TOKENS[i])["choices"][0]["token_ids"],
-                       range(len(ID_PROMPTS)))
-    assert got == expected
-
-
-def test_qwen3_next_through_two_workers(cluster, tmp_path_factory):
-    """Issue 19's hybrid model: the router holds the attention KV cache and every sequence's recurrent state,
-    the two workers only experts; HTTP gives the in-process tokens."""
-    from tests.published_checkpoints import build
-
-    ours, _ = build("Qwen3-Next-80B-A3B-Instruct", tmp_path_factory.mktemp("qwen3_next"))
+    ours, _ = build(name, tmp_path_factory.mktemp(name.replace(".", "_")))
     expected = expected_tokens(str(ours), ID_PROMPTS)
     cluster.deploy(str(ours), 2)
     got = concurrently(lambda i: http_complete(cluster.base, ID_PROMPTS[i], MAX_TOKENS[i])["choices"][0]["token_ids"],

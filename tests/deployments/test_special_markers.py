@@ -109,3 +109,24 @@ def test_gpt_oss_channels_and_call(gpt_oss):
             assert out.choices[0].finish_reason == "tool_calls"
             assert out.choices[0].message.reasoning_content == "Use search."
             assert json.loads(out.choices[0].message.tool_calls[0].function.arguments) == {"query": "x"}
+
+
+def test_kimi_k2_stop_string_ends_what_the_parser_reads(kimi):
+    """A stop string ends the reply where the engine's text ends: the calls after it are neither parsed nor
+    shown; with a stop string that never comes (the engine holding back what could become one) the calls
+    parse as without it. Both non-streaming and streaming."""
+    reply = "Let me check. STOP" + KIMI_CALLS
+    for stream in (False, True):
+        got = ask(kimi, reply, tools=TOOLS, stop=["STOP"], stream=stream)
+        if stream:
+            content = "".join(c.choices[0].delta.content or "" for c in got if c.choices)
+            calls = [d for c in got if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+        else:
+            content, calls = got.choices[0].message.content, got.choices[0].message.tool_calls
+        assert content == "Let me check. " and not calls
+    message = ask(kimi, KIMI_CALLS, tools=TOOLS, stop=["never said"]).choices[0]
+    assert message.finish_reason == "tool_calls" and json.loads(message.message.tool_calls[0].function.arguments) == WEATHER
+    chunks = ask(kimi, KIMI_CALLS, tools=TOOLS, stop=["never said"], stream=True)
+    deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Let me check."
+    assert json.loads("".join(d.function.arguments or "" for d in deltas if d.index == 0)) == WEATHER
