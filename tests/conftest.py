@@ -9,13 +9,16 @@ from tools.checkpoints import FAMILIES, make_checkpoint
 # xdist too: some bit-exact comparisons were written, and hold, with that thread count.)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-# Tests that start Ray, Serve or a server process. Under `make test` (pytest-xdist, `-n 2`) they run
-# as one unit on one worker, in file order, started first (the largest unit): two Ray clusters never
-# share the machine and the session-scoped cluster starts once. Every other test is its own unit, so
-# the in-process tests spread over both workers. (xdist's own `loadgroup` marks do not reach its
-# scheduler under pytest 9, whose node ids no longer read `_nodeid`: hence a scheduler of our own.)
-SERIAL = ("tests/deployments/", "tests/test_cli.py", "tests/test_k8s.py", "tests/test_serve_bench.py",
-          "tests/test_gpu_check.py")
+# The test files that start Ray (the session `cluster` fixture, a server, a Ray cluster of their own).
+# Under `make test` (pytest-xdist, `-n 2`) they run as one unit on one worker, in file order, started
+# first (the largest unit): two Ray clusters never share the machine (their HAProxies did not start
+# side by side) and the session cluster starts once. Every other test, standalone expert-worker
+# processes included, is its own unit and spreads over both workers. (xdist's own `loadgroup` marks
+# do not reach its scheduler under pytest 9, whose node ids no longer read `_nodeid`: hence a
+# scheduler of our own.) A new test file that starts Ray belongs here.
+SERIAL = tuple(f"tests/deployments/test_{name}.py" for name in (
+    "autoscaler", "faults", "fuzz", "limits", "lm_eval", "multinode", "pool", "prefix_routing_served",
+    "reliability", "scale_out", "serve_cli", "serve_config", "serving_api", "serving_parity", "tiers_served"))
 
 
 @pytest.hookimpl(optionalhook=True)
