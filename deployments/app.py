@@ -60,8 +60,7 @@ def worker_spec(spec: AppSpec, name: str, experts, worker: int | None = None) ->
     """One expert worker's spec: the same for the fixed workers and the pool but for name and copies, and
     for a fixed worker of a tier group (`worker`: its index), that group's threads, device and tier."""
     cfg = spec.cfg
-    threads, device = _kind(cfg, worker) if worker is not None else (cfg.worker.torch_threads, cfg.worker_device)
-    tier = tier_group_of(cfg.tiers, worker).name if cfg.tiers and worker is not None else ""
+    threads, device, tier = _kind(cfg, worker)
     return WorkerSpec(model=cfg.model, secret=spec.data_plane_secret, experts=tuple(tuple(e) for e in experts),
                       name=name, host=cfg.data_plane_host, device=device, dtype=cfg.dtype, torch_threads=threads,
                       service_time_per_token_s=cfg.worker.service_time_per_token_s, tier=tier)
@@ -75,12 +74,13 @@ def _workers(spec: AppSpec) -> list:
             for i in range(cfg.num_workers)]
 
 
-def _kind(cfg: AppConfig, worker: int) -> tuple[int, str]:
-    """(torch threads, device) of a fixed worker: its tier group's, else the worker section's."""
-    if cfg.tiers:
+def _kind(cfg: AppConfig, worker: int | None) -> tuple[int, str, str]:
+    """(torch threads, device, tier) of a worker: a fixed worker's tier group's, else the worker
+    section's (the pool, an untiered app: no tier)."""
+    if cfg.tiers and worker is not None:
         group = tier_group_of(cfg.tiers, worker)
-        return group.torch_threads, group.device
-    return cfg.worker.torch_threads, cfg.worker_device
+        return group.torch_threads, group.device, group.name
+    return cfg.worker.torch_threads, cfg.worker_device, ""
 
 
 def _pool(spec: AppSpec, controller):

@@ -82,7 +82,7 @@ class ViewStream:
 
     def _release(self, chars: int) -> str:
         plain = len(self.view.clean(self.pending))
-        end = len(self.pending) if plain <= chars and plain == 0 else self.view.cut(self.pending, min(chars, plain))
+        end = len(self.pending) if plain == 0 else self.view.cut(self.pending, min(chars, plain))
         out, self.pending = self.pending[:end], self.pending[end:]
         self.owed -= len(self.view.clean(out))
         return out
