@@ -119,6 +119,11 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
              "type": "object", "properties": {"query": {"type": "string"}}}}}]
 
 WEATHER = {"city": "Zürich 東京", "options": {"units": ["c", "f"], "deep": {"ok": True}}}
+# gpt-oss replies in harmony: analysis then final, and analysis then a call (<|call|> is its EOS)
+HARMONY_REPLY = ("<|channel|>analysis<|message|>User asks weather.<|end|><|start|>assistant<|channel|>final"
+                 "<|message|>Sunny.<|return|>")
+HARMONY_CALL = ("<|channel|>analysis<|message|>Use search.<|end|><|start|>assistant<|channel|>commentary "
+                'to=functions.search <|constrain|>json<|message|>{"query": "x"}<|call|>')
 MESSAGES = [{"role": "user", "content": "Weather in Zürich?"}]
 
 

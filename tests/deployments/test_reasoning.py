@@ -12,7 +12,7 @@ from deployments.api.reasoning import ThinkStream, split
 from deployments.api.serving import Serving
 from deployments.config import app_config
 from tests.deployments.released_templates import DEEPSEEK_R1, GPT_OSS, QWEN3
-from tests.deployments.helpers import TOOLS, ask, streamed
+from tests.deployments.helpers import HARMONY_CALL, HARMONY_REPLY, TOOLS, ask, streamed
 from tests.helpers import DEMO
 
 REPLIES = [
@@ -87,13 +87,11 @@ def test_r1_opens_the_block_in_the_prompt_and_a_cut_off_thought_is_all_reasoning
 
 def test_gpt_oss_analysis_channel_is_reasoning_content(tmp_path_factory):
     oss = serving_with(tmp_path_factory, GPT_OSS)
-    reply = ("<|channel|>analysis<|message|>User asks weather.<|end|><|start|>assistant<|channel|>final"
-             "<|message|>Sunny.<|return|>")
+    reply = HARMONY_REPLY
     message = ask(oss, reply).choices[0].message
     assert (message.reasoning_content, message.content) == ("User asks weather.", "Sunny.")
     assert streamed(ask(oss, reply, stream=True)) == ("User asks weather.", "Sunny.")
-    call = ("<|channel|>analysis<|message|>Use search.<|end|><|start|>assistant<|channel|>commentary "
-            'to=functions.search <|constrain|>json<|message|>{"query": "x"}<|call|>')
+    call = HARMONY_CALL
     out = ask(oss, call, tools=TOOLS)
     assert out.choices[0].finish_reason == "tool_calls" and out.choices[0].message.reasoning_content == "Use search."
     assert out.choices[0].message.tool_calls[0].function.name == "search"

@@ -17,7 +17,7 @@ from tokenizers import AddedToken, Tokenizer
 from deployments.api.serving import Serving
 from deployments.config import app_config
 from tests.deployments.released_templates import GPT_OSS, KIMI_K2
-from tests.deployments.helpers import TOOLS, WEATHER, ask, streamed
+from tests.deployments.helpers import HARMONY_CALL, HARMONY_REPLY, TOOLS, WEATHER, ask, streamed
 from tests.published_checkpoints import build
 from tests.published_configs import tiny
 from tests.helpers import DEMO
@@ -92,13 +92,11 @@ def test_kimi_k2_user_sees_no_special_tokens(kimi):
 
 
 def test_gpt_oss_channels_and_call(gpt_oss):
-    reply = ("<|channel|>analysis<|message|>User asks weather.<|end|><|start|>assistant<|channel|>final"
-             "<|message|>Sunny.<|return|>")
+    reply = HARMONY_REPLY
     message = ask(gpt_oss, reply).choices[0].message
     assert (message.reasoning_content, message.content) == ("User asks weather.", "Sunny.")
     assert streamed(ask(gpt_oss, reply, stream=True)) == ("User asks weather.", "Sunny.")
-    call = ("<|channel|>analysis<|message|>Use search.<|end|><|start|>assistant<|channel|>commentary "
-            'to=functions.search <|constrain|>json<|message|>{"query": "x"}<|call|>')  # <|call|> is its EOS
+    call = HARMONY_CALL  # <|call|> is its EOS
     for stream in (False, True):
         out = ask(gpt_oss, call, tools=TOOLS, stream=stream)
         if stream:
