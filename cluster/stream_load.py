@@ -10,7 +10,9 @@ speed; leaving it costs its rows at the host tier's speed:
 
 so streaming pays from `crossover_rows` = ⌊(expert_bytes / link) / (host_row_s − fast_row_s)⌋ + 1
 rows on: a decode step (a few rows per expert) stays on the host, a large prefill (hundreds of rows
-on one expert) streams. The streamed copy is scratch: it serves this step and is dropped (a
+on one expert) streams. Past the crossover, an expert streams only when the layer then ends sooner
+(a layer waits for its slower tier): a host tier of many workers may finish its rows before a link
+could bring the weights. The streamed copy is scratch: it serves this step and is dropped (a
 promotion, `cluster.tiers.decide`, is what keeps a copy).
 """
 from __future__ import annotations
@@ -45,12 +47,30 @@ def crossover_rows(expert_bytes: int, costs: StreamCosts) -> int | None:
 
 
 def stream_set(counts: Sequence[int], fast: frozenset[int], expert_bytes: int, costs: StreamCosts, *,
-               max_streams: int) -> frozenset[int]:
-    """Expert ids of one layer to stream this step: no fast copy, rows ≥ the crossover, at most
-    `max_streams` (the fast tier's scratch room for one layer), the ones with most rows first
-    (they save the most host time)."""
+               max_streams: int, fast_workers: int = 1, host_workers: int = 1) -> frozenset[int]:
+    """Expert ids of one layer to stream this step, at most `max_streams` (the fast tier's scratch
+    room for one layer), the ones with most rows first (they save the most host time).
+
+    An expert qualifies when it has no fast copy and rows ≥ the crossover (streaming it costs less
+    work than leaving it). It is taken when the layer then ends sooner: a layer waits for its slower
+    tier, each tier's time its rows spread over its workers (link time on the fast tier's side), so
+    when the fast tier is the slower one nothing streams however large the prefill."""
+    if fast_workers < 1 or host_workers < 1:
+        raise ValueError(f"fast_workers ({fast_workers}) and host_workers ({host_workers}): each tier needs ≥ 1 "
+                         "worker for anything to stream")
     least = crossover_rows(expert_bytes, costs)
     if least is None or max_streams <= 0:
         return frozenset()
-    worth = sorted((-n, e) for e, n in enumerate(counts) if n >= least and e not in fast)
-    return frozenset(e for _, e in worth[:max_streams])
+    fast_s = sum(n for e, n in enumerate(counts) if e in fast) * costs.fast_row_s / fast_workers
+    host_s = sum(n for e, n in enumerate(counts) if e not in fast) * costs.host_row_s / host_workers
+    chosen: list[int] = []
+    worth = sorted((e for e, n in enumerate(counts) if n >= least and e not in fast), key=lambda e: (-counts[e], e))
+    for e in worth:
+        if len(chosen) == max_streams:
+            break
+        f = fast_s + (costs.link_s(expert_bytes) + counts[e] * costs.fast_row_s) / fast_workers
+        h = host_s - counts[e] * costs.host_row_s / host_workers
+        if max(f, h) < max(fast_s, host_s):
+            fast_s, host_s = f, h
+            chosen.append(e)
+    return frozenset(chosen)

@@ -29,9 +29,10 @@ def test_crossover_is_where_streaming_becomes_cheaper():
 
 
 @pytest.mark.parametrize("counts,fast,max_streams,expected", [
-    ([0, 4, 5, 40, 6], frozenset(), 8, {2, 3, 4}),  # 90 MB expert: 5 rows and more
-    ([0, 4, 5, 40, 6], frozenset({3}), 8, {2, 4}),  # a fast copy already: nothing to stream
-    ([0, 4, 5, 40, 6], frozenset(), 2, {3, 4}),  # room for 2: the most rows first
+    # 90 MB expert (3.6 ms of link, crossover 5 rows); one worker per tier
+    ([0, 4, 5, 40, 6], frozenset(), 8, {3, 4}),  # 5 rows would put 15.9 ms on the fast side: more than 11.8
+    ([0, 4, 5, 40, 6], frozenset({3}), 8, {4}),  # a fast copy already: not streamed
+    ([0, 4, 5, 40, 6], frozenset(), 1, {3}),  # room for 1: the most rows first
     ([9, 9, 9], frozenset(), 2, {0, 1}),  # ties: lower id first
     ([1, 2, 3, 4], frozenset(), 8, set()),  # decode-sized steps stay on the host
     ([50, 50], frozenset(), 0, set()),  # no scratch room
@@ -49,3 +50,21 @@ def test_costs_refuse_non_positive(field):
     args = {"link_bytes_per_s": 25e9, "fast_row_s": 1e-4, "host_row_s": 1e-3, field: 0}
     with pytest.raises(ValueError, match=field):
         StreamCosts(**args)
+
+
+# 9 MB expert, crossover 1 row; fast row 0.1 ms, host row 1 ms, link 0.36 ms
+@pytest.mark.parametrize("counts,fast,workers,expected", [
+    ([30, 0, 0, 0], frozenset(), (1, 1), {0}),  # host 30 ms → fast 0.36 + 3 ms
+    ([30, 20, 0, 0], frozenset({0}), (1, 1), {1}),  # fast 3 ms, host 20 ms → fast 5.4, host 0
+    ([400, 2, 0, 0], frozenset({0}), (1, 1), set()),  # the fast tier is the slower: streaming only adds to it
+    ([2, 2, 2, 2], frozenset(), (1, 16), set()),  # 16 host workers: 0.5 ms, less than one stream's 0.56
+    ([60, 60, 60, 60], frozenset(), (2, 16), {0, 1}),  # host 15 ms → 7.5; a third would put 9.5 ms on the fast side
+])
+def test_stream_set_only_when_the_layer_ends_sooner(counts, fast, workers, expected):
+    nf, nh = workers
+    assert stream_set(counts, fast, 9_000_000, PCIE, max_streams=8, fast_workers=nf, host_workers=nh) == expected
+
+
+def test_stream_set_refuses_an_empty_tier():
+    with pytest.raises(ValueError, match="host_workers"):
+        stream_set([5], frozenset(), 1, PCIE, max_streams=1, host_workers=0)
