@@ -179,6 +179,7 @@ class Sim:
         a, res = self.args, Result()
         table = self.start(mode, profile)
         fast = held = fast_of(table, self.workers, list(range(self.L)))  # decided / held by the table in use
+        copies = table.copies()
         clients = [Client(k) for k in range(a.clients)]
         for c in clients:
             self.begin(c, 0.0)
@@ -196,7 +197,7 @@ class Sim:
                 ids.append(self.tr[c.domain][c.pos:c.pos + n])
             rows = np.concatenate(ids)  # [N, L, K]
             counts = np.stack([np.bincount(rows[:, i].reshape(-1), minlength=self.E) for i in range(self.L)])
-            step_ms, copies = a.router_ms, table.copies()
+            step_ms = a.router_ms
             try:
                 for i in range(self.L):
                     layer_copies, link_ms = self.streamed(mode, i, counts[i], held[i], copies, res)
@@ -232,7 +233,7 @@ class Sim:
                 continue
             if pending and t >= pending[1]:
                 table = pending[0]
-                held = fast_of(table, self.workers, list(range(self.L)))
+                held, copies = fast_of(table, self.workers, list(range(self.L))), table.copies()
                 res.switches.append((pending[2], t))
                 pending = None
             if not pending and t >= next_decide:
