@@ -224,3 +224,16 @@ def tier_step(loads: np.ndarray, placement: Placement, layout: TierLayout, moe_l
     new = tier_placement(d.fast, moe_layers, np.asarray(loads).shape[1], workers, layout.expert_bytes, loads,
                          current=placement, host_copies=layout.host_copies)
     return d, new
+
+
+def profile_placement(loads: np.ndarray, placement: Placement, layout: TierLayout,
+                      moe_layers: list[int]) -> Placement | None:
+    """Static tiers (the "frequency" baseline): the fast tier's room to the experts hottest in a
+    recorded profile's loads [L, E], every other expert on the host tier; copies stay where they
+    are. None when `placement` already is that."""
+    workers = list(layout.workers)
+    fast = fast_sets(loads, tier_slots(workers, FAST, layout.expert_bytes))
+    new = tier_placement(fast, moe_layers, np.asarray(loads).shape[1], workers, layout.expert_bytes, loads,
+                         current=placement, host_copies=layout.host_copies)
+    same = [set(w) for w in new.workers] == [set(w) for w in placement.workers]
+    return None if same else new

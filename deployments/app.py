@@ -28,15 +28,18 @@ from deployments.ingress import Ingress
 from deployments.messages import AppSpec
 from deployments.prefix_router import PrefixAffinityRouter
 from deployments.router import Router
-from deployments.tier_config import initial_placement, tier_group_of, tier_layout
+from deployments.tier_config import initial_placement, profile_loads, tier_group_of, tier_layout
 
 def spec_of(cfg: AppConfig) -> AppSpec:
     _, _, model_cfg = open_model(cfg.model)  # fail fast, before anything is deployed
     placement = round_robin(model_cfg.experts(), cfg.num_workers, cfg.expert_copies) if cfg.num_workers else None
     layout = None
-    if cfg.tiers:  # the fast tier's room to the hottest experts (evenly, before any load), the rest on host
+    if cfg.tiers:  # the fast tier's room to the hottest experts (evenly, or from a static profile), the rest on host
         of_device = lambda d: model_cfg.expert_bytes(resolve_dtype(cfg.dtype, d, model_cfg.checkpoint_dtype))  # noqa
-        placement = initial_placement(cfg.tiers, list(model_cfg.moe_layer_ids), model_cfg.num_experts, of_device)
+        layers, policy = list(model_cfg.moe_layer_ids), cfg.policy()
+        loads = (profile_loads(policy.profile_file, layers, model_cfg.num_experts)
+                 if policy is not None and policy.mode == "static" else None)
+        placement = initial_placement(cfg.tiers, layers, model_cfg.num_experts, of_device, loads)
         layout = tier_layout(cfg.tiers, of_device)
     # one copy's bytes at the dtype the workers hold it in (memory budgets, metrics)
     expert_bytes = model_cfg.expert_bytes(resolve_dtype(cfg.dtype, cfg.worker_device, model_cfg.checkpoint_dtype))

@@ -206,10 +206,6 @@ class AppConfig(_Options):
         if "num_workers" in self.model_fields_set and self.num_workers != count:
             raise ValueError(f"num_workers ({self.num_workers}) differs from the tiers' workers ({count}): "
                              "leave num_workers out with tiers")
-        policy = self.policy()
-        if policy is not None and policy.mode == "static":
-            raise ValueError("tiers: mode static (EPLB from a profile) does not place by tier; use mode online, "
-                             "which promotes and demotes experts between the tiers")
         if self.expert_copies != 1 or self.pool.max_workers:
             raise ValueError("tiers decide the copies: expert_copies and pool.max_workers are not used with tiers "
                              "(leave them at 1 and 0)")

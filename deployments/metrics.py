@@ -92,6 +92,9 @@ TIER_MOVES = Counter("moe_tier_moves", "experts the online tier step moved: prom
                      "demoted", ["direction"], registry=CLUSTER)
 TIER_COPY_BYTES = Gauge("moe_tier_expert_copy_bytes", "expert weight bytes held per tier (current placement)",
                         ["tier"], registry=CLUSTER)
+TIER_BYTES_MOVED = Counter("moe_tier_bytes_moved", "expert weight bytes loaded for new copies, per tier of the "
+                           "worker that loaded them (promotions load on the fast tier, demotions on the host tier)",
+                           ["tier"], registry=CLUSTER)
 
 
 def render(registry: CollectorRegistry) -> str:

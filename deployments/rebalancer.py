@@ -22,11 +22,12 @@ from cluster.autoscale import Decision
 from cluster.placement import Expert, Placement
 from cluster.profile import load_profile
 from cluster.staging import changes, stage_moves
-from cluster.tiers import TierLayout, tier_step
+from cluster.tiers import TierLayout, profile_placement, tier_step
 from deployments import metrics
 from deployments.membership import Membership
 from deployments.policy import AutoscalePolicy
 from deployments.table_state import TableState
+from deployments.tier_config import profile_loads
 
 log = logging.getLogger("ray.serve")
 
@@ -42,6 +43,7 @@ class Rebalancer:
         self._pending_retire: list[tuple[int, int, list[Expert]]] = []  # (version, worker, experts)
         self.static_applied: str | None = None  # the profile a static placement was planned from
         self.tiers, self._moved, self._tier_steps = tiers, {}, 0  # expert tiers: promote / demote instead
+        self._tier_bytes: dict[str, int] = {}  # bytes loaded per tier by the change under way
 
     def decide(self, loads: np.ndarray, coactivation: np.ndarray | None) -> Decision:
         """`cluster.autoscale.decide` on the table in force and the policy now."""
@@ -69,8 +71,15 @@ class Rebalancer:
         return Decision("promote", new, 0.0, 0.0)
 
     def static_plan(self) -> Decision:
-        """`cluster.autoscale.static` on the policy's recorded profile."""
+        """`cluster.autoscale.static` on the policy's recorded profile; with tiers, the fast tier's room
+        to the profile's hottest experts (`cluster.tiers.profile_placement`: the app started there, so
+        this moves copies only when the profile file changed since)."""
         path = self.policy.profile_file
+        if self.tiers:
+            experts = 1 + max(e for _, e in self.state.table.placement.copies())  # a tier placement covers all
+            loads = profile_loads(path, self.moe_layers, experts)
+            new = profile_placement(loads, self.state.table.placement, self.tiers, self.moe_layers)
+            return Decision("static", new, 0.0, 0.0)
         profile = load_profile(path)
         try:
             return autoscale.static(profile.loads, list(profile.layers), table=self.state.table,
@@ -114,7 +123,7 @@ class Rebalancer:
         if self.policy.max_copies_per_stage:
             stages = stage_moves(old=table.placement, new=new, max_copies=self.policy.max_copies_per_stage) or [new]
         adds, drops = changes(table.placement, new)
-        loaded, outcome, version = 0, "done", table.version
+        loaded, outcome, version, self._tier_bytes = 0, "done", table.version, {}
         for stage in stages:
             outcome, stage_bytes, version = await self._switch(stage, refs)
             loaded += stage_bytes
@@ -150,6 +159,10 @@ class Rebalancer:
         loaded = sum(r for r in results if not isinstance(r, BaseException))
         self.last_change = time.monotonic()
         metrics.WEIGHT_BYTES_MOVED.inc(loaded)
+        for w, r in zip(loading, results):
+            if refs[w].tier:
+                metrics.TIER_BYTES_MOVED.labels(refs[w].tier).inc(r)
+                self._tier_bytes[refs[w].tier] = self._tier_bytes.get(refs[w].tier, 0) + r
         retire = [(nxt.version, w, drops[w]) for w in range(len(drops)) if drops[w]]
         if not await self.state.wait_switched(nxt.version, self.policy.switch_timeout_s):
             self._pending_retire.extend(retire)
@@ -180,7 +193,8 @@ class Rebalancer:
                              "max_over_mean_before": round(decision.before, 3) if decision else None,
                              "max_over_mean_planned": round(decision.after, 3) if decision else None,
                              "copies_added": sum(map(len, adds)), "copies_retired": sum(map(len, drops)),
-                             "bytes_loaded": loaded, "seconds": round(seconds, 3)})
+                             "bytes_loaded": loaded, "seconds": round(seconds, 3),
+                             **({"bytes_loaded_per_tier": dict(self._tier_bytes)} if self.tiers else {})})
         del self.history[:-200]
         log.info("placement change %s: table v%d, %d copies added, %d retired", outcome, version,
                  sum(map(len, adds)), sum(map(len, drops)))

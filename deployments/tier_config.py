@@ -108,6 +108,18 @@ def initial_placement(groups: list[TierGroup], moe_layers: list[int], num_expert
     return tier_placement(fast, moe_layers, num_experts, workers, unit, loads, host_copies=host.copies)
 
 
+def profile_loads(path: str, moe_layers: list[int], num_experts: int) -> np.ndarray:
+    """A recorded load profile's [L, E] loads for static tiers (mode static: the fast tier's room to
+    the experts hottest in it, held); ValueError naming the file when it is another model's."""
+    from cluster.profile import load_profile
+
+    profile = load_profile(path)
+    if tuple(profile.layers) != tuple(moe_layers) or profile.loads.shape[1] != num_experts:
+        raise ValueError(f"{path}: the profile covers MoE layers {list(profile.layers)[:4]}… × "
+                         f"{profile.loads.shape[1]} experts; this model has {list(moe_layers)[:4]}… × {num_experts}")
+    return profile.loads
+
+
 def tier_group_of(groups: list[TierGroup], worker: int) -> TierGroup:
     """The group of expert worker `worker` (in `tier_workers` order)."""
     for g in sorted(groups, key=lambda g: g.name != "fast"):

@@ -46,6 +46,8 @@ PANELS = [
         ('sum(rate(moe_tier_expert_rows_total{tier="fast"}[5m])) / sum(rate(moe_tier_expert_rows_total[5m]))',
          "fast share")]),
     ("Expert copy bytes per tier", "bytes", [("moe_tier_expert_copy_bytes", "{{tier}}")]),
+    ("Expert bytes moved per tier", "bytes", [("sum by (tier) (increase(moe_tier_bytes_moved_total[5m]))",
+                                               "{{tier}} / 5 min")]),
 ]
 
 

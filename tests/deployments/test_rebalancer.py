@@ -2,6 +2,7 @@
 plane), without Ray: the progress deadline and its metrics, staged moves, retirement when traffic
 evens out, byte budgets, and the static EPLB plan."""
 import asyncio
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -190,7 +191,8 @@ def test_tiers_promote_a_hot_expert_to_the_fast_worker(checkpoint_factory):
                                list(workers), eb)
     procs = [start_worker(model, experts) for experts in placement.workers]
     try:
-        state = TableState(Table(1, placement, tuple(worker_ref(p) for p in procs)))
+        refs = tuple(replace(worker_ref(p), tier=tw.tier) for p, tw in zip(procs, workers))  # as the app's workers
+        state = TableState(Table(1, placement, refs))
         _confirmed(state)
         membership = Membership([], SECRET)
         rebalancer = Rebalancer(AutoscalePolicy(interval_s=1, cooldown_s=0, switch_timeout_s=1.0), state, membership,
@@ -198,6 +200,7 @@ def test_tiers_promote_a_hot_expert_to_the_fast_worker(checkpoint_factory):
         loads = np.ones((len(layers), cfg.num_experts))
         loads[-1, -1] = 40.0  # the last expert of the last layer turns hot
         promoted = metrics.TIER_MOVES.labels("promoted")._value.get()
+        fast_bytes = metrics.TIER_BYTES_MOVED.labels("fast")._value.get()
 
         async def follow():  # a router that switches to every table as soon as it is published
             while True:
@@ -218,6 +221,11 @@ def test_tiers_promote_a_hot_expert_to_the_fast_worker(checkpoint_factory):
         assert _held(membership, state.table) == [sorted(ws) for ws in new.workers]
         assert rebalancer.history[-1]["reason"] == "promote"
         assert metrics.TIER_MOVES.labels("promoted")._value.get() >= promoted + 1
+        added = {tier: sum(len(set(new.workers[w]) - set(placement.workers[w])) * eb
+                           for w, tw in enumerate(workers) if tw.tier == tier) for tier in (FAST, HOST)}
+        assert added[FAST] > 0  # bytes moved per tier: in the admin history and the metric
+        assert rebalancer.history[-1]["bytes_loaded_per_tier"] == {t: n for t, n in added.items() if n}
+        assert metrics.TIER_BYTES_MOVED.labels("fast")._value.get() == fast_bytes + added[FAST]
     finally:
         for p in procs:
             p.kill()

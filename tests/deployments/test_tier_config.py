@@ -39,7 +39,6 @@ def test_initial_placement_counts_each_tier_in_its_own_dtype():
     ({"tiers": [{**HOST, "name": "warm"}]}, "tiers.0.name"),
     ({"tiers": [HOST], "num_workers": 4}, "differs from the tiers' workers (3)"),
     ({"tiers": [HOST], "expert_copies": 2, "num_workers": 3}, "tiers decide the copies"),
-    ({"tiers": [HOST], "autoscaler": {"mode": "static", "profile_file": "p.json"}}, "mode static"),
     ({"tiers": [{**HOST, "copies": 4}]}, "copies (4) must not exceed count (3)"),
     ({"tiers": [HOST, {**FAST, "copies": 2}]}, "copies is the host tier's setting"),
 ])
@@ -72,3 +71,51 @@ def test_rows_copies_and_bytes_per_tier_reach_admin_stats_and_metrics():
     text = generate_latest(metrics.CLUSTER).decode()
     assert 'moe_tier_expert_rows_total{tier="fast"} 40.0' in text
     assert 'moe_tier_expert_copies{tier="host"} 3.0' in text and 'moe_tier_expert_copy_bytes{tier="host"} 300.0' in text
+
+
+def test_static_tiers_put_the_profile_hottest_experts_on_the_fast_tier_and_hold(checkpoint_factory, tmp_path):
+    """Mode static with tiers (the "frequency" baseline): the app starts with the fast tier's room on
+    the profile's hottest experts; the controller's static step then holds (nothing to move), and
+    re-plans from the profile when the table differs (a new profile file)."""
+    import asyncio
+
+    import numpy as np
+    import torch
+
+    from cluster.loader import open_model
+    from cluster.placement import Table, WorkerRef
+    from cluster.profile import save_profile
+    from deployments.app import spec_of
+    from deployments.membership import Membership
+    from deployments.rebalancer import Rebalancer
+    from deployments.table_state import TableState
+    from deployments.tier_config import initial_placement
+
+    model = str(checkpoint_factory("mixtral"))
+    mc = open_model(model)[2]
+    layers, eb = list(mc.moe_layer_ids), mc.expert_bytes(torch.float32)
+    loads = np.ones((len(layers), mc.num_experts))
+    loads[0, 5], loads[-1, 3] = 50.0, 40.0  # the two hottest experts of all layers
+    save_profile(tmp_path / "p.json", loads, layers)
+    tiers = [{"name": "fast", "count": 1, "budget_bytes": 2 * eb}, {"name": "host", "count": 2, "budget_bytes": 1 << 30}]
+    cfg = app_config({"model": model, "tiers": tiers,
+                      "autoscaler": {"mode": "static", "profile_file": str(tmp_path / "p.json")}})
+    spec = spec_of(cfg)
+    assert set(spec.placement.workers[0]) == {(layers[0], 5), (layers[-1], 3)}
+    spec.placement.check_covers(mc.experts())
+
+    refs = (WorkerRef("a:1", tier="fast"), WorkerRef("b:1", tier="host"), WorkerRef("c:1", tier="host"))
+    state = TableState(Table(1, spec.placement, refs))
+    state._started -= 10  # past the restart grace period
+    rebalancer = Rebalancer(cfg.policy(), state, Membership([], "s"), moe_layers=layers, expert_bytes=eb,
+                            tiers=spec.tiers)
+    assert asyncio.run(rebalancer.step(np.zeros_like(loads), None)) == "static"  # started there: holds
+    assert rebalancer.history == [] and state.table.version == 1
+    uniform = initial_placement(cfg.tiers, layers, mc.num_experts, lambda d: eb)  # no profile: spread evenly
+    state.table = Table(1, uniform, refs)
+    planned = rebalancer.static_plan().placement
+    assert set(planned.workers[0]) == {(layers[0], 5), (layers[-1], 3)}
+    save_profile(tmp_path / "other.json", loads[:, :4], layers)
+    rebalancer.set_policy(cfg.policy().model_copy(update={"profile_file": str(tmp_path / "other.json")}))
+    with pytest.raises(ValueError, match="other.json: the profile covers"):
+        rebalancer.static_plan()
