@@ -351,6 +351,8 @@ def main() -> None:
     p.add_argument("--zipf", default="0,1.0,1.5", help="--config: routing skews, Zipf exponents, one run each")
     p.add_argument("--layers", type=int, default=0, help="--config: MoE layers simulated (default all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--measure-host-row", action="store_true", help="--config: time one expert of that shape on "
+                   "this CPU (1 thread, float32): what --row-ms x --host-factor stands for")
     args = p.parse_args()
     args.phases = [(d, float(s)) for d, s in (x.split(":") for x in args.phases.split(","))]
     args.modes = args.modes.split(",")
@@ -377,10 +379,36 @@ def main() -> None:
             tr = synthetic(layers, cfg.num_experts, cfg.top_k, domains, args.windows * 128, z, args.seed)
             out["skews"][f"{z:g}"] = {"measured": skew(tr, cfg.num_experts),
                                       "shares": run_shares(args, tr, eb, cfg.num_experts)}
+    if args.config and args.measure_host_row:
+        out["host_row_measured"] = host_row_cost(published_config(args.config))
     if "online+stream" in args.modes:
         out["stream_crossover_rows"] = crossover_rows(out["expert_bytes"], StreamCosts(
             args.link_gbps * 1e9, args.row_ms / 1000, args.row_ms * args.host_factor / 1000))
     print(json.dumps(out, indent=1))
+
+
+def host_row_cost(cfg, rows=(1, 16, 64, 256), reps: int = 5) -> dict:
+    """One routed expert of `cfg`'s shape (SwiGLU, float32 as CPU workers hold it) on one CPU thread:
+    CPU ms per call for each row count (lower quartile of `reps`) and the per-row slope."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(1)
+    d, i = cfg.hidden_size, cfg.expert_intermediate_size
+    gate_up, down = torch.randn(2 * i, d) * 0.02, torch.randn(d, i) * 0.02
+    ms = {}
+    for n in rows:
+        x, times = torch.randn(n, d), []
+        for _ in range(reps):
+            t = time.thread_time()  # CPU time of this thread: other processes on a shared machine do not count
+            g, u = (x @ gate_up.T).chunk(2, -1)
+            (F.silu(g) * u) @ down.T
+            times.append(1000 * (time.thread_time() - t))
+        ms[n] = round(statistics.quantiles(times, n=4)[0], 3)
+    slope = (ms[rows[-1]] - ms[rows[0]]) / (rows[-1] - rows[0])
+    return {"shape": f"D={d}, I={i}, float32, 1 thread", "ms_per_call": ms, "ms_per_row": round(slope, 4)}
 
 
 def published_config(name: str):
