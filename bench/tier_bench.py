@@ -239,7 +239,7 @@ class Sim:
             if not pending and t >= next_decide:
                 next_decide, decisions = t + a.interval_s, decisions + 1
                 d = decide(ema, fast, self.slots, moved=moved, now=decisions,
-                           rule=Hysteresis(margin=a.margin, dwell=a.dwell))
+                           rule=Hysteresis(margin=a.margin, dwell=a.dwell, max_moves=a.max_moves))
                 if d.promoted:
                     new = tier_placement(d.fast, list(range(self.L)), self.E, self.workers, self.eb, ema, table)
                     adds = sum(len(set(n) - set(o)) for n, o in zip(new.workers, table.workers))
@@ -338,6 +338,7 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=2 / 21, help="online: EMA weight of the newest step (20 steps)")
     p.add_argument("--margin", type=float, default=Hysteresis.margin)
     p.add_argument("--dwell", type=int, default=Hysteresis.dwell)
+    p.add_argument("--max-moves", type=int, default=Hysteresis.max_moves, help="online: promotions per decision")
     p.add_argument("--load-ms", type=float, default=50.0, help="online: time to load one copy (staged: no stall)")
     p.add_argument("--windows", type=int, default=16, help="held-out windows per domain (x 128 tokens)")
     p.add_argument("--modes", default=",".join(MODES[:-1]), help="placements to run, of " + ",".join(MODES))
