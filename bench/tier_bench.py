@@ -3,7 +3,8 @@ experts move, in one run.
 
     .venv/bin/python bench/tier_bench.py [--fast-shares 0.10,0.25] [--fast-workers 2] [--host-workers 2] \\
         [--clients 16] [--phases prose:20,code:20,numbers:20,prose:20] [--row-ms 1] [--host-factor 10] \\
-        [--router-ms 0] [--prompt-tokens 16] [--stream --link-gbps 25] [--config Qwen3-30B-A3B --zipf 0,1,1.5]
+        [--router-ms 0] [--prompt-tokens 16] [--stream --link-gbps 25] [--config Qwen3-30B-A3B --zipf 0,1,1.5] \\
+        [--measure-host-row] [--max-moves 8]
 
 The traffic is the shift benchmark's (prose → code → numbers → prose): the demo model's own routing of
 held-out text of each domain (our engine's forward, tools/routing_stats.py's windows), replayed token by
@@ -108,7 +109,8 @@ def skew(tr: dict[str, np.ndarray], n_exp: int) -> dict:
             c = np.sort(np.bincount(ids[:, i].reshape(-1), minlength=n_exp))[::-1]
             top.append(c[:hot].sum() / c.sum())
             peak.append(c[0] / c.mean())
-    return {"hottest_10pct_row_share": round(float(np.mean(top)), 3), "hottest_over_mean": round(float(np.mean(peak)), 2)}
+    return {"hottest_10pct_row_share": round(float(np.mean(top)), 3),
+            "hottest_over_mean": round(float(np.mean(peak)), 2)}
 
 
 @dataclass
@@ -251,7 +253,7 @@ class Sim:
         return res
 
     def streamed(self, mode: str, i: int, counts: np.ndarray, held: frozenset[int], copies: dict,
-                 res: Result) -> tuple[dict, dict[int, float]]:
+                 res: Result) -> tuple[Mapping, dict[int, float]]:
         """online+stream: layer i's experts that stream to the fast tier this step (cluster/stream_load.py):
         their rows all go to one fast worker, whose link time (bytes / link) adds to its time."""
         if mode != "online+stream":

@@ -97,7 +97,8 @@ def test_static_tiers_put_the_profile_hottest_experts_on_the_fast_tier_and_hold(
     loads = np.ones((len(layers), mc.num_experts))
     loads[0, 5], loads[-1, 3] = 50.0, 40.0  # the two hottest experts of all layers
     save_profile(tmp_path / "p.json", loads, layers)
-    tiers = [{"name": "fast", "count": 1, "budget_bytes": 2 * eb}, {"name": "host", "count": 2, "budget_bytes": 1 << 30}]
+    tiers = [{"name": "fast", "count": 1, "budget_bytes": 2 * eb},
+             {"name": "host", "count": 2, "budget_bytes": 1 << 30}]
     cfg = app_config({"model": model, "tiers": tiers,
                       "autoscaler": {"mode": "static", "profile_file": str(tmp_path / "p.json")}})
     spec = spec_of(cfg)
