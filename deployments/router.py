@@ -6,7 +6,8 @@ informed and takes its tables through deployments/controller_link.py. Its only
 request method is `generate`: a Serve call that admits the request and lasts until
 it ends, while its outputs travel batched per step on the token stream to the
 ingress replica that sent it (deployments/tokens/). The public APIs live in the
-ingress (deployments/api/).
+ingress (deployments/api/), and so do the client's errors: a router raises its engine's
+errors or a RouterError (deployments/messages.py), never an HTTP status.
 """
 from __future__ import annotations
 
@@ -20,16 +21,19 @@ import ray
 import torch
 from ray import serve
 
-from cluster.engine import LLMEngine
-from cluster.engine.async_engine import AsyncEngine
-from deployments.api.errors import ApiError, classify, overloaded
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from cluster.engine import InvalidRequest, LLMEngine
+from cluster.engine.async_engine import AsyncEngine, EngineDeadError, SequenceFailed
 from deployments.controller_link import ControllerLink
 from deployments.experts import transport
-from deployments.experts.remote import RemoteExperts
-from deployments.messages import AppSpec, GenerateRequest
+from deployments.experts.remote import ExpertUnavailable, RemoteExperts
+from deployments.messages import AppSpec, GenerateRequest, RouterError
 from deployments.tokens.publisher import TokenPublisher
 
 log = logging.getLogger("ray.serve")
+# What a router raises as it is: the engine's and the data plane's own errors (they pickle).
+ENGINE_ERRORS = (InvalidRequest, SequenceFailed, EngineDeadError, ExpertUnavailable, RouterError)
 
 
 def _replica_id() -> str:
@@ -37,6 +41,16 @@ def _replica_id() -> str:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # noqa: BLE001 - outside Serve (tests)
         return f"router-{id(object())}"
+
+
+def engine_error(e: BaseException) -> Exception:
+    """What the ingress gets for `e`: the engine's own errors as they are, anything else as a
+    RouterError that carries no text of it (a Ray actor error here is one this router hit)."""
+    if isinstance(e, ENGINE_ERRORS):
+        return e
+    if isinstance(e, (RayActorError, ActorDiedError, ActorUnavailableError)):
+        return RouterError("stopped", "the router serving this request stopped; retry the request")
+    return RouterError("internal", "internal error")
 
 
 async def coalesce(batches: AsyncIterator[list], size: int) -> AsyncIterator[list]:
@@ -88,8 +102,8 @@ class Router:
     # -- requests -----------------------------------------------------------------------------
     async def generate(self, req: GenerateRequest):
         """Yields an empty list once the request is admitted, then lasts until it ends: its outputs go
-        on the token stream to `req.reply_to`. Errors are ApiErrors, raised before that first yield
-        when the request cannot start. Cancelling the call aborts the request (its KV slot is freed).
+        on the token stream to `req.reply_to`. Errors are the engine's or RouterErrors (`engine_error`),
+        raised before that first yield when the request cannot start. Cancelling the call aborts the request (its KV slot is freed).
         Without `reply_to` the outputs come in this call instead, as lists of StepOutput."""
         self._admit(req)
         try:
@@ -99,10 +113,8 @@ class Router:
                     yield batch
             else:
                 await self._streamed(req)
-        except ApiError:
-            raise
-        except Exception as e:  # noqa: BLE001 - every failure reaches the client as an ApiError
-            raise classify(e) from None
+        except Exception as e:  # noqa: BLE001 - every failure reaches the ingress in the engine's terms
+            raise engine_error(e) from None
         finally:
             self.reserved -= 1
 
@@ -131,16 +143,16 @@ class Router:
     def _admit(self, req: GenerateRequest) -> None:
         """Checks and a reservation in one synchronous step: a burst cannot overshoot the queue limit."""
         if not self.engine.alive:
-            raise ApiError(503, "this router's engine stopped; retry the request")
+            raise RouterError("stopped", "this router's engine stopped; retry the request")
         if self.remote is not None and self.remote.uncovered():
             n = len(self.remote.uncovered())
-            raise ApiError(503, f"{n} expert(s) have no live copy right now (worker down); retry shortly")
+            raise RouterError("uncovered", f"{n} expert(s) have no live copy right now (worker down); retry shortly")
         if self.reserved >= self.cfg.max_num_seqs + self.cfg.max_queued_requests:
-            raise overloaded(f"server overloaded: {self.reserved} requests in progress; retry later")
+            raise RouterError("full", f"server overloaded: {self.reserved} requests in progress; retry later")
         try:
             self.engine.validate(req.prompt_ids, req.params)  # e.g. longer than this router's KV cache
         except Exception as e:  # noqa: BLE001
-            raise classify(e) from None
+            raise engine_error(e) from None
         self.reserved += 1
 
     def check_health(self) -> None:
