@@ -122,7 +122,7 @@ class Router:
         done = asyncio.get_running_loop().create_future()
         stream = self.publisher.open(req.request_id, req.reply_to, req.skip, done)
         try:
-            self.engine.start(req.request_id, req.prompt_ids, req.params, stream.deliver)
+            self.engine.start(req.request_id, req.prompt_ids, req.params, stream.deliver, checked=True)
             await done
         finally:
             # Cancelled (the client left, the ingress gave up): the await cancelled `done` too.
@@ -132,7 +132,7 @@ class Router:
 
     async def _in_band(self, req: GenerateRequest):
         skip = req.skip
-        async with contextlib.aclosing(self.engine.generate(req.prompt_ids, req.params)) as outputs:
+        async with contextlib.aclosing(self.engine.generate(req.prompt_ids, req.params, checked=True)) as outputs:
             async for batch in coalesce(outputs, self.cfg.stream_interval):
                 if skip:
                     drop = min(skip, len(batch))
@@ -150,7 +150,7 @@ class Router:
         if self.reserved >= self.cfg.max_num_seqs + self.cfg.max_queued_requests:
             raise RouterError("full", f"server overloaded: {self.reserved} requests in progress; retry later")
         try:
-            self.engine.validate(req.prompt_ids, req.params)  # e.g. longer than this router's KV cache
+            self.engine.validate(req.prompt_ids, req.params)  # this process's one check (cluster/engine/prompts.py)
         except Exception as e:  # noqa: BLE001
             raise engine_error(e) from None
         self.reserved += 1

@@ -73,11 +73,16 @@ class AsyncEngine:
         return self._thread.is_alive() and self.died is None
 
     # -- called from request handlers (an event loop) -------------------------------------
-    def start(self, request_id: str, prompt_ids: list[int], params: SamplingParams, deliver: Deliver) -> None:
+    def start(self, request_id: str, prompt_ids: list[int], params: SamplingParams, deliver: Deliver, *,
+              checked: bool = False) -> None:
         """Runs the request; `deliver` gets each of its outputs on this event loop, or the exception
-        that ended it (the request's own error, the step's, or EngineDeadError), then nothing more."""
+        that ended it (the request's own error, the step's, or EngineDeadError), then nothing more.
+        The request is validated here (InvalidRequest) unless the caller already did (`checked`: the
+        router, at admission); the engine thread does not check it again."""
         if not self.alive:
             raise EngineDeadError(f"the engine loop is not running ({self.died or 'stopped'})")
+        if not checked:
+            self.validate(prompt_ids, params)
         loop = asyncio.get_running_loop()
         self._delivers[request_id] = deliver
         self._inbox.put(("add", request_id, prompt_ids, params, loop))
@@ -85,12 +90,13 @@ class AsyncEngine:
         if not self.alive:  # died between the check and the put: nothing would answer this request
             self._fail_queued(EngineDeadError(f"the engine loop is not running ({self.died or 'stopped'})"))
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[list[StepOutput]]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, *,
+                       checked: bool = False) -> AsyncIterator[list[StepOutput]]:
         """This request's outputs, in batches: everything produced since the consumer last read
-        (one message per read however far it fell behind)."""
+        (one message per read however far it fell behind). `checked` as for `start`."""
         request_id = uuid.uuid4().hex
         out: asyncio.Queue = asyncio.Queue()
-        self.start(request_id, prompt_ids, params, out.put_nowait)
+        self.start(request_id, prompt_ids, params, out.put_nowait, checked=checked)
         finished = False
         try:
             while not finished:
@@ -164,7 +170,7 @@ class AsyncEngine:
     def _apply(self, cmd: tuple) -> None:
         if cmd[0] == "add":
             _, request_id, prompt_ids, params, loop = cmd
-            self.engine.add_request(prompt_ids, params, request_id=request_id)
+            self.engine.add_checked(prompt_ids, params, request_id=request_id)
             self._loops[request_id] = loop
         elif self.engine.abort(cmd[1]) or cmd[1] in self._loops:
             self._loops.pop(cmd[1], None)
