@@ -96,27 +96,26 @@ class Router:
             self.remote.adopt(await self.link.first_table())
             self.remote.begin_step()
         await self.link.report_once()  # the controller knows this router's version before any request
-        self.reserved = 0  # requests admitted, from the admission check on (engine.active counts later)
         self._reporter = asyncio.get_running_loop().create_task(self.link.run_forever())
 
     # -- requests -----------------------------------------------------------------------------
     async def generate(self, req: GenerateRequest):
         """Yields an empty list once the request is admitted, then lasts until it ends: its outputs go
         on the token stream to `req.reply_to`. Errors are the engine's or RouterErrors (`engine_error`),
-        raised before that first yield when the request cannot start. Cancelling the call aborts the request (its KV slot is freed).
-        Without `reply_to` the outputs come in this call instead, as lists of StepOutput."""
+        raised before that first yield when the request cannot start. Cancelling the call aborts the
+        request (its KV slot is freed). Without `reply_to` the outputs come in this call instead, as
+        lists of StepOutput."""
         self._admit(req)
-        try:
-            yield []  # admitted: the ingress can send its response headers now
-            if req.reply_to is None:
-                async for batch in self._in_band(req):
-                    yield batch
-            else:
-                await self._streamed(req)
-        except Exception as e:  # noqa: BLE001 - every failure reaches the ingress in the engine's terms
-            raise engine_error(e) from None
-        finally:
-            self.reserved -= 1
+        with self.engine.admission():  # counted from here (no await since the check) to the end
+            try:
+                yield []  # admitted: the ingress can send its response headers now
+                if req.reply_to is None:
+                    async for batch in self._in_band(req):
+                        yield batch
+                else:
+                    await self._streamed(req)
+            except Exception as e:  # noqa: BLE001 - every failure reaches the ingress in the engine's terms
+                raise engine_error(e) from None
 
     async def _streamed(self, req: GenerateRequest) -> None:
         done = asyncio.get_running_loop().create_future()
@@ -141,19 +140,19 @@ class Router:
                     yield batch
 
     def _admit(self, req: GenerateRequest) -> None:
-        """Checks and a reservation in one synchronous step: a burst cannot overshoot the queue limit."""
+        """The checks, in the same synchronous step as `generate` enters `engine.admission()`: a burst
+        cannot overshoot the queue limit. The engine owns the count of this process's work in flight."""
         if not self.engine.alive:
             raise RouterError("stopped", "this router's engine stopped; retry the request")
         if self.remote is not None and self.remote.uncovered():
             n = len(self.remote.uncovered())
             raise RouterError("uncovered", f"{n} expert(s) have no live copy right now (worker down); retry shortly")
-        if self.reserved >= self.cfg.max_num_seqs + self.cfg.max_queued_requests:
-            raise RouterError("full", f"server overloaded: {self.reserved} requests in progress; retry later")
+        if self.engine.admitted >= self.cfg.max_num_seqs + self.cfg.max_queued_requests:
+            raise RouterError("full", f"server overloaded: {self.engine.admitted} requests in progress; retry later")
         try:
             self.engine.validate(req.prompt_ids, req.params)  # this process's one check (cluster/engine/prompts.py)
         except Exception as e:  # noqa: BLE001
             raise engine_error(e) from None
-        self.reserved += 1
 
     def check_health(self) -> None:
         """Serve's liveness probe: a dead engine loop gets this replica replaced."""

@@ -12,10 +12,16 @@ The loop survives any single bad request: a command that fails fails only its
 request, a sequence that fails inside a step fails only itself. If the loop
 still dies (a bug), `alive` turns False so the host's health check fails and
 Serve replaces the replica instead of leaving requests hanging.
+
+In-flight work in the host's process is counted here alone (its host reads it):
+`admitted` from the host's admission check to the request's end (the router's queue
+limit), `active` from `start` to the end (the `active_requests` stat). The
+scheduler's running and waiting queues are the engine thread's own, read for stats.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -54,6 +60,7 @@ class AsyncEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._loops: dict[str, asyncio.AbstractEventLoop] = {}  # loop thread: request -> its event loop
         self._delivers: dict[str, Deliver] = {}  # event-loop side: request -> callback
+        self._admitted = 0  # event-loop side: inside `admission()`
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.step_seconds = 0.0
@@ -67,6 +74,21 @@ class AsyncEngine:
     def active(self) -> int:
         """Requests started and not yet ended or aborted (event-loop side)."""
         return len(self._delivers)
+
+    @property
+    def admitted(self) -> int:
+        """Requests inside `admission()`: admitted by the host, started or not, not yet ended."""
+        return self._admitted
+
+    @contextlib.contextmanager
+    def admission(self):
+        """One admitted request, counted in `admitted` for as long as the block runs. The host checks
+        its limit and enters this with no await between, so a burst cannot overshoot it."""
+        self._admitted += 1
+        try:
+            yield
+        finally:
+            self._admitted -= 1
 
     @property
     def alive(self) -> bool:

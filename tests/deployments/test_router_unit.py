@@ -1,5 +1,6 @@
-"""The router speaks the engine's errors; the ingress alone makes the client's (no Ray cluster:
-the Serve hop is a pickle round trip wrapped as Ray wraps a replica's exception)."""
+"""The router without Serve: it speaks the engine's errors and the ingress alone makes the client's
+(the Serve hop is a pickle round trip wrapped as Ray wraps a replica's exception); its admission
+counts in-flight work in the engine."""
 import pickle
 
 import grpc
@@ -65,3 +66,44 @@ def test_the_router_does_not_speak_http():
     tree = ast.parse(Path(router.__file__).read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not any(m.startswith("deployments.api") for m in imported), imported
+
+
+def test_the_router_admits_up_to_its_queue_limit_counting_in_the_engine(checkpoint_factory):
+    """Admission without Serve: the router's checks over a real engine; its in-flight work is the
+    engine's `admitted` (one count per process), released when a request ends or is cancelled."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from cluster.engine import LLMEngine, SamplingParams
+    from cluster.engine.async_engine import AsyncEngine
+    from deployments.messages import GenerateRequest
+    from deployments.router import Router
+
+    engine = LLMEngine.from_pretrained(str(checkpoint_factory("mixtral")), max_model_len=64, max_num_seqs=1)
+    router = Router.__new__(Router)  # what __init__ builds from Serve, without Serve
+    router.cfg = SimpleNamespace(max_num_seqs=1, max_queued_requests=1, stream_interval=1)
+    router.remote = None
+    long = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+    async def run():
+        router.engine = AsyncEngine(engine, step_delay_s=0.01)
+        try:
+            held = [router.generate(GenerateRequest([5, 17, 33], long)) for _ in range(2)]
+            assert [await call.__anext__() for call in held] == [[], []]  # 1 running + 1 queued
+            assert router.engine.admitted == 2
+            with pytest.raises(RouterError) as full:
+                await router.generate(GenerateRequest([5, 17], long)).__anext__()
+            bad = GenerateRequest([10**9], SamplingParams(max_tokens=2))
+            for call in held:
+                await call.aclose()  # the ingress cancelled: released, the engine aborts it
+            with pytest.raises(InvalidRequest):  # the engine's own error, as it is
+                await router.generate(bad).__anext__()
+            done = [o async for batch in router.generate(GenerateRequest([5, 17], long)) for o in batch]
+            return full.value, done, router.engine.admitted
+        finally:
+            router.engine.shutdown()
+
+    full, done, admitted = asyncio.run(run())
+    assert full.kind == "full" and str(full) == "server overloaded: 2 requests in progress; retry later"
+    assert classify(across_serve(full)).body()["error"]["type"] == "overloaded_error"
+    assert len(done) == 40 and done[-1].finish_reason == "length" and admitted == 0
