@@ -19,8 +19,6 @@ from typing import AsyncIterator
 
 import ray
 import torch
-from ray import serve
-
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from cluster.engine import InvalidRequest, LLMEngine
@@ -29,18 +27,12 @@ from deployments.controller_link import ControllerLink
 from deployments.experts import transport
 from deployments.experts.remote import ExpertUnavailable, RemoteExperts
 from deployments.messages import AppSpec, GenerateRequest, RouterError
+from deployments.replica import replica_id
 from deployments.tokens.publisher import TokenPublisher
 
 log = logging.getLogger("ray.serve")
 # What a router raises as it is: the engine's and the data plane's own errors (they pickle).
 ENGINE_ERRORS = (InvalidRequest, SequenceFailed, EngineDeadError, ExpertUnavailable, RouterError)
-
-
-def _replica_id() -> str:
-    try:
-        return serve.get_replica_context().replica_id.unique_id
-    except Exception:  # noqa: BLE001 - outside Serve (tests)
-        return f"router-{id(object())}"
 
 
 def engine_error(e: BaseException) -> Exception:
@@ -73,7 +65,7 @@ class Router:
 
     async def __init__(self, spec: AppSpec, controller):
         self.spec, self.cfg = spec, spec.cfg
-        self.id, self.node = _replica_id(), ray.get_runtime_context().get_node_id()
+        self.id, self.node = replica_id(), ray.get_runtime_context().get_node_id()
         if self.cfg.routers.torch_threads:
             torch.set_num_threads(self.cfg.routers.torch_threads)
         self.link = ControllerLink(spec, controller, self.id, self.node)
