@@ -176,12 +176,16 @@ class AsyncEngine:
             self.on_delivered()
 
     # -- the loop thread -------------------------------------------------------------------
-    def _drain_inbox(self) -> None:
+    def _queued(self):
+        """The inbox's commands, until it is empty."""
         while True:
             try:
-                cmd = self._inbox.get_nowait()
+                yield self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _drain_inbox(self) -> None:
+        for cmd in self._queued():
             try:
                 self._apply(cmd)
             except Exception as e:  # noqa: BLE001 - a bad command fails its own request only
@@ -251,11 +255,7 @@ class AsyncEngine:
 
     def _fail_queued(self, error: Exception) -> None:
         """Requests still in the inbox when the loop is gone get the error instead of no answer."""
-        while True:
-            try:
-                cmd = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        for cmd in self._queued():
             if cmd[0] == "add":
                 cmd[4].call_soon_threadsafe(self._deliver, [(cmd[1], error)])
 
