@@ -11,26 +11,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
-
-from ray import serve
 
 from deployments.api.grpc import GrpcServing
 from deployments.api.http import build_http_app
 from deployments.api.serving import Serving
 from deployments.messages import AppSpec
+from deployments.replica import replica_id
 from deployments.tokens.sink import TokenSink
 
 log = logging.getLogger("ray.serve")
 POLL_INTERVAL_S = 0.5
 METRICS_CACHE_S = 1.0
-
-
-def _replica_id() -> str:
-    try:
-        return serve.get_replica_context().replica_id.unique_id
-    except Exception:  # noqa: BLE001 - outside Serve
-        return uuid.uuid4().hex[:8]
 
 
 class Ingress(GrpcServing):
@@ -42,7 +33,7 @@ class Ingress(GrpcServing):
         self.sink = TokenSink(self.cfg.data_plane_host, spec.data_plane_secret)
         await self.sink.start()  # routers send this replica's outputs here, one message per step
         self.serving = Serving(self.cfg, routers, self.sink)
-        self.id = _replica_id()
+        self.id = replica_id()
         self.cluster_state: dict = {"ready": False, "reason": "starting"}
         self._metrics: tuple[float, str] = (0.0, "")
         self._poller = asyncio.get_running_loop().create_task(self._poll_forever())

@@ -3,11 +3,13 @@
     build_app ──AppSpec──▶ every deployment (computed once)
     router ──RouterReport──▶ controller ──ControllerReply──▶ router   (every report_interval_s)
     ingress ──GenerateRequest──▶ router   (a Serve call per request: admission, cancellation, errors)
+    router ──RouterError or the engine's own error──▶ ingress   (the ingress alone makes the client's error)
     router ──one message per step: [(request id, [StepOutput, ...]), ...]──▶ ingress  (deployments/tokens/)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from cluster.engine import SamplingParams
 from cluster.placement import Placement, Table
@@ -67,3 +69,21 @@ class GenerateRequest:
     skip: int = 0  # resuming on another router: outputs already delivered (replayed, not sent again)
     request_id: str = ""  # unique per attempt: outputs of an attempt abandoned on a dead router are dropped
     reply_to: str | None = None  # the ingress replica's token sink; None: outputs come in the Serve call
+
+
+RouterErrorKind = Literal["stopped", "uncovered", "full", "internal"]
+
+
+class RouterError(Exception):
+    """Why a router refused or ended a request, in the router's terms: its engine loop is not running
+    ("stopped"), an expert has no live copy ("uncovered"), its queue is full ("full"), or anything
+    unexpected ("internal": no text of it leaves the router). The engine's own errors (InvalidRequest,
+    SequenceFailed, EngineDeadError, ExpertUnavailable) cross as they are. The ingress alone turns
+    either into the client's error (deployments/api/errors.classify)."""
+
+    def __init__(self, kind: RouterErrorKind, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self):  # Serve ships exceptions between processes
+        return RouterError, (self.kind, str(self))

@@ -6,7 +6,8 @@ informed and takes its tables through deployments/controller_link.py. Its only
 request method is `generate`: a Serve call that admits the request and lasts until
 it ends, while its outputs travel batched per step on the token stream to the
 ingress replica that sent it (deployments/tokens/). The public APIs live in the
-ingress (deployments/api/).
+ingress (deployments/api/), and so do the client's errors: a router raises its engine's
+errors or a RouterError (deployments/messages.py), never an HTTP status.
 """
 from __future__ import annotations
 
@@ -18,25 +19,30 @@ from typing import AsyncIterator
 
 import ray
 import torch
-from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from cluster.engine import LLMEngine
-from cluster.engine.async_engine import AsyncEngine
-from deployments.api.errors import ApiError, classify, overloaded
+from cluster.engine import InvalidRequest, LLMEngine
+from cluster.engine.async_engine import AsyncEngine, EngineDeadError, SequenceFailed
 from deployments.controller_link import ControllerLink
 from deployments.experts import transport
-from deployments.experts.remote import RemoteExperts
-from deployments.messages import AppSpec, GenerateRequest
+from deployments.experts.remote import ExpertUnavailable, RemoteExperts
+from deployments.messages import AppSpec, GenerateRequest, RouterError
+from deployments.replica import replica_id
 from deployments.tokens.publisher import TokenPublisher
 
 log = logging.getLogger("ray.serve")
+# What a router raises as it is: the engine's and the data plane's own errors (they pickle).
+ENGINE_ERRORS = (InvalidRequest, SequenceFailed, EngineDeadError, ExpertUnavailable, RouterError)
 
 
-def _replica_id() -> str:
-    try:
-        return serve.get_replica_context().replica_id.unique_id
-    except Exception:  # noqa: BLE001 - outside Serve (tests)
-        return f"router-{id(object())}"
+def engine_error(e: BaseException) -> Exception:
+    """What the ingress gets for `e`: the engine's own errors as they are, anything else as a
+    RouterError that carries no text of it (a Ray actor error here is one this router hit)."""
+    if isinstance(e, ENGINE_ERRORS):
+        return e
+    if isinstance(e, (RayActorError, ActorDiedError, ActorUnavailableError)):
+        return RouterError("stopped", "the router serving this request stopped; retry the request")
+    return RouterError("internal", "internal error")
 
 
 async def coalesce(batches: AsyncIterator[list], size: int) -> AsyncIterator[list]:
@@ -59,7 +65,7 @@ class Router:
 
     async def __init__(self, spec: AppSpec, controller):
         self.spec, self.cfg = spec, spec.cfg
-        self.id, self.node = _replica_id(), ray.get_runtime_context().get_node_id()
+        self.id, self.node = replica_id(), ray.get_runtime_context().get_node_id()
         if self.cfg.routers.torch_threads:
             torch.set_num_threads(self.cfg.routers.torch_threads)
         self.link = ControllerLink(spec, controller, self.id, self.node)
@@ -82,35 +88,32 @@ class Router:
             self.remote.adopt(await self.link.first_table())
             self.remote.begin_step()
         await self.link.report_once()  # the controller knows this router's version before any request
-        self.reserved = 0  # requests admitted, from the admission check on (engine.active counts later)
         self._reporter = asyncio.get_running_loop().create_task(self.link.run_forever())
 
     # -- requests -----------------------------------------------------------------------------
     async def generate(self, req: GenerateRequest):
         """Yields an empty list once the request is admitted, then lasts until it ends: its outputs go
-        on the token stream to `req.reply_to`. Errors are ApiErrors, raised before that first yield
-        when the request cannot start. Cancelling the call aborts the request (its KV slot is freed).
-        Without `reply_to` the outputs come in this call instead, as lists of StepOutput."""
+        on the token stream to `req.reply_to`. Errors are the engine's or RouterErrors (`engine_error`),
+        raised before that first yield when the request cannot start. Cancelling the call aborts the
+        request (its KV slot is freed). Without `reply_to` the outputs come in this call instead, as
+        lists of StepOutput."""
         self._admit(req)
-        try:
-            yield []  # admitted: the ingress can send its response headers now
-            if req.reply_to is None:
-                async for batch in self._in_band(req):
-                    yield batch
-            else:
-                await self._streamed(req)
-        except ApiError:
-            raise
-        except Exception as e:  # noqa: BLE001 - every failure reaches the client as an ApiError
-            raise classify(e) from None
-        finally:
-            self.reserved -= 1
+        with self.engine.admission():  # counted from here (no await since the check) to the end
+            try:
+                yield []  # admitted: the ingress can send its response headers now
+                if req.reply_to is None:
+                    async for batch in self._in_band(req):
+                        yield batch
+                else:
+                    await self._streamed(req)
+            except Exception as e:  # noqa: BLE001 - every failure reaches the ingress in the engine's terms
+                raise engine_error(e) from None
 
     async def _streamed(self, req: GenerateRequest) -> None:
         done = asyncio.get_running_loop().create_future()
         stream = self.publisher.open(req.request_id, req.reply_to, req.skip, done)
         try:
-            self.engine.start(req.request_id, req.prompt_ids, req.params, stream.deliver)
+            self.engine.start(req.request_id, req.prompt_ids, req.params, stream.deliver, checked=True)
             await done
         finally:
             # Cancelled (the client left, the ingress gave up): the await cancelled `done` too.
@@ -120,7 +123,7 @@ class Router:
 
     async def _in_band(self, req: GenerateRequest):
         skip = req.skip
-        async with contextlib.aclosing(self.engine.generate(req.prompt_ids, req.params)) as outputs:
+        async with contextlib.aclosing(self.engine.generate(req.prompt_ids, req.params, checked=True)) as outputs:
             async for batch in coalesce(outputs, self.cfg.stream_interval):
                 if skip:
                     drop = min(skip, len(batch))
@@ -129,19 +132,19 @@ class Router:
                     yield batch
 
     def _admit(self, req: GenerateRequest) -> None:
-        """Checks and a reservation in one synchronous step: a burst cannot overshoot the queue limit."""
+        """The checks, in the same synchronous step as `generate` enters `engine.admission()`: a burst
+        cannot overshoot the queue limit. The engine owns the count of this process's work in flight."""
         if not self.engine.alive:
-            raise ApiError(503, "this router's engine stopped; retry the request")
+            raise RouterError("stopped", "this router's engine stopped; retry the request")
         if self.remote is not None and self.remote.uncovered():
             n = len(self.remote.uncovered())
-            raise ApiError(503, f"{n} expert(s) have no live copy right now (worker down); retry shortly")
-        if self.reserved >= self.cfg.max_num_seqs + self.cfg.max_queued_requests:
-            raise overloaded(f"server overloaded: {self.reserved} requests in progress; retry later")
+            raise RouterError("uncovered", f"{n} expert(s) have no live copy right now (worker down); retry shortly")
+        if self.engine.admitted >= self.cfg.max_num_seqs + self.cfg.max_queued_requests:
+            raise RouterError("full", f"server overloaded: {self.engine.admitted} requests in progress; retry later")
         try:
-            self.engine.validate(req.prompt_ids, req.params)  # e.g. longer than this router's KV cache
+            self.engine.validate(req.prompt_ids, req.params)  # this process's one check (cluster/engine/prompts.py)
         except Exception as e:  # noqa: BLE001
-            raise classify(e) from None
-        self.reserved += 1
+            raise engine_error(e) from None
 
     def check_health(self) -> None:
         """Serve's liveness probe: a dead engine loop gets this replica replaced."""

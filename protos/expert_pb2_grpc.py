@@ -50,6 +50,11 @@ class ExpertServiceStub:
                 request_serializer=protos_dot_expert__pb2.HealthRequest.SerializeToString,
                 response_deserializer=protos_dot_expert__pb2.HealthReply.FromString,
                 _registered_method=True)
+        self.LoadCopies = channel.unary_unary(
+                '/moe_cluster.expert.ExpertService/LoadCopies',
+                request_serializer=protos_dot_expert__pb2.ExpertsRequest.SerializeToString,
+                response_deserializer=protos_dot_expert__pb2.CopiesReply.FromString,
+                _registered_method=True)
         self.Load = channel.unary_unary(
                 '/moe_cluster.expert.ExpertService/Load',
                 request_serializer=protos_dot_expert__pb2.ExpertsRequest.SerializeToString,
@@ -86,8 +91,15 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Load(self, request, context):
+    def LoadCopies(self, request, context):
         """loads copies (weights), not expert load (traffic)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Load(self, request, context):
+        """deprecated: the old name of LoadCopies, kept for old clients
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -116,6 +128,11 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=protos_dot_expert__pb2.HealthRequest.FromString,
                     response_serializer=protos_dot_expert__pb2.HealthReply.SerializeToString,
+            ),
+            'LoadCopies': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadCopies,
+                    request_deserializer=protos_dot_expert__pb2.ExpertsRequest.FromString,
+                    response_serializer=protos_dot_expert__pb2.CopiesReply.SerializeToString,
             ),
             'Load': grpc.unary_unary_rpc_method_handler(
                     servicer.Load,
@@ -210,6 +227,33 @@ class ExpertService:
             '/moe_cluster.expert.ExpertService/Health',
             protos_dot_expert__pb2.HealthRequest.SerializeToString,
             protos_dot_expert__pb2.HealthReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadCopies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe_cluster.expert.ExpertService/LoadCopies',
+            protos_dot_expert__pb2.ExpertsRequest.SerializeToString,
+            protos_dot_expert__pb2.CopiesReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,10 +12,16 @@ The loop survives any single bad request: a command that fails fails only its
 request, a sequence that fails inside a step fails only itself. If the loop
 still dies (a bug), `alive` turns False so the host's health check fails and
 Serve replaces the replica instead of leaving requests hanging.
+
+In-flight work in the host's process is counted here alone (its host reads it):
+`admitted` from the host's admission check to the request's end (the router's queue
+limit), `active` from `start` to the end (the `active_requests` stat). The
+scheduler's running and waiting queues are the engine thread's own, read for stats.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -54,6 +60,7 @@ class AsyncEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._loops: dict[str, asyncio.AbstractEventLoop] = {}  # loop thread: request -> its event loop
         self._delivers: dict[str, Deliver] = {}  # event-loop side: request -> callback
+        self._admitted = 0  # event-loop side: inside `admission()`
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.step_seconds = 0.0
@@ -69,15 +76,35 @@ class AsyncEngine:
         return len(self._delivers)
 
     @property
+    def admitted(self) -> int:
+        """Requests inside `admission()`: admitted by the host, started or not, not yet ended."""
+        return self._admitted
+
+    @contextlib.contextmanager
+    def admission(self):
+        """One admitted request, counted in `admitted` for as long as the block runs. The host checks
+        its limit and enters this with no await between, so a burst cannot overshoot it."""
+        self._admitted += 1
+        try:
+            yield
+        finally:
+            self._admitted -= 1
+
+    @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.died is None
 
     # -- called from request handlers (an event loop) -------------------------------------
-    def start(self, request_id: str, prompt_ids: list[int], params: SamplingParams, deliver: Deliver) -> None:
+    def start(self, request_id: str, prompt_ids: list[int], params: SamplingParams, deliver: Deliver, *,
+              checked: bool = False) -> None:
         """Runs the request; `deliver` gets each of its outputs on this event loop, or the exception
-        that ended it (the request's own error, the step's, or EngineDeadError), then nothing more."""
+        that ended it (the request's own error, the step's, or EngineDeadError), then nothing more.
+        The request is validated here (InvalidRequest) unless the caller already did (`checked`: the
+        router, at admission); the engine thread does not check it again."""
         if not self.alive:
             raise EngineDeadError(f"the engine loop is not running ({self.died or 'stopped'})")
+        if not checked:
+            self.validate(prompt_ids, params)
         loop = asyncio.get_running_loop()
         self._delivers[request_id] = deliver
         self._inbox.put(("add", request_id, prompt_ids, params, loop))
@@ -85,12 +112,13 @@ class AsyncEngine:
         if not self.alive:  # died between the check and the put: nothing would answer this request
             self._fail_queued(EngineDeadError(f"the engine loop is not running ({self.died or 'stopped'})"))
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[list[StepOutput]]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, *,
+                       checked: bool = False) -> AsyncIterator[list[StepOutput]]:
         """This request's outputs, in batches: everything produced since the consumer last read
-        (one message per read however far it fell behind)."""
+        (one message per read however far it fell behind). `checked` as for `start`."""
         request_id = uuid.uuid4().hex
         out: asyncio.Queue = asyncio.Queue()
-        self.start(request_id, prompt_ids, params, out.put_nowait)
+        self.start(request_id, prompt_ids, params, out.put_nowait, checked=checked)
         finished = False
         try:
             while not finished:
@@ -148,12 +176,16 @@ class AsyncEngine:
             self.on_delivered()
 
     # -- the loop thread -------------------------------------------------------------------
-    def _drain_inbox(self) -> None:
+    def _queued(self):
+        """The inbox's commands, until it is empty."""
         while True:
             try:
-                cmd = self._inbox.get_nowait()
+                yield self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _drain_inbox(self) -> None:
+        for cmd in self._queued():
             try:
                 self._apply(cmd)
             except Exception as e:  # noqa: BLE001 - a bad command fails its own request only
@@ -164,7 +196,7 @@ class AsyncEngine:
     def _apply(self, cmd: tuple) -> None:
         if cmd[0] == "add":
             _, request_id, prompt_ids, params, loop = cmd
-            self.engine.add_request(prompt_ids, params, request_id=request_id)
+            self.engine.add_checked(prompt_ids, params, request_id=request_id)
             self._loops[request_id] = loop
         elif self.engine.abort(cmd[1]) or cmd[1] in self._loops:
             self._loops.pop(cmd[1], None)
@@ -223,11 +255,7 @@ class AsyncEngine:
 
     def _fail_queued(self, error: Exception) -> None:
         """Requests still in the inbox when the loop is gone get the error instead of no answer."""
-        while True:
-            try:
-                cmd = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        for cmd in self._queued():
             if cmd[0] == "add":
                 cmd[4].call_soon_threadsafe(self._deliver, [(cmd[1], error)])
 

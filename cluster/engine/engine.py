@@ -171,12 +171,14 @@ class LLMEngine:
         return params.with_defaults(g.temperature, g.top_p, g.top_k)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
-        """Queue a request. It is validated here although a served request was checked before
-        (`AsyncEngine.validate`, in the router's event loop, to refuse it before its stream opens):
-        this is the engine's own entry (offline `generate`, tests), and the checks are reads of the
-        config and cache size, cheap beside a step."""
+        """Queue a request: encoded and checked here (the in-process entry: offline `generate`, tests)."""
         prompt_ids = self.encode(prompt)
         self.validate(prompt_ids, params)
+        return self.add_checked(prompt_ids, params, request_id)
+
+    def add_checked(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue a request whose ids `validate` already passed (AsyncEngine checks on its event loop,
+        before the request reaches this thread: cluster/engine/prompts.py says which check is where)."""
         request_id = request_id or f"req-{next(self._ids)}"
         seq = Sequence(request_id, prompt_ids, self.with_defaults(params))
         if params.grammar is not None:  # compiled here, on the engine's thread (cached by spec)

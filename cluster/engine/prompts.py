@@ -2,6 +2,16 @@
 
 Shared by the engine and the serving ingress (which checks requests without
 loading any weights), so both refuse exactly the same things, naming the field.
+
+One check per process on the served path:
+- the ingress (deployments/api/serving.py) checks each choice after tokenising, to
+  refuse it before the Serve hop; it has no KV cache, so `kv_capacity` is None there;
+- the router checks again at admission (`AsyncEngine.validate`, before the request is
+  admitted): across the process boundary it is the guard of its batch (an id outside
+  the vocabulary would fail every sequence of the step, not one request), and only it
+  knows its KV cache's size;
+- the engine thread does not check again (`LLMEngine.add_checked`). Offline use
+  (`LLMEngine.add_request`, `AsyncEngine.generate`) checks once, where it enters.
 """
 from __future__ import annotations
 

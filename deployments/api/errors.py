@@ -1,10 +1,10 @@
 """Failures as clients see them: one table from status to OpenAI error type, gRPC code and
 Retry-After, used by HTTP (bodies and stream error events alike) and gRPC.
 
-Everything that can go wrong while serving a request ends as an `ApiError`:
-`classify` maps the engine's, the data plane's, Ray's and the chat template's
-exceptions onto it, and anything unexpected becomes a 500 that carries no
-traceback, path or exception text.
+Everything that can go wrong while serving a request ends as an `ApiError`, made here
+in the ingress alone: `classify` maps the routers' errors (RouterError and the engine's
+own, deployments/router.py), Ray's and the chat template's exceptions onto it, and
+anything unexpected becomes a 500 that carries no traceback, path or exception text.
 """
 from __future__ import annotations
 
@@ -92,10 +92,13 @@ def classify(exc: BaseException) -> ApiError:
     from cluster.engine import InvalidRequest
     from cluster.engine.async_engine import EngineDeadError, SequenceFailed
     from deployments.experts.remote import ExpertUnavailable
+    from deployments.messages import RouterError
 
     exc = cause_of(exc)
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, RouterError):
+        return from_router(exc)
     if isinstance(exc, InvalidRequest):
         return ApiError(400, str(exc), exc.param)
     if isinstance(exc, ExpertUnavailable):
@@ -109,3 +112,12 @@ def classify(exc: BaseException) -> ApiError:
     if type(exc).__name__ == "BackPressureError":
         return overloaded("server overloaded: every router's queue is full; retry later")
     return ApiError(500, "internal error")
+
+
+def from_router(error) -> ApiError:
+    """A router's RouterError (deployments/messages.py) as the client's error."""
+    if error.kind == "full":
+        return overloaded(str(error))
+    if error.kind == "internal":
+        return ApiError(500, "internal error")
+    return ApiError(503, str(error))  # "stopped", "uncovered": retry (elsewhere, or once healed)

@@ -6,6 +6,9 @@ Every choice (n per prompt, prompts batched) becomes one sequence on some
 router; their outputs are merged into one stream of (choice index, outputs).
 The request timeout, client disconnects and the shutdown cut-off all end a
 request the same way: its router calls are cancelled, freeing their KV slots.
+Bookkeeping once in this process: each choice's prompt is checked here, before the
+Serve hop (cluster/engine/prompts.py says what the router checks again and why), and
+`active` is the one count of requests in flight (admission, drain, the controller's view).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 One secret per application: from `data_plane_secret` in the config, else the
 MOE_CLUSTER_DATA_PLANE_SECRET environment variable (a Kubernetes Secret), else
 one `build_app` generates. A caller without it can neither read activations
-(Forward) nor change what a worker holds (Load, Retire): UNAUTHENTICATED. The
+(Forward) nor change what a worker holds (LoadCopies, Retire): UNAUTHENTICATED. The
 same-node transports check the same secret when a connection opens
 (transport/local_socket.py).
 """

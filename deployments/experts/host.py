@@ -44,7 +44,7 @@ class WorkerSpec:
 
 class ExpertHost:
     """Loads its experts (partial loading: only their bytes are read) and serves them: over gRPC
-    (other nodes; Load / Retire / Health) and a Unix socket (same-node transports)."""
+    (other nodes; LoadCopies / Retire / Health) and a Unix socket (same-node transports)."""
 
     def __init__(self, spec: WorkerSpec, *, node_id: str = ""):
         torch.set_num_threads(spec.torch_threads)
@@ -67,7 +67,7 @@ class ExpertHost:
         return load_experts(self.ckpt, self.family, self.cfg, experts, dtype=self.dtype, device=self.device)
 
     def load_copies(self, experts: list[tuple[int, int]]) -> int:
-        """Load copies of the experts not held yet (the data plane's Load, on its own thread, while it
+        """Load copies of the experts not held yet (the data plane's LoadCopies, on its own thread, while it
         keeps serving); the weight bytes read."""
         wanted = [e for e in experts if not self.experts.holds(*e)]
         if not wanted:

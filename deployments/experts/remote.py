@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from concurrent import futures
+from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -125,11 +126,60 @@ class Transports:
             transport.close()
 
 
+@dataclass(frozen=True)
+class Reroute:
+    """What failing over needs, fixed for one table (a step uses one table): built by RemoteExperts
+    when it switches tables, read by `Pending` and `fail_over` (no call back into RemoteExperts)."""
+
+    table: Table
+    copies: dict  # (layer, expert id) -> workers holding a copy
+    same_node: frozenset[int]
+    transports: Transports
+    health: WorkerHealth
+    stats: DataPlaneStats
+    on_down: Callable[[int, int], None]
+    timeout_s: float
+
+
+def mark_down(route: Reroute, worker: int, error: Exception) -> None:
+    """Count the failure; mark `worker` down for its generation and report it once."""
+    code = error_code(error)
+    route.stats.failed(code)
+    generation = route.table.workers[worker].generation
+    if route.health.mark(worker, generation):
+        log.warning("expert worker %d failed (%s); its rows go to other copies until it is healed", worker, code)
+        route.on_down(worker, generation)
+
+
+def fail_over(route: Reroute, failed: int, layer: int, rows: Tensor, group, out: Tensor, error) -> None:
+    """Re-send a failed (or timed-out) worker's rows to other live copies of the same experts."""
+    route.stats.failover()
+    mark_down(route, failed, error)
+    for expert_id, start, n in group:
+        tried = {failed}  # each copy at most once: bounded even if a worker flaps
+        while True:
+            excluded = tried | route.health.down(route.table)
+            live = [w for w in route.copies.get((layer, expert_id), ()) if w not in excluded]
+            if not live:
+                raise ExpertUnavailable(f"layer {layer} expert {expert_id}: worker {failed} failed "
+                                        f"({error_code(error)}) and no other live copy answered; retry once "
+                                        "it is back")
+            worker = next((w for w in live if w in route.same_node), live[0])
+            tried.add(worker)
+            try:
+                reply = route.transports.get(worker, route.table.workers[worker]).forward(
+                    layer, rows[start:start + n], [expert_id], [n], route.timeout_s)
+                out[start:start + n] = reply.to(rows.device, rows.dtype)
+                break
+            except Exception as e:  # noqa: BLE001 - then try the next live copy, if any
+                mark_down(route, worker, e)
+
+
 class Pending:
     """A layer's rows in flight; `result()` waits for them (failing over where a call failed)."""
 
-    def __init__(self, remote: "RemoteExperts", layer: int, rows: Tensor, copies, groups, calls, submit_s: float):
-        self.remote, self.layer, self.rows, self.copies = remote, layer, rows, copies
+    def __init__(self, route: Reroute, layer: int, rows: Tensor, groups, calls, submit_s: float):
+        self.route, self.layer, self.rows = route, layer, rows
         self.groups, self.calls, self.submit_s = groups, calls, submit_s
 
     def result(self) -> Tensor:
@@ -140,9 +190,9 @@ class Pending:
             try:
                 out[index] = future.result().to(self.rows.device, self.rows.dtype)
             except Exception as e:  # noqa: BLE001 - transport errors of any kind: fail over
-                self.remote.failover(self.copies, worker, self.layer, self.rows, self.groups[worker], out, e)
+                fail_over(self.route, worker, self.layer, self.rows, self.groups[worker], out, e)
             wait += time.perf_counter() - t
-        self.remote.stats.record_layer(self.submit_s, wait, list(self.calls))
+        self.route.stats.record_layer(self.submit_s, wait, list(self.calls))
         return out
 
 
@@ -158,6 +208,7 @@ class RemoteExperts:
         self._lock = threading.Lock()
         self._next_table: Table | None = None
         self._table: Table | None = None
+        self._route: Reroute | None = None
         self._copies: dict = {}
         self._costs: list[float] | None = None
         self.same_node: frozenset[int] = frozenset()  # workers on this router's node
@@ -193,6 +244,8 @@ class RemoteExperts:
         self.same_node = frozenset(w for w, ref in enumerate(table.workers)
                                    if ref.node_id and ref.node_id == self.node_id)
         self.health.forget_healed(table)
+        self._route = Reroute(table, self._copies, self.same_node, self.transports, self.health, self.stats,
+                              self.on_down, self.call_timeout_s)
 
     # -- health ------------------------------------------------------------------------------
     def down_workers(self) -> list[tuple[int, int]]:
@@ -206,17 +259,10 @@ class RemoteExperts:
         down = self.health.down(self._table)
         return sorted(e for e, ws in self._copies.items() if all(w in down for w in ws))
 
-    def _mark_down(self, worker: int, error: Exception) -> None:
-        code = error_code(error)
-        self.stats.failed(code)
-        generation = self._table.workers[worker].generation
-        if self.health.mark(worker, generation):
-            log.warning("expert worker %d failed (%s); its rows go to other copies until it is healed", worker, code)
-            self.on_down(worker, generation)
-
     # -- the data path ---------------------------------------------------------------------
     def submit(self, layer: int, rows: Tensor, counts: Sequence[int]) -> Pending:
-        copies, costs, down = self._copies, self._costs, self.health.down(self._table)
+        route, costs = self._route, self._costs
+        copies, down = route.copies, self.health.down(route.table)
         try:
             groups = (choose_tiered(layer, counts, copies, cost=costs, down=down, same_node=self.same_node)
                       if costs else
@@ -227,7 +273,7 @@ class RemoteExperts:
             self._count_tiers(groups)
         t0 = time.perf_counter()
         calls = {w: self._send(w, layer, rows, g) for w, g in groups.items()}
-        return Pending(self, layer, rows, copies, groups, calls, time.perf_counter() - t0)
+        return Pending(route, layer, rows, groups, calls, time.perf_counter() - t0)
 
     def _count_tiers(self, groups) -> None:
         rows: dict[str, int] = {}
@@ -250,29 +296,6 @@ class RemoteExperts:
         future = self._pool.submit(on_side_stream, ready, transport.forward, layer, picked,
                                    [e for e, _, _ in group], [n for _, _, n in group], self.call_timeout_s)
         return future, index
-
-    def failover(self, copies, failed: int, layer: int, rows: Tensor, group, out: Tensor, error) -> None:
-        """Re-send a failed (or timed-out) worker's rows to other live copies of the same experts."""
-        self.stats.failover()
-        self._mark_down(failed, error)
-        for expert_id, start, n in group:
-            tried = {failed}  # each copy at most once: bounded even if a worker flaps
-            while True:
-                excluded = tried | self.health.down(self._table)
-                live = [w for w in copies.get((layer, expert_id), ()) if w not in excluded]
-                if not live:
-                    raise ExpertUnavailable(f"layer {layer} expert {expert_id}: worker {failed} failed "
-                                            f"({error_code(error)}) and no other live copy answered; retry once "
-                                            "it is back")
-                worker = next((w for w in live if w in self.same_node), live[0])
-                tried.add(worker)
-                try:
-                    reply = self.transports.get(worker, self._table.workers[worker]).forward(
-                        layer, rows[start:start + n], [expert_id], [n], self.call_timeout_s)
-                    out[start:start + n] = reply.to(rows.device, rows.dtype)
-                    break
-                except Exception as e:  # noqa: BLE001 - then try the next live copy, if any
-                    self._mark_down(worker, e)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -80,10 +80,12 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             rows = _receive(request.hidden, request_iterator)
         yield from stream_reply(self.compute.run(request.layer, rows, list(request.expert_id), list(request.count)))
 
-    def Load(self, request, context):
+    def LoadCopies(self, request, context):
         with self._refusals(context):
             experts = check_experts(self.cfg, request.layer, request.expert_id)
         return expert_pb2.CopiesReply(bytes_loaded=self.copies.load_copies(experts))
+
+    Load = LoadCopies  # deprecated on the wire (expert.proto): what a client built before the rename calls
 
     def Retire(self, request, context):
         with self._refusals(context):

@@ -75,7 +75,7 @@ def check_forward(cfg: ModelConfig, *, layer: int, shape: Sequence[int], dtype: 
 
 
 def check_experts(cfg: ModelConfig, layers: Sequence[int], expert_ids: Sequence[int]) -> list[tuple[int, int]]:
-    """The (layer, expert_id) pairs of a Load or Retire request, or BadRequest."""
+    """The (layer, expert_id) pairs of a LoadCopies or Retire request, or BadRequest."""
     if len(layers) != len(expert_ids):
         raise BadRequest(f"{len(layers)} layers but {len(expert_ids)} expert ids")
     experts = list(zip(layers, expert_ids))

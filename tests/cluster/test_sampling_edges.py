@@ -173,3 +173,28 @@ def test_sequence_failure_reaches_only_its_stream(engine, seed_666_fails):
 
     good, bad = asyncio.run(run())
     assert len(good) == 4 and "boom" in bad
+
+
+def test_a_request_is_checked_once_in_its_process(engine, monkeypatch):
+    """AsyncEngine checks a request on its event loop (or its caller did, `checked`: the router at
+    admission); the engine thread does not check it again."""
+    checks = []
+    real = engine.prompts.validate
+    monkeypatch.setattr(engine.prompts, "validate", lambda ids, *a: (checks.append(list(ids)), real(ids, *a))[1])
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+
+    async def tokens(ae, **kw):
+        return [o.token_id async for batch in ae.generate(PROMPT, params, **kw) for o in batch]
+
+    async def run():
+        ae = AsyncEngine(engine)
+        try:
+            plain = await tokens(ae)
+            ae.validate(PROMPT, params)  # as the router's admission does
+            return plain, await tokens(ae, checked=True)
+        finally:
+            ae.shutdown()
+
+    plain, checked = asyncio.run(run())
+    assert len(plain) == 3 and checked == plain
+    assert checks == [PROMPT, PROMPT]  # one check per request

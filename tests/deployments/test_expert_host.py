@@ -115,3 +115,17 @@ def test_a_pool_replica_starts_empty_registers_its_endpoints_and_reports_busy_ti
     finally:
         replica.host.stop()
         replica.registered = False  # nothing to hand back when the test drops it
+
+
+def test_an_old_client_s_load_still_loads_copies(host):
+    """The RPC was renamed LoadCopies (expert load is traffic); `Load` stays on the wire as its alias."""
+    import grpc as grpc_lib
+
+    from protos import expert_pb2, expert_pb2_grpc
+    from deployments.experts.auth import call_metadata
+
+    stub = expert_pb2_grpc.ExpertServiceStub(grpc_lib.insecure_channel(host.address))
+    request = expert_pb2.ExpertsRequest(layer=[1], expert_id=[2])
+    assert stub.Load(request, timeout=60, metadata=call_metadata(SECRET)).bytes_loaded > 0
+    assert stub.LoadCopies(request, timeout=60, metadata=call_metadata(SECRET)).bytes_loaded == 0  # held now
+    assert (1, 2) in host.held()

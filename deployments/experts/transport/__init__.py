@@ -9,7 +9,7 @@
 
 Every transport authenticates with the application's shared secret and has every
 request validated by deployments/experts/validate.py before a worker computes.
-Load / Retire / Health stay on gRPC (controller → worker).
+LoadCopies / Retire / Health stay on gRPC (controller → worker).
 """
 from __future__ import annotations
 

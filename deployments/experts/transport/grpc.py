@@ -117,7 +117,7 @@ class GrpcTransport:
 
     def load_copies(self, experts: list[tuple[int, int]], timeout: float = 600) -> int:
         """Have the worker load copies of these experts (it keeps serving meanwhile); bytes read."""
-        return self.stub.Load(_experts_request(experts), timeout=timeout, metadata=self.metadata).bytes_loaded
+        return self.stub.LoadCopies(_experts_request(experts), timeout=timeout, metadata=self.metadata).bytes_loaded
 
     def retire(self, experts: list[tuple[int, int]], timeout: float = 60) -> None:
         self.stub.Retire(_experts_request(experts), timeout=timeout, metadata=self.metadata)
