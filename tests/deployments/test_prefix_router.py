@@ -49,3 +49,24 @@ def test_a_later_turn_is_offered_to_the_router_that_took_the_earlier_one_first()
         assert (await router.choose_replicas([a], _request([7]))) == [[a]]  # shorter than a block: any router
 
     asyncio.run(run())
+
+
+def test_concurrent_choices_of_one_request_are_each_sent():
+    """A request's choices (n > 1, a list of prompts) are concurrent `generate` calls from one ingress
+    request, so Serve gives them all that request's internal id: each must still get its own router."""
+    async def run():
+        router = PrefixAffinityRouter(DEPLOYMENT, DeploymentHandleSource.UNKNOWN, use_replica_queue_len_cache=True)
+        router.initialize_state(block_size=4)
+        a, b = Replica("a"), Replica("b")
+        router.update_replicas([a, b])
+        prompts = [[468, 2759, 8, 282, i] for i in range(4)] + [[7] * 9]
+        pending = [PendingRequest(args=[GenerateRequest(p, SamplingParams(max_tokens=1))], kwargs={},
+                                  metadata=RequestMetadata(request_id="r", internal_request_id="one"))
+                   for p in prompts]
+        # A hang guard only: each choice is answered at once when routing works.
+        chosen = await asyncio.wait_for(asyncio.gather(*map(router._choose_replica_for_request, pending)), 10)
+        assert {r.replica_id.unique_id for r in chosen} <= {"a", "b"} and len(chosen) == len(prompts)
+        later = await asyncio.wait_for(router._choose_replica_for_request(_request([1, 2, 3, 4, 5])), 10)
+        assert later in (a, b)
+
+    asyncio.run(run())
