@@ -49,8 +49,7 @@ class RouterOptions(_Options):
     device: str | None = Field(None, description="device of the router's backbone: cpu or cuda; default cuda "
                                                  "when num_gpus > 0, else cpu (as workers derive theirs)")
     label_selector: dict[str, str] = Field(default_factory=dict, description="node labels a router must land on")
-    # Off by default: requests with several choices (n > 1, batched prompts) hang in it (issue 21's note).
-    prefix_aware: bool = Field(False, description="send each request to the router most likely to hold its prompt's "
+    prefix_aware: bool = Field(True, description="send each request to the router most likely to hold its prompt's "
                                "prefix in its KV cache (the router that took the conversation's earlier turn), load "
                                "as the tie-breaker; off: Serve's power of two choices")
     prefix_max_imbalance: int = Field(16, ge=0, description="prefix-aware routing gives up affinity when that router "

@@ -9,6 +9,9 @@ chosen replica is offered first and the rest, least loaded first, after it: Serv
 skips a full or silent one, so a request never waits on its preferred router. The table learns
 where each request was actually sent (`on_request_routed`). Serve's private queue-length cache and
 replica set are read as Ray's own PrefixCacheAffinityRouter reads them (Ray 2.60).
+
+The replica found for a call is handed to that very call (`_fulfill_next_pending_request`), not
+to whichever waiting call carries its ingress request's id, as Serve's base class does: see there.
 """
 from __future__ import annotations
 
@@ -47,6 +50,23 @@ class PrefixAffinityRouter(RequestRouter):
         first = by_name.pop(choice.router)
         rest = sorted(by_name.values(), key=lambda r: loads[r.replica_id.to_full_id_str()])
         return [[first], rest] if rest else [[first]]
+
+    def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata=None) -> None:
+        """Hands `replica` to the call it was chosen for. Serve's base class looks that call up by its
+        internal request id, indexed once per id; but every `generate` call an ingress request makes
+        inherits that request's id, so of a request's concurrent choices (n > 1, a list of prompts) only
+        the first was indexed: the others were never handed a replica, their routing tasks retried
+        forever, and once those filled Serve's cap of routing tasks (two per router replica) no later
+        request was routed at all. Each call has its own metadata object: match on that."""
+        pending = next((p for p in self._pending_requests_to_fulfill
+                        if p.metadata is request_metadata and not p.future.done()), None)
+        if pending is None:
+            return
+        self._cancel_routing_task_for_pending_request(pending)
+        self._record_queue_wait_time(pending)
+        pending.future.set_result(replica)
+        if self._pending_requests_by_id.get(request_metadata.internal_request_id) is pending:
+            self._remove_pending_request_from_indices(pending)  # a sibling's entry is not ours to drop
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         self._affinity.remember(self._keys(pending_request), replica_id.to_full_id_str())

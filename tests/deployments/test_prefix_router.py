@@ -49,3 +49,28 @@ def test_a_later_turn_is_offered_to_the_router_that_took_the_earlier_one_first()
         assert (await router.choose_replicas([a], _request([7]))) == [[a]]  # shorter than a block: any router
 
     asyncio.run(run())
+
+
+def test_concurrent_choices_of_one_request_each_get_their_own_router():
+    """A request's choices (n > 1, a list of prompts) are concurrent `generate` calls from one ingress
+    request, so Serve gives them all that request's internal id: each must still be sent, to the router
+    chosen for its own prompt, and later requests after them (they once all hung: issue 21)."""
+    async def run():
+        router = PrefixAffinityRouter(DEPLOYMENT, DeploymentHandleSource.UNKNOWN, use_replica_queue_len_cache=True)
+        router.initialize_state(block_size=4)
+        a, b = Replica("a"), Replica("b")
+        router.update_replicas([a, b])
+        prompts = [[i] * 5 for i in range(1, 6)]
+        owners = [a, b, b, a, b]
+        for prompt, owner in zip(prompts, owners):  # earlier turns of these conversations went there
+            router.on_request_routed(_request(prompt), owner.replica_id, None)
+        pending = [PendingRequest(args=[GenerateRequest(p, SamplingParams(max_tokens=1))], kwargs={},
+                                  metadata=RequestMetadata(request_id="r", internal_request_id="one"))
+                   for p in prompts]
+        # A hang guard only: each choice is answered at once when routing works.
+        chosen = await asyncio.wait_for(asyncio.gather(*map(router._choose_replica_for_request, pending)), 10)
+        assert chosen == owners
+        later = await asyncio.wait_for(router._choose_replica_for_request(_request([9] * 8)), 10)
+        assert later in (a, b)
+
+    asyncio.run(run())

@@ -1,10 +1,12 @@
 """Prefix-aware routing with 2 routers (issue 21): 16 multi-turn conversations, each turn resending
 the whole conversation. With affinity every later turn meets its conversation's KV cache; Serve's
 power of two choices lands about half of them on the router that never saw it. Hit rates are the
-routers' own counters (/admin/stats), over turns 2-4 only; nothing here depends on timing."""
+routers' own counters (/admin/stats), over turns 2-4 only; nothing here depends on timing.
+A request's several choices (a list of prompts, n > 1) are routed each on its own, as one request is."""
 import random
 import time
 
+import pytest
 import requests
 
 from tests.deployments.clients import concurrently, grpc_request, grpc_stub, http_complete
@@ -50,6 +52,11 @@ def _chat(base: str, seed: int) -> tuple[float, dict[str, int], list[list[int]]]
     return hits / sum(queried.values()), queried, prompts
 
 
+def _deploy(cluster):
+    routers = {"min": 2, "max": 2, "num_cpus": 0.25}
+    return cluster.deploy(str(DEMO), 0, routers={**routers, "prefix_aware": True}, max_num_seqs=16)
+
+
 def _affinity_choices(base: str) -> float:
     """What the ingress's request router chose by affinity (moe_route_choices_total, this ingress replica)."""
     line = 'moe_route_choices_total{reason="affinity"} '
@@ -58,8 +65,7 @@ def _affinity_choices(base: str) -> float:
 
 
 def test_two_routers_conversations_meet_their_cache(cluster):
-    routers = {"min": 2, "max": 2, "num_cpus": 0.25}
-    c = cluster.deploy(str(DEMO), 0, routers={**routers, "prefix_aware": True}, max_num_seqs=16)
+    c = _deploy(cluster)
     affinity, spread, next_turns = _chat(c.base, seed=1)
     chosen = _affinity_choices(c.base)
     # gRPC reports what the cache gave, as HTTP usage does: the whole last turn's prompt (full blocks)
@@ -73,3 +79,25 @@ def test_two_routers_conversations_meet_their_cache(cluster):
     assert affinity >= 0.8
     assert chosen >= 0.8 * CONVERSATIONS * (TURNS - 1)
     assert len(spread) == 2 and min(spread.values()) > 0.25 * sum(spread.values())  # both took conversations
+
+
+def test_a_requests_concurrent_choices_are_all_routed(cluster):
+    """A list of prompts and n > 1 reach the routers as concurrent calls from one ingress request (lm-eval's
+    loglikelihoods: batched prompts, echo + logprobs, max_tokens 1). They once hung in the request router,
+    and every later request with them (issue 21); each choice must score its own prompt."""
+    c = _deploy(cluster)
+    rng = random.Random(2)
+    head = [rng.randrange(1, 4096) for _ in range(40)]  # two full blocks shared: affinity has a say
+    prompts = [head + [rng.randrange(1, 4096) for _ in range(3 + i)] for i in range(4)]
+    scoring = {"echo": True, "logprobs": 1}
+    batched = http_complete(c.base, prompts, 1, **scoring)["choices"]
+    assert [ch["index"] for ch in batched] == [0, 1, 2, 3]
+    alone = [http_complete(c.base, p, 1, **scoring)["choices"][0] for p in prompts]
+    for got, want in zip(batched, alone):
+        assert got["token_ids"] == want["token_ids"]
+        lp, ref = got["logprobs"]["token_logprobs"], want["logprobs"]["token_logprobs"]
+        assert lp[0] is None and lp[1:] == pytest.approx(ref[1:], abs=1e-4)  # batch shapes differ: float noise
+    sampled = http_complete(c.base, prompts[0], 4, n=3, seed=7, temperature=1.0)["choices"]
+    assert [ch["index"] for ch in sampled] == [0, 1, 2] and all(len(ch["token_ids"]) == 4 for ch in sampled)
+    plain = http_complete(c.base, prompts[1], 3)["choices"][0]
+    assert len(plain["token_ids"]) == 3

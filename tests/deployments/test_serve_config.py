@@ -70,9 +70,9 @@ def test_router_device_follows_its_gpus(routers, device):
 
 
 @pytest.mark.parametrize("routers,expected", [
-    ({"prefix_aware": True}, {"block_size": 16, "max_imbalance": 16}),
-    ({"prefix_aware": True, "prefix_max_imbalance": 3}, {"block_size": 16, "max_imbalance": 3}),
-    ({}, None),  # off by default: Serve's power of two choices
+    ({}, {"block_size": 16, "max_imbalance": 16}),  # on by default
+    ({"prefix_max_imbalance": 3}, {"block_size": 16, "max_imbalance": 3}),
+    ({"prefix_aware": False}, None),  # Serve's power of two choices
 ])
 def test_prefix_aware_routing_is_the_routers_request_router(routers, expected):
     from deployments.app import _router_options
