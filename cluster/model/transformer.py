@@ -69,6 +69,8 @@ class MoETransformer:
         last = self._norm(x[batch.last_rows if rows is None else rows], self.weights.final_norm,
                           self.weights.final_norm_bias)  # [B, D]
         logits = F.linear(last, self.weights.lm_head, self.weights.lm_head_bias).float()  # [B, V]
+        if cfg.final_logit_softcapping:  # Gemma 4: tanh keeps them within ± the cap
+            logits = torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
         return (logits / cfg.logits_scaling if cfg.logits_scaling != 1.0 else logits), routing
 
     def _layer(self, part: MicroBatch, layer: int, w: LayerWeights, cache: KVCache) -> None:
