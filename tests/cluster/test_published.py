@@ -60,7 +60,8 @@ def test_published_config_matches_transformers(published, name):
 
 # Families added by issue 18 (part 1): beside matching transformers, the expert machinery works on them.
 NEW_FAMILIES = ["MiniMax-M2", "dbrx-instruct", "Llama-4-Scout-17B-16E", "Llama-4-Maverick-17B-128E-Instruct",
-                "Qwen3-Next-80B-A3B-Instruct"]  # issue 19: the hybrid (recurrent state) family too
+                "Qwen3-Next-80B-A3B-Instruct",  # issue 19: the hybrid (recurrent state) family too
+                "gemma-4-26B-A4B-it"]  # its dense MLP stays with the router, only the routed experts split
 
 
 @pytest.mark.parametrize("name", NEW_FAMILIES)
@@ -203,7 +204,8 @@ def test_prefix_caching_keeps_outputs(published, name):
     print(f"{name}: cached tokens per request {[o.cached_tokens for o in got]}, outputs identical")
 
 
-@pytest.mark.parametrize("name", ["Qwen3-30B-A3B+YaRN", "gpt-oss-20b", "DeepSeek-V3"])  # RoPE scaling, windows, MLA
+# RoPE scaling, windows, MLA, per-layer KV shapes (Gemma 4: a prompt past its window of 8)
+@pytest.mark.parametrize("name", ["Qwen3-30B-A3B+YaRN", "gpt-oss-20b", "DeepSeek-V3", "gemma-4-26B-A4B-it"])
 def test_chunked_prefill_keeps_outputs(published, name):
     """Prompts prefilled 8 tokens a step beside running decodes give the greedy and seeded outputs
     of whole-prompt prefill."""
