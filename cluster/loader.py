@@ -119,6 +119,7 @@ def _attention(r: _Reader, cfg: ModelConfig, layer: int) -> AttentionWeights:
     bias = (lambda name, n: r.get(name, (n,), layer)) if cfg.qkv_bias else (lambda name, n: None)
     norm_shapes = {"none": (None, None), "l2": (None, None), "head": ((hd,), (hd,)),
                    "full": ((h * hd,), (kvh * hd,))}[cfg.qk_norm]
+    norm_dtype = torch.float32 if cfg.norm_fp32 else None  # fp32 norms scale in fp32, then cast (Gemma 4)
     gate = None
     if cfg.attn_output_gate:  # q_proj gives per head hd query rows, then hd gate rows
         q_gate = r.get("q_proj", (h * 2 * hd, d), layer).view(h, 2, hd, d)
@@ -134,8 +135,8 @@ def _attention(r: _Reader, cfg: ModelConfig, layer: int) -> AttentionWeights:
         q=q, k=k, v=v, o=r.get("o_proj", (d, h * hd), layer),
         q_bias=bias("q_bias", h * hd), k_bias=bias("k_bias", kvh * hd), v_bias=bias("v_bias", kvh * hd),
         o_bias=r.get("o_bias", (d,), layer) if cfg.o_bias else None,
-        q_norm=r.offset(r.get("q_norm", norm_shapes[0], layer)) if norm_shapes[0] else None,
-        k_norm=r.offset(r.get("k_norm", norm_shapes[1], layer)) if norm_shapes[1] else None,
+        q_norm=r.offset(r.get("q_norm", norm_shapes[0], layer, dtype=norm_dtype)) if norm_shapes[0] else None,
+        k_norm=r.offset(r.get("k_norm", norm_shapes[1], layer, dtype=norm_dtype)) if norm_shapes[1] else None,
         sinks=r.get("sinks", (h,), layer) if cfg.attn_sinks else None, gate=gate,
     )
 

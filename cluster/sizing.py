@@ -134,8 +134,9 @@ def backbone_bytes(c: ModelConfig, dtype: torch.dtype) -> int:
     gpt-oss's and Gemma 4's norms fp32."""
     gates = len(c.moe_layer_ids) * c.num_experts
     selection_bias = gates if c.scoring in ("sigmoid", "sqrtsoftplus") else 0
+    qk_norms = sum(2 * c.head_dim_of(layer) for layer in c.attention_layer_ids) if c.qk_norm == "head" else 0
     fp32 = selection_bias + (gates * c.hidden_size if c.gate_fp32 else 0) + (
-        (norms_per_layer(c) * c.num_layers + 1) * c.hidden_size if c.norm_fp32 else 0)
+        (norms_per_layer(c) * c.num_layers + 1) * c.hidden_size + qk_norms if c.norm_fp32 else 0)
     layer_scalars = c.num_layers if c.parallel_dense else 0  # Gemma 4's: buffers, so no parameters either
     held = ParamCounts.of(c).backbone + selection_bias + layer_scalars
     return (held - fp32) * dtype.itemsize + fp32 * 4

@@ -14,6 +14,8 @@ overlap (overlap.py) applies unchanged.
 """
 from __future__ import annotations
 
+import torch
+
 from cluster.model.kv_cache import KVCache
 from cluster.model.layers import rms_norm, swiglu
 from cluster.model.moe import moe_begin
@@ -28,6 +30,8 @@ class ParallelDenseTransformer(MoETransformer):
                  paged_attention=None):
         super().__init__(cfg, weights, experts, max_len, device, overlap, paged_attention)
         self.rotaries = {rope: Rotary(rope, max_len, device) for rope in set(cfg.layer_ropes or (cfg.rope,))}
+        # transformers casts the embedding scale sqrt(hidden) to the weights' dtype first (bf16: 53.07 -> 53.0)
+        self.embedding_multiplier = torch.tensor(cfg.embedding_multiplier).to(weights.embed.dtype).item()
 
     def _layer(self, part: MicroBatch, layer: int, w: LayerWeights, cache: KVCache) -> None:
         cfg, p = self.cfg, w.parallel
