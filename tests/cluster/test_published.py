@@ -107,6 +107,24 @@ def test_new_family_plans_from_its_released_config(tmp_path, name):
     print(format_sizing(p))
 
 
+def test_gemma4_two_micro_batches_and_kv_pools(published):
+    """Gemma 4's sliding and full layers cache their own shapes, one pool each; run as two micro-batches
+    (the overlap remote experts use: the dense MLP computed while the expert rows are away), a batch of
+    prompts past the window gives the one-micro-batch outputs."""
+    from cluster.model.parallel import ParallelDenseTransformer
+
+    ours, _ = published("gemma-4-26B-A4B-it")
+    plain = LLMEngine.from_pretrained(str(ours), dtype="float32", max_num_seqs=4, max_model_len=64)
+    assert [(k.shape[0], *k.shape[2:]) for k, _ in plain.cache.pools] == [(5, 2, 16), (1, 1, 32)]
+    model = plain.model
+    split = ParallelDenseTransformer(plain.cfg, model.weights, model.experts, 64, overlap=True)
+    overlapped = LLMEngine(plain.cfg, split, plain.tokenizer, max_num_seqs=4, max_model_len=64)
+    prompts = [PROMPT * 2, PROMPT[:3], [9, 8, 7, 6, 5, 4, 3, 2, 1, 11, 12, 13]]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    assert [o.token_ids for o in overlapped.generate(prompts, params)] == \
+        [o.token_ids for o in plain.generate(prompts, params)]
+
+
 # (published config, a change, the field the error names): what these families refuse.
 NEW_FAMILY_REFUSALS = [
     ("MiniMax-M2", {"qk_norm_type": "per_head"}, "qk_norm_type"),
