@@ -29,7 +29,8 @@ class ParallelDenseTransformer(MoETransformer):
     def __init__(self, cfg, weights, experts, max_len: int, device: str = "cpu", overlap: bool | None = None,
                  paged_attention=None):
         super().__init__(cfg, weights, experts, max_len, device, overlap, paged_attention)
-        self.rotaries = {rope: Rotary(rope, max_len, device) for rope in set(cfg.layer_ropes or (cfg.rope,))}
+        self.rotaries = {cfg.rope: self.rotary}  # one table per distinct rope (Gemma 4: sliding, full)
+        self.rotaries.update({rope: Rotary(rope, max_len, device) for rope in set(cfg.layer_ropes) - {cfg.rope}})
         # transformers casts the embedding scale sqrt(hidden) to the weights' dtype first (bf16: 53.07 -> 53.0)
         self.embedding_multiplier = torch.tensor(cfg.embedding_multiplier).to(weights.embed.dtype).item()
 
