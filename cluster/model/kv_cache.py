@@ -63,8 +63,8 @@ def layer_shapes(cfg: ModelConfig, layer: int) -> Shapes:
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     """Cache bytes one token takes over all attention layers at `dtype`."""
-    sizes = [hk * dk + hv * dv for (hk, dk), (hv, dv) in (layer_shapes(cfg, layer) for layer in cfg.attention_layer_ids)]
-    return sum(sizes) * dtype.itemsize
+    shapes = [layer_shapes(cfg, layer) for layer in cfg.attention_layer_ids]
+    return sum(hk * dk + hv * dv for (hk, dk), (hv, dv) in shapes) * dtype.itemsize
 
 
 class KVCache:
