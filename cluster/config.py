@@ -111,6 +111,18 @@ class ModelConfig:
     linear_conv_kernel: int = 0
     attn_output_gate: bool = False  # q_proj also yields a sigmoid gate on each attention output channel
     norm_unit_offset: bool = False  # RMSNorm weights stored zero-centred and applied as (1 + w)
+    # Gemma 4: per layer attention geometry (its full-attention layers have their own head_dim, kv heads and
+    # rope; () = head_dim, num_kv_heads and rope everywhere), values taken from the key projection on some
+    # layers (attention_k_eq_v), values RMS-normed per head without a weight, logits soft-capped; its decoder
+    # layer runs a dense MLP beside the routed experts with norms around each (cluster.model.parallel).
+    layer_head_dims: tuple[int, ...] = ()
+    layer_kv_heads: tuple[int, ...] = ()
+    layer_ropes: tuple[Rope, ...] = ()
+    value_from_key: tuple[bool, ...] = ()
+    v_norm: bool = False
+    final_logit_softcapping: float | None = None
+    parallel_dense: bool = False
+    dense_activation: ExpertActivation = SILU  # the dense MLP's activation (Gemma 4: GELU-tanh)
 
     @property
     def gating(self) -> Gating:
@@ -154,6 +166,18 @@ class ModelConfig:
     def linear_layer_ids(self) -> tuple[int, ...]:
         return tuple(layer for layer in range(self.num_layers) if self.is_linear(layer))
 
+    def head_dim_of(self, layer: int) -> int:
+        return self.layer_head_dims[layer] if self.layer_head_dims else self.head_dim
+
+    def kv_heads_of(self, layer: int) -> int:
+        return self.layer_kv_heads[layer] if self.layer_kv_heads else self.num_kv_heads
+
+    def rope_of(self, layer: int) -> Rope:
+        return self.layer_ropes[layer] if self.layer_ropes else self.rope
+
+    def value_is_key(self, layer: int) -> bool:
+        return bool(self.value_from_key) and self.value_from_key[layer]
+
     def rotates(self, layer: int) -> bool:
         return self.rope_layers[layer] if self.rope_layers else True
 
@@ -170,4 +194,4 @@ class ModelConfig:
     @property
     def context_limit(self) -> int:
         """The longest context the model is made for (rope scaling included)."""
-        return max(self.rope.context_limit(), self.max_position_embeddings)
+        return max([r.context_limit() for r in (self.rope, *self.layer_ropes)] + [self.max_position_embeddings])

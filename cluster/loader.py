@@ -16,7 +16,8 @@ from cluster.checkpoint import Checkpoint, CheckpointError
 from cluster.config import ModelConfig
 from cluster.families import Family, relocate, resolve
 from cluster.model.weights import (AttentionWeights, BackboneWeights, CompressorWeights, DeltaNetWeights, HyperWeights,
-                                   IndexerWeights, LayerWeights, MLAWeights, MLPWeights, V4AttentionWeights)
+                                   IndexerWeights, LayerWeights, MLAWeights, MLPWeights, ParallelWeights,
+                                   V4AttentionWeights)
 from cluster.precision import resolve_dtype
 from cluster.quant import read_weight
 
@@ -114,10 +115,11 @@ def _expert(r: _Reader, layer: int, expert_id: int) -> MLPWeights:
 
 
 def _attention(r: _Reader, cfg: ModelConfig, layer: int) -> AttentionWeights:
-    d, hd, h, kvh = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    d, hd, h, kvh = cfg.hidden_size, cfg.head_dim_of(layer), cfg.num_heads, cfg.kv_heads_of(layer)
     bias = (lambda name, n: r.get(name, (n,), layer)) if cfg.qkv_bias else (lambda name, n: None)
     norm_shapes = {"none": (None, None), "l2": (None, None), "head": ((hd,), (hd,)),
                    "full": ((h * hd,), (kvh * hd,))}[cfg.qk_norm]
+    norm_dtype = torch.float32 if cfg.norm_fp32 else None  # fp32 norms scale in fp32, then cast (Gemma 4)
     gate = None
     if cfg.attn_output_gate:  # q_proj gives per head hd query rows, then hd gate rows
         q_gate = r.get("q_proj", (h * 2 * hd, d), layer).view(h, 2, hd, d)
@@ -126,15 +128,15 @@ def _attention(r: _Reader, cfg: ModelConfig, layer: int) -> AttentionWeights:
     elif "qkv_proj" in r.family.tensors:  # one fused projection (DBRX's Wqkv): q rows, then k, then v
         qkv = r.get("qkv_proj", ((h + 2 * kvh) * hd, d), layer).split([h * hd, kvh * hd, kvh * hd])
         q, k, v = (t.contiguous() for t in qkv)
-    else:
-        q, k, v = r.get("q_proj", (h * hd, d), layer), r.get("k_proj", (kvh * hd, d), layer), \
-            r.get("v_proj", (kvh * hd, d), layer)
+    else:  # Gemma 4's attention_k_eq_v layers have no v_proj: the values are the keys' projection
+        q, k = r.get("q_proj", (h * hd, d), layer), r.get("k_proj", (kvh * hd, d), layer)
+        v = None if cfg.value_is_key(layer) else r.get("v_proj", (kvh * hd, d), layer)
     return AttentionWeights(
         q=q, k=k, v=v, o=r.get("o_proj", (d, h * hd), layer),
         q_bias=bias("q_bias", h * hd), k_bias=bias("k_bias", kvh * hd), v_bias=bias("v_bias", kvh * hd),
         o_bias=r.get("o_bias", (d,), layer) if cfg.o_bias else None,
-        q_norm=r.offset(r.get("q_norm", norm_shapes[0], layer)) if norm_shapes[0] else None,
-        k_norm=r.offset(r.get("k_norm", norm_shapes[1], layer)) if norm_shapes[1] else None,
+        q_norm=r.offset(r.get("q_norm", norm_shapes[0], layer, dtype=norm_dtype)) if norm_shapes[0] else None,
+        k_norm=r.offset(r.get("k_norm", norm_shapes[1], layer, dtype=norm_dtype)) if norm_shapes[1] else None,
         sinks=r.get("sinks", (h,), layer) if cfg.attn_sinks else None, gate=gate,
     )
 
@@ -235,6 +237,23 @@ def _gate(r: _Reader, cfg: ModelConfig, layer: int) -> dict:
                 gate_logits_bias=r.get("gate_logits_bias", (e,), layer) if cfg.gate_logits_bias else None)
 
 
+def _parallel(r: _Reader, cfg: ModelConfig, layer: int) -> ParallelWeights:
+    """Gemma 4's extra norms around its parallel dense MLP and routed experts."""
+    d = cfg.hidden_size
+    norms = {name: r.norm(name, d, layer)[0] for name in ("post_attn_norm", "dense_out_norm", "moe_in_norm",
+                                                          "moe_out_norm", "post_mlp_norm")}
+    return ParallelWeights(**norms, router_scale=r.get("router_scale", (d,), layer),
+                           layer_scalar=r.get("layer_scalar", (1,), layer))
+
+
+def _dense(r: _Reader, cfg: ModelConfig, layer: int) -> MLPWeights | None:
+    """A dense layer's MLP, or the one beside the routed experts (Gemma 4)."""
+    if cfg.moe_layers[layer] and not cfg.parallel_dense:
+        return None
+    w = r.mlp("dense", cfg.dense_intermediate_size, cfg.hidden_size, layer)
+    return MLPWeights(w.gate_up, w.down, activation=cfg.dense_activation)
+
+
 def _layer(r: _Reader, cfg: ModelConfig, layer: int) -> LayerWeights:
     d, moe = cfg.hidden_size, cfg.moe_layers[layer]
     shared = None
@@ -247,7 +266,9 @@ def _layer(r: _Reader, cfg: ModelConfig, layer: int) -> LayerWeights:
         attn=_deltanet(r, cfg, layer) if cfg.is_linear(layer) else _ATTENTION.get(cfg.attention, _attention)(r, cfg, layer),
         **_hyper_fields(r, cfg, layer),
         **(_gate(r, cfg, layer) if moe else {}),
-        dense=None if moe else r.mlp("dense", cfg.dense_intermediate_size, d, layer),
+        dense=_dense(r, cfg, layer),
+        expert_scale=r.maybe("expert_scale", (cfg.num_experts,), layer) if moe else None,
+        parallel=_parallel(r, cfg, layer) if cfg.parallel_dense else None,
         shared=shared,
         shared_expert_gate=r.get("shared_expert_gate", (1, d), layer) if shared is not None and cfg.shared_expert_gate else None,
     )

@@ -78,22 +78,32 @@ def _attention_params(c: ModelConfig, layer: int = 0) -> int:
         hi, di = c.index_n_heads, c.index_head_dim
         indexer = c.q_lora_rank * hi * di + d * di + 2 * di + d * hi if c.index_topk else 0
         return q + kv + h * c.v_head_dim * d + indexer
-    q, kv = h * c.head_dim, c.num_kv_heads * c.head_dim
-    weights = 2 * d * q + 2 * d * kv + (q + 2 * kv if c.qkv_bias else 0) + (d if c.o_bias else 0) + (
+    hd = c.head_dim_of(layer)
+    q, kv = h * hd, c.kv_heads_of(layer) * hd
+    values = 0 if c.value_is_key(layer) else d * kv  # Gemma 4's k = v layers have no v_proj
+    weights = 2 * d * q + d * kv + values + (q + 2 * kv if c.qkv_bias else 0) + (d if c.o_bias else 0) + (
         d * q if c.attn_output_gate else 0)
-    norms = {"none": 0, "l2": 0, "head": 2 * c.head_dim, "full": q + kv}[c.qk_norm]
+    norms = {"none": 0, "l2": 0, "head": 2 * hd, "full": q + kv}[c.qk_norm]
     return weights + norms + (h if c.attn_sinks else 0)
+
+
+def norms_per_layer(c: ModelConfig) -> int:
+    """RMS/LayerNorm weights of hidden size in one layer: before attention and MLP, and Gemma 4's five more
+    (after attention, around each parallel branch, after the MLP)."""
+    return 7 if c.parallel_dense else 2
 
 
 def _layer_params(c: ModelConfig, layer: int) -> int:
     """Everything of one layer but its routed experts."""
     d = c.hidden_size
-    norms = 2 * d * (2 if c.norm == "layer" and c.norm_bias else 1)
+    norms = norms_per_layer(c) * d * (2 if c.norm == "layer" and c.norm_bias else 1)
+    dense = 3 * d * c.dense_intermediate_size
     if not c.moe_layers[layer]:
-        return _attention_params(c, layer) + norms + 3 * d * c.dense_intermediate_size
+        return _attention_params(c, layer) + norms + dense
     gate = c.num_experts * d + (c.num_experts if c.gate_logits_bias else 0)
     shared = 3 * d * c.shared_expert_intermediate_size + (d if c.shared_expert_gate else 0)
-    return _attention_params(c, layer) + norms + gate + shared
+    parallel = dense + d + c.num_experts if c.parallel_dense else 0  # Gemma 4: its MLP, router scale, per_expert_scale
+    return _attention_params(c, layer) + norms + gate + shared + parallel
 
 
 @dataclass(frozen=True)
@@ -121,12 +131,14 @@ class ParamCounts:
 def backbone_bytes(c: ModelConfig, dtype: torch.dtype) -> int:
     """What the router holds for weights at `dtype`: the loader keeps gates fp32 where transformers
     computes them in fp32, DeepSeek-V3 / GLM's selection bias (a buffer, so no parameter) fp32, and
-    gpt-oss's norms fp32."""
+    gpt-oss's and Gemma 4's norms fp32."""
     gates = len(c.moe_layer_ids) * c.num_experts
     selection_bias = gates if c.scoring in ("sigmoid", "sqrtsoftplus") else 0
+    qk_norms = sum(2 * c.head_dim_of(layer) for layer in c.attention_layer_ids) if c.qk_norm == "head" else 0
     fp32 = selection_bias + (gates * c.hidden_size if c.gate_fp32 else 0) + (
-        (2 * c.num_layers + 1) * c.hidden_size if c.norm_fp32 else 0)
-    held = ParamCounts.of(c).backbone + selection_bias
+        (norms_per_layer(c) * c.num_layers + 1) * c.hidden_size + qk_norms if c.norm_fp32 else 0)
+    layer_scalars = c.num_layers if c.parallel_dense else 0  # Gemma 4's: buffers, so no parameters either
+    held = ParamCounts.of(c).backbone + selection_bias + layer_scalars
     return (held - fp32) * dtype.itemsize + fp32 * 4
 
 
@@ -142,13 +154,16 @@ def _compressed_seen(c: ModelConfig, layer: int, context: int) -> int:
 def attention_flops(c: ModelConfig, context: int) -> int:
     """Score and value FLOPs for one token attending to `context` tokens, over all layers; a linear-attention
     layer's are the same at any context: its state [Hv, dk, dv] decayed, read, written and read again."""
-    dk, dv = ((c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attention == "mla"
-              else (c.head_dim, c.head_dim))
+    def widths(layer: int) -> int:  # dk + dv
+        if c.attention == "mla":
+            return c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim
+        return 2 * c.head_dim_of(layer)
+
     # a chunk of n positions sees n / 2 keys on average, at most n: counted as n (an upper bound)
-    seen = [min(context, c.sliding_window(layer) or c.attention_chunk(layer) or context) + _compressed_seen(c, layer, context)
-            for layer in c.attention_layer_ids]
+    seen = {layer: min(context, c.sliding_window(layer) or c.attention_chunk(layer) or context)
+            + _compressed_seen(c, layer, context) for layer in c.attention_layer_ids}
     linear = 8 * c.linear_num_value_heads * c.linear_key_head_dim * c.linear_value_head_dim * len(c.linear_layer_ids)
-    return sum(2 * c.num_heads * (dk + dv) * n for n in seen) + linear
+    return sum(2 * c.num_heads * widths(layer) * n for layer, n in seen.items()) + linear
 
 
 @dataclass(frozen=True)

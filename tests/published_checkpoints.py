@@ -147,6 +147,10 @@ def _transformers_model(cfg: dict, seed: int):
             for name, param in model.named_parameters():
                 if name.endswith("norm.weight"):
                     param.add_(torch.randn(param.shape) * 0.2)
+        if model_type == "gemma4_text":  # norms, router scales and layer scalars start at one: random, so tested
+            for name, t in [*model.named_parameters(), *model.named_buffers()]:
+                if name.endswith(("weight", "scale", "layer_scalar")) and bool((t == 1).all()):
+                    t.mul_(1 + 0.3 * torch.randn(t.shape))
     return model
 
 
@@ -173,6 +177,18 @@ def _wrap_qwen3_5(tensors: dict) -> dict:
     return {**out, **{n: torch.randn(shape).to(torch.bfloat16) for n, shape in _QWEN3_5_EXTRA.items()}}
 
 
+# Gemma 4's release beside its text model: a vision tower and its embedder, never read.
+_GEMMA4_VISION = {"model.vision_tower.encoder.layers.0.self_attn.q_proj.linear.weight": (32, 32),
+                  "model.vision_tower.patch_embedder.input_proj.weight": (32, 768),
+                  "model.embed_vision.embedding_projection.weight": (64, 32)}
+
+
+def _wrap_gemma4(tensors: dict) -> dict:
+    """Gemma 4's release layout: the text model under model.language_model.* (its LM head tied, not stored)."""
+    out = {("model.language_model." + n[len("model."):] if n.startswith("model.") else n): t for n, t in tensors.items()}
+    return {**out, **{n: torch.randn(shape).to(torch.bfloat16) for n, shape in _GEMMA4_VISION.items()}}
+
+
 def build(name: str, root: Path, seed: int = 0, overrides: dict | None = None) -> tuple[Path, Path]:
     """(ours, reference) checkpoint directories for the published config `name`. A multimodal
     wrapper's reference is its text model alone (what a text-only request runs)."""
@@ -190,6 +206,8 @@ def build(name: str, root: Path, seed: int = 0, overrides: dict | None = None) -
         ours_tensors = _wrap_kimi_k25(ours_tensors)
     if cfg.get("model_type") == "qwen3_5_moe":
         ours_tensors = _wrap_qwen3_5(ours_tensors)
+    if cfg.get("model_type") == "gemma4":
+        ours_tensors = _wrap_gemma4(ours_tensors)
     ours.mkdir(parents=True)
     save_file(ours_tensors, ours / "model.safetensors")
     (ours / "config.json").write_text(json.dumps(cfg, indent=2))

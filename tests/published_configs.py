@@ -364,6 +364,38 @@ PUBLISHED: dict[str, dict] = {
                           "num_heads": 16, "num_position_embeddings": 2304, "out_hidden_size": 2048, "patch_size": 16,
                           "spatial_merge_size": 2, "temporal_patch_size": 2},
         "vision_end_token_id": 248054, "vision_start_token_id": 248053},
+    # gemma-4-26B-A4B-it: recalled, its text_config checked field by field against public copies quoting it
+    # (geometry, experts, rope_parameters, layer_types, k_eq_v, softcapping; a tower-sharing sibling's
+    # vision_config); the top-level token ids are transformers' Gemma4Config defaults.
+    "gemma-4-26B-A4B-it": {
+        "architectures": ["Gemma4ForConditionalGeneration"], "audio_config": None, "audio_token_id": 258881,
+        "boa_token_id": 256000, "boi_token_id": 255999, "dtype": "bfloat16", "eoa_token_index": 258883,
+        "eoi_token_id": 258882, "image_token_id": 258880, "initializer_range": 0.02, "model_type": "gemma4",
+        "text_config": {
+            "attention_bias": False, "attention_dropout": 0.0, "attention_k_eq_v": True, "bos_token_id": 2,
+            "dtype": "bfloat16", "enable_moe_block": True, "eos_token_id": 1, "final_logit_softcapping": 30.0,
+            "global_head_dim": 512, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2816,
+            "hidden_size_per_layer_input": 0, "initializer_range": 0.02, "intermediate_size": 2112,
+            "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 5, "max_position_embeddings": 262144,
+            "model_type": "gemma4_text", "moe_intermediate_size": 704, "num_attention_heads": 16,
+            "num_experts": 128, "num_global_key_value_heads": 2, "num_hidden_layers": 30, "num_key_value_heads": 8,
+            "num_kv_shared_layers": 0, "pad_token_id": 0, "rms_norm_eps": 1e-06,
+            "rope_parameters": {
+                "full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"},
+                "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"}},
+            "sliding_window": 1024, "tie_word_embeddings": True, "top_k_experts": 8,
+            "use_bidirectional_attention": "vision", "use_cache": True, "use_double_wide_mlp": False,
+            "vocab_size": 262144, "vocab_size_per_layer_input": 262144},
+        "tie_word_embeddings": True, "transformers_version": "5.5.0.dev0", "video_token_id": 258884,
+        "vision_config": {
+            "attention_bias": False, "attention_dropout": 0.0, "default_output_length": 280, "dtype": "bfloat16",
+            "head_dim": 72, "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152, "initializer_range": 0.02,
+            "intermediate_size": 4304, "max_position_embeddings": 131072, "model_type": "gemma4_vision",
+            "num_attention_heads": 16, "num_hidden_layers": 27, "num_key_value_heads": 16, "patch_size": 16,
+            "pooling_kernel_size": 3, "position_embedding_size": 10240, "rms_norm_eps": 1e-06,
+            "rope_parameters": {"rope_theta": 100.0, "rope_type": "default"}, "standardize": True,
+            "use_clipped_linears": False},
+        "vision_soft_tokens_per_image": 280},
 }
 PUBLISHED["Kimi-K2.5"]["text_config"] = {
     **PUBLISHED["Kimi-K2-Thinking"], "eos_token_id": 163585, "transformers_version": "4.57.1",
@@ -456,6 +488,15 @@ _SIZES["Llama-4-Maverick-17B-128E-Instruct"] = {"text_config": {
     **PUBLISHED["Llama-4-Maverick-17B-128E-Instruct"]["text_config"], "hidden_size": 64, "num_attention_heads": 4,
     "num_key_value_heads": 2, "head_dim": 16, "num_hidden_layers": 4, "intermediate_size": 32,
     "intermediate_size_mlp": 64, "num_local_experts": 16, "attention_chunk_size": 8}}
+
+# Gemma 4: 6 layers (five sliding, one full, as released), sliding heads of 16 and full heads of 32 (one kv head,
+# values from the keys), 16 of 128 experts top 8 as released, a window of 8 positions that the test's 26 tokens
+# cross.
+_SIZES["gemma-4-26B-A4B-it"] = {"text_config": {
+    "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "num_global_key_value_heads": 1,
+    "head_dim": 16, "global_head_dim": 32, "num_hidden_layers": 6, "intermediate_size": 48,
+    "moe_intermediate_size": 32, "num_experts": 16, "vocab_size": 256, "vocab_size_per_layer_input": 256,
+    "sliding_window": 8, "layer_types": ["sliding_attention"] * 5 + ["full_attention"]}}
 
 
 def tiny(name: str) -> dict:

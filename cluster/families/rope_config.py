@@ -25,6 +25,7 @@ _KEYS = {
     "llama3": {"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"},
     "longrope": {"factor", "original_max_position_embeddings", "attention_factor", "short_factor", "long_factor",
                  "short_mscale", "long_mscale"},
+    "proportional": {"factor"},  # Gemma 4's full-attention layers: partial_rotary_factor is the turning share
 }
 
 
@@ -56,6 +57,8 @@ def parse_rope(cfg: dict[str, Any], head_dim: int, default_theta: float = 10000.
     if unknown:
         raise UnsupportedModelError(f"config.json: {field}.{unknown[0]} is not supported for rope_type {kind!r}")
     partial = float(p.get("partial_rotary_factor", cfg.get("partial_rotary_factor", default_partial or 1.0)))
+    if kind == "proportional":  # every feature is paired; the factor says how many frequencies turn
+        return _proportional(p, head_dim, partial, int(cfg.get("max_position_embeddings", 4096)), default_theta)
     if default_partial is None and partial != 1.0:
         raise UnsupportedModelError(f"config.json: partial_rotary_factor {partial} is not supported for "
                                     f"{cfg.get('model_type')} (it rotates whole heads)")
@@ -83,3 +86,8 @@ def parse_rope(cfg: dict[str, Any], head_dim: int, default_theta: float = 10000.
         raise UnsupportedModelError(f"config.json: {field}.short_factor and long_factor need {rope['dim'] // 2} "
                                     "values each (rotary dim / 2)")
     return Rope(**rope)
+
+
+def _proportional(p: dict[str, Any], head_dim: int, partial: float, max_pos: int, default_theta: float) -> Rope:
+    return Rope(kind="proportional", theta=float(p.get("rope_theta", default_theta)), dim=head_dim,
+                max_position_embeddings=max_pos, factor=float(p.get("factor", 1.0)), proportion=partial)

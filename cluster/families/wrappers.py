@@ -12,14 +12,10 @@ from cluster.errors import UnsupportedModelError
 from cluster.families.base import Family
 
 # Wrapper model_type → the text_config model_types it may wrap.
-WRAPPED: dict[str, tuple[str, ...]] = {"kimi_k25": ("kimi_k2", "deepseek_v3"), "qwen3_5_moe": ("qwen3_5_moe_text",)}
+WRAPPED: dict[str, tuple[str, ...]] = {"kimi_k25": ("kimi_k2", "deepseek_v3"), "qwen3_5_moe": ("qwen3_5_moe_text",),
+                                       "gemma4": ("gemma4_text",)}
 # Wrappers we recognise but cannot serve yet, and why.
-REFUSED: dict[str, str] = {
-    "gemma4": "Gemma 4's text layers are not implemented yet: per-layer KV shapes (global_head_dim, "
-              "num_global_key_value_heads, attention_k_eq_v), proportional rope on full layers, a dense GELU-tanh "
-              "MLP beside the MoE with their own norms, router scale / per_expert_scale, layer_scalar and "
-              "final_logit_softcapping (docs/models.md)",
-}
+REFUSED: dict[str, str] = {}
 # Wrapper fields the text model inherits when text_config does not set them.
 _INHERITED = ("quantization_config", "torch_dtype", "dtype", "bos_token_id", "eos_token_id")
 # (our "model." prefix, our "lm_head" name) as each layout stores them.

@@ -31,19 +31,22 @@ Selector = Callable[[Tensor, Tensor, Tensor], Tensor]
 FOLD_GQA = True  # False: each query head attends on its own (K/V repeated per head), the reference the tests use
 
 
-def _project(x: Tensor, w: AttentionWeights, cfg: ModelConfig, rotates: bool) -> tuple[Tensor, Tensor, Tensor]:
-    q, k, v = F.linear(x, w.q, w.q_bias), F.linear(x, w.k, w.k_bias), F.linear(x, w.v, w.v_bias)
+def _project(x: Tensor, w: AttentionWeights, cfg: ModelConfig, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+    q, k = F.linear(x, w.q, w.q_bias), F.linear(x, w.k, w.k_bias)
+    v = k if cfg.value_is_key(layer) else F.linear(x, w.v, w.v_bias)  # Gemma 4's attention_k_eq_v: no v_proj
     if cfg.qk_norm == "full":
         q, k = rms_norm(q, w.q_norm, cfg.rms_norm_eps), rms_norm(k, w.k_norm, cfg.rms_norm_eps)
     if cfg.clip_qkv is not None:
         q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
-    t = x.shape[0]
-    q = q.view(t, cfg.num_heads, cfg.head_dim)  # [T, H, hd]
-    k = k.view(t, cfg.num_kv_heads, cfg.head_dim)  # [T, H_kv, hd]
-    v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
-    if cfg.qk_norm == "head" or (cfg.qk_norm == "l2" and rotates):
+    t, hd, hk = x.shape[0], cfg.head_dim_of(layer), cfg.kv_heads_of(layer)
+    q = q.view(t, cfg.num_heads, hd)  # [T, H, hd]
+    k = k.view(t, hk, hd)  # [T, H_kv, hd]
+    v = v.view(t, hk, hd)
+    if cfg.qk_norm == "head" or (cfg.qk_norm == "l2" and cfg.rotates(layer)):
         # "l2" normalises after rotary in transformers: the same, since a rotation keeps each head's norm
         q, k = rms_norm(q, w.q_norm, cfg.rms_norm_eps), rms_norm(k, w.k_norm, cfg.rms_norm_eps)
+    if cfg.v_norm:
+        v = rms_norm(v, None, cfg.rms_norm_eps)
     return q, k, v
 
 
@@ -144,9 +147,8 @@ def attention(x: Tensor, w: AttentionWeights, cfg: ModelConfig, layer: int, batc
               cache: KVCache, rope: tuple[Tensor, Tensor], paged=None) -> Tensor:
     """paged: a paged-attention backend (attention_backend.make_backend) that attends what it covers
     of the batch first; SDPA attends the rest."""
-    rotates = cfg.rotates(layer)
-    q, k, v = _project(x, w, cfg, rotates)
-    if rotates:
+    q, k, v = _project(x, w, cfg, layer)
+    if cfg.rotates(layer):
         rotate = rotary_interleaved if cfg.rope_interleave else apply_rotary
         q, k = rotate(q, *rope), rotate(k, *rope)
     elif cfg.attn_temperature is not None:
@@ -155,7 +157,7 @@ def attention(x: Tensor, w: AttentionWeights, cfg: ModelConfig, layer: int, batc
     window, chunk, out = cfg.sliding_window(layer), cfg.attention_chunk(layer), q.new_empty(q.shape)
     if paged is not None:
         batch = paged.attend(q, out, batch, cache, layer, cfg.attn_scale, window, w.sinks, chunk)
-    attend_batch(q, batch, lambda slots: cache.gather(layer, slots), cfg.head_dim, cfg.attn_scale, window,
+    attend_batch(q, batch, lambda slots: cache.gather(layer, slots), cfg.head_dim_of(layer), cfg.attn_scale, window,
                  w.sinks, chunk, out=out)
     out = out.reshape(x.shape[0], -1)
     if w.gate is not None:  # Qwen3-Next: each output channel gated by its own sigmoid

@@ -49,8 +49,9 @@ def unsupported(model) -> str | None:
         return "DeepSeek-V4's attention attends each sequence on its own (its compressed entries differ per sequence)"
     if model.cfg.hybrid:
         return "its linear-attention layers read and write per-sequence recurrent state, not captured yet"
-    if model.cfg.rope.length_threshold is not None:
-        return f"{model.cfg.rope.kind} rope recomputes frequencies from each sequence's length"
+    for rope in (model.cfg.rope, *model.cfg.layer_ropes):  # Gemma 4: a rope per layer type
+        if rope.length_threshold is not None:
+            return f"{rope.kind} rope recomputes frequencies from each sequence's length"
     return None
 
 

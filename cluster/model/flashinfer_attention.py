@@ -43,7 +43,7 @@ class FlashInferAttention:
         self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.held: list[Batch | None] = [None] * KEPT_BATCHES  # the batch each slot's wrappers are planned for
         self.next_slot = 0
-        self.wrappers: dict[tuple, object] = {}  # (kind, window, slot) → a wrapper, re-planned per batch
+        self.wrappers: dict[tuple, object] = {}  # (kind, window, kv heads, head dim, slot) → a wrapper, re-planned per batch
         self.planned: dict[tuple, tuple[Batch, Tensor | None]] = {}  # same keys → (its batch, prefill rows)
         self.calls: Counter[str] = Counter()  # layers attended here, per kind
 
@@ -52,15 +52,15 @@ class FlashInferAttention:
         """Attend what FlashInfer covers of `batch` into out [T, H, hd]; return the rest, for SDPA."""
         if flashinfer_declines(q.dtype, cache.k.dtype, q.shape[-1], sinks is not None, chunk, False):
             return batch
-        kv = tuple(t[layer].view(cache.num_blocks, cache.block_size, *t.shape[2:]) for t in (cache.k, cache.v))
+        kv = tuple(t.view(cache.num_blocks, cache.block_size, *t.shape[1:]) for t in cache.layer(layer))
         d, rest = batch.decode, batch
         graph = not batch.chunks  # a CUDA graph's static batch (cuda_graphs.py): a plan cannot be captured
         if d is not None and not graph:
-            wrapper, _ = self._planned(batch, "decode", window, scale, q, cache)
+            wrapper, _ = self._planned(batch, "decode", window, scale, q, cache, kv[0].shape[2])
             out[d.rows] = wrapper.run(q[d.rows], kv)
             rest = replace(rest, decode=None)
         if batch.prefills:
-            wrapper, rows = self._planned(batch, "prefill", window, scale, q, cache)
+            wrapper, rows = self._planned(batch, "prefill", window, scale, q, cache, kv[0].shape[2])
             out[rows] = wrapper.run(q[rows], kv)
             rest = replace(rest, chunks=tuple(c for c in rest.chunks if c.num_tokens == 1))
         return rest
@@ -75,16 +75,17 @@ class FlashInferAttention:
         return slot
 
     def _planned(self, batch: Batch, kind: str, window: int | None, scale: float | None, q: Tensor,
-                 cache: KVCache) -> tuple[object, Tensor | None]:
-        """The wrapper for this batch, kind and window, planned for it the first time a layer asks."""
-        key = (kind, window, self._slot(batch))
+                 cache: KVCache, kv_heads: int) -> tuple[object, Tensor | None]:
+        """The wrapper for this batch, kind, window and head shape (Gemma 4's layers differ in it), planned
+        for it the first time a layer asks."""
+        key = (kind, window, kv_heads, q.shape[2], self._slot(batch))
         self.calls[kind] += 1
         done = self.planned.get(key)
         if done is not None and done[0] is batch:
             return self.wrappers[key], done[1]
         common = dict(window_left=-1 if window is None else window - 1, sm_scale=scale,
                       q_data_type=q.dtype, kv_data_type=cache.k.dtype)
-        heads, kv_heads, head_dim = q.shape[1], cache.k.shape[2], q.shape[2]
+        heads, head_dim = q.shape[1], q.shape[2]
         rows = None
         if kind == "decode":
             chunks = [c for c in batch.chunks if c.num_tokens == 1]  # the decode group's order

@@ -19,6 +19,7 @@ from cluster.model.batch import Batch
 from cluster.model.dsv4_attention import v4_attention
 from cluster.model.kv_cache import KVCache
 from cluster.model.moe import Routing, moe_begin
+from cluster.model.parallel import ParallelDenseTransformer
 from cluster.model.rope import Rotary
 from cluster.model.transformer import MoETransformer
 from cluster.model.weights import HyperWeights, LayerWeights
@@ -95,5 +96,8 @@ class HyperConnectedTransformer(MoETransformer):
 
 
 def model_class(cfg: ModelConfig) -> type[MoETransformer]:
-    """The decoder for `cfg`: hyper-connected (DeepSeek-V4) or the plain residual."""
-    return HyperConnectedTransformer if cfg.hc_mult else MoETransformer
+    """The decoder for `cfg`: hyper-connected (DeepSeek-V4), a dense MLP beside the experts (Gemma 4), or
+    the plain residual."""
+    if cfg.hc_mult:
+        return HyperConnectedTransformer
+    return ParallelDenseTransformer if cfg.parallel_dense else MoETransformer

@@ -12,6 +12,8 @@ indexer's key after the rotary key ([1, P + index_head_dim]): paged, budgeted
 and freed with the rest.
 DeepSeek-V4 keeps its one K=V row in the first and each token's compressor inputs in the second
 (see cluster.model.dsv4_attention).
+Layers whose entries differ in shape (Gemma 4: its full-attention layers have other head dims and kv
+heads than its sliding ones) keep them in one pool per shape, all paged by the same block table.
 Hybrid models (Qwen3-Next) keep keys and values for their attention layers only; their
 linear-attention layers' per-sequence state lives in `states` (cluster.model.state_cache),
 carved from the same budget.
@@ -48,36 +50,49 @@ def entry_shapes(cfg: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
     return (cfg.num_kv_heads, cfg.head_dim), (cfg.num_kv_heads, cfg.head_dim)
 
 
+Shapes = tuple[tuple[int, int], tuple[int, int]]  # (heads, dim) of the key and of the value entry
+
+
+def layer_shapes(cfg: ModelConfig, layer: int) -> Shapes:
+    """(heads, dim) of the two cached tensors per token on `layer`."""
+    if cfg.attention in ("dsv4", "mla"):
+        return entry_shapes(cfg)
+    kv = (cfg.kv_heads_of(layer), cfg.head_dim_of(layer))
+    return kv, kv
+
+
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     """Cache bytes one token takes over all attention layers at `dtype`."""
-    (hk, dk), (hv, dv) = entry_shapes(cfg)
-    return len(cfg.attention_layer_ids) * (hk * dk + hv * dv) * dtype.itemsize
+    shapes = [layer_shapes(cfg, layer) for layer in cfg.attention_layer_ids]
+    return sum(hk * dk + hv * dv for (hk, dk), (hv, dv) in shapes) * dtype.itemsize
 
 
 class KVCache:
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, k_shape: tuple[int, int],
-                 v_shape: tuple[int, int], dtype=torch.float32, device: str = "cpu",
-                 layers: tuple[int, ...] | None = None, states: StateCache | None = None):
-        """layers: the model layers these rows cache, in order (None: layer i in row i)."""
+    def __init__(self, shapes: dict[int, Shapes], num_blocks: int, block_size: int, dtype=torch.float32,
+                 device: str = "cpu", states: StateCache | None = None):
+        """shapes: each cached layer's entry shapes; layers of one shape share a pool, in layer order."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"KV cache: need at least one block of at least one token "
                              f"(got {num_blocks} blocks of {block_size})")
         slots = num_blocks * block_size
-        self.k = torch.zeros((num_layers, slots, *k_shape), dtype=dtype, device=device)
-        self.v = torch.zeros((num_layers, slots, *v_shape), dtype=dtype, device=device)
+        groups: dict[Shapes, list[int]] = {}
+        for layer in sorted(shapes):
+            groups.setdefault(shapes[layer], []).append(layer)
+        self.pools = [tuple(torch.zeros((len(layers), slots, *shape), dtype=dtype, device=device) for shape in kv)
+                      for kv, layers in groups.items()]  # [(k, v)] per shape
+        self._where = {layer: (g, row) for g, layers in enumerate(groups.values()) for row, layer in enumerate(layers)}
+        self.k, self.v = self.pools[0]  # the one pool of every model with a single shape
         self.num_blocks, self.block_size = num_blocks, block_size
         self.blocks = BlockPool(num_blocks)  # who holds which block; prefix caching's names
-        self._row = None if layers is None else {layer: i for i, layer in enumerate(layers)}
         self.states = states  # linear-attention state per sequence (hybrid models), else None
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, num_blocks: int, block_size: int = 16, dtype=torch.float32,
                   device: str = "cpu", num_state_slots: int = 1) -> "KVCache":
         """num_state_slots: sequences that can run at once, for a hybrid model's recurrent state."""
-        layers = cfg.attention_layer_ids
         states = StateCache.for_model(cfg, num_state_slots, dtype, device) if cfg.hybrid else None
-        return cls(len(layers), num_blocks, block_size, *entry_shapes(cfg), dtype=dtype, device=device,
-                   layers=layers if cfg.hybrid else None, states=states)
+        shapes = {layer: layer_shapes(cfg, layer) for layer in cfg.attention_layer_ids}
+        return cls(shapes, num_blocks, block_size, dtype=dtype, device=device, states=states)
 
     @classmethod
     def for_budget(cls, cfg: ModelConfig, budget_bytes: int, block_size: int = 16, dtype=torch.float32,
@@ -96,12 +111,13 @@ class KVCache:
     @property
     def bytes_per_token(self) -> int:
         """Cache bytes one token takes, over all attention layers."""
-        return self.k[:, 0].nbytes + self.v[:, 0].nbytes
+        return sum(k[:, 0].nbytes + v[:, 0].nbytes for k, v in self.pools)
 
     @property
     def nbytes(self) -> int:
         """KV blocks and recurrent state together."""
-        return self.k.nbytes + self.v.nbytes + (self.states.nbytes if self.states is not None else 0)
+        kv = sum(k.nbytes + v.nbytes for k, v in self.pools)
+        return kv + (self.states.nbytes if self.states is not None else 0)
 
     @property
     def capacity_tokens(self) -> int:
@@ -120,13 +136,19 @@ class KVCache:
     def release(self, blocks: list[int]) -> None:
         self.blocks.release(blocks)
 
+    def layer(self, layer: int) -> tuple[Tensor, Tensor]:
+        """`layer`'s keys and values, [slots, H_kv, hd] each (views into its pool)."""
+        g, row = self._where[layer]
+        k, v = self.pools[g]
+        return k[row], v[row]
+
     def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
         """slots [T]: the cache slot of each new token; k, v [T, H_kv, hd]."""
-        row = layer if self._row is None else self._row[layer]
-        self.k[row, slots] = k.to(self.k.dtype)
-        self.v[row, slots] = v.to(self.v.dtype)
+        keys, values = self.layer(layer)
+        keys[slots] = k.to(keys.dtype)
+        values[slots] = v.to(values.dtype)
 
     def gather(self, layer: int, slots: Tensor) -> tuple[Tensor, Tensor]:
         """slots [B, C] → k, v [B, H_kv, C, hd] (the layout attention wants)."""
-        row = layer if self._row is None else self._row[layer]
-        return self.k[row, slots].transpose(1, 2), self.v[row, slots].transpose(1, 2)
+        keys, values = self.layer(layer)
+        return keys[slots].transpose(1, 2), values[slots].transpose(1, 2)

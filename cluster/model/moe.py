@@ -54,12 +54,17 @@ class MoEInFlight:
 
 
 def moe_begin(x: Tensor, w: LayerWeights, layer: int, gating: Gating, experts: ExpertExecutor,
-              gate_fp32: bool = False, scale_inputs: bool = False, token_ids: Tensor | None = None) -> MoEInFlight:
+              gate_fp32: bool = False, scale_inputs: bool = False, token_ids: Tensor | None = None,
+              gate_input: Tensor | None = None) -> MoEInFlight:
     """scale_inputs (Llama 4): each routed row is multiplied by its weight before the expert, not after.
-    token_ids [T]: the rows' tokens, which pick the experts on a hash-routed layer (w.hash_table)."""
-    logits = F.linear(x.float() if gate_fp32 else x, w.gate, w.gate_logits_bias)  # [T, E]
+    token_ids [T]: the rows' tokens, which pick the experts on a hash-routed layer (w.hash_table).
+    gate_input [T, D]: what the gate scores when it is not the experts' input x (Gemma 4)."""
+    g = x if gate_input is None else gate_input
+    logits = F.linear(g.float() if gate_fp32 else g, w.gate, w.gate_logits_bias)  # [T, E]
     fixed = w.hash_table[token_ids] if w.hash_table is not None else None  # [T, K]
     weights, ids = route(logits, gating, w.gate_bias, fixed)  # [T, K]
+    if w.expert_scale is not None:  # Gemma 4: after the renormalisation, as transformers applies it
+        weights = weights * w.expert_scale.float()[ids]
     plan = dispatch(ids, w.gate.shape[0])
     rows = gather_rows(x, plan)  # [N, D]
     if scale_inputs:

@@ -1,6 +1,8 @@
 """Rotary position embeddings with the scaling kinds transformers implements
 (modeling_rope_utils.py): default, linear, dynamic (NTK), yarn, llama3, longrope,
-on the first `dim` features of each head (partial rotary).
+on the first `dim` features of each head (partial rotary), and proportional (Gemma 4): the whole head
+pairs i with i + dim/2 as default rope does, but only the first `proportion` of the frequencies turn
+(exponents over the whole head), the rest are 0.
 
 Shapes: T rows of the batch, P = dim / 2 frequencies.
 `dynamic` and `longrope` depend on the sequence length: transformers recomputes
@@ -19,7 +21,7 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Rope:
-    kind: str = "default"  # default | linear | dynamic | yarn | llama3 | longrope
+    kind: str = "default"  # default | linear | dynamic | yarn | llama3 | longrope | proportional
     theta: float = 10000.0
     dim: int = 0  # rotated features per head (head_dim * partial_rotary_factor)
     max_position_embeddings: int = 4096
@@ -37,6 +39,7 @@ class Rope:
     long_factor: tuple[float, ...] = ()
     short_mscale: float | None = None  # Phi-3.5-MoE: the cos/sin scale below / above original_max
     long_mscale: float | None = None
+    proportion: float = 1.0  # proportional: the share of the dim / 2 frequencies that turn
 
     @property
     def length_threshold(self) -> int | None:
@@ -95,6 +98,10 @@ def inv_freq(r: Rope, seq_len: int | None = None) -> Tensor:
         long = seq_len is not None and seq_len > r.original_max
         ext = torch.tensor(r.long_factor if long else r.short_factor, dtype=torch.float32)
         return 1.0 / (ext * r.theta ** _exponents(r.dim))
+    if r.kind == "proportional":
+        turning = int(r.proportion * r.dim // 2)
+        inv = 1.0 / (r.theta ** _exponents(r.dim)[:turning])
+        return torch.cat([inv, torch.zeros(r.dim // 2 - turning)]) / r.factor
     base = r.theta
     if r.kind == "dynamic":
         n = max(seq_len or 0, r.max_position_embeddings)

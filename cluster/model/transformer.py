@@ -41,6 +41,7 @@ class MoETransformer:
         self.overlap = auto if overlap is None else overlap
         self.rotary = Rotary(cfg.rope, max_len, device)
         self.paged_attention = paged_attention
+        self.embedding_multiplier = cfg.embedding_multiplier
         self._attend = mla_attention if cfg.attention == "mla" else partial(attention, paged=paged_attention)
 
     def _norm(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -57,8 +58,8 @@ class MoETransformer:
         cfg = self.cfg
         self.experts.begin_step()
         x = self.weights.embed[batch.token_ids]  # [T, D]
-        if cfg.embedding_multiplier != 1.0:
-            x = x * cfg.embedding_multiplier
+        if self.embedding_multiplier != 1.0:
+            x = x * self.embedding_multiplier
         parts = micro_batches(batch, x, self.rotary.at(batch.positions, batch.chunks), self.overlap)
         for layer, w in enumerate(self.weights.layers):
             for part in parts:
@@ -69,6 +70,8 @@ class MoETransformer:
         last = self._norm(x[batch.last_rows if rows is None else rows], self.weights.final_norm,
                           self.weights.final_norm_bias)  # [B, D]
         logits = F.linear(last, self.weights.lm_head, self.weights.lm_head_bias).float()  # [B, V]
+        if cfg.final_logit_softcapping:  # Gemma 4: tanh keeps them within ± the cap
+            logits = torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
         return (logits / cfg.logits_scaling if cfg.logits_scaling != 1.0 else logits), routing
 
     def _layer(self, part: MicroBatch, layer: int, w: LayerWeights, cache: KVCache) -> None:

@@ -12,7 +12,8 @@ from torch import Tensor
 class ExpertActivation:
     """gate, up → hidden of a gated MLP. "silu": silu(gate) * up. "clamped_swiglu" (gpt-oss): gate
     clamped above at `limit`, up to ±`limit`, then (up + 1) * gate * sigmoid(alpha * gate).
-    "clamped_silu" (DeepSeek-V4): the same clamps, then silu(gate) * up."""
+    "clamped_silu" (DeepSeek-V4): the same clamps, then silu(gate) * up. "gelu_tanh" (Gemma 4):
+    gelu(gate) with the tanh approximation, times up."""
 
     kind: str = "silu"
     alpha: float = 1.702
@@ -21,6 +22,8 @@ class ExpertActivation:
     def __call__(self, gate: Tensor, up: Tensor) -> Tensor:
         if self.kind == "silu":
             return F.silu(gate) * up
+        if self.kind == "gelu_tanh":
+            return F.gelu(gate, approximate="tanh") * up
         gate = gate.clamp(max=self.limit)
         up = up.clamp(-self.limit, self.limit)
         if self.kind == "clamped_silu":
@@ -56,7 +59,7 @@ class MLPWeights:
 class AttentionWeights:
     q: Tensor
     k: Tensor
-    v: Tensor
+    v: Tensor | None  # None: the values are the keys' projection (Gemma 4's attention_k_eq_v layers)
     o: Tensor
     q_bias: Tensor | None = None
     k_bias: Tensor | None = None
@@ -150,6 +153,19 @@ class DeltaNetWeights:
 
 
 @dataclass(frozen=True)
+class ParallelWeights:
+    """Gemma 4's MoE layer beside its dense MLP: the norms of each branch and of the router's input."""
+
+    post_attn_norm: Tensor  # [D] on the attention output, before its residual add
+    dense_out_norm: Tensor  # [D] on the dense MLP's output
+    moe_in_norm: Tensor  # [D] the routed experts' input
+    moe_out_norm: Tensor  # [D] on the routed experts' output
+    post_mlp_norm: Tensor  # [D] on the two branches' sum, before its residual add
+    router_scale: Tensor  # [D] scales the router's (weightless RMS-normed) input
+    layer_scalar: Tensor  # [1] scales the layer's output
+
+
+@dataclass(frozen=True)
 class LayerWeights:
     attn_norm: Tensor
     attn: AttentionWeights | MLAWeights | V4AttentionWeights | DeltaNetWeights
@@ -165,6 +181,8 @@ class LayerWeights:
     hash_table: Tensor | None = None  # [V, K] DeepSeek-V4's hash layers: the experts of each token id
     attn_hc: HyperWeights | None = None  # DeepSeek-V4's hyper-connections around attention and the MoE block
     mlp_hc: HyperWeights | None = None
+    expert_scale: Tensor | None = None  # [E] Gemma 4's per_expert_scale: multiplies each chosen expert's weight
+    parallel: ParallelWeights | None = None  # Gemma 4 (cluster.model.parallel)
 
 
 @dataclass(frozen=True)

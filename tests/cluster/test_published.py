@@ -60,7 +60,8 @@ def test_published_config_matches_transformers(published, name):
 
 # Families added by issue 18 (part 1): beside matching transformers, the expert machinery works on them.
 NEW_FAMILIES = ["MiniMax-M2", "dbrx-instruct", "Llama-4-Scout-17B-16E", "Llama-4-Maverick-17B-128E-Instruct",
-                "Qwen3-Next-80B-A3B-Instruct"]  # issue 19: the hybrid (recurrent state) family too
+                "Qwen3-Next-80B-A3B-Instruct",  # issue 19: the hybrid (recurrent state) family too
+                "gemma-4-26B-A4B-it"]  # its dense MLP stays with the router, only the routed experts split
 
 
 @pytest.mark.parametrize("name", NEW_FAMILIES)
@@ -104,6 +105,24 @@ def test_new_family_plans_from_its_released_config(tmp_path, name):
     p = sizing_from_config(str(tmp_path), workers=8)
     assert p.total_params > p.active_params > 0 and "total" in format_sizing(p)
     print(format_sizing(p))
+
+
+def test_gemma4_two_micro_batches_and_kv_pools(published):
+    """Gemma 4's sliding and full layers cache their own shapes, one pool each; run as two micro-batches
+    (the overlap remote experts use: the dense MLP computed while the expert rows are away), a batch of
+    prompts past the window gives the one-micro-batch outputs."""
+    from cluster.model.parallel import ParallelDenseTransformer
+
+    ours, _ = published("gemma-4-26B-A4B-it")
+    plain = LLMEngine.from_pretrained(str(ours), dtype="float32", max_num_seqs=4, max_model_len=64)
+    assert [(k.shape[0], *k.shape[2:]) for k, _ in plain.cache.pools] == [(5, 2, 16), (1, 1, 32)]
+    model = plain.model
+    split = ParallelDenseTransformer(plain.cfg, model.weights, model.experts, 64, overlap=True)
+    overlapped = LLMEngine(plain.cfg, split, plain.tokenizer, max_num_seqs=4, max_model_len=64)
+    prompts = [PROMPT * 2, PROMPT[:3], [9, 8, 7, 6, 5, 4, 3, 2, 1, 11, 12, 13]]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    assert [o.token_ids for o in overlapped.generate(prompts, params)] == \
+        [o.token_ids for o in plain.generate(prompts, params)]
 
 
 # (published config, a change, the field the error names): what these families refuse.
@@ -203,7 +222,8 @@ def test_prefix_caching_keeps_outputs(published, name):
     print(f"{name}: cached tokens per request {[o.cached_tokens for o in got]}, outputs identical")
 
 
-@pytest.mark.parametrize("name", ["Qwen3-30B-A3B+YaRN", "gpt-oss-20b", "DeepSeek-V3"])  # RoPE scaling, windows, MLA
+# RoPE scaling, windows, MLA, per-layer KV shapes (Gemma 4: a prompt past its window of 8)
+@pytest.mark.parametrize("name", ["Qwen3-30B-A3B+YaRN", "gpt-oss-20b", "DeepSeek-V3", "gemma-4-26B-A4B-it"])
 def test_chunked_prefill_keeps_outputs(published, name):
     """Prompts prefilled 8 tokens a step beside running decodes give the greedy and seeded outputs
     of whole-prompt prefill."""

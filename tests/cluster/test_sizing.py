@@ -33,7 +33,7 @@ def test_parameter_counts_match_transformers(name):
 
 
 @pytest.mark.parametrize("name", ["DeepSeek-V3-BF16", "GLM-4.5-Air", "gpt-oss-20b", "Phi-3.5-MoE-instruct",
-                                  "granite-3.1-3b-a800m-instruct"])
+                                  "granite-3.1-3b-a800m-instruct", "gemma-4-26B-A4B-it"])
 def test_planned_bytes_are_what_the_engine_loads(name, tmp_path):
     ours, _ = build(name, tmp_path)
     for dtype in (torch.float32, torch.bfloat16):

@@ -1,7 +1,8 @@
 """Multimodal wrappers served as text models: Kimi-K2.5's text model under `language_model.*` (or
 transformers' `model.language_model.*`) is found and loaded with its text_config's INT4
 quantization_config; its vision tower and projector are never read; Qwen3.5 is refused naming
-what it lacks. (Kimi-K2.5 against transformers: tests/cluster/test_published.py.)"""
+what it lacks; Gemma 4's text model is found under model.language_model.* with its per-layer attention
+shapes. (Kimi-K2.5 and Gemma 4 against transformers: tests/cluster/test_published.py.)"""
 import pytest
 
 from cluster.errors import UnsupportedModelError
@@ -88,7 +89,45 @@ def test_mrope_is_plain_rope_for_text():
     assert parse_rope(mrope, 128) == parse_rope(plain, 128)
 
 
-def test_gemma4_is_refused_naming_what_it_needs():
-    config = {"model_type": "gemma4", "text_config": {"model_type": "gemma4_text", "enable_moe_block": True}}
-    with pytest.raises(UnsupportedModelError, match="gemma4.*not implemented yet.*global_head_dim"):
-        resolve(config)
+def test_gemma4_reads_its_text_model_and_not_one_vision_byte(tmp_path):
+    ours, _ = build("gemma-4-26B-A4B-it", tmp_path)
+    ckpt, family, cfg = open_model(str(ours))
+    vision = {n for n in ckpt.tensors if not n.startswith("model.language_model.")}
+    assert vision and family.tensor_name("embed") == "model.language_model.embed_tokens.weight"
+    assert cfg.layer_head_dims == (16,) * 5 + (32,) and cfg.layer_kv_heads == (2,) * 5 + (1,)
+    assert cfg.value_from_key == (False,) * 5 + (True,) and cfg.sliding_windows == (8,) * 5 + (None,)
+    load_backbone(ckpt, family, cfg)
+    load_experts(ckpt, family, cfg, cfg.experts())
+    assert ckpt.bytes_read == sum(i.nbytes for n, i in ckpt.tensors.items() if n not in vision)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"enable_moe_block": False}, "enable_moe_block"),  # the dense Gemma 4 (31B): no experts to serve
+    ({"hidden_size_per_layer_input": 256}, "hidden_size_per_layer_input"),  # E2B / E4B's per-layer embeddings
+    ({"num_kv_shared_layers": 2}, "num_kv_shared_layers"),
+    ({"use_bidirectional_attention": "all"}, "use_bidirectional_attention"),
+    ({"hidden_activation": "silu"}, "hidden_activation"),
+    ({"rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}, "rope_parameters"),
+])
+def test_gemma4_refusals_name_the_field(change, field):
+    config = tiny("gemma-4-26B-A4B-it")
+    config["text_config"].update(change)
+    family, text = resolve(config)
+    with pytest.raises(UnsupportedModelError, match=field):
+        family.parse_config(text)
+
+
+def test_proportional_rope_is_transformers():
+    """Gemma 4's full layers: 1/4 of the frequencies turn (exponents over the whole head), the rest are 0."""
+    import torch
+    from transformers import PretrainedConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from cluster.model.rope import inv_freq
+
+    params = {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6}
+    ref = PretrainedConfig(head_dim=512, hidden_size=1024, num_attention_heads=2, rope_parameters=params)
+    expected, _ = ROPE_INIT_FUNCTIONS["proportional"](ref)
+    rope = parse_rope({"max_position_embeddings": 4096, "rope_parameters": params}, 512)
+    assert rope.dim == 512 and torch.equal(inv_freq(rope), expected)
+    assert (inv_freq(rope)[64:] == 0).all() and (inv_freq(rope)[:64] > 0).all()

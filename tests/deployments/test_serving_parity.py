@@ -74,12 +74,14 @@ def test_stream_interval_leaves_the_output_unchanged(cluster):
     assert got == expected
 
 
-@pytest.mark.parametrize("name", ["Llama-4-Maverick-17B-128E-Instruct", "Qwen3-Next-80B-A3B-Instruct"])
+@pytest.mark.parametrize("name", ["Llama-4-Maverick-17B-128E-Instruct", "Qwen3-Next-80B-A3B-Instruct",
+                                  "gemma-4-26B-A4B-it"])
 def test_published_family_through_two_workers(cluster, tmp_path_factory, name):
     """The MoE paths furthest from the others, served with 2 workers: HTTP gives the in-process tokens.
     Llama 4 (issue 18): the routing weight scales the expert's input, a shared expert, dense layers between
     MoE layers, fused experts, a multimodal wrapper checkpoint. Qwen3-Next (issue 19): the router holds the
-    attention KV cache and every sequence's recurrent state, the two workers only experts."""
+    attention KV cache and every sequence's recurrent state, the two workers only experts. Gemma 4: the dense
+    MLP beside the experts stays in the router, per-layer KV shapes, a multimodal wrapper checkpoint."""
     from tests.published_checkpoints import build
 
     ours, _ = build(name, tmp_path_factory.mktemp(name.replace(".", "_")))
