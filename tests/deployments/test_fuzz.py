@@ -1,4 +1,4 @@
-"""Fuzzing the HTTP API of a running server: a few hundred generated bodies and sampling parameters,
+"""Fuzzing the HTTP API of a running server: ~180 generated bodies and sampling parameters,
 valid, borderline and invalid. None may get a 500 or hang, every error is an OpenAI error body,
 and a well-formed request afterwards is served with the same output as before.
 
@@ -97,7 +97,7 @@ def _send(server, path: str, data: bytes | str) -> None:
     _check(r)
 
 
-@settings(max_examples=180, deadline=None, derandomize=True, database=None,
+@settings(max_examples=110, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
 @given(body=body_of(GOOD, EDGE, BAD, "prompt"))
@@ -105,7 +105,7 @@ def test_fuzz_completions(server, body):
     _send(server, "/v1/completions", json.dumps(body))
 
 
-@settings(max_examples=100, deadline=None, derandomize=True, database=None,
+@settings(max_examples=50, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
 @given(body=body_of(CHAT_GOOD, {k: v for k, v in EDGE.items() if k != "logprobs"}, CHAT_BAD, "messages"))
@@ -131,4 +131,4 @@ def test_served_the_same_after_the_fuzz(server):
     expected = LLMEngine.from_pretrained(str(DEMO)).generate(["def main("], SamplingParams(max_tokens=12,
                                                                                             temperature=0))
     assert before["choices"][0]["token_ids"] == expected[0].token_ids
-    assert sum(STATUSES.values()) >= 300 and STATUSES[500] == 0
+    assert sum(STATUSES.values()) >= 180 and STATUSES[500] == 0

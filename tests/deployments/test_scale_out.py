@@ -109,13 +109,21 @@ def test_skewed_load_on_both_routers_one_rebalance_both_switch(cluster, model):
     assert load["placement"]["version"] >= version
 
 
+def _busiest_router(base: str) -> str | None:
+    """The router whose last report had the most requests running (the victim must hold some: either
+    router may be idle for a moment, whatever the request router chose, and then nothing is resumed)."""
+    running = {rid: r["running"] for rid, r in _admin(base, "stats")["routers"].items()}
+    busiest = max(running, key=running.get, default=None)
+    return busiest if busiest and running[busiest] > 0 else None
+
+
 def test_router_killed_under_load_loses_no_request(cluster, model):
     c = _two_routers(cluster, model, engine_step_delay_s=0.1)  # a request takes ≥ 1.2 s: many are in flight
     expected = load_expected(model)
     load = Load(c.base, clients=4)
     try:
         load.wait_ok(8)
-        victim = _replicas("router")[0]
+        victim = f"SERVE_REPLICA::moe#router#{_wait('a router with requests in flight', lambda: _busiest_router(c.base))}"
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         killed_at = load.ok
         load.wait_ok(killed_at + 12)  # the other router serves; requests in flight were resumed there

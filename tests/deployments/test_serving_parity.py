@@ -18,18 +18,25 @@ def expected_tokens(model: str, prompts) -> list[list[int]]:
     return [o.token_ids for o in outs]
 
 
-@pytest.fixture(scope="module", params=["demo", "mixtral", "qwen2_moe"])
-def model(request, checkpoint_factory):
-    if request.param == "demo":
-        path, prompts = str(DEMO), TEXT_PROMPTS
-    else:
-        path, prompts = str(checkpoint_factory(request.param)), ID_PROMPTS
-    return path, prompts, expected_tokens(path, prompts)
+@pytest.fixture(scope="module")
+def models(checkpoint_factory):
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            path = str(DEMO) if name == "demo" else str(checkpoint_factory(name))
+            prompts = TEXT_PROMPTS if name == "demo" else ID_PROMPTS
+            made[name] = path, prompts, expected_tokens(path, prompts)
+        return made[name]
+
+    return get
 
 
-@pytest.mark.parametrize("num_workers", [1, 2, 4])
-def test_http_and_grpc_match_in_process(cluster, model, num_workers):
-    path, prompts, expected = model
+# Each case is a deployment (the costly part of this file): every model and every worker count once,
+# not their product. demo on 2 workers first: the same deployment as test_serving_api's, kept.
+@pytest.mark.parametrize("name,num_workers", [("demo", 2), ("mixtral", 1), ("qwen2_moe", 4), ("demo", 4)])
+def test_http_and_grpc_match_in_process(cluster, models, name, num_workers):
+    path, prompts, expected = models(name)
     cluster.deploy(path, num_workers)
     got = concurrently(lambda i: http_complete(cluster.base, prompts[i], MAX_TOKENS[i])["choices"][0]["token_ids"],
                        range(len(prompts)))
