@@ -28,7 +28,7 @@ import torch
 from cluster.config import ModelConfig
 from cluster.families import resolve
 from cluster.model.kv_cache import kv_bytes_per_token
-from cluster.model.state_cache import conv_channels, state_bytes_per_seq
+from cluster.model.state_cache import conv_channels, state_bytes_per_seq, state_shapes
 from cluster.precision import dtype_name, resolve_dtype, resolve_kv_dtype
 
 GiB = 1 << 30
@@ -64,12 +64,24 @@ def _deltanet_params(c: ModelConfig) -> int:
     return d * channels + d * hv * dv + 2 * d * hv + channels * c.linear_conv_kernel + 2 * hv + dv + hv * dv * d
 
 
+def _mamba2_params(c: ModelConfig) -> int:
+    """in_proj (z, x, B, C, dt), the convolution and its bias, A_log, dt_bias, D, the gated norm, out_proj."""
+    d, h, inner, channels = c.hidden_size, c.ssm_heads, c.ssm_heads * c.ssm_head_dim, conv_channels(c)
+    return d * (inner + channels + h) + channels * (c.linear_conv_kernel + 1) + 3 * h + inner + inner * d
+
+
+def _mlp_params(c: ModelConfig, inter: int, gated: bool) -> int:
+    return (3 if gated else 2) * c.hidden_size * inter
+
+
 def _attention_params(c: ModelConfig, layer: int = 0) -> int:
     d, h = c.hidden_size, c.num_heads
+    if not c.has_mixer(layer):
+        return 0
     if c.attention == "dsv4":
         return _v4_layer_params(c, layer)
     if c.is_linear(layer):
-        return _deltanet_params(c)
+        return _mamba2_params(c) if c.linear_kind == "mamba2" else _deltanet_params(c)
     if c.attention == "mla":
         qk = c.qk_nope_head_dim + c.qk_rope_head_dim
         q = d * h * qk if not c.q_lora_rank else d * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * h * qk
@@ -88,12 +100,20 @@ def _attention_params(c: ModelConfig, layer: int = 0) -> int:
 def _layer_params(c: ModelConfig, layer: int) -> int:
     """Everything of one layer but its routed experts."""
     d = c.hidden_size
-    norms = 2 * d * (2 if c.norm == "layer" and c.norm_bias else 1)
+    norms = _norms(c, layer) * d * (2 if c.norm == "layer" and c.norm_bias else 1)
+    if not c.has_mlp(layer):
+        return _attention_params(c, layer) + norms
     if not c.moe_layers[layer]:
-        return _attention_params(c, layer) + norms + 3 * d * c.dense_intermediate_size
+        return _attention_params(c, layer) + norms + _mlp_params(c, c.dense_intermediate_size, c.dense_activation.gated)
     gate = c.num_experts * d + (c.num_experts if c.gate_logits_bias else 0)
-    shared = 3 * d * c.shared_expert_intermediate_size + (d if c.shared_expert_gate else 0)
+    shared = _mlp_params(c, c.shared_expert_intermediate_size, c.expert_activation.gated) + (
+        d if c.shared_expert_gate else 0)
     return _attention_params(c, layer) + norms + gate + shared
+
+
+def _norms(c: ModelConfig, layer: int) -> int:
+    """A layer's norms: one before each part it has (Nemotron-H's blocks have one part)."""
+    return int(c.has_mixer(layer)) + int(c.has_mlp(layer))
 
 
 @dataclass(frozen=True)
@@ -125,7 +145,7 @@ def backbone_bytes(c: ModelConfig, dtype: torch.dtype) -> int:
     gates = len(c.moe_layer_ids) * c.num_experts
     selection_bias = gates if c.scoring in ("sigmoid", "sqrtsoftplus") else 0
     fp32 = selection_bias + (gates * c.hidden_size if c.gate_fp32 else 0) + (
-        (2 * c.num_layers + 1) * c.hidden_size if c.norm_fp32 else 0)
+        (sum(_norms(c, layer) for layer in range(c.num_layers)) + 1) * c.hidden_size if c.norm_fp32 else 0)
     held = ParamCounts.of(c).backbone + selection_bias
     return (held - fp32) * dtype.itemsize + fp32 * 4
 
@@ -147,7 +167,9 @@ def attention_flops(c: ModelConfig, context: int) -> int:
     # a chunk of n positions sees n / 2 keys on average, at most n: counted as n (an upper bound)
     seen = [min(context, c.sliding_window(layer) or c.attention_chunk(layer) or context) + _compressed_seen(c, layer, context)
             for layer in c.attention_layer_ids]
-    linear = 8 * c.linear_num_value_heads * c.linear_key_head_dim * c.linear_value_head_dim * len(c.linear_layer_ids)
+    # the state decayed, written and read (and read once more by the delta rule): 2 FLOPs per entry each
+    _, shape = state_shapes(c)
+    linear = (6 if c.linear_kind == "mamba2" else 8) * math.prod(shape) * len(c.linear_layer_ids) if c.hybrid else 0
     return sum(2 * c.num_heads * (dk + dv) * n for n in seen) + linear
 
 

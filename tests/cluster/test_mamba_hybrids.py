@@ -1,0 +1,104 @@
+"""Mamba hybrids (Nemotron-H / Nemotron 3): the Mamba-2 mixer's chunked scan against its one-token
+recurrence, preemption and chunked prefill keeping outputs under a tiny state + KV budget, what the
+planner sets aside per sequence, and what is refused. Parity with transformers is
+test_published.py's (the published configs)."""
+import json
+
+import pytest
+import torch
+
+from cluster.engine import LLMEngine, SamplingParams
+from cluster.errors import UnsupportedModelError
+from cluster.families import get_family, resolve
+from cluster.model.kv_cache import kv_bytes_per_token
+from cluster.model.mamba2 import chunked_scan, recurrent_step
+from cluster.model.state_cache import state_bytes_per_seq
+from cluster.sizing import format_sizing, sizing_from_config
+from tests.published_checkpoints import build
+from tests.published_configs import PUBLISHED, tiny
+
+NEMOTRON = "NVIDIA-Nemotron-3-Nano-30B-A3B-BF16"
+HYBRIDS = [NEMOTRON]
+
+
+def _cfg(name: str, released: bool = False):
+    family, text = resolve(PUBLISHED[name] if released else tiny(name))
+    return family.parse_config(text)
+
+
+def test_chunked_scan_equals_the_recurrence():
+    """The chunked form (prefill) against the one-token recurrence (decode), 2 heads a group, over
+    several chunks and across a split: the state a first piece leaves is where the second starts."""
+    torch.manual_seed(0)
+    n, h, p, g, s = 70, 4, 3, 2, 5
+    x, b, c = torch.randn(n, h, p), torch.randn(n, g, s), torch.randn(n, g, s)
+    dt, a, d = torch.rand(n, h) * 0.5, -torch.rand(h) - 0.1, torch.randn(h)
+    state0 = torch.randn(h, p, s) * 0.1
+    whole, s_whole = chunked_scan(x, dt, a, b, c, d, state0, chunk=16)
+    state, outs = state0[None], []
+    for t in range(n):
+        o, state = recurrent_step(x[t:t + 1], dt[t:t + 1], a, b[t:t + 1], c[t:t + 1], d, state)
+        outs.append(o[0])
+    torch.testing.assert_close(whole, torch.stack(outs), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(s_whole, state[0], atol=1e-4, rtol=1e-4)
+    first, s_first = chunked_scan(x[:37], dt[:37], a, b[:37], c[:37], d, state0, chunk=16)
+    second, s_second = chunked_scan(x[37:], dt[37:], a, b[37:], c[37:], d, s_first, chunk=16)
+    torch.testing.assert_close(torch.cat([first, second]), whole, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(s_second, s_whole, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", HYBRIDS)
+def test_preemption_and_chunked_prefill_keep_outputs(tmp_path, name):
+    """3 state slots and 8 blocks of 4 tokens for 4 requests of up to 26 tokens: sequences are preempted
+    (their state freed) and recomputed, prompts prefilled 8 tokens a step beside running decodes; greedy
+    and seeded outputs equal one roomy engine's whole-prompt ones, and every slot and block comes back."""
+    ours, _ = build(name, tmp_path)
+    roomy = LLMEngine.from_pretrained(str(ours), dtype="float32", max_num_seqs=4, max_model_len=128,
+                                      enable_chunked_prefill=False)
+    cfg = roomy.cfg
+    per_block, per_seq = kv_bytes_per_token(cfg, torch.float32) * 4, state_bytes_per_seq(cfg, torch.float32)
+    tight = LLMEngine(cfg, roomy.model, roomy.tokenizer, max_num_seqs=4, max_model_len=128, block_size=4,
+                      max_num_batched_tokens=8, kv_cache_memory_bytes=3 * per_seq + 8 * per_block)
+    assert tight.cache.states.num_slots == 3 and tight.cache.num_blocks == 8
+    prompts = [[(5 * i + 1) % 250 for i in range(20)], [100], [(3 * i + 7) % 250 for i in range(14)], [9, 8, 7, 6]]
+    params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=6, temperature=0.8, seed=3, ignore_eos=True)] * 2
+    expected = [o.token_ids for o in roomy.generate(prompts, params)]
+    assert [o.token_ids for o in tight.generate(prompts, params)] == expected
+    assert tight.scheduler.num_preemptions > 0
+    assert tight.cache.states.num_free == 3 and tight.cache.num_free_blocks == 8
+
+
+def test_nemotron_blocks_follow_the_pattern():
+    cfg = _cfg(NEMOTRON)  # "MEMEM*E"
+    assert cfg.linear_layer_ids == (0, 2, 4) and cfg.attention_layer_ids == (5,) and cfg.moe_layer_ids == (1, 3, 6)
+    assert [cfg.has_mixer(i) for i in range(7)] == [True, False, True, False, True, True, False]
+    assert not any(cfg.rotates(i) for i in range(7)) and not cfg.expert_activation.gated
+    assert cfg.expert_params == 2 * 64 * 32  # up and down only
+
+
+def test_plan_counts_the_mamba_state(tmp_path):
+    """Nemotron 3 Nano as released: 31.6 B parameters (the "30B"), ~3.6 B active; each sequence's state over
+    its 23 Mamba-2 layers (conv over x, B, C: 4096 + 2 x 8 x 128 channels x 3 taps in bf16; SSM state 64
+    heads x 64 x 128 in fp32) is set aside before KV blocks for its 6 attention layers."""
+    (tmp_path / "config.json").write_text(json.dumps(PUBLISHED[NEMOTRON]))
+    p = sizing_from_config(str(tmp_path), workers=8, max_num_seqs=16, max_model_len=32768)
+    assert 31e9 < p.total_params < 32.5e9 and 3.4e9 < p.active_params < 4.0e9
+    assert p.state_bytes_per_seq == state_bytes_per_seq(_cfg(NEMOTRON, released=True), torch.bfloat16) \
+        == 23 * (6144 * 3 * 2 + 64 * 64 * 128 * 4)
+    assert p.kv_bytes_per_token == 6 * 2 * 2 * 128 * 2  # 6 attention layers, 2 kv heads of 128, k and v, bf16
+    assert "recurrent state" in format_sizing(p)
+
+
+@pytest.mark.parametrize("name,changes,field", [
+    (NEMOTRON, {"moe_latent_size": 1024}, "moe_latent_size"),
+    (NEMOTRON, {"hybrid_override_pattern": "MEMEM*EX"}, "hybrid_override_pattern"),
+    (NEMOTRON, {"num_hidden_layers": 8}, "num_hidden_layers"),
+    (NEMOTRON, {"mlp_hidden_act": "silu"}, "mlp_hidden_act"),
+    (NEMOTRON, {"n_groups": 3}, "n_groups"),
+    (NEMOTRON, {"mamba_proj_bias": True}, "mamba_proj_bias"),
+])
+def test_refusals_name_the_field(name, changes, field):
+    cfg = {**tiny(name), **changes}
+    with pytest.raises(UnsupportedModelError, match=field):
+        get_family(cfg["model_type"]).parse_config(cfg)
