@@ -114,13 +114,14 @@ class ModelConfig:
     linear_kind: str = "deltanet"
     # Mamba-2: ssm_heads heads of ssm_head_dim, B and C shared within ssm_groups groups, a state of
     # ssm_state_size per head channel; the convolution (over x, B, C) has linear_conv_kernel taps and a bias;
-    # prefill scans in chunks of ssm_chunk; a step's dt is clamped below at ssm_dt_min in the chunked form.
+    # prefill scans in chunks of ssm_chunk; a step's dt is clamped to [ssm_dt_min, ssm_dt_max] in the chunked form.
     ssm_heads: int = 0
     ssm_head_dim: int = 0
     ssm_groups: int = 0
     ssm_state_size: int = 0
     ssm_chunk: int = 0
     ssm_dt_min: float = 0.0
+    ssm_dt_max: float = float("inf")
     # Nemotron-H's blocks hold one part each: per layer False = no mixer (attention / linear) part, or no
     # MLP / MoE part; () = every layer has both.
     mixer_layers: tuple[bool, ...] = ()

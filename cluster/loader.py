@@ -71,8 +71,11 @@ class _Reader:
 
     def mlp(self, prefix: str, inter: int, hidden: int, layer: int, expert_id: int | None = None,
             activation: ExpertActivation = SILU) -> MLPWeights:
-        up = self.get(f"{prefix}_up", (inter, hidden), layer, expert_id)
         down = self.get(f"{prefix}_down", (hidden, inter), layer, expert_id)
+        if f"{prefix}_gate_up" in self.family.tensors:  # one [2I, D] tensor, gate rows then up (Granite's shared MLP)
+            return MLPWeights(self.get(f"{prefix}_gate_up", (2 * inter, hidden), layer, expert_id), down,
+                              activation=activation)
+        up = self.get(f"{prefix}_up", (inter, hidden), layer, expert_id)
         if not activation.gated:  # up and down alone (Nemotron-H)
             return MLPWeights(up, down, activation=activation)
         gate = self.get(f"{prefix}_gate", (inter, hidden), layer, expert_id)

@@ -387,6 +387,23 @@ PUBLISHED["NVIDIA-Nemotron-3-Nano-30B-A3B-BF16"] = {
     "ssm_state_size": 128, "tie_word_embeddings": False, "time_step_floor": 0.0001, "time_step_max": 0.1,
     "time_step_min": 0.001, "topk_group": 1, "torch_dtype": "bfloat16", "transformers_version": "4.55.4",
     "use_bias": False, "use_cache": True, "use_conv_bias": True, "use_mamba_kernels": True, "vocab_size": 131072}
+# ibm-granite/granite-4.0-h-small: recalled. Its sizes, expert counts, shared_intermediate_size, tied embeddings,
+# vocabulary and the 36 Mamba / 4 attention layer types checked against public partial copies of its config.json;
+# the multipliers, the attention layers' positions and the token ids from memory (no full public copy found).
+_GRANITE_H_TYPES = ["mamba"] * 5 + ["attention"] + (["mamba"] * 9 + ["attention"]) * 3 + ["mamba"] * 4
+PUBLISHED["granite-4.0-h-small"] = {
+    "architectures": ["GraniteMoeHybridForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "attention_multiplier": 0.0078125, "bos_token_id": 100257, "embedding_multiplier": 12, "eos_token_id": 100257,
+    "hidden_act": "silu", "hidden_size": 4096, "init_method": "mup", "initializer_range": 0.1,
+    "intermediate_size": 768, "layer_types": _GRANITE_H_TYPES, "logits_scaling": 16, "mamba_chunk_size": 256,
+    "mamba_conv_bias": True, "mamba_d_conv": 4, "mamba_d_head": 64, "mamba_d_state": 128, "mamba_expand": 2,
+    "mamba_n_groups": 1, "mamba_n_heads": 128, "mamba_proj_bias": False, "max_position_embeddings": 131072,
+    "model_type": "granitemoehybrid", "normalization_function": "rmsnorm", "num_attention_heads": 32,
+    "num_experts_per_tok": 10, "num_hidden_layers": 40, "num_key_value_heads": 8, "num_local_experts": 72,
+    "output_router_logits": False, "pad_token_id": 100256, "position_embedding_type": "nope",
+    "residual_multiplier": 0.22, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000,
+    "router_aux_loss_coef": 0.0, "shared_intermediate_size": 1536, "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16", "transformers_version": "4.56.0", "use_cache": True, "vocab_size": 100352}
 PUBLISHED["Kimi-K2.5"]["text_config"] = {
     **PUBLISHED["Kimi-K2-Thinking"], "eos_token_id": 163585, "transformers_version": "4.57.1",
     "quantization_config": {**KIMI_INT4, "ignore": [*KIMI_INT4["ignore"], "re:.*vision_tower.*", "re:.*mm_projector.*"]}}
@@ -463,6 +480,12 @@ _SIZES["NVIDIA-Nemotron-3-Nano-30B-A3B-BF16"] = {
     **_MHA, "head_dim": 16, "num_hidden_layers": 7, "hybrid_override_pattern": "MEMEM*E", "intermediate_size": 32,
     "mamba_num_heads": 16, "mamba_head_dim": 8, "ssm_state_size": 16, "chunk_size": 32, "n_routed_experts": 16,
     "moe_intermediate_size": 32, "moe_shared_expert_intermediate_size": 64}
+# Granite 4.0-H Small: 4 layers (Mamba-2, Mamba-2, attention, Mamba-2), 16 Mamba heads of 8 in the released one
+# group, 16 of 72 experts top 10, chunks of 32; the vocabulary as released (pad_token_id 100256 must index it).
+_SIZES["granite-4.0-h-small"] = {
+    **_MHA, "vocab_size": 100352, "num_hidden_layers": 4, "layer_types": ["mamba", "mamba", "attention", "mamba"],
+    "intermediate_size": 32, "shared_intermediate_size": 64, "num_local_experts": 16, "mamba_n_heads": 16,
+    "mamba_d_head": 8, "mamba_d_state": 16, "mamba_chunk_size": 32}
 _SIZES["Qwen3-Coder-30B-A3B-Instruct"] = _SIZES["Qwen3-30B-A3B+YaRN"] = _SIZES["Qwen3-30B-A3B"]
 # MiniMax-M2: rotary on the first quarter of each head as released (64 of 128), 8 of 16 experts.
 _SIZES["MiniMax-M2"] = {**_MHA, "head_dim": 16, "rotary_dim": 4, "intermediate_size": 32, "num_local_experts": 16,

@@ -8,7 +8,7 @@ per group of channels, and projected back.
 Prefill chunks run the chunked (state space duality) form: within a chunk a masked, decayed C·Bᵀ
 product, across chunks a scan of the state; decodes the one-token recurrence, batched: the
 algorithms of transformers' torch fallbacks (`mamba2_chunk_scan` with its segment sums,
-`mamba2_selective_state_update`). As there, dt is clamped below at time_step_min in the chunked form
+`mamba2_selective_state_update`). As there, dt is clamped to the config's limits in the chunked form
 only. The convolution's last K-1 inputs and S are kept in the state cache between steps.
 Shapes: T rows, B decoding sequences, n a chunk's tokens, H heads of P, G groups, N state size,
 I = H·P, C = I + 2·G·N conv channels.
@@ -106,7 +106,7 @@ def mamba2(x: Tensor, w: Mamba2Weights, cfg: ModelConfig, layer: int, batch: Bat
         conv, s = states.read(layer, slot, torch.tensor([ch.context_len == ch.num_tokens], device=x.device))
         xbc_c, conv = causal_conv(xbc[rows].t()[None], conv, w.conv, w.conv_bias)  # [1, C, n]
         xs, b, c = split(xbc_c[0].t())
-        dt = F.softplus(dt_in[rows]).clamp(min=cfg.ssm_dt_min)
+        dt = F.softplus(dt_in[rows]).clamp(cfg.ssm_dt_min, cfg.ssm_dt_max)
         o, s = chunked_scan(xs, dt, a, b, c, w.d, s[0], cfg.ssm_chunk)
         states.write(layer, slot, conv, s[None])
         y[rows] = o.to(y.dtype)

@@ -1,4 +1,4 @@
-"""Mamba hybrids (Nemotron-H / Nemotron 3): the Mamba-2 mixer's chunked scan against its one-token
+"""Mamba hybrids (Nemotron-H / Nemotron 3, Granite 4.0-H): the Mamba-2 mixer's chunked scan against its one-token
 recurrence, preemption and chunked prefill keeping outputs under a tiny state + KV budget, what the
 planner sets aside per sequence, and what is refused. Parity with transformers is
 test_published.py's (the published configs)."""
@@ -18,7 +18,8 @@ from tests.published_checkpoints import build
 from tests.published_configs import PUBLISHED, tiny
 
 NEMOTRON = "NVIDIA-Nemotron-3-Nano-30B-A3B-BF16"
-HYBRIDS = [NEMOTRON]
+GRANITE = "granite-4.0-h-small"
+HYBRIDS = [NEMOTRON, GRANITE]
 
 
 def _cfg(name: str, released: bool = False):
@@ -77,16 +78,24 @@ def test_nemotron_blocks_follow_the_pattern():
     assert cfg.expert_params == 2 * 64 * 32  # up and down only
 
 
-def test_plan_counts_the_mamba_state(tmp_path):
-    """Nemotron 3 Nano as released: 31.6 B parameters (the "30B"), ~3.6 B active; each sequence's state over
-    its 23 Mamba-2 layers (conv over x, B, C: 4096 + 2 x 8 x 128 channels x 3 taps in bf16; SSM state 64
-    heads x 64 x 128 in fp32) is set aside before KV blocks for its 6 attention layers."""
-    (tmp_path / "config.json").write_text(json.dumps(PUBLISHED[NEMOTRON]))
+# (released config, total and active parameters in B, Mamba-2 layers, conv channels, state [H, P, N], KV bytes per
+# token): Nemotron 3 Nano is "31.6B total, 3.5B active" (NVIDIA's card), Granite 4.0-H Small "32B-A9B" (IBM's).
+PLANS = [
+    (NEMOTRON, (31.0, 32.0), (3.4, 3.7), 23, 4096 + 2 * 8 * 128, (64, 64, 128), 6 * 2 * 2 * 128 * 2),
+    (GRANITE, (31.5, 32.5), (8.5, 9.2), 36, 8192 + 2 * 1 * 128, (128, 64, 128), 4 * 2 * 8 * 128 * 2),
+]
+
+
+@pytest.mark.parametrize("name,total,active,layers,channels,state,kv", PLANS)
+def test_plan_counts_the_mamba_state(tmp_path, name, total, active, layers, channels, state, kv):
+    """As released: each sequence's state over the Mamba-2 layers (conv over x, B, C: 3 taps in bf16; SSM state in
+    fp32) is set aside before KV blocks for the attention layers."""
+    (tmp_path / "config.json").write_text(json.dumps(PUBLISHED[name]))
     p = sizing_from_config(str(tmp_path), workers=8, max_num_seqs=16, max_model_len=32768)
-    assert 31e9 < p.total_params < 32.5e9 and 3.4e9 < p.active_params < 4.0e9
-    assert p.state_bytes_per_seq == state_bytes_per_seq(_cfg(NEMOTRON, released=True), torch.bfloat16) \
-        == 23 * (6144 * 3 * 2 + 64 * 64 * 128 * 4)
-    assert p.kv_bytes_per_token == 6 * 2 * 2 * 128 * 2  # 6 attention layers, 2 kv heads of 128, k and v, bf16
+    assert total[0] * 1e9 < p.total_params < total[1] * 1e9 and active[0] * 1e9 < p.active_params < active[1] * 1e9
+    assert p.state_bytes_per_seq == state_bytes_per_seq(_cfg(name, released=True), torch.bfloat16) \
+        == layers * (channels * 3 * 2 + state[0] * state[1] * state[2] * 4)
+    assert p.kv_bytes_per_token == kv
     assert "recurrent state" in format_sizing(p)
 
 
@@ -97,6 +106,9 @@ def test_plan_counts_the_mamba_state(tmp_path):
     (NEMOTRON, {"mlp_hidden_act": "silu"}, "mlp_hidden_act"),
     (NEMOTRON, {"n_groups": 3}, "n_groups"),
     (NEMOTRON, {"mamba_proj_bias": True}, "mamba_proj_bias"),
+    (GRANITE, {"layer_types": ["mamba", "mamba", "sliding_attention", "mamba"]}, "layer_types"),
+    (GRANITE, {"mamba_d_head": 4}, "mamba_d_head"),
+    (GRANITE, {"num_local_experts": 0}, "num_local_experts"),
 ])
 def test_refusals_name_the_field(name, changes, field):
     cfg = {**tiny(name), **changes}
