@@ -110,7 +110,8 @@ class ModelConfig:
     linear_key_head_dim: int = 0
     linear_value_head_dim: int = 0
     linear_conv_kernel: int = 0
-    # "deltanet" (Qwen3-Next) | "mamba2" (Nemotron-H, Granite 4.0-H): the kind of every linear layer.
+    # "deltanet" (Qwen3-Next) | "mamba2" (Nemotron-H, Granite 4.0-H) | "mamba" (Mamba-1: Jamba): the kind of
+    # every linear layer.
     linear_kind: str = "deltanet"
     # Mamba-2: ssm_heads heads of ssm_head_dim, B and C shared within ssm_groups groups, a state of
     # ssm_state_size per head channel; the convolution (over x, B, C) has linear_conv_kernel taps and a bias;
@@ -122,6 +123,9 @@ class ModelConfig:
     ssm_chunk: int = 0
     ssm_dt_min: float = 0.0
     ssm_dt_max: float = float("inf")
+    # Mamba-1: ssm_inner channels, each with a state of ssm_state_size; the step size has rank ssm_dt_rank.
+    ssm_inner: int = 0
+    ssm_dt_rank: int = 0
     # Nemotron-H's blocks hold one part each: per layer False = no mixer (attention / linear) part, or no
     # MLP / MoE part; () = every layer has both.
     mixer_layers: tuple[bool, ...] = ()

@@ -17,7 +17,8 @@ from cluster.config import ModelConfig
 from cluster.families import Family, relocate, resolve
 from cluster.model.state_cache import conv_channels
 from cluster.model.weights import (SILU, AttentionWeights, BackboneWeights, CompressorWeights, DeltaNetWeights,
-                                   ExpertActivation, HyperWeights, IndexerWeights, LayerWeights, Mamba2Weights, MLAWeights,
+                                   ExpertActivation, HyperWeights, IndexerWeights, LayerWeights, Mamba2Weights, MambaWeights,
+                                   MLAWeights,
                                    MLPWeights, V4AttentionWeights)
 from cluster.precision import resolve_dtype
 from cluster.quant import read_weight
@@ -184,11 +185,28 @@ def _mamba2(r: _Reader, cfg: ModelConfig, layer: int) -> Mamba2Weights:
         out=r.get("ssm_out", (d, inner), layer))
 
 
+def _mamba(r: _Reader, cfg: ModelConfig, layer: int) -> MambaWeights:
+    """Mamba-1's in_proj holds x rows, then z rows."""
+    d, i, n, rank, fp32 = cfg.hidden_size, cfg.ssm_inner, cfg.ssm_state_size, cfg.ssm_dt_rank, torch.float32
+    x, z = r.get("ssm_in", (2 * i, d), layer).split([i, i])
+    return MambaWeights(
+        x=x.contiguous(), z=z.contiguous(),
+        conv=r.get("ssm_conv", (i, 1, cfg.linear_conv_kernel), layer)[:, 0].contiguous(),
+        conv_bias=r.maybe("ssm_conv_bias", (i,), layer), x_proj=r.get("ssm_x_proj", (rank + 2 * n, i), layer),
+        dt_norm=r.get("ssm_dt_norm", (rank,), layer), b_norm=r.get("ssm_b_norm", (n,), layer),
+        c_norm=r.get("ssm_c_norm", (n,), layer), dt_proj=r.get("ssm_dt_proj", (i, rank), layer),
+        dt_bias=r.get("ssm_dt_bias", (i,), layer, dtype=fp32), a_log=r.get("ssm_a_log", (i, n), layer, dtype=fp32),
+        d=r.get("ssm_d", (i,), layer, dtype=fp32), out=r.get("ssm_out", (d, i), layer))
+
+
+_LINEAR = {"mamba2": _mamba2, "mamba": _mamba}  # by ModelConfig.linear_kind; else gated DeltaNet
+
+
 def _mixer(r: _Reader, cfg: ModelConfig, layer: int):
     if not cfg.has_mixer(layer):
         return None
     if cfg.is_linear(layer):
-        return _mamba2(r, cfg, layer) if cfg.linear_kind == "mamba2" else _deltanet(r, cfg, layer)
+        return _LINEAR.get(cfg.linear_kind, _deltanet)(r, cfg, layer)
     return _ATTENTION.get(cfg.attention, _attention)(r, cfg, layer)
 
 

@@ -70,6 +70,13 @@ def _mamba2_params(c: ModelConfig) -> int:
     return d * (inner + channels + h) + channels * (c.linear_conv_kernel + 1) + 3 * h + inner + inner * d
 
 
+def _mamba_params(c: ModelConfig) -> int:
+    """Mamba-1: in_proj (x, z), the convolution and its bias, x_proj, the dt / B / C norms, dt_proj and its bias,
+    A_log, D, out_proj."""
+    d, i, n, rank = c.hidden_size, c.ssm_inner, c.ssm_state_size, c.ssm_dt_rank
+    return 2 * i * d + i * (c.linear_conv_kernel + 1) + (rank + 2 * n) * i + rank + 2 * n + i * (rank + 1) + i * n + i + i * d
+
+
 def _mlp_params(c: ModelConfig, inter: int, gated: bool) -> int:
     return (3 if gated else 2) * c.hidden_size * inter
 
@@ -81,7 +88,7 @@ def _attention_params(c: ModelConfig, layer: int = 0) -> int:
     if c.attention == "dsv4":
         return _v4_layer_params(c, layer)
     if c.is_linear(layer):
-        return _mamba2_params(c) if c.linear_kind == "mamba2" else _deltanet_params(c)
+        return {"mamba2": _mamba2_params, "mamba": _mamba_params}.get(c.linear_kind, _deltanet_params)(c)
     if c.attention == "mla":
         qk = c.qk_nope_head_dim + c.qk_rope_head_dim
         q = d * h * qk if not c.q_lora_rank else d * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * h * qk
@@ -169,7 +176,7 @@ def attention_flops(c: ModelConfig, context: int) -> int:
             for layer in c.attention_layer_ids]
     # the state decayed, written and read (and read once more by the delta rule): 2 FLOPs per entry each
     _, shape = state_shapes(c)
-    linear = (6 if c.linear_kind == "mamba2" else 8) * math.prod(shape) * len(c.linear_layer_ids) if c.hybrid else 0
+    linear = (8 if c.linear_kind == "deltanet" else 6) * math.prod(shape) * len(c.linear_layer_ids) if c.hybrid else 0
     return sum(2 * c.num_heads * (dk + dv) * n for n in seen) + linear
 
 

@@ -404,6 +404,18 @@ PUBLISHED["granite-4.0-h-small"] = {
     "residual_multiplier": 0.22, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000,
     "router_aux_loss_coef": 0.0, "shared_intermediate_size": 1536, "tie_word_embeddings": True,
     "torch_dtype": "bfloat16", "transformers_version": "4.56.0", "use_cache": True, "vocab_size": 100352}
+# AI21-Jamba-1.5-Mini: from a public copy of its config.json (a converter's test fixture, field for field; that
+# copy sets use_mamba_kernels false for its own run, the release true).
+PUBLISHED["AI21-Jamba-1.5-Mini"] = {
+    "architectures": ["JambaForCausalLM"], "attention_dropout": 0.0, "attn_layer_offset": 4, "attn_layer_period": 8,
+    "bos_token_id": 1, "eos_token_id": [2, 518], "expert_layer_offset": 1, "expert_layer_period": 2,
+    "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+    "mamba_conv_bias": True, "mamba_d_conv": 4, "mamba_d_state": 16, "mamba_dt_rank": 256, "mamba_expand": 2,
+    "mamba_proj_bias": False, "max_position_embeddings": 262144, "model_type": "jamba", "num_attention_heads": 32,
+    "num_experts": 16, "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8,
+    "num_logits_to_keep": 1, "output_router_logits": False, "pad_token_id": 0, "rms_norm_eps": 1e-06,
+    "router_aux_loss_coef": 0.001, "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.40.2", "use_cache": True, "use_mamba_kernels": True, "vocab_size": 65536}
 PUBLISHED["Kimi-K2.5"]["text_config"] = {
     **PUBLISHED["Kimi-K2-Thinking"], "eos_token_id": 163585, "transformers_version": "4.57.1",
     "quantization_config": {**KIMI_INT4, "ignore": [*KIMI_INT4["ignore"], "re:.*vision_tower.*", "re:.*mm_projector.*"]}}
@@ -486,6 +498,9 @@ _SIZES["granite-4.0-h-small"] = {
     **_MHA, "vocab_size": 100352, "num_hidden_layers": 4, "layer_types": ["mamba", "mamba", "attention", "mamba"],
     "intermediate_size": 32, "shared_intermediate_size": 64, "num_local_experts": 16, "mamba_n_heads": 16,
     "mamba_d_head": 8, "mamba_d_state": 16, "mamba_chunk_size": 32}
+# Jamba 1.5 Mini: 6 layers (attention on layer 4 and MoE on the odd layers, the released periods), Mamba-1 of
+# 2 x 64 channels with the released 16 states and a dt rank of 8.
+_SIZES["AI21-Jamba-1.5-Mini"] = {**_MHA, "num_hidden_layers": 6, "intermediate_size": 32, "mamba_dt_rank": 8}
 _SIZES["Qwen3-Coder-30B-A3B-Instruct"] = _SIZES["Qwen3-30B-A3B+YaRN"] = _SIZES["Qwen3-30B-A3B"]
 # MiniMax-M2: rotary on the first quarter of each head as released (64 of 128), 8 of 16 experts.
 _SIZES["MiniMax-M2"] = {**_MHA, "head_dim": 16, "rotary_dim": 4, "intermediate_size": 32, "num_local_experts": 16,

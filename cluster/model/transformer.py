@@ -20,6 +20,7 @@ from cluster.model.deltanet import gated_deltanet
 from cluster.model.experts import ExpertExecutor, LocalExperts
 from cluster.model.kv_cache import KVCache
 from cluster.model.layers import norm, swiglu
+from cluster.model.mamba import mamba
 from cluster.model.mamba2 import mamba2
 from cluster.model.mla import mla_attention
 from cluster.model.moe import Routing, moe_begin
@@ -27,7 +28,7 @@ from cluster.model.overlap import MicroBatch, merged, micro_batches
 from cluster.model.rope import Rotary
 from cluster.model.weights import BackboneWeights, LayerWeights
 
-_LINEAR = {"deltanet": gated_deltanet, "mamba2": mamba2}  # the linear layers' mixer, by ModelConfig.linear_kind
+_LINEAR = {"deltanet": gated_deltanet, "mamba2": mamba2, "mamba": mamba}  # the linear layers' mixer, by ModelConfig.linear_kind
 
 
 class MoETransformer:

@@ -179,9 +179,28 @@ class Mamba2Weights:
 
 
 @dataclass(frozen=True)
+class MambaWeights:
+    """A Mamba-1 mixer (Jamba): I channels with a state of N each, a low-rank (R) step size."""
+
+    x: Tensor  # [I, D]: the scanned input (in_proj's first half)
+    z: Tensor  # [I, D]: the output gate (its second half)
+    conv: Tensor  # [I, K] depthwise causal convolution over x
+    conv_bias: Tensor | None  # [I]
+    x_proj: Tensor  # [R + 2N, I]: dt_r, B, C
+    dt_norm: Tensor  # [R], b_norm and c_norm [N]: Jamba's RMSNorms of dt_r, B and C
+    b_norm: Tensor
+    c_norm: Tensor
+    dt_proj: Tensor  # [I, R]
+    dt_bias: Tensor  # [I] fp32
+    a_log: Tensor  # [I, N] fp32: A = -exp(a_log)
+    d: Tensor  # [I] fp32
+    out: Tensor  # [D, I]
+
+
+@dataclass(frozen=True)
 class LayerWeights:
     attn_norm: Tensor | None  # None with attn: a block without a mixer part (Nemotron-H's MLP / MoE blocks)
-    attn: AttentionWeights | MLAWeights | V4AttentionWeights | DeltaNetWeights | Mamba2Weights | None
+    attn: AttentionWeights | MLAWeights | V4AttentionWeights | DeltaNetWeights | Mamba2Weights | MambaWeights | None
     mlp_norm: Tensor | None  # None: a block without an MLP part (Nemotron-H's mixer blocks)
     gate: Tensor | None = None  # [E, D] on MoE layers: the gate (router weight) of the MoE block
     gate_bias: Tensor | None = None  # [E] DeepSeek-V3 e_score_correction_bias: steers the choice only

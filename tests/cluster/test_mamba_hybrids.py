@@ -1,7 +1,7 @@
-"""Mamba hybrids (Nemotron-H / Nemotron 3, Granite 4.0-H): the Mamba-2 mixer's chunked scan against its one-token
-recurrence, preemption and chunked prefill keeping outputs under a tiny state + KV budget, what the
-planner sets aside per sequence, and what is refused. Parity with transformers is
-test_published.py's (the published configs)."""
+"""Mamba hybrids (Nemotron-H / Nemotron 3, Granite 4.0-H, Jamba): the Mamba-2 mixer's chunked scan against its
+one-token recurrence, Mamba-1's scan resuming from its state, preemption and chunked prefill keeping outputs
+under a tiny state + KV budget, what the planner sets aside per sequence, and what is refused. Parity with
+transformers is test_published.py's (the published configs)."""
 import json
 
 import pytest
@@ -11,6 +11,7 @@ from cluster.engine import LLMEngine, SamplingParams
 from cluster.errors import UnsupportedModelError
 from cluster.families import get_family, resolve
 from cluster.model.kv_cache import kv_bytes_per_token
+from cluster.model.mamba import selective_scan
 from cluster.model.mamba2 import chunked_scan, recurrent_step
 from cluster.model.state_cache import state_bytes_per_seq
 from cluster.sizing import format_sizing, sizing_from_config
@@ -19,7 +20,8 @@ from tests.published_configs import PUBLISHED, tiny
 
 NEMOTRON = "NVIDIA-Nemotron-3-Nano-30B-A3B-BF16"
 GRANITE = "granite-4.0-h-small"
-HYBRIDS = [NEMOTRON, GRANITE]
+JAMBA = "AI21-Jamba-1.5-Mini"
+HYBRIDS = [NEMOTRON, GRANITE, JAMBA]
 
 
 def _cfg(name: str, released: bool = False):
@@ -46,6 +48,25 @@ def test_chunked_scan_equals_the_recurrence():
     second, s_second = chunked_scan(x[37:], dt[37:], a, b[37:], c[37:], d, s_first, chunk=16)
     torch.testing.assert_close(torch.cat([first, second]), whole, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(s_second, s_whole, atol=1e-4, rtol=1e-4)
+
+
+def test_mamba1_scan_resumes_from_its_state():
+    """Mamba-1's scan over a prompt equals a first piece, then a batched one-token step per token (decode) from
+    the state it left."""
+    torch.manual_seed(0)
+    n, i, s = 12, 6, 4
+    x, dt, b, c = torch.randn(n, i), torch.rand(n, i), torch.randn(n, s), torch.randn(n, s)
+    a, d, state0 = -torch.rand(i, s) - 0.1, torch.randn(i), torch.randn(i, s) * 0.1
+    whole, s_whole = selective_scan(x, dt, a, b, c, d, state0)
+    first, state = selective_scan(x[:5], dt[:5], a, b[:5], c[:5], d, state0)
+    outs = [first]
+    for t in range(5, n):  # as decode runs it: a batch of one sequence, one token
+        o, batched = selective_scan(x[t][None, None], dt[t][None, None], a, b[t][None, None], c[t][None, None], d,
+                                    state[None])
+        outs.append(o[0])
+        state = batched[0]
+    torch.testing.assert_close(torch.cat(outs), whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state, s_whole, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", HYBRIDS)
@@ -79,10 +100,12 @@ def test_nemotron_blocks_follow_the_pattern():
 
 
 # (released config, total and active parameters in B, Mamba-2 layers, conv channels, state [H, P, N], KV bytes per
-# token): Nemotron 3 Nano is "31.6B total, 3.5B active" (NVIDIA's card), Granite 4.0-H Small "32B-A9B" (IBM's).
+# token): Nemotron 3 Nano is "31.6B total, 3.5B active" (NVIDIA's card), Granite 4.0-H Small "32B-A9B" (IBM's), Jamba
+# 1.5 Mini "52B total, 12B active" (AI21's). Jamba's Mamba-1 state is [I, N] per layer (no heads).
 PLANS = [
     (NEMOTRON, (31.0, 32.0), (3.4, 3.7), 23, 4096 + 2 * 8 * 128, (64, 64, 128), 6 * 2 * 2 * 128 * 2),
     (GRANITE, (31.5, 32.5), (8.5, 9.2), 36, 8192 + 2 * 1 * 128, (128, 64, 128), 4 * 2 * 8 * 128 * 2),
+    (JAMBA, (51.0, 52.5), (11.8, 12.4), 28, 8192, (8192, 16, 1), 4 * 2 * 8 * 128 * 2),
 ]
 
 
@@ -109,6 +132,9 @@ def test_plan_counts_the_mamba_state(tmp_path, name, total, active, layers, chan
     (GRANITE, {"layer_types": ["mamba", "mamba", "sliding_attention", "mamba"]}, "layer_types"),
     (GRANITE, {"mamba_d_head": 4}, "mamba_d_head"),
     (GRANITE, {"num_local_experts": 0}, "num_local_experts"),
+    (JAMBA, {"attn_layer_offset": 8}, "attn_layer_offset"),
+    (JAMBA, {"mamba_proj_bias": True}, "mamba_proj_bias"),
+    (JAMBA, {"num_experts": 1}, "num_experts"),
 ])
 def test_refusals_name_the_field(name, changes, field):
     cfg = {**tiny(name), **changes}
