@@ -92,7 +92,7 @@ def mamba2(x: Tensor, w: Mamba2Weights, cfg: ModelConfig, layer: int, batch: Bat
     dt_in = F.linear(x, w.dt).float() + w.dt_bias  # [T, H]
     split = lambda m: (m[..., :h * p].unflatten(-1, (h, p)),  # noqa: E731  (x, B, C of the conv's output)
                        m[..., h * p:h * p + g * n].unflatten(-1, (g, n)), m[..., h * p + g * n:].unflatten(-1, (g, n)))
-    y = x.new_empty(t, h, p)
+    y = x.new_empty(t, h, p, dtype=torch.float32)  # fp32 up to the norm, as transformers keeps the scan's output
     dec = batch.decode
     if dec is not None:
         conv, s = states.read(layer, dec.state_slots, dec.lens == 1)
@@ -100,7 +100,7 @@ def mamba2(x: Tensor, w: Mamba2Weights, cfg: ModelConfig, layer: int, batch: Bat
         xs, b, c = split(xbc_d[:, :, 0])
         o, s = recurrent_step(xs, F.softplus(dt_in[dec.rows]), a, b, c, w.d, s)
         states.write(layer, dec.state_slots, conv, s)
-        y[dec.rows] = o.to(y.dtype)
+        y[dec.rows] = o
     for ch in batch.prefills:
         rows, slot = slice(ch.start, ch.start + ch.num_tokens), torch.tensor([ch.state_slot], device=x.device)
         conv, s = states.read(layer, slot, torch.tensor([ch.context_len == ch.num_tokens], device=x.device))
@@ -109,6 +109,6 @@ def mamba2(x: Tensor, w: Mamba2Weights, cfg: ModelConfig, layer: int, batch: Bat
         dt = F.softplus(dt_in[rows]).clamp(cfg.ssm_dt_min, cfg.ssm_dt_max)
         o, s = chunked_scan(xs, dt, a, b, c, w.d, s[0], cfg.ssm_chunk)
         states.write(layer, slot, conv, s[None])
-        y[rows] = o.to(y.dtype)
+        y[rows] = o
     out = gated_group_norm(y.reshape(t, h * p), F.linear(x, w.z), w.norm, g, cfg.rms_norm_eps)
-    return F.linear(out, w.out)
+    return F.linear(out.to(x.dtype), w.out)

@@ -69,12 +69,24 @@ def test_mamba1_scan_resumes_from_its_state():
     torch.testing.assert_close(state, s_whole, atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    made = {}
+
+    def make(name: str):
+        if name not in made:
+            made[name], _ = build(name, tmp_path_factory.mktemp(name.replace(".", "_")))
+        return made[name]
+
+    return make
+
+
 @pytest.mark.parametrize("name", HYBRIDS)
-def test_preemption_and_chunked_prefill_keep_outputs(tmp_path, name):
+def test_preemption_and_chunked_prefill_keep_outputs(checkpoint, name):
     """3 state slots and 8 blocks of 4 tokens for 4 requests of up to 26 tokens: sequences are preempted
     (their state freed) and recomputed, prompts prefilled 8 tokens a step beside running decodes; greedy
     and seeded outputs equal one roomy engine's whole-prompt ones, and every slot and block comes back."""
-    ours, _ = build(name, tmp_path)
+    ours = checkpoint(name)
     roomy = LLMEngine.from_pretrained(str(ours), dtype="float32", max_num_seqs=4, max_model_len=128,
                                       enable_chunked_prefill=False)
     cfg = roomy.cfg
@@ -89,6 +101,21 @@ def test_preemption_and_chunked_prefill_keep_outputs(tmp_path, name):
     assert [o.token_ids for o in tight.generate(prompts, params)] == expected
     assert tight.scheduler.num_preemptions > 0
     assert tight.cache.states.num_free == 3 and tight.cache.num_free_blocks == 8
+
+
+@pytest.mark.parametrize("name", [NEMOTRON, JAMBA])  # Mamba-2 and Mamba-1
+def test_bf16_follows_fp32(checkpoint, name):
+    """Served in bf16 (activations and conv state bf16, the SSM state fp32), the logits stay within bf16's
+    rounding of the fp32 ones over a prompt crossing scan chunks."""
+    from tests.helpers import our_greedy_logits
+
+    prompt = [(7 * i + 3) % 250 + 1 for i in range(80)]
+    fp32 = LLMEngine.from_pretrained(str(checkpoint(name)), dtype="float32", max_model_len=128)
+    bf16 = LLMEngine.from_pretrained(str(checkpoint(name)), dtype="bfloat16", max_model_len=128)
+    assert bf16.cache.states.conv.dtype == torch.bfloat16 and bf16.cache.states.recurrent.dtype == torch.float32
+    _, want = our_greedy_logits(fp32, prompt, 1)
+    _, got = our_greedy_logits(bf16, prompt, 1)
+    assert (got[0].float() - want[0]).abs().max() < 0.05 < want[0].abs().max()
 
 
 def test_nemotron_blocks_follow_the_pattern():
