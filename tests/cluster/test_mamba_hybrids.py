@@ -167,3 +167,29 @@ def test_refusals_name_the_field(name, changes, field):
     cfg = {**tiny(name), **changes}
     with pytest.raises(UnsupportedModelError, match=field):
         get_family(cfg["model_type"]).parse_config(cfg)
+
+
+@pytest.mark.parametrize("n_group,topk_group", [(1, 1), (4, 2)])
+def test_nemotron_routing_equals_transformers_router(n_group, topk_group):
+    """Sigmoid scores, the correction bias steering the choice, group-limited top-k (the released config has no
+    groups; a config with them is routed as transformers' NemotronHTopkRouter routes it), normalised, scaled."""
+    from transformers import NemotronHConfig
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHTopkRouter
+
+    from cluster.model.gating import route
+
+    raw = {**tiny(NEMOTRON), "n_group": n_group, "topk_group": topk_group}
+    cfg = get_family("nemotron_h").parse_config(raw)
+    hf_cfg = NemotronHConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "auto_map", "torch_dtype",
+                                                                           "transformers_version")})
+    torch.manual_seed(0)
+    router = NemotronHTopkRouter(hf_cfg)
+    with torch.no_grad():
+        router.weight.normal_()
+        router.e_score_correction_bias.normal_(std=0.1)
+    x = torch.randn(32, cfg.hidden_size)
+    _, want_w, want_ids = router(x)
+    got_w, got_ids = route(torch.nn.functional.linear(x, router.weight), cfg.gating, router.e_score_correction_bias)
+    order_w, order_g = want_ids.sort(-1), got_ids.sort(-1)
+    assert torch.equal(order_w.values, order_g.values)
+    torch.testing.assert_close(got_w.gather(-1, order_g.indices), want_w.gather(-1, order_w.indices))
