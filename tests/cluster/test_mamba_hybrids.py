@@ -193,3 +193,19 @@ def test_nemotron_routing_equals_transformers_router(n_group, topk_group):
     order_w, order_g = want_ids.sort(-1), got_ids.sort(-1)
     assert torch.equal(order_w.values, order_g.values)
     torch.testing.assert_close(got_w.gather(-1, order_g.indices), want_w.gather(-1, order_w.indices))
+
+
+def test_nemotron_mlp_blocks_match_transformers(tmp_path):
+    """A pattern with '-' blocks (a dense squared-ReLU MLP, as Nemotron-H 8B / 47B have; Nano has none) and
+    grouped routing: greedy tokens and logits as transformers'."""
+    from tests.cluster.helpers import PROMPT, TOLERANCE
+    from tests.helpers import hf_greedy_logits, load_hf, our_greedy_logits
+
+    overrides = {"hybrid_override_pattern": "M-*EM", "num_hidden_layers": 5, "n_group": 4, "topk_group": 2}
+    ours, reference = build(NEMOTRON, tmp_path, overrides=overrides)
+    engine = LLMEngine.from_pretrained(str(ours), dtype="float32", max_model_len=64)
+    assert engine.cfg.mlp_layers == (False, True, False, True, False) and engine.cfg.moe_layer_ids == (3,)
+    hf_tokens, hf_logits = hf_greedy_logits(load_hf(reference), PROMPT, 4)
+    tokens, logits = our_greedy_logits(engine, PROMPT, 4)
+    assert tokens == hf_tokens
+    assert max((a - b).abs().max().item() for a, b in zip(logits, hf_logits)) < TOLERANCE
