@@ -72,15 +72,16 @@ class _Reader:
 
     def mlp(self, prefix: str, inter: int, hidden: int, layer: int, expert_id: int | None = None,
             activation: ExpertActivation = SILU) -> MLPWeights:
-        down = self.get(f"{prefix}_down", (hidden, inter), layer, expert_id)
-        if f"{prefix}_gate_up" in self.family.tensors:  # one [2I, D] tensor, gate rows then up (Granite's shared MLP)
-            return MLPWeights(self.get(f"{prefix}_gate_up", (2 * inter, hidden), layer, expert_id), down,
-                              activation=activation)
-        up = self.get(f"{prefix}_up", (inter, hidden), layer, expert_id)
-        if not activation.gated:  # up and down alone (Nemotron-H)
-            return MLPWeights(up, down, activation=activation)
-        gate = self.get(f"{prefix}_gate", (inter, hidden), layer, expert_id)
-        return MLPWeights(torch.cat([gate, up]), down, activation=activation)
+        """gate and up rows (one [2I, D] tensor where the family stores them fused: Granite's shared MLP; up
+        alone for a non-gated MLP: Nemotron-H), then down."""
+        get = lambda name, shape: self.get(f"{prefix}_{name}", shape, layer, expert_id)  # noqa: E731
+        if f"{prefix}_gate_up" in self.family.tensors:
+            first = get("gate_up", (2 * inter, hidden))
+        elif activation.gated:
+            first = torch.cat([get("gate", (inter, hidden)), get("up", (inter, hidden))])
+        else:
+            first = get("up", (inter, hidden))
+        return MLPWeights(first, get("down", (hidden, inter)), activation=activation)
 
 
 def _fused_expert(r: _Reader, layer: int, expert_id: int) -> MLPWeights:
