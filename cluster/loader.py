@@ -17,9 +17,8 @@ from cluster.config import ModelConfig
 from cluster.families import Family, relocate, resolve
 from cluster.model.state_cache import conv_channels
 from cluster.model.weights import (SILU, AttentionWeights, BackboneWeights, CompressorWeights, DeltaNetWeights,
-                                   ExpertActivation, HyperWeights, IndexerWeights, LayerWeights, Mamba2Weights, MambaWeights,
-                                   MLAWeights,
-                                   MLPWeights, V4AttentionWeights)
+                                   ExpertActivation, HyperWeights, IndexerWeights, LayerWeights, Mamba2Weights,
+                                   MambaWeights, MLAWeights, MLPWeights, V4AttentionWeights)
 from cluster.precision import resolve_dtype
 from cluster.quant import read_weight
 

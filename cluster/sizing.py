@@ -74,7 +74,8 @@ def _mamba_params(c: ModelConfig) -> int:
     """Mamba-1: in_proj (x, z), the convolution and its bias, x_proj, the dt / B / C norms, dt_proj and its bias,
     A_log, D, out_proj."""
     d, i, n, rank = c.hidden_size, c.ssm_inner, c.ssm_state_size, c.ssm_dt_rank
-    return 2 * i * d + i * (c.linear_conv_kernel + 1) + (rank + 2 * n) * i + rank + 2 * n + i * (rank + 1) + i * n + i + i * d
+    norms = rank + 2 * n
+    return 2 * i * d + i * (c.linear_conv_kernel + 1) + (rank + 2 * n) * i + norms + i * (rank + 1) + i * n + i + i * d
 
 
 def _mlp_params(c: ModelConfig, inter: int, gated: bool) -> int:

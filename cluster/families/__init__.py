@@ -3,8 +3,8 @@ names every checkpoint tensor in one table."""
 from __future__ import annotations
 
 from cluster.families import (dbrx, deepseek, deepseek_dsa, deepseek_v4, glm4_moe, glm4_moe_lite, gpt_oss, granitemoe,
-                              granitemoehybrid, jamba, llama4, minimax_m2, mixtral, nemotron_h, olmoe, phimoe, qwen2_moe,
-                              qwen3_moe, qwen3_next)
+                              granitemoehybrid, jamba, llama4, minimax_m2, mixtral, nemotron_h, olmoe, phimoe,
+                              qwen2_moe, qwen3_moe, qwen3_next)
 from cluster.families.base import Family, UnsupportedModelError
 from cluster.families.wrappers import relocate, text_config
 

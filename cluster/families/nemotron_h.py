@@ -63,7 +63,8 @@ def _refusals(cfg: dict[str, Any]) -> None:
               "Nemotron 3 Super's latent MoE (experts in a projected space) is not implemented")
     for field in ("attention_bias", "mlp_bias", "use_bias", "mamba_proj_bias"):
         refuse_if(bool(cfg.get(field)), field, "true: Nemotron-H's projections have no biases")
-    refuse_if(cfg.get("mlp_hidden_act", "relu2") != "relu2", "mlp_hidden_act", f"{cfg.get('mlp_hidden_act')!r}: only relu2")
+    act = cfg.get("mlp_hidden_act", "relu2")
+    refuse_if(act != "relu2", "mlp_hidden_act", f"{act!r}: only relu2")
     refuse_if(cfg.get("mamba_hidden_act", "silu") != "silu", "mamba_hidden_act",
               f"{cfg.get('mamba_hidden_act')!r}: only silu")
     refuse_if(bool(cfg.get("sliding_window")), "sliding_window", "Nemotron-H attends in full")
@@ -75,9 +76,10 @@ def parse_config(cfg: dict[str, Any]) -> ModelConfig:
     _refusals(cfg)
     types = block_types(cfg)
     n = len(types)
-    base = {**common_fields({**cfg, "num_hidden_layers": n}), "rms_norm_eps": float(cfg.get("layer_norm_epsilon", 1e-5))}
-    heads, head_dim, groups = int(cfg.get("mamba_num_heads", 128)), int(cfg.get("mamba_head_dim", 64)), int(
-        cfg.get("n_groups", 8))
+    base = {**common_fields({**cfg, "num_hidden_layers": n}),
+            "rms_norm_eps": float(cfg.get("layer_norm_epsilon", 1e-5))}
+    heads, head_dim = int(cfg.get("mamba_num_heads", 128)), int(cfg.get("mamba_head_dim", 64))
+    groups = int(cfg.get("n_groups", 8))
     refuse_if(heads % groups != 0, "n_groups", f"{groups} does not divide mamba_num_heads {heads}")
     kernel = int(cfg.get("conv_kernel", 4))
     refuse_if(kernel < 2, "conv_kernel", f"{kernel}: the convolution state needs a kernel of at least 2")

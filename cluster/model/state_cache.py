@@ -3,9 +3,10 @@
 A gated DeltaNet layer (Qwen3-Next) keeps, per sequence, a recurrent state [H_v, d_k, d_v]
 and the last K - 1 inputs of its causal convolution [C, K - 1], whatever the sequence's
 length; a Mamba-2 layer (Nemotron-H, Granite 4.0-H) a state [H, P, N] and its convolution's
-[I + 2·G·N, K - 1]; a Mamba-1 layer (Jamba) [I, N] and [I, K - 1]. One model has one kind of linear layer, so one pair of shapes (`state_shapes`). A sequence takes one slot when it joins the batch and gives it back when it
-finishes or is preempted; a preempted sequence rebuilds its state by recomputing its tokens
-(as its KV-cache blocks are). The slots come out of the same memory budget as the KV blocks.
+[I + 2·G·N, K - 1]; a Mamba-1 layer (Jamba) [I, N] and [I, K - 1]. One model has one kind of
+linear layer, so one pair of shapes (`state_shapes`). A sequence takes one slot when it joins
+the batch and gives it back when it finishes or is preempted; a preempted sequence rebuilds its
+state by recomputing its tokens (as its KV-cache blocks are). The slots come out of the same memory budget as the KV blocks.
 The recurrent state is kept in fp32, as transformers' reference and the kernels keep it;
 the convolution state in the activations' dtype.
 Shapes: L linear layers, S slots, B sequences, C conv channels, K conv kernel.
@@ -23,7 +24,7 @@ RECURRENT_DTYPE = torch.float32
 
 
 def conv_channels(cfg: ModelConfig) -> int:
-    """The convolution's input channels: q, k and v (DeltaNet); x, B and C (Mamba-2)."""
+    """The convolution's input channels: q, k and v (DeltaNet); x, B and C (Mamba-2); x (Mamba-1)."""
     if cfg.linear_kind == "mamba2":
         return cfg.ssm_heads * cfg.ssm_head_dim + 2 * cfg.ssm_groups * cfg.ssm_state_size
     if cfg.linear_kind == "mamba":
@@ -47,7 +48,8 @@ def state_bytes_per_seq(cfg: ModelConfig, dtype: torch.dtype) -> int:
     if not cfg.hybrid:
         return 0
     conv, recurrent = state_shapes(cfg)
-    return len(cfg.linear_layer_ids) * (math.prod(conv) * dtype.itemsize + math.prod(recurrent) * RECURRENT_DTYPE.itemsize)
+    per_layer = math.prod(conv) * dtype.itemsize + math.prod(recurrent) * RECURRENT_DTYPE.itemsize
+    return len(cfg.linear_layer_ids) * per_layer
 
 
 class StateCache:

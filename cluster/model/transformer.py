@@ -28,7 +28,8 @@ from cluster.model.overlap import MicroBatch, merged, micro_batches
 from cluster.model.rope import Rotary
 from cluster.model.weights import BackboneWeights, LayerWeights
 
-_LINEAR = {"deltanet": gated_deltanet, "mamba2": mamba2, "mamba": mamba}  # the linear layers' mixer, by ModelConfig.linear_kind
+# the linear layers' mixer, by ModelConfig.linear_kind
+_LINEAR = {"deltanet": gated_deltanet, "mamba2": mamba2, "mamba": mamba}
 
 
 class MoETransformer:
