@@ -85,13 +85,17 @@ def checkpoint(tmp_path_factory):
 def test_preemption_and_chunked_prefill_keep_outputs(checkpoint, name):
     """3 state slots and 8 blocks of 4 tokens for 4 requests of up to 26 tokens: sequences are preempted
     (their state freed) and recomputed, prompts prefilled 8 tokens a step beside running decodes; greedy
-    and seeded outputs equal one roomy engine's whole-prompt ones, and every slot and block comes back."""
+    and seeded outputs equal one roomy engine's whole-prompt ones, and every slot and block comes back. Each
+    step runs as two micro-batches (the overlap's split carries the state slots past one-part blocks too)."""
+    from cluster.model.transformer import MoETransformer
+
     ours = checkpoint(name)
     roomy = LLMEngine.from_pretrained(str(ours), dtype="float32", max_num_seqs=4, max_model_len=128,
                                       enable_chunked_prefill=False)
     cfg = roomy.cfg
     per_block, per_seq = kv_bytes_per_token(cfg, torch.float32) * 4, state_bytes_per_seq(cfg, torch.float32)
-    tight = LLMEngine(cfg, roomy.model, roomy.tokenizer, max_num_seqs=4, max_model_len=128, block_size=4,
+    split = MoETransformer(cfg, roomy.model.weights, roomy.model.experts, 128, overlap=True)
+    tight = LLMEngine(cfg, split, roomy.tokenizer, max_num_seqs=4, max_model_len=128, block_size=4,
                       max_num_batched_tokens=8, kv_cache_memory_bytes=3 * per_seq + 8 * per_block)
     assert tight.cache.states.num_slots == 3 and tight.cache.num_blocks == 8
     prompts = [[(5 * i + 1) % 250 for i in range(20)], [100], [(3 * i + 7) % 250 for i in range(14)], [9, 8, 7, 6]]
