@@ -55,6 +55,7 @@ class ModelConfig:
     expert_intermediate_size: int = 0
     expert_bias: bool = False
     expert_activation: ExpertActivation = SILU
+    dense_activation: ExpertActivation = SILU  # the dense layers' MLP (Nemotron-H: squared ReLU, as its experts)
     norm_topk_prob: bool = True
     moe_layers: tuple[bool, ...] = ()  # per layer: True = MoE block, False = dense MLP
     gate_logits_bias: bool = False  # gpt-oss: the router linear has a bias
@@ -109,6 +110,26 @@ class ModelConfig:
     linear_key_head_dim: int = 0
     linear_value_head_dim: int = 0
     linear_conv_kernel: int = 0
+    # "deltanet" (Qwen3-Next) | "mamba2" (Nemotron-H, Granite 4.0-H) | "mamba" (Mamba-1: Jamba): the kind of
+    # every linear layer.
+    linear_kind: str = "deltanet"
+    # Mamba-2: ssm_heads heads of ssm_head_dim, B and C shared within ssm_groups groups, a state of
+    # ssm_state_size per head channel; the convolution (over x, B, C) has linear_conv_kernel taps and a bias;
+    # prefill scans in chunks of ssm_chunk; a step's dt is clamped to [ssm_dt_min, ssm_dt_max] in the chunked form.
+    ssm_heads: int = 0
+    ssm_head_dim: int = 0
+    ssm_groups: int = 0
+    ssm_state_size: int = 0
+    ssm_chunk: int = 0
+    ssm_dt_min: float = 0.0
+    ssm_dt_max: float = float("inf")
+    # Mamba-1: ssm_inner channels, each with a state of ssm_state_size; the step size has rank ssm_dt_rank.
+    ssm_inner: int = 0
+    ssm_dt_rank: int = 0
+    # Nemotron-H's blocks hold one part each: per layer False = no mixer (attention / linear) part, or no
+    # MLP / MoE part; () = every layer has both.
+    mixer_layers: tuple[bool, ...] = ()
+    mlp_layers: tuple[bool, ...] = ()
     attn_output_gate: bool = False  # q_proj also yields a sigmoid gate on each attention output channel
     norm_unit_offset: bool = False  # RMSNorm weights stored zero-centred and applied as (1 + w)
     # Gemma 4: per layer attention geometry (its full-attention layers have their own head_dim, kv heads and
@@ -152,6 +173,12 @@ class ModelConfig:
     def is_linear(self, layer: int) -> bool:
         return bool(self.linear_layers) and self.linear_layers[layer]
 
+    def has_mixer(self, layer: int) -> bool:
+        return self.mixer_layers[layer] if self.mixer_layers else True
+
+    def has_mlp(self, layer: int) -> bool:
+        return self.mlp_layers[layer] if self.mlp_layers else True
+
     @property
     def hybrid(self) -> bool:
         """Some layers carry recurrent state per sequence (linear attention)."""
@@ -160,7 +187,7 @@ class ModelConfig:
     @property
     def attention_layer_ids(self) -> tuple[int, ...]:
         """Layers whose keys and values go to the paged KV cache."""
-        return tuple(layer for layer in range(self.num_layers) if not self.is_linear(layer))
+        return tuple(layer for layer in range(self.num_layers) if self.has_mixer(layer) and not self.is_linear(layer))
 
     @property
     def linear_layer_ids(self) -> tuple[int, ...]:
@@ -185,6 +212,8 @@ class ModelConfig:
     def expert_params(self) -> int:
         """Parameters of one routed expert: gate, up, down (+ their biases)."""
         d, i = self.hidden_size, self.expert_intermediate_size
+        if not self.expert_activation.gated:  # up and down only (Nemotron-H's squared-ReLU experts)
+            return 2 * d * i + (i + d if self.expert_bias else 0)
         return 3 * d * i + (2 * i + d if self.expert_bias else 0)
 
     def expert_bytes(self, dtype: torch.dtype) -> int:

@@ -15,9 +15,10 @@ import torch
 from cluster.checkpoint import Checkpoint, CheckpointError
 from cluster.config import ModelConfig
 from cluster.families import Family, relocate, resolve
-from cluster.model.weights import (AttentionWeights, BackboneWeights, CompressorWeights, DeltaNetWeights, HyperWeights,
-                                   IndexerWeights, LayerWeights, MLAWeights, MLPWeights, ParallelWeights,
-                                   V4AttentionWeights)
+from cluster.model.state_cache import conv_channels
+from cluster.model.weights import (SILU, AttentionWeights, BackboneWeights, CompressorWeights, DeltaNetWeights,
+                                   ExpertActivation, HyperWeights, IndexerWeights, LayerWeights, Mamba2Weights,
+                                   MambaWeights, MLAWeights, MLPWeights, ParallelWeights, V4AttentionWeights)
 from cluster.precision import resolve_dtype
 from cluster.quant import read_weight
 
@@ -68,11 +69,18 @@ class _Reader:
         scales in fp32, then casts)."""
         return weight.float() + 1.0 if self.cfg.norm_unit_offset else weight
 
-    def mlp(self, prefix: str, inter: int, hidden: int, layer: int, expert_id: int | None = None) -> MLPWeights:
-        gate = self.get(f"{prefix}_gate", (inter, hidden), layer, expert_id)
-        up = self.get(f"{prefix}_up", (inter, hidden), layer, expert_id)
-        down = self.get(f"{prefix}_down", (hidden, inter), layer, expert_id)
-        return MLPWeights(torch.cat([gate, up]), down)
+    def mlp(self, prefix: str, inter: int, hidden: int, layer: int, expert_id: int | None = None,
+            activation: ExpertActivation = SILU) -> MLPWeights:
+        """gate and up rows (one [2I, D] tensor where the family stores them fused: Granite's shared MLP; up
+        alone for a non-gated MLP: Nemotron-H), then down."""
+        get = lambda name, shape: self.get(f"{prefix}_{name}", shape, layer, expert_id)  # noqa: E731
+        if f"{prefix}_gate_up" in self.family.tensors:
+            first = get("gate_up", (2 * inter, hidden))
+        elif activation.gated:
+            first = torch.cat([get("gate", (inter, hidden)), get("up", (inter, hidden))])
+        else:
+            first = get("up", (inter, hidden))
+        return MLPWeights(first, get("down", (hidden, inter)), activation=activation)
 
 
 def _fused_expert(r: _Reader, layer: int, expert_id: int) -> MLPWeights:
@@ -110,8 +118,7 @@ def _expert(r: _Reader, layer: int, expert_id: int) -> MLPWeights:
         return _row_block_expert(r, layer, expert_id)
     if r.family.experts.fused:
         return _fused_expert(r, layer, expert_id)
-    w = r.mlp("expert", r.cfg.expert_intermediate_size, r.cfg.hidden_size, layer, expert_id)
-    return MLPWeights(w.gate_up, w.down, activation=r.cfg.expert_activation)
+    return r.mlp("expert", r.cfg.expert_intermediate_size, r.cfg.hidden_size, layer, expert_id, r.cfg.expert_activation)
 
 
 def _attention(r: _Reader, cfg: ModelConfig, layer: int) -> AttentionWeights:
@@ -163,6 +170,45 @@ def _deltanet(r: _Reader, cfg: ModelConfig, layer: int) -> DeltaNetWeights:
         a_log=r.get("linear_a_log", (hv,), layer, dtype=fp32),
         dt_bias=r.get("linear_dt_bias", (hv,), layer, dtype=fp32),
         norm=r.get("linear_norm", (dv,), layer), out=r.get("linear_out", (d, hv * dv), layer))
+
+
+def _mamba2(r: _Reader, cfg: ModelConfig, layer: int) -> Mamba2Weights:
+    """Mamba-2's in_proj holds z, then x, B, C (the convolution's channels), then dt rows."""
+    d, h, inner = cfg.hidden_size, cfg.ssm_heads, cfg.ssm_heads * cfg.ssm_head_dim
+    channels, fp32 = conv_channels(cfg), torch.float32  # transformers computes A, dt and D in fp32
+    z, xbc, dt = r.get("ssm_in", (inner + channels + h, d), layer).split([inner, channels, h])
+    return Mamba2Weights(
+        z=z.contiguous(), xbc=xbc.contiguous(), dt=dt.contiguous(),
+        conv=r.get("ssm_conv", (channels, 1, cfg.linear_conv_kernel), layer)[:, 0].contiguous(),
+        conv_bias=r.maybe("ssm_conv_bias", (channels,), layer),
+        a_log=r.get("ssm_a_log", (h,), layer, dtype=fp32), dt_bias=r.get("ssm_dt_bias", (h,), layer, dtype=fp32),
+        d=r.get("ssm_d", (h,), layer, dtype=fp32), norm=r.get("ssm_norm", (inner,), layer),
+        out=r.get("ssm_out", (d, inner), layer))
+
+
+def _mamba(r: _Reader, cfg: ModelConfig, layer: int) -> MambaWeights:
+    """Mamba-1's in_proj holds x rows, then z rows."""
+    d, i, n, rank, fp32 = cfg.hidden_size, cfg.ssm_inner, cfg.ssm_state_size, cfg.ssm_dt_rank, torch.float32
+    x, z = r.get("ssm_in", (2 * i, d), layer).split([i, i])
+    return MambaWeights(
+        x=x.contiguous(), z=z.contiguous(),
+        conv=r.get("ssm_conv", (i, 1, cfg.linear_conv_kernel), layer)[:, 0].contiguous(),
+        conv_bias=r.maybe("ssm_conv_bias", (i,), layer), x_proj=r.get("ssm_x_proj", (rank + 2 * n, i), layer),
+        dt_norm=r.get("ssm_dt_norm", (rank,), layer), b_norm=r.get("ssm_b_norm", (n,), layer),
+        c_norm=r.get("ssm_c_norm", (n,), layer), dt_proj=r.get("ssm_dt_proj", (i, rank), layer),
+        dt_bias=r.get("ssm_dt_bias", (i,), layer, dtype=fp32), a_log=r.get("ssm_a_log", (i, n), layer, dtype=fp32),
+        d=r.get("ssm_d", (i,), layer, dtype=fp32), out=r.get("ssm_out", (d, i), layer))
+
+
+_LINEAR = {"mamba2": _mamba2, "mamba": _mamba}  # by ModelConfig.linear_kind; else gated DeltaNet
+
+
+def _mixer(r: _Reader, cfg: ModelConfig, layer: int):
+    if not cfg.has_mixer(layer):
+        return None
+    if cfg.is_linear(layer):
+        return _LINEAR.get(cfg.linear_kind, _deltanet)(r, cfg, layer)
+    return _ATTENTION.get(cfg.attention, _attention)(r, cfg, layer)
 
 
 def _mla(r: _Reader, cfg: ModelConfig, layer: int) -> MLAWeights:
@@ -248,22 +294,23 @@ def _parallel(r: _Reader, cfg: ModelConfig, layer: int) -> ParallelWeights:
 
 def _dense(r: _Reader, cfg: ModelConfig, layer: int) -> MLPWeights | None:
     """A dense layer's MLP, or the one beside the routed experts (Gemma 4)."""
-    if cfg.moe_layers[layer] and not cfg.parallel_dense:
+    if not cfg.has_mlp(layer) or (cfg.moe_layers[layer] and not cfg.parallel_dense):
         return None
-    w = r.mlp("dense", cfg.dense_intermediate_size, cfg.hidden_size, layer)
-    return MLPWeights(w.gate_up, w.down, activation=cfg.dense_activation)
+    return r.mlp("dense", cfg.dense_intermediate_size, cfg.hidden_size, layer, activation=cfg.dense_activation)
 
 
 def _layer(r: _Reader, cfg: ModelConfig, layer: int) -> LayerWeights:
-    d, moe = cfg.hidden_size, cfg.moe_layers[layer]
+    d, mlp = cfg.hidden_size, cfg.has_mlp(layer)
+    moe = mlp and cfg.moe_layers[layer]
     shared = None
     if moe and cfg.shared_expert_intermediate_size:  # with the routed experts' activation (V4 clamps both)
-        w = r.mlp("shared", cfg.shared_expert_intermediate_size, d, layer)
-        shared = MLPWeights(w.gate_up, w.down, activation=cfg.expert_activation)
-    (attn_norm, attn_norm_bias), (mlp_norm, mlp_norm_bias) = r.norm("attn_norm", d, layer), r.norm("mlp_norm", d, layer)
+        shared = r.mlp("shared", cfg.shared_expert_intermediate_size, d, layer, activation=cfg.expert_activation)
+    none = (None, None)
+    attn_norm, attn_norm_bias = r.norm("attn_norm", d, layer) if cfg.has_mixer(layer) else none
+    mlp_norm, mlp_norm_bias = r.norm("mlp_norm", d, layer) if mlp else none
     return LayerWeights(
         attn_norm=attn_norm, attn_norm_bias=attn_norm_bias, mlp_norm=mlp_norm, mlp_norm_bias=mlp_norm_bias,
-        attn=_deltanet(r, cfg, layer) if cfg.is_linear(layer) else _ATTENTION.get(cfg.attention, _attention)(r, cfg, layer),
+        attn=_mixer(r, cfg, layer),
         **_hyper_fields(r, cfg, layer),
         **(_gate(r, cfg, layer) if moe else {}),
         dense=_dense(r, cfg, layer),

@@ -28,7 +28,7 @@ import torch
 from cluster.config import ModelConfig
 from cluster.families import resolve
 from cluster.model.kv_cache import kv_bytes_per_token
-from cluster.model.state_cache import conv_channels, state_bytes_per_seq
+from cluster.model.state_cache import conv_channels, state_bytes_per_seq, state_shapes
 from cluster.precision import dtype_name, resolve_dtype, resolve_kv_dtype
 
 GiB = 1 << 30
@@ -64,12 +64,32 @@ def _deltanet_params(c: ModelConfig) -> int:
     return d * channels + d * hv * dv + 2 * d * hv + channels * c.linear_conv_kernel + 2 * hv + dv + hv * dv * d
 
 
+def _mamba2_params(c: ModelConfig) -> int:
+    """in_proj (z, x, B, C, dt), the convolution and its bias, A_log, dt_bias, D, the gated norm, out_proj."""
+    d, h, inner, channels = c.hidden_size, c.ssm_heads, c.ssm_heads * c.ssm_head_dim, conv_channels(c)
+    return d * (inner + channels + h) + channels * (c.linear_conv_kernel + 1) + 3 * h + inner + inner * d
+
+
+def _mamba_params(c: ModelConfig) -> int:
+    """Mamba-1: in_proj (x, z), the convolution and its bias, x_proj, the dt / B / C norms, dt_proj and its bias,
+    A_log, D, out_proj."""
+    d, i, n, rank = c.hidden_size, c.ssm_inner, c.ssm_state_size, c.ssm_dt_rank
+    norms = rank + 2 * n
+    return 2 * i * d + i * (c.linear_conv_kernel + 1) + (rank + 2 * n) * i + norms + i * (rank + 1) + i * n + i + i * d
+
+
+def _mlp_params(c: ModelConfig, inter: int, gated: bool) -> int:
+    return (3 if gated else 2) * c.hidden_size * inter
+
+
 def _attention_params(c: ModelConfig, layer: int = 0) -> int:
     d, h = c.hidden_size, c.num_heads
+    if not c.has_mixer(layer):
+        return 0
     if c.attention == "dsv4":
         return _v4_layer_params(c, layer)
     if c.is_linear(layer):
-        return _deltanet_params(c)
+        return {"mamba2": _mamba2_params, "mamba": _mamba_params}.get(c.linear_kind, _deltanet_params)(c)
     if c.attention == "mla":
         qk = c.qk_nope_head_dim + c.qk_rope_head_dim
         q = d * h * qk if not c.q_lora_rank else d * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * h * qk
@@ -87,23 +107,26 @@ def _attention_params(c: ModelConfig, layer: int = 0) -> int:
     return weights + norms + (h if c.attn_sinks else 0)
 
 
-def norms_per_layer(c: ModelConfig) -> int:
-    """RMS/LayerNorm weights of hidden size in one layer: before attention and MLP, and Gemma 4's five more
-    (after attention, around each parallel branch, after the MLP)."""
-    return 7 if c.parallel_dense else 2
-
-
 def _layer_params(c: ModelConfig, layer: int) -> int:
     """Everything of one layer but its routed experts."""
     d = c.hidden_size
-    norms = norms_per_layer(c) * d * (2 if c.norm == "layer" and c.norm_bias else 1)
-    dense = 3 * d * c.dense_intermediate_size
+    norms = _norms(c, layer) * d * (2 if c.norm == "layer" and c.norm_bias else 1)
+    if not c.has_mlp(layer):
+        return _attention_params(c, layer) + norms
+    dense = _mlp_params(c, c.dense_intermediate_size, c.dense_activation.gated)
     if not c.moe_layers[layer]:
         return _attention_params(c, layer) + norms + dense
     gate = c.num_experts * d + (c.num_experts if c.gate_logits_bias else 0)
-    shared = 3 * d * c.shared_expert_intermediate_size + (d if c.shared_expert_gate else 0)
+    shared = _mlp_params(c, c.shared_expert_intermediate_size, c.expert_activation.gated) + (
+        d if c.shared_expert_gate else 0)
     parallel = dense + d + c.num_experts if c.parallel_dense else 0  # Gemma 4: its MLP, router scale, per_expert_scale
     return _attention_params(c, layer) + norms + gate + shared + parallel
+
+
+def _norms(c: ModelConfig, layer: int) -> int:
+    """A layer's RMS/LayerNorm weights of hidden size: one before each part it has (Nemotron-H's blocks have
+    one part), and Gemma 4's five more (after attention, around each parallel branch, after the MLP)."""
+    return int(c.has_mixer(layer)) + int(c.has_mlp(layer)) + (5 if c.parallel_dense else 0)
 
 
 @dataclass(frozen=True)
@@ -136,7 +159,7 @@ def backbone_bytes(c: ModelConfig, dtype: torch.dtype) -> int:
     selection_bias = gates if c.scoring in ("sigmoid", "sqrtsoftplus") else 0
     qk_norms = sum(2 * c.head_dim_of(layer) for layer in c.attention_layer_ids) if c.qk_norm == "head" else 0
     fp32 = selection_bias + (gates * c.hidden_size if c.gate_fp32 else 0) + (
-        (norms_per_layer(c) * c.num_layers + 1) * c.hidden_size + qk_norms if c.norm_fp32 else 0)
+        (sum(_norms(c, layer) for layer in range(c.num_layers)) + 1) * c.hidden_size + qk_norms if c.norm_fp32 else 0)
     layer_scalars = c.num_layers if c.parallel_dense else 0  # Gemma 4's: buffers, so no parameters either
     held = ParamCounts.of(c).backbone + selection_bias + layer_scalars
     return (held - fp32) * dtype.itemsize + fp32 * 4
@@ -162,7 +185,9 @@ def attention_flops(c: ModelConfig, context: int) -> int:
     # a chunk of n positions sees n / 2 keys on average, at most n: counted as n (an upper bound)
     seen = {layer: min(context, c.sliding_window(layer) or c.attention_chunk(layer) or context)
             + _compressed_seen(c, layer, context) for layer in c.attention_layer_ids}
-    linear = 8 * c.linear_num_value_heads * c.linear_key_head_dim * c.linear_value_head_dim * len(c.linear_layer_ids)
+    # the state decayed, written and read (and read once more by the delta rule): 2 FLOPs per entry each
+    _, shape = state_shapes(c)
+    linear = (8 if c.linear_kind == "deltanet" else 6) * math.prod(shape) * len(c.linear_layer_ids) if c.hybrid else 0
     return sum(2 * c.num_heads * widths(layer) * n for layer, n in seen.items()) + linear
 
 

@@ -397,6 +397,57 @@ PUBLISHED: dict[str, dict] = {
             "use_clipped_linears": False},
         "vision_soft_tokens_per_image": 280},
 }
+# NVIDIA-Nemotron-3-Nano-30B-A3B-BF16: from public copies of its config.json (verbatim in several repositories'
+# tests and notes; they agree field for field). Its attention layers have no rotary (rope_theta and
+# partial_rotary_factor are read by nothing in transformers' model).
+PUBLISHED["NVIDIA-Nemotron-3-Nano-30B-A3B-BF16"] = {
+    "architectures": ["NemotronHForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "auto_map": {"AutoConfig": "configuration_nemotron_h.NemotronHConfig",
+                 "AutoModel": "modeling_nemotron_h.NemotronHForCausalLM",
+                 "AutoModelForCausalLM": "modeling_nemotron_h.NemotronHForCausalLM"},
+    "bos_token_id": 1, "chunk_size": 128, "conv_kernel": 4, "eos_token_id": 2, "expand": 2, "head_dim": 128,
+    "hidden_dropout": 0.0, "hidden_size": 2688,
+    "hybrid_override_pattern": "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME", "initializer_range": 0.02,
+    "intermediate_size": 1856, "layer_norm_epsilon": 1e-05, "mamba_head_dim": 64, "mamba_hidden_act": "silu",
+    "mamba_num_heads": 64, "mamba_proj_bias": False, "mamba_ssm_cache_dtype": "float32",
+    "max_position_embeddings": 262144, "mlp_bias": False, "mlp_hidden_act": "relu2", "model_type": "nemotron_h",
+    "moe_intermediate_size": 1856, "moe_shared_expert_intermediate_size": 3712, "n_group": 1, "n_groups": 8,
+    "n_routed_experts": 128, "n_shared_experts": 1, "norm_eps": 1e-05, "norm_topk_prob": True,
+    "num_attention_heads": 32, "num_experts_per_tok": 6, "num_hidden_layers": 52, "num_key_value_heads": 2,
+    "num_logits_to_keep": 1, "pad_token_id": 0, "partial_rotary_factor": 1.0, "rescale_prenorm_residual": True,
+    "residual_in_fp32": False, "rope_theta": 10000, "routed_scaling_factor": 2.5, "sliding_window": None,
+    "ssm_state_size": 128, "tie_word_embeddings": False, "time_step_floor": 0.0001, "time_step_max": 0.1,
+    "time_step_min": 0.001, "topk_group": 1, "torch_dtype": "bfloat16", "transformers_version": "4.55.4",
+    "use_bias": False, "use_cache": True, "use_conv_bias": True, "use_mamba_kernels": True, "vocab_size": 131072}
+# ibm-granite/granite-4.0-h-small: recalled. Its sizes, expert counts, shared_intermediate_size, tied embeddings,
+# vocabulary and the 36 Mamba / 4 attention layer types checked against public partial copies of its config.json;
+# the multipliers, the attention layers' positions and the token ids from memory (no full public copy found).
+_GRANITE_H_TYPES = ["mamba"] * 5 + ["attention"] + (["mamba"] * 9 + ["attention"]) * 3 + ["mamba"] * 4
+PUBLISHED["granite-4.0-h-small"] = {
+    "architectures": ["GraniteMoeHybridForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "attention_multiplier": 0.0078125, "bos_token_id": 100257, "embedding_multiplier": 12, "eos_token_id": 100257,
+    "hidden_act": "silu", "hidden_size": 4096, "init_method": "mup", "initializer_range": 0.1,
+    "intermediate_size": 768, "layer_types": _GRANITE_H_TYPES, "logits_scaling": 16, "mamba_chunk_size": 256,
+    "mamba_conv_bias": True, "mamba_d_conv": 4, "mamba_d_head": 64, "mamba_d_state": 128, "mamba_expand": 2,
+    "mamba_n_groups": 1, "mamba_n_heads": 128, "mamba_proj_bias": False, "max_position_embeddings": 131072,
+    "model_type": "granitemoehybrid", "normalization_function": "rmsnorm", "num_attention_heads": 32,
+    "num_experts_per_tok": 10, "num_hidden_layers": 40, "num_key_value_heads": 8, "num_local_experts": 72,
+    "output_router_logits": False, "pad_token_id": 100256, "position_embedding_type": "nope",
+    "residual_multiplier": 0.22, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000,
+    "router_aux_loss_coef": 0.0, "shared_intermediate_size": 1536, "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16", "transformers_version": "4.56.0", "use_cache": True, "vocab_size": 100352}
+# AI21-Jamba-1.5-Mini: from a public copy of its config.json (a converter's test fixture, field for field; that
+# copy sets use_mamba_kernels false for its own run, the release true).
+PUBLISHED["AI21-Jamba-1.5-Mini"] = {
+    "architectures": ["JambaForCausalLM"], "attention_dropout": 0.0, "attn_layer_offset": 4, "attn_layer_period": 8,
+    "bos_token_id": 1, "eos_token_id": [2, 518], "expert_layer_offset": 1, "expert_layer_period": 2,
+    "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+    "mamba_conv_bias": True, "mamba_d_conv": 4, "mamba_d_state": 16, "mamba_dt_rank": 256, "mamba_expand": 2,
+    "mamba_proj_bias": False, "max_position_embeddings": 262144, "model_type": "jamba", "num_attention_heads": 32,
+    "num_experts": 16, "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8,
+    "num_logits_to_keep": 1, "output_router_logits": False, "pad_token_id": 0, "rms_norm_eps": 1e-06,
+    "router_aux_loss_coef": 0.001, "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.40.2", "use_cache": True, "use_mamba_kernels": True, "vocab_size": 65536}
 PUBLISHED["Kimi-K2.5"]["text_config"] = {
     **PUBLISHED["Kimi-K2-Thinking"], "eos_token_id": 163585, "transformers_version": "4.57.1",
     "quantization_config": {**KIMI_INT4, "ignore": [*KIMI_INT4["ignore"], "re:.*vision_tower.*", "re:.*mm_projector.*"]}}
@@ -466,6 +517,22 @@ _SIZES["Qwen3.5-35B-A3B"] = {"text_config": {
     # M-RoPE's sections cover the rotary half-dimension (2 of 16 x 0.25 = 4): shrunk with it
     "rope_parameters": {"mrope_interleaved": True, "mrope_section": [1, 1, 0], "rope_type": "default",
                         "rope_theta": 10000000, "partial_rotary_factor": 0.25}}}
+# Nemotron 3 Nano: the released pattern's first 7 blocks (Mamba-2, MoE, Mamba-2, MoE, Mamba-2, attention, MoE),
+# 16 Mamba heads in the released 8 groups (2 heads a group), 16 of 128 experts top 6, chunks of 32 (the
+# 150-token prompt crosses four).
+_SIZES["NVIDIA-Nemotron-3-Nano-30B-A3B-BF16"] = {
+    **_MHA, "head_dim": 16, "num_hidden_layers": 7, "hybrid_override_pattern": "MEMEM*E", "intermediate_size": 32,
+    "mamba_num_heads": 16, "mamba_head_dim": 8, "ssm_state_size": 16, "chunk_size": 32, "n_routed_experts": 16,
+    "moe_intermediate_size": 32, "moe_shared_expert_intermediate_size": 64}
+# Granite 4.0-H Small: 4 layers (Mamba-2, Mamba-2, attention, Mamba-2), 16 Mamba heads of 8 in the released one
+# group, 16 of 72 experts top 10, chunks of 32; the vocabulary as released (pad_token_id 100256 must index it).
+_SIZES["granite-4.0-h-small"] = {
+    **_MHA, "vocab_size": 100352, "num_hidden_layers": 4, "layer_types": ["mamba", "mamba", "attention", "mamba"],
+    "intermediate_size": 32, "shared_intermediate_size": 64, "num_local_experts": 16, "mamba_n_heads": 16,
+    "mamba_d_head": 8, "mamba_d_state": 16, "mamba_chunk_size": 32}
+# Jamba 1.5 Mini: 6 layers (attention on layer 4 and MoE on the odd layers, the released periods), Mamba-1 of
+# 2 x 64 channels with the released 16 states and a dt rank of 8.
+_SIZES["AI21-Jamba-1.5-Mini"] = {**_MHA, "num_hidden_layers": 6, "intermediate_size": 32, "mamba_dt_rank": 8}
 _SIZES["Qwen3-Coder-30B-A3B-Instruct"] = _SIZES["Qwen3-30B-A3B+YaRN"] = _SIZES["Qwen3-30B-A3B"]
 # MiniMax-M2: rotary on the first quarter of each head as released (64 of 128), 8 of 16 experts.
 _SIZES["MiniMax-M2"] = {**_MHA, "head_dim": 16, "rotary_dim": 4, "intermediate_size": 32, "num_local_experts": 16,

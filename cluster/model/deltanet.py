@@ -30,14 +30,15 @@ def _l2norm(x: Tensor) -> Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + L2_EPS)
 
 
-def causal_conv(x: Tensor, prev: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """x [B, C, n], prev [B, C, K-1] (the inputs before x), weight [C, K] → silu(conv) [B, C, n] and
-    the new prev (the last K-1 inputs)."""
+def causal_conv(x: Tensor, prev: Tensor, weight: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """x [B, C, n], prev [B, C, K-1] (the inputs before x), weight [C, K], bias [C] (Mamba's) → silu(conv)
+    [B, C, n] and the new prev (the last K-1 inputs)."""
     full = torch.cat([prev.to(x.dtype), x], dim=-1)
     n, k = x.shape[-1], weight.shape[1]
     # K shifted multiply-adds in fp32 (as conv1d accumulates): a handful of taps, cheaper than conv1d's set-up
     wf, ff = weight.float(), full.float()
-    out = sum(ff[..., j:j + n] * wf[:, j, None] for j in range(k)).to(weight.dtype)  # [B, C, n]
+    out = sum(ff[..., j:j + n] * wf[:, j, None] for j in range(k))  # [B, C, n]
+    out = (out if bias is None else out + bias.float()[:, None]).to(weight.dtype)
     return F.silu(out).to(x.dtype), full[..., -(k - 1):]
 
 

@@ -119,9 +119,9 @@ def _bias(out: Tensor, bias: Tensor | None, counts: Tensor) -> Tensor:
 def grouped_swiglu(rows: Tensor, stack: ExpertStack, counts: Tensor) -> Tensor:
     """rows [N, D] sorted by stack index, counts [S] rows per stack index (on the rows' device) → [N, D]."""
     offs = counts.cumsum(0).to(torch.int32)  # [S] end of each stack index's rows
-    gate_up = F.grouped_mm(rows, stack.gate_up.transpose(1, 2), offs=offs)  # [N, 2I]
-    gate, up = _bias(gate_up, stack.gate_up_bias, counts).chunk(2, dim=-1)  # [N, I] each
-    out = F.grouped_mm(stack.activation(gate, up).contiguous(), stack.down.transpose(1, 2), offs=offs)  # [N, D]
+    gate_up = F.grouped_mm(rows, stack.gate_up.transpose(1, 2), offs=offs)  # [N, 2I] ([N, I] non-gated)
+    hidden = stack.activation.apply(_bias(gate_up, stack.gate_up_bias, counts))  # [N, I]
+    out = F.grouped_mm(hidden.contiguous(), stack.down.transpose(1, 2), offs=offs)  # [N, D]
     return _bias(out, stack.down_bias, counts)
 
 

@@ -31,6 +31,5 @@ def norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, kind: str) 
 
 def swiglu(x: Tensor, w: MLPWeights) -> Tensor:
     """The gated MLP of every expert kind: a pure function of (weights, rows)."""
-    gate_up = F.linear(x, w.gate_up, w.gate_up_bias)  # [N, 2I]
-    gate, up = gate_up.chunk(2, dim=-1)  # [N, I] each
-    return F.linear(w.activation(gate, up), w.down, w.down_bias)  # [N, D]
+    gate_up = F.linear(x, w.gate_up, w.gate_up_bias)  # [N, 2I] ([N, I] non-gated)
+    return F.linear(w.activation.apply(gate_up), w.down, w.down_bias)  # [N, D]

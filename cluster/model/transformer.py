@@ -20,11 +20,16 @@ from cluster.model.deltanet import gated_deltanet
 from cluster.model.experts import ExpertExecutor, LocalExperts
 from cluster.model.kv_cache import KVCache
 from cluster.model.layers import norm, swiglu
+from cluster.model.mamba import mamba
+from cluster.model.mamba2 import mamba2
 from cluster.model.mla import mla_attention
 from cluster.model.moe import Routing, moe_begin
 from cluster.model.overlap import MicroBatch, merged, micro_batches
 from cluster.model.rope import Rotary
 from cluster.model.weights import BackboneWeights, LayerWeights
+
+# the linear layers' mixer, by ModelConfig.linear_kind
+_LINEAR = {"deltanet": gated_deltanet, "mamba2": mamba2, "mamba": mamba}
 
 
 class MoETransformer:
@@ -79,9 +84,13 @@ class MoETransformer:
         the other micro-batch ran), then attention, then this layer's MLP or the start of its MoE."""
         cfg = self.cfg
         self._finish_moe(part)
-        attend = gated_deltanet if cfg.is_linear(layer) else self._attend
-        h = attend(self._norm(part.x, w.attn_norm, w.attn_norm_bias), w.attn, cfg, layer, part.batch, cache, part.rope)
-        part.x = self._residual(part.x, h)
+        if w.attn is not None:  # None: a Nemotron-H MLP / MoE block
+            attend = _LINEAR[cfg.linear_kind] if cfg.is_linear(layer) else self._attend
+            h = attend(self._norm(part.x, w.attn_norm, w.attn_norm_bias), w.attn, cfg, layer, part.batch, cache,
+                       part.rope)
+            part.x = self._residual(part.x, h)
+        if w.mlp_norm is None:  # a Nemotron-H mixer block
+            return
         h = self._norm(part.x, w.mlp_norm, w.mlp_norm_bias)
         if w.gate is None:
             part.x = self._residual(part.x, swiglu(h, w.dense))

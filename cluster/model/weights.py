@@ -13,11 +13,23 @@ class ExpertActivation:
     """gate, up → hidden of a gated MLP. "silu": silu(gate) * up. "clamped_swiglu" (gpt-oss): gate
     clamped above at `limit`, up to ±`limit`, then (up + 1) * gate * sigmoid(alpha * gate).
     "clamped_silu" (DeepSeek-V4): the same clamps, then silu(gate) * up. "gelu_tanh" (Gemma 4):
-    gelu(gate) with the tanh approximation, times up."""
+    gelu(gate) with the tanh approximation, times up. "relu2" (Nemotron-H): no gate, relu(up)²; its MLP's
+    gate_up holds the up rows alone."""
 
     kind: str = "silu"
     alpha: float = 1.702
     limit: float = 7.0
+
+    @property
+    def gated(self) -> bool:
+        return self.kind != "relu2"
+
+    def apply(self, gate_up: Tensor) -> Tensor:
+        """The first projection's output [N, 2I] (gated) or [N, I] → the hidden [N, I]."""
+        if not self.gated:
+            return F.relu(gate_up).square()
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self(gate, up)
 
     def __call__(self, gate: Tensor, up: Tensor) -> Tensor:
         if self.kind == "silu":
@@ -32,6 +44,7 @@ class ExpertActivation:
 
 
 SILU = ExpertActivation()
+RELU2 = ExpertActivation("relu2")
 
 
 @dataclass(frozen=True)
@@ -39,7 +52,7 @@ class MLPWeights:
     """A gated MLP: a routed expert, a shared expert or a dense layer's MLP. Everything the
     expert compute needs is here, so a remote worker runs the same pure function on it."""
 
-    gate_up: Tensor  # [2I, D]: gate rows then up rows, one matmul for both
+    gate_up: Tensor  # [2I, D]: gate rows then up rows, one matmul for both ([I, D]: up alone, non-gated)
     down: Tensor  # [D, I]
     gate_up_bias: Tensor | None = None  # [2I]
     down_bias: Tensor | None = None  # [D]
@@ -166,10 +179,45 @@ class ParallelWeights:
 
 
 @dataclass(frozen=True)
+class Mamba2Weights:
+    """A Mamba-2 mixer (Nemotron-H, Granite 4.0-H): H heads of P, G groups of B and C of N each; I = H * P."""
+
+    z: Tensor  # [I, D]: the output gate
+    xbc: Tensor  # [I + 2 * G * N, D]: x, B, C (the convolution's channels, in that order)
+    dt: Tensor  # [H, D]: the step size's input
+    conv: Tensor  # [C, K] depthwise causal convolution over x, B, C
+    conv_bias: Tensor | None  # [C]
+    a_log: Tensor  # [H] fp32: A = -exp(a_log)
+    dt_bias: Tensor  # [H] fp32
+    d: Tensor  # [H] fp32: the skip connection D * x
+    norm: Tensor  # [I] the gated RMSNorm's weight (normed per group of I / G)
+    out: Tensor  # [D, I]
+
+
+@dataclass(frozen=True)
+class MambaWeights:
+    """A Mamba-1 mixer (Jamba): I channels with a state of N each, a low-rank (R) step size."""
+
+    x: Tensor  # [I, D]: the scanned input (in_proj's first half)
+    z: Tensor  # [I, D]: the output gate (its second half)
+    conv: Tensor  # [I, K] depthwise causal convolution over x
+    conv_bias: Tensor | None  # [I]
+    x_proj: Tensor  # [R + 2N, I]: dt_r, B, C
+    dt_norm: Tensor  # [R], b_norm and c_norm [N]: Jamba's RMSNorms of dt_r, B and C
+    b_norm: Tensor
+    c_norm: Tensor
+    dt_proj: Tensor  # [I, R]
+    dt_bias: Tensor  # [I] fp32
+    a_log: Tensor  # [I, N] fp32: A = -exp(a_log)
+    d: Tensor  # [I] fp32
+    out: Tensor  # [D, I]
+
+
+@dataclass(frozen=True)
 class LayerWeights:
-    attn_norm: Tensor
-    attn: AttentionWeights | MLAWeights | V4AttentionWeights | DeltaNetWeights
-    mlp_norm: Tensor
+    attn_norm: Tensor | None  # None with attn: a block without a mixer part (Nemotron-H's MLP / MoE blocks)
+    attn: AttentionWeights | MLAWeights | V4AttentionWeights | DeltaNetWeights | Mamba2Weights | MambaWeights | None
+    mlp_norm: Tensor | None  # None: a block without an MLP part (Nemotron-H's mixer blocks)
     gate: Tensor | None = None  # [E, D] on MoE layers: the gate (router weight) of the MoE block
     gate_bias: Tensor | None = None  # [E] DeepSeek-V3 e_score_correction_bias: steers the choice only
     gate_logits_bias: Tensor | None = None  # [E] gpt-oss: added to the gate logits

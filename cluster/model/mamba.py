@@ -1,0 +1,74 @@
+"""The Mamba-1 mixer (Jamba) over a ragged batch.
+
+Per token: x (half of in_proj) through a short depthwise causal convolution (with a bias, silu); from it
+x_proj gives a low-rank step dt_r and the input-dependent B and C [N], each RMS-normed (Jamba's dt / B / C
+norms); dt = softplus(dt_proj · dt_r + dt_bias) per channel. Each of the I channels keeps a state s [N]:
+    s ← exp(dt · A) · s + dt · x · B;  y = s · C + D · x
+with A = −exp(A_log) [I, N]; the output is gated by silu(z) (the other half of in_proj) and projected back.
+Prefill runs the selective scan token by token (transformers' torch fallback `mamba_selective_scan`:
+Mamba-1's per-channel, per-state decay has no cheap chunked form), decodes the same step batched.
+The convolution's last K-1 inputs and s are kept in the state cache between steps.
+Shapes: T rows, B decoding sequences, n a chunk's tokens, I channels, N state size, R the dt rank.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cluster.config import ModelConfig
+from cluster.model.batch import Batch
+from cluster.model.deltanet import causal_conv
+from cluster.model.kv_cache import KVCache
+from cluster.model.layers import rms_norm
+from cluster.model.weights import MambaWeights
+
+
+def selective_scan(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor,
+                   state: Tensor) -> tuple[Tensor, Tensor]:
+    """x, dt [n, ..., I] (dt after softplus), a [I, N], b, c [n, ..., N], d [I], state [..., I, N] → y [n, ..., I]
+    (fp32, before the gate) and the state after the last token. n = 1 with a batch dimension: one decode step."""
+    xf, dt = x.float(), dt.float()
+    decay = (dt[..., None] * a.float()).exp()  # [n, ..., I, N]
+    writes = (dt * xf)[..., None] * b.float()[..., None, :]  # [n, ..., I, N]
+    s, ys = state.float(), []
+    for t in range(x.shape[0]):  # the recurrence, one token at a time
+        s = decay[t] * s + writes[t]
+        ys.append((s * c[t].float()[..., None, :]).sum(-1))
+    return torch.stack(ys) + d.float() * xf, s
+
+
+def _ssm_inputs(xc: Tensor, w: MambaWeights, cfg: ModelConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """The convolved x [T, I] → dt [T, I] (after softplus), B and C [T, N]."""
+    r, n = cfg.ssm_dt_rank, cfg.ssm_state_size
+    dt_r, b, c = F.linear(xc, w.x_proj).split([r, n, n], dim=-1)
+    eps = cfg.rms_norm_eps
+    dt_r, b, c = rms_norm(dt_r, w.dt_norm, eps), rms_norm(b, w.b_norm, eps), rms_norm(c, w.c_norm, eps)
+    return F.softplus(F.linear(dt_r, w.dt_proj).float() + w.dt_bias), b, c
+
+
+def mamba(x: Tensor, w: MambaWeights, cfg: ModelConfig, layer: int, batch: Batch, cache: KVCache,
+          rope: tuple[Tensor, Tensor]) -> Tensor:
+    """x [T, D] → [T, D]; reads and writes each sequence's state in cache.states (rope: unused, no positions)."""
+    states, a = cache.states, -w.a_log.float().exp()
+    xs, z = F.linear(x, w.x), F.linear(x, w.z)  # [T, I] each
+    y = x.new_empty(xs.shape)
+    dec = batch.decode
+    if dec is not None:
+        conv, s = states.read(layer, dec.state_slots, dec.lens == 1)
+        xc, conv = causal_conv(xs[dec.rows][:, :, None], conv, w.conv, w.conv_bias)  # [B, I, 1]
+        xc = xc[:, :, 0]
+        dt, b, c = _ssm_inputs(xc, w, cfg)
+        o, s = selective_scan(xc[None], dt[None], a, b[None], c[None], w.d, s)
+        states.write(layer, dec.state_slots, conv, s)
+        y[dec.rows] = o[0].to(y.dtype)
+    for ch in batch.prefills:
+        rows, slot = slice(ch.start, ch.start + ch.num_tokens), torch.tensor([ch.state_slot], device=x.device)
+        conv, s = states.read(layer, slot, torch.tensor([ch.context_len == ch.num_tokens], device=x.device))
+        xc, conv = causal_conv(xs[rows].t()[None], conv, w.conv, w.conv_bias)  # [1, I, n]
+        xc = xc[0].t()
+        dt, b, c = _ssm_inputs(xc, w, cfg)
+        o, s = selective_scan(xc, dt, a, b, c, w.d, s[0])
+        states.write(layer, slot, conv, s[None])
+        y[rows] = o.to(y.dtype)
+    return F.linear((y.float() * F.silu(z.float())).to(x.dtype), w.out)

@@ -1,0 +1,215 @@
+"""Mamba hybrids (Nemotron-H / Nemotron 3, Granite 4.0-H, Jamba): the Mamba-2 mixer's chunked scan against its
+one-token recurrence, Mamba-1's scan resuming from its state, preemption and chunked prefill keeping outputs
+under a tiny state + KV budget, what the planner sets aside per sequence, and what is refused. Parity with
+transformers is test_published.py's (the published configs)."""
+import json
+
+import pytest
+import torch
+
+from cluster.engine import LLMEngine, SamplingParams
+from cluster.errors import UnsupportedModelError
+from cluster.families import get_family, resolve
+from cluster.model.kv_cache import kv_bytes_per_token
+from cluster.model.mamba import selective_scan
+from cluster.model.mamba2 import chunked_scan, recurrent_step
+from cluster.model.state_cache import state_bytes_per_seq
+from cluster.sizing import format_sizing, sizing_from_config
+from tests.published_checkpoints import build
+from tests.published_configs import PUBLISHED, tiny
+
+NEMOTRON = "NVIDIA-Nemotron-3-Nano-30B-A3B-BF16"
+GRANITE = "granite-4.0-h-small"
+JAMBA = "AI21-Jamba-1.5-Mini"
+HYBRIDS = [NEMOTRON, GRANITE, JAMBA]
+
+
+def _cfg(name: str, released: bool = False):
+    family, text = resolve(PUBLISHED[name] if released else tiny(name))
+    return family.parse_config(text)
+
+
+def test_chunked_scan_equals_the_recurrence():
+    """The chunked form (prefill) against the one-token recurrence (decode), 2 heads a group, over
+    several chunks and across a split: the state a first piece leaves is where the second starts."""
+    torch.manual_seed(0)
+    n, h, p, g, s = 70, 4, 3, 2, 5
+    x, b, c = torch.randn(n, h, p), torch.randn(n, g, s), torch.randn(n, g, s)
+    dt, a, d = torch.rand(n, h) * 0.5, -torch.rand(h) - 0.1, torch.randn(h)
+    state0 = torch.randn(h, p, s) * 0.1
+    whole, s_whole = chunked_scan(x, dt, a, b, c, d, state0, chunk=16)
+    state, outs = state0[None], []
+    for t in range(n):
+        o, state = recurrent_step(x[t:t + 1], dt[t:t + 1], a, b[t:t + 1], c[t:t + 1], d, state)
+        outs.append(o[0])
+    torch.testing.assert_close(whole, torch.stack(outs), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(s_whole, state[0], atol=1e-4, rtol=1e-4)
+    first, s_first = chunked_scan(x[:37], dt[:37], a, b[:37], c[:37], d, state0, chunk=16)
+    second, s_second = chunked_scan(x[37:], dt[37:], a, b[37:], c[37:], d, s_first, chunk=16)
+    torch.testing.assert_close(torch.cat([first, second]), whole, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(s_second, s_whole, atol=1e-4, rtol=1e-4)
+
+
+def test_mamba1_scan_resumes_from_its_state():
+    """Mamba-1's scan over a prompt equals a first piece, then a batched one-token step per token (decode) from
+    the state it left."""
+    torch.manual_seed(0)
+    n, i, s = 12, 6, 4
+    x, dt, b, c = torch.randn(n, i), torch.rand(n, i), torch.randn(n, s), torch.randn(n, s)
+    a, d, state0 = -torch.rand(i, s) - 0.1, torch.randn(i), torch.randn(i, s) * 0.1
+    whole, s_whole = selective_scan(x, dt, a, b, c, d, state0)
+    first, state = selective_scan(x[:5], dt[:5], a, b[:5], c[:5], d, state0)
+    outs = [first]
+    for t in range(5, n):  # as decode runs it: a batch of one sequence, one token
+        o, batched = selective_scan(x[t][None, None], dt[t][None, None], a, b[t][None, None], c[t][None, None], d,
+                                    state[None])
+        outs.append(o[0])
+        state = batched[0]
+    torch.testing.assert_close(torch.cat(outs), whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state, s_whole, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    made = {}
+
+    def make(name: str):
+        if name not in made:
+            made[name], _ = build(name, tmp_path_factory.mktemp(name.replace(".", "_")))
+        return made[name]
+
+    return make
+
+
+@pytest.mark.parametrize("name", HYBRIDS)
+def test_preemption_and_chunked_prefill_keep_outputs(checkpoint, name):
+    """3 state slots and 8 blocks of 4 tokens for 4 requests of up to 26 tokens: sequences are preempted
+    (their state freed) and recomputed, prompts prefilled 8 tokens a step beside running decodes; greedy
+    and seeded outputs equal one roomy engine's whole-prompt ones, and every slot and block comes back. Each
+    step runs as two micro-batches (the overlap's split carries the state slots past one-part blocks too)."""
+    from cluster.model.transformer import MoETransformer
+
+    ours = checkpoint(name)
+    roomy = LLMEngine.from_pretrained(str(ours), dtype="float32", max_num_seqs=4, max_model_len=128,
+                                      enable_chunked_prefill=False)
+    cfg = roomy.cfg
+    per_block, per_seq = kv_bytes_per_token(cfg, torch.float32) * 4, state_bytes_per_seq(cfg, torch.float32)
+    split = MoETransformer(cfg, roomy.model.weights, roomy.model.experts, 128, overlap=True)
+    tight = LLMEngine(cfg, split, roomy.tokenizer, max_num_seqs=4, max_model_len=128, block_size=4,
+                      max_num_batched_tokens=8, kv_cache_memory_bytes=3 * per_seq + 8 * per_block)
+    assert tight.cache.states.num_slots == 3 and tight.cache.num_blocks == 8
+    prompts = [[(5 * i + 1) % 250 for i in range(20)], [100], [(3 * i + 7) % 250 for i in range(14)], [9, 8, 7, 6]]
+    params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=6, temperature=0.8, seed=3, ignore_eos=True)] * 2
+    expected = [o.token_ids for o in roomy.generate(prompts, params)]
+    assert [o.token_ids for o in tight.generate(prompts, params)] == expected
+    assert tight.scheduler.num_preemptions > 0
+    assert tight.cache.states.num_free == 3 and tight.cache.num_free_blocks == 8
+
+
+@pytest.mark.parametrize("name", [NEMOTRON, JAMBA])  # Mamba-2 and Mamba-1
+def test_bf16_follows_fp32(checkpoint, name):
+    """Served in bf16 (activations and conv state bf16, the SSM state fp32), the logits stay within bf16's
+    rounding of the fp32 ones over a prompt crossing scan chunks."""
+    from tests.helpers import our_greedy_logits
+
+    prompt = [(7 * i + 3) % 250 + 1 for i in range(80)]
+    fp32 = LLMEngine.from_pretrained(str(checkpoint(name)), dtype="float32", max_model_len=128)
+    bf16 = LLMEngine.from_pretrained(str(checkpoint(name)), dtype="bfloat16", max_model_len=128)
+    assert bf16.cache.states.conv.dtype == torch.bfloat16 and bf16.cache.states.recurrent.dtype == torch.float32
+    _, want = our_greedy_logits(fp32, prompt, 1)
+    _, got = our_greedy_logits(bf16, prompt, 1)
+    assert (got[0].float() - want[0]).abs().max() < 0.05 < want[0].abs().max()
+
+
+def test_nemotron_blocks_follow_the_pattern():
+    cfg = _cfg(NEMOTRON)  # "MEMEM*E"
+    assert cfg.linear_layer_ids == (0, 2, 4) and cfg.attention_layer_ids == (5,) and cfg.moe_layer_ids == (1, 3, 6)
+    assert [cfg.has_mixer(i) for i in range(7)] == [True, False, True, False, True, True, False]
+    assert not any(cfg.rotates(i) for i in range(7)) and not cfg.expert_activation.gated
+    assert cfg.expert_params == 2 * 64 * 32  # up and down only
+
+
+# (released config, total and active parameters in B, Mamba-2 layers, conv channels, state [H, P, N], KV bytes per
+# token): Nemotron 3 Nano is "31.6B total, 3.5B active" (NVIDIA's card), Granite 4.0-H Small "32B-A9B" (IBM's), Jamba
+# 1.5 Mini "52B total, 12B active" (AI21's). Jamba's Mamba-1 state is [I, N] per layer (no heads).
+PLANS = [
+    (NEMOTRON, (31.0, 32.0), (3.4, 3.7), 23, 4096 + 2 * 8 * 128, (64, 64, 128), 6 * 2 * 2 * 128 * 2),
+    (GRANITE, (31.5, 32.5), (8.5, 9.2), 36, 8192 + 2 * 1 * 128, (128, 64, 128), 4 * 2 * 8 * 128 * 2),
+    (JAMBA, (51.0, 52.5), (11.8, 12.4), 28, 8192, (8192, 16, 1), 4 * 2 * 8 * 128 * 2),
+]
+
+
+@pytest.mark.parametrize("name,total,active,layers,channels,state,kv", PLANS)
+def test_plan_counts_the_mamba_state(tmp_path, name, total, active, layers, channels, state, kv):
+    """As released: each sequence's state over the Mamba-2 layers (conv over x, B, C: 3 taps in bf16; SSM state in
+    fp32) is set aside before KV blocks for the attention layers."""
+    (tmp_path / "config.json").write_text(json.dumps(PUBLISHED[name]))
+    p = sizing_from_config(str(tmp_path), workers=8, max_num_seqs=16, max_model_len=32768)
+    assert total[0] * 1e9 < p.total_params < total[1] * 1e9 and active[0] * 1e9 < p.active_params < active[1] * 1e9
+    assert p.state_bytes_per_seq == state_bytes_per_seq(_cfg(name, released=True), torch.bfloat16) \
+        == layers * (channels * 3 * 2 + state[0] * state[1] * state[2] * 4)
+    assert p.kv_bytes_per_token == kv
+    assert "recurrent state" in format_sizing(p)
+
+
+@pytest.mark.parametrize("name,changes,field", [
+    (NEMOTRON, {"moe_latent_size": 1024}, "moe_latent_size"),
+    (NEMOTRON, {"hybrid_override_pattern": "MEMEM*EX"}, "hybrid_override_pattern"),
+    (NEMOTRON, {"num_hidden_layers": 8}, "num_hidden_layers"),
+    (NEMOTRON, {"mlp_hidden_act": "silu"}, "mlp_hidden_act"),
+    (NEMOTRON, {"n_groups": 3}, "n_groups"),
+    (NEMOTRON, {"mamba_proj_bias": True}, "mamba_proj_bias"),
+    (GRANITE, {"layer_types": ["mamba", "mamba", "sliding_attention", "mamba"]}, "layer_types"),
+    (GRANITE, {"mamba_d_head": 4}, "mamba_d_head"),
+    (GRANITE, {"num_local_experts": 0}, "num_local_experts"),
+    (JAMBA, {"attn_layer_offset": 8}, "attn_layer_offset"),
+    (JAMBA, {"mamba_proj_bias": True}, "mamba_proj_bias"),
+    (JAMBA, {"num_experts": 1}, "num_experts"),
+])
+def test_refusals_name_the_field(name, changes, field):
+    cfg = {**tiny(name), **changes}
+    with pytest.raises(UnsupportedModelError, match=field):
+        get_family(cfg["model_type"]).parse_config(cfg)
+
+
+@pytest.mark.parametrize("n_group,topk_group", [(1, 1), (4, 2)])
+def test_nemotron_routing_equals_transformers_router(n_group, topk_group):
+    """Sigmoid scores, the correction bias steering the choice, group-limited top-k (the released config has no
+    groups; a config with them is routed as transformers' NemotronHTopkRouter routes it), normalised, scaled."""
+    from transformers import NemotronHConfig
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHTopkRouter
+
+    from cluster.model.gating import route
+
+    raw = {**tiny(NEMOTRON), "n_group": n_group, "topk_group": topk_group}
+    cfg = get_family("nemotron_h").parse_config(raw)
+    hf_cfg = NemotronHConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "auto_map", "torch_dtype",
+                                                                           "transformers_version")})
+    torch.manual_seed(0)
+    router = NemotronHTopkRouter(hf_cfg)
+    with torch.no_grad():
+        router.weight.normal_()
+        router.e_score_correction_bias.normal_(std=0.1)
+    x = torch.randn(32, cfg.hidden_size)
+    _, want_w, want_ids = router(x)
+    got_w, got_ids = route(torch.nn.functional.linear(x, router.weight), cfg.gating, router.e_score_correction_bias)
+    order_w, order_g = want_ids.sort(-1), got_ids.sort(-1)
+    assert torch.equal(order_w.values, order_g.values)
+    torch.testing.assert_close(got_w.gather(-1, order_g.indices), want_w.gather(-1, order_w.indices))
+
+
+def test_nemotron_mlp_blocks_match_transformers(tmp_path):
+    """A pattern with '-' blocks (a dense squared-ReLU MLP, as Nemotron-H 8B / 47B have; Nano has none) and
+    grouped routing: greedy tokens and logits as transformers'."""
+    from tests.cluster.helpers import PROMPT, TOLERANCE
+    from tests.helpers import hf_greedy_logits, load_hf, our_greedy_logits
+
+    overrides = {"hybrid_override_pattern": "M-*EM", "num_hidden_layers": 5, "n_group": 4, "topk_group": 2}
+    ours, reference = build(NEMOTRON, tmp_path, overrides=overrides)
+    engine = LLMEngine.from_pretrained(str(ours), dtype="float32", max_model_len=64)
+    assert engine.cfg.mlp_layers == (False, True, False, True, False) and engine.cfg.moe_layer_ids == (3,)
+    hf_tokens, hf_logits = hf_greedy_logits(load_hf(reference), PROMPT, 4)
+    tokens, logits = our_greedy_logits(engine, PROMPT, 4)
+    assert tokens == hf_tokens
+    assert max((a - b).abs().max().item() for a, b in zip(logits, hf_logits)) < TOLERANCE
