@@ -112,21 +112,26 @@ def _status_routes(api: APIRouter, ingress) -> None:
         return PlainTextResponse(body, media_type="text/plain; version=0.0.4")
 
 
+async def _read(request: Request, model, cfg, serving):
+    """Every route's head: the body as `model` (400 on anything else), for the model this server serves."""
+    req = await read_model(request, model, cfg.max_body_bytes)
+    serving.check_model(req.model)
+    return req
+
+
 def _generation_routes(api: APIRouter, ingress) -> None:
     cfg, serving = ingress.cfg, ingress.serving
 
     @api.post("/v1/completions")
     async def completions(request: Request):
-        req = await read_model(request, CompletionRequest, cfg.max_body_bytes)
-        serving.check_model(req.model)
+        req = await _read(request, CompletionRequest, cfg, serving)
         choices = await serving.admitted(lambda: serving.completion_choices(req))
         return await _generate(serving, request_id(request, "cmpl-"), choices, req, chat=False, echo=req.echo,
                                with_logprobs=req.logprobs is not None)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = await read_model(request, ChatCompletionRequest, cfg.max_body_bytes)
-        serving.check_model(req.model)
+        req = await _read(request, ChatCompletionRequest, cfg, serving)
         reply = serving.chat_reply(req)
         choices = await serving.admitted(lambda: serving.chat_choices(req))
         reply = replace(reply, opened=serving.opens_thinking(choices[0].prompt_ids))
@@ -139,15 +144,13 @@ def _token_routes(api: APIRouter, ingress) -> None:
 
     @api.post("/tokenize")
     async def tokenize(request: Request):
-        req = await read_model(request, TokenizeRequest, cfg.max_body_bytes)
-        serving.check_model(req.model)
+        req = await _read(request, TokenizeRequest, cfg, serving)
         tokens = await serving.off_loop(serving.tokenize, req)
         return {"count": len(tokens), "max_model_len": serving.max_model_len, "tokens": tokens}
 
     @api.post("/detokenize")
     async def detokenize(request: Request):
-        req = await read_model(request, DetokenizeRequest, cfg.max_body_bytes)
-        serving.check_model(req.model)
+        req = await _read(request, DetokenizeRequest, cfg, serving)
         return {"prompt": await serving.off_loop(serving.detokenize, req.tokens)}
 
 

@@ -28,10 +28,10 @@ from torch import Tensor
 
 from deployments.experts.compute import ExpertCompute
 from deployments.experts.transport.local_socket import (MODE_CUDA_IPC, OP_GROW, CallFailed, ChannelPool,
-                                                        ForwardHeader, call, checked_header, compute_into, connect)
+                                                        ForwardHeader, call, checked_header, compute_into, connect,
+                                                        grown_size)
 from deployments.experts.validate import BadRequest
 
-MIN_BUFFER = 1 << 20
 GROW = struct.Struct("<q")  # bytes per buffer
 
 
@@ -68,7 +68,7 @@ class CudaIpcChannel:
         held = 0 if self.inputs is None else self.inputs.numel()
         if nbytes <= held:
             return
-        size = max(nbytes, 2 * held, MIN_BUFFER)
+        size = grown_size(nbytes, held)
         self.inputs = self.outputs = None  # unmap the old ones
         body = call(self.sock, OP_GROW + GROW.pack(size), [], timeout, self.path)
         try:

@@ -97,6 +97,15 @@ class ForwardHeader:
         return cls(layer, rows, hidden, dtype, nbytes, values[:n], values[n:])
 
 
+MIN_BUFFER = 1 << 20  # small batches never regrow
+
+
+def grown_size(needed: int, held: int) -> int:
+    """The one grow rule of both same-node transports' row buffers: at least double, at least 1 MiB, so a
+    stream of growing batches maps a new buffer O(log n) times, not once per batch."""
+    return max(needed, 2 * held, MIN_BUFFER)
+
+
 def checked_header(compute, message: bytes) -> ForwardHeader:
     """A worker's first look at a forward call: a whole header that its ExpertCompute accepts."""
     h = ForwardHeader.unpack(message)

@@ -24,10 +24,8 @@ from torch import Tensor
 
 from deployments.experts.compute import ExpertCompute
 from deployments.experts.transport.local_socket import (MODE_SHM, ChannelPool, ForwardHeader, call, checked_header,
-                                                        compute_into, connect)
+                                                        compute_into, connect, grown_size)
 from deployments.experts.validate import BadRequest
-
-MIN_BUFFER = 1 << 20  # small batches never regrow
 
 
 def shared_buffer(size: int) -> tuple[Tensor, int]:
@@ -73,7 +71,7 @@ class ShmChannel:
         """Descriptors to send with this call: a new, larger buffer when the current one is too small."""
         if size <= self.buffer.numel():
             return []
-        self.buffer, fd = shared_buffer(max(size, 2 * self.buffer.numel(), MIN_BUFFER))
+        self.buffer, fd = shared_buffer(grown_size(size, self.buffer.numel()))
         return [fd]
 
     def forward(self, layer: int, rows: Tensor, expert_ids: Sequence[int], counts: Sequence[int],
