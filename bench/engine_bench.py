@@ -2,12 +2,15 @@
 
     .venv/bin/python bench/engine_bench.py [--model models/demo] [--prompts 32] [--max-tokens 128] [--json]
     .venv/bin/python bench/engine_bench.py --model qwen3_moe-1b --prompts 16 --max-tokens 32
+    .venv/bin/python bench/engine_bench.py --model qwen3_next-1b --decode-batches 1,8 --max-tokens 16
 
 `--model qwen3_moe-1b`: a random ~1B-parameter qwen3_moe checkpoint (16 layers, 64 experts,
 top-8, hidden 1024) that the script builds once under tmp/bench-models/ (saved in bf16 as real
 checkpoints are, with the demo model's tokenizer). Both sides run in the same dtype on the same
 device: `--dtype auto` is ours (fp32 on a CPU, bf16 for this checkpoint on a GPU), and transformers
-is loaded in whatever that resolved to.
+is loaded in whatever that resolved to. `--model qwen3_next-1b`: the same for a ~1B Qwen3-Next-shaped
+model (8 layers, gated DeltaNet on 3 of 4, 64 experts top-8, hidden 1024); `--decode-batches 1,8`
+measures plain decoding at those batch sizes instead of the two workloads below.
 
 Greedy decoding of prompts of 8-64 tokens of held-out code and prose, EOS
 ignored so both sides generate exactly the same tokens. Two workloads:
@@ -36,21 +39,33 @@ from demo_corpus import documents  # noqa: E402
 from cluster.engine import LLMEngine, SamplingParams  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-BUILT = {"qwen3_moe-1b": dict(vocab_size=4096, hidden_size=1024, num_hidden_layers=16, num_attention_heads=16,
+_SMALL_VOCAB = dict(vocab_size=4096, max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=0,
+                   eos_token_id=0, pad_token_id=0)  # the demo model's tokenizer
+BUILT = {"qwen3_moe-1b": dict(model_type="qwen3_moe", hidden_size=1024, num_hidden_layers=16, num_attention_heads=16,
                               num_key_value_heads=4, head_dim=64, moe_intermediate_size=288, intermediate_size=2816,
                               num_experts=64, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
-                              mlp_only_layers=[], max_position_embeddings=2048, tie_word_embeddings=False,
-                              bos_token_id=0, eos_token_id=0, pad_token_id=0)}
+                              mlp_only_layers=[], **_SMALL_VOCAB),
+         # Qwen3-Next-80B-A3B's config shrunk to ~1B: 8 layers, gated DeltaNet on 3 of 4 (full attention every
+         # 4th), gated attention with partial rotary, 64 experts top-8 with a sigmoid-gated shared expert.
+         "qwen3_next-1b": dict(model_type="qwen3_next", hidden_size=1024, num_hidden_layers=8, full_attention_interval=4,
+                               num_attention_heads=8, num_key_value_heads=2, head_dim=128, partial_rotary_factor=0.25,
+                               linear_num_key_heads=8, linear_num_value_heads=16, linear_key_head_dim=64,
+                               linear_value_head_dim=64, linear_conv_kernel_dim=4, moe_intermediate_size=576,
+                               shared_expert_intermediate_size=576, intermediate_size=2816, num_experts=64,
+                               num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                               rope_theta=10000000, rms_norm_eps=1e-6, **_SMALL_VOCAB)}
 
 
 def built_model(name: str) -> str:
     """The checkpoint directory of a model this script builds (once), e.g. qwen3_moe-1b."""
     out = ROOT / "tmp" / "bench-models" / name
     if not (out / "config.json").exists():
-        from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(Qwen3MoeConfig(**BUILT[name]), dtype=torch.bfloat16)
+        kwargs = dict(BUILT[name])
+        config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         print(f"built {name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters", file=sys.stderr)
         model.save_pretrained(out)
         for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -58,12 +73,14 @@ def built_model(name: str) -> str:
     return str(out)
 
 
-def make_prompts(engine: LLMEngine, count: int) -> list[list[int]]:
+def make_prompts(engine: LLMEngine, count: int, length: int | None = None) -> list[list[int]]:
+    """`count` prompts of 8-64 tokens, or all of `length` tokens (no padding on transformers' side)."""
     docs = documents("code", "heldout") + documents("prose", "heldout")
     prompts = []
     for i in range(count):
         ids = engine.encode(docs[i % len(docs)][200 * (i // len(docs)):])
-        prompts.append(ids[: 8 + (i * 7) % 57])
+        prompts.append(ids[: length or 8 + (i * 7) % 57])
+    assert length is None or all(len(p) == length for p in prompts), "held-out documents too short"
     return prompts
 
 
@@ -112,27 +129,41 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--device", default="cpu", help="cpu or cuda (both sides run there)")
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (both sides)")
+    p.add_argument("--decode-batches", default=None,
+                   help="e.g. 1,8: instead of the two workloads, decode at each batch size (prompts of "
+                        "--prompt-len tokens, --max-tokens new each; both sides one batch)")
+    p.add_argument("--prompt-len", type=int, default=32, help="with --decode-batches")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     from transformers import AutoModelForCausalLM
 
-    n, m = args.prompts, args.max_tokens
+    batches = [int(b) for b in args.decode_batches.split(",")] if args.decode_batches else []
+    n, m = max(batches) if batches else args.prompts, args.max_tokens
     path = built_model(args.model) if args.model in BUILT else args.model
+    t0 = time.perf_counter()
     engine = LLMEngine.from_pretrained(path, max_num_seqs=n, max_model_len=64 + 2 * m + 8, device=args.device,
                                        dtype=args.dtype)
+    t1 = time.perf_counter()
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=engine.dtype).to(args.device).eval()  # same as ours
-    prompts = make_prompts(engine, 2 * n)
-    mixed = [16 + (2 * m - 16) * ((i * 37) % (2 * n)) // (2 * n - 1) for i in range(2 * n)]
+    print(f"loaded in {t1 - t0:.1f} s (ours), {time.perf_counter() - t1:.1f} s (transformers)", file=sys.stderr)
     result = {"model": args.model, "threads": torch.get_num_threads(), "device": args.device,
-              "dtype": str(engine.dtype).removeprefix("torch."),
-              "uniform": compare(engine, hf_model, prompts[:n], [m] * n, n),
-              "mixed": compare(engine, hf_model, prompts, mixed, n)}
+              "dtype": str(engine.dtype).removeprefix("torch.")}
+    if batches:
+        prompts = make_prompts(engine, n, args.prompt_len)
+        for b in batches:
+            result[f"batch {b}"] = compare(engine, hf_model, prompts[:b], [m] * b, b)
+            print(f"batch {b}: {result[f'batch {b}']}", file=sys.stderr, flush=True)  # a long run's partial figures
+    else:
+        prompts = make_prompts(engine, 2 * n)
+        mixed = [16 + (2 * m - 16) * ((i * 37) % (2 * n)) // (2 * n - 1) for i in range(2 * n)]
+        result.update({"uniform": compare(engine, hf_model, prompts[:n], [m] * n, n),
+                       "mixed": compare(engine, hf_model, prompts, mixed, n)})
     if args.json:
         print(json.dumps(result))
         return
     print(f"model: {args.model}, device: {args.device}, dtype: {result['dtype']} (both sides), "
           f"torch threads: {result['threads']}")
-    for name in ("uniform", "mixed"):
+    for name in [k for k in result if isinstance(result[k], dict)]:
         print(f"[{name}]")
         for k, v in result[name].items():
             print(f"  {k:32} {v}")

@@ -353,3 +353,10 @@ def load_experts(ckpt: Checkpoint, family: Family, cfg: ModelConfig, pairs: Iter
             raise CheckpointError(f"{ckpt.root}: no expert {expert_id} in layer {layer} of this model")
         out[(layer, expert_id)] = _expert(r, layer, expert_id)
     return out
+
+
+def load_hash_tables(ckpt: Checkpoint, family: Family, cfg: ModelConfig) -> dict[int, torch.Tensor]:
+    """{MoE layer: tid2eid [V, K]} of the hash-routed layers (DeepSeek-V4): read alone, nothing else."""
+    r = _Reader(ckpt, family, cfg, torch.float32, "cpu")
+    return {layer: r.get("hash_table", (cfg.vocab_size, cfg.top_k), layer, dtype=torch.long)
+            for layer in cfg.moe_layer_ids if cfg.hash_routed(layer)}

@@ -157,8 +157,40 @@ def _drain(controller, timeout_s: float) -> None:
         time.sleep(1.5)  # the ingress replicas end them with an error event / 503
 
 
+def _profile_from_text(args: argparse.Namespace) -> int:
+    """Hash-routed layers' expert load from a text file's token ids alone (cluster.hash_load): no server."""
+    from cluster.hash_load import profile_loads, token_frequencies
+    from cluster.loader import load_hash_tables, open_model
+    from cluster.profile import save_profile
+    from cluster.tokenizer import TextTokenizer, missing_reason
+
+    if not args.model:
+        raise ValueError("--from-text needs --model: the checkpoint whose tokenizer and tid2eid tables to read")
+    ckpt, family, cfg = open_model(args.model)
+    tokenizer = TextTokenizer.from_checkpoint(args.model)
+    if tokenizer is None:
+        raise ValueError(f"--from-text: {missing_reason(args.model)}")
+    tables = {layer: t.numpy() for layer, t in load_hash_tables(ckpt, family, cfg).items()}
+    with open(args.from_text, encoding="utf-8") as f:  # line by line: a corpus need not fit in memory twice
+        ids = (i for line in f for i in tokenizer.encode(line, add_special_tokens=False))
+        frequencies = token_frequencies(ids, cfg.vocab_size)
+    if frequencies.sum() <= 0:
+        raise ValueError(f"{args.from_text}: no tokens in the file")
+    loads = profile_loads(tables, frequencies, cfg.moe_layer_ids, cfg.num_experts, cfg.top_k)
+    save_profile(args.out, loads, list(cfg.moe_layer_ids),
+                 {"model": args.model, "from_text": args.from_text, "tokens": int(frequencies.sum()),
+                  "hash_layers": sorted(tables), "even_layers": [x for x in cfg.moe_layer_ids if x not in tables]})
+    print(f"wrote {args.out}: {len(tables)} hash-routed layers from {int(frequencies.sum())} tokens, the other "
+          f"{len(cfg.moe_layer_ids) - len(tables)} MoE layers even; use it with `mode: static` and `profile_file:`",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_record_profile(args: argparse.Namespace) -> int:
-    """Expert load over a window of live traffic → a profile file for the policy's mode static."""
+    """Expert load over a window of live traffic (or, for hash-routed layers, from a text file's token ids)
+    → a profile file for the policy's mode static."""
+    if args.from_text:
+        return _profile_from_text(args)
     import numpy as np
     import requests
 
@@ -261,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seconds", type=float, default=30.0, help="how long to record")
     r.add_argument("--out", required=True, help="profile file to write (JSON)")
     r.add_argument("--api-key", default=os.environ.get("MOE_CLUSTER_API_KEY"), help="if the server needs one")
+    r.add_argument("--from-text", default=None,
+                   help="no server: plan the hash-routed layers (DeepSeek-V4) from this text file's token "
+                        "frequencies (needs --model); other MoE layers get an even load")
+    r.add_argument("--model", default=None, help="with --from-text: the checkpoint directory")
     r.set_defaults(func=cmd_record_profile)
     return p
 

@@ -81,19 +81,54 @@ def test_stream_interval_leaves_the_output_unchanged(cluster):
     assert got == expected
 
 
+def _published_checkpoint(name: str, root) -> str:
+    """Our checkpoint directory for a published config, stored as released."""
+    if name == "DeepSeek-V4-Flash":
+        from tests.deepseek_v4_checkpoints import build as build_v4
+
+        return str(build_v4(root))
+    from tests.published_checkpoints import build
+
+    return str(build(name, root)[0])
+
+
 @pytest.mark.parametrize("name", ["Llama-4-Maverick-17B-128E-Instruct", "Qwen3-Next-80B-A3B-Instruct",
-                                  "gemma-4-26B-A4B-it"])
+                                  "gemma-4-26B-A4B-it", "DeepSeek-V4-Flash"])
 def test_published_family_through_two_workers(cluster, tmp_path_factory, name):
     """The MoE paths furthest from the others, served with 2 workers: HTTP gives the in-process tokens.
     Llama 4 (issue 18): the routing weight scales the expert's input, a shared expert, dense layers between
     MoE layers, fused experts, a multimodal wrapper checkpoint. Qwen3-Next (issue 19): the router holds the
     attention KV cache and every sequence's recurrent state, the two workers only experts. Gemma 4: the dense
-    MLP beside the experts stays in the router, per-layer KV shapes, a multimodal wrapper checkpoint."""
-    from tests.published_checkpoints import build
-
-    ours, _ = build(name, tmp_path_factory.mktemp(name.replace(".", "_")))
-    expected = expected_tokens(str(ours), ID_PROMPTS)
-    cluster.deploy(str(ours), 2)
+    MLP beside the experts stays in the router, per-layer KV shapes, a multimodal wrapper checkpoint.
+    DeepSeek-V4 (issue 19): hash-routed layers (the router reads tid2eid, the workers never do),
+    hyper-connections, the release's own tensor names."""
+    ours = _published_checkpoint(name, tmp_path_factory.mktemp(name.replace(".", "_")))
+    expected = expected_tokens(ours, ID_PROMPTS)
+    cluster.deploy(ours, 2)
     got = concurrently(lambda i: http_complete(cluster.base, ID_PROMPTS[i], MAX_TOKENS[i])["choices"][0]["token_ids"],
                        range(len(ID_PROMPTS)))
     assert got == expected
+    if name == "DeepSeek-V4-Flash":
+        _hash_routing_is_traced_and_counted(cluster.base, ours)
+
+
+def _hash_routing_is_traced_and_counted(base: str, path: str) -> None:
+    """Served, a hash-routed layer's trace names the fixed table's experts for the token fed, and its rows
+    count as expert load like any other layer's (usage.expert_tokens: every layer, top-k rows per token)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    tensors = load_file(str(Path(path) / "model.safetensors"))
+    prompt, steps = [9, 99, 199, 42], 4
+    body = http_complete(base, prompt, steps, return_routing=True, ignore_eos=True)
+    choice, usage = body["choices"][0], body["usage"]
+    fed = prompt[-1:] + choice["token_ids"][:-1]  # the input of the forward pass that chose each token
+    for layer in range(cfg["num_hash_layers"]):
+        table = tensors[f"layers.{layer}.ffn.gate.tid2eid"]
+        assert [sorted(token[layer]["expert_ids"]) for token in choice["routing"]] == \
+            [sorted(table[t].tolist()) for t in fed]
+    computed = len(prompt) + steps - 1
+    assert usage["expert_tokens"] == computed * cfg["num_hidden_layers"] * cfg["num_experts_per_tok"]
