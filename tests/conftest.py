@@ -16,9 +16,22 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # processes included, is its own unit and spreads over both workers. (xdist's own `loadgroup` marks
 # do not reach its scheduler under pytest 9, whose node ids no longer read `_nodeid`: hence a
 # scheduler of our own.) A new test file that starts Ray belongs here.
+# In this order: a deployment costs ~30 s, and lm_eval, serving_api and serving_parity's first case
+# deploy the same application (the demo model on 2 workers), so they run one after another.
 SERIAL = tuple(f"tests/deployments/test_{name}.py" for name in (
-    "autoscaler", "faults", "fuzz", "limits", "lm_eval", "multinode", "pool", "prefix_routing_served",
-    "reliability", "scale_out", "serve_cli", "serve_config", "serving_api", "serving_parity", "tiers_served"))
+    "autoscaler", "faults", "fuzz", "limits", "multinode", "pool", "prefix_routing_served", "reliability",
+    "scale_out", "serve_cli", "serve_config", "tiers_served", "lm_eval", "serving_api", "serving_parity"))
+
+
+def _serial_rank(item) -> int:
+    return next(i for i, path in enumerate(SERIAL) if item.nodeid.startswith(path))
+
+
+def pytest_collection_modifyitems(items):
+    """The serial files run in SERIAL's order (the other tests keep theirs)."""
+    slots = [i for i, item in enumerate(items) if item.nodeid.startswith(SERIAL)]
+    for i, item in zip(slots, sorted((items[i] for i in slots), key=_serial_rank)):
+        items[i] = item
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -72,7 +72,7 @@ def test_controller_restart_keeps_traffic_flowing(cluster, checkpoint_factory):
     from ray import serve
 
     model = str(checkpoint_factory("mixtral"))
-    c = cluster.deploy(model, 2, expert_copies=1)
+    c = cluster.deploy(model, 2, expert_copies=1, expert_call_timeout_s=5)  # the previous test's deployment
     load = Load(c.base)
     try:
         load.wait_ok(4)

@@ -54,8 +54,13 @@ def _two_routers(cluster, model, **extra):
     return c
 
 
+# The tests pair up on two deployments (a deployment costs ~30 s): the parity test and the router kill
+# on one with a slow engine step, the skewed-load test and the controller kill on one with the autoscaler.
+STEP_DELAY = dict(engine_step_delay_s=0.1)  # a request takes >= 1.2 s: many are in flight
+
+
 def test_two_routers_three_workers_match_in_process(cluster, model):
-    c = _two_routers(cluster, model)
+    c = _two_routers(cluster, model, **STEP_DELAY)
     prompts = LOAD_PROMPTS * 3
     lengths = [6, 9, 12, 15] * 3
     local = LLMEngine.from_pretrained(model)
@@ -77,6 +82,36 @@ def test_two_routers_three_workers_match_in_process(cluster, model):
         time.sleep(0.6)
     print(f"\nsteps per router: {steps}")
     assert len(steps) == 2 and all(steps)
+
+
+def _busiest_router(base: str) -> str | None:
+    """The router whose last report had the most requests running (the victim must hold some: either
+    router may be idle for a moment, whatever the request router chose, and then nothing is resumed)."""
+    running = {rid: r["running"] for rid, r in _admin(base, "stats")["routers"].items()}
+    busiest = max(running, key=running.get, default=None)
+    return busiest if busiest and running[busiest] > 0 else None
+
+
+def test_router_killed_under_load_loses_no_request(cluster, model):
+    c = _two_routers(cluster, model, **STEP_DELAY)
+    expected = load_expected(model)
+    load = Load(c.base, clients=4)
+    try:
+        load.wait_ok(8)
+        victim = f"SERVE_REPLICA::moe#router#{_wait('a router with requests in flight', lambda: _busiest_router(c.base))}"
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        killed_at = load.ok
+        load.wait_ok(killed_at + 12)  # the other router serves; requests in flight were resumed there
+        _wait("Serve replaced the router", lambda: len(_replicas("router")) == 2 and victim not in _replicas("router"))
+        load.wait_ok(load.ok + 4)
+    finally:
+        summary = load.stop()
+    resumed = next((float(x.split()[-1]) for x in requests.get(f"{c.base}/metrics", timeout=30).text.splitlines()
+                    if x.startswith("moe_requests_resumed_total")), 0.0)
+    print(f"\nkill a router under load: {summary}; requests resumed on the other router: {resumed:g}")
+    assert load.failed == [], load.failed[:5]
+    assert resumed >= 1  # requests were in flight on the killed router, and none of them was lost
+    assert all(outs == {expected[p]} for p, outs in load.outputs.items())  # resumed output is identical
 
 
 def test_skewed_load_on_both_routers_one_rebalance_both_switch(cluster, model):
@@ -109,39 +144,10 @@ def test_skewed_load_on_both_routers_one_rebalance_both_switch(cluster, model):
     assert load["placement"]["version"] >= version
 
 
-def _busiest_router(base: str) -> str | None:
-    """The router whose last report had the most requests running (the victim must hold some: either
-    router may be idle for a moment, whatever the request router chose, and then nothing is resumed)."""
-    running = {rid: r["running"] for rid, r in _admin(base, "stats")["routers"].items()}
-    busiest = max(running, key=running.get, default=None)
-    return busiest if busiest and running[busiest] > 0 else None
-
-
-def test_router_killed_under_load_loses_no_request(cluster, model):
-    c = _two_routers(cluster, model, engine_step_delay_s=0.1)  # a request takes ≥ 1.2 s: many are in flight
-    expected = load_expected(model)
-    load = Load(c.base, clients=4)
-    try:
-        load.wait_ok(8)
-        victim = f"SERVE_REPLICA::moe#router#{_wait('a router with requests in flight', lambda: _busiest_router(c.base))}"
-        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-        killed_at = load.ok
-        load.wait_ok(killed_at + 12)  # the other router serves; requests in flight were resumed there
-        _wait("Serve replaced the router", lambda: len(_replicas("router")) == 2 and victim not in _replicas("router"))
-        load.wait_ok(load.ok + 4)
-    finally:
-        summary = load.stop()
-    resumed = next((float(x.split()[-1]) for x in requests.get(f"{c.base}/metrics", timeout=30).text.splitlines()
-                    if x.startswith("moe_requests_resumed_total")), 0.0)
-    print(f"\nkill a router under load: {summary}; requests resumed on the other router: {resumed:g}")
-    assert load.failed == [], load.failed[:5]
-    assert resumed >= 1  # requests were in flight on the killed router, and none of them was lost
-    assert all(outs == {expected[p]} for p, outs in load.outputs.items())  # resumed output is identical
-
-
 def test_controller_killed_under_load_fails_nothing_and_rebalancing_resumes(cluster, model):
-    c = _two_routers(cluster, model, autoscaler={**POLICY, "hot_threshold": 1.0})
+    c = _two_routers(cluster, model, autoscaler=POLICY)
     expected = load_expected(model)
+    changes_before = {h["table_version"] for h in _admin(c.base, "autoscaler")["history"] if h["outcome"] == "done"}
     load = Load(c.base, clients=3)
     try:
         load.wait_ok(6)
@@ -157,7 +163,7 @@ def test_controller_killed_under_load_fails_nothing_and_rebalancing_resumes(clus
         _wait("the new controller takes a policy change",  # a new plan to make
               lambda: requests.put(f"{c.base}/admin/policy", json={"extra_slots_per_layer": 5},
                                    timeout=30).status_code == 200)
-        _wait("rebalancing resumed", lambda: any(h["outcome"] == "done"
+        _wait("rebalancing resumed", lambda: any(h["outcome"] == "done" and h["table_version"] not in changes_before
                                                  for h in _admin(c.base, "autoscaler")["history"]), 120)
     finally:
         summary = load.stop()

@@ -34,7 +34,7 @@ def models(checkpoint_factory):
 
 # Each case is a deployment (the costly part of this file): every model and every worker count once,
 # not their product. demo on 2 workers first: the same deployment as test_serving_api's, kept.
-@pytest.mark.parametrize("name,num_workers", [("demo", 2), ("mixtral", 1), ("qwen2_moe", 4), ("demo", 4)])
+@pytest.mark.parametrize("name,num_workers", [("demo", 2), ("mixtral", 1), ("qwen2_moe", 4)])
 def test_http_and_grpc_match_in_process(cluster, models, name, num_workers):
     path, prompts, expected = models(name)
     cluster.deploy(path, num_workers)
