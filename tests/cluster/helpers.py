@@ -67,3 +67,30 @@ class Workers:
                 out[start:start + n] = worker.run_subset(layer, rows[start:start + n], [expert_id], [n])
                 start += n
         return out
+
+
+def preempted_and_chunked_equal_roomy(path: str) -> None:
+    """A hybrid model on a budget of 3 state slots and 8 blocks of 4 tokens, for 4 requests of up to 26 tokens:
+    sequences are preempted (their state freed) and recomputed, prompts prefilled 8 tokens a step beside
+    running decodes, each step run as two micro-batches (the overlap's split carries the state slots); greedy
+    and seeded outputs equal one roomy engine's whole-prompt ones, and every slot and block comes back."""
+    from cluster.engine import LLMEngine
+    from cluster.model.kv_cache import kv_bytes_per_token
+    from cluster.model.state_cache import state_bytes_per_seq
+    from cluster.model.transformer import MoETransformer
+
+    roomy = LLMEngine.from_pretrained(path, dtype="float32", max_num_seqs=4, max_model_len=128,
+                                      enable_chunked_prefill=False)
+    cfg = roomy.cfg
+    per_block, per_seq = kv_bytes_per_token(cfg, torch.float32) * 4, state_bytes_per_seq(cfg, torch.float32)
+    split = MoETransformer(cfg, roomy.model.weights, roomy.model.experts, 128, overlap=True)
+    tight = LLMEngine(cfg, split, roomy.tokenizer, max_num_seqs=4, max_model_len=128, block_size=4,
+                      max_num_batched_tokens=8, kv_cache_memory_bytes=3 * per_seq + 8 * per_block)
+    assert tight.cache.states.num_slots == 3 and tight.cache.num_blocks == 8
+    prompts = [[(5 * i + 1) % 250 for i in range(20)], [100], [(3 * i + 7) % 250 for i in range(14)], [9, 8, 7, 6]]
+    params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=6, temperature=0.8, seed=3, ignore_eos=True)] * 2
+    expected = [o.token_ids for o in roomy.generate(prompts, params)]
+    assert [o.token_ids for o in tight.generate(prompts, params)] == expected
+    assert tight.scheduler.num_preemptions > 0
+    assert tight.cache.states.num_free == 3 and tight.cache.num_free_blocks == 8  # all given back
