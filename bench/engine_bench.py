@@ -39,7 +39,7 @@ from demo_corpus import documents  # noqa: E402
 from cluster.engine import LLMEngine, SamplingParams  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-_SMALL_VOCAB = dict(vocab_size=4096, max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=0,
+_SMALL_VOCAB = dict(vocab_size=4096, max_position_embeddings=8192, tie_word_embeddings=False, bos_token_id=0,
                    eos_token_id=0, pad_token_id=0)  # the demo model's tokenizer
 BUILT = {"qwen3_moe-1b": dict(model_type="qwen3_moe", hidden_size=1024, num_hidden_layers=16, num_attention_heads=16,
                               num_key_value_heads=4, head_dim=64, moe_intermediate_size=288, intermediate_size=2816,

@@ -1,7 +1,9 @@
 """Prefix caching and chunked prefill, in-process engine, one run each.
 
     .venv/bin/python bench/prefix_bench.py [--model models/demo] [--system 512] [--turns 4] [--conversations 8]
-                                           [--streams 32] [--long 768] [--chunk 128] [--json]
+                                           [--streams 32] [--long 768] [--chunk 128] [--only chat|long|uniform]
+                                           [--rounds 3] [--json]
+    .venv/bin/python bench/prefix_bench.py --model qwen3_moe-1b --system 1024 --turns 8 --conversations 16
 
 chat:   `conversations` chats share a system prompt of `system` tokens; each turn appends a
         32-token user message and the previous reply (8 tokens); all chats' turn t run together.
@@ -9,8 +11,12 @@ chat:   `conversations` chats share a system prompt of `system` tokens; each tur
 long:   `streams` streams decode; a `long`-token prompt arrives. Inter-token latency (step time
         seen by the running streams) p99 while it is prefilled vs before it came, whole-prompt
         prefill vs chunks of `chunk` tokens a step.
-Model defaults: the demo model (context 1024, so the figures use shorter prompts than the issue's
-1,024-token system prompt and 4,096-token arrival; pass --model for a longer one).
+uniform: `streams` distinct prompts of 64 tokens, 64 new tokens each, all at once (no shared prefix):
+        tokens/s with prefix caching and chunked prefill on (the defaults) vs both off (the engine before
+        them), `rounds` interleaved rounds, medians.
+Model: the demo model (context 1024: the chat and long prompts must fit it) or a built ~1B model
+(`qwen3_moe-1b`, as bench/engine_bench.py builds it once, context 8192); the context is sized to the
+longest prompt asked for.
 """
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ import time
 import numpy as np
 
 from cluster.engine import LLMEngine, SamplingParams
+
+from engine_bench import BUILT, built_model
 
 REPLY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
@@ -86,6 +94,22 @@ def long_arrival(base: LLMEngine, streams: int, long: int, chunk: int | None) ->
             "ratio": float(np.percentile(during, 99) / np.percentile(steady, 99))}
 
 
+def uniform(base: LLMEngine, streams: int, rounds: int) -> dict:
+    """Tokens/s of `streams` distinct 64-token prompts x 64 new tokens: the features on vs both off."""
+    engines = {"on": _engine(base, max_num_seqs=streams),
+               "off": _engine(base, max_num_seqs=streams, enable_prefix_caching=False, enable_chunked_prefill=False)}
+    params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    rates = {name: [] for name in engines}
+    for r in range(rounds):  # interleaved, so a slow moment of the machine falls on both sides
+        for name, engine in engines.items():
+            prompts = [_tokens(64, 10_000 * (r + 1) + s) for s in range(streams)]  # never seen before
+            t = time.perf_counter()
+            outs = engine.generate(prompts, params)
+            rates[name].append(sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t))
+    on, off = (float(np.median(rates[k])) for k in ("on", "off"))
+    return {"streams": streams, "tok_s_on": on, "tok_s_off": off, "ratio_on_off": on / off, "rounds": rates}
+
+
 def _step_times(engine: LLMEngine, n: int) -> list[float]:
     out = []
     for _ in range(n):
@@ -104,10 +128,13 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=32)
     ap.add_argument("--long", type=int, default=768)
     ap.add_argument("--chunk", type=int, default=128)
-    ap.add_argument("--only", choices=["chat", "long"], default=None)
+    ap.add_argument("--only", choices=["chat", "long", "uniform"], default=None)
+    ap.add_argument("--rounds", type=int, default=3, help="uniform: interleaved rounds")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    base = LLMEngine.from_pretrained(args.model, max_num_seqs=1, max_model_len=1024)
+    path = built_model(args.model) if args.model in BUILT else args.model
+    longest = max(args.system + args.turns * 40, args.long, 128) + 64  # the longest prompt and its reply
+    base = LLMEngine.from_pretrained(path, max_num_seqs=1, max_model_len=longest)
     summary = {}
     if args.only in (None, "chat"):
         off, on = (chat(base, args.system, args.turns, args.conversations, c) for c in (False, True))
@@ -116,6 +143,8 @@ def main() -> None:
                     / off["computed_prompt_tokens_turns_2_on"]}
     if args.only in (None, "long"):
         summary["long"] = [long_arrival(base, args.streams, args.long, c) for c in (None, args.chunk)]
+    if args.only in (None, "uniform"):
+        summary["uniform"] = uniform(base, args.streams, args.rounds)
     print(json.dumps(summary, indent=None if args.json else 2))
 
 
