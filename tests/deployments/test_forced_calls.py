@@ -14,7 +14,8 @@ from typing import Literal
 
 from cluster.engine.grammar import GrammarSpec, check
 from cluster.tokenizer import TextTokenizer
-from deployments.api.tool_parsers import PARSERS, forced_call, parse
+from deployments.api.reply_view import ReplyView
+from deployments.api.tool_parsers import PARSERS, forced_call, marker_tokens, parse
 from tests.helpers import DEMO
 
 xgr = pytest.importorskip("xgrammar")
@@ -39,8 +40,9 @@ def grammars():
     return tokenizer, Grammars(tokenizer, tokenizer.tok.get_vocab_size(), (0,))
 
 
-def walk(tokenizer, grammars, spec: GrammarSpec, seed: int) -> str:
-    """A reply sampled uniformly among the tokens the grammar allows, to its end."""
+def walk(tokenizer, grammars, spec: GrammarSpec, seed: int, eos: int = 0) -> str | list[int]:
+    """A reply sampled uniformly among the tokens the grammar allows, to its end: its text, or with
+    `eos` given, its token ids (the EOS dropped)."""
     matcher, out = grammars.matcher(spec), []
     generator = torch.Generator().manual_seed(seed)
     while not matcher.is_terminated() and len(out) < 400:
@@ -50,6 +52,8 @@ def walk(tokenizer, grammars, spec: GrammarSpec, seed: int) -> str:
         assert matcher.accept_token(token)
         out.append(token)
     assert matcher.is_terminated(), "the walk did not end"
+    if eos:
+        return out[:-1] if out[-1] == eos else out
     return tokenizer.decode(out[:-1] if out[-1] == 0 else out)
 
 
@@ -77,3 +81,35 @@ def test_bare_text_formats_refuse_what_they_cannot_write_by_name(parser):
         with pytest.raises(ValueError, match=parser) as e:
             forced_call(parser, {"f": schema}, ["f"])
         assert words in str(e.value)
+
+
+# DeepSeek's call markers are special tokens of its tokenizer (Kimi-K2's too): xgrammar, matching the
+# marker's text, may take the special token or spell it in byte pieces, and the engine's text drops the
+# special ones. What the parser reads is the server's view of the reply (deployments/api/reply_view.py).
+SPECIAL_EOS = {"deepseek_v3": "<｜end▁of▁sentence｜>", "deepseek_v31": "<｜end▁of▁sentence｜>", "kimi_k2": "<|im_end|>"}
+
+
+@pytest.mark.parametrize("parser", sorted(SPECIAL_EOS))
+def test_a_forced_call_over_markers_that_are_special_tokens(tmp_path, parser):
+    from tokenizers import AddedToken, Tokenizer
+    from cluster.engine.grammar import Grammars
+
+    raw = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
+    raw.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in (*marker_tokens(parser), SPECIAL_EOS[parser])])
+    raw.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = TextTokenizer(tmp_path / "tokenizer.json")
+    eos = raw.token_to_id(SPECIAL_EOS[parser])
+    compiled = Grammars(tokenizer, raw.get_vocab_size(), (eos,))
+    view = ReplyView.needed(tokenizer, frozenset(marker_tokens(parser)))
+    assert view is not None
+    spec, specials_taken = forced_call(parser, SCHEMAS, ["search", "noop"]), 0
+    for seed in range(8):
+        ids = walk(tokenizer, compiled, spec, seed, eos=eos)
+        specials_taken += any(i >= 4096 for i in ids)  # the demo vocabulary has 4,096 tokens
+        text = view.text(ids, tokenizer.decode(ids))
+        parsed = parse(text, parser, SCHEMAS)
+        assert len(parsed.calls) == 1 and not view.clean(parsed.content or ""), (parser, text)
+        if parsed.calls[0].name == "search":
+            Weather.model_validate_json(parsed.calls[0].arguments)
+    assert specials_taken, "no walk took a marker as its special token: the case under test never came up"
