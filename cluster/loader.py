@@ -118,7 +118,8 @@ def _expert(r: _Reader, layer: int, expert_id: int) -> MLPWeights:
         return _row_block_expert(r, layer, expert_id)
     if r.family.experts.fused:
         return _fused_expert(r, layer, expert_id)
-    return r.mlp("expert", r.cfg.expert_intermediate_size, r.cfg.expert_row_size, layer, expert_id, r.cfg.expert_activation)
+    cfg = r.cfg
+    return r.mlp("expert", cfg.expert_intermediate_size, cfg.expert_row_size, layer, expert_id, cfg.expert_activation)
 
 
 def _attention(r: _Reader, cfg: ModelConfig, layer: int) -> AttentionWeights:
