@@ -92,7 +92,7 @@ def test_preemption_and_chunked_prefill_keep_outputs(checkpoint, name):
     preempted_and_chunked_equal_roomy(str(checkpoint(name)))
 
 
-@pytest.mark.parametrize("name", [NEMOTRON, JAMBA])  # Mamba-2 and Mamba-1
+@pytest.mark.parametrize("name", [NEMOTRON, SUPER, JAMBA])  # Mamba-2 (Super: with the latent MoE) and Mamba-1
 def test_bf16_follows_fp32(checkpoint, name):
     """Served in bf16 (activations and conv state bf16, the SSM state fp32), the logits stay within bf16's
     rounding of the fp32 ones over a prompt crossing scan chunks."""

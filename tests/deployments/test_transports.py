@@ -390,3 +390,29 @@ def test_latent_model_served_through_a_worker_equals_in_process(latent_worker):
     assert got_tokens == want_tokens and remote.stats.failovers == 0
     assert max((a - b).abs().max().item() for a, b in zip(got, want)) < 1e-5
     remote.close()
+
+
+@cuda
+def test_latent_rows_cross_by_cuda_ipc(latent_worker):
+    """On GPUs the latent-wide rows go device to device (bf16) and come back as the in-process experts compute
+    them; hidden-wide rows are refused."""
+    model, _, _, cfg = latent_worker
+    ckpt, family, _ = open_model(model)
+    local = LocalExperts(load_experts(ckpt, family, cfg, cfg.experts(), dtype=torch.bfloat16, device="cuda"))
+    proc = start_worker(model, cfg.experts(), "--device", "cuda", "--dtype", "bfloat16")
+    try:
+        transport = transports.connect(worker_ref(proc), node_id=HERE, device="cuda", secret=SECRET)
+        layer = cfg.moe_layer_ids[0]
+        x = torch.randn(300, cfg.expert_row_size, dtype=torch.bfloat16, device="cuda")
+        ready = torch.cuda.Event()
+        ready.record()
+        out = on_side_stream(ready, transport.forward, layer, x, [2, 9], [100, 200], 30)
+        torch.testing.assert_close(out, local.run_subset(layer, x, [2, 9], [100, 200]))
+        assert transport.kind == "cuda_ipc"
+        with pytest.raises(CallFailed, match=r"\[rows, 16\]"):
+            transport.forward(layer, torch.randn(3, cfg.hidden_size, dtype=torch.bfloat16, device="cuda"),
+                              [2], [3], 10)
+        transport.close()
+    finally:
+        proc.kill()
+        proc.wait()
