@@ -75,7 +75,7 @@ def measure(args, cfg, layer: int, local: LocalExperts, refs: dict[str, WorkerRe
                                         ("gRPC (other node)", "experts", "auto"))}
     results = []
     for rows in [int(r) for r in args.rows.split(",")]:
-        x = torch.randn(rows, cfg.hidden_size)
+        x = torch.randn(rows, cfg.expert_row_size)
         counts = [rows - rows // 2, rows // 2]
         row = {"rows": rows, "in-process": time_calls(lambda: local.run_subset(layer, x, [0, 1], counts), args.calls)}
         for name, t in calls.items():

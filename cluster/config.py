@@ -61,6 +61,10 @@ class ModelConfig:
     gate_logits_bias: bool = False  # gpt-oss: the router linear has a bias
     gate_fp32: bool = False  # router matmul in fp32 (DeepSeek-V3, GLM-4.5), as transformers does
     moe_input_scaled: bool = False  # Llama 4: the routing weight scales the expert's input, not its output
+    # Nemotron 3 Super's latent MoE: the router projects each token to moe_latent_size before the routed experts
+    # and back after them, so the rows sent to the workers (and the experts' up / down) are that narrow;
+    # 0: the experts work at hidden_size. Gate and shared expert read the full hidden state either way.
+    moe_latent_size: int = 0
     # Dense MLP for non-MoE layers, shared expert beside routed ones (qwen2_moe).
     dense_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
@@ -209,9 +213,19 @@ class ModelConfig:
         return self.rope_layers[layer] if self.rope_layers else True
 
     @property
+    def expert_row_size(self) -> int:
+        """Values in one routed row (what dispatch sends an expert and gets back): the one width the experts'
+        weights, the workers' checks, the transports and the planner use."""
+        return self.moe_latent_size or self.hidden_size
+
+    def row_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of one routed row at `dtype`, one way."""
+        return self.expert_row_size * dtype.itemsize
+
+    @property
     def expert_params(self) -> int:
         """Parameters of one routed expert: gate, up, down (+ their biases)."""
-        d, i = self.hidden_size, self.expert_intermediate_size
+        d, i = self.expert_row_size, self.expert_intermediate_size
         if not self.expert_activation.gated:  # up and down only (Nemotron-H's squared-ReLU experts)
             return 2 * d * i + (i + d if self.expert_bias else 0)
         return 3 * d * i + (2 * i + d if self.expert_bias else 0)

@@ -86,7 +86,7 @@ class _Reader:
 def _fused_expert(r: _Reader, layer: int, expert_id: int) -> MLPWeights:
     """One expert's rows of the fused [E, ...] tensors, in nn.Linear layout with gate rows first."""
     cfg, layout = r.cfg, r.family.experts
-    d, i = cfg.hidden_size, cfg.expert_intermediate_size
+    d, i = cfg.expert_row_size, cfg.expert_intermediate_size
     flip = (lambda shape: shape[::-1]) if layout.transposed else (lambda shape: shape)
     gate_up = r.get("expert_gate_up", flip((2 * i, d)), layer, index=expert_id)
     down = r.get("expert_down", flip((d, i)), layer, index=expert_id)
@@ -103,7 +103,7 @@ def _fused_expert(r: _Reader, layer: int, expert_id: int) -> MLPWeights:
 def _row_block_expert(r: _Reader, layer: int, expert_id: int) -> MLPWeights:
     """One expert's I rows of each [E * I, D] tensor (DBRX; its down projection stored transposed)."""
     cfg = r.cfg
-    d, i = cfg.hidden_size, cfg.expert_intermediate_size
+    d, i = cfg.expert_row_size, cfg.expert_intermediate_size
 
     def rows(ours: str) -> torch.Tensor:
         r.ckpt.view_stacked(r.name(ours, layer), cfg.num_experts)
@@ -118,7 +118,8 @@ def _expert(r: _Reader, layer: int, expert_id: int) -> MLPWeights:
         return _row_block_expert(r, layer, expert_id)
     if r.family.experts.fused:
         return _fused_expert(r, layer, expert_id)
-    return r.mlp("expert", r.cfg.expert_intermediate_size, r.cfg.hidden_size, layer, expert_id, r.cfg.expert_activation)
+    cfg = r.cfg
+    return r.mlp("expert", cfg.expert_intermediate_size, cfg.expert_row_size, layer, expert_id, cfg.expert_activation)
 
 
 def _attention(r: _Reader, cfg: ModelConfig, layer: int) -> AttentionWeights:
@@ -283,6 +284,14 @@ def _gate(r: _Reader, cfg: ModelConfig, layer: int) -> dict:
                 gate_logits_bias=r.get("gate_logits_bias", (e,), layer) if cfg.gate_logits_bias else None)
 
 
+def _latent(r: _Reader, cfg: ModelConfig, layer: int) -> dict:
+    """Nemotron 3 Super's projections into the experts' row width and back: the router's, not the workers'."""
+    if not cfg.moe_latent_size:
+        return {}
+    shape = (cfg.moe_latent_size, cfg.hidden_size)
+    return dict(latent_in=r.get("latent_in", shape, layer), latent_out=r.get("latent_out", shape[::-1], layer))
+
+
 def _parallel(r: _Reader, cfg: ModelConfig, layer: int) -> ParallelWeights:
     """Gemma 4's extra norms around its parallel dense MLP and routed experts."""
     d = cfg.hidden_size
@@ -313,6 +322,7 @@ def _layer(r: _Reader, cfg: ModelConfig, layer: int) -> LayerWeights:
         attn=_mixer(r, cfg, layer),
         **_hyper_fields(r, cfg, layer),
         **(_gate(r, cfg, layer) if moe else {}),
+        **(_latent(r, cfg, layer) if moe else {}),
         dense=_dense(r, cfg, layer),
         expert_scale=r.maybe("expert_scale", (cfg.num_experts,), layer) if moe else None,
         parallel=_parallel(r, cfg, layer) if cfg.parallel_dense else None,

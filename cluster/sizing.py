@@ -120,7 +120,8 @@ def _layer_params(c: ModelConfig, layer: int) -> int:
     shared = _mlp_params(c, c.shared_expert_intermediate_size, c.expert_activation.gated) + (
         d if c.shared_expert_gate else 0)
     parallel = dense + d + c.num_experts if c.parallel_dense else 0  # Gemma 4: its MLP, router scale, per_expert_scale
-    return _attention_params(c, layer) + norms + gate + shared + parallel
+    latent = 2 * d * c.moe_latent_size  # Nemotron 3 Super: the router's projections into the experts' rows and back
+    return _attention_params(c, layer) + norms + gate + shared + parallel + latent
 
 
 def _norms(c: ModelConfig, layer: int) -> int:
@@ -222,6 +223,10 @@ class Sizing:
     fits: bool
     reasons: tuple[str, ...]
     state_bytes_per_seq: int = 0  # linear-attention layers' recurrent + conv state, whatever the length
+    # One routed row between the router and a worker, one way (ModelConfig.row_bytes: latent-wide for Nemotron 3
+    # Super), and what a token moves over all MoE layers: top_k rows out and back per layer.
+    row_bytes: int = 0
+    routed_bytes_per_token: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -252,7 +257,8 @@ def size(c: ModelConfig, *, dtype: torch.dtype, kv_dtype: torch.dtype, workers: 
                 workers, per_worker, per_worker * expert_bytes, per_token, budget, tokens, tokens // max_model_len,
                 max_model_len, max_num_seqs,
                 max(0, (usable - per_worker * expert_bytes) // expert_bytes) if workers else 0,
-                gpu_memory_bytes, gpu_memory_utilization, not reasons, tuple(reasons), per_seq)
+                gpu_memory_bytes, gpu_memory_utilization, not reasons, tuple(reasons), per_seq, c.row_bytes(dtype),
+                2 * c.top_k * len(c.moe_layer_ids) * c.row_bytes(dtype))
 
 
 def bytes_text(n: float) -> str:
@@ -283,6 +289,8 @@ def format_sizing(p: Sizing) -> str:
     ]
     if p.workers:
         lines.append(f"spare expert copies per worker: {p.spare_expert_copies_per_worker}")
+        lines.append(f"routed rows: {bytes_text(p.row_bytes)} each way; {bytes_text(p.routed_bytes_per_token)} per "
+                     f"token to and from the workers, all MoE layers")
     lines.append("fits: yes" if p.fits else "fits: no: " + "; ".join(p.reasons))
     return "\n".join(lines)
 

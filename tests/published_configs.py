@@ -419,6 +419,31 @@ PUBLISHED["NVIDIA-Nemotron-3-Nano-30B-A3B-BF16"] = {
     "ssm_state_size": 128, "tie_word_embeddings": False, "time_step_floor": 0.0001, "time_step_max": 0.1,
     "time_step_min": 0.001, "topk_group": 1, "torch_dtype": "bfloat16", "transformers_version": "4.55.4",
     "use_bias": False, "use_cache": True, "use_conv_bias": True, "use_mamba_kernels": True, "vocab_size": 131072}
+# NVIDIA-Nemotron-3-Super-120B-A12B-BF16: from a public copy of the release's config.json (a C++ test fixture that
+# reproduces the NVFP4 release's config.json field for field, its quantization_config aside: the BF16 release has
+# none); its pattern, sizes, expert counts and latent size agree with two more public copies (a parameter-count
+# test citing huggingface.co/nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16, and an MLX conversion check). Beside
+# Nano: moe_latent_size (the routed experts work at 1024 of the 4096 hidden), 512 experts top 22, a routed
+# scaling of 5, and one multi-token-prediction layer (`mtp.*`, read by neither transformers nor us).
+PUBLISHED["NVIDIA-Nemotron-3-Super-120B-A12B-BF16"] = {
+    "architectures": ["NemotronHForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "auto_map": {"AutoConfig": "configuration_nemotron_h.NemotronHConfig",
+                 "AutoModelForCausalLM": "modeling_nemotron_h.NemotronHForCausalLM"},
+    "bos_token_id": 1, "chunk_size": 128, "conv_kernel": 4, "dtype": "bfloat16", "eos_token_id": 2, "expand": 2,
+    "head_dim": 128, "hidden_dropout": 0.0, "hidden_size": 4096,
+    "hybrid_override_pattern": "MEMEMEM*EMEMEMEM*EMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEM*EMEMEMEME",
+    "initializer_range": 0.02, "intermediate_size": 2688, "layer_norm_epsilon": 1e-05, "mamba_head_dim": 64,
+    "mamba_hidden_act": "silu", "mamba_num_heads": 128, "mamba_proj_bias": False, "mamba_ssm_cache_dtype": "float32",
+    "max_position_embeddings": 262144, "mlp_bias": False, "mlp_hidden_act": "relu2", "model_type": "nemotron_h",
+    "moe_intermediate_size": 2688, "moe_latent_size": 1024, "moe_shared_expert_intermediate_size": 5376,
+    "moe_shared_expert_overlap": False, "mtp_hybrid_override_pattern": "*E", "n_group": 1, "n_groups": 8,
+    "n_routed_experts": 512, "n_shared_experts": 1, "norm_eps": 1e-05, "norm_topk_prob": True,
+    "num_attention_heads": 32, "num_experts_per_tok": 22, "num_hidden_layers": 88, "num_key_value_heads": 2,
+    "num_logits_to_keep": 1, "num_nextn_predict_layers": 1, "pad_token_id": 0, "partial_rotary_factor": 1.0,
+    "rescale_prenorm_residual": True, "residual_in_fp32": False, "rope_theta": 10000, "routed_scaling_factor": 5.0,
+    "sliding_window": None, "ssm_state_size": 128, "tie_word_embeddings": False, "time_step_floor": 0.0001,
+    "time_step_max": 0.1, "time_step_min": 0.001, "topk_group": 1, "transformers_version": "4.57.6",
+    "use_bias": False, "use_cache": True, "use_conv_bias": True, "use_mamba_kernels": True, "vocab_size": 131072}
 # ibm-granite/granite-4.0-h-small: recalled. Its sizes, expert counts, shared_intermediate_size, tied embeddings,
 # vocabulary and the 36 Mamba / 4 attention layer types checked against public partial copies of its config.json;
 # the multipliers, the attention layers' positions and the token ids from memory (no full public copy found).
@@ -524,6 +549,12 @@ _SIZES["NVIDIA-Nemotron-3-Nano-30B-A3B-BF16"] = {
     **_MHA, "head_dim": 16, "num_hidden_layers": 7, "hybrid_override_pattern": "MEMEM*E", "intermediate_size": 32,
     "mamba_num_heads": 16, "mamba_head_dim": 8, "ssm_state_size": 16, "chunk_size": 32, "n_routed_experts": 16,
     "moe_intermediate_size": 32, "moe_shared_expert_intermediate_size": 64}
+# Nemotron 3 Super: the released pattern's first 9 blocks (Mamba-2 and MoE alternating, attention, MoE), the
+# latent a quarter of the hidden size as released (16 of 64: the rows the workers get are that narrow), 64 of 512
+# experts top 22 as released, chunks of 32 (the 150-token prompt crosses four).
+_SIZES["NVIDIA-Nemotron-3-Super-120B-A12B-BF16"] = {
+    **_SIZES["NVIDIA-Nemotron-3-Nano-30B-A3B-BF16"], "num_hidden_layers": 9, "hybrid_override_pattern": "MEMEMEM*E",
+    "moe_latent_size": 16, "n_routed_experts": 64}
 # Granite 4.0-H Small: 4 layers (Mamba-2, Mamba-2, attention, Mamba-2), 16 Mamba heads of 8 in the released one
 # group, 16 of 72 experts top 10, chunks of 32; the vocabulary as released (pad_token_id 100256 must index it).
 _SIZES["granite-4.0-h-small"] = {

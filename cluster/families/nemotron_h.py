@@ -5,7 +5,10 @@ only its mixer part or only its MLP part (ModelConfig.mixer_layers / mlp_layers)
 routing trace and the planner count the released blocks. MLPs and experts are not gated: relu(up · x)²;
 routing is DeepSeek-V3's (sigmoid scores, e_score_correction_bias steering the choice, group-limited top-k
 when n_group > 1, routed_scaling_factor) with a shared expert beside. Tensors live under `backbone.*`.
-Nemotron 3 Super's latent MoE (`moe_latent_size`: the experts run in a smaller projected space) is refused."""
+Nemotron 3 Super's latent MoE (`moe_latent_size`): the gate and the shared expert read the full hidden state,
+the routed experts work in a narrower space that fc1_latent_proj projects into and fc2_latent_proj back out
+of; the router holds both projections, so the rows it sends the workers are moe_latent_size wide
+(ModelConfig.expert_row_size). Its multi-token-prediction layers (`mtp.*`) are never read."""
 from __future__ import annotations
 
 from typing import Any
@@ -33,6 +36,8 @@ TENSORS = {
     "ssm_out": _MIXER + "out_proj.weight",
     "gate": _MIXER + "gate.weight",
     "gate_bias": _MIXER + "gate.e_score_correction_bias",
+    "latent_in": _MIXER + "fc1_latent_proj.weight",
+    "latent_out": _MIXER + "fc2_latent_proj.weight",
     "expert_up": _MIXER + "experts.{expert_id}.up_proj.weight",
     "expert_down": _MIXER + "experts.{expert_id}.down_proj.weight",
     "shared_up": _MIXER + "shared_experts.up_proj.weight",
@@ -59,8 +64,8 @@ def block_types(cfg: dict[str, Any]) -> list[str]:
 
 
 def _refusals(cfg: dict[str, Any]) -> None:
-    refuse_if(cfg.get("moe_latent_size") is not None, "moe_latent_size",
-              "Nemotron 3 Super's latent MoE (experts in a projected space) is not implemented")
+    latent = cfg.get("moe_latent_size")
+    refuse_if(latent is not None and int(latent) <= 0, "moe_latent_size", f"{latent}: must be positive")
     for field in ("attention_bias", "mlp_bias", "use_bias", "mamba_proj_bias"):
         refuse_if(bool(cfg.get(field)), field, "true: Nemotron-H's projections have no biases")
     act = cfg.get("mlp_hidden_act", "relu2")
@@ -99,6 +104,7 @@ def parse_config(cfg: dict[str, Any]) -> ModelConfig:
         num_experts=int(require(cfg, "n_routed_experts")),
         top_k=int(require(cfg, "num_experts_per_tok")),
         expert_intermediate_size=int(require(cfg, "moe_intermediate_size")),
+        moe_latent_size=int(cfg.get("moe_latent_size") or 0),
         expert_activation=RELU2,
         dense_activation=RELU2,
         dense_intermediate_size=int(cfg.get("intermediate_size") or 0),

@@ -1,6 +1,6 @@
 """Dispatch and combine: group a batch's (token, top-k position) pairs by expert, and back.
 
-Shapes: T tokens, K top-k, N = T*K routed rows, E experts, D hidden.
+Shapes: T tokens, K top-k, N = T*K routed rows, E experts, R row width (ModelConfig.expert_row_size).
 Dispatch is pure bookkeeping; the rows are sent to whoever computes the
 experts (in-process here, expert workers over the network in deployments/).
 Nothing here reads a value back to the host: a GPU step runs without a sync
@@ -66,18 +66,18 @@ def dispatch(ids: Tensor, num_experts: int) -> DispatchPlan:
     return DispatchPlan(order, order // top_k, Counts(counts), ids.shape[0])
 
 
-def gather_rows(hidden: Tensor, plan: DispatchPlan) -> Tensor:
-    return hidden.index_select(0, plan.token_index)  # [N, D]
+def gather_rows(x: Tensor, plan: DispatchPlan) -> Tensor:
+    return x.index_select(0, plan.token_index)  # [T, R] → [N, R]
 
 
 def combine(expert_out: Tensor, plan: DispatchPlan, weights: Tensor) -> Tensor:
-    """Weighted sum of each token's expert outputs: [N, D] sorted rows → [T, D].
+    """Weighted sum of each token's expert outputs: [N, R] sorted rows → [T, R].
 
     Each token's K rows are gathered back into (token, k) order and summed in fp32, in that fixed
-    order: an index_add_ into [T, D] is an atomicAdd on CUDA, in no fixed order, and in bf16 the
+    order: an index_add_ into [T, R] is an atomicAdd on CUDA, in no fixed order, and in bf16 the
     order changes the result (greedy tokens then differ run to run on near-ties)."""
     n, d = expert_out.shape
     inverse = torch.empty_like(plan.order).scatter_(0, plan.order, torch.arange(n, device=plan.order.device))  # [N]
     w = weights.reshape(plan.num_tokens, n // max(plan.num_tokens, 1), 1).float()  # [T, K, 1]
-    rows = expert_out.index_select(0, inverse).view(plan.num_tokens, w.shape[1], d)  # [T, K, D]
-    return (rows.float() * w).sum(1).to(expert_out.dtype)  # [T, D]
+    rows = expert_out.index_select(0, inverse).view(plan.num_tokens, w.shape[1], d)  # [T, K, R]
+    return (rows.float() * w).sum(1).to(expert_out.dtype)  # [T, R]

@@ -1,4 +1,5 @@
-"""Expert compute. Shapes: N rows, D hidden, I expert intermediate, E experts.
+"""Expert compute. Shapes: N rows, R row width (ModelConfig.expert_row_size: the hidden size, or Nemotron 3
+Super's latent size), I expert intermediate, E experts.
 
 `ExpertExecutor` is the seam between the MoE layer and where experts live:
 the in-process `LocalExperts` below, or remote expert workers (deployments/).
@@ -26,7 +27,7 @@ from cluster.model.weights import MLPWeights
 
 class PendingRows(Protocol):
     def result(self) -> Tensor:
-        """The outputs [N, D] of the rows submitted, in their order (waits for them if needed)."""
+        """The outputs [N, R] of the rows submitted, in their order (waits for them if needed)."""
 
 
 class ExpertExecutor(Protocol):
@@ -34,11 +35,11 @@ class ExpertExecutor(Protocol):
         """A forward pass starts: the one point where a remote executor may switch placement tables."""
 
     def submit(self, layer: int, rows: Tensor, counts: Sequence[int]) -> PendingRows:
-        """Start computing rows [N, D] sorted by expert_id (counts[e] rows for expert e); returns at once
+        """Start computing rows [N, R] sorted by expert_id (counts[e] rows for expert e); returns at once
         when the experts are remote, so the caller can do other work before `result()`."""
 
     def run(self, layer: int, rows: Tensor, counts: Sequence[int]) -> Tensor:
-        """submit(...).result(): outputs [N, D], same order."""
+        """submit(...).result(): outputs [N, R], same order."""
 
 
 class Done:

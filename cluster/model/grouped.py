@@ -1,7 +1,7 @@
 """Grouped expert compute: one layer's experts as stacked tensors, one grouped matmul per projection.
 
 Shapes: N rows sorted by expert, S experts held in the stack (stack index s holds
-expert_ids[s]), D hidden, I expert intermediate.
+expert_ids[s]), R row width (ModelConfig.expert_row_size), I expert intermediate.
 
 The per-expert loop (`swiglu` on each expert's rows) launches two matmuls per
 expert that got rows and needs the counts on the host; `torch.nn.functional.grouped_mm`
@@ -117,11 +117,11 @@ def _bias(out: Tensor, bias: Tensor | None, counts: Tensor) -> Tensor:
 
 
 def grouped_swiglu(rows: Tensor, stack: ExpertStack, counts: Tensor) -> Tensor:
-    """rows [N, D] sorted by stack index, counts [S] rows per stack index (on the rows' device) → [N, D]."""
+    """rows [N, R] sorted by stack index, counts [S] rows per stack index (on the rows' device) → [N, R]."""
     offs = counts.cumsum(0).to(torch.int32)  # [S] end of each stack index's rows
     gate_up = F.grouped_mm(rows, stack.gate_up.transpose(1, 2), offs=offs)  # [N, 2I] ([N, I] non-gated)
     hidden = stack.activation.apply(_bias(gate_up, stack.gate_up_bias, counts))  # [N, I]
-    out = F.grouped_mm(hidden.contiguous(), stack.down.transpose(1, 2), offs=offs)  # [N, D]
+    out = F.grouped_mm(hidden.contiguous(), stack.down.transpose(1, 2), offs=offs)  # [N, R]
     return _bias(out, stack.down_bias, counts)
 
 

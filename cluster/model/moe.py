@@ -49,7 +49,9 @@ class MoEInFlight:
             if w.shared_expert_gate is not None:
                 shared = torch.sigmoid(F.linear(self.x, w.shared_expert_gate)) * shared
         weights = torch.ones_like(self.routing.weights) if self.inputs_scaled else self.routing.weights
-        out = combine(self.pending.result(), self.plan, weights)  # [T, D]
+        out = combine(self.pending.result(), self.plan, weights)  # [T, R]
+        if w.latent_out is not None:
+            out = F.linear(out, w.latent_out)  # [T, D]
         return (out if shared is None else out + shared), self.routing
 
 
@@ -66,10 +68,12 @@ def moe_begin(x: Tensor, w: LayerWeights, layer: int, gating: Gating, experts: E
     if w.expert_scale is not None:  # Gemma 4: after the renormalisation, as transformers applies it
         weights = weights * w.expert_scale.float()[ids]
     plan = dispatch(ids, w.gate.shape[0])
-    rows = gather_rows(x, plan)  # [N, D]
+    # projected per token, then gathered: K times fewer rows through the projection than after the gather
+    narrow = x if w.latent_in is None else F.linear(x, w.latent_in)  # [T, R]
+    rows = gather_rows(narrow, plan)  # [N, R]
     if scale_inputs:
         rows = rows * weights.reshape(-1).index_select(0, plan.order)[:, None].to(rows.dtype)
-    pending = experts.submit(layer, rows, plan.counts)  # [N, D] once done
+    pending = experts.submit(layer, rows, plan.counts)  # [N, R] once done
     return MoEInFlight(x, w, plan, Routing(layer, ids, weights), pending, scale_inputs)
 
 

@@ -231,6 +231,8 @@ class LayerWeights:
     mlp_hc: HyperWeights | None = None
     expert_scale: Tensor | None = None  # [E] Gemma 4's per_expert_scale: multiplies each chosen expert's weight
     parallel: ParallelWeights | None = None  # Gemma 4 (cluster.model.parallel)
+    latent_in: Tensor | None = None  # [R, D] Nemotron 3 Super: hidden → the experts' row width R, before dispatch
+    latent_out: Tensor | None = None  # [D, R] and back, after combine
 
 
 @dataclass(frozen=True)

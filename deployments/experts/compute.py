@@ -1,7 +1,7 @@
 """A worker's expert compute behind every transport: validate, run the held copies, count busy time.
 
-Shapes: N rows, D hidden. Every server (gRPC, shared memory, CUDA IPC) hands its
-request's plain fields to `check` before touching the rows, then `run`s them; so
+Shapes: N rows of R values (ModelConfig.expert_row_size: D hidden, or a latent size). Every server (gRPC,
+shared memory, CUDA IPC) hands its request's plain fields to `check` before touching the rows, then `run`s them; so
 the rules and the load figures are the same whatever carried the call.
 """
 from __future__ import annotations

@@ -47,7 +47,7 @@ def refusal(worker: str, error: Exception) -> tuple[str, str]:
 
 
 def nbytes_of(shape: Sequence[int], dtype: str) -> int:
-    """The bytes a [rows, hidden] tensor of `dtype` takes (0 for an unknown dtype or another rank: refused anyway)."""
+    """The bytes a [rows, row width] tensor of `dtype` takes (0 for an unknown dtype or another rank: refused anyway)."""
     if dtype not in DTYPES or len(shape) != 2:
         return 0
     return shape[0] * shape[1] * DTYPES[dtype].itemsize
@@ -58,8 +58,8 @@ def check_forward(cfg: ModelConfig, *, layer: int, shape: Sequence[int], dtype: 
     """Raise BadRequest naming what is wrong with a Forward request."""
     if dtype not in DTYPES:
         raise BadRequest(f"hidden.dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    if len(shape) != 2 or shape[1] != cfg.hidden_size or shape[0] < 0:
-        raise BadRequest(f"hidden.shape {list(shape)} is not [rows, {cfg.hidden_size}]")
+    if len(shape) != 2 or shape[1] != cfg.expert_row_size or shape[0] < 0:  # latent-wide for Nemotron 3 Super
+        raise BadRequest(f"hidden.shape {list(shape)} is not [rows, {cfg.expert_row_size}]")
     rows = shape[0]
     needed = nbytes_of(shape, dtype)
     if nbytes != needed:

@@ -40,6 +40,21 @@ def test_fp8_checkpoint_dequantised_on_the_gpu(tmp_path):
     assert gpu_tokens == cpu_tokens and _worst(cpu_logits, gpu_logits) < 1e-4
 
 
+def test_latent_moe_on_the_gpu_matches_cpu(tmp_path):
+    """Nemotron 3 Super's latent MoE on `cuda` (the projections, latent-wide grouped experts, Mamba-2 chunks over a
+    prompt crossing three of 32): greedy tokens and logits as on the CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ours, _ = build("NVIDIA-Nemotron-3-Super-120B-A12B-BF16", tmp_path)
+    prompt = [(7 * i + 3) % 250 + 1 for i in range(80)]
+    cpu = LLMEngine.from_pretrained(str(ours), dtype="float32", max_model_len=128)
+    gpu = LLMEngine.from_pretrained(str(ours), device="cuda", dtype="float32", max_model_len=128,
+                                    kv_cache_memory_bytes=64 << 20)
+    assert gpu.model.weights.layers[gpu.cfg.moe_layer_ids[0]].latent_in.is_cuda and gpu.cfg.expert_row_size == 16
+    cpu_tokens, cpu_logits = our_greedy_logits(cpu, prompt, 8)
+    gpu_tokens, gpu_logits = our_greedy_logits(gpu, prompt, 8)
+    assert gpu_tokens == cpu_tokens and _worst(cpu_logits, gpu_logits) < 1e-4
+
+
 def test_auto_dtype_on_gpu_is_bf16_for_an_fp32_checkpoint(checkpoint_factory):
     engine = LLMEngine.from_pretrained(str(checkpoint_factory("qwen3_moe")), device="cuda", max_model_len=64,
                                        kv_cache_memory_bytes=16 << 20)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from cluster.engine import LLMEngine
+from cluster.engine import LLMEngine, SamplingParams
 from cluster.errors import UnsupportedModelError
 from cluster.families import get_family, resolve
 from cluster.model.kv_cache import kv_bytes_per_token
@@ -20,6 +20,7 @@ from tests.published_checkpoints import build
 from tests.published_configs import PUBLISHED, tiny
 
 NEMOTRON = "NVIDIA-Nemotron-3-Nano-30B-A3B-BF16"
+SUPER = "NVIDIA-Nemotron-3-Super-120B-A12B-BF16"
 GRANITE = "granite-4.0-h-small"
 JAMBA = "AI21-Jamba-1.5-Mini"
 HYBRIDS = [NEMOTRON, GRANITE, JAMBA]
@@ -91,7 +92,7 @@ def test_preemption_and_chunked_prefill_keep_outputs(checkpoint, name):
     preempted_and_chunked_equal_roomy(str(checkpoint(name)))
 
 
-@pytest.mark.parametrize("name", [NEMOTRON, JAMBA])  # Mamba-2 and Mamba-1
+@pytest.mark.parametrize("name", [NEMOTRON, SUPER, JAMBA])  # Mamba-2 (Super: with the latent MoE) and Mamba-1
 def test_bf16_follows_fp32(checkpoint, name):
     """Served in bf16 (activations and conv state bf16, the SSM state fp32), the logits stay within bf16's
     rounding of the fp32 ones over a prompt crossing scan chunks."""
@@ -138,7 +139,7 @@ def test_plan_counts_the_mamba_state(tmp_path, name, total, active, layers, chan
 
 
 @pytest.mark.parametrize("name,changes,field", [
-    (NEMOTRON, {"moe_latent_size": 1024}, "moe_latent_size"),
+    (SUPER, {"moe_latent_size": 0}, "moe_latent_size"),
     (NEMOTRON, {"hybrid_override_pattern": "MEMEM*EX"}, "hybrid_override_pattern"),
     (NEMOTRON, {"num_hidden_layers": 8}, "num_hidden_layers"),
     (NEMOTRON, {"mlp_hidden_act": "silu"}, "mlp_hidden_act"),
@@ -197,3 +198,61 @@ def test_nemotron_mlp_blocks_match_transformers(tmp_path):
     tokens, logits = our_greedy_logits(engine, PROMPT, 4)
     assert tokens == hf_tokens
     assert max((a - b).abs().max().item() for a, b in zip(logits, hf_logits)) < TOLERANCE
+
+
+def test_super_plan_counts_latent_rows(tmp_path):
+    """As released, the planner's figures equal the release's: 120,668,687,360 parameters and 12,770,216,960 active
+    (its safetensors headers' 123,611,012,096 less the 2,942,324,736 of the MTP layer, and less the 107,898,470,400
+    of the experts a token does not use, as a public parameter-count test quotes them), each expert up and down at
+    the latent 1024, and a routed row of 1024 bf16 values (2 KiB, a quarter of a hidden-wide one) each way:
+    22 rows out and back on each of the 40 MoE layers per token."""
+    (tmp_path / "config.json").write_text(json.dumps(PUBLISHED[SUPER]))
+    p = sizing_from_config(str(tmp_path), workers=8, max_num_seqs=16, max_model_len=32768)
+    cfg = _cfg(SUPER, released=True)
+    assert (cfg.expert_row_size, cfg.hidden_size, len(cfg.moe_layer_ids), cfg.top_k) == (1024, 4096, 40, 22)
+    assert (p.total_params, p.active_params) == (120_668_687_360, 12_770_216_960)
+    assert p.expert_params == 2 * 1024 * 2688 and p.expert_bytes == 2 * 1024 * 2688 * 2
+    assert p.row_bytes == cfg.row_bytes(torch.bfloat16) == 1024 * 2
+    assert p.routed_bytes_per_token == 2 * 22 * 40 * 1024 * 2
+    nano = sizing_from_config(str(_released(tmp_path / "nano", NEMOTRON)), workers=8)
+    assert nano.row_bytes == 2688 * 2  # no latent: hidden-wide rows
+    assert "routed rows: 2.00 KiB each way" in format_sizing(p)
+
+
+def _released(root, name):
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps(PUBLISHED[name]))
+    return root
+
+
+class _Recorder:
+    """The real in-process experts, noting the width of every batch of rows they are sent."""
+
+    def __init__(self, experts):
+        self.experts, self.widths = experts, set()
+
+    def begin_step(self) -> None:
+        self.experts.begin_step()
+
+    def submit(self, layer, rows, counts):
+        self.widths.add(rows.shape[1])
+        return self.experts.submit(layer, rows, counts)
+
+    def run(self, layer, rows, counts):
+        return self.submit(layer, rows, counts).result()
+
+
+def test_super_sends_latent_rows_to_the_experts(checkpoint):
+    """The router projects to the latent before dispatch: the experts see only latent-wide rows (16 of the 64
+    hidden), their weights are that wide, and the projections stay with the router (the backbone)."""
+    from cluster.model.experts import LocalExperts
+
+    engine = LLMEngine.from_pretrained(str(checkpoint(SUPER)), dtype="float32", max_model_len=64)
+    cfg, model = engine.cfg, engine.model
+    assert isinstance(model.experts, LocalExperts) and cfg.expert_row_size == cfg.moe_latent_size == 16
+    recorder = _Recorder(model.experts)
+    model.experts = recorder
+    engine.generate([[5, 17, 33, 2, 90]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    assert recorder.widths == {16}
+    layer = model.weights.layers[cfg.moe_layer_ids[0]]
+    assert layer.latent_in.shape == (16, 64) and layer.latent_out.shape == (64, 16)

@@ -62,7 +62,8 @@ def test_published_config_matches_transformers(published, name):
 NEW_FAMILIES = ["MiniMax-M2", "dbrx-instruct", "Llama-4-Scout-17B-16E", "Llama-4-Maverick-17B-128E-Instruct",
                 "Qwen3-Next-80B-A3B-Instruct",  # issue 19: the hybrid (recurrent state) family too
                 "gemma-4-26B-A4B-it",  # its dense MLP stays with the router, only the routed experts split
-                "NVIDIA-Nemotron-3-Nano-30B-A3B-BF16"]  # non-gated (squared-ReLU) experts, on workers too
+                "NVIDIA-Nemotron-3-Nano-30B-A3B-BF16",  # non-gated (squared-ReLU) experts, on workers too
+                "NVIDIA-Nemotron-3-Super-120B-A12B-BF16"]  # the workers' experts at the latent width
 
 
 @pytest.mark.parametrize("name", NEW_FAMILIES)

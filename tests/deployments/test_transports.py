@@ -340,3 +340,79 @@ def test_expert_calls_run_on_the_pool_threads_own_stream():
 
 def test_expert_calls_without_cuda_rows_run_as_they_are():
     assert on_side_stream(None, lambda a, b: a + b, 2, 3) == 5
+
+
+@pytest.fixture(scope="module")
+def latent_worker(tmp_path_factory):
+    """A worker in this process serving the tiny Nemotron 3 Super (experts at a latent 16 of the 64 hidden)."""
+    from tests.published_checkpoints import build
+
+    model, _ = build("NVIDIA-Nemotron-3-Super-120B-A12B-BF16", tmp_path_factory.mktemp("super"))
+    ckpt, family, cfg = open_model(str(model))
+    local = LocalExperts(load_experts(ckpt, family, cfg, cfg.experts()))
+    host = ExpertHost(WorkerSpec(model=str(model), secret=SECRET, experts=tuple(cfg.experts()), name="latent",
+                                 torch_threads=torch.get_num_threads()),
+                      node_id=HERE)
+    yield str(model), host.ref(), local, cfg
+    host.stop()
+
+
+@pytest.mark.parametrize("kind", ["grpc", "shm"])
+def test_latent_rows_travel_and_hidden_wide_ones_are_refused(latent_worker, kind):
+    """Nemotron 3 Super's rows are expert_row_size (the latent) wide on every transport: they come back as the
+    in-process experts compute them, and rows of the hidden size are refused by name (INVALID_ARGUMENT)."""
+    _, ref, local, cfg = latent_worker
+    layer = cfg.moe_layer_ids[0]
+    assert cfg.expert_row_size == cfg.moe_latent_size == 16 < cfg.hidden_size
+    transport = transports.connect(ref, node_id=HERE, device="cpu", secret=SECRET, prefer=kind)
+    x = torch.randn(9, cfg.expert_row_size)
+    assert torch.equal(transport.forward(layer, x, [3, 40], [4, 5], 10), local.run_subset(layer, x, [3, 40], [4, 5]))
+    with pytest.raises((CallFailed, grpc.RpcError)) as e:
+        transport.forward(layer, torch.randn(9, cfg.hidden_size), [3, 40], [4, 5], 10)
+    assert error_code(e.value) == "INVALID_ARGUMENT" and "[rows, 16]" in str(e.value)
+    transport.close()
+
+
+def test_latent_model_served_through_a_worker_equals_in_process(latent_worker):
+    """The router projects to the latent and back, the worker computes latent-wide experts over shared memory:
+    greedy tokens and logits as the engine with the experts in-process."""
+    from cluster.engine import LLMEngine
+    from tests.helpers import our_greedy_logits
+
+    model, ref, _, cfg = latent_worker
+    connect = lambda r: transports.connect(r, node_id=HERE, device="cpu", secret=SECRET, prefer="shm")  # noqa: E731
+    remote = RemoteExperts(Table(1, Placement((tuple(cfg.experts()),)), (ref,)), connect, call_timeout_s=30)
+    prompt = [(7 * i + 3) % 250 + 1 for i in range(40)]
+    local = LLMEngine.from_pretrained(model, dtype="float32", max_model_len=64)
+    split = LLMEngine.from_pretrained(model, dtype="float32", experts=remote, max_model_len=64)
+    want_tokens, want = our_greedy_logits(local, prompt, 4)
+    got_tokens, got = our_greedy_logits(split, prompt, 4)
+    assert got_tokens == want_tokens and remote.stats.failovers == 0
+    assert max((a - b).abs().max().item() for a, b in zip(got, want)) < 1e-5
+    remote.close()
+
+
+@cuda
+def test_latent_rows_cross_by_cuda_ipc(latent_worker):
+    """On GPUs the latent-wide rows go device to device (bf16) and come back as the in-process experts compute
+    them; hidden-wide rows are refused."""
+    model, _, _, cfg = latent_worker
+    ckpt, family, _ = open_model(model)
+    local = LocalExperts(load_experts(ckpt, family, cfg, cfg.experts(), dtype=torch.bfloat16, device="cuda"))
+    proc = start_worker(model, cfg.experts(), "--device", "cuda", "--dtype", "bfloat16")
+    try:
+        transport = transports.connect(worker_ref(proc), node_id=HERE, device="cuda", secret=SECRET)
+        layer = cfg.moe_layer_ids[0]
+        x = torch.randn(300, cfg.expert_row_size, dtype=torch.bfloat16, device="cuda")
+        ready = torch.cuda.Event()
+        ready.record()
+        out = on_side_stream(ready, transport.forward, layer, x, [2, 9], [100, 200], 30)
+        torch.testing.assert_close(out, local.run_subset(layer, x, [2, 9], [100, 200]))
+        assert transport.kind == "cuda_ipc"
+        with pytest.raises(CallFailed, match=r"\[rows, 16\]"):
+            transport.forward(layer, torch.randn(3, cfg.hidden_size, dtype=torch.bfloat16, device="cuda"),
+                              [2], [3], 10)
+        transport.close()
+    finally:
+        proc.kill()
+        proc.wait()

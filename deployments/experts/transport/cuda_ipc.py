@@ -1,6 +1,6 @@
 """Same node, router and worker both on GPUs: rows copied device to device, no host copy.
 
-Shapes: N rows, D hidden; B = N·D·element size bytes. Per channel (one connection,
+Shapes: N rows of R values (ModelConfig.expert_row_size); B = N·R·element size bytes. Per channel (one connection,
 deployments/experts/transport/local_socket.py) the worker allocates an input and an
 output buffer on its GPU and shares them with the router through CUDA IPC handles
 (what torch.multiprocessing does, without pickling: the handles cross as JSON). The

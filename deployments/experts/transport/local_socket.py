@@ -57,18 +57,18 @@ class ForwardHeader:
 
     layer: int
     rows: int
-    hidden: int
+    width: int  # ModelConfig.expert_row_size: hidden_size, or the latent size (Nemotron 3 Super)
     dtype: str
     nbytes: int
     expert_ids: tuple[int, ...]
     counts: tuple[int, ...]
 
-    FIXED = struct.Struct("<iqiBqI")  # layer, rows, hidden, dtype code, nbytes, number of experts
+    FIXED = struct.Struct("<iqiBqI")  # layer, rows, width, dtype code, nbytes, number of experts
 
     def pack(self) -> bytes:
         n = len(self.expert_ids)
         code = DTYPE_CODES.index(self.dtype) if self.dtype in DTYPE_CODES else 255  # 255: refused
-        return (OP_FORWARD + self.FIXED.pack(self.layer, self.rows, self.hidden, code, self.nbytes, n)
+        return (OP_FORWARD + self.FIXED.pack(self.layer, self.rows, self.width, code, self.nbytes, n)
                 + struct.pack(f"<{n}i{len(self.counts)}q", *self.expert_ids, *self.counts))
 
     @classmethod
@@ -89,12 +89,12 @@ class ForwardHeader:
         body = message[1:]
         if message[:1] != OP_FORWARD or len(body) < cls.FIXED.size:
             raise BadRequest("not a forward header")
-        layer, rows, hidden, code, nbytes, n = cls.FIXED.unpack_from(body)
+        layer, rows, width, code, nbytes, n = cls.FIXED.unpack_from(body)
         if len(body) != cls.FIXED.size + 12 * n:
             raise BadRequest(f"a header for {n} experts has {len(body)} bytes")
         values = struct.unpack_from(f"<{n}i{n}q", body, cls.FIXED.size)
         dtype = DTYPE_CODES[code] if code < len(DTYPE_CODES) else f"dtype code {code}"
-        return cls(layer, rows, hidden, dtype, nbytes, values[:n], values[n:])
+        return cls(layer, rows, width, dtype, nbytes, values[:n], values[n:])
 
 
 MIN_BUFFER = 1 << 20  # small batches never regrow
@@ -109,14 +109,14 @@ def grown_size(needed: int, held: int) -> int:
 def checked_header(compute, message: bytes) -> ForwardHeader:
     """A worker's first look at a forward call: a whole header that its ExpertCompute accepts."""
     h = ForwardHeader.unpack(message)
-    compute.check(layer=h.layer, shape=(h.rows, h.hidden), dtype=h.dtype, nbytes=h.nbytes,
+    compute.check(layer=h.layer, shape=(h.rows, h.width), dtype=h.dtype, nbytes=h.nbytes,
                   expert_ids=h.expert_ids, counts=h.counts)
     return h
 
 
 def compute_into(compute, h: ForwardHeader, inputs: Tensor, outputs: Tensor) -> None:
     """Run the rows in `inputs` (bytes, already sized for h.nbytes) and write their outputs into `outputs`."""
-    rows = inputs[:h.nbytes].view(h.torch_dtype).view(h.rows, h.hidden)
+    rows = inputs[:h.nbytes].view(h.torch_dtype).view(h.rows, h.width)
     out = compute.run(h.layer, rows, h.expert_ids, h.counts)
     outputs[:h.nbytes].copy_(out.reshape(-1).view(torch.uint8))
 

@@ -1,6 +1,6 @@
 """Same node, CPU: rows and outputs in shared memory, a small control message per call.
 
-Shapes: N rows, D hidden; B = N·D·element size bytes. Per channel (one connection,
+Shapes: N rows of R values (ModelConfig.expert_row_size); B = N·R·element size bytes. Per channel (one connection,
 deployments/experts/transport/local_socket.py) the router owns one buffer of
 ≥ 2·B bytes: it writes the rows into [0, B), sends a header of a few dozen bytes;
 the worker validates it, computes on the rows where they are and writes the
