@@ -92,7 +92,9 @@ def test_two_routers_three_workers_match_in_process(cluster, model):
     tokens = (sent // len(prompts)) * sum(map(len, expected)) + len(expected[0])
     expect = {HTTP_OK: before[HTTP_OK] + sent, "moe_generated_tokens_total": before[counted[1]] + tokens,
               "moe_time_to_first_token_seconds_count": before[counted[2]] + sent + 1}
-    assert _metrics_when(c.base, expect, lambda got: got == expect) == expect
+    got = _metrics_when(c.base, expect, lambda got: got == expect)
+    print(f"/metrics over both ingress replicas: {got}")
+    assert got == expect
 
 
 def _busiest_router(base: str) -> str | None:
