@@ -165,9 +165,11 @@ class PlacementController:
         return policy.model_dump()
 
     # -- what the ingress shows ----------------------------------------------------------------
-    async def ingress_report(self, replica: str, in_flight: int) -> dict:
-        """Called by every ingress replica every half second: its load in, the cluster state out."""
-        self.board.report(replica, in_flight)
+    async def ingress_report(self, replica: str, in_flight: int,
+                             figures: metrics.IngressFigures | None = None) -> dict:
+        """Called by every ingress replica every half second: its load and metric figures in, the cluster
+        state out."""
+        self.board.report(replica, in_flight, figures)
         table, live = self.state.table, self.state.live_routers()
         return self.board.state(table, down_workers(self.reports, live, table), len(live))
 
@@ -180,9 +182,14 @@ class PlacementController:
                     "history": self.rebalancer.history[-50:]}
         return cluster_stats(self.reports, live, self.state, self.spec, self.report_count)
 
-    async def metrics_text(self) -> str:
+    async def metrics_text(self, replica: str | None = None,
+                           figures: metrics.IngressFigures | None = None) -> str:
+        """The service's /metrics: the ingress figures summed over replicas (the asking replica's brought up
+        to date first: a scrape right after a request sees it), then the cluster's."""
+        if replica is not None:
+            self.board.report_figures(replica, figures)
         update_metrics(self.reports, self.state.live_routers(), self.state, self.spec)
-        return metrics.render(metrics.CLUSTER)
+        return metrics.render_summed(self.board.figures()) + metrics.render(metrics.CLUSTER)
 
     # -- shutdown (moe-cluster serve on SIGTERM) -------------------------------------------------
     async def start_drain(self) -> None:

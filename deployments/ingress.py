@@ -4,14 +4,16 @@ Light replicas, CPU only: they parse, validate and tokenise requests, send each
 choice to a router and stream the outputs back, resuming a request on another
 router if its router dies (deployments/api/router_client.py). Every half second
 each replica tells the placement controller how many requests it has in flight
-and learns the cluster's state (readiness, draining, the shutdown cut-off).
+and its metric figures, and learns the cluster's state (readiness, draining, the
+shutdown cut-off). `/metrics` is the controller's answer: every replica's figures
+summed (deployments/metrics.py), the same whichever replica is asked.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
+from deployments import metrics
 from deployments.api.grpc import GrpcServing
 from deployments.api.http import build_http_app
 from deployments.api.serving import Serving
@@ -21,7 +23,7 @@ from deployments.tokens.sink import TokenSink
 
 log = logging.getLogger("ray.serve")
 POLL_INTERVAL_S = 0.5
-METRICS_CACHE_S = 1.0
+CONTROLLER_TIMEOUT_S = 5.0
 
 
 class Ingress(GrpcServing):
@@ -35,27 +37,27 @@ class Ingress(GrpcServing):
         self.serving = Serving(self.cfg, routers, self.sink)
         self.id = replica_id()
         self.cluster_state: dict = {"ready": False, "reason": "starting"}
-        self._metrics: tuple[float, str] = (0.0, "")
+        self._metrics = ""  # the last /metrics the controller gave, shown while it is unreachable
         self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
 
     def __serve_build_asgi_app__(self):
         return build_http_app(self)
 
-    async def cluster_metrics(self) -> str:
-        """The controller's metrics (routers, expert load, placement, rebalancing), cached briefly."""
-        at, text = self._metrics
-        if time.monotonic() - at > METRICS_CACHE_S:
-            try:
-                text = await asyncio.wait_for(self.controller.metrics_text.remote(), 5)
-            except Exception as e:  # noqa: BLE001 - the controller may be restarting: show what we have
-                log.info("controller metrics unavailable: %s", type(e).__name__)
-            self._metrics = (time.monotonic(), text)
-        return text
+    async def service_metrics(self) -> str:
+        """The service's /metrics from the controller (ingress figures summed over replicas, this one's sent
+        along so they are current; routers, expert load, placement, rebalancing)."""
+        try:
+            call = self.controller.metrics_text.remote(self.id, metrics.ingress_figures())
+            self._metrics = await asyncio.wait_for(call, CONTROLLER_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - the controller may be restarting: show what we have
+            log.info("controller metrics unavailable: %s", type(e).__name__)
+        return self._metrics
 
     async def _poll_forever(self) -> None:
         while True:
             try:
-                state = await asyncio.wait_for(self.controller.ingress_report.remote(self.id, self.serving.active), 5)
+                call = self.controller.ingress_report.remote(self.id, self.serving.active, metrics.ingress_figures())
+                state = await asyncio.wait_for(call, CONTROLLER_TIMEOUT_S)
                 self.cluster_state = state
                 self.serving.apply_cluster_state(state)
             except Exception as e:  # noqa: BLE001 - keep the last state; traffic does not depend on it

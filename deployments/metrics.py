@@ -1,14 +1,28 @@
-"""Prometheus metrics (low cardinality: no per-request labels).
+"""Prometheus metrics (low cardinality: no per-request labels, no per-replica labels for the ingress).
 
-Two registries, one per process that owns the figures: `API` in each ingress
+Two registries, one per process that counts the figures: `API` in each ingress
 replica (requests, latencies, tokens), `CLUSTER` in the placement controller
 (routers, expert load, placement, rebalancing, data-plane failures, gathered
-from the routers' reports). `/metrics` serves both: the answering ingress
-replica's own and the controller's.
+from the routers' reports).
+
+`/metrics` is the service's, whichever ingress replica answers: every replica
+sends its `API` figures (`ingress_figures`) to the controller with its half-second
+report and with each scrape, and the controller answers with its `CLUSTER`
+registry plus the ingress figures summed over replicas (`render_summed`:
+counters summed, histograms summed bucket by bucket). A replica that has gone
+keeps its last figures in the sum, so a counter never goes down (Prometheus
+would take a drop for a restart). A scrape is as fresh as the answering
+replica's figures and the others' last report (at most half a second old).
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import itertools
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
 
@@ -99,6 +113,74 @@ TIER_BYTES_MOVED = Counter("moe_tier_bytes_moved", "expert weight bytes loaded f
 
 def render(registry: CollectorRegistry) -> str:
     return generate_latest(registry).decode()
+
+
+# -- ingress figures, summed by the controller ------------------------------------------------------
+Sample = tuple[str, tuple[tuple[str, str], ...], float]  # (sample name, labels in declared order, value)
+
+
+@dataclass(frozen=True)
+class IngressFamily:
+    """One `API` metric family as one ingress replica counted it, small enough to send every report."""
+    name: str
+    type: str  # "counter" or "histogram" (all `API` has): both sum across replicas
+    documentation: str
+    samples: tuple[Sample, ...]
+
+
+@dataclass(frozen=True)
+class IngressFigures:
+    """One ingress process's `API` figures at one moment."""
+    process: str  # a replica restarted under its id counts from zero again: another process, kept apart
+    seq: int  # in the order taken: a report and a scrape from one process may reach the controller swapped
+    families: tuple[IngressFamily, ...]
+
+
+_PROCESS = uuid.uuid4().hex[:12]
+_SEQ = itertools.count()
+_TAKING = threading.Lock()  # a seq and the values it stands for are taken together
+
+
+def ingress_figures(registry: CollectorRegistry = API, process: str = _PROCESS) -> IngressFigures:
+    """This process's figures. `_created` samples are left out: a per-process start time does not add up."""
+    with _TAKING:
+        return IngressFigures(process, next(_SEQ), tuple(
+            IngressFamily(f.name, f.type, f.documentation,
+                          tuple((s.name, tuple(s.labels.items()), s.value) for s in f.samples
+                                if not s.name.endswith("_created")))
+            for f in registry.collect()))
+
+
+def summed(by_replica: Iterable[IngressFigures]) -> list[Metric]:
+    """Every replica's figures added up sample by sample (a histogram's buckets have the same bounds in
+    every replica: one code); a label set only some replicas have counted is summed over those."""
+    totals: dict[str, tuple[IngressFamily, dict]] = {}
+    for figures in by_replica:
+        for family in figures.families:
+            _, values = totals.setdefault(family.name, (family, {}))
+            for name, labels, value in family.samples:
+                values[name, labels] = values.get((name, labels), 0.0) + value
+    out = []
+    for name, (family, values) in totals.items():  # declaration order, as a registry renders
+        metric = Metric(name, family.documentation, family.type)
+        for (sample, labels), value in values.items():
+            metric.add_sample(sample, dict(labels), value)
+        out.append(metric)
+    return out
+
+
+class _Families:
+    """What generate_latest reads: anything with collect()."""
+
+    def __init__(self, families: list[Metric]):
+        self.families = families
+
+    def collect(self):
+        return iter(self.families)
+
+
+def render_summed(by_replica: Iterable[IngressFigures]) -> str:
+    return generate_latest(_Families(summed(by_replica))).decode()
 
 
 def exported_series() -> set[str]:

@@ -108,8 +108,8 @@ def _status_routes(api: APIRouter, ingress) -> None:
 
     @api.get("/metrics")
     async def prometheus():
-        body = metrics.render(metrics.API) + await ingress.cluster_metrics()
-        return PlainTextResponse(body, media_type="text/plain; version=0.0.4")
+        """The service's figures (every ingress replica's summed by the controller), not this replica's."""
+        return PlainTextResponse(await ingress.service_metrics(), media_type="text/plain; version=0.0.4")
 
 
 async def _read(request: Request, model, cfg, serving):

@@ -170,7 +170,7 @@ class IngressStub:
     def __init__(self, serving):
         self.cfg, self.serving, self.cluster_state = serving.cfg, serving, {"ready": True}
 
-    async def cluster_metrics(self) -> str:
+    async def service_metrics(self) -> str:
         return ""
 
 

@@ -58,7 +58,7 @@ def _deploy(cluster):
 
 
 def _affinity_choices(base: str) -> float:
-    """What the ingress's request router chose by affinity (moe_route_choices_total, this ingress replica)."""
+    """What the ingress's request router chose by affinity (moe_route_choices_total, all ingress replicas)."""
     line = 'moe_route_choices_total{reason="affinity"} '
     text = requests.get(f"{base}/metrics", timeout=30).text
     return next((float(l[len(line):]) for l in text.splitlines() if l.startswith(line)), 0.0)

@@ -57,10 +57,13 @@ def _two_routers(cluster, model, **extra):
 # The tests pair up on two deployments (a deployment costs ~30 s): the parity test and the router kill
 # on one with a slow engine step, the skewed-load test and the controller kill on one with the autoscaler.
 STEP_DELAY = dict(engine_step_delay_s=0.1)  # a request takes >= 1.2 s: many are in flight
+HTTP_OK, RESUMED = 'moe_requests_total{api="http",outcome="ok"}', "moe_requests_resumed_total"
 
 
 def test_two_routers_three_workers_match_in_process(cluster, model):
     c = _two_routers(cluster, model, **STEP_DELAY)
+    counted = [HTTP_OK, "moe_generated_tokens_total", "moe_time_to_first_token_seconds_count"]
+    before = {line: _metric(c.base, line) for line in counted}
     prompts = LOAD_PROMPTS * 3
     lengths = [6, 9, 12, 15] * 3
     local = LLMEngine.from_pretrained(model)
@@ -69,6 +72,7 @@ def test_two_routers_three_workers_match_in_process(cluster, model):
     got = concurrently(lambda i: http_complete(c.base, prompts[i], lengths[i])["choices"][0]["token_ids"],
                        range(len(prompts)))
     assert got == expected
+    sent = len(prompts)
     stub = grpc_stub(c.grpc_target)
     assert list(stub.Complete(grpc_request(prompts[0], lengths[0]), timeout=60).token_ids) == expected[0]
     # Serve spreads requests over both routers; keep sending (bounded) until both have served some,
@@ -79,9 +83,18 @@ def test_two_routers_three_workers_match_in_process(cluster, model):
             break
         assert concurrently(lambda i: http_complete(c.base, prompts[i], lengths[i])["choices"][0]["token_ids"],
                             range(len(prompts))) == expected
+        sent += len(prompts)
         time.sleep(0.6)
     print(f"\nsteps per router: {steps}")
     assert len(steps) == 2 and all(steps)
+    # Both ingress replicas served some of these requests: /metrics shows the service's totals, not one
+    # replica's share (HTTP rounds of 12, and one gRPC request)
+    tokens = (sent // len(prompts)) * sum(map(len, expected)) + len(expected[0])
+    expect = {HTTP_OK: before[HTTP_OK] + sent, "moe_generated_tokens_total": before[counted[1]] + tokens,
+              "moe_time_to_first_token_seconds_count": before[counted[2]] + sent + 1}
+    got = _metrics_when(c.base, expect, lambda got: got == expect)
+    print(f"/metrics over both ingress replicas: {got}")
+    assert got == expect
 
 
 def _busiest_router(base: str) -> str | None:
@@ -92,12 +105,22 @@ def _busiest_router(base: str) -> str | None:
     return busiest if busiest and running[busiest] > 0 else None
 
 
-def _resumed_count(base: str) -> float:
-    """One ingress replica's count of requests it resumed on another router. /metrics reaches one of the two
-    replicas at random and the count is per replica, so the caller reads it many times (bounded) and takes
-    the largest (the resumed requests may all have come through one replica)."""
+def _metric(base: str, line: str) -> float:
+    """One series of the service's /metrics (every ingress replica's figures summed: the same whichever
+    replica answers)."""
     text = requests.get(f"{base}/metrics", timeout=30).text
-    return next((float(x.split()[-1]) for x in text.splitlines() if x.startswith("moe_requests_resumed_total")), 0.0)
+    return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(line + " "))
+
+
+def _metrics_when(base: str, lines, ok, limit_s: float = 10) -> dict[str, float]:
+    """These series of /metrics once `ok` holds for them (bounded: the replica that did not answer sends its
+    figures with its next report, every 0.5 s); the last read if it never does."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        got = {line: _metric(base, line) for line in lines}
+        if ok(got) or time.monotonic() > deadline:
+            return got
+        time.sleep(0.2)
 
 
 def test_router_killed_under_load_loses_no_request(cluster, model):
@@ -114,7 +137,7 @@ def test_router_killed_under_load_loses_no_request(cluster, model):
         load.wait_ok(load.ok + 4)
     finally:
         summary = load.stop()
-    resumed = max(_resumed_count(c.base) for _ in range(40))
+    resumed = _metrics_when(c.base, [RESUMED], lambda got: got[RESUMED] >= 1)[RESUMED]
     print(f"\nkill a router under load: {summary}; requests resumed on the other router: {resumed:g}")
     assert load.failed == [], load.failed[:5]
     assert resumed >= 1  # requests were in flight on the killed router, and none of them was lost

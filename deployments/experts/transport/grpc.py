@@ -23,8 +23,9 @@ from deployments.experts.validate import DTYPES, NAMES, BadRequest
 from protos import expert_pb2, expert_pb2_grpc
 
 CHUNK_BYTES = 4 << 20  # a few MiB: large enough that per-message costs vanish, small enough to stream
-MAX_MESSAGE = CHUNK_BYTES + (1 << 20)  # a chunk, or a unary call of up to a chunk, plus its header
-CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
+GRPC_MAX_MESSAGE_BYTES = CHUNK_BYTES + (1 << 20)  # a chunk, or a unary call of up to a chunk, plus its header
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES)]
 # The received bytes are only read (the expert matmul copies them into its output), so a
 # read-only view is safe and saves a copy per call.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)

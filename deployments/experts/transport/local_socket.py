@@ -30,7 +30,7 @@ from torch import Tensor
 
 from deployments.experts.validate import DTYPES, NAMES, BadRequest
 
-MAX_MESSAGE = 1 << 16  # a header: 256 experts take 3 KiB; anything longer is malformed
+MAX_HEADER_BYTES = 1 << 16  # a header: 256 experts take 3 KiB; anything longer is malformed
 MAX_FDS = 4
 GREETING = b"moe-experts/1"
 NONCE = 32
@@ -141,11 +141,11 @@ def parse_reply(message: bytes, peer: str) -> bytes:
 
 def receive(sock: socket.socket) -> tuple[bytes, list[int]]:
     """One message and the descriptors that came with it; BadRequest (descriptors closed) if cut short."""
-    message, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
+    message, fds, flags, _ = socket.recv_fds(sock, MAX_HEADER_BYTES, MAX_FDS)
     if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
         for fd in fds:
             os.close(fd)
-        raise BadRequest(f"a message over {MAX_MESSAGE} bytes or {MAX_FDS} descriptors")
+        raise BadRequest(f"a header over {MAX_HEADER_BYTES} bytes or {MAX_FDS} descriptors")
     return message, fds
 
 
@@ -160,12 +160,12 @@ def connect(path: str, secret: str, mode: bytes, timeout: float) -> socket.socke
     try:
         sock.settimeout(timeout)
         sock.connect(sockaddr(path))
-        greeting = sock.recv(MAX_MESSAGE)
+        greeting = sock.recv(MAX_HEADER_BYTES)
         if not greeting.startswith(GREETING) or len(greeting) != len(GREETING) + NONCE:
             raise ConnectionError(f"{path} is not an expert worker's socket")
         server_nonce, nonce = greeting[len(GREETING):], secrets.token_bytes(NONCE)
         sock.sendall(mode + nonce + _proof(secret, b"client", mode, server_nonce, nonce))
-        if not hmac.compare_digest(parse_reply(sock.recv(MAX_MESSAGE), path),
+        if not hmac.compare_digest(parse_reply(sock.recv(MAX_HEADER_BYTES), path),
                                    _proof(secret, b"server", server_nonce, nonce)):
             raise CallFailed("UNAUTHENTICATED", f"the worker at {path} does not know the data plane's secret")
         return sock
@@ -178,7 +178,7 @@ def accept(sock: socket.socket, secret: str) -> bytes | None:
     """The worker's side of `connect`: the mode the caller asked for, or None (refused, told why)."""
     nonce = secrets.token_bytes(NONCE)
     sock.sendall(GREETING + nonce)
-    answer = sock.recv(MAX_MESSAGE)
+    answer = sock.recv(MAX_HEADER_BYTES)
     mode, client_nonce, proof = answer[:1], answer[1:1 + NONCE], answer[1 + NONCE:]
     if len(answer) != 1 + 2 * NONCE or not hmac.compare_digest(proof, _proof(secret, b"client", mode, nonce,
                                                                              client_nonce)):
@@ -196,7 +196,7 @@ def call(sock: socket.socket, message: bytes, fds: list[int], timeout: float, pe
         socket.send_fds(sock, [message], fds)
     else:
         sock.send(message)  # a whole message or an error: SOCK_SEQPACKET never sends part of one
-    return parse_reply(sock.recv(MAX_MESSAGE), peer)
+    return parse_reply(sock.recv(MAX_HEADER_BYTES), peer)
 
 
 class Channel(Protocol):
