@@ -9,8 +9,9 @@ than max_num_seqs run, and the step's token budget allows.
 Chunked prefill: a step's budget (max_num_batched_tokens) goes first to the
 decodes (one token each), then to prompts in order, a chunk each; a prompt longer
 than what is left is prefilled over several steps, so a long prompt no longer
-stalls the running streams for one long step. Without it a prompt runs whole (and
-waits for a step with room for it).
+stalls the running streams for one long step. Without it (or for a prompt that must
+run whole: prompt logprobs) a prompt runs whole, in a step with room for it or,
+when the decodes leave no such room, in a step with no other prompt.
 With prefix caching a joining sequence first takes the cached blocks its tokens
 start with and computes only the rest (at least its last token: it needs logits);
 after each step the blocks it filled are named for later sequences to take.
@@ -115,13 +116,17 @@ class Scheduler:
         return budget
 
     def _admit(self, budget: int) -> None:
+        # A prompt that must run whole and is longer than what the decodes leave of the budget joins a
+        # step with no other prompt in it (the decodes wait for it, as without chunking): were it to wait
+        # for a budget the decodes never leave, it would wait until every running stream had ended.
+        no_prompt_yet = all(seq.num_tokens - seq.num_computed <= 1 for seq in self.running)  # decodes only
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             hits = self._cached_prefix(seq)
             new = seq.num_tokens - len(hits) * self.cache.block_size
             chunk = min(new, budget) if self._chunkable(seq) else new
-            if chunk <= 0 or (chunk > budget and (self.running or budget < self.max_num_batched_tokens)):
-                break  # a long prompt waits for the next step rather than stalling this one
+            if chunk <= 0 or (chunk > budget and not no_prompt_yet):
+                break  # it waits for the next step rather than making this one longer still
             need = self.cache.blocks_for(seq.num_tokens) - len(hits)
             if need > self.cache.num_free_blocks - self.cache.blocks.num_idle(hits):
                 break
@@ -133,7 +138,7 @@ class Scheduler:
             seq.state_slot = states.allocate() if states is not None else None
             seq.num_new = chunk
             self.running.append(self.waiting.popleft())
-            budget -= chunk
+            budget, no_prompt_yet = budget - chunk, False
 
     # -- prefix caching ---------------------------------------------------------------------
     def _cached_prefix(self, seq: Sequence) -> list[int]:
