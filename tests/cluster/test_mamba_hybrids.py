@@ -11,7 +11,7 @@ from cluster.engine import LLMEngine, SamplingParams
 from cluster.errors import UnsupportedModelError
 from cluster.families import get_family, resolve
 from cluster.model.kv_cache import kv_bytes_per_token
-from cluster.model.mamba import selective_scan
+from cluster.model.mamba import chunked_selective_scan, scan_chunk, selective_scan
 from cluster.model.mamba2 import chunked_scan, recurrent_step
 from cluster.model.state_cache import state_bytes_per_seq
 from cluster.sizing import format_sizing, sizing_from_config
@@ -69,6 +69,33 @@ def test_mamba1_scan_resumes_from_its_state():
         state = batched[0]
     torch.testing.assert_close(torch.cat(outs), whole, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(state, s_whole, atol=1e-5, rtol=1e-5)
+
+
+def test_mamba1_chunked_scan_equals_the_recurrence():
+    """Mamba-1's chunked scan (prefill) against the token-by-token recurrence (decode) over several chunks and a
+    short last one, with decays from slow to near-total (dt·A down to about −10 a step), and across a split: the
+    state a first piece leaves is where the second starts."""
+    torch.manual_seed(0)
+    n, i, s = 70, 6, 4
+    x, b, c = torch.randn(n, i), torch.randn(n, s), torch.randn(n, s)
+    dt, a = torch.rand(n, i) * 2, -torch.linspace(0.05, 5, i * s).reshape(i, s)
+    d, state0 = torch.randn(i), torch.randn(i, s) * 0.1
+    want, s_want = selective_scan(x, dt, a, b, c, d, state0)
+    whole, s_whole = chunked_selective_scan(x, dt, a, b, c, d, state0, chunk=16)
+    torch.testing.assert_close(whole, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s_whole, s_want, atol=1e-5, rtol=1e-5)
+    first, s_first = chunked_selective_scan(x[:37], dt[:37], a, b[:37], c[:37], d, state0, chunk=16)
+    second, s_second = chunked_selective_scan(x[37:], dt[37:], a, b[37:], c[37:], d, s_first, chunk=16)
+    torch.testing.assert_close(torch.cat([first, second]), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s_second, s_want, atol=1e-5, rtol=1e-5)
+
+
+def test_mamba1_chunk_bounds_its_decay():
+    """On CPU the chunk shrinks as channels × state grow (to stay in cache): 32 for the tiny configs (128 × 16),
+    2 for Jamba-1.5 (8192 × 16), never below 2; on a GPU 128 (what the measurements chose)."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # a device object only: no GPU needed
+    assert [scan_chunk(i, 16, cpu) for i in (64, 128, 8192)] == [64, 32, 2]
+    assert scan_chunk(128, 16, gpu) == scan_chunk(8192, 16, gpu) == 128
 
 
 @pytest.fixture(scope="module")
