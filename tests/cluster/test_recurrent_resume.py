@@ -3,10 +3,11 @@ another router, which replays it from its prompt with the request's seed and ski
 client already has (deployments/api/router_client.py, `GenerateRequest.skip`). Replay rebuilds the
 recurrent and conv state of every DeltaNet layer from the prompt and the tokens generated again.
 
-In process, not through Ray: the served router-failover test (tests/deployments/test_scale_out.py::
-test_router_killed_under_load_loses_no_request) takes far more than this suite's budget for one more
-model. Here the first engine is dropped mid-decode with its state cache (the router's death), a second,
-built afresh from the checkpoint with other sequences already holding state slots, replays."""
+In process, not through Ray: a greedy and a seeded request, the kill at a chosen step. Served, a router is
+killed under load with a Mamba-2 hybrid (Nemotron 3 Nano) in tests/deployments/test_scale_out.py::
+test_router_killed_under_load_loses_no_request[recurrent_model]. Here the first engine is dropped mid-decode
+with its state cache (the router's death), a second, built afresh from the checkpoint with other sequences
+already holding state slots, replays."""
 import pytest
 
 from cluster.engine import LLMEngine, SamplingParams

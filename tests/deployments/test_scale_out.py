@@ -12,6 +12,7 @@ import requests
 from cluster.engine import LLMEngine, SamplingParams
 from tests.deployments.clients import concurrently, grpc_request, grpc_stub, http_complete
 from tests.deployments.helpers import LOAD_PROMPTS, Load, load_expected
+from tests.published_checkpoints import build
 
 pytestmark = pytest.mark.slow
 POLICY = dict(interval_s=0.5, window_steps=4, hot_threshold=1.0, min_gain=0.01, cooldown_s=0,
@@ -44,6 +45,13 @@ def _wait(what: str, ok, limit_s: float = 120):
 @pytest.fixture(scope="module")
 def model(checkpoint_factory):
     return str(checkpoint_factory("mixtral"))
+
+
+@pytest.fixture(scope="module")
+def recurrent_model(tmp_path_factory):
+    """Nemotron 3 Nano, tiny (issue 19): every sequence's Mamba-2 state lives in the router that holds it."""
+    name = "NVIDIA-Nemotron-3-Nano-30B-A3B-BF16"
+    return str(build(name, tmp_path_factory.mktemp("nemotron_h"))[0])
 
 
 def _two_routers(cluster, model, **extra):
@@ -123,7 +131,11 @@ def _metrics_when(base: str, lines, ok, limit_s: float = 10) -> dict[str, float]
         time.sleep(0.2)
 
 
-def test_router_killed_under_load_loses_no_request(cluster, model):
+# A recurrent-state model too (issue 19): the state of a request in flight dies with its router, and the
+# router it resumes on rebuilds it by replaying the prompt and the tokens generated again (one deployment more).
+@pytest.mark.parametrize("which", ["model", "recurrent_model"])
+def test_router_killed_under_load_loses_no_request(cluster, request, which):
+    model = request.getfixturevalue(which)
     c = _two_routers(cluster, model, **STEP_DELAY)
     expected = load_expected(model)
     load = Load(c.base, clients=4)

@@ -93,12 +93,16 @@ def _published_checkpoint(name: str, root) -> str:
 
 
 @pytest.mark.parametrize("name", ["Llama-4-Maverick-17B-128E-Instruct", "Qwen3-Next-80B-A3B-Instruct",
-                                  "gemma-4-26B-A4B-it", "DeepSeek-V4-Flash"])
+                                  "NVIDIA-Nemotron-3-Nano-30B-A3B-BF16", "gemma-4-26B-A4B-it",
+                                  "DeepSeek-V4-Flash"])
 def test_published_family_through_two_workers(cluster, tmp_path_factory, name):
     """The MoE paths furthest from the others, served with 2 workers: HTTP gives the in-process tokens.
     Llama 4 (issue 18): the routing weight scales the expert's input, a shared expert, dense layers between
     MoE layers, fused experts, a multimodal wrapper checkpoint. Qwen3-Next (issue 19): the router holds the
-    attention KV cache and every sequence's recurrent state, the two workers only experts. Gemma 4: the dense
+    attention KV cache and every sequence's recurrent state, the two workers only experts. Nemotron 3 Nano
+    (issue 19), the most served Mamba-2 hybrid: the router holds every sequence's Mamba-2 SSM and conv state
+    beside the few attention layers' KV cache and the shared expert, the workers only the routed experts
+    (relu2, no gate). Gemma 4: the dense
     MLP beside the experts stays in the router, per-layer KV shapes, a multimodal wrapper checkpoint.
     DeepSeek-V4 (issue 19): hash-routed layers (the router reads tid2eid, the workers never do),
     hyper-connections, the release's own tensor names."""
