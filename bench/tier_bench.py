@@ -4,7 +4,7 @@ experts move, in one run.
     .venv/bin/python bench/tier_bench.py [--fast-shares 0.10,0.25] [--fast-workers 2] [--host-workers 2] \\
         [--clients 16] [--phases prose:20,code:20,numbers:20,prose:20] [--row-ms 1] [--host-factor 10] \\
         [--router-ms 0] [--prompt-tokens 16] [--stream --link-gbps 25] [--config Qwen3-30B-A3B --zipf 0,1,1.5] \\
-        [--measure-host-row] [--max-moves 8]
+        [--measure-host-row] [--max-moves 8] [--noise-z 5]
 
 The traffic is the shift benchmark's (prose → code → numbers → prose): the demo model's own routing of
 held-out text of each domain (our engine's forward, tools/routing_stats.py's windows), replayed token by
@@ -240,8 +240,9 @@ class Sim:
                 pending = None
             if not pending and t >= next_decide:
                 next_decide, decisions = t + a.interval_s, decisions + 1
-                d = decide(ema, fast, self.slots, moved=moved, now=decisions,
-                           rule=Hysteresis(margin=a.margin, dwell=a.dwell, max_moves=a.max_moves))
+                d = decide(ema, fast, self.slots, moved=moved, now=decisions, window_steps=2 / a.alpha - 1,
+                           rule=Hysteresis(margin=a.margin, dwell=a.dwell, max_moves=a.max_moves,
+                                           noise_z=a.noise_z))
                 if d.promoted:
                     new = tier_placement(d.fast, list(range(self.L)), self.E, self.workers, self.eb, ema, table)
                     adds = sum(len(set(n) - set(o)) for n, o in zip(new.workers, table.workers))
@@ -340,6 +341,8 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=2 / 21, help="online: EMA weight of the newest step (20 steps)")
     p.add_argument("--margin", type=float, default=Hysteresis.margin)
     p.add_argument("--dwell", type=int, default=Hysteresis.dwell)
+    p.add_argument("--noise-z", type=float, default=Hysteresis.noise_z,
+                   help="online: a swap's load gap must exceed this many standard deviations of the estimate's noise")
     p.add_argument("--max-moves", type=int, default=Hysteresis.max_moves, help="online: promotions per decision")
     p.add_argument("--load-ms", type=float, default=50.0, help="online: time to load one copy (staged: no stall)")
     p.add_argument("--windows", type=int, default=16, help="held-out windows per domain (x 128 tokens)")

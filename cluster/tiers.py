@@ -160,6 +160,19 @@ class Hysteresis:
     margin: float = 1.25  # a promotion displaces a fast expert only when it carries margin × its load
     dwell: int = 3  # decisions an expert stays in its tier after it moved
     max_moves: int = 8  # promotions per decision (each also loads bytes)
+    noise_z: float = 5.0  # ... and when the gap is this many standard deviations of the load estimate's noise
+
+
+def beyond_noise(hot: float, cold: float, window_steps: float | None, z: float) -> bool:
+    """Is `hot` > `cold` more than sampling noise, for loads that average per-step row counts over
+    `window_steps` steps (an EMA with alpha = 2 / (window_steps + 1) has the variance of a plain
+    mean of window_steps steps)? Row counts are close to Poisson, so a load λ has variance
+    λ / window_steps and the gap of two has (hot + cold) / window_steps. One decision compares the
+    hottest of many host experts with the coldest of many fast ones: under uniform routing their gap
+    reaches ~4 standard deviations by chance alone, hence a z of 5. None: loads without noise."""
+    if window_steps is None:
+        return hot > cold
+    return hot - cold > z * ((hot + cold) / window_steps) ** 0.5
 
 
 @dataclass(frozen=True)
@@ -170,14 +183,16 @@ class Decision:
 
 
 def decide(loads: np.ndarray, fast: FastSets, fast_slots: int, *, moved: dict[Expert, int] | None = None,
-           now: int = 0, rule: Hysteresis = Hysteresis()) -> Decision:
+           now: int = 0, rule: Hysteresis = Hysteresis(), window_steps: float | None = None) -> Decision:
     """The online tier step on smoothed loads [L, E]: which experts to promote and demote.
 
     Promotion candidates are experts the target (`fast_sets` of these loads) puts on the fast tier
     and the current sets do not; each takes a free fast slot, or displaces the coldest fast expert
-    the target leaves out when it carries `margin` × that expert's load. Experts that moved within
-    the last `dwell` decisions (`moved[(row, e)]` = decision number) stay put. The host tier is not
-    decided here: `tier_placement` keeps every expert covered."""
+    the target leaves out when it carries `margin` × that expert's load and the gap is beyond the
+    load estimate's noise (`beyond_noise`: loads that average `window_steps` steps; swapping two
+    experts whose loads differ by chance costs a copy load and gains nothing). Experts that moved
+    within the last `dwell` decisions (`moved[(row, e)]` = decision number) stay put. The host tier
+    is not decided here: `tier_placement` keeps every expert covered."""
     loads = np.asarray(loads, dtype=float)
     moved = moved or {}
     settled = lambda x: now - moved.get(x, -(1 << 30)) >= rule.dwell  # noqa: E731
@@ -192,7 +207,8 @@ def decide(loads: np.ndarray, fast: FastSets, fast_slots: int, *, moved: dict[Ex
     for x in ins[:rule.max_moves]:
         if free > 0 and loads[x] > 0:
             free -= 1
-        elif outs and loads[x] > rule.margin * loads[outs[0]]:
+        elif (outs and loads[x] > rule.margin * loads[outs[0]]
+              and beyond_noise(loads[x], loads[outs[0]], window_steps, rule.noise_z)):
             out = outs.pop(0)
             new[out[0]].discard(out[1])
             demoted.append(out)
@@ -212,12 +228,15 @@ class TierLayout:
 
 
 def tier_step(loads: np.ndarray, placement: Placement, layout: TierLayout, moe_layers: list[int], *,
-              moved: dict[Expert, int], now: int, rule: Hysteresis = Hysteresis()) -> tuple[Decision, Placement | None]:
-    """The online step on smoothed loads [L, E]: the decision and the placement it leads to (None when
-    nothing moves). `moved` is updated with the experts that moved (decision number `now`)."""
+              moved: dict[Expert, int], now: int, rule: Hysteresis = Hysteresis(),
+              window_steps: float | None = None) -> tuple[Decision, Placement | None]:
+    """The online step on smoothed loads [L, E] (averaging `window_steps` steps): the decision and the
+    placement it leads to (None when nothing moves). `moved` is updated with the experts that moved
+    (decision number `now`)."""
     workers = list(layout.workers)
     fast = fast_of(placement, workers, moe_layers)
-    d = decide(loads, fast, tier_slots(workers, FAST, layout.expert_bytes), moved=moved, now=now, rule=rule)
+    d = decide(loads, fast, tier_slots(workers, FAST, layout.expert_bytes), moved=moved, now=now, rule=rule,
+               window_steps=window_steps)
     if not d.promoted:
         return d, None
     moved.update({x: now for x in d.promoted + d.demoted})

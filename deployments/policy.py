@@ -51,6 +51,9 @@ class AutoscalePolicy(BaseModel):
     max_copies_per_stage: int | None = Field(None, ge=1, description="load at most this many new copies per table "
                                              "switch: a change then goes through several table versions, each "
                                              "covering every expert (bounds the work between two switches)")
+    tier_noise_z: float = Field(5.0, ge=0, description="expert tiers, online: promote a host expert over a fast "
+                                "one only when their load gap exceeds this many standard deviations of the load "
+                                "estimate's sampling noise (window_steps steps of row counts): no swaps for noise")
     switch_timeout_s: float = Field(30.0, gt=0, description="a rebalance whose new table not every router has "
                                     "switched to within this is abandoned: nothing is retired, it is counted "
                                     "and logged, and the next one can run")

@@ -22,7 +22,7 @@ from cluster.autoscale import Decision
 from cluster.placement import Expert, Placement
 from cluster.profile import load_profile
 from cluster.staging import changes, stage_moves
-from cluster.tiers import TierLayout, profile_placement, tier_step
+from cluster.tiers import Hysteresis, TierLayout, profile_placement, tier_step
 from deployments import metrics
 from deployments.membership import Membership
 from deployments.policy import AutoscalePolicy
@@ -63,7 +63,8 @@ class Rebalancer:
             return Decision("cooldown", None, 0.0, 0.0)
         self._tier_steps += 1
         d, new = tier_step(loads, self.state.table.placement, self.tiers, self.moe_layers, moved=self._moved,
-                           now=self._tier_steps)
+                           now=self._tier_steps, rule=Hysteresis(noise_z=self.policy.tier_noise_z),
+                           window_steps=self.policy.window_steps)
         if new is None:
             return Decision("no_change", None, 0.0, 0.0)
         metrics.TIER_MOVES.labels("promoted").inc(len(d.promoted))

@@ -181,3 +181,68 @@ def test_tier_step_promotes_the_hot_expert_and_keeps_every_expert_covered():
     _check(new, list(layout.workers), 1, 8)
     assert tier_step(loads, new, layout, [0], moved=moved, now=2) == (tier_step(loads, new, layout, [0], moved={},
                                                                                 now=2)[0], None)  # settled
+
+
+def _ema_loads(p: np.ndarray, steps: int, rows: int, window: int, seed: int) -> np.ndarray:
+    """[L, E] EMA (alpha = 2 / (window + 1)) of per-step row counts drawn from popularity p [L, E]:
+    what a router's load tracker reports."""
+    rng, alpha = np.random.default_rng(seed), 2 / (window + 1)
+    ema = np.full(p.shape, rows / p.shape[1])
+    for _ in range(steps):
+        ema = (1 - alpha) * ema + alpha * np.stack([rng.multinomial(rows, q) for q in p])
+    return ema
+
+
+@pytest.mark.parametrize("hot,cold,window,z,expected", [
+    (1.4, 1.0, 20, 5.0, False),  # Qwen3-30B-A3B decode: ~1 row per expert and step; 40% apart is noise
+    (4.0, 1.0, 20, 5.0, True),  # a hot expert: 4× is far beyond it
+    (1.4, 1.0, 2000, 5.0, True),  # the same gap over 100× more steps is real
+    (1.4, 1.0, None, 5.0, True),  # no window: loads taken as exact
+    (1.0, 1.0, None, 0.0, False),
+])
+def test_beyond_noise(hot, cold, window, z, expected):
+    from cluster.tiers import beyond_noise
+
+    assert beyond_noise(hot, cold, window, z) is expected
+
+
+def test_uniform_routing_makes_no_promotions():
+    """Qwen3-30B-A3B's shape (8 MoE layers, 128 experts, top-8), 16 sequences decoding, uniform routing,
+    10% on the fast tier: 40 decisions on the live load estimate swap nothing (without the noise test
+    the margin alone lets through dozens of swaps on chance gaps)."""
+    n_layers, n_exp, rows, window = 8, 128, 16 * 8, 20
+    slots = round(0.1 * n_layers * n_exp)
+    uniform = np.full((n_layers, n_exp), 1 / n_exp)
+    swaps = {}
+    for noise in (True, False):
+        fast, moved, swaps[noise] = uniform_sets(n_layers, n_exp, slots), {}, 0
+        for step in range(40):
+            loads = _ema_loads(uniform, 20, rows, window, seed=step)
+            d = decide(loads, fast, slots, moved=moved, now=step, window_steps=window if noise else None)
+            moved.update({x: step for x in d.promoted + d.demoted})
+            swaps[noise], fast = swaps[noise] + len(d.promoted), d.fast
+    assert swaps[True] == 0
+    assert swaps[False] > 40
+
+
+def test_a_real_shift_is_followed_through_the_noise_test():
+    """The same shape under Zipf 1 routing whose hot experts move (a new domain): the decision
+    promotes the new hot experts at the full max_moves pace, and they end up on the fast tier."""
+    n_layers, n_exp, rows, window = 8, 128, 16 * 8, 20
+    slots = round(0.1 * n_layers * n_exp)
+    rng = np.random.default_rng(0)
+    zipf = 1 / np.arange(1, n_exp + 1)
+    old, new = (np.stack([zipf[np.argsort(rng.permutation(n_exp))] / zipf.sum() for _ in range(n_layers)])
+                for _ in range(2))
+    fast = fast_sets(old, slots)
+    moved, promoted = {}, []
+    for step in range(30):
+        loads = _ema_loads(new, 20, rows, window, seed=step)
+        d = decide(loads, fast, slots, moved=moved, now=step, window_steps=window)
+        moved.update({x: step for x in d.promoted + d.demoted})
+        promoted.append(len(d.promoted))
+        fast = d.fast
+    assert promoted[:3] == [Hysteresis.max_moves] * 3  # a shift moves at the full pace
+    hottest = fast_sets(new, slots)
+    hot_rows = sum(new[i, e] for i in range(n_layers) for e in hottest[i])
+    assert sum(new[i, e] for i in range(n_layers) for e in fast[i]) > 0.9 * hot_rows
