@@ -89,9 +89,11 @@ def test_grouped_experts_on_cuda_equal_the_loop():
     rows = torch.randn(24, 32, generator=g).bfloat16().cuda()
     for counts in ([3, 0, 5, 0, 0, 8, 8, 0], [0, 0, 24, 0, 0, 0, 0, 0], [24, 0, 0, 0, 0, 0, 0, 0]):
         got, start = local.run(0, rows, counts), 0
+        assert got.shape == rows.shape
         for e, n in enumerate(counts):
-            want = swiglu(rows[start:start + n], experts[(0, e)])
-            assert (got[start:start + n].float() - want.float()).abs().max() < 0.05 * want.float().abs().max() + 1e-3
+            if n:  # an expert with no rows owns no output rows; max() of an empty tensor raises
+                want = swiglu(rows[start:start + n], experts[(0, e)])
+                assert (got[start:start + n].float() - want.float()).abs().max() < 0.05 * want.float().abs().max() + 1e-3
             start += n
 
 

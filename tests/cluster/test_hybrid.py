@@ -121,8 +121,12 @@ def test_prefix_caching_and_cuda_graphs_are_off_with_the_reason(checkpoint, capl
     assert engine.scheduler.prefix_caching is None
     assert "prefix caching is off for qwen3_next" in caplog.text and "recurrent state" in caplog.text
     assert engine.memory["state_slots"] > 0 and engine.memory["state_bytes_per_seq"] > 0
-    if torch.cuda.is_available():  # elsewhere the missing device is the reason given first
-        assert "recurrent state" in unsupported(engine.model)
+    assert unsupported(engine.model) is not None  # this engine is on the CPU: no graphs, whatever the reason
+    if torch.cuda.is_available():  # on the GPU in bf16 (grouped experts on Hopper/Blackwell) the state is the reason
+        gpu = LLMEngine.from_pretrained(str(checkpoint), device="cuda", dtype="bfloat16", max_model_len=64)
+        assert gpu.graphs is None
+        reason = unsupported(gpu.model)
+        assert ("recurrent state" if gpu.model.experts.grouped else "not grouped") in reason, reason
 
 
 @pytest.mark.parametrize("changes,field", [
