@@ -240,6 +240,7 @@ def size(c: ModelConfig, *, dtype: torch.dtype, kv_dtype: torch.dtype, workers: 
     expert_bytes = c.expert_bytes(dtype)
     router = backbone_bytes(c, dtype) + (0 if workers else slots * expert_bytes)  # no workers: all in-process
     per_token, per_seq = kv_bytes_per_token(c, kv_dtype), state_bytes_per_seq(c, kv_dtype)
+    row = c.row_bytes(dtype)
     budget = max(0, usable - router)
     tokens = max(0, budget - max_num_seqs * per_seq) // (per_token * block_size) * block_size  # states first
     reasons = []
@@ -257,8 +258,8 @@ def size(c: ModelConfig, *, dtype: torch.dtype, kv_dtype: torch.dtype, workers: 
                 workers, per_worker, per_worker * expert_bytes, per_token, budget, tokens, tokens // max_model_len,
                 max_model_len, max_num_seqs,
                 max(0, (usable - per_worker * expert_bytes) // expert_bytes) if workers else 0,
-                gpu_memory_bytes, gpu_memory_utilization, not reasons, tuple(reasons), per_seq, c.row_bytes(dtype),
-                2 * c.top_k * len(c.moe_layer_ids) * c.row_bytes(dtype))
+                gpu_memory_bytes, gpu_memory_utilization, not reasons, tuple(reasons), per_seq,
+                row_bytes=row, routed_bytes_per_token=2 * c.top_k * len(c.moe_layer_ids) * row)
 
 
 def bytes_text(n: float) -> str:

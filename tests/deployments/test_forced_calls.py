@@ -40,9 +40,9 @@ def grammars():
     return tokenizer, Grammars(tokenizer, tokenizer.tok.get_vocab_size(), (0,))
 
 
-def walk(tokenizer, grammars, spec: GrammarSpec, seed: int, eos: int = 0) -> str | list[int]:
-    """A reply sampled uniformly among the tokens the grammar allows, to its end: its text, or with
-    `eos` given, its token ids (the EOS dropped)."""
+def walk_ids(grammars, spec: GrammarSpec, seed: int) -> list[int]:
+    """A reply's token ids, each sampled uniformly among the tokens the grammar allows, to its end (the
+    stop token that ends it included)."""
     matcher, out = grammars.matcher(spec), []
     generator = torch.Generator().manual_seed(seed)
     while not matcher.is_terminated() and len(out) < 400:
@@ -52,8 +52,12 @@ def walk(tokenizer, grammars, spec: GrammarSpec, seed: int, eos: int = 0) -> str
         assert matcher.accept_token(token)
         out.append(token)
     assert matcher.is_terminated(), "the walk did not end"
-    if eos:
-        return out[:-1] if out[-1] == eos else out
+    return out
+
+
+def walk(tokenizer, grammars, spec: GrammarSpec, seed: int) -> str:
+    """Such a reply's text (the demo tokenizer's stop token, 0, left out)."""
+    out = walk_ids(grammars, spec, seed)
     return tokenizer.decode(out[:-1] if out[-1] == 0 else out)
 
 
@@ -95,6 +99,7 @@ def test_a_forced_call_over_markers_that_are_special_tokens(tmp_path, parser):
     from cluster.engine.grammar import Grammars
 
     raw = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
+    demo_vocab = raw.get_vocab_size()  # the markers' ids come after it
     raw.add_special_tokens([AddedToken(t, special=True, normalized=False)
                             for t in (*marker_tokens(parser), SPECIAL_EOS[parser])])
     raw.save(str(tmp_path / "tokenizer.json"))
@@ -105,8 +110,9 @@ def test_a_forced_call_over_markers_that_are_special_tokens(tmp_path, parser):
     assert view is not None
     spec, specials_taken = forced_call(parser, SCHEMAS, ["search", "noop"]), 0
     for seed in range(8):
-        ids = walk(tokenizer, compiled, spec, seed, eos=eos)
-        specials_taken += any(i >= 4096 for i in ids)  # the demo vocabulary has 4,096 tokens
+        ids = walk_ids(compiled, spec, seed)
+        ids = ids[:-1] if ids[-1] == eos else ids
+        specials_taken += any(i >= demo_vocab for i in ids)
         text = view.text(ids, tokenizer.decode(ids))
         parsed = parse(text, parser, SCHEMAS)
         assert len(parsed.calls) == 1 and not view.clean(parsed.content or ""), (parser, text)
