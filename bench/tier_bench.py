@@ -34,7 +34,8 @@ an order of its own (so the hot experts move with the domain), skew set by --zip
 (rows share of the hottest 10% of experts, hottest over mean).
 Printed per mode and share: tokens/s, inter-token p50/p99, failed requests (rows that found no live
 copy), the fast tier's share of rows, promotions/demotions, bytes moved, p99 in windows with a
-promotion over steady windows; then the ratios the issue's goals name.
+promotion over steady windows and over the static run's p99 in the same windows (a shift's slow
+windows without a switch); then the ratios the issue's goals name.
 """
 from __future__ import annotations
 
@@ -278,6 +279,11 @@ def pct(values: list[float], q: int) -> float | None:
     return round(1000 * statistics.quantiles(values, n=100)[q - 1], 1) if len(values) > 1 else None
 
 
+def p99_within(res: Result, windows, warmup_s: float) -> float | None:
+    """Inter-token p99 of `res` in `windows` (another run's promotion windows), after the warm-up."""
+    return pct([g for t, g in res.gaps if t >= warmup_s and any(a <= t <= b for a, b in windows)], 99)
+
+
 def summary(res: Result, phases, warmup_s: float) -> dict:
     """Inter-token windows leave out the first warmup_s (every request's prompt at once)."""
     total = sum(s for _, s in phases)
@@ -318,6 +324,12 @@ def run_shares(args, tr: dict[str, np.ndarray], expert_bytes: int, n_exp: int | 
         profile = (runs["uniform"] if "uniform" in runs else sim.run("uniform")).first_phase_loads
         runs.update({m: sim.run(m, profile) for m in ("static", "online", "online+stream") if m in args.modes})
         s = {m: summary(runs[m], args.phases, args.warmup_s) for m in MODES if m in runs}
+        for m in ("online", "online+stream"):
+            if m in s and "static" in runs:  # the same windows without a switch: what the traffic alone does there
+                same = p99_within(runs["static"], runs[m].switches, args.warmup_s)
+                own = s[m]["itl_p99_ms_in_promotion_windows"]
+                s[m]["static_itl_p99_ms_in_these_windows"] = same
+                s[m]["promotion_windows_p99_over_static"] = round(own / same, 2) if own and same else None
         out[f"{share:g}"] = {"fast_copies": sim.slots, "of": sim.L * sim.E, "summary": s,
                              "ratios": compare(s, args.phases)}
     return out
