@@ -39,7 +39,8 @@ def measure(fn: Callable[[], object], device: torch.device, *, max_s: float, war
     allocation), then as many as fit in `max_s` (≥ 3), the median of per-call wall times (each synced,
     so a call's queued GPU work counts in its own time). A warmed call slower than `max_s` is the only
     one measured: a slow tier must not eat the budget of the parts after it. The warm-ups' fastest
-    call decides, so one call delayed by other load does not."""
+    call decides, so one call delayed by other load does not. Short GPU calls also get
+    `ms_back_to_back`: queued without a sync between them, what the kernels themselves take."""
     warm = []
     for _ in range(warmup):
         t = time.perf_counter()
@@ -57,7 +58,19 @@ def measure(fn: Callable[[], object], device: torch.device, *, max_s: float, war
         fn()
         sync(device)
         times.append(time.perf_counter() - t)
-    return {"ms": round(1000 * statistics.median(times), 4), "ms_min": round(1000 * min(times), 4), "reps": reps}
+    out = {"ms": round(1000 * statistics.median(times), 4), "ms_min": round(1000 * min(times), 4), "reps": reps}
+    if device.type == "cuda" and min(warm) < 0.005:  # short GPU calls: the per-call sync is part of their time
+        out["ms_back_to_back"] = round(1000 * _back_to_back(fn, device, reps), 4)
+    return out
+
+
+def _back_to_back(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Seconds per call with `reps` calls queued back to back and one sync: the GPU's time without the host's."""
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / reps
 
 
 def cpu_threads(requested: int) -> int:

@@ -243,7 +243,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-s", type=float, default=0.3, help="seconds of timed calls per measurement")
     p.add_argument("--budget-s", type=float, default=120.0)
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    unknown = set(a.parts.split(",")) - {"layer", "expert", "link"}
+    if unknown:
+        p.error(f"--parts: {sorted(unknown)} not among layer, expert, link")
+    return a
 
 
 def main(argv: list[str] | None = None) -> int:
