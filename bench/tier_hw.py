@@ -194,7 +194,9 @@ def table(result: dict) -> str:
             cells = [f"{m['ms']:.3f} ({m['all_fast_ms_over_mode_ms']:.2f}, {m['fast_row_share']:.0%})"
                      for m in r["modes"].values()]
             lines.append(f"{r['zipf']:g} {r['tokens']} | " + " | ".join(cells)
-                         + f" | profile ÷ uniform speed {r['profile_speed_over_uniform']:.2f}")
+                         + f" | profile ÷ uniform speed {r['profile_speed_over_uniform']:.2f}"
+                         + " | profile's tiers alone ms: fast {fast_alone_ms}, host {host_alone_ms}, "
+                           "neither {neither_ms}; overlap {overlap}".format(**r["modes"]["tiered-profile"]))
     for name, s in result["parts"].get("expert", {}).get("shapes", {}).items():
         lines.append(f"\n1. expert {name}: ms per call at rows {result['parts']['expert']['rows']}; slope ms/row")
         for tier, t in s["tiers"].items():

@@ -38,6 +38,7 @@ from tier_bench import synthetic  # noqa: E402
 
 LAYER = 0
 FAST_W, HOST_W = 0, 1  # worker indices: one fast worker, one host worker
+NEITHER = -1  # layer_step's `only` for no worker: the step's own work
 MODES = ("all-fast", "tiered-profile", "tiered-uniform", "all-host")
 
 
@@ -104,15 +105,18 @@ def _copies(shape: Shape, fast: frozenset[int]) -> dict:
     return tier_placement((fast,), [LAYER], shape.num_experts, workers, eb).copies()
 
 
-def layer_step(t: Tiering, x: Tensor, ids: Tensor, weights: Tensor, num_experts: int) -> Tensor:
-    """One MoE layer's expert part, routing given: dispatch → expert compute (where `t` puts it) → combine."""
+def layer_step(t: Tiering, x: Tensor, ids: Tensor, weights: Tensor, num_experts: int,
+               only: int | None = None) -> Tensor:
+    """One MoE layer's expert part, routing given: dispatch → expert compute (where `t` puts it) → combine.
+    `only`: compute one worker's rows alone (FAST_W, HOST_W or NEITHER; other outputs are left unset), to
+    time how much of the two tiers' work the concurrent step hides."""
     plan = dispatch(ids, num_experts)
     rows = gather_rows(x, plan)  # [N, D]
     if t.copies is None:
         out = t.fast.run(LAYER, rows, plan.counts)
     else:
         groups = choose_tiered(LAYER, list(plan.counts), t.copies, cost=row_costs([FAST, HOST]), down=set())
-        out = run_tiers(t, rows, groups)
+        out = run_tiers(t, rows, {w: g for w, g in groups.items() if only in (None, w)})
     return combine(out, plan, weights)  # [T, D]
 
 
@@ -193,6 +197,9 @@ def _modes_run(modes: list[Tiering], x, ids, w, host_ids, shape: Shape, max_s: f
         timing = measure(step, device, max_s=max_s)
         diff = float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
         run["modes"][m.name] = {**timing, **tier_load(m, host_ids, shape.num_experts), "max_rel_diff_vs_all_fast": diff}
+    profiled = next(m for m in modes if m.name == "tiered-profile")
+    one = lambda only: layer_step(profiled, x, ids, w, shape.num_experts, only)  # noqa: E731
+    run["modes"]["tiered-profile"].update(_overlap(run["modes"]["tiered-profile"]["ms"], one, device, max_s))
     fast_ms = run["modes"]["all-fast"]["ms"]
     for r in run["modes"].values():
         r["all_fast_ms_over_mode_ms"] = round(fast_ms / r["ms"], 4)
@@ -200,6 +207,18 @@ def _modes_run(modes: list[Tiering], x, ids, w, host_ids, shape: Shape, max_s: f
     run["profile_speed_over_uniform"] = round(u / p, 4)
     sync(device)
     return run
+
+
+def _overlap(ms: float, step, device, max_s: float) -> dict:
+    """Each tier's rows timed alone, the step with neither (dispatch, copy choice, combine), and how
+    much of the shorter tier's own time the concurrent step hid: 1 = all (the layer took as long as
+    its slower tier), 0 = none (the tiers ran one after the other)."""
+    alone = {w: measure(lambda: step(w), device, max_s=max_s)["ms"] for w in (FAST_W, HOST_W, NEITHER)}
+    base = alone[NEITHER]
+    shorter = min(alone[FAST_W], alone[HOST_W]) - base
+    hidden = (alone[FAST_W] + alone[HOST_W] - base - ms) / shorter if shorter > 0 else None
+    return {"fast_alone_ms": alone[FAST_W], "host_alone_ms": alone[HOST_W], "neither_ms": base,
+            "overlap": round(hidden, 3) if hidden is not None else None}
 
 
 def _loop_reasons(m: Tiering) -> dict:

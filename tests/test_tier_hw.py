@@ -33,6 +33,9 @@ def test_tiny_cpu_run_writes_every_part_and_tiered_equals_all_fast(tmp_path, cap
         for m in modes.values():
             assert m["ms"] > 0 and m["all_fast_ms_over_mode_ms"] > 0
             assert m["max_rel_diff_vs_all_fast"] < 1e-5  # float32 on both tiers: the split and combine are exact
+        profiled = modes["tiered-profile"]  # each tier alone and the step with neither, to see the overlap
+        assert profiled["fast_alone_ms"] > 0 and profiled["host_alone_ms"] > 0 and profiled["neither_ms"] > 0
+        assert "overlap" in profiled
     expert = result["parts"]["expert"]["shapes"]["64x32x16x4"]
     assert set(expert["tiers"]) == {"fast", "host-float32", "host-bfloat16"}
     fast = expert["tiers"]["fast"]
