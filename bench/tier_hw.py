@@ -160,14 +160,16 @@ def _crossovers(tiers: dict, link: dict, nbytes: int) -> dict:
 def model_check(layer: dict, experts: dict, host_tier: str) -> dict:
     """tier_bench's model with part 1's measured costs against part 3's measured layers: a layer takes as
     long as its busier tier, a tier's time its rows × the per-row slope ("rows"), or that plus a fixed
-    cost per expert called, part 1's 1-row call less one slope ("calls"). Each gives all-fast ÷ mode."""
+    cost per expert called, part 1's 1-row call less one slope ("calls"). Each gives all-fast ÷ mode.
+    On a CPU the fixed cost is reading the expert's weights, paid per expert; on a GPU it is mostly the
+    call's launch and sync, which a grouped layer pays once: "calls" overprices the fast tier there."""
     tiers = experts.get(layer.get("shape", {}).get("name"), {}).get("tiers", {})
     if not layer.get("runs") or any("ms_per_call" not in tiers.get(t, {}) for t in ("fast", host_tier)):
         return {"error": f"needs part 3 and part 1's fast and {host_tier} tiers of the layer's shape"}
     cost = {}
     for tier, t in (("fast", tiers["fast"]), ("host", tiers[host_tier])):
         first, slope = next(iter(t["ms_per_call"].items())), max(t["ms_per_row_slope"], 0.0)
-        cost[tier] = {"row_ms": slope, "call_ms": max(first[1] - first[0] * slope, 0.0)}
+        cost[tier] = {"row_ms": slope, "call_ms": round(max(first[1] - first[0] * slope, 0.0), 6)}
     price = lambda load, calls: max(load[x]["rows"] * cost[x]["row_ms"]  # noqa: E731
                                     + calls * load[x]["experts"] * cost[x]["call_ms"] for x in cost)
     runs = []
