@@ -9,13 +9,15 @@ for stream-loading. This script measures those on real hardware, in order of val
              routing drawn from Zipf --zipf as tier_bench draws it, decode batches of --batches tokens:
              all on the fast device, the hottest --fast-share by a matching profile on it and the rest on
              the CPU at once (KTransformers' setting), the same room chosen uniformly, all on the CPU;
-             layer ms and all-fast ms ÷ each mode's;
+             layer ms and all-fast ms ÷ each mode's; the profile split's tiers timed alone (how much
+             of one the concurrent step hid: "overlap");
   1. expert: one expert (SwiGLU, LocalExperts.run_subset: what an expert worker runs) per shape of
              --shapes on the fast tier (--device, --fast-dtype) and the host tier (CPU, all cores, each of
              --host-dtypes), for --rows rows: ms per call and per row, host ÷ fast per row (tier_bench's 10);
   2. link:   one expert's bf16 weights host → fast device from pinned and pageable memory (MB/s, ms per
              expert), and cluster/stream_load.crossover_rows with the measured costs (and the crossover
              read off the measured curves, whose fixed per-call costs the formula leaves out).
+Then a model check: tier_bench's per-row model priced with part 1's costs, next to part 3's layers.
 Writes DIR/tier_hw.json after every part (a run cut short keeps what it measured) and prints a table.
 --device cpu runs everything on the CPU (the fast tier too): a check of the script, not a measurement.
 """
