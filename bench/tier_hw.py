@@ -277,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         result["parts"][part] = run_part(runs[part], budget, device)
         result["wall_s"] = round(budget.used(), 1)
         (out_dir / "tier_hw.json").write_text(json.dumps(result, indent=1))
+        state = "error" if "error" in result["parts"][part] else "done"
+        print(f"part {part}: {state} at {result['wall_s']} s", file=sys.stderr, flush=True)  # progress if cut short
     result["model_check"] = model_check(result["parts"].get("layer", {}), result["parts"].get("expert", {}).get(
         "shapes", {}), f"host-{a.host_dtype}")
     (out_dir / "tier_hw.json").write_text(json.dumps(result, indent=1))
