@@ -9,7 +9,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--device", "cpu", "--fast-dtype", "float32", "--shapes", "64x32x16x4", "--layer-shape", "64x32x16x4",
-        "--rows", "1,4,16", "--zipf", "0,1.5", "--batches", "4,8", "--fast-share", "0.25", "--max-s", "0.02"]
+        "--rows", "1,4,16", "--zipf", "0,1.5", "--batches", "4,8", "--fast-share", "0.25", "--max-s", "0.002"]
 
 
 def _bench(name: str):
