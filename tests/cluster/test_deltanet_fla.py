@@ -30,7 +30,8 @@ PROMPTS = [[(7 * i + 3) % 250 + 1 for i in range(150)], [(5 * i + 1) % 250 + 1 f
            [(3 * i + 7) % 250 + 1 for i in range(37)]]
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 STEP_TOKENS, MAX_LEN = 100, 192
-FLA_MISSING = fla_missing() if torch.cuda.is_available() else "no CUDA device"
+FLA_REFERENCE_MISSING = fla_missing()  # its torch reference needs no GPU, only an fla that imports
+FLA_MISSING = FLA_REFERENCE_MISSING if torch.cuda.is_available() else "no CUDA device"
 
 
 # -- STANDIN kernels: fla's signatures, pure torch (CPU tests only) --------------------------------------
@@ -216,6 +217,37 @@ def test_fla_path_keeps_outputs_under_preemption_with_the_standin(checkpoint):
     from tests.cluster.helpers import preempted_and_chunked_equal_roomy
 
     preempted_and_chunked_equal_roomy(checkpoint, delta_rule=STANDIN_RULE)
+
+
+@pytest.mark.skipif(FLA_REFERENCE_MISSING is not None, reason=f"fla does not import: {FLA_REFERENCE_MISSING}")
+def test_standin_is_flas_naive_reference():
+    """The stand-in against fla's own torch reference (naive_recurrent_gated_delta_rule: no L2 norm, no
+    grouped heads, one sequence a batch row), batched and packed varlen, with an initial state."""
+    from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+
+    torch.manual_seed(0)
+    lens, h, hv, dk, dv = [20, 7, 13], 2, 4, 32, 16
+    q, k = torch.randn(3, 20, h, dk), torch.randn(3, 20, h, dk)
+    v, beta, g = torch.randn(3, 20, hv, dv), torch.rand(3, 20, hv), -torch.rand(3, 20, hv) * 0.2
+    h0 = torch.randn(3, hv, dk, dv) * 0.1
+    grouped = lambda x: torch.nn.functional.normalize(x, dim=-1, eps=1e-6).repeat_interleave(hv // h, dim=2)  # noqa: E731
+    want, want_h = naive_recurrent_gated_delta_rule(grouped(q), grouped(k), v, beta, g, initial_state=h0,
+                                                    output_final_state=True)
+    got, got_h = standin_fused_recurrent_gated_delta_rule(q, k, v, g=g, beta=beta, initial_state=h0,
+                                                          output_final_state=True, use_qk_l2norm_in_kernel=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_h, want_h, atol=1e-5, rtol=1e-5)
+    packed = [torch.cat([x[i, :n] for i, n in enumerate(lens)])[None] for x in (q, k, v, g, beta)]
+    cu_seqlens = torch.tensor([0, *itertools.accumulate(lens)])
+    got, got_h = standin_chunk_gated_delta_rule(*packed[:3], g=packed[3], beta=packed[4], initial_state=h0,
+                                                output_final_state=True, cu_seqlens=cu_seqlens,
+                                                use_qk_l2norm_in_kernel=True)
+    for i, n in enumerate(lens):
+        want, want_h = naive_recurrent_gated_delta_rule(grouped(q[i:i + 1, :n]), grouped(k[i:i + 1, :n]),
+                                                        v[i:i + 1, :n], beta[i:i + 1, :n], g[i:i + 1, :n],
+                                                        initial_state=h0[i:i + 1], output_final_state=True)
+        torch.testing.assert_close(got[0, cu_seqlens[i]:cu_seqlens[i + 1]], want[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_h[i], want_h[0], atol=1e-5, rtol=1e-5)
 
 
 # -- the real kernels (a CUDA GPU with flash-linear-attention) ---------------------------------------
