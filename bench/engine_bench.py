@@ -3,6 +3,7 @@
     .venv/bin/python bench/engine_bench.py [--model models/demo] [--prompts 32] [--max-tokens 128] [--json]
     .venv/bin/python bench/engine_bench.py --model qwen3_moe-1b --prompts 16 --max-tokens 32
     .venv/bin/python bench/engine_bench.py --model qwen3_next-1b --decode-batches 1,8 --max-tokens 16
+    .venv/bin/python bench/engine_bench.py --model qwen3_next-1b --device cuda --linear-attention-backend fla ...
 
 `--model qwen3_moe-1b`: a random ~1B-parameter qwen3_moe checkpoint (16 layers, 64 experts,
 top-8, hidden 1024) that the script builds once under tmp/bench-models/ (saved in bf16 as real
@@ -133,6 +134,8 @@ def main() -> None:
                    help="e.g. 1,8: instead of the two workloads, decode at each batch size (prompts of "
                         "--prompt-len tokens, --max-tokens new each; both sides one batch)")
     p.add_argument("--prompt-len", type=int, default=32, help="with --decode-batches")
+    p.add_argument("--linear-attention-backend", default="auto", choices=("auto", "torch", "fla"),
+                   help="ours: the gated DeltaNet kernels (auto: flash-linear-attention on a GPU when it imports)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     from transformers import AutoModelForCausalLM
@@ -142,12 +145,13 @@ def main() -> None:
     path = built_model(args.model) if args.model in BUILT else args.model
     t0 = time.perf_counter()
     engine = LLMEngine.from_pretrained(path, max_num_seqs=n, max_model_len=64 + 2 * m + 8, device=args.device,
-                                       dtype=args.dtype)
+                                       dtype=args.dtype, linear_attention_backend=args.linear_attention_backend)
     t1 = time.perf_counter()
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=engine.dtype).to(args.device).eval()  # same as ours
     print(f"loaded in {t1 - t0:.1f} s (ours), {time.perf_counter() - t1:.1f} s (transformers)", file=sys.stderr)
     result = {"model": args.model, "threads": torch.get_num_threads(), "device": args.device,
-              "dtype": str(engine.dtype).removeprefix("torch.")}
+              "dtype": str(engine.dtype).removeprefix("torch."),
+              "linear_attention_backend": engine.model.delta_rule.name}
     if batches:
         prompts = make_prompts(engine, n, args.prompt_len)
         for b in batches:
@@ -162,7 +166,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     print(f"model: {args.model}, device: {args.device}, dtype: {result['dtype']} (both sides), "
-          f"torch threads: {result['threads']}")
+          f"torch threads: {result['threads']}, ours' linear attention: {result['linear_attention_backend']}")
     for name in [k for k in result if isinstance(result[k], dict)]:
         print(f"[{name}]")
         for k, v in result[name].items():

@@ -138,6 +138,11 @@ class AppConfig(_Options):
         "auto", description="the routers' attention kernels: flashinfer = FlashInfer's paged decode and prefill "
                             "(a GPU router with the `gpu` extra installed; refused otherwise), sdpa = PyTorch's SDPA "
                             "over the gathered context; auto = flashinfer where it can run, else sdpa")
+    linear_attention_backend: Literal["auto", "torch", "fla"] = Field(
+        "auto", description="the routers' gated DeltaNet kernels (Qwen3-Next, Qwen3.5/3.6): fla = "
+                            "flash-linear-attention's Triton kernels (a GPU router with flash-linear-attention "
+                            "installed; refused otherwise, and for models without gated DeltaNet layers), torch = "
+                            "the torch chunked and recurrent forms; auto = fla where it can run, else torch")
     cuda_graph_max_seqs: int | None = Field(None, ge=1, description="a GPU router captures its decode steps' CUDA "
                                             "graphs at start-up for up to this many sequences (powers of two) and "
                                             "every context bucket up to max_model_len; larger steps run eagerly "
@@ -218,6 +223,7 @@ class AppConfig(_Options):
                 "max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
                 "block_size": self.block_size,
                 "enable_prefix_caching": self.enable_prefix_caching, "attention_backend": self.attention_backend,
+                "linear_attention_backend": self.linear_attention_backend,
                 "cuda_graph_max_seqs": self.cuda_graph_max_seqs,
                 "overlap": {"auto": None, "on": True, "off": False}[self.overlap]}
 

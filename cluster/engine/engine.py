@@ -29,6 +29,7 @@ from cluster.model.cuda_graphs import DecodeGraphs, bucket_grid
 from cluster.model.cuda_graphs import unsupported as cuda_graphs_unsupported
 from cluster.model.experts import ExpertExecutor, LocalExperts
 from cluster.model.kv_cache import KVCache
+from cluster.model.linear_attention_backend import delta_rule, linear_backend_for
 from cluster.model.transformer import MoETransformer
 from cluster.model.hyper import model_class
 from cluster.precision import resolve_dtype, resolve_kv_dtype
@@ -118,17 +119,21 @@ class LLMEngine:
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu", experts: ExpertExecutor | None = None,
                         max_model_len: int | None = None, show_progress: bool = False, dtype="auto",
-                        overlap: bool | None = None, attention_backend: str = "auto", **kwargs) -> "LLMEngine":
+                        overlap: bool | None = None, attention_backend: str = "auto",
+                        linear_attention_backend: str = "auto", **kwargs) -> "LLMEngine":
         """overlap: run each step as two micro-batches in ping-pong, so remote experts compute one
         while the backbone runs the other (None = auto: on for remote experts on a GPU router, steps of ≥ 2 sequences).
         attention_backend: auto | sdpa | flashinfer (attention_backend.py; auto = FlashInfer on a GPU when
         installed).
+        linear_attention_backend: auto | torch | fla, the gated delta rule's kernels (linear_attention_backend.py;
+        auto = flash-linear-attention on a GPU when installed).
         kwargs: max_num_seqs, max_num_batched_tokens, kv_cache_dtype (auto = dtype),
         kv_cache_memory_bytes, gpu_memory_utilization, block_size, cuda_graphs, cuda_graph_max_seqs,
         enable_prefix_caching, enable_chunked_prefill."""
         ckpt, family, cfg = open_model(path)
         missing = flashinfer_missing() if attention_backend != "sdpa" and device.startswith("cuda") else None
         backend = choose_backend(attention_backend, device, cfg.attention, missing)  # refused before loading
+        linear = linear_backend_for(linear_attention_backend, device, cfg)
         dtype = resolve_dtype(dtype, device, cfg.checkpoint_dtype)
         progress = stderr_progress("loading backbone") if show_progress else None
         backbone = load_backbone(ckpt, family, cfg, dtype=dtype, device=device, progress=progress)
@@ -141,7 +146,7 @@ class LLMEngine:
                 print(" done", file=sys.stderr)
         max_len = min(max_model_len or 2048, cfg.context_limit)
         model = model_class(cfg)(cfg, backbone, experts, max_len, device, overlap=overlap,
-                                 paged_attention=make_backend(backend, device))
+                                 paged_attention=make_backend(backend, device), delta_rule=delta_rule(linear))
         return cls(cfg, model, TextTokenizer.from_checkpoint(path), max_model_len=max_len, device=device,
                    generation=read_generation_config(path), no_tokenizer_reason=missing_reason(path), **kwargs)
 

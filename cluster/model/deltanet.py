@@ -9,9 +9,16 @@ Prefill chunks run the chunked form (chunks of 64, triangular solves inside each
 across them), decodes the one-token recurrence, batched: the algorithms of transformers'
 torch fallbacks (torch_chunk_gated_delta_rule, torch_recurrent_gated_delta_rule). The
 convolution's last K-1 inputs and S are kept in the state cache between steps.
-Shapes: T rows, B decoding sequences, n a chunk's tokens, C = 2·Hk·dk + Hv·dv conv channels.
+Which kernels run the delta rule is a `DeltaRule` (prefill over all of a step's chunks at once, decode
+over its decoding sequences): `TORCH_RULE` here, flash-linear-attention's Triton kernels in deltanet_fla.py
+(chosen by linear_attention_backend.py). The convolution, gates and norm run in torch either way.
+Shapes: T rows, B decoding sequences, N prefill chunks, n a chunk's tokens, P their rows in all,
+C = 2·Hk·dk + Hv·dv conv channels.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +104,32 @@ def recurrent_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, sta
     return (s * q[..., None]).sum(dim=-2), s
 
 
+def chunked_prefill(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, states: Tensor,
+                    cu_seqlens: Tensor) -> tuple[Tensor, Tensor]:
+    """N sequences' prefill chunks packed: q, k [P, Hk, dk], v [P, Hv, dv], g, beta [P, Hv], states
+    [N, Hv, dk, dv], cu_seqlens [N + 1] (chunk i is rows cu_seqlens[i]:cu_seqlens[i+1]) → out [P, Hv, dv]
+    (fp32), the N states after each chunk's last token. One chunked_delta_rule a chunk."""
+    bounds, outs, finals = cu_seqlens.tolist(), [], []
+    for i in range(len(bounds) - 1):
+        rows = slice(bounds[i], bounds[i + 1])
+        o, s = chunked_delta_rule(q[rows], k[rows], v[rows], g[rows], beta[rows], states[i])
+        outs.append(o)
+        finals.append(s)
+    return torch.cat(outs), torch.stack(finals)
+
+
+@dataclass(frozen=True)
+class DeltaRule:
+    """The delta rule's two forms, as one kernel library computes them (q and k before their L2 norm,
+    heads as in chunked_prefill and recurrent_step, states [.., Hv, dk, dv] fp32)."""
+    name: str
+    prefill: Callable[..., tuple[Tensor, Tensor]]  # as chunked_prefill
+    decode: Callable[..., tuple[Tensor, Tensor]]  # as recurrent_step
+
+
+TORCH_RULE = DeltaRule("torch", chunked_prefill, recurrent_step)
+
+
 def gated_rms_norm(x: Tensor, gate: Tensor, weight: Tensor, eps: float) -> Tensor:
     """x, gate [.., dv]: RMS-normed, weighed, then × silu(gate) in fp32."""
     xf = x.float()
@@ -104,32 +137,52 @@ def gated_rms_norm(x: Tensor, gate: Tensor, weight: Tensor, eps: float) -> Tenso
     return ((weight * xf.to(x.dtype)) * F.silu(gate.float())).to(x.dtype)
 
 
+def _split(m: Tensor, cfg: ModelConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """The conv's output [.., C] → q, k [.., Hk, dk], v [.., Hv, dv]."""
+    hk, hv, dk, dv = cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim, \
+        cfg.linear_value_head_dim
+    return (m[..., :hk * dk].unflatten(-1, (hk, dk)), m[..., hk * dk:2 * hk * dk].unflatten(-1, (hk, dk)),
+            m[..., 2 * hk * dk:].unflatten(-1, (hv, dv)))
+
+
+def _prefill(mixed: Tensor, g: Tensor, beta: Tensor, w: DeltaNetWeights, cfg: ModelConfig, layer: int,
+             batch: Batch, cache: KVCache, rule: DeltaRule) -> tuple[Tensor, Tensor]:
+    """All prefill chunks of the step: each one's conv from its sequence's slot, then the delta rule over
+    them in one call; states written back. → out [P, Hv, dv] and its rows in the batch [P]."""
+    chunks, dev = batch.prefills, mixed.device
+    slots = torch.tensor([c.state_slot for c in chunks], device=dev)
+    fresh = torch.tensor([c.context_len == c.num_tokens for c in chunks], device=dev)  # a sequence's first chunk
+    conv, s = cache.states.read(layer, slots, fresh)  # [N, C, K-1], [N, Hv, dk, dv]
+    rows = torch.cat([torch.arange(c.start, c.start + c.num_tokens, device=dev) for c in chunks])  # [P]
+    convolved, new_conv = [], []
+    for i, c in enumerate(chunks):  # the conv per chunk: a handful of taps, each chunk its own history
+        m, prev = causal_conv(mixed[c.start:c.start + c.num_tokens].t()[None], conv[i:i + 1], w.conv)  # [1, C, n]
+        convolved.append(m[0].t())
+        new_conv.append(prev)
+    lens = torch.tensor([0] + [c.num_tokens for c in chunks], device=dev)
+    out, s = rule.prefill(*_split(torch.cat(convolved), cfg), g[rows], beta[rows], s, lens.cumsum(0))
+    cache.states.write(layer, slots, torch.cat(new_conv), s)
+    return out, rows
+
+
 def gated_deltanet(x: Tensor, w: DeltaNetWeights, cfg: ModelConfig, layer: int, batch: Batch, cache: KVCache,
-                   rope: tuple[Tensor, Tensor]) -> Tensor:
+                   rope: tuple[Tensor, Tensor], rule: DeltaRule = TORCH_RULE) -> Tensor:
     """x [T, D] → [T, D]; reads and writes each sequence's state in cache.states (rope: unused, no positions)."""
-    t, hk, hv = x.shape[0], cfg.linear_num_key_heads, cfg.linear_num_value_heads
-    dk, dv, states = cfg.linear_key_head_dim, cfg.linear_value_head_dim, cache.states
+    t, hv, dv, states = x.shape[0], cfg.linear_num_value_heads, cfg.linear_value_head_dim, cache.states
     mixed = F.linear(x, w.qkv)  # [T, C]
     z = F.linear(x, w.z).view(t, hv, dv)
     beta = torch.sigmoid(F.linear(x, w.b))  # [T, Hv]
     g = -w.a_log.exp() * F.softplus(F.linear(x, w.a).float() + w.dt_bias)  # [T, Hv] log-decay, ≤ 0
-    split = lambda m: (m[..., :hk * dk].unflatten(-1, (hk, dk)),  # noqa: E731  (q, k, v of the conv's output)
-                       m[..., hk * dk:2 * hk * dk].unflatten(-1, (hk, dk)),
-                       m[..., 2 * hk * dk:].unflatten(-1, (hv, dv)))
     out = x.new_empty(t, hv, dv)
     d = batch.decode
     if d is not None:
         conv, s = states.read(layer, d.state_slots, d.lens == 1)
         mixed_d, conv = causal_conv(mixed[d.rows][:, :, None], conv, w.conv)  # [B, C, 1]
-        o, s = recurrent_step(*split(mixed_d[:, :, 0]), g[d.rows], beta[d.rows], s)
+        o, s = rule.decode(*_split(mixed_d[:, :, 0], cfg), g[d.rows], beta[d.rows], s)
         states.write(layer, d.state_slots, conv, s)
         out[d.rows] = o.to(out.dtype)
-    for c in batch.prefills:
-        rows, slot = slice(c.start, c.start + c.num_tokens), torch.tensor([c.state_slot], device=x.device)
-        conv, s = states.read(layer, slot, torch.tensor([c.context_len == c.num_tokens], device=x.device))
-        mixed_c, conv = causal_conv(mixed[rows].t()[None], conv, w.conv)  # [1, C, n]
-        o, s = chunked_delta_rule(*split(mixed_c[0].t()), g[rows], beta[rows], s[0])
-        states.write(layer, slot, conv, s[None])
+    if batch.prefills:
+        o, rows = _prefill(mixed, g, beta, w, cfg, layer, batch, cache, rule)
         out[rows] = o.to(out.dtype)
     out = gated_rms_norm(out, z, w.norm, cfg.rms_norm_eps)
     return F.linear(out.reshape(t, hv * dv), w.out)

@@ -64,8 +64,9 @@ class HyperConnectedTransformer(MoETransformer):
     """DeepSeek-V4's decoder. One micro-batch (no overlap): the streams are four times the rows."""
 
     def __init__(self, cfg: ModelConfig, weights, experts, max_len: int, device: str = "cpu",
-                 overlap: bool | None = None, paged_attention=None):
-        # V4's attention (window + compressed KV, one sequence at a time) is its own: no paged backend.
+                 overlap: bool | None = None, paged_attention=None, delta_rule=None):
+        # V4's attention (window + compressed KV, one sequence at a time) is its own: no paged backend, and it
+        # has no linear layers (delta_rule unused).
         super().__init__(cfg, weights, experts, max_len, device, overlap=False)
         self.ropes = (self.rotary, Rotary(cfg.compress_rope or cfg.rope, max_len, device))
 

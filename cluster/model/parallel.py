@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from cluster.model.deltanet import TORCH_RULE, DeltaRule
 from cluster.model.kv_cache import KVCache
 from cluster.model.layers import rms_norm, swiglu
 from cluster.model.moe import moe_begin
@@ -27,8 +28,8 @@ from cluster.model.weights import LayerWeights
 
 class ParallelDenseTransformer(MoETransformer):
     def __init__(self, cfg, weights, experts, max_len: int, device: str = "cpu", overlap: bool | None = None,
-                 paged_attention=None):
-        super().__init__(cfg, weights, experts, max_len, device, overlap, paged_attention)
+                 paged_attention=None, delta_rule: DeltaRule = TORCH_RULE):
+        super().__init__(cfg, weights, experts, max_len, device, overlap, paged_attention, delta_rule)
         self.rotaries = {cfg.rope: self.rotary}  # one table per distinct rope (Gemma 4: sliding, full)
         self.rotaries.update({rope: Rotary(rope, max_len, device) for rope in set(cfg.layer_ropes) - {cfg.rope}})
         # transformers casts the embedding scale sqrt(hidden) to the weights' dtype first (bf16: 53.07 -> 53.0)

@@ -16,7 +16,7 @@ from torch import Tensor
 from cluster.config import ModelConfig
 from cluster.model.attention import attention
 from cluster.model.batch import Batch
-from cluster.model.deltanet import gated_deltanet
+from cluster.model.deltanet import TORCH_RULE, DeltaRule, gated_deltanet
 from cluster.model.experts import ExpertExecutor, LocalExperts
 from cluster.model.kv_cache import KVCache
 from cluster.model.layers import norm, swiglu
@@ -34,13 +34,15 @@ _LINEAR = {"deltanet": gated_deltanet, "mamba2": mamba2, "mamba": mamba}
 
 class MoETransformer:
     def __init__(self, cfg: ModelConfig, weights: BackboneWeights, experts: ExpertExecutor,
-                 max_len: int, device: str = "cpu", overlap: bool | None = None, paged_attention=None):
+                 max_len: int, device: str = "cpu", overlap: bool | None = None, paged_attention=None,
+                 delta_rule: DeltaRule = TORCH_RULE):
         """overlap: pipeline two micro-batches through the layers (steps of ≥ 2 sequences); None = auto:
         on for remote experts and a GPU router. Off for in-process experts (they compute inside
         `submit`: nothing to overlap) and on a CPU router, where the split costs more backbone time
         than it hides unless the experts dominate (served demo on 2 cores: 692 tok/s on, 763 off;
         docs/benchmarks.md).
-        paged_attention: the attention backend's paged kernels (attention_backend.make_backend; None: SDPA)."""
+        paged_attention: the attention backend's paged kernels (attention_backend.make_backend; None: SDPA).
+        delta_rule: the kernels of the gated DeltaNet layers' delta rule (linear_attention_backend.delta_rule)."""
         self.cfg, self.weights, self.experts = cfg, weights, experts
         auto = not isinstance(experts, LocalExperts) and device.startswith("cuda")
         self.overlap = auto if overlap is None else overlap
@@ -48,6 +50,9 @@ class MoETransformer:
         self.paged_attention = paged_attention
         self.embedding_multiplier = cfg.embedding_multiplier
         self._attend = mla_attention if cfg.attention == "mla" else partial(attention, paged=paged_attention)
+        self.delta_rule = delta_rule
+        linear = _LINEAR[cfg.linear_kind]
+        self._linear = partial(linear, rule=delta_rule) if linear is gated_deltanet else linear
 
     def _norm(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return norm(x, weight, bias, self.cfg.rms_norm_eps, self.cfg.norm)
@@ -85,7 +90,7 @@ class MoETransformer:
         cfg = self.cfg
         self._finish_moe(part)
         if w.attn is not None:  # None: a Nemotron-H MLP / MoE block
-            attend = _LINEAR[cfg.linear_kind] if cfg.is_linear(layer) else self._attend
+            attend = self._linear if cfg.is_linear(layer) else self._attend
             h = attend(self._norm(part.x, w.attn_norm, w.attn_norm_bias), w.attn, cfg, layer, part.batch, cache,
                        part.rope)
             part.x = self._residual(part.x, h)

@@ -69,11 +69,12 @@ class Workers:
         return out
 
 
-def preempted_and_chunked_equal_roomy(path: str) -> None:
+def preempted_and_chunked_equal_roomy(path: str, delta_rule=None) -> None:
     """A hybrid model on a budget of 3 state slots and 8 blocks of 4 tokens, for 4 requests of up to 26 tokens:
     sequences are preempted (their state freed) and recomputed, prompts prefilled 8 tokens a step beside
     running decodes, each step run as two micro-batches (the overlap's split carries the state slots); greedy
-    and seeded outputs equal one roomy engine's whole-prompt ones, and every slot and block comes back."""
+    and seeded outputs equal one roomy engine's whole-prompt ones, and every slot and block comes back.
+    delta_rule: the tight engine's gated DeltaNet kernels (None: torch, as the roomy one's)."""
     from cluster.engine import LLMEngine
     from cluster.model.kv_cache import kv_bytes_per_token
     from cluster.model.state_cache import state_bytes_per_seq
@@ -83,7 +84,8 @@ def preempted_and_chunked_equal_roomy(path: str) -> None:
                                       enable_chunked_prefill=False)
     cfg = roomy.cfg
     per_block, per_seq = kv_bytes_per_token(cfg, torch.float32) * 4, state_bytes_per_seq(cfg, torch.float32)
-    split = MoETransformer(cfg, roomy.model.weights, roomy.model.experts, 128, overlap=True)
+    split = MoETransformer(cfg, roomy.model.weights, roomy.model.experts, 128, overlap=True,
+                           delta_rule=delta_rule or roomy.model.delta_rule)
     tight = LLMEngine(cfg, split, roomy.tokenizer, max_num_seqs=4, max_model_len=128, block_size=4,
                       max_num_batched_tokens=8, kv_cache_memory_bytes=3 * per_seq + 8 * per_block)
     assert tight.cache.states.num_slots == 3 and tight.cache.num_blocks == 8
