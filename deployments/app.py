@@ -32,8 +32,8 @@ from deployments.tier_config import initial_placement, profile_loads, tier_group
 
 # Behind HAProxy a stopping ingress replica first stays reachable for Serve's deregistration window, sized
 # for an external load balancer (e.g. an ALB: 30 s by default), then refuses connections and finishes what
-# it has. The one balancer in front of ours is Serve's own HAProxy, which drops a stopping replica within
-# a fraction of a second (updates coalesced over 0.1 s) and retries a refused connection on another one.
+# it has. The one balancer in front of ours is Serve's own HAProxy, which takes a stopping replica out as
+# the controller announces it (updates coalesced over 0.1 s) and retries a refused connection on another.
 # Serve also waits out the 30 s when the whole service stops, HAProxy already gone: `serve.shutdown()`
 # gives the controller 30 s, so every Ctrl-C ended in "Controller failed to shut down within 30.0s".
 INGRESS_DEREGISTRATION_S = 2.0
