@@ -30,6 +30,15 @@ from deployments.prefix_router import PrefixAffinityRouter
 from deployments.router import Router
 from deployments.tier_config import initial_placement, profile_loads, tier_group_of, tier_layout
 
+# Behind HAProxy a stopping ingress replica first stays reachable for Serve's deregistration window, sized
+# for an external load balancer (e.g. an ALB: 30 s by default), then refuses connections and finishes what
+# it has. The one balancer in front of ours is Serve's own HAProxy, which takes a stopping replica out as
+# the controller announces it (updates coalesced over 0.1 s) and retries a refused connection on another.
+# Serve also waits out the 30 s when the whole service stops, HAProxy already gone: `serve.shutdown()`
+# gives the controller 30 s, so every Ctrl-C ended in "Controller failed to shut down within 30.0s".
+INGRESS_DEREGISTRATION_S = 2.0
+
+
 def spec_of(cfg: AppConfig) -> AppSpec:
     _, _, model_cfg = open_model(cfg.model)  # fail fast, before anything is deployed
     placement = round_robin(model_cfg.experts(), cfg.num_workers, cfg.expert_copies) if cfg.num_workers else None
@@ -137,7 +146,8 @@ def build_app(cfg: AppConfig) -> Application:
     routers = serve.deployment(Router, name="router", **_router_options(cfg)).bind(spec, controller)
     # The ingress's code never blocks its event loop, so Serve may run it on the replica's own loop:
     # each streamed chunk then goes straight to the socket instead of hopping between two threads.
-    ingress_env = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+    ingress_env = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                   "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(INGRESS_DEREGISTRATION_S)}
     ingress = serve.deployment(serve.ingress()(Ingress), name="ingress", num_replicas=cfg.ingress.replicas,
                                max_ongoing_requests=100_000, health_check_period_s=5,
                                ray_actor_options={"num_cpus": cfg.ingress.num_cpus,

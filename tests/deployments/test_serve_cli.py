@@ -1,4 +1,4 @@
-"""`moe-cluster serve` as the README runs it: starts, answers, stops cleanly on SIGTERM."""
+"""`moe-cluster serve` as the README runs it: starts, answers, stops cleanly on SIGTERM (as on Ctrl-C)."""
 import json
 import os
 import queue
@@ -9,6 +9,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -75,6 +76,7 @@ def test_serve_starts_answers_and_stops(tmp_path):
         assert in_flight and int(in_flight.group(1)) >= 1, out[-3000:]  # at least the stream
         assert drained["finish_reason"] == "length" and drained["tokens"] == 200  # the stream finished
         assert drained["refused"] == 503 and drained["ready"] == 503  # new requests were turned away
+        _serve_stopped_in_its_own_time(out, ray_tmp)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -110,6 +112,17 @@ def _sigterm_while_streaming(proc, base: str) -> dict:
         time.sleep(0.05)
     t.join(timeout=120)
     return result
+
+
+def _serve_stopped_in_its_own_time(out: str, ray_tmp: str) -> None:
+    """After our drain, Serve stopped every replica within the time it gives itself: serve.shutdown() did not
+    give up on its controller, and the controller forced no shutdown tier (an ingress replica held open 30 s
+    for a load balancer already gone did both, deployments.app.INGRESS_DEREGISTRATION_S)."""
+    assert "failed to shut down" not in out, out[-3000:]
+    logs = list(Path(ray_tmp).glob("ray/session_*/logs/serve/controller_*.log"))
+    assert logs, f"no Serve controller log under {ray_tmp}"
+    forced = [line for log in logs for line in log.read_text().splitlines() if "did not drain within" in line]
+    assert forced == [], forced
 
 
 def _drained(lines: queue.Queue) -> list[str]:

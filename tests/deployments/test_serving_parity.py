@@ -10,6 +10,11 @@ pytestmark = pytest.mark.slow
 TEXT_PROMPTS = ["def main(", "The license", "import os\nimport sys\n", "class Parser:\n    def __init__(self"]
 ID_PROMPTS = [[5, 17, 33], [100], list(range(3, 40, 2)), [7, 7, 7, 7, 8]]
 MAX_TOKENS = [12, 20, 8, 16]
+# Long enough to cross a recurrent layer's prefill chunks (4 scan chunks of 32 and a partial one for the tiny
+# Mamba hybrids on CPU, 2 of DeltaNet's 64 and a partial one), then decode from the state the scan leaves.
+LONG_PROMPT, LONG_MAX_TOKENS = [(7 * i + 3) % 250 + 1 for i in range(150)], 10
+RECURRENT = ("Qwen3-Next-80B-A3B-Instruct", "NVIDIA-Nemotron-3-Nano-30B-A3B-BF16", "granite-4.0-h-small",
+             "AI21-Jamba-1.5-Mini")
 
 
 def expected_tokens(model: str, prompts) -> list[list[int]]:
@@ -93,27 +98,49 @@ def _published_checkpoint(name: str, root) -> str:
 
 
 @pytest.mark.parametrize("name", ["Llama-4-Maverick-17B-128E-Instruct", "Qwen3-Next-80B-A3B-Instruct",
-                                  "NVIDIA-Nemotron-3-Nano-30B-A3B-BF16", "gemma-4-26B-A4B-it",
-                                  "DeepSeek-V4-Flash"])
+                                  "NVIDIA-Nemotron-3-Nano-30B-A3B-BF16", "granite-4.0-h-small",
+                                  "AI21-Jamba-1.5-Mini", "gemma-4-26B-A4B-it", "DeepSeek-V4-Flash"])
 def test_published_family_through_two_workers(cluster, tmp_path_factory, name):
-    """The MoE paths furthest from the others, served with 2 workers: HTTP gives the in-process tokens.
+    """The MoE paths furthest from the others, served with 2 workers: HTTP gives the in-process tokens, each
+    with its logprob within 1e-4.
     Llama 4 (issue 18): the routing weight scales the expert's input, a shared expert, dense layers between
     MoE layers, fused experts, a multimodal wrapper checkpoint. Qwen3-Next (issue 19): the router holds the
     attention KV cache and every sequence's recurrent state, the two workers only experts. Nemotron 3 Nano
     (issue 19), the most served Mamba-2 hybrid: the router holds every sequence's Mamba-2 SSM and conv state
     beside the few attention layers' KV cache and the shared expert, the workers only the routed experts
-    (relu2, no gate). Gemma 4: the dense
+    (relu2, no gate). Granite 4.0-H (issue 19): Mamba-2 under Granite's multipliers, a fused shared MLP in the
+    router on every layer. Jamba (issue 19): Mamba-1's selective scan state in the router, dense MLPs between
+    the MoE layers. The recurrent ones also serve a prompt that crosses their scan's chunks. Gemma 4: the dense
     MLP beside the experts stays in the router, per-layer KV shapes, a multimodal wrapper checkpoint.
     DeepSeek-V4 (issue 19): hash-routed layers (the router reads tid2eid, the workers never do),
     hyper-connections, the release's own tensor names."""
     ours = _published_checkpoint(name, tmp_path_factory.mktemp(name.replace(".", "_")))
-    expected = expected_tokens(ours, ID_PROMPTS)
+    prompts, max_tokens = ID_PROMPTS, MAX_TOKENS
+    if name in RECURRENT:
+        prompts, max_tokens = prompts + [LONG_PROMPT], max_tokens + [LONG_MAX_TOKENS]
+    expected = expected_scored(ours, prompts, max_tokens)
     cluster.deploy(ours, 2)
-    got = concurrently(lambda i: http_complete(cluster.base, ID_PROMPTS[i], MAX_TOKENS[i])["choices"][0]["token_ids"],
-                       range(len(ID_PROMPTS)))
-    assert got == expected
+    got = concurrently(lambda i: _scored(http_complete(cluster.base, prompts[i], max_tokens[i], logprobs=1)),
+                       range(len(prompts)))
+    assert [ids for ids, _ in got] == [ids for ids, _ in expected]
+    for (_, logprobs), (_, want) in zip(got, expected):
+        assert logprobs == pytest.approx(want, abs=1e-4)
     if name == "DeepSeek-V4-Flash":
         _hash_routing_is_traced_and_counted(cluster.base, ours)
+
+
+def expected_scored(model: str, prompts, max_tokens) -> list[tuple[list[int], list[float]]]:
+    """The in-process engine's greedy tokens and each one's logprob. Tokens alone can be blind: a tiny random model
+    with tied embeddings (Granite 4.0-H's) repeats the prompt's last token whatever its recurrent state
+    holds, while the logprob (a softmax over every logit) still reads that state."""
+    engine = LLMEngine.from_pretrained(model, max_model_len=512)
+    outs = engine.generate(prompts, [SamplingParams(max_tokens=m, temperature=0, logprobs=1) for m in max_tokens])
+    return [(o.token_ids, [s.logprob for s in o.logprobs]) for o in outs]
+
+
+def _scored(body: dict) -> tuple[list[int], list[float]]:
+    choice = body["choices"][0]
+    return choice["token_ids"], choice["logprobs"]["token_logprobs"]
 
 
 def _hash_routing_is_traced_and_counted(base: str, path: str) -> None:
