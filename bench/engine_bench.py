@@ -87,7 +87,8 @@ def make_prompts(engine: LLMEngine, count: int, length: int | None = None) -> li
 
 def run_ours(engine: LLMEngine, prompts, max_tokens: list[int]) -> tuple[float, list[list[int]]]:
     params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in max_tokens]
-    engine.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm-up
+    # warm-up at the timed batch's width: kernels compiled or autotuned per shape (Triton's) are built here
+    engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     t0 = time.perf_counter()
     outs = engine.generate(prompts, params)
     return time.perf_counter() - t0, [o.token_ids for o in outs]
@@ -106,7 +107,7 @@ def _hf_batch(model, prompts, max_tokens: list[int]) -> list[list[int]]:
 def run_transformers(model, prompts, max_tokens: list[int], batch: int) -> tuple[float, list[list[int]]]:
     """Static batches of `batch` requests, in arrival order; each batch runs to its longest request."""
     with torch.inference_mode():
-        _hf_batch(model, prompts[:2], [4, 4])  # warm-up
+        _hf_batch(model, prompts[:batch], [4] * len(prompts[:batch]))  # warm-up at the timed batch's width
         t0, tokens = time.perf_counter(), []
         for i in range(0, len(prompts), batch):
             tokens += _hf_batch(model, prompts[i:i + batch], max_tokens[i:i + batch])

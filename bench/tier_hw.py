@@ -192,6 +192,7 @@ def table(result: dict) -> str:
     layer = result["parts"].get("layer", {})
     if layer.get("runs"):
         lines += [f"\n3. layer {layer['shape']['name']}: fast {layer['fast_dtype']}, host {layer['host_dtype']}, "
+                  f"host workers {layer.get('host_workers') or 'one call, intra-op threads'}, "
                   f"fast share {layer['fast_share']:g}",
                   "zipf tokens | " + " | ".join(f"{m} ms (÷, fast rows)" for m in layer["runs"][0]["modes"])]
         for r in layer["runs"]:
@@ -246,6 +247,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fast-share", type=float, default=0.1, help="part 3: share of the experts on the fast tier")
     p.add_argument("--parts", default="layer,expert,link", help="run in this order (by value)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: every core)")
+    p.add_argument("--host-workers", type=int, default=0, help="part 3: 0 = the host rows in one call on torch's "
+                   "threads; N = expert-parallel over N single-thread workers")
     p.add_argument("--max-s", type=float, default=0.3, help="seconds of timed calls per measurement")
     p.add_argument("--budget-s", type=float, default=120.0)
     p.add_argument("--seed", type=int, default=0)
@@ -267,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     tiers = [("fast", device, DTYPES[a.fast_dtype])] + [(f"host-{d}", CPU, DTYPES[d]) for d in a.host_dtypes.split(",")]
     runs = {"layer": lambda: layer_part(shape_of(a.layer_shape), zipfs=floats(a.zipf), batches=ints(a.batches),
                                         fast_share=a.fast_share, device=device, fast_dtype=DTYPES[a.fast_dtype],
-                                        host_dtype=DTYPES[a.host_dtype], seed=a.seed, max_s=a.max_s, budget=budget),
+                                        host_dtype=DTYPES[a.host_dtype], seed=a.seed, max_s=a.max_s, budget=budget,
+                                        host_workers=a.host_workers),
             "expert": lambda: expert_part(shapes, tiers, ints(a.rows), seed=a.seed, max_s=a.max_s, budget=budget,
                                           gen=device),
             "link": lambda: link_part(shapes, result["parts"].get("expert", {}).get("shapes", {}), device=device,

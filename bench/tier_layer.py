@@ -17,6 +17,7 @@ copy goes first because on one stream a device → host copy queued after the ke
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -77,6 +78,7 @@ class Tiering:
     fast: LocalExperts | None
     host: LocalExperts | None
     copies: Mapping[tuple[int, int], tuple[int, ...]] | None  # None: all-fast, no copy choice
+    host_pool: ThreadPoolExecutor | None = None  # expert-parallel host: one torch thread per pool thread
 
 
 def holders(shape: Shape, weights, *, device: torch.device, fast_dtype: torch.dtype,
@@ -87,7 +89,8 @@ def holders(shape: Shape, weights, *, device: torch.device, fast_dtype: torch.dt
 
 
 def tierings(shape: Shape, weights, profile: np.ndarray, every: tuple[LocalExperts, LocalExperts], *,
-             fast_share: float, device: torch.device, fast_dtype: torch.dtype) -> list[Tiering]:
+             fast_share: float, device: torch.device, fast_dtype: torch.dtype,
+             host_pool: ThreadPoolExecutor | None = None) -> list[Tiering]:
     """The four modes. The host holds every expert in every tiered mode (as KTransformers does)."""
     slots = max(1, round(fast_share * shape.num_experts))
     out = [Tiering("all-fast", every[0], None, None)]
@@ -95,7 +98,7 @@ def tierings(shape: Shape, weights, profile: np.ndarray, every: tuple[LocalExper
                        ("tiered-uniform", uniform_sets(1, shape.num_experts, slots)[0]),
                        ("all-host", frozenset())):
         out.append(Tiering(name, held(weights, sorted(fast), device, fast_dtype) if fast else None, every[1],
-                           _copies(shape, fast)))
+                           _copies(shape, fast), host_pool))
     return out
 
 
@@ -125,7 +128,7 @@ def run_tiers(t: Tiering, rows: Tensor, groups: Mapping[int, list[Group]]) -> Te
     index = {w: _index(g, rows.device) for w, g in groups.items()}
     host_in = rows.index_select(0, index[HOST_W]).to("cpu") if HOST_W in groups else None  # before the kernels
     fast_out = _run(t.fast, rows.index_select(0, index[FAST_W]), groups[FAST_W]) if FAST_W in groups else None
-    host_out = _run(t.host, host_in, groups[HOST_W]).to(rows.device) if host_in is not None else None
+    host_out = _run_host(t, host_in, groups[HOST_W]).to(rows.device) if host_in is not None else None
     out = torch.empty_like(rows)
     for w, y in ((FAST_W, fast_out), (HOST_W, host_out)):
         if y is not None:
@@ -139,6 +142,31 @@ def _index(groups: list[Group], device: torch.device) -> Tensor:
 
 def _run(experts: LocalExperts, rows: Tensor, groups: list[Group]) -> Tensor:
     return experts.run_subset(LAYER, rows, [e for e, _, _ in groups], [n for _, _, n in groups])
+
+
+def _run_host(t: Tiering, rows: Tensor, groups: list[Group]) -> Tensor:
+    """The host rows: in one call (torch's intra-op threads split each expert's matmuls), or, with a pool,
+    expert-parallel: the groups cut into one share of rows per pool thread, each share's experts run
+    one after another on one core, as a host tier of single-core workers would (KTransformers' CPU
+    experts are parallel over experts too)."""
+    if t.host_pool is None or len(groups) < 2:
+        return _run(t.host, rows, groups)
+    shares, starts = _shares(groups, t.host_pool._max_workers), [0]
+    for sh in shares:  # `rows` holds only the host groups' rows, one group after another
+        starts.append(starts[-1] + sum(n for _, _, n in sh))
+    outs = t.host_pool.map(lambda i: _run(t.host, rows[starts[i]:starts[i + 1]], shares[i]), range(len(shares)))
+    return torch.cat(list(outs))
+
+
+def _shares(groups: list[Group], n: int) -> list[list[Group]]:
+    """Consecutive groups cut into at most n shares of about equal rows (each at least one group)."""
+    total, out, acc = sum(g[2] for g in groups), [[]], 0
+    for g in groups:
+        if out[-1] and acc >= total * len(out) / n and len(out) < n:
+            out.append([])
+        out[-1].append(g)
+        acc += g[2]
+    return out
 
 
 def routed_batch(shape: Shape, zipf: float, tokens: int, *, profile_tokens: int, seed: int):
@@ -164,17 +192,40 @@ def tier_load(t: Tiering, ids: Tensor, num_experts: int) -> dict:
 
 
 def layer_part(shape: Shape, *, zipfs, batches, fast_share: float, device: torch.device, fast_dtype: torch.dtype,
-               host_dtype: torch.dtype, seed: int, max_s: float, budget: Budget, profile_tokens: int = 4096) -> dict:
+               host_dtype: torch.dtype, seed: int, max_s: float, budget: Budget, profile_tokens: int = 4096,
+               host_workers: int = 0) -> dict:
     """Part 3: layer ms per (zipf, batch, mode), all-fast ms ÷ mode ms, fast row share, and each mode's
-    output against all-fast's (max |diff| over max |all-fast|: the combine is right when it is ~0)."""
+    output against all-fast's (max |diff| over max |all-fast|: the combine is right when it is ~0).
+    host_workers 0: the host rows in one call on torch's intra-op threads; N: expert-parallel on N
+    single-thread workers (torch set to one thread for the part)."""
+    if host_workers:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        with ThreadPoolExecutor(host_workers) as pool:
+            try:
+                return _layer_part(shape, zipfs=zipfs, batches=batches, fast_share=fast_share, device=device,
+                                   fast_dtype=fast_dtype, host_dtype=host_dtype, seed=seed, max_s=max_s,
+                                   budget=budget, profile_tokens=profile_tokens, host_pool=pool)
+            finally:
+                torch.set_num_threads(threads)
+    return _layer_part(shape, zipfs=zipfs, batches=batches, fast_share=fast_share, device=device,
+                       fast_dtype=fast_dtype, host_dtype=host_dtype, seed=seed, max_s=max_s, budget=budget,
+                       profile_tokens=profile_tokens, host_pool=None)
+
+
+def _layer_part(shape: Shape, *, zipfs, batches, fast_share: float, device: torch.device, fast_dtype: torch.dtype,
+                host_dtype: torch.dtype, seed: int, max_s: float, budget: Budget, profile_tokens: int,
+                host_pool: ThreadPoolExecutor | None) -> dict:
     weights = random_experts(shape, range(shape.num_experts), seed=seed, device=device)
     out = {"shape": shape.__dict__, "fast_share": fast_share, "fast_dtype": str(fast_dtype).removeprefix("torch."),
-           "host_dtype": str(host_dtype).removeprefix("torch."), "runs": [], "skipped": []}
+           "host_dtype": str(host_dtype).removeprefix("torch."), "runs": [], "skipped": [],
+           "host_workers": host_pool._max_workers if host_pool else 0}
     every = holders(shape, weights, device=device, fast_dtype=fast_dtype, host_dtype=host_dtype)
     g = torch.Generator().manual_seed(seed)
     for zipf in zipfs:
         profile, all_ids = routed_batch(shape, zipf, max(batches), profile_tokens=profile_tokens, seed=seed)
-        modes = tierings(shape, weights, profile, every, fast_share=fast_share, device=device, fast_dtype=fast_dtype)
+        modes = tierings(shape, weights, profile, every, fast_share=fast_share, device=device, fast_dtype=fast_dtype,
+                         host_pool=host_pool)
         out.setdefault("loop_reasons", {m.name: _loop_reasons(m) for m in modes})
         for tokens in batches:
             if budget.over():

@@ -87,3 +87,22 @@ def test_a_spent_budget_skips_every_part_and_still_writes_the_json(tmp_path):
     assert _bench("tier_hw").main(TINY + ["--out", str(tmp_path), "--budget-s", "0"]) == 0
     parts = json.loads((tmp_path / "tier_hw.json").read_text())["parts"]
     assert parts == {p: {"skipped": ["budget"]} for p in ("layer", "expert", "link")}
+
+
+def test_an_expert_parallel_host_gives_the_same_layer(tmp_path):
+    """--host-workers 3: the host rows cut into per-thread shares of experts; the combine must not move a row."""
+    args = TINY + ["--parts", "layer", "--host-workers", "3", "--out", str(tmp_path)]
+    threads = torch.get_num_threads()
+    assert _bench("tier_hw").main(args) == 0
+    assert torch.get_num_threads() == threads  # the part gives torch its threads back
+    layer = json.loads((tmp_path / "tier_hw.json").read_text())["parts"]["layer"]
+    assert layer["host_workers"] == 3
+    for run in layer["runs"]:
+        for m in run["modes"].values():
+            assert m["max_rel_diff_vs_all_fast"] < 1e-5
+
+
+def test_shares_cut_groups_by_rows_and_keep_their_order():
+    shares = _bench("tier_layer")._shares([(0, 0, 5), (3, 5, 1), (4, 6, 1), (7, 7, 5), (9, 12, 1)], 3)
+    assert [g for s in shares for g in s] == [(0, 0, 5), (3, 5, 1), (4, 6, 1), (7, 7, 5), (9, 12, 1)]
+    assert len(shares) == 3 and all(shares)
