@@ -316,7 +316,9 @@ def compare(s: dict, phases) -> dict:
             "failed_requests_all_modes": sum(x["failed"] for x in s.values())}
 
 
-def run_shares(args, tr: dict[str, np.ndarray], expert_bytes: int, n_exp: int | None = None) -> dict:
+def run_shares(args, tr: dict[str, np.ndarray], expert_bytes: int, n_exp: int | None = None,
+               keep: dict | None = None, label: str = "") -> dict:
+    """Every mode at every fast share; `keep` (for the plot) gets "label, share" → {mode → Result}."""
     out = {}
     for share in (float(x) for x in args.fast_shares.split(",")):
         sim = Sim(args, tr, expert_bytes, share, n_exp)
@@ -324,6 +326,8 @@ def run_shares(args, tr: dict[str, np.ndarray], expert_bytes: int, n_exp: int | 
         profile = (runs["uniform"] if "uniform" in runs else sim.run("uniform")).first_phase_loads
         runs.update({m: sim.run(m, profile) for m in ("static", "online", "online+stream") if m in args.modes})
         s = {m: summary(runs[m], args.phases, args.warmup_s) for m in MODES if m in runs}
+        if keep is not None:
+            keep[f"{label}fast tier {share:.0%} of the expert bytes"] = {m: runs[m] for m in MODES if m in runs}
         for m in ("online", "online+stream"):
             if m in s and "static" in runs:  # the same windows without a switch: what the traffic alone does there
                 same = p99_within(runs["static"], runs[m].switches, args.warmup_s)
@@ -369,6 +373,8 @@ def main() -> None:
     p.add_argument("--zipf", default="0,1.0,1.5", help="--config: routing skews, Zipf exponents, one run each")
     p.add_argument("--layers", type=int, default=0, help="--config: MoE layers simulated (default all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", default="", help="a PNG: tokens/s and inter-token p99 over time per mode and run "
+                   "(needs matplotlib: .venv/bin/pip install matplotlib)")
     p.add_argument("--measure-host-row", action="store_true", help="--config: time one expert of that shape on "
                    "this CPU (1 thread, float32): what --row-ms x --host-factor stands for")
     args = p.parse_args()
@@ -377,6 +383,7 @@ def main() -> None:
     if args.stream and "online+stream" not in args.modes:
         args.modes.append("online+stream")
     domains = {d for d, _ in args.phases}
+    keep = {} if args.plot else None
     out = {"workload": f"{args.clients} clients, phases {args.phases} (simulated s), {args.prompt_tokens}-token "
                        f"prompts, {args.fast_workers} fast workers at {args.row_ms:g} ms/row, {args.host_workers} "
                        f"host workers at {args.row_ms * args.host_factor:g} ms/row, router {args.router_ms:g} "
@@ -384,7 +391,7 @@ def main() -> None:
     if not args.config:
         tr, expert_bytes = traces(args.model, domains, args.windows, 128)
         eb = args.expert_bytes or expert_bytes
-        out.update(expert_bytes=eb, shares=run_shares(args, tr, eb))
+        out.update(expert_bytes=eb, shares=run_shares(args, tr, eb, keep=keep, label=f"{args.model}: "))
     else:
         cfg = published_config(args.config)
         layers = min(len(cfg.moe_layer_ids), args.layers or len(cfg.moe_layer_ids))
@@ -396,13 +403,17 @@ def main() -> None:
         for z in (float(x) for x in args.zipf.split(",")):
             tr = synthetic(layers, cfg.num_experts, cfg.top_k, domains, args.windows * 128, z, args.seed)
             out["skews"][f"{z:g}"] = {"measured": skew(tr, cfg.num_experts),
-                                      "shares": run_shares(args, tr, eb, cfg.num_experts)}
+                                      "shares": run_shares(args, tr, eb, cfg.num_experts, keep=keep,
+                                                           label=f"{args.config}, zipf {z:g}: ")}
     if args.config and args.measure_host_row:
         out["host_row_measured"] = host_row_cost(published_config(args.config))
     if "online+stream" in args.modes:
         out["stream_crossover_rows"] = crossover_rows(out["expert_bytes"], StreamCosts(
             args.link_gbps * 1e9, args.row_ms / 1000, args.row_ms * args.host_factor / 1000))
     print(json.dumps(out, indent=1))
+    if args.plot:
+        from tier_plot import plot
+        plot(keep, args.phases, args.plot)
 
 
 def host_row_cost(cfg, rows=(1, 16, 64, 256), reps: int = 5) -> dict:

@@ -106,3 +106,12 @@ def test_shares_cut_groups_by_rows_and_keep_their_order():
     shares = _bench("tier_layer")._shares([(0, 0, 5), (3, 5, 1), (4, 6, 1), (7, 7, 5), (9, 12, 1)], 3)
     assert [g for s in shares for g in s] == [(0, 0, 5), (3, 5, 1), (4, 6, 1), (7, 7, 5), (9, 12, 1)]
     assert len(shares) == 3 and all(shares)
+
+
+def test_tier_plot_buckets_count_tokens_and_leave_empty_windows_unset():
+    per_bucket = _bench("tier_plot")._per_bucket
+    gaps = [(0.1, 0.01), (0.5, 0.02), (2.2, 0.03)]  # (time s, gap s)
+    centres, counts = per_bucket(gaps, 3.0, 1.0, lambda v: float(len(v)))
+    assert centres.tolist() == [0.5, 1.5, 2.5] and counts.tolist() == [2.0, 0.0, 1.0]
+    _, worst = per_bucket(gaps, 3.0, 1.0, lambda v: float(v.max()) if len(v) else float("nan"))
+    assert worst[0] == 0.02 and worst[1] != worst[1] and worst[2] == 0.03  # NaN where no token came
