@@ -78,7 +78,10 @@ def test_two_routers_conversations_meet_their_cache(cluster):
     # side: a second deployment would add its start-up to the serial half of the suite.
     assert affinity >= 0.8
     assert chosen >= 0.8 * CONVERSATIONS * (TURNS - 1)
-    assert len(spread) == 2 and min(spread.values()) > 0.25 * sum(spread.values())  # both took conversations
+    # Both took conversations. How evenly the 16 first turns, sent at once, split between two idle routers
+    # depends on when each router's queue length reaches the ingress (a loaded machine gave 14 / 2), so only
+    # that both took some is asserted here; the split itself is least_loaded's, tested in test_prefix_routing.
+    assert len(spread) == 2 and min(spread.values()) > 0
 
 
 def test_a_requests_concurrent_choices_are_all_routed(cluster):
