@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cluster.config import ModelConfig
-from cluster.model.batch import Batch
+from cluster.model.batch import Batch, one_chunk as _one
 from cluster.model.deltanet import causal_conv
 from cluster.model.kv_cache import KVCache
 from cluster.model.weights import Mamba2Weights
@@ -95,15 +95,16 @@ def mamba2(x: Tensor, w: Mamba2Weights, cfg: ModelConfig, layer: int, batch: Bat
     y = x.new_empty(t, h, p, dtype=torch.float32)  # fp32 up to the norm, as transformers keeps the scan's output
     dec = batch.decode
     if dec is not None:
-        conv, s = states.read(layer, dec.state_slots, dec.lens == 1)
-        xbc_d, conv = causal_conv(xbc[dec.rows][:, :, None], conv, w.conv, w.conv_bias)  # [B, C, 1]
+        rows = slice(None) if batch.decode_only else dec.rows  # a decode-only step: all rows, no gather
+        conv, s = states.read(layer, dec.state_slots, batch.decode_fresh)
+        xbc_d, conv = causal_conv(xbc[rows][:, :, None], conv, w.conv, w.conv_bias)  # [B, C, 1]
         xs, b, c = split(xbc_d[:, :, 0])
-        o, s = recurrent_step(xs, F.softplus(dt_in[dec.rows]), a, b, c, w.d, s)
+        o, s = recurrent_step(xs, F.softplus(dt_in[rows]), a, b, c, w.d, s)
         states.write(layer, dec.state_slots, conv, s)
-        y[dec.rows] = o
-    for ch in batch.prefills:
-        rows, slot = slice(ch.start, ch.start + ch.num_tokens), torch.tensor([ch.state_slot], device=x.device)
-        conv, s = states.read(layer, slot, torch.tensor([ch.context_len == ch.num_tokens], device=x.device))
+        y[rows] = o
+    for i, ch in enumerate(batch.prefills):  # each chunk scans from its own state: a loop over chunks
+        rows, slot, fresh = slice(ch.start, ch.start + ch.num_tokens), *_one(batch.prefill, i)
+        conv, s = states.read(layer, slot, fresh)
         xbc_c, conv = causal_conv(xbc[rows].t()[None], conv, w.conv, w.conv_bias)  # [1, C, n]
         xs, b, c = split(xbc_c[0].t())
         dt = F.softplus(dt_in[rows]).clamp(cfg.ssm_dt_min, cfg.ssm_dt_max)
