@@ -37,6 +37,13 @@ def _l2norm(x: Tensor) -> Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + L2_EPS)
 
 
+def repeat_heads(t: Tensor, groups: int, dim: int = -2) -> Tensor:
+    """t.repeat_interleave(groups, dim) (head h of the result is head h // groups of t), as a broadcast and
+    one copy: repeat_interleave builds and scans a repeats tensor first (several ops a call, a layer)."""
+    dim = dim % t.dim()
+    return t.unsqueeze(dim + 1).expand(*t.shape[:dim + 1], groups, *t.shape[dim + 1:]).flatten(dim, dim + 1)
+
+
 def causal_conv(x: Tensor, prev: Tensor, weight: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """x [B, C, n], prev [B, C, K-1] (the inputs before x), weight [C, K], bias [C] (Mamba's) → silu(conv)
     [B, C, n] and the new prev (the last K-1 inputs)."""
@@ -54,7 +61,7 @@ def _heads(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor) -> list[Ten
     L2-normed, q scaled by 1/√dk."""
     groups = v.shape[-2] // k.shape[-2]
     if groups > 1:
-        q, k = q.repeat_interleave(groups, dim=-2), k.repeat_interleave(groups, dim=-2)
+        q, k = repeat_heads(q, groups), repeat_heads(k, groups)
     q, k, v, beta, g = (t.transpose(-2, -3) if t.dim() == v.dim() else t.transpose(-1, -2)
                         for t in (q, k, v, beta, g))
     q, k, v, beta, g = (t.float().contiguous() for t in (q, k, v, beta, g))
@@ -99,7 +106,7 @@ def recurrent_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, sta
     values from fewer ops (a decode step runs this once a layer)."""
     groups = v.shape[-2] // k.shape[-2]
     if groups > 1:
-        q, k = q.repeat_interleave(groups, dim=-2), k.repeat_interleave(groups, dim=-2)
+        q, k = repeat_heads(q, groups), repeat_heads(k, groups)
     q, k, v, beta, g = (t.float() for t in (q, k, v, beta, g))
     q, k = _l2norm(q) * q.shape[-1] ** -0.5, _l2norm(k)
     s = state.float() * g.exp()[..., None, None]

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from cluster.config import ModelConfig
 from cluster.model.batch import Batch, one_chunk as _one
-from cluster.model.deltanet import causal_conv
+from cluster.model.deltanet import causal_conv, repeat_heads
 from cluster.model.kv_cache import KVCache
 from cluster.model.weights import Mamba2Weights
 
@@ -41,7 +41,7 @@ def chunked_scan(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tens
     d [H], state [H, P, N] → y [n, H, P] (fp32), the state after the last token."""
     n, h = x.shape[:2]
     heads_per_group = h // b.shape[1]
-    b, c = (t.float().repeat_interleave(heads_per_group, dim=1) for t in (b, c))  # [n, H, N]
+    b, c = (repeat_heads(t.float(), heads_per_group, dim=1) for t in (b, c))  # [n, H, N]
     xf, dt = x.float(), dt.float()
     skip = d.float()[:, None] * xf  # [n, H, P]
     pad = (chunk - n % chunk) % chunk
@@ -70,7 +70,7 @@ def recurrent_step(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Te
     """One token of B sequences: x [B, H, P], dt [B, H] (after softplus), b, c [B, G, N], state [B, H, P, N]
     → y [B, H, P] (fp32), the new state."""
     heads_per_group = x.shape[1] // b.shape[1]
-    b, c = (t.float().repeat_interleave(heads_per_group, dim=1) for t in (b, c))  # [B, H, N]
+    b, c = (repeat_heads(t.float(), heads_per_group, dim=1) for t in (b, c))  # [B, H, N]
     xf, dt = x.float(), dt.float()
     s = state.float() * (dt * a.float()).exp()[..., None, None] + (dt[..., None] * xf)[..., None] * b[:, :, None]
     return (s * c[:, :, None]).sum(-1) + d.float()[:, None] * xf, s
