@@ -108,3 +108,26 @@ def test_prefill_step_moves_its_state_indices_once(engine):
     assert linear and not {"aten.lift_fresh.default", "aten._to_copy.default", *SYNCS} & set(linear)
     while engine.has_unfinished():
         engine.step()
+
+
+
+def test_micro_batches_build_their_own_state_groups(tmp_path):
+    """With overlap each micro-batch is a Batch of its own (rows renumbered): its prefill group, fresh mask and
+    decode-only flag come from its own chunks, and the tokens are those of the whole batch."""
+    ours, _ = build(NAME, tmp_path)
+    runs = []
+    for overlap in (False, True):
+        engine = LLMEngine.from_pretrained(str(ours), max_num_seqs=4, max_model_len=128, overlap=overlap)
+        params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        tokens = collections.defaultdict(list)
+        for p in ([1, 2, 3, 4, 5], [9]):
+            engine.add_request(p, params)
+        for o in engine.step():
+            tokens[o.request_id].append(o.token_id)
+        for p in ([6, 7, 8], [4]):  # prompts (one a single token) beside decodes
+            engine.add_request(p, params)
+        while engine.has_unfinished():
+            for o in engine.step():
+                tokens[o.request_id].append(o.token_id)
+        runs.append(dict(tokens))
+    assert runs[0] == runs[1] and all(len(t) == 6 for t in runs[0].values()) and len(runs[0]) == 4
