@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cluster.config import ModelConfig
-from cluster.model.batch import Batch, one_chunk as _one
+from cluster.model.batch import Batch, one_chunk
 from cluster.model.deltanet import causal_conv
 from cluster.model.kv_cache import KVCache
 from cluster.model.layers import rms_norm
@@ -108,7 +108,7 @@ def mamba(x: Tensor, w: MambaWeights, cfg: ModelConfig, layer: int, batch: Batch
         states.write(layer, dec.state_slots, conv, s)
         y[rows] = o[0].to(y.dtype)
     for i, ch in enumerate(batch.prefills):  # each chunk scans from its own state: a loop over chunks
-        rows, slot, fresh = slice(ch.start, ch.start + ch.num_tokens), *_one(batch.prefill, i)
+        rows, (slot, fresh) = slice(ch.start, ch.start + ch.num_tokens), one_chunk(batch.prefill, i)
         conv, s = states.read(layer, slot, fresh)
         xc, conv = causal_conv(xs[rows].t()[None], conv, w.conv, w.conv_bias)  # [1, I, n]
         xc = xc[0].t()

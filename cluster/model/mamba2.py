@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cluster.config import ModelConfig
-from cluster.model.batch import Batch, one_chunk as _one
+from cluster.model.batch import Batch, one_chunk
 from cluster.model.deltanet import causal_conv, repeat_heads
 from cluster.model.kv_cache import KVCache
 from cluster.model.weights import Mamba2Weights
@@ -103,7 +103,7 @@ def mamba2(x: Tensor, w: Mamba2Weights, cfg: ModelConfig, layer: int, batch: Bat
         states.write(layer, dec.state_slots, conv, s)
         y[rows] = o
     for i, ch in enumerate(batch.prefills):  # each chunk scans from its own state: a loop over chunks
-        rows, slot, fresh = slice(ch.start, ch.start + ch.num_tokens), *_one(batch.prefill, i)
+        rows, (slot, fresh) = slice(ch.start, ch.start + ch.num_tokens), one_chunk(batch.prefill, i)
         conv, s = states.read(layer, slot, fresh)
         xbc_c, conv = causal_conv(xbc[rows].t()[None], conv, w.conv, w.conv_bias)  # [1, C, n]
         xs, b, c = split(xbc_c[0].t())
