@@ -4,12 +4,16 @@ A step mixes prefills (many new tokens) and decodes (one new token) of
 different sequences; linear layers and experts see one [T, D] matrix, only
 attention looks at the sequence boundaries. Where each token lives in the paged
 KV cache is worked out here once per step, for every layer to use, and so is each
-sequence's recurrent-state slot (hybrid models' linear-attention layers).
-Shapes: T rows, B decoding sequences, C context.
+sequence's recurrent-state slot (hybrid models' linear-attention layers). What those layers need
+beyond the slots (which states start at zero, the prefill chunks' rows and bounds) is built on the
+first layer's request and kept for the rest of the step (cached properties): one small host->device
+copy a step instead of several a layer, and nothing for models without linear layers.
+Shapes: T rows, B decoding sequences, C context, N prefill chunks, P their rows in all.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -35,6 +39,27 @@ class DecodeGroup:
 
 
 @dataclass(frozen=True)
+class PrefillGroup:
+    """The chunks with more than one new token, as the linear layers read and write their states."""
+
+    rows: Tensor  # [P] their rows, chunk after chunk
+    state_slots: Tensor  # [N] recurrent-state slot of each
+    fresh: Tensor  # [N] True: the sequence's first chunk (its state starts at zero)
+    cu_seqlens: Tensor  # [N + 1] chunk i is rows[cu_seqlens[i]:cu_seqlens[i + 1]]
+
+
+def prefill_group(chunks: tuple[SeqChunk, ...], device) -> PrefillGroup:
+    """The PrefillGroup of prefill `chunks`: built on the host, moved in one copy."""
+    rows = [torch.arange(c.start, c.start + c.num_tokens) for c in chunks]
+    lens = torch.tensor([0] + [c.num_tokens for c in chunks])
+    fresh = torch.tensor([c.context_len == c.num_tokens for c in chunks], dtype=torch.long)
+    slots = torch.tensor([c.state_slot for c in chunks])
+    host = torch.cat([*rows, slots, fresh, lens.cumsum(0)]).to(device)
+    rows, slots, fresh, cu = host.split([int(lens.sum()), len(chunks), len(chunks), len(chunks) + 1])
+    return PrefillGroup(rows, slots, fresh.bool(), cu)
+
+
+@dataclass(frozen=True)
 class Batch:
     token_ids: Tensor  # [T]
     positions: Tensor  # [T]
@@ -47,9 +72,25 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.token_ids.shape[0])
 
-    @property
+    @cached_property
     def prefills(self) -> tuple[SeqChunk, ...]:
         return tuple(c for c in self.chunks if c.num_tokens > 1)
+
+    @cached_property
+    def decode_only(self) -> bool:
+        """Every row is a decoding sequence's token, in row order: the decode group's rows are all rows."""
+        return self.decode is not None and all(c.num_tokens == 1 for c in self.chunks)
+
+    @cached_property
+    def decode_fresh(self) -> Tensor | None:
+        """[B] True where a decoding sequence's recurrent state starts at zero (its first token), or None
+        where none does: known on the host, so the common step masks nothing."""
+        fresh = [c.context_len == 1 for c in self.chunks if c.num_tokens == 1]
+        return torch.tensor(fresh, device=self.token_ids.device) if any(fresh) else None
+
+    @cached_property
+    def prefill(self) -> PrefillGroup | None:
+        return prefill_group(self.prefills, self.token_ids.device) if self.prefills else None
 
 
 def _slot_grid(tables: list[list[int]], contexts: list[int], block_size: int) -> Tensor:
@@ -115,3 +156,8 @@ def _decode_part(batch: Batch, first: int, end: int, r0: int) -> DecodeGroup | N
     d, sel, width = batch.decode, slice(before, before + len(mine)), max(c.context_len for c in mine)
     return DecodeGroup(d.rows[sel] - r0, d.lens[sel], d.context_slots[sel, :width],
                        None if d.state_slots is None else d.state_slots[sel])
+
+
+def one_chunk(prefill: PrefillGroup, i: int) -> tuple[Tensor, Tensor]:
+    """Prefill chunk i's state slot and fresh flag, [1] each: views of the step's group, no new tensor."""
+    return prefill.state_slots[i:i + 1], prefill.fresh[i:i + 1]

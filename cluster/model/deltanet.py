@@ -37,6 +37,13 @@ def _l2norm(x: Tensor) -> Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + L2_EPS)
 
 
+def repeat_heads(t: Tensor, groups: int, dim: int = -2) -> Tensor:
+    """t.repeat_interleave(groups, dim) (head h of the result is head h // groups of t), as a broadcast and
+    one copy: repeat_interleave builds and scans a repeats tensor first (several ops a call, a layer)."""
+    dim = dim % t.dim()
+    return t.unsqueeze(dim + 1).expand(*t.shape[:dim + 1], groups, *t.shape[dim + 1:]).flatten(dim, dim + 1)
+
+
 def causal_conv(x: Tensor, prev: Tensor, weight: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """x [B, C, n], prev [B, C, K-1] (the inputs before x), weight [C, K], bias [C] (Mamba's) → silu(conv)
     [B, C, n] and the new prev (the last K-1 inputs)."""
@@ -54,7 +61,7 @@ def _heads(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor) -> list[Ten
     L2-normed, q scaled by 1/√dk."""
     groups = v.shape[-2] // k.shape[-2]
     if groups > 1:
-        q, k = q.repeat_interleave(groups, dim=-2), k.repeat_interleave(groups, dim=-2)
+        q, k = repeat_heads(q, groups), repeat_heads(k, groups)
     q, k, v, beta, g = (t.transpose(-2, -3) if t.dim() == v.dim() else t.transpose(-1, -2)
                         for t in (q, k, v, beta, g))
     q, k, v, beta, g = (t.float().contiguous() for t in (q, k, v, beta, g))
@@ -95,9 +102,13 @@ def chunked_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
 
 def recurrent_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
     """One token of B sequences: q, k [B, Hk, dk], v [B, Hv, dv], g, beta [B, Hv], state [B, Hv, dk, dv]
-    → out [B, Hv, dv] (fp32), the new state."""
-    q, k, v, beta, g = _heads(q[:, None], k[:, None], v[:, None], beta[:, None], g[:, None])  # [B, H, 1, d]
-    q, k, v, beta, g = q[:, :, 0], k[:, :, 0], v[:, :, 0], beta[:, :, 0], g[:, :, 0]
+    → out [B, Hv, dv] (fp32), the new state. The heads as _heads makes them, without its time axis: the same
+    values from fewer ops (a decode step runs this once a layer)."""
+    groups = v.shape[-2] // k.shape[-2]
+    if groups > 1:
+        q, k = repeat_heads(q, groups), repeat_heads(k, groups)
+    q, k, v, beta, g = (t.float() for t in (q, k, v, beta, g))
+    q, k = _l2norm(q) * q.shape[-1] ** -0.5, _l2norm(k)
     s = state.float() * g.exp()[..., None, None]
     delta = (v - (s * k[..., None]).sum(dim=-2)) * beta[..., None]  # what the state does not yet predict
     s = s + k[..., None] * delta[..., None, :]
@@ -149,40 +160,45 @@ def _prefill(mixed: Tensor, g: Tensor, beta: Tensor, w: DeltaNetWeights, cfg: Mo
              batch: Batch, cache: KVCache, rule: DeltaRule) -> tuple[Tensor, Tensor]:
     """All prefill chunks of the step: each one's conv from its sequence's slot, then the delta rule over
     them in one call; states written back. → out [P, Hv, dv] and its rows in the batch [P]."""
-    chunks, dev = batch.prefills, mixed.device
-    slots = torch.tensor([c.state_slot for c in chunks], device=dev)
-    fresh = torch.tensor([c.context_len == c.num_tokens for c in chunks], device=dev)  # a sequence's first chunk
-    conv, s = cache.states.read(layer, slots, fresh)  # [N, C, K-1], [N, Hv, dk, dv]
-    rows = torch.cat([torch.arange(c.start, c.start + c.num_tokens, device=dev) for c in chunks])  # [P]
+    p = batch.prefill
+    conv, s = cache.states.read(layer, p.state_slots, p.fresh)  # [N, C, K-1], [N, Hv, dk, dv]
     convolved, new_conv = [], []
-    for i, c in enumerate(chunks):  # the conv per chunk: a handful of taps, each chunk its own history
+    for i, c in enumerate(batch.prefills):  # the conv per chunk: a handful of taps, each chunk its own history
         m, prev = causal_conv(mixed[c.start:c.start + c.num_tokens].t()[None], conv[i:i + 1], w.conv)  # [1, C, n]
         convolved.append(m[0].t())
         new_conv.append(prev)
-    lens = torch.tensor([0] + [c.num_tokens for c in chunks], device=dev)
-    out, s = rule.prefill(*_split(torch.cat(convolved), cfg), g[rows], beta[rows], s, lens.cumsum(0))
-    cache.states.write(layer, slots, torch.cat(new_conv), s)
-    return out, rows
+    out, s = rule.prefill(*_split(torch.cat(convolved), cfg), g[p.rows], beta[p.rows], s, p.cu_seqlens)
+    cache.states.write(layer, p.state_slots, torch.cat(new_conv), s)
+    return out, p.rows
+
+
+def _decode(mixed: Tensor, g: Tensor, beta: Tensor, w: DeltaNetWeights, cfg: ModelConfig, layer: int,
+            batch: Batch, cache: KVCache, rule: DeltaRule) -> Tensor:
+    """The decoding sequences' rows of mixed, g, beta [B, ..] → out [B, Hv, dv]; states read and written."""
+    d = batch.decode
+    conv, s = cache.states.read(layer, d.state_slots, batch.decode_fresh)
+    mixed, conv = causal_conv(mixed[:, :, None], conv, w.conv)  # [B, C, 1]
+    o, s = rule.decode(*_split(mixed[:, :, 0], cfg), g, beta, s)
+    cache.states.write(layer, d.state_slots, conv, s)
+    return o
 
 
 def gated_deltanet(x: Tensor, w: DeltaNetWeights, cfg: ModelConfig, layer: int, batch: Batch, cache: KVCache,
                    rope: tuple[Tensor, Tensor], rule: DeltaRule = TORCH_RULE) -> Tensor:
     """x [T, D] → [T, D]; reads and writes each sequence's state in cache.states (rope: unused, no positions)."""
-    t, hv, dv, states = x.shape[0], cfg.linear_num_value_heads, cfg.linear_value_head_dim, cache.states
+    t, hv, dv = x.shape[0], cfg.linear_num_value_heads, cfg.linear_value_head_dim
     mixed = F.linear(x, w.qkv)  # [T, C]
     z = F.linear(x, w.z).view(t, hv, dv)
     beta = torch.sigmoid(F.linear(x, w.b))  # [T, Hv]
     g = -w.a_log.exp() * F.softplus(F.linear(x, w.a).float() + w.dt_bias)  # [T, Hv] log-decay, ≤ 0
-    out = x.new_empty(t, hv, dv)
-    d = batch.decode
-    if d is not None:
-        conv, s = states.read(layer, d.state_slots, d.lens == 1)
-        mixed_d, conv = causal_conv(mixed[d.rows][:, :, None], conv, w.conv)  # [B, C, 1]
-        o, s = rule.decode(*_split(mixed_d[:, :, 0], cfg), g[d.rows], beta[d.rows], s)
-        states.write(layer, d.state_slots, conv, s)
-        out[d.rows] = o.to(out.dtype)
-    if batch.prefills:
-        o, rows = _prefill(mixed, g, beta, w, cfg, layer, batch, cache, rule)
-        out[rows] = o.to(out.dtype)
+    if batch.decode_only:  # the decode group's rows are all rows, in order: no gather, no scatter
+        out = _decode(mixed, g, beta, w, cfg, layer, batch, cache, rule).to(x.dtype)
+    else:
+        out, rows = x.new_empty(t, hv, dv), batch.decode.rows if batch.decode is not None else None
+        if rows is not None:
+            out[rows] = _decode(mixed[rows], g[rows], beta[rows], w, cfg, layer, batch, cache, rule).to(out.dtype)
+        if batch.prefills:
+            o, rows = _prefill(mixed, g, beta, w, cfg, layer, batch, cache, rule)
+            out[rows] = o.to(out.dtype)
     out = gated_rms_norm(out, z, w.norm, cfg.rms_norm_eps)
     return F.linear(out.reshape(t, hv * dv), w.out)

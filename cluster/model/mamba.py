@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cluster.config import ModelConfig
-from cluster.model.batch import Batch
+from cluster.model.batch import Batch, one_chunk
 from cluster.model.deltanet import causal_conv
 from cluster.model.kv_cache import KVCache
 from cluster.model.layers import rms_norm
@@ -99,16 +99,17 @@ def mamba(x: Tensor, w: MambaWeights, cfg: ModelConfig, layer: int, batch: Batch
     y = x.new_empty(xs.shape)
     dec, chunk = batch.decode, scan_chunk(*a.shape, x.device)
     if dec is not None:
-        conv, s = states.read(layer, dec.state_slots, dec.lens == 1)
-        xc, conv = causal_conv(xs[dec.rows][:, :, None], conv, w.conv, w.conv_bias)  # [B, I, 1]
+        rows = slice(None) if batch.decode_only else dec.rows  # a decode-only step: all rows, no gather
+        conv, s = states.read(layer, dec.state_slots, batch.decode_fresh)
+        xc, conv = causal_conv(xs[rows][:, :, None], conv, w.conv, w.conv_bias)  # [B, I, 1]
         xc = xc[:, :, 0]
         dt, b, c = _ssm_inputs(xc, w, cfg)
         o, s = selective_scan(xc[None], dt[None], a, b[None], c[None], w.d, s)
         states.write(layer, dec.state_slots, conv, s)
-        y[dec.rows] = o[0].to(y.dtype)
-    for ch in batch.prefills:
-        rows, slot = slice(ch.start, ch.start + ch.num_tokens), torch.tensor([ch.state_slot], device=x.device)
-        conv, s = states.read(layer, slot, torch.tensor([ch.context_len == ch.num_tokens], device=x.device))
+        y[rows] = o[0].to(y.dtype)
+    for i, ch in enumerate(batch.prefills):  # each chunk scans from its own state: a loop over chunks
+        rows, (slot, fresh) = slice(ch.start, ch.start + ch.num_tokens), one_chunk(batch.prefill, i)
+        conv, s = states.read(layer, slot, fresh)
         xc, conv = causal_conv(xs[rows].t()[None], conv, w.conv, w.conv_bias)  # [1, I, n]
         xc = xc[0].t()
         dt, b, c = _ssm_inputs(xc, w, cfg)

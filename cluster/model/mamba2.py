@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cluster.config import ModelConfig
-from cluster.model.batch import Batch
-from cluster.model.deltanet import causal_conv
+from cluster.model.batch import Batch, one_chunk
+from cluster.model.deltanet import causal_conv, repeat_heads
 from cluster.model.kv_cache import KVCache
 from cluster.model.weights import Mamba2Weights
 
@@ -41,7 +41,7 @@ def chunked_scan(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tens
     d [H], state [H, P, N] → y [n, H, P] (fp32), the state after the last token."""
     n, h = x.shape[:2]
     heads_per_group = h // b.shape[1]
-    b, c = (t.float().repeat_interleave(heads_per_group, dim=1) for t in (b, c))  # [n, H, N]
+    b, c = (repeat_heads(t.float(), heads_per_group, dim=1) for t in (b, c))  # [n, H, N]
     xf, dt = x.float(), dt.float()
     skip = d.float()[:, None] * xf  # [n, H, P]
     pad = (chunk - n % chunk) % chunk
@@ -70,7 +70,7 @@ def recurrent_step(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Te
     """One token of B sequences: x [B, H, P], dt [B, H] (after softplus), b, c [B, G, N], state [B, H, P, N]
     → y [B, H, P] (fp32), the new state."""
     heads_per_group = x.shape[1] // b.shape[1]
-    b, c = (t.float().repeat_interleave(heads_per_group, dim=1) for t in (b, c))  # [B, H, N]
+    b, c = (repeat_heads(t.float(), heads_per_group, dim=1) for t in (b, c))  # [B, H, N]
     xf, dt = x.float(), dt.float()
     s = state.float() * (dt * a.float()).exp()[..., None, None] + (dt[..., None] * xf)[..., None] * b[:, :, None]
     return (s * c[:, :, None]).sum(-1) + d.float()[:, None] * xf, s
@@ -95,15 +95,16 @@ def mamba2(x: Tensor, w: Mamba2Weights, cfg: ModelConfig, layer: int, batch: Bat
     y = x.new_empty(t, h, p, dtype=torch.float32)  # fp32 up to the norm, as transformers keeps the scan's output
     dec = batch.decode
     if dec is not None:
-        conv, s = states.read(layer, dec.state_slots, dec.lens == 1)
-        xbc_d, conv = causal_conv(xbc[dec.rows][:, :, None], conv, w.conv, w.conv_bias)  # [B, C, 1]
+        rows = slice(None) if batch.decode_only else dec.rows  # a decode-only step: all rows, no gather
+        conv, s = states.read(layer, dec.state_slots, batch.decode_fresh)
+        xbc_d, conv = causal_conv(xbc[rows][:, :, None], conv, w.conv, w.conv_bias)  # [B, C, 1]
         xs, b, c = split(xbc_d[:, :, 0])
-        o, s = recurrent_step(xs, F.softplus(dt_in[dec.rows]), a, b, c, w.d, s)
+        o, s = recurrent_step(xs, F.softplus(dt_in[rows]), a, b, c, w.d, s)
         states.write(layer, dec.state_slots, conv, s)
-        y[dec.rows] = o
-    for ch in batch.prefills:
-        rows, slot = slice(ch.start, ch.start + ch.num_tokens), torch.tensor([ch.state_slot], device=x.device)
-        conv, s = states.read(layer, slot, torch.tensor([ch.context_len == ch.num_tokens], device=x.device))
+        y[rows] = o
+    for i, ch in enumerate(batch.prefills):  # each chunk scans from its own state: a loop over chunks
+        rows, (slot, fresh) = slice(ch.start, ch.start + ch.num_tokens), one_chunk(batch.prefill, i)
+        conv, s = states.read(layer, slot, fresh)
         xbc_c, conv = causal_conv(xbc[rows].t()[None], conv, w.conv, w.conv_bias)  # [1, C, n]
         xs, b, c = split(xbc_c[0].t())
         dt = F.softplus(dt_in[rows]).clamp(cfg.ssm_dt_min, cfg.ssm_dt_max)

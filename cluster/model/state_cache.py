@@ -88,14 +88,16 @@ class StateCache:
         if slot is not None:
             self._free.append(slot)
 
-    def read(self, layer: int, slots: Tensor, fresh: Tensor) -> tuple[Tensor, Tensor]:
-        """slots [B], fresh [B] (True: the sequence starts here, its state is zero) →
+    def read(self, layer: int, slots: Tensor, fresh: Tensor | None) -> tuple[Tensor, Tensor]:
+        """slots [B], fresh [B] (True: the sequence starts here, its state is zero; None: none does) →
         conv [B, C, K-1], recurrent [B, *recurrent shape]."""
         row = self._row[layer]
         conv, recurrent = self.conv[row, slots], self.recurrent[row, slots]
-        keep = lambda t: (~fresh).view(-1, *[1] * (t.dim() - 1))  # noqa: E731  (per sequence, over its state)
+        if fresh is None:
+            return conv, recurrent
+        keep = (~fresh)[:, None]  # [B, 1]: per sequence, over its flattened state
         # where, not a product: a freed slot's old values must not leak in (not even as NaN * 0)
-        return torch.where(keep(conv), conv, 0), torch.where(keep(recurrent), recurrent, 0)
+        return tuple(torch.where(keep, t.flatten(1), 0).view(t.shape) for t in (conv, recurrent))
 
     def write(self, layer: int, slots: Tensor, conv: Tensor, recurrent: Tensor) -> None:
         row = self._row[layer]
