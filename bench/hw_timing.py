@@ -43,25 +43,25 @@ def measure(fn: Callable[[], object], device: torch.device, *, max_s: float, war
     `ms_back_to_back`: queued without a sync between them, what the kernels themselves take."""
     warm = []
     for _ in range(warmup):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        warm.append(time.perf_counter() - t)
+        warm.append(_synced(fn, device))
         if warm[-1] >= 10 * max_s:  # so slow that one-time costs do not matter: one call is the figure
             break
     if min(warm) >= max_s:
         return {"ms": round(1000 * min(warm), 4), "ms_min": round(1000 * min(warm), 4), "reps": 1}
     reps = max(3, min(max_reps, int(max_s / max(min(warm), 1e-6))))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
+    times = [_synced(fn, device) for _ in range(reps)]
     out = {"ms": round(1000 * statistics.median(times), 4), "ms_min": round(1000 * min(times), 4), "reps": reps}
     if device.type == "cuda" and min(warm) < 0.005:  # short GPU calls: the per-call sync is part of their time
         out["ms_back_to_back"] = round(1000 * _back_to_back(fn, device, reps), 4)
     return out
+
+
+def _synced(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call, its queued device work included."""
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
 
 
 def _back_to_back(fn: Callable[[], object], device: torch.device, reps: int) -> float:

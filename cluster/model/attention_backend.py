@@ -43,11 +43,17 @@ def choose_backend(requested: str, device: str, attention: str, missing: str | N
         why_not = "multi-head latent attention has its own path (absorbed decode over the latent cache)"
     elif missing is not None:
         why_not = f"FlashInfer is not installed ({missing}); {INSTALL_HINT}"
+    return kernel_or_fallback("attention_backend", requested, "flashinfer", "sdpa", why_not)
+
+
+def kernel_or_fallback(field: str, requested: str, kernel: str, fallback: str, why_not: str | None) -> str:
+    """`kernel` when nothing stops it (why_not None); otherwise refused with the reason if it was asked for by
+    name, else `fallback` (auto). Shared by the engine's kernel choices (this file, linear_attention_backend)."""
     if why_not is None:
-        return "flashinfer"
-    if requested == "flashinfer":
-        raise ValueError(f"attention_backend flashinfer: {why_not}")
-    return "sdpa"
+        return kernel
+    if requested == kernel:
+        raise ValueError(f"{field} {kernel}: {why_not}")
+    return fallback
 
 
 def flashinfer_declines(q_dtype: torch.dtype, kv_dtype: torch.dtype, head_dim: int, sinks: bool,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 
 from cluster.config import ModelConfig
+from cluster.model.attention_backend import kernel_or_fallback
 from cluster.model.deltanet import TORCH_RULE, DeltaRule
 
 BACKENDS = ("auto", "torch", "fla")
@@ -43,11 +44,7 @@ def choose_linear_backend(requested: str, device: str, linear_kind: str | None, 
         why_not = f"its Triton kernels need a CUDA device (device is {device!r})"
     elif missing is not None:
         why_not = f"flash-linear-attention does not import ({missing}); {INSTALL_HINT}"
-    if why_not is None:
-        return "fla"
-    if requested == "fla":
-        raise ValueError(f"linear_attention_backend fla: {why_not}")
-    return "torch"
+    return kernel_or_fallback("linear_attention_backend", requested, "fla", "torch", why_not)
 
 
 def linear_backend_for(requested: str, device: str, cfg: ModelConfig) -> str:
