@@ -122,6 +122,32 @@ def _quantize_int4_file(tensors: dict, group: int = 32) -> tuple[dict, dict]:
     return ours, reference
 
 
+# Recurrent layers' decay as trained models have it. transformers' init forgets at once: exp(A_log) up to 16 (Qwen3-Next),
+# up to the head count with dt_bias 1 (Granite 4.0-H), up to ssm_state_size (Jamba); Nemotron-H's small dt_bias writes
+# almost nothing into its state, and its conv taps (std 0.02, not torch's ±1/√K) leave B and C too faint for the state
+# to move the logits. A state forgotten within a token, or too faint to matter, would let a state lost on preemption,
+# dropped at a prefill chunk boundary or handed to another sequence go unseen. With exp(A_log) from 0.005 to 0.05
+# and dt_bias (Jamba: dt_proj's bias) 1, a token's decay is about exp(-0.0065) to exp(-0.065): the state carries over
+# tens of tokens, across steps and chunks (measured in the issue-19 report). transformers is given the same weights.
+SLOW_A = (0.005, 0.05)
+
+
+def _slow_decay(model) -> None:
+    """Every Mamba / gated DeltaNet layer's decay (A_log) from SLOW_A, its step bias 1 and its conv taps as torch's
+    Conv1d draws them (uniform ±1/√K), in place; a model without such layers is left as it is."""
+    if not any(name.endswith(".A_log") for name, _ in model.named_parameters()):
+        return
+    for name, param in model.named_parameters():
+        if name.endswith(".A_log"):
+            exp_a = torch.linspace(*SLOW_A, param.numel()).reshape(param.shape)
+            param.copy_(exp_a.log())
+        elif name.endswith((".dt_bias", ".dt_proj.bias")):
+            param.fill_(1.0)
+        elif name.endswith(".conv1d.weight"):
+            bound = param.shape[-1] ** -0.5
+            param.uniform_(-bound, bound)
+
+
 def _transformers_model(cfg: dict, seed: int):
     """transformers' model of `cfg`; a multimodal wrapper's text model (text-only requests)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -147,6 +173,7 @@ def _transformers_model(cfg: dict, seed: int):
             for name, param in model.named_parameters():
                 if name.endswith("norm.weight"):
                     param.add_(torch.randn(param.shape) * 0.2)
+        _slow_decay(model)
         if model_type == "gemma4_text":  # norms, router scales and layer scalars start at one: random, so tested
             for name, t in [*model.named_parameters(), *model.named_buffers()]:
                 if name.endswith(("weight", "scale", "layer_scalar")) and bool((t == 1).all()):
