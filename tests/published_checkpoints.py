@@ -148,6 +148,21 @@ def _slow_decay(model) -> None:
             param.uniform_(-bound, bound)
 
 
+# Granite's tied embeddings enter the residual ×12 (embedding_multiplier) and its branches ×0.22: at transformers'
+# init the last token's own embedding outweighs every layer, greedy decoding repeats it and sampling is all but
+# uniform over the 100k vocabulary, so no output depends on the recurrent state. Embeddings ×20 (logits that pick)
+# and the residual branches' output projections ×100 (context that outweighs the token) make it depend.
+GRANITE_EMBED, GRANITE_BRANCH = 20.0, 100.0
+
+
+def _context_over_token(model) -> None:
+    for name, param in model.named_parameters():
+        if name.endswith("embed_tokens.weight"):
+            param.mul_(GRANITE_EMBED)
+        elif name.endswith(("out_proj.weight", "o_proj.weight", "experts.down_proj", "output_linear.weight")):
+            param.mul_(GRANITE_BRANCH)
+
+
 def _transformers_model(cfg: dict, seed: int):
     """transformers' model of `cfg`; a multimodal wrapper's text model (text-only requests)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -174,6 +189,8 @@ def _transformers_model(cfg: dict, seed: int):
                 if name.endswith("norm.weight"):
                     param.add_(torch.randn(param.shape) * 0.2)
         _slow_decay(model)
+        if model_type == "granitemoehybrid":
+            _context_over_token(model)
         if model_type == "gemma4_text":  # norms, router scales and layer scalars start at one: random, so tested
             for name, t in [*model.named_parameters(), *model.named_buffers()]:
                 if name.endswith(("weight", "scale", "layer_scalar")) and bool((t == 1).all()):
