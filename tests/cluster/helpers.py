@@ -79,6 +79,7 @@ def preempted_and_chunked_equal_roomy(path: str, delta_rule=None) -> None:
     from cluster.model.kv_cache import kv_bytes_per_token
     from cluster.model.state_cache import state_bytes_per_seq
     from cluster.model.transformer import MoETransformer
+    from tests.helpers import run_recording_logits
 
     roomy = LLMEngine.from_pretrained(path, dtype="float32", max_num_seqs=4, max_model_len=128,
                                       enable_chunked_prefill=False)
@@ -92,7 +93,11 @@ def preempted_and_chunked_equal_roomy(path: str, delta_rule=None) -> None:
     prompts = [[(5 * i + 1) % 250 for i in range(20)], [100], [(3 * i + 7) % 250 for i in range(14)], [9, 8, 7, 6]]
     params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
               SamplingParams(max_tokens=6, temperature=0.8, seed=3, ignore_eos=True)] * 2
-    expected = [o.token_ids for o in roomy.generate(prompts, params)]
-    assert [o.token_ids for o in tight.generate(prompts, params)] == expected
+    expected, expected_logits = run_recording_logits(roomy, prompts, params)
+    tokens, logits = run_recording_logits(tight, prompts, params)
+    assert tokens == expected
+    # the logits too: a state a little off (stale, another sequence's) can leave the tokens as they were
+    for got, want in zip(logits, expected_logits):
+        torch.testing.assert_close(torch.stack(got), torch.stack(want), atol=TOLERANCE, rtol=0)
     assert tight.scheduler.num_preemptions > 0
     assert tight.cache.states.num_free == 3 and tight.cache.num_free_blocks == 8  # all given back
