@@ -73,7 +73,8 @@ def preempted_and_chunked_equal_roomy(path: str, delta_rule=None) -> None:
     """A hybrid model on a budget of 3 state slots and 8 blocks of 4 tokens, for 4 requests of up to 26 tokens:
     sequences are preempted (their state freed) and recomputed, prompts prefilled 8 tokens a step beside
     running decodes, each step run as two micro-batches (the overlap's split carries the state slots); greedy
-    and seeded outputs equal one roomy engine's whole-prompt ones, and every slot and block comes back.
+    and seeded outputs (tokens, and logits within TOLERANCE) equal one roomy engine's whole-prompt ones, and every
+    slot and block comes back.
     delta_rule: the tight engine's gated DeltaNet kernels (None: torch, as the roomy one's)."""
     from cluster.engine import LLMEngine
     from cluster.model.kv_cache import kv_bytes_per_token
