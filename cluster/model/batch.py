@@ -46,6 +46,7 @@ class PrefillGroup:
     state_slots: Tensor  # [N] recurrent-state slot of each
     fresh: Tensor  # [N] True: the sequence's first chunk (its state starts at zero)
     cu_seqlens: Tensor  # [N + 1] chunk i is rows[cu_seqlens[i]:cu_seqlens[i + 1]]
+    cu_seqlens_cpu: Tensor  # [N + 1] the same bounds on the host: slicing by them reads no device tensor
 
 
 def prefill_group(chunks: tuple[SeqChunk, ...], device) -> PrefillGroup:
@@ -56,7 +57,7 @@ def prefill_group(chunks: tuple[SeqChunk, ...], device) -> PrefillGroup:
     slots = torch.tensor([c.state_slot for c in chunks])
     host = torch.cat([*rows, slots, fresh, lens.cumsum(0)]).to(device)
     rows, slots, fresh, cu = host.split([int(lens.sum()), len(chunks), len(chunks), len(chunks) + 1])
-    return PrefillGroup(rows, slots, fresh.bool(), cu)
+    return PrefillGroup(rows, slots, fresh.bool(), cu, lens.cumsum(0))
 
 
 @dataclass(frozen=True)

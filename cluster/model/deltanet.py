@@ -116,11 +116,12 @@ def recurrent_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, sta
 
 
 def chunked_prefill(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, states: Tensor,
-                    cu_seqlens: Tensor) -> tuple[Tensor, Tensor]:
+                    cu_seqlens: Tensor, cu_seqlens_cpu: Tensor) -> tuple[Tensor, Tensor]:
     """N sequences' prefill chunks packed: q, k [P, Hk, dk], v [P, Hv, dv], g, beta [P, Hv], states
-    [N, Hv, dk, dv], cu_seqlens [N + 1] (chunk i is rows cu_seqlens[i]:cu_seqlens[i+1]) → out [P, Hv, dv]
-    (fp32), the N states after each chunk's last token. One chunked_delta_rule a chunk."""
-    bounds, outs, finals = cu_seqlens.tolist(), [], []
+    [N, Hv, dk, dv], cu_seqlens [N + 1] (chunk i is rows cu_seqlens[i]:cu_seqlens[i+1]) and the same bounds
+    on the host → out [P, Hv, dv] (fp32), the N states after each chunk's last token. One chunked_delta_rule
+    a chunk, sliced by the host bounds (the device ones would cost a sync in every layer)."""
+    bounds, outs, finals = cu_seqlens_cpu.tolist(), [], []
     for i in range(len(bounds) - 1):
         rows = slice(bounds[i], bounds[i + 1])
         o, s = chunked_delta_rule(q[rows], k[rows], v[rows], g[rows], beta[rows], states[i])
@@ -167,7 +168,8 @@ def _prefill(mixed: Tensor, g: Tensor, beta: Tensor, w: DeltaNetWeights, cfg: Mo
         m, prev = causal_conv(mixed[c.start:c.start + c.num_tokens].t()[None], conv[i:i + 1], w.conv)  # [1, C, n]
         convolved.append(m[0].t())
         new_conv.append(prev)
-    out, s = rule.prefill(*_split(torch.cat(convolved), cfg), g[p.rows], beta[p.rows], s, p.cu_seqlens)
+    out, s = rule.prefill(*_split(torch.cat(convolved), cfg), g[p.rows], beta[p.rows], s, p.cu_seqlens,
+                          p.cu_seqlens_cpu)
     cache.states.write(layer, p.state_slots, torch.cat(new_conv), s)
     return out, p.rows
 

@@ -21,11 +21,13 @@ from cluster.model.deltanet import DeltaRule
 
 
 def fla_prefill(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, states: Tensor, cu_seqlens: Tensor,
-                *, chunk: Callable) -> tuple[Tensor, Tensor]:
+                cu_seqlens_cpu: Tensor, *, chunk: Callable) -> tuple[Tensor, Tensor]:
     """As deltanet.chunked_prefill: q, k [P, Hk, dk], v [P, Hv, dv], g, beta [P, Hv], states [N, Hv, dk, dv],
-    cu_seqlens [N + 1] → out [P, Hv, dv], the N final states. `chunk`: fla's chunk_gated_delta_rule."""
+    cu_seqlens [N + 1] and the same on the host → out [P, Hv, dv], the N final states. `chunk`: fla's
+    chunk_gated_delta_rule; given the host bounds it plans its chunks without reading the device's."""
     out, final = chunk(q[None], k[None], v[None], g=g[None].float(), beta=beta[None], initial_state=states.float(),
-                       output_final_state=True, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True)  # [1, P, ..]
+                       output_final_state=True, cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu,
+                       use_qk_l2norm_in_kernel=True)  # [1, P, ..]
     return out[0], final
 
 

@@ -66,6 +66,8 @@ def standin_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=N
                                    allow_neg_eigval=False, state_v_first=False, cu_seqlens=None,
                                    cu_seqlens_cpu=None, chunk_indices=None, cp_context=None, **kwargs):
     assert not (use_beta_sigmoid_in_kernel or allow_neg_eigval or state_v_first or kwargs)
+    assert cu_seqlens is None or (cu_seqlens_cpu.device.type == "cpu"
+                                  and torch.equal(cu_seqlens_cpu, cu_seqlens.cpu())), "host bounds"
     out, final = _standin(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
                           cu_seqlens, standin_chunk_gated_delta_rule.calls)
     return out.to(q.dtype), final
@@ -233,7 +235,7 @@ def test_standin_is_flas_naive_reference():
     cu_seqlens = torch.tensor([0, *itertools.accumulate(lens)])
     got, got_h = standin_chunk_gated_delta_rule(*packed[:3], g=packed[3], beta=packed[4], initial_state=h0,
                                                 output_final_state=True, cu_seqlens=cu_seqlens,
-                                                use_qk_l2norm_in_kernel=True)
+                                                cu_seqlens_cpu=cu_seqlens, use_qk_l2norm_in_kernel=True)
     for i, n in enumerate(lens):
         want, want_h = naive_recurrent_gated_delta_rule(grouped(q[i:i + 1, :n]), grouped(k[i:i + 1, :n]),
                                                         v[i:i + 1, :n], beta[i:i + 1, :n], g[i:i + 1, :n],

@@ -59,6 +59,7 @@ def test_state_groups_are_built_once_a_step():
     assert p is batch.prefill  # cached: every linear layer of the step reads the same tensors
     assert p.rows.tolist() == [1, 2, 3, 5, 6] and p.state_slots.tolist() == [2, 1]
     assert p.fresh.tolist() == [True, False] and p.cu_seqlens.tolist() == [0, 3, 5]
+    assert p.cu_seqlens_cpu.device.type == "cpu" and p.cu_seqlens_cpu.tolist() == [0, 3, 5]
     assert batch.decode_fresh.tolist() == [False, True] and not batch.decode_only
     decoding = make_batch([([0], [5], 3), ([1], [6], 9)], block_size=8)
     assert decoding.decode_only and decoding.decode_fresh is None and decoding.prefill is None
