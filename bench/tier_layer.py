@@ -71,6 +71,14 @@ def held(weights: Mapping[int, MLPWeights], ids, device: torch.device, dtype: to
 
 
 @dataclass(frozen=True)
+class HostPool:
+    """An expert-parallel host tier: `workers` pool threads, one torch thread each."""
+
+    executor: ThreadPoolExecutor
+    workers: int
+
+
+@dataclass(frozen=True)
 class Tiering:
     """One mode's experts: fast and host holders and which worker holds which copy."""
 
@@ -78,7 +86,7 @@ class Tiering:
     fast: LocalExperts | None
     host: LocalExperts | None
     copies: Mapping[tuple[int, int], tuple[int, ...]] | None  # None: all-fast, no copy choice
-    host_pool: ThreadPoolExecutor | None = None  # expert-parallel host: one torch thread per pool thread
+    host_pool: HostPool | None = None  # None: the host rows in one call on torch's intra-op threads
 
 
 def holders(shape: Shape, weights, *, device: torch.device, fast_dtype: torch.dtype,
@@ -90,7 +98,7 @@ def holders(shape: Shape, weights, *, device: torch.device, fast_dtype: torch.dt
 
 def tierings(shape: Shape, weights, profile: np.ndarray, every: tuple[LocalExperts, LocalExperts], *,
              fast_share: float, device: torch.device, fast_dtype: torch.dtype,
-             host_pool: ThreadPoolExecutor | None = None) -> list[Tiering]:
+             host_pool: HostPool | None = None) -> list[Tiering]:
     """The four modes. The host holds every expert in every tiered mode (as KTransformers does)."""
     slots = max(1, round(fast_share * shape.num_experts))
     out = [Tiering("all-fast", every[0], None, None)]
@@ -151,10 +159,11 @@ def _run_host(t: Tiering, rows: Tensor, groups: list[Group]) -> Tensor:
     experts are parallel over experts too)."""
     if t.host_pool is None or len(groups) < 2:
         return _run(t.host, rows, groups)
-    shares, starts = _shares(groups, t.host_pool._max_workers), [0]
+    shares, starts = _shares(groups, t.host_pool.workers), [0]
     for sh in shares:  # `rows` holds only the host groups' rows, one group after another
         starts.append(starts[-1] + sum(n for _, _, n in sh))
-    outs = t.host_pool.map(lambda i: _run(t.host, rows[starts[i]:starts[i + 1]], shares[i]), range(len(shares)))
+    run = lambda i: _run(t.host, rows[starts[i]:starts[i + 1]], shares[i])  # noqa: E731
+    outs = t.host_pool.executor.map(run, range(len(shares)))
     return torch.cat(list(outs))
 
 
@@ -205,7 +214,8 @@ def layer_part(shape: Shape, *, zipfs, batches, fast_share: float, device: torch
             try:
                 return _layer_part(shape, zipfs=zipfs, batches=batches, fast_share=fast_share, device=device,
                                    fast_dtype=fast_dtype, host_dtype=host_dtype, seed=seed, max_s=max_s,
-                                   budget=budget, profile_tokens=profile_tokens, host_pool=pool)
+                                   budget=budget, profile_tokens=profile_tokens,
+                                   host_pool=HostPool(pool, host_workers))
             finally:
                 torch.set_num_threads(threads)
     return _layer_part(shape, zipfs=zipfs, batches=batches, fast_share=fast_share, device=device,
@@ -215,11 +225,11 @@ def layer_part(shape: Shape, *, zipfs, batches, fast_share: float, device: torch
 
 def _layer_part(shape: Shape, *, zipfs, batches, fast_share: float, device: torch.device, fast_dtype: torch.dtype,
                 host_dtype: torch.dtype, seed: int, max_s: float, budget: Budget, profile_tokens: int,
-                host_pool: ThreadPoolExecutor | None) -> dict:
+                host_pool: HostPool | None) -> dict:
     weights = random_experts(shape, range(shape.num_experts), seed=seed, device=device)
     out = {"shape": shape.__dict__, "fast_share": fast_share, "fast_dtype": str(fast_dtype).removeprefix("torch."),
            "host_dtype": str(host_dtype).removeprefix("torch."), "runs": [], "skipped": [],
-           "host_workers": host_pool._max_workers if host_pool else 0}
+           "host_workers": host_pool.workers if host_pool else 0}
     every = holders(shape, weights, device=device, fast_dtype=fast_dtype, host_dtype=host_dtype)
     g = torch.Generator().manual_seed(seed)
     for zipf in zipfs:
