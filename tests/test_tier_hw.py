@@ -115,3 +115,20 @@ def test_tier_plot_buckets_count_tokens_and_leave_empty_windows_unset():
     assert centres.tolist() == [0.5, 1.5, 2.5] and counts.tolist() == [2.0, 0.0, 1.0]
     _, worst = per_bucket(gaps, 3.0, 1.0, lambda v: float(v.max()) if len(v) else float("nan"))
     assert worst[0] == 0.02 and worst[1] != worst[1] and worst[2] == 0.03  # NaN where no token came
+
+
+def test_model_check_prices_a_tier_whose_calls_did_not_grow_with_rows():
+    """Tiny shapes on a CPU can time 16 rows no slower than 1 (a slope ≤ 0): the rows model then
+    takes the largest call's time per row, so all-fast still prices itself at 1, not 0."""
+    flat = {"ms_per_call": {1: 0.02, 16: 0.02}, "ms_per_row_at": {1: 0.02, 16: 0.00125}, "ms_per_row_slope": -0.0001}
+    host = {"ms_per_call": {1: 0.1, 16: 1.6}, "ms_per_row_at": {1: 0.1, 16: 0.1}, "ms_per_row_slope": 0.1}
+    def mode(fast_rows, host_rows, measured):
+        return {"fast": {"rows": fast_rows, "experts": 1}, "host": {"rows": host_rows, "experts": 1},
+                "all_fast_ms_over_mode_ms": measured}
+
+    layer = {"shape": {"name": "s"}, "runs": [{"zipf": 1, "tokens": 8, "modes": {
+        "all-fast": mode(8, 0, 1), "all-host": mode(0, 8, 0.1)}}]}
+    check = _bench("tier_hw").model_check(layer, {"s": {"tiers": {"fast": flat, "host-float32": host}}}, "host-float32")
+    assert check["costs_ms"]["fast"]["row_ms"] == 0.00125
+    modes = check["runs"][0]["all_fast_over_mode"]
+    assert modes["all-fast"]["rows_model"] == 1 and modes["all-host"]["rows_model"] == round(8 * 0.00125 / 0.8, 4)
