@@ -114,6 +114,24 @@ def classify(exc: BaseException) -> ApiError:
     return ApiError(500, "internal error")
 
 
+def answered_types() -> tuple[type[BaseException], ...]:
+    """The exceptions `classify` turns into a client's answer (a bad request, a full queue, a retryable
+    outage). Handled as such, the server answers without logging a traceback: Starlette's catch-all
+    `Exception` handler answers too, but then re-raises for the server to log as a failure. Ray's
+    wrapper of a remote exception subclasses the original, so it is found by the original's type."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import BackPressureError
+
+    from cluster.engine import InvalidRequest
+    from cluster.engine.async_engine import EngineDeadError, SequenceFailed
+    from deployments.api.chat_jinja import ChatTemplateError
+    from deployments.experts.remote import ExpertUnavailable
+    from deployments.messages import RouterError
+
+    return (InvalidRequest, RouterError, ExpertUnavailable, RayActorError, ActorDiedError, ActorUnavailableError,
+            EngineDeadError, SequenceFailed, ChatTemplateError, BackPressureError)
+
+
 def from_router(error) -> ApiError:
     """A router's RouterError (deployments/messages.py) as the client's error."""
     if error.kind == "full":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import re
 import uuid
 from dataclasses import replace
@@ -20,11 +21,12 @@ from starlette.exceptions import HTTPException
 from deployments import metrics
 from deployments.api.admin import admin_routes
 from deployments.api.body import read_model
-from deployments.api.errors import ApiError, classify, outcome
+from deployments.api.errors import ApiError, answered_types, classify, outcome
 from deployments.api.chat_reply import ChatReply
 from deployments.api.responses import ChoiceResult, ChunkWriter, completion_body
 from deployments.api.schema import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
+log = logging.getLogger("ray.serve")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
@@ -52,8 +54,18 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def validation(request, e: RequestValidationError):
         return error_response(ApiError(400, "invalid request"))
 
+    async def answered(request, e: Exception):
+        error = classify(e)
+        if error.status >= 500:  # the client gets a short message; the log keeps what it was
+            log.warning("%s %s → %d: %s: %s", request.method, request.url.path, error.status,
+                        type(e).__name__, str(e)[:300])
+        return error_response(error)
+
+    for expected in answered_types():
+        app.add_exception_handler(expected, answered)
+
     @app.exception_handler(Exception)
-    async def anything(request, e: Exception):
+    async def anything(request, e: Exception):  # unforeseen: answered, then re-raised and logged with its trace
         return error_response(classify(e))
 
 

@@ -77,3 +77,33 @@ def test_coalesce_sends_the_first_output_at_once_then_groups_of_the_interval():
     assert asyncio.run(collect(1)) == [[1], [2], [3, 4], [5], [6], [7], [8]]
     assert asyncio.run(collect(3)) == [[1], [2, 3, 4], [5, 6, 7], [8]]  # the rest when the stream ends
     assert asyncio.run(collect(64)) == [[1], [2, 3, 4, 5, 6, 7, 8]]
+
+
+def test_client_errors_are_answered_without_a_server_failure():
+    """A bad request is answered 400 by its own handler. Starlette's catch-all answers too, but then
+    re-raises, and Serve logs every such request as "Request failed." with a 60-line traceback: the
+    transport here re-raises what the app raises, as Serve's replica does. Unforeseen errors still are."""
+    import httpx2
+    import pytest
+
+    from deployments.api.http import build_http_app
+    from tests.deployments.helpers import IngressStub
+
+    serving = Serving(app_config({"model": str(DEMO)}), NoRouters())
+    app = build_http_app(IngressStub(serving))
+    bad = [{"max_tokens": 0}, {"temperature": -1}, {"logit_bias": {"x": 1}}, {"messages": [{"role": "nobody"}]}]
+
+    async def post(body):
+        async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app), base_url="http://test") as client:
+            return await client.post("/v1/chat/completions", json=body)
+
+    for extra in bad:
+        r = asyncio.run(post({"messages": [{"role": "user", "content": "hi"}], **extra}))
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", (extra, r.text)
+
+    def broken(req):
+        raise RuntimeError("a bug")
+
+    serving.chat_choices = broken
+    with pytest.raises(RuntimeError, match="a bug"):  # unforeseen: re-raised for the server to log
+        asyncio.run(post({"messages": [{"role": "user", "content": "hi"}]}))
