@@ -140,8 +140,11 @@ def build_app(cfg: AppConfig) -> Application:
     workers = _workers(spec) if spec.placement is not None else []
     # Everything in the controller is async: many routers' reports must never queue behind a slow
     # call (a pool worker's hand-back waits for every router to switch).
+    # No access log: every router and ingress replica reports to it twice a second, and a line per
+    # report buried the console (3 lines a second on an idle demo); its own events are still logged.
     controller = serve.deployment(PlacementController, name="controller", num_replicas=1, max_ongoing_requests=1000,
-                                  ray_actor_options={"num_cpus": 0}).bind(spec, workers)
+                                  ray_actor_options={"num_cpus": 0},
+                                  logging_config={"enable_access_log": False}).bind(spec, workers)
     pool = _pool(spec, controller)
     routers = serve.deployment(Router, name="router", **_router_options(cfg)).bind(spec, controller)
     # The ingress's code never blocks its event loop, so Serve may run it on the replica's own loop:

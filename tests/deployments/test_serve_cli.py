@@ -67,6 +67,9 @@ def test_serve_starts_answers_and_stops(tmp_path):
         r = requests.post(f"http://127.0.0.1:{http}/v1/completions", timeout=120, headers=AUTH,
                           json={"model": "demo", "prompt": "def main(", "max_tokens": 8, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+        bad = requests.post(f"http://127.0.0.1:{http}/v1/completions", timeout=120, headers=AUTH,
+                            json={"model": "demo", "prompt": "x", "max_tokens": 0})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
         _key_guards_everything_but_liveness(http, grpc_port)
         _every_new_listener_on_loopback(before, started, ray_tmp, {http, grpc_port})
         drained = _sigterm_while_streaming(proc, f"http://127.0.0.1:{http}")
@@ -77,6 +80,7 @@ def test_serve_starts_answers_and_stops(tmp_path):
         assert drained["finish_reason"] == "length" and drained["tokens"] == 200  # the stream finished
         assert drained["refused"] == 503 and drained["ready"] == 503  # new requests were turned away
         _serve_stopped_in_its_own_time(out, ray_tmp)
+        _console_is_readable(out)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -123,6 +127,13 @@ def _serve_stopped_in_its_own_time(out: str, ray_tmp: str) -> None:
     assert logs, f"no Serve controller log under {ray_tmp}"
     forced = [line for log in logs for line in log.read_text().splitlines() if "did not drain within" in line]
     assert forced == [], forced
+
+
+def _console_is_readable(out: str) -> None:
+    """The 400 above is the client's fault: no "Request failed" traceback for it. The controller's
+    reports (two a second per replica) are not access-logged line by line."""
+    assert "Request failed" not in out, [line for line in out.splitlines() if "Request failed" in line][:3]
+    assert "CALL report" not in out and "CALL ingress_report" not in out
 
 
 def _drained(lines: queue.Queue) -> list[str]:
