@@ -14,7 +14,7 @@ import asyncio
 import logging
 
 from deployments import metrics
-from deployments.api.grpc import GrpcServing
+from deployments.api.grpc import GrpcServing, quiet_answered_calls
 from deployments.api.http import build_http_app
 from deployments.api.serving import Serving
 from deployments.messages import AppSpec
@@ -32,6 +32,7 @@ class Ingress(GrpcServing):
     async def __init__(self, spec: AppSpec, routers, controller, pool=None):
         # `pool` (the expert-pool deployment) is bound here only so the application deploys it.
         self.spec, self.cfg, self.controller = spec, spec.cfg, controller
+        quiet_answered_calls(log)  # Serve's logger: no traceback for a gRPC call answered with a client's status
         self.sink = TokenSink(self.cfg.data_plane_host, spec.data_plane_secret)
         await self.sink.start()  # routers send this replica's outputs here, one message per step
         self.serving = Serving(self.cfg, routers, self.sink)

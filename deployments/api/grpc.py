@@ -9,6 +9,7 @@ One status mapper: an ApiError's status becomes its gRPC code (deployments/api/e
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 
 from grpc_health.v1 import health_pb2
@@ -19,7 +20,28 @@ from deployments.api.responses import ChoiceResult
 from deployments.api.schema import CompletionRequest
 from protos import moe_serving_pb2 as pb
 
+log = logging.getLogger("ray.serve")
 _OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs")
+
+
+class AnsweredCallFilter(logging.Filter):
+    """Serve turns a gRPC status only from an exception raised after set_code, and logs each such call
+    twice with its traceback as a failed request. For a status the client caused (a bad request, a
+    missing key, a full queue: an ApiError below 500) those records say nothing the status and the
+    access log do not: they are dropped. Installed on Serve's logger in the ingress replica."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        for _ in range(4):  # Serve wraps ours as gRPCStatusError(original_exception=...) from it
+            if exc is None or isinstance(exc, ApiError):
+                break
+            exc = getattr(exc, "original_exception", None) or exc.__cause__
+        return not (isinstance(exc, ApiError) and exc.status < 500)
+
+
+def quiet_answered_calls(logger: logging.Logger) -> None:
+    if not any(isinstance(f, AnsweredCallFilter) for f in logger.filters):
+        logger.addFilter(AnsweredCallFilter())
 
 
 def api_key_of(metadata) -> str | None:
@@ -71,6 +93,9 @@ class GrpcServing:
 
     def _fail(self, grpc_context, e: BaseException):
         error = classify(e)
+        if error.status >= 500:  # raised on `from None`: the original is logged here or nowhere
+            log.warning("gRPC call → %d: %s: %s", error.status, type(e).__name__, str(e)[:300],
+                        exc_info=e if error.status == 500 else None)
         grpc_context.set_code(error.grpc_code)
         grpc_context.set_details(error.message)
         metrics.REQUESTS.labels("grpc", outcome(error)).inc()

@@ -70,6 +70,7 @@ def test_serve_starts_answers_and_stops(tmp_path):
         bad = requests.post(f"http://127.0.0.1:{http}/v1/completions", timeout=120, headers=AUTH,
                             json={"model": "demo", "prompt": "x", "max_tokens": 0})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+        _grpc_bad_request(grpc_port)
         _key_guards_everything_but_liveness(http, grpc_port)
         _every_new_listener_on_loopback(before, started, ray_tmp, {http, grpc_port})
         drained = _sigterm_while_streaming(proc, f"http://127.0.0.1:{http}")
@@ -129,9 +130,19 @@ def _serve_stopped_in_its_own_time(out: str, ray_tmp: str) -> None:
     assert forced == [], forced
 
 
+def _grpc_bad_request(grpc_port: int) -> None:
+    import grpc
+
+    from tests.deployments.clients import grpc_request, grpc_stub
+
+    with pytest.raises(grpc.RpcError) as e:
+        grpc_stub(f"127.0.0.1:{grpc_port}").Complete(grpc_request("x", 0), metadata=(("x-api-key", KEY),), timeout=60)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_tokens" in e.value.details()
+
+
 def _console_is_readable(out: str) -> None:
-    """The 400 above is the client's fault: no "Request failed" traceback for it. The controller's
-    reports (two a second per replica) are not access-logged line by line."""
+    """The 400s above (HTTP and gRPC) are the client's fault: no "Request failed" traceback for them.
+    The controller's reports (two a second per replica) are not access-logged line by line."""
     assert "Request failed" not in out, [line for line in out.splitlines() if "Request failed" in line][:3]
     assert "CALL report" not in out and "CALL ingress_report" not in out
 

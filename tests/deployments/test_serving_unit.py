@@ -107,3 +107,36 @@ def test_client_errors_are_answered_without_a_server_failure():
     serving.chat_choices = broken
     with pytest.raises(RuntimeError, match="a bug"):  # unforeseen: re-raised for the server to log
         asyncio.run(post({"messages": [{"role": "user", "content": "hi"}]}))
+
+
+def test_grpc_calls_answered_with_a_clients_status_log_no_traceback():
+    """Serve logs a gRPC call that raised after set_code as failed, with its traceback, wrapped in its
+    gRPCStatusError: the filter drops those records for statuses below 500, and only those."""
+    import logging
+
+    from ray.serve._private.grpc_util import gRPCStatusError
+
+    from deployments.api.errors import ApiError
+    from deployments.api.grpc import AnsweredCallFilter
+
+    def record(exc):
+        try:
+            raise exc
+        except Exception as e:  # noqa: BLE001
+            return logging.LogRecord("ray.serve", logging.ERROR, __file__, 1, "Request failed.", (), (type(e), e, None))
+
+    def wrapped(inner):
+        try:
+            raise inner
+        except ApiError as e:
+            try:
+                raise gRPCStatusError(original_exception=e, code=e.grpc_code, details=e.message) from e
+            except gRPCStatusError as outer:
+                return outer
+
+    keep = AnsweredCallFilter().filter
+    assert not keep(record(ApiError(400, "max_tokens: must be ≥ 1", "max_tokens")))
+    assert not keep(record(wrapped(ApiError(401, "missing key"))))
+    assert keep(record(wrapped(ApiError(500, "internal error"))))
+    assert keep(record(RuntimeError("a bug")))
+    assert keep(logging.LogRecord("ray.serve", logging.INFO, __file__, 1, "CALL Complete OK", (), None))
