@@ -14,10 +14,14 @@ deployments.local's setup hook) binds those two listeners to the configured host
 from __future__ import annotations
 
 import os
+import random
 import socket
 import tempfile
+from pathlib import Path
 
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+RAY_WORKER_PORTS_END = 19999  # Ray's default max_worker_port (workers take 10002-19999)
+INGRESS_PORTS_START = 30000  # Serve's direct-ingress replicas take 30000+ (HTTP) and 40000+ (gRPC)
 
 
 def haproxy_available() -> bool:
@@ -33,6 +37,29 @@ def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def spare_port(host: str, tries: int = 200) -> int:
+    """A port free now that nothing else in this start will take before HAProxy binds it, seconds later:
+    below the kernel's ephemeral range (every server that binds port 0, ours and Ray's, gets one
+    from there: a port `free_port` found was once taken in between), between Ray's worker ports and
+    Serve's ingress ports."""
+    low, high = RAY_WORKER_PORTS_END + 1, min(INGRESS_PORTS_START, _ephemeral_start())
+    for port in random.sample(range(low, high), min(tries, max(high - low, 0))):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    return free_port(host)
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def haproxy_env(host: str) -> dict[str, str]:
@@ -51,8 +78,8 @@ def haproxy_env(host: str) -> dict[str, str]:
             "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{files}/admin.sock",
             "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": files,
             "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{files}/server-state",
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(bind)),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(bind))}
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(spare_port(bind)),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(spare_port(bind))}
 
 
 def bind_haproxy_to_host(host: str) -> None:

@@ -15,8 +15,10 @@ The public gRPC API takes no message larger than the HTTP body limit.
 """
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import shutil
 
 from deployments.edge import HAPROXY_ENV, bind_haproxy_to_host, haproxy_env
 
@@ -72,6 +74,8 @@ def start_local_ray(host: str, num_cpus: float, max_message_bytes: int, **init_k
     host = local_host(host)
     env = local_env(host, max_message_bytes)
     os.environ.update(env)
+    if "RAY_SERVE_HAPROXY_SERVER_STATE_BASE" in env:  # this start's HAProxy files go when the process does
+        atexit.register(shutil.rmtree, env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], ignore_errors=True)
     # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is imported, and this process
     # (the CLI, pytest) imported it before: without this, ray.init rewrites the node IP
     # 127.0.0.1 to the machine's address and Ray's ports face every interface.

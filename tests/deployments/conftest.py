@@ -16,7 +16,8 @@ GRPC_SERVICERS = ["protos.moe_serving_pb2_grpc.add_MoeServingServicer_to_server"
 
 
 def free_port() -> int:
-    return edge.free_port("127.0.0.1")
+    """Free now, and out of the ranges Ray's and our own servers take before HAProxy binds it."""
+    return edge.spare_port("127.0.0.1")
 
 
 class Cluster:

