@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from deployments.api.chat_files import find_templates, read_json, special_tokens
-from deployments.api.chat_jinja import ChatTemplateError, compile_template, loops_over_content, run_template
+from deployments.api.chat_jinja import (ChatTemplateError, compile_template, loops_over_content, reads_variables,
+                                        run_template)
 from deployments.api.chat_messages import cut_at_marker, mark_final_message, normalise_messages, plain_data
 
 __all__ = ["ChatTemplateError", "ChatTemplates", "DEFAULT_TEMPLATE"]
@@ -72,6 +73,10 @@ class ChatTemplates:
         if "default" not in self.templates:
             raise ChatTemplateError(f"this model has no default chat template: name one of {self.names}")
         return self.templates["default"]
+
+    def reads(self, variable: str, *, with_tools: bool = False) -> bool:
+        """Whether the template a request gets reads `variable` (a request field given to it as one)."""
+        return variable in reads_variables(self.template_for(with_tools=with_tools))
 
     def render(
         self,

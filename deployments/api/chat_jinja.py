@@ -24,6 +24,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -140,6 +141,14 @@ def run_template(template: jinja2.Template, variables: dict[str, Any]) -> str:
         raise ChatTemplateError(f"chat template error: {e.message or type(e).__name__}") from None
     except Exception as e:  # noqa: BLE001 a template is code: `1/0`, `'a' + 1`, runaway recursion ...
         raise ChatTemplateError(f"chat template error: {type(e).__name__}: {e}") from None
+
+
+@lru_cache(maxsize=64)
+def reads_variables(source: str) -> frozenset[str]:
+    """The variables the template reads from its caller (`reasoning_effort` in gpt-oss's, even where
+    it sets a default for it first: `{% if reasoning_effort is not defined %}{% set ... %}`)."""
+    compile_template(source)
+    return frozenset(jinja2.meta.find_undeclared_variables(_ENV.parse(source)))
 
 
 @lru_cache(maxsize=64)

@@ -179,10 +179,14 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="default: auto with tools (calls are read from the reply by the model's tool-call "
-                          "parser), none without; required and a named function need constrained decoding, "
-                          "which this server does not do yet (400)")
+                          "parser), none without; required and a named function constrain decoding to a call "
+                          "(400 where the model's call format is unknown: set tool_call_parser)")
     parallel_tool_calls: bool = Field(True, description="false: at most one call per reply (the first)")
     chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = Field(
+        None, description="given to the chat template as its `reasoning_effort` variable, as transformers' "
+                          "apply_chat_template(reasoning_effort=...) does (gpt-oss: low, medium, high); "
+                          "400 where the model's template reads no such variable")
     documents: list[dict[str, Any]] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -197,7 +201,16 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("top_logprobs needs logprobs: true")
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise ValueError("give max_tokens or max_completion_tokens, not both")
+        given = (self.chat_template_kwargs or {}).get("reasoning_effort", self.reasoning_effort)
+        if self.reasoning_effort is not None and given != self.reasoning_effort:
+            raise ValueError("reasoning_effort: chat_template_kwargs sets another one")
         return self
+
+    def template_kwargs(self) -> dict[str, Any] | None:
+        """chat_template_kwargs, with reasoning_effort among them when it is given."""
+        if self.reasoning_effort is None:
+            return self.chat_template_kwargs
+        return {**(self.chat_template_kwargs or {}), "reasoning_effort": self.reasoning_effort}
 
     def tool_schemas(self) -> dict[str, dict[str, Any]]:
         """Each tool's parameter schema by function name (what the bare-text call formats read types from)."""

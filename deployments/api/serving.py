@@ -136,10 +136,14 @@ class Serving:
         return self.tokenizer.encode(self.templates.render(messages, **template_args), add_special_tokens=False)
 
     def render_chat(self, req: ChatCompletionRequest) -> list[int]:
+        if req.reasoning_effort is not None and not self.templates.reads("reasoning_effort",
+                                                                          with_tools=req.tools is not None):
+            raise ApiError(400, "reasoning_effort: this model's chat template has no reasoning effort to set",
+                           "reasoning_effort")
         return self.chat_ids(req.messages_json(), tools=req.tools, documents=req.documents,
                              add_generation_prompt=req.add_generation_prompt,
                              continue_final_message=req.continue_final_message,
-                             template_kwargs=req.chat_template_kwargs)
+                             template_kwargs=req.template_kwargs())
 
     async def chat_choices(self, req: ChatCompletionRequest) -> list[Choice]:
         prompt_ids = await self.off_loop(self.render_chat, req)

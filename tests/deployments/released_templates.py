@@ -131,9 +131,11 @@ MISTRAL = (
     "{% endif %}{% endfor %}"
 )
 
-# gpt-oss (harmony): no bos; analysis (reasoning) and final channels; calls on the commentary channel.
+# gpt-oss (harmony): no bos; the reasoning effort a variable (default medium); analysis (reasoning) and final
+# channels; calls on the commentary channel.
 GPT_OSS = (
-    "{{ '<|start|>system<|message|>Reasoning: medium<|end|>' }}{% for m in messages %}"
+    "{% if reasoning_effort is not defined %}{% set reasoning_effort = 'medium' %}{% endif %}"
+    "{{ '<|start|>system<|message|>Reasoning: ' + reasoning_effort + '<|end|>' }}{% for m in messages %}"
     "{% if m.role == 'assistant' %}"
     "{% if m.thinking %}{{ '<|start|>assistant<|channel|>analysis<|message|>' + m.thinking + '<|end|>' }}{% endif %}"
     "{% for tc in m.tool_calls or [] %}{{ '<|start|>assistant<|channel|>commentary to=functions.' + tc.function.name"

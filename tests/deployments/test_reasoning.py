@@ -101,3 +101,30 @@ def test_reasoning_parser_none_turns_the_split_off(tmp_path_factory):
     plain = serving_with(tmp_path_factory, QWEN3, reasoning_parser="none")
     reply = "<think>\nx\n</think>\n\ny"
     assert ask(plain, reply).choices[0].message.content == reply
+
+
+def test_reasoning_effort_reaches_the_template_as_transformers_gives_it(tmp_path_factory, qwen3):
+    """gpt-oss's template reads `reasoning_effort` (default medium): the request field renders the
+    same ids as transformers' apply_chat_template(reasoning_effort=...). A template without one → 400."""
+    import openai
+    from transformers import AutoTokenizer
+
+    from deployments.api.schema import ChatCompletionRequest
+    from tests.deployments.helpers import MESSAGES
+
+    oss = serving_with(tmp_path_factory, GPT_OSS)
+    reference = AutoTokenizer.from_pretrained(oss.cfg.model)
+    for effort in (None, "low", "high"):
+        want = reference.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                             **({"reasoning_effort": effort} if effort else {}))
+        got = oss.render_chat(ChatCompletionRequest(messages=MESSAGES, reasoning_effort=effort))
+        assert got == list(want), effort
+        assert f"Reasoning: {effort or 'medium'}" in oss.decode(got)
+    assert ask(oss, HARMONY_REPLY, reasoning_effort="high").choices[0].message.content == "Sunny."
+    with pytest.raises(openai.BadRequestError) as e:  # the two ways of setting it disagree
+        ask(oss, HARMONY_REPLY, reasoning_effort="high",
+            extra_body={"chat_template_kwargs": {"reasoning_effort": "low"}})
+    assert e.value.body["param"] == "reasoning_effort"
+    with pytest.raises(openai.BadRequestError) as e:  # Qwen3's template has enable_thinking, no effort
+        ask(qwen3, "<think>\nx\n</think>\n\ny", reasoning_effort="low")
+    assert e.value.body["param"] == "reasoning_effort" and "no reasoning effort" in e.value.body["message"]
