@@ -37,6 +37,10 @@ from deployments.tier_config import initial_placement, profile_loads, tier_group
 # Serve also waits out the 30 s when the whole service stops, HAProxy already gone: `serve.shutdown()`
 # gives the controller 30 s, so every Ctrl-C ended in "Controller failed to shut down within 30.0s".
 INGRESS_DEREGISTRATION_S = 2.0
+# A stopping replica sleeps this long before each look at its ongoing requests, the first look
+# included: Serve's default, 2 s, made every stop (Ctrl-C, a scale-in, a redeploy) wait 2 s a
+# deployment in turn, idle or not.
+SHUTDOWN_POLL_S = 0.25
 
 
 def spec_of(cfg: AppConfig) -> AppSpec:
@@ -80,7 +84,8 @@ def worker_spec(spec: AppSpec, name: str, experts, worker: int | None = None) ->
 
 def _workers(spec: AppSpec) -> list:
     cfg = spec.cfg
-    deployment = serve.deployment(ExpertWorker, health_check_period_s=5, max_ongoing_requests=16)
+    deployment = serve.deployment(ExpertWorker, health_check_period_s=5, max_ongoing_requests=16,
+                                  graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S)
     return [deployment.options(name=f"expert-worker-{i}", ray_actor_options=worker_actor_options(cfg, i))
             .bind(spec=worker_spec(spec, f"expert-worker-{i}", spec.placement.workers[i], worker=i))
             for i in range(cfg.num_workers)]
@@ -108,7 +113,8 @@ def _pool(spec: AppSpec, controller):
     # Serve must wait for that before it stops the replica.
     switch = spec.policy.switch_timeout_s if spec.policy else 30.0
     deployment = serve.deployment(ExpertPoolWorker, name="expert-pool", health_check_period_s=5,
-                                  max_ongoing_requests=16, graceful_shutdown_timeout_s=switch + 120)
+                                  max_ongoing_requests=16, graceful_shutdown_timeout_s=switch + 120,
+                                  graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S)
     return (deployment.options(ray_actor_options=worker_actor_options(cfg), autoscaling_config=autoscaling)
             .bind(spec=worker_spec(spec, "expert-pool", ()), controller=controller, build_id=spec.build_id,
                   target_busy=pool.target_busy))
@@ -122,7 +128,8 @@ def _router_options(cfg: AppConfig) -> dict[str, Any]:
     # Above the router's own limit (max_num_seqs + max_queued_requests → 503 at once): Serve would
     # queue requests past its limit at the caller instead, which looks like a hang to the client.
     limit = 2 * (cfg.max_num_seqs + cfg.max_queued_requests) + 8
-    options: dict[str, Any] = {"ray_actor_options": actor, "health_check_period_s": 5, "max_ongoing_requests": limit}
+    options: dict[str, Any] = {"ray_actor_options": actor, "health_check_period_s": 5, "max_ongoing_requests": limit,
+                               "graceful_shutdown_wait_loop_s": SHUTDOWN_POLL_S}
     if r.prefix_aware:  # chosen in the ingress's handle, from the prompt's token ids (deployments/prefix_router.py)
         options["request_router_config"] = RequestRouterConfig(
             request_router_class=PrefixAffinityRouter,
@@ -143,7 +150,7 @@ def build_app(cfg: AppConfig) -> Application:
     # No access log: every router and ingress replica reports to it twice a second, and a line per
     # report buried the console (3 lines a second on an idle demo); its own events are still logged.
     controller = serve.deployment(PlacementController, name="controller", num_replicas=1, max_ongoing_requests=1000,
-                                  ray_actor_options={"num_cpus": 0},
+                                  ray_actor_options={"num_cpus": 0}, graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S,
                                   logging_config={"enable_access_log": False}).bind(spec, workers)
     pool = _pool(spec, controller)
     routers = serve.deployment(Router, name="router", **_router_options(cfg)).bind(spec, controller)
@@ -153,6 +160,7 @@ def build_app(cfg: AppConfig) -> Application:
                    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(INGRESS_DEREGISTRATION_S)}
     ingress = serve.deployment(serve.ingress()(Ingress), name="ingress", num_replicas=cfg.ingress.replicas,
                                max_ongoing_requests=100_000, health_check_period_s=5,
+                               graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S,
                                ray_actor_options={"num_cpus": cfg.ingress.num_cpus,
                                                   "runtime_env": {"env_vars": ingress_env}})
     return ingress.bind(spec, routers, controller, *([pool] if pool is not None else []))
