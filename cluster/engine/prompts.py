@@ -45,6 +45,10 @@ class PromptChecker:
                    None)
         if bad is not None:
             raise InvalidRequest(f"{param}: token id {bad!r} is outside [0, {vocab})", param)
+        room = min(self.max_model_len, self.kv_capacity or self.max_model_len)
+        if len(prompt_ids) >= room:  # too long whatever max_tokens is: say so, not "lower max_tokens"
+            raise InvalidRequest(f"{param}: {len(prompt_ids)} tokens leave no room for a reply in the "
+                                 f"{_room_name(room, self.max_model_len)} ({room} tokens): shorten it", param)
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise InvalidRequest(
                 f"max_tokens: prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
@@ -57,3 +61,7 @@ class PromptChecker:
             bad = next((t for t in ids if t >= vocab), None)
             if bad is not None:
                 raise InvalidRequest(f"{name}: token id {bad} is outside [0, {vocab})", name)
+
+
+def _room_name(room: int, max_model_len: int) -> str:
+    return "context length" if room == max_model_len else "KV cache"

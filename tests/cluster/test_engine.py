@@ -140,3 +140,12 @@ def test_routing_read_once_per_step_is_each_sequences_own(engine, monkeypatch):
     reads.clear()
     engine.generate([prompts[0]], sampled)
     assert reads and all(reads)
+
+
+def test_a_prompt_longer_than_the_context_names_the_prompt(engine):
+    """Whatever max_tokens is: the prompt must be shortened, so the error names it, not max_tokens."""
+    limit = min(engine.prompts.max_model_len, engine.prompts.kv_capacity)
+    with pytest.raises(InvalidRequest, match=rf"prompt: {limit} tokens leave no room .* \({limit} tokens\)") as e:
+        engine.add_request([1] * limit, SamplingParams(max_tokens=1))
+    assert e.value.param == "prompt"
+    engine.validate([1] * (limit - 1), SamplingParams(max_tokens=1))  # one token of room is enough

@@ -105,6 +105,7 @@ BAD_HTTP = [
     ("empty prompt", {"prompt": ""}, None, 400, "prompt"),
     ("missing prompt", {"max_tokens": 3}, None, 400, "prompt"),
     ("over the context", {"prompt": "x", "max_tokens": 100000}, None, 400, "max_tokens"),
+    ("prompt alone over the context", {"prompt": [1] * 5000, "max_tokens": 1}, None, 400, "prompt"),
     ("unknown model", {"prompt": "x", "model": "gpt-9"}, None, 404, "model"),
 ]
 
