@@ -113,10 +113,20 @@ def _status_routes(api: APIRouter, ingress) -> None:
             return JSONResponse({"status": "unavailable", "reason": state.get("reason", "starting")}, 503)
         return {"status": "ready"}
 
+    def card() -> dict:
+        return {"id": cfg.model_name, "object": "model", "owned_by": "moe-cluster", "created": 0,
+                "max_model_len": serving.max_model_len}
+
     @api.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "owned_by": "moe-cluster",
-                                            "created": 0, "max_model_len": serving.max_model_len}]}
+        return {"object": "list", "data": [card()]}
+
+    @api.get("/v1/models/{model:path}")
+    async def model(model: str):  # the openai SDK's client.models.retrieve(name); names may hold a "/"
+        if not model:
+            return await models()
+        serving.check_model(model)
+        return card()
 
     @api.get("/metrics")
     async def prometheus():

@@ -140,3 +140,28 @@ def test_grpc_calls_answered_with_a_clients_status_log_no_traceback():
     assert keep(record(wrapped(ApiError(500, "internal error"))))
     assert keep(record(RuntimeError("a bug")))
     assert keep(logging.LogRecord("ray.serve", logging.INFO, __file__, 1, "CALL Complete OK", (), None))
+
+
+def test_models_retrieve_by_name_as_the_openai_sdk_asks():
+    import httpx2
+    import openai
+    import pytest
+
+    from deployments.api.http import build_http_app
+    from tests.deployments.helpers import IngressStub
+
+    serving = Serving(app_config({"model": str(DEMO), "served_model_name": "org/demo-7b"}), NoRouters())
+    transport = httpx2.ASGITransport(build_http_app(IngressStub(serving)))
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url="http://test/v1", api_key="x", max_retries=0,
+                                      http_client=httpx2.AsyncClient(transport=transport)) as client:
+            listed = [m.id async for m in client.models.list()]
+            card = await client.models.retrieve("org/demo-7b")
+            with pytest.raises(openai.NotFoundError) as missing:
+                await client.models.retrieve("gpt-9")
+            return listed, card, missing.value
+
+    listed, card, missing = asyncio.run(run())
+    assert listed == [card.id] == ["org/demo-7b"] and card.object == "model"
+    assert missing.body["param"] == "model" and "gpt-9" in missing.body["message"]
