@@ -1,6 +1,6 @@
 """Reading a JSON request body safely: size first, then JSON, then shape, then the model.
 
-Every failure is an ApiError with an OpenAI body: 415 (not JSON content), 413
+Every failure is an ApiError with an OpenAI body: 415 (not JSON content, or compressed), 413
 (over the size limit, checked while reading, never after buffering it all), 400
 (invalid JSON, nesting deeper than MAX_DEPTH, strings with lone surrogates,
 not an object, a field the model refuses, named in `param`).
@@ -23,6 +23,8 @@ M = TypeVar("M", bound=BaseModel)
 async def read_bytes(request: Request, limit: int) -> bytes:
     if "application/json" not in request.headers.get("content-type", "").lower():
         raise ApiError(415, "Content-Type must be application/json")
+    if request.headers.get("content-encoding", "identity").lower() != "identity":  # else "not valid JSON"
+        raise ApiError(415, "Content-Encoding must be identity: send the body uncompressed")
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
         raise ApiError(413, f"request body over {limit} bytes")

@@ -1,4 +1,5 @@
 """The public APIs on the demo model: the official openai client, metrics, and every bad input."""
+import gzip
 import json
 import math
 
@@ -122,6 +123,9 @@ def test_bad_http_requests(server, name, body, raw, status, param):
 def test_wrong_content_type_and_huge_bad_value(server):
     r = _post(server, None, headers={"Content-Type": "text/plain"}, raw='{"prompt": "x"}')
     assert r.status_code == 415
+    gzipped = _post(server, None, raw=gzip.compress(b'{"prompt": "x"}'),
+                    headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert gzipped.status_code == 415 and "Content-Encoding" in gzipped.json()["error"]["message"]
     r = _post(server, {"prompt": "x", "model": "m" * 100_000})
     assert r.status_code == 404 and len(r.content) < 2000
 
