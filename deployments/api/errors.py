@@ -87,10 +87,12 @@ def cause_of(exc: BaseException) -> BaseException:
 
 def classify(exc: BaseException) -> ApiError:
     """Any exception → the ApiError a client gets for it."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError
 
     from cluster.engine import InvalidRequest
     from cluster.engine.async_engine import EngineDeadError, SequenceFailed
+    from deployments.api.chat_jinja import ChatTemplateError
     from deployments.experts.remote import ExpertUnavailable
     from deployments.messages import RouterError
 
@@ -103,23 +105,24 @@ def classify(exc: BaseException) -> ApiError:
         return ApiError(400, str(exc), exc.param)
     if isinstance(exc, ExpertUnavailable):
         return ApiError(503, f"generation failed: {exc}")
-    if isinstance(exc, (RayActorError, ActorDiedError, ActorUnavailableError, EngineDeadError)):
+    if isinstance(exc, (RayActorError, EngineDeadError)):
         return ApiError(503, "the router serving this request stopped; retry the request")
     if isinstance(exc, SequenceFailed):
         return ApiError(500, f"generation failed for this request: {exc}")
-    if type(exc).__name__ == "ChatTemplateError":
+    if isinstance(exc, ChatTemplateError):
         return ApiError(400, f"chat template: {exc}", "messages")
-    if type(exc).__name__ == "BackPressureError":
+    if isinstance(exc, BackPressureError):
         return overloaded("server overloaded: every router's queue is full; retry later")
     return ApiError(500, "internal error")
 
 
 def answered_types() -> tuple[type[BaseException], ...]:
-    """The exceptions `classify` turns into a client's answer (a bad request, a full queue, a retryable
-    outage). Handled as such, the server answers without logging a traceback: Starlette's catch-all
-    `Exception` handler answers too, but then re-raises for the server to log as a failure. Ray's
-    wrapper of a remote exception subclasses the original, so it is found by the original's type."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    """The exceptions `classify` has an answer of its own for (the types it names above but ApiError,
+    which has its handler). Handled as such, the server answers without logging a traceback for a
+    client's fault: Starlette's catch-all `Exception` handler answers too, but then re-raises for the
+    server to log as a failure. Ray's wrapper of a remote exception subclasses the original, so it is
+    found by the original's type."""
+    from ray.exceptions import RayActorError
     from ray.serve.exceptions import BackPressureError
 
     from cluster.engine import InvalidRequest
@@ -128,8 +131,8 @@ def answered_types() -> tuple[type[BaseException], ...]:
     from deployments.experts.remote import ExpertUnavailable
     from deployments.messages import RouterError
 
-    return (InvalidRequest, RouterError, ExpertUnavailable, RayActorError, ActorDiedError, ActorUnavailableError,
-            EngineDeadError, SequenceFailed, ChatTemplateError, BackPressureError)
+    return (InvalidRequest, RouterError, ExpertUnavailable, RayActorError, EngineDeadError, SequenceFailed,
+            ChatTemplateError, BackPressureError)
 
 
 def from_router(error) -> ApiError:

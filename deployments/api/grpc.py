@@ -27,8 +27,10 @@ _OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs")
 class AnsweredCallFilter(logging.Filter):
     """Serve turns a gRPC status only from an exception raised after set_code, and logs each such call
     twice with its traceback as a failed request. For a status the client caused (a bad request, a
-    missing key, a full queue: an ApiError below 500) those records say nothing the status and the
-    access log do not: they are dropped. Installed on Serve's logger in the ingress replica."""
+    missing key, an unknown model: an ApiError below 500) those records say nothing the status and the
+    access log do not: they are dropped. Installed on Serve's logger in the ingress replica, which
+    serves gRPC itself behind HAProxy (a local start); behind Serve's own proxy (the k8s manifests)
+    the proxy process logs such calls too, with its own traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None

@@ -58,7 +58,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         error = classify(e)
         if error.status >= 500:  # the client gets a short message; the log keeps what it was
             log.warning("%s %s → %d: %s: %s", request.method, request.url.path, error.status,
-                        type(e).__name__, str(e)[:300])
+                        type(e).__name__, str(e)[:300], exc_info=e if error.status == 500 else None)
         return error_response(error)
 
     for expected in answered_types():
@@ -123,9 +123,9 @@ def _status_routes(api: APIRouter, ingress) -> None:
 
     @api.get("/v1/models/{model:path}")
     async def model(model: str):  # the openai SDK's client.models.retrieve(name); names may hold a "/"
-        if not model:
+        if not model.strip("/"):
             return await models()
-        serving.check_model(model)
+        serving.check_model(model.rstrip("/"))
         return card()
 
     @api.get("/metrics")
