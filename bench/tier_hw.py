@@ -172,7 +172,8 @@ def model_check(layer: dict, experts: dict, host_tier: str) -> dict:
     for tier, t in (("fast", tiers["fast"]), ("host", tiers[host_tier])):
         first, slope = next(iter(t["ms_per_call"].items())), t["ms_per_row_slope"]
         if slope <= 0:  # the calls did not grow with their rows (timing noise on tiny shapes): the largest
-            slope = min(t["ms_per_row_at"].values())  # call's time per row, so that no tier prices at zero
+            at = t["ms_per_row_at"]  # call's time per row, so that no tier prices at zero (keys: str from JSON)
+            slope = at[max(at, key=int)]
         cost[tier] = {"row_ms": slope, "call_ms": round(max(first[1] - first[0] * slope, 0.0), 6)}
     price = lambda load, calls: max(load[x]["rows"] * cost[x]["row_ms"]  # noqa: E731
                                     + calls * load[x]["experts"] * cost[x]["call_ms"] for x in cost)

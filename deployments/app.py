@@ -39,8 +39,9 @@ from deployments.tier_config import initial_placement, profile_loads, tier_group
 INGRESS_DEREGISTRATION_S = 2.0
 # A stopping replica sleeps this long before each look at its ongoing requests, the first look
 # included: Serve's default, 2 s, made every stop (Ctrl-C, a scale-in, a redeploy) wait 2 s a
-# deployment in turn, idle or not.
-SHUTDOWN_POLL_S = 0.25
+# deployment in turn, idle or not. Serve logs a line per look while requests remain, so not less.
+# (The pool keeps the default: its replicas hand their copies back for up to minutes.)
+SHUTDOWN_POLL_S = 0.5
 
 
 def spec_of(cfg: AppConfig) -> AppSpec:
@@ -113,8 +114,7 @@ def _pool(spec: AppSpec, controller):
     # Serve must wait for that before it stops the replica.
     switch = spec.policy.switch_timeout_s if spec.policy else 30.0
     deployment = serve.deployment(ExpertPoolWorker, name="expert-pool", health_check_period_s=5,
-                                  max_ongoing_requests=16, graceful_shutdown_timeout_s=switch + 120,
-                                  graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S)
+                                  max_ongoing_requests=16, graceful_shutdown_timeout_s=switch + 120)
     return (deployment.options(ray_actor_options=worker_actor_options(cfg), autoscaling_config=autoscaling)
             .bind(spec=worker_spec(spec, "expert-pool", ()), controller=controller, build_id=spec.build_id,
                   target_busy=pool.target_busy))
@@ -149,6 +149,7 @@ def build_app(cfg: AppConfig) -> Application:
     # call (a pool worker's hand-back waits for every router to switch).
     # No access log: every router and ingress replica reports to it twice a second, and a line per
     # report buried the console (3 lines a second on an idle demo); its own events are still logged.
+    # (A deployment's own logging_config also keeps the application's from reaching it.)
     controller = serve.deployment(PlacementController, name="controller", num_replicas=1, max_ongoing_requests=1000,
                                   ray_actor_options={"num_cpus": 0}, graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S,
                                   logging_config={"enable_access_log": False}).bind(spec, workers)

@@ -45,7 +45,7 @@ class PromptChecker:
                    None)
         if bad is not None:
             raise InvalidRequest(f"{param}: token id {bad!r} is outside [0, {vocab})", param)
-        room = min(self.max_model_len, self.kv_capacity or self.max_model_len)
+        room = self.max_model_len if self.kv_capacity is None else min(self.max_model_len, self.kv_capacity)
         if len(prompt_ids) >= room:  # too long whatever max_tokens is: say so, not "lower max_tokens"
             raise InvalidRequest(f"{param}: {len(prompt_ids)} tokens leave no room for a reply in the "
                                  f"{_room_name(room, self.max_model_len)} ({room} tokens): shorten it", param)

@@ -12,6 +12,7 @@ Shapes: P packed prefill rows, N chunks, B decoding sequences.
 """
 from __future__ import annotations
 
+import inspect
 from functools import partial
 from typing import Callable
 
@@ -21,13 +22,15 @@ from cluster.model.deltanet import DeltaRule
 
 
 def fla_prefill(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, states: Tensor, cu_seqlens: Tensor,
-                cu_seqlens_cpu: Tensor, *, chunk: Callable) -> tuple[Tensor, Tensor]:
+                cu_seqlens_cpu: Tensor, *, chunk: Callable, host_bounds: bool) -> tuple[Tensor, Tensor]:
     """As deltanet.chunked_prefill: q, k [P, Hk, dk], v [P, Hv, dv], g, beta [P, Hv], states [N, Hv, dk, dv],
     cu_seqlens [N + 1] and the same on the host → out [P, Hv, dv], the N final states. `chunk`: fla's
-    chunk_gated_delta_rule; given the host bounds it plans its chunks without reading the device's."""
+    chunk_gated_delta_rule; given the host bounds (`host_bounds`: its version takes them) it plans its
+    chunks without reading the device's."""
+    host = {"cu_seqlens_cpu": cu_seqlens_cpu} if host_bounds else {}
     out, final = chunk(q[None], k[None], v[None], g=g[None].float(), beta=beta[None], initial_state=states.float(),
-                       output_final_state=True, cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu,
-                       use_qk_l2norm_in_kernel=True)  # [1, P, ..]
+                       output_final_state=True, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True,
+                       **host)  # [1, P, ..]
     return out[0], final
 
 
@@ -48,4 +51,6 @@ def fla_rule(chunk: Callable | None = None, recurrent: Callable | None = None) -
     if chunk is None or recurrent is None:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
         chunk, recurrent = chunk or chunk_gated_delta_rule, recurrent or fused_recurrent_gated_delta_rule
-    return DeltaRule("fla", partial(fla_prefill, chunk=chunk), partial(fla_decode, recurrent=recurrent))
+    host_bounds = "cu_seqlens_cpu" in inspect.signature(chunk).parameters  # fla 0.5 has it; older ones not
+    return DeltaRule("fla", partial(fla_prefill, chunk=chunk, host_bounds=host_bounds),
+                     partial(fla_decode, recurrent=recurrent))

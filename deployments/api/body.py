@@ -23,7 +23,7 @@ M = TypeVar("M", bound=BaseModel)
 async def read_bytes(request: Request, limit: int) -> bytes:
     if "application/json" not in request.headers.get("content-type", "").lower():
         raise ApiError(415, "Content-Type must be application/json")
-    if request.headers.get("content-encoding", "identity").lower() != "identity":  # else "not valid JSON"
+    if request.headers.get("content-encoding", "").strip().lower() not in ("", "identity"):  # else "not valid JSON"
         raise ApiError(415, "Content-Encoding must be identity: send the body uncompressed")
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):

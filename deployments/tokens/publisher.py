@@ -84,10 +84,12 @@ class Destination:
         except asyncio.CancelledError:
             error = DeliveryFailed(f"token stream to {self.address} closed")
         except Exception as e:  # noqa: BLE001 - the ingress replica is gone or refused us
-            why = f"{e.code().name}: {e.details()}" if isinstance(e, aio.AioRpcError) else str(e)
+            why = f"{e.code().name}: {e.details() or ''}" if isinstance(e, aio.AioRpcError) else str(e)
             error = DeliveryFailed(f"token stream to {self.address} failed: {why}")
-            if self.streams:  # an idle stream to a replica that stopped (a scale-in, a shutdown) is routine
+            if self.streams:
                 log.warning("%s; %d request(s) on it end", error, len(self.streams))
+            else:  # an idle stream to a replica that stopped (a scale-in, a shutdown) is routine
+                log.debug("%s (idle)", error)
         self.publisher.destinations.pop(self.address, None)
         for stream in list(self.streams.values()):
             stream.close(error)

@@ -205,6 +205,22 @@ def test_fla_path_equals_torch_with_the_standin(checkpoint):
     assert max(standin_fused_recurrent_gated_delta_rule.calls) >= 2
 
 
+def test_an_fla_without_host_bounds_is_called_without_them():
+    """fla before cu_seqlens_cpu: the rule reads the kernel's signature and leaves the argument out."""
+    def older(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+              use_qk_l2norm_in_kernel=False, cu_seqlens=None):
+        return _standin(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
+                        cu_seqlens, [])
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(7, 1, 8), torch.randn(7, 1, 8), torch.randn(7, 2, 4)
+    g, beta, states = -torch.rand(7, 2) * 0.2, torch.rand(7, 2), torch.zeros(2, 2, 8, 4)
+    bounds = torch.tensor([0, 3, 7])
+    got = fla_rule(older, standin_fused_recurrent_gated_delta_rule).prefill(q, k, v, g, beta, states, bounds, bounds)
+    want = STANDIN_RULE.prefill(q, k, v, g, beta, states, bounds, bounds)
+    torch.testing.assert_close(got, want)
+
+
 def test_fla_path_keeps_outputs_under_preemption_with_the_standin(checkpoint):
     """The hybrid budget test on the fla path (stand-in): preempted sequences recomputed, prompts prefilled
     8 tokens a step beside decodes, two micro-batches a step; outputs equal a roomy torch engine's."""
