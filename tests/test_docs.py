@@ -1,0 +1,100 @@
+"""The docs as a new user reads them: every YAML block loads through the project's own loaders,
+every `moe-cluster` flag they show exists, every metric they name is exported, and the plan
+outputs they print are what `moe-cluster plan` prints. Fast, no Ray."""
+import io
+import re
+import shlex
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deployments import metrics
+from deployments.cli import build_parser, main
+from deployments.config import app_config
+from deployments.policy import AutoscalePolicy, load_policy
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# Kubernetes pod fields shown beside an application arg (docs/kubernetes.md): not ours to validate.
+POD_FIELDS = {"volumeMounts", "volumes"}
+NOT_METRICS = {"moe_latent_size"}  # a checkpoint's config field (Nemotron 3 Super), named in docs/models.md
+
+
+def _blocks(lang: str) -> list[tuple[str, str]]:
+    """(file:line, body) of every fenced block in `lang`."""
+    found = []
+    for doc in DOCS:
+        text = doc.read_text()
+        for m in re.finditer(rf"```{lang}\n(.*?)```", text, re.S):
+            found.append((f"{doc.name}:{text[:m.start()].count(chr(10)) + 1}", m.group(1)))
+    return found
+
+
+def _is_policy(data: dict) -> bool:
+    return set(data) <= set(AutoscalePolicy.model_fields)
+
+
+@pytest.mark.parametrize("where,body", _blocks("yaml"), ids=[w for w, _ in _blocks("yaml")])
+def test_every_yaml_block_loads(where, body, tmp_path):
+    data = {k: v for k, v in yaml.safe_load(body).items() if k not in POD_FIELDS}
+    if _is_policy(data):  # a policy file, read as `policy_file` reads it
+        path = tmp_path / "policy.yaml"
+        path.write_text(body)
+        load_policy(path)
+    else:  # the Serve application's args
+        app_config(data)
+
+
+def test_the_policy_autoscaling_md_shows_is_the_bundled_file():
+    [body] = [b for _, b in _blocks("yaml") if b.startswith("# deployments/policies/default.yaml")]
+    assert yaml.safe_load(body) == yaml.safe_load((ROOT / "deployments/policies/default.yaml").read_text())
+
+
+def _cli_uses() -> list[tuple[str, list[str]]]:
+    """(file, argv) of every `moe-cluster SUB ...` the docs show, in code spans and bash blocks."""
+    uses = []
+    for doc in DOCS:
+        text = doc.read_text().replace("\\\n", " ")
+        for m in re.finditer(r"moe-cluster (generate|plan|serve|record-profile)\b([^`\n#]*)", text):
+            uses.append((doc.name, [m.group(1), *re.findall(r"(?<![\w-])--[a-z][\w-]*", m.group(2))]))
+    return uses
+
+
+def test_every_flag_the_docs_show_exists():
+    parser = build_parser()
+    subs = parser._subparsers._group_actions[0].choices  # argparse keeps no public map of them
+    known = {name: {o for a in sub._actions for o in a.option_strings} for name, sub in subs.items()}
+    unknown = [(doc, argv[0], flag) for doc, argv in _cli_uses() for flag in argv[1:] if flag not in known[argv[0]]]
+    assert len(_cli_uses()) > 10 and not unknown, unknown
+
+
+def test_every_command_the_docs_show_gives_the_required_flags():
+    """A use with flags is a command to copy; a bare `moe-cluster plan` only names the command."""
+    subs = build_parser()._subparsers._group_actions[0].choices
+    required = {name: {a.option_strings[0] for a in sub._actions if a.required} for name, sub in subs.items()}
+    missing = [(doc, argv, required[argv[0]] - set(argv)) for doc, argv in _cli_uses()
+               if len(argv) > 1 and required[argv[0]] - set(argv)]
+    assert not missing, missing
+
+
+def test_every_metric_the_docs_name_is_exported():
+    named = {m for doc in DOCS for m in re.findall(r"`(moe_[a-z_]+)", doc.read_text())} - NOT_METRICS
+    series = metrics.exported_series()
+    families = series | {s.removesuffix("_bucket") for s in series}  # a histogram is named by its family too
+    assert len(named) > 20 and named <= families, named - families
+
+
+def _plan_examples() -> list[tuple[str, str]]:
+    [body] = [b for _, b in _blocks("") if b.startswith("$ moe-cluster plan")]
+    return [(cmd, out.strip()) for cmd, _, out in (part.partition("\n") for part in body.split("$ ")[1:])]
+
+
+@pytest.mark.parametrize("cmd,expected", _plan_examples())
+def test_plan_prints_what_models_md_shows(cmd, expected, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(shlex.split(cmd)[1:]) == 0
+    assert out.getvalue().strip() == expected
