@@ -116,3 +116,14 @@ def test_the_readme_reply_is_what_the_server_builds_from_the_engine():
     body = completion_body("cmpl-…", "demo", [choice], 1, engine.tokenizer.decode, chat=False)
     got = JSONResponse({**body, "created": 0}).body.decode().replace('"created":0', '"created":…')
     assert got == shown.strip()
+
+
+def test_every_path_and_test_the_docs_cite_exists():
+    """`cluster/x.py`, `tests/...::test_y` (docs/security.md cites tests relative to tests/)."""
+    cited = [(doc.name, m.group(1), re.findall(r"::(\w+)", m.group(2)))
+             for doc in DOCS for m in re.finditer(r"(?<![\w/.-])((?:cluster|deployments|tests|bench|tools|k8s|docs|"
+                                                 r"protos|models|\.ci)/[\w./-]*\w)((?:::\w+)*)", doc.read_text())]
+    tests = "".join(p.read_text() for p in (ROOT / "tests").rglob("test_*.py"))
+    missing = [(doc, path) for doc, path, _ in cited if not (ROOT / path).exists() and not (ROOT / "tests" / path).exists()]
+    missing += [(doc, name) for doc, _, names in cited for name in names if f"def {name}(" not in tests]
+    assert len(cited) > 100 and not missing, missing
