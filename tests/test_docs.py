@@ -127,3 +127,24 @@ def test_every_path_and_test_the_docs_cite_exists():
     missing = [(doc, path) for doc, path, _ in cited if not (ROOT / path).exists() and not (ROOT / "tests" / path).exists()]
     missing += [(doc, name) for doc, _, names in cited for name in names if f"def {name}(" not in tests]
     assert len(cited) > 100 and not missing, missing
+
+
+def test_every_bench_flag_in_the_docs_commands_exists():
+    """`bench/x.py --flag` in a bash block: the script's argparse defines --flag (read from its source)."""
+    unknown, seen = [], 0
+    for where, body in _blocks("bash"):
+        for line in body.replace("\\\n", " ").splitlines():
+            for m in re.finditer(r"((?:bench|tools)/\w+\.py)([^#;|&]*)", line):
+                source = (ROOT / m.group(1)).read_text()
+                for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", m.group(2)):
+                    seen += 1
+                    if f'"{flag}"' not in source:
+                        unknown.append((where, m.group(1), flag))
+    assert seen > 50 and not unknown, unknown
+
+
+def test_bash_blocks_hold_no_usage_notation():
+    """A bash block is pasted as is: `[--flag]` is passed literally and `a|b` pipes into `b`."""
+    notation = [(where, line) for where, body in _blocks("bash") for line in body.splitlines()
+                if re.search(r"\[--|--[\w-]+ [\w.]+\|[\w.]+", line.split("#")[0])]
+    assert not notation, notation
