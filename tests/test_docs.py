@@ -1,6 +1,7 @@
-"""The docs as a new user reads them: every YAML block loads through the project's own loaders,
-every `moe-cluster` flag they show exists, every metric they name is exported, and the plan
-outputs they print are what `moe-cluster plan` prints. Fast, no Ray."""
+"""The docs as a new user reads them (README.md, docs/*.md): every YAML block loads through the
+project's own loaders, every `moe-cluster` and bench flag they show exists (required ones given),
+bash blocks paste as written, every metric, path and test they name exists, and the outputs they
+print (`moe-cluster plan`, README's curl reply) are what the code prints. Fast, no Ray."""
 import io
 import re
 import shlex
