@@ -238,14 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--device", default="cpu", help="cpu or cuda")
     g.add_argument("--dtype", default="auto", choices=DTYPE_SETTINGS,
-                   help="weights and compute (auto: the checkpoint's dtype on a GPU, float32 on a CPU)")
+                   help="weights and compute (auto: the checkpoint's dtype on a GPU, bfloat16 for a float32 "
+                        "checkpoint; float32 on a CPU)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     _prefix_caching_flag(g)
     g.add_argument("--quiet", action="store_true", help="no loading progress on stderr")
     g.set_defaults(func=cmd_generate)
     pl = sub.add_parser("plan", help="memory and capacity plan from config.json alone (no weights needed)")
     pl.add_argument("--model", required=True, help="checkpoint directory or its config.json")
-    pl.add_argument("--dtype", default="auto", help="auto (the checkpoint's dtype, as on a GPU) | bfloat16 | float16 | float32")
+    pl.add_argument("--dtype", default="auto", help="auto (as on a GPU: the checkpoint's dtype, bfloat16 for a float32 "
+                    "checkpoint) | bfloat16 | float16 | float32")
     pl.add_argument("--kv-cache-dtype", default="auto", help="auto (= dtype) | bfloat16 | float16 | float32")
     pl.add_argument("--workers", type=int, default=1, help="expert workers, one GPU each (0: all in the router)")
     pl.add_argument("--gpu-memory", default="80GiB", help="memory of each GPU, e.g. 80GiB, 141GB")
@@ -265,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None, help="checkpoint directory (overrides the config)")
     s.add_argument("--num-workers", type=int, default=None, help="expert workers (overrides the config)")
     s.add_argument("--dtype", default=None, choices=DTYPE_SETTINGS,
-                   help="weights and compute (auto: the checkpoint's dtype on a GPU, float32 on a CPU)")
+                   help="weights and compute (auto: the checkpoint's dtype on a GPU, bfloat16 for a float32 "
+                        "checkpoint; float32 on a CPU)")
     s.add_argument("--routers", type=int, default=None,
                    help="router replicas (attention data-parallel, each with its own KV cache; overrides the config)")
     s.add_argument("--host", default="127.0.0.1",

@@ -199,6 +199,9 @@ class AppConfig(_Options):
             raise ValueError(f"expert_copies ({self.expert_copies}) must not exceed num_workers ({self.num_workers})")
         if self.pool.max_workers and not self.num_workers:
             raise ValueError("pool.max_workers > 0 needs num_workers ≥ 1 (the pool joins fixed expert workers)")
+        if self.autoscaler is not None and self.policy_file:  # else the file wins and the inline policy is lost
+            raise ValueError(f"give the policy inline (autoscaler) or by file (policy_file: {self.policy_file}), "
+                             "not both")
         if self.tiers:
             self._tiered()
         return self

@@ -54,3 +54,12 @@ def test_merge_names_the_field_it_refuses():
     with pytest.raises(ValueError, match="copy_choice: Input should be 'even' or 'least_loaded'"):
         AutoscalePolicy().merge({"copy_choice": "random"})
     assert AutoscalePolicy().merge({"min_gain": 0.5}).min_gain == 0.5
+
+
+def test_an_inline_policy_beside_a_policy_file_is_refused_not_ignored():
+    """serve_local.yaml names a policy_file: an `autoscaler:` added beside it must not be dropped silently."""
+    from deployments.config import app_config
+
+    with pytest.raises(ValueError, match=r"inline \(autoscaler\) or by file \(policy_file: p.yaml\), not both"):
+        app_config({"autoscaler": {"interval_s": 5}, "policy_file": "p.yaml"})
+    assert app_config({"autoscaler": {"interval_s": 5}}).policy().interval_s == 5
