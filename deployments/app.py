@@ -16,9 +16,11 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
+from cluster.config import ModelConfig
+from cluster.engine.memory import full_length_refusal
 from cluster.loader import open_model
 from cluster.placement import round_robin
-from cluster.precision import resolve_dtype
+from cluster.precision import resolve_dtype, resolve_kv_dtype
 from deployments.config import AppConfig, app_config
 from deployments.controller import PlacementController
 from deployments.experts.auth import resolve_secret
@@ -46,6 +48,7 @@ SHUTDOWN_POLL_S = 0.5
 
 def spec_of(cfg: AppConfig) -> AppSpec:
     _, _, model_cfg = open_model(cfg.model)  # fail fast, before anything is deployed
+    _check_kv_budget(cfg, model_cfg)
     placement = round_robin(model_cfg.experts(), cfg.num_workers, cfg.expert_copies) if cfg.num_workers else None
     layout = None
     if cfg.tiers:  # the fast tier's room to the hottest experts (evenly, or from a static profile), the rest on host
@@ -59,6 +62,19 @@ def spec_of(cfg: AppConfig) -> AppSpec:
     expert_bytes = model_cfg.expert_bytes(resolve_dtype(cfg.dtype, cfg.worker_device, model_cfg.checkpoint_dtype))
     return AppSpec(uuid.uuid4().hex, cfg, placement, cfg.policy(), resolve_secret(cfg.data_plane_secret), model_cfg.moe_layer_ids,
                    model_cfg.num_experts, expert_bytes, layout)
+
+
+def _check_kv_budget(cfg: AppConfig, model_cfg: ModelConfig) -> None:
+    """A router's explicit KV budget must hold one full-length sequence: the ingress fills a request
+    without max_tokens up to max_model_len, which a smaller cache would refuse every time."""
+    if cfg.kv_cache_memory_bytes is None:  # sized by the router itself, at least one sequence (memory.py)
+        return
+    kv_dtype = resolve_kv_dtype(cfg.kv_cache_dtype, resolve_dtype(cfg.dtype, cfg.routers.device,
+                                                                   model_cfg.checkpoint_dtype))
+    reason = full_length_refusal(model_cfg, kv_dtype, cfg.kv_cache_memory_bytes, cfg.max_model_len,
+                                 cfg.block_size, cfg.max_num_seqs)
+    if reason:
+        raise ValueError(reason)
 
 
 def worker_actor_options(cfg: AppConfig, worker: int = 0) -> dict[str, Any]:

@@ -122,9 +122,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         grpc["enable_reflection"] = False  # the schema is not shown to callers without the key
     print(f"starting moe-cluster: model {cfg.model}, {cfg.routers.min}-{cfg.routers.max} router(s), "
           f"{cfg.num_workers} expert worker(s)", file=sys.stderr)
+    app = build_app(cfg)  # before Ray starts: a checkpoint or setting it refuses costs no cluster start
     _start_ray(args.address, cfg, host)
     serve.start(http_options=http, grpc_options=grpc)
-    serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
+    serve.run(app, name=cfg.app_name, route_prefix="/")
     base = f"http://{http['host']}:{http.get('port', 8000)}"
     print(f"ready: HTTP {base}/v1/completions (OpenAI API), gRPC {http['host']}:{grpc.get('port', 9000)} "
           f"(protos/moe_serving.proto), metrics {base}/metrics. Ctrl-C stops.", flush=True)

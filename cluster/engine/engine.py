@@ -92,7 +92,7 @@ class LLMEngine:
         self.dtype = model.weights.embed.dtype
         self.kv_dtype = resolve_kv_dtype(kv_cache_dtype, self.dtype)
         budget = kv_cache_budget(cfg, self.kv_dtype, device, max_num_seqs, max_model_len, kv_cache_memory_bytes,
-                                 gpu_memory_utilization)
+                                 gpu_memory_utilization, block_size)
         self.cache = KVCache.for_budget(cfg, budget, block_size, self.kv_dtype, device, max_num_seqs)
         if enable_prefix_caching and cfg.hybrid:
             log.info("prefix caching is off for %s: %s", cfg.model_type, PREFIX_CACHING_HYBRID)

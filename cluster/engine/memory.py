@@ -1,7 +1,8 @@
 """How many bytes the KV cache gets, and the start-up memory report.
 
 The cache takes what max_num_seqs sequences of max_model_len tokens need, but
-never below one full-length sequence; on a CPU that is capped at
+never below one full-length sequence (whole blocks: a cache that cannot hold one
+would refuse every request that leaves max_tokens out, as it is filled up to max_model_len); on a CPU that is capped at
 CPU_KV_CAP_BYTES, on a GPU at what is left of `gpu_memory_utilization` of the
 device after the weights are loaded (as vLLM does). Memory PyTorch's caching
 allocator holds but no tensor uses counts as free there: mem_get_info reports it
@@ -15,7 +16,7 @@ import logging
 import torch
 
 from cluster.config import ModelConfig
-from cluster.model.kv_cache import KVCache, kv_bytes_per_token
+from cluster.model.kv_cache import KVCache, budget_layout, kv_bytes_per_token
 from cluster.model.state_cache import state_bytes_per_seq
 from cluster.precision import dtype_name
 
@@ -23,12 +24,37 @@ CPU_KV_CAP_BYTES = 4 << 30
 log = logging.getLogger("cluster.engine")
 
 
+def one_sequence_bytes(cfg: ModelConfig, kv_dtype: torch.dtype, max_model_len: int, block_size: int = 16) -> int:
+    """Cache bytes one sequence of max_model_len tokens takes: its blocks, and a hybrid model's recurrent state."""
+    blocks = -(-max_model_len // block_size)
+    return blocks * block_size * kv_bytes_per_token(cfg, kv_dtype) + state_bytes_per_seq(cfg, kv_dtype)
+
+
+def full_length_refusal(cfg: ModelConfig, kv_dtype: torch.dtype, memory_bytes: int, max_model_len: int,
+                        block_size: int = 16, max_num_seqs: int = 1) -> str | None:
+    """Why an explicit KV budget cannot serve (None: it holds one sequence of max_model_len), naming both
+    ways out, as vLLM refuses to start on it."""
+    try:
+        blocks, _ = budget_layout(cfg, memory_bytes, block_size, kv_dtype, max_num_seqs)
+    except ValueError:
+        blocks = 0
+    fits = blocks * block_size
+    if fits >= max_model_len:
+        return None
+    slots = max_num_seqs if state_bytes_per_seq(cfg, kv_dtype) else 0  # the state slots come first
+    need = one_sequence_bytes(cfg, kv_dtype, max_model_len, block_size) + max(0, slots - 1) * state_bytes_per_seq(
+        cfg, kv_dtype)
+    return (f"kv_cache_memory_bytes={memory_bytes} holds {fits} tokens of this model's KV cache "
+            f"({dtype_name(kv_dtype)}), less than one sequence of max_model_len={max_model_len}: "
+            f"raise kv_cache_memory_bytes to at least {need}" + (f" or lower max_model_len to at most {fits}"
+                                                                 if fits >= 8 else ""))  # max_model_len's floor
+
+
 def kv_cache_budget(cfg: ModelConfig, kv_dtype: torch.dtype, device: str, max_num_seqs: int, max_model_len: int,
-                    memory_bytes: int | None = None, gpu_memory_utilization: float = 0.9) -> int:
-    if memory_bytes is not None:
+                    memory_bytes: int | None = None, gpu_memory_utilization: float = 0.9, block_size: int = 16) -> int:
+    if memory_bytes is not None:  # as given (tests size tiny caches); the served path checks it (full_length_refusal)
         return int(memory_bytes)
-    per_token = kv_bytes_per_token(cfg, kv_dtype)
-    one_seq = max_model_len * per_token + state_bytes_per_seq(cfg, kv_dtype)  # + a hybrid model's recurrent state
+    one_seq = one_sequence_bytes(cfg, kv_dtype, max_model_len, block_size)
     needed = max_num_seqs * one_seq
     if not str(device).startswith("cuda"):
         return max(min(needed, CPU_KV_CAP_BYTES), one_seq)

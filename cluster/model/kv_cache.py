@@ -97,16 +97,9 @@ class KVCache:
     @classmethod
     def for_budget(cls, cfg: ModelConfig, budget_bytes: int, block_size: int = 16, dtype=torch.float32,
                    device: str = "cpu", max_num_seqs: int = 1) -> "KVCache":
-        """As many blocks as `budget_bytes` holds; for a hybrid model first a recurrent-state slot per
-        sequence (up to max_num_seqs, each with room for at least one block beside it)."""
-        per_block = kv_bytes_per_token(cfg, dtype) * block_size
-        per_seq = state_bytes_per_seq(cfg, dtype)
-        if budget_bytes < per_block + per_seq:
-            raise ValueError(f"KV cache: a budget of {budget_bytes} bytes does not hold one block "
-                             f"({per_block} bytes: {block_size} tokens)"
-                             + (f" and one sequence's recurrent state ({per_seq} bytes)" if per_seq else ""))
-        seqs = min(max_num_seqs, budget_bytes // (per_block + per_seq)) if per_seq else 1
-        return cls.for_model(cfg, (budget_bytes - seqs * per_seq) // per_block, block_size, dtype, device, seqs)
+        """As many blocks as `budget_bytes` holds (budget_layout)."""
+        blocks, slots = budget_layout(cfg, budget_bytes, block_size, dtype, max_num_seqs)
+        return cls.for_model(cfg, blocks, block_size, dtype, device, slots)
 
     @property
     def bytes_per_token(self) -> int:
@@ -152,3 +145,17 @@ class KVCache:
         """slots [B, C] → k, v [B, H_kv, C, hd] (the layout attention wants)."""
         keys, values = self.layer(layer)
         return keys[slots].transpose(1, 2), values[slots].transpose(1, 2)
+
+
+def budget_layout(cfg: ModelConfig, budget_bytes: int, block_size: int = 16, dtype=torch.float32,
+                  max_num_seqs: int = 1) -> tuple[int, int]:
+    """(blocks, recurrent-state slots) a byte budget holds: for a hybrid model first a state slot per
+    sequence (up to max_num_seqs, each with room for at least one block beside it), the rest in blocks."""
+    per_block = kv_bytes_per_token(cfg, dtype) * block_size
+    per_seq = state_bytes_per_seq(cfg, dtype)
+    if budget_bytes < per_block + per_seq:
+        raise ValueError(f"KV cache: a budget of {budget_bytes} bytes does not hold one block "
+                         f"({per_block} bytes: {block_size} tokens)"
+                         + (f" and one sequence's recurrent state ({per_seq} bytes)" if per_seq else ""))
+    slots = min(max_num_seqs, budget_bytes // (per_block + per_seq)) if per_seq else 1
+    return (budget_bytes - slots * per_seq) // per_block, slots

@@ -2,6 +2,7 @@
 newest preempted (and later recomputed) when decoding runs out, outputs unchanged; the memory
 the engine reports at bf16 and fp32."""
 import logging
+import re
 
 import pytest
 import torch
@@ -128,3 +129,25 @@ def test_gpu_budget_is_what_the_engine_needs_and_leaves_room_for_a_second_engine
     with pytest.raises(ValueError, match="gpu_memory_utilization=0.9, less than one sequence of max_model_len=2048"):
         kv_cache_budget(cfg, torch.bfloat16, "cuda", 64, 2048, None, 0.9)
     assert kv_cache_budget(cfg, torch.bfloat16, "cuda", 64, 2048, 12345, 0.9) == 12345  # explicit bytes win
+
+
+@pytest.mark.parametrize("name", ["demo", "Qwen3-Next-80B-A3B-Instruct"])  # plain, and hybrid (state slots first)
+def test_an_explicit_budget_short_of_one_full_sequence_is_refused_with_the_bytes_that_would_do(name):
+    from cluster.engine.memory import full_length_refusal
+    from cluster.families import resolve
+    from cluster.loader import open_model
+    from tests.published_configs import tiny
+
+    if name == "demo":
+        cfg = open_model("models/demo")[2]
+    else:
+        family, text = resolve(tiny(name))
+        cfg = family.parse_config(text)
+    seqs, length = 4, 100  # not a whole number of 16-token blocks: the last block is counted whole
+    reason = full_length_refusal(cfg, torch.float32, 1000, length, 16, seqs)
+    need = int(re.search(r"at least (\d+)", reason).group(1))
+    assert full_length_refusal(cfg, torch.float32, need, length, 16, seqs) is None
+    assert KVCache.for_budget(cfg, need, 16, torch.float32, max_num_seqs=seqs).capacity_tokens >= length
+    short = full_length_refusal(cfg, torch.float32, need - 1, length, 16, seqs)
+    assert short and "lower max_model_len to at most 96" in short
+    assert KVCache.for_budget(cfg, need - 1, 16, torch.float32, max_num_seqs=seqs).capacity_tokens == 96

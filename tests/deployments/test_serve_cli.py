@@ -230,11 +230,19 @@ def _every_new_listener_on_loopback(before: dict, started: float, ray_tmp: str, 
         assert ray_process in seen, seen  # ... and Ray's own, agents included
 
 
-def test_bad_config_is_one_clear_line(tmp_path):
+@pytest.mark.parametrize("args, says", [
+    ("{num_workers: -1}", "num_workers: Input should be greater than or equal to 0"),
+    # a cache short of one max_model_len sequence would refuse every request that leaves max_tokens out
+    ("{kv_cache_memory_bytes: 100000}", "kv_cache_memory_bytes=100000 holds 16 tokens of this model's KV cache "
+                                        "(float32), less than one sequence of max_model_len=1024: raise "
+                                        "kv_cache_memory_bytes to at least 4194304 or lower max_model_len to at most 16"),
+])
+def test_bad_config_is_one_clear_line(tmp_path, args, says):
     bad = tmp_path / "serve.yaml"
     bad.write_text("applications:\n  - name: moe\n    import_path: deployments.app:app_builder\n"
-                   "    args: {num_workers: -1}\n")
+                   f"    args: {args}\n")
     r = subprocess.run([sys.executable, "-m", "deployments.cli", "serve", "--config", str(bad)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert "num_workers: Input should be greater than or equal to 0" in r.stderr and "Traceback" not in r.stderr
+    assert says in r.stderr and "Traceback" not in r.stderr
+    assert "Ray" not in r.stderr  # refused before a cluster was started for it
