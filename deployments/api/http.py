@@ -40,33 +40,45 @@ def request_id(request: Request, prefix: str) -> str:
     return prefix + (given if _REQUEST_ID.match(given) else uuid.uuid4().hex)
 
 
+# The routes whose requests moe_requests_total counts (gRPC's Complete and Generate are its others).
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+def _refused(request: Request, error: ApiError) -> JSONResponse:
+    """Every refusal of a generation request is counted here, wherever it was raised (reading the body,
+    checking it, admission, the first step), so each request is counted once, by its outcome."""
+    if request.url.path.rstrip("/") in GENERATION_PATHS:
+        metrics.REQUESTS.labels("http", outcome(error)).inc()
+    return error_response(error)
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
-        return error_response(e)
+        return _refused(request, e)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
         message = {404: f"no route {request.url.path[:100]}", 405: f"method {request.method} not allowed here"}
-        return error_response(ApiError(e.status_code, message.get(e.status_code, str(e.detail)[:200])))
+        return _refused(request, ApiError(e.status_code, message.get(e.status_code, str(e.detail)[:200])))
 
     @app.exception_handler(RequestValidationError)
     async def validation(request, e: RequestValidationError):
-        return error_response(ApiError(400, "invalid request"))
+        return _refused(request, ApiError(400, "invalid request"))
 
     async def answered(request, e: Exception):
         error = classify(e)
         if error.status >= 500:  # the client gets a short message; the log keeps what it was
             log.warning("%s %s → %d: %s: %s", request.method, request.url.path, error.status,
                         type(e).__name__, str(e)[:300], exc_info=e if error.status == 500 else None)
-        return error_response(error)
+        return _refused(request, error)
 
     for expected in answered_types():
         app.add_exception_handler(expected, answered)
 
     @app.exception_handler(Exception)
     async def anything(request, e: Exception):  # unforeseen: answered, then re-raised and logged with its trace
-        return error_response(classify(e))
+        return _refused(request, classify(e))
 
 
 def _key_dependency(key: str | None):
@@ -180,9 +192,8 @@ async def _generate(serving, rid: str, choices, req, *, chat: bool, echo: bool, 
                     reply: ChatReply = ChatReply()):
     events = serving.stream(choices)
     try:
-        head = await anext(events)  # fails here (a proper HTTP error) if the request cannot start
+        head = await anext(events)  # fails here (a proper HTTP error, counted by _refused) if it cannot start
     except Exception as e:
-        metrics.REQUESTS.labels("http", outcome(classify(e))).inc()
         await events.aclose()
         raise classify(e) from None
     results = {c.index: ChoiceResult(c.index, c.prompt_ids, c.echo_text) for c in choices}
@@ -196,8 +207,7 @@ async def _generate(serving, rid: str, choices, req, *, chat: bool, echo: bool, 
         async for index, batch in events:
             _add(results, index, batch)
     except Exception as e:
-        metrics.REQUESTS.labels("http", outcome(classify(e))).inc()
-        raise classify(e) from None
+        raise classify(e) from None  # counted by _refused
     metrics.REQUESTS.labels("http", "ok").inc()
     ordered = [results[c.index] for c in choices]
     _count_expert_tokens(ordered)

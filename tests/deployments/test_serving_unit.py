@@ -82,12 +82,17 @@ def test_coalesce_sends_the_first_output_at_once_then_groups_of_the_interval():
 def test_client_errors_are_answered_without_a_server_failure():
     """A bad request is answered 400 by its own handler. Starlette's catch-all answers too, but then
     re-raises, and Serve logs every such request as "Request failed." with a 60-line traceback: the
-    transport here re-raises what the app raises, as Serve's replica does. Unforeseen errors still are."""
+    transport here re-raises what the app raises, as Serve's replica does. Unforeseen errors still are.
+    Each refused generation request is counted once in moe_requests_total, by its outcome."""
     import httpx2
     import pytest
 
+    from deployments import metrics
     from deployments.api.http import build_http_app
     from tests.deployments.helpers import IngressStub
+
+    def counted(outcome: str) -> float:
+        return metrics.API.get_sample_value("moe_requests_total", {"api": "http", "outcome": outcome}) or 0.0
 
     serving = Serving(app_config({"model": str(DEMO)}), NoRouters())
     app = build_http_app(IngressStub(serving))
@@ -97,9 +102,12 @@ def test_client_errors_are_answered_without_a_server_failure():
         async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app), base_url="http://test") as client:
             return await client.post("/v1/chat/completions", json=body)
 
+    rejected, failed = counted("rejected"), counted("failed")
     for extra in bad:
         r = asyncio.run(post({"messages": [{"role": "user", "content": "hi"}], **extra}))
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", (extra, r.text)
+    assert asyncio.run(post({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]})).status_code == 404
+    assert counted("rejected") == rejected + len(bad) + 1
 
     def broken(req):
         raise RuntimeError("a bug")
@@ -107,6 +115,7 @@ def test_client_errors_are_answered_without_a_server_failure():
     serving.chat_choices = broken
     with pytest.raises(RuntimeError, match="a bug"):  # unforeseen: re-raised for the server to log
         asyncio.run(post({"messages": [{"role": "user", "content": "hi"}]}))
+    assert counted("failed") == failed + 1 and counted("rejected") == rejected + len(bad) + 1
 
 
 def test_grpc_calls_answered_with_a_clients_status_log_no_traceback():
