@@ -8,13 +8,17 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 from cluster.checkpoint import CheckpointError
 from cluster.engine import InvalidRequest, LLMEngine, SamplingParams
 from cluster.families import UnsupportedModelError
 from cluster.precision import SETTINGS as DTYPE_SETTINGS
 
-DEMO_MODEL = "models/demo"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # beside deployments/: models/demo, the bundled config's paths
+LOCAL_CONFIG = PROJECT_ROOT / "deployments" / "serve_local.yaml"
+
+DEMO_MODEL = str(PROJECT_ROOT / "models" / "demo")
 
 
 def _token_ids(text: str) -> list[int]:
@@ -93,8 +97,23 @@ def _start_ray(address: str | None, cfg, host: str) -> None:
     start_local_ray(host, needed, cfg.max_body_bytes)
 
 
+def _local_path(path: str | None) -> str | None:
+    """A relative path as the replicas must see it: from the directory the command runs in, else (the
+    bundled config's models/demo and deployments/policies/) from the project's root."""
+    if path is None or Path(path).is_absolute():
+        return path
+    if Path(path).exists():
+        return str(Path(path).resolve())
+    bundled = PROJECT_ROOT / path
+    return str(bundled) if bundled.exists() else path  # else as given: the error names the path the user wrote
+
+
+def _config_paths(app_args: dict) -> dict:
+    return {**app_args, **{k: _local_path(app_args[k]) for k in ("model", "policy_file") if app_args.get(k)}}
+
+
 def _overrides(args: argparse.Namespace, app_conf: dict) -> dict:
-    out = {"model": args.model, "num_workers": args.num_workers, "api_key": args.api_key, "dtype": args.dtype,
+    out = {"model": _local_path(args.model), "num_workers": args.num_workers, "max_model_len": args.max_model_len, "api_key": args.api_key, "dtype": args.dtype,
            "tool_call_parser": args.tool_call_parser, "reasoning_parser": args.reasoning_parser,
            "app_name": app_conf.get("name", "moe"), "enable_prefix_caching": args.enable_prefix_caching}
     routers = dict(app_conf.get("args", {}).get("routers", {}))
@@ -115,7 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host if args.address else local_host(args.host)  # a local start: Ray's ports on it too
     conf = load_serve_config(args.config)
     app_conf = conf["applications"][0]
-    cfg = app_config({**app_conf.get("args", {}), **_overrides(args, app_conf)})
+    cfg = app_config({**_config_paths(app_conf.get("args", {})), **_overrides(args, app_conf)})
     http = {**conf.get("http_options", {}), "host": host, **({"port": args.http_port} if args.http_port else {})}
     grpc = {**conf.get("grpc_options", {}), **({"port": args.grpc_port} if args.grpc_port else {})}
     if cfg.resolved_api_key():
@@ -221,6 +240,14 @@ def cmd_record_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    """An argparse type for counts that must be ≥ 1 (0 would be read as "not given" further on)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-cluster", description="Serve Mixture-of-Experts models on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -236,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--logprobs", type=int, default=None, help="also return the top-N logprobs per token")
-    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-model-len", type=_positive, default=None)
     g.add_argument("--device", default="cpu", help="cpu or cuda")
     g.add_argument("--dtype", default="auto", choices=DTYPE_SETTINGS,
                    help="weights and compute (auto: the checkpoint's dtype on a GPU, bfloat16 for a float32 "
@@ -253,19 +280,23 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--workers", type=int, default=1, help="expert workers, one GPU each (0: all in the router)")
     pl.add_argument("--gpu-memory", default="80GiB", help="memory of each GPU, e.g. 80GiB, 141GB")
     pl.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    pl.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
-    pl.add_argument("--max-num-seqs", type=int, default=64)
+    pl.add_argument("--max-model-len", type=_positive, default=None, help="default: the model's context length")
+    pl.add_argument("--max-num-seqs", type=_positive, default=64)
     pl.add_argument("--json", action="store_true", help="print one JSON object")
     tiers = pl.add_argument_group("expert tiers: any of these plans a fast tier on the GPUs, the rest in host memory")
     tiers.add_argument("--gpus", type=int, default=None, help="GPUs: the router on the first, fast-tier experts on all")
     tiers.add_argument("--host-memory", default=None, help="host tier's memory, e.g. 256GiB (default 256GiB)")
     tiers.add_argument("--profile", default=None,
                        help="load profile (moe-cluster record-profile): fast experts by load")
-    tiers.add_argument("--kv-tokens", type=int, default=8192, help="the router's KV cache, in tokens")
+    tiers.add_argument("--kv-tokens", type=_positive, default=8192, help="the router's KV cache, in tokens")
     pl.set_defaults(func=cmd_plan)
     s = sub.add_parser("serve", help="serve the model on Ray Serve (HTTP + gRPC)")
-    s.add_argument("--config", default="deployments/serve_local.yaml", help="Ray Serve config YAML")
+    s.add_argument("--config", default=str(LOCAL_CONFIG),
+                   help="Ray Serve config YAML (default: the bundled one-machine config, deployments/serve_local.yaml)")
     s.add_argument("--model", default=None, help="checkpoint directory (overrides the config)")
+    s.add_argument("--max-model-len", type=_positive, default=None,
+                   help="context length, prompt + reply (overrides the config; the bundled config's is 1024, "
+                        "not the model's own, so that the KV cache stays small on a CPU)")
     s.add_argument("--num-workers", type=int, default=None, help="expert workers (overrides the config)")
     s.add_argument("--dtype", default=None, choices=DTYPE_SETTINGS,
                    help="weights and compute (auto: the checkpoint's dtype on a GPU, bfloat16 for a float32 "

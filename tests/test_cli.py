@@ -59,3 +59,25 @@ def test_plan_needs_only_config_json(tmp_path):
     assert "weights float32" in text.stdout and "fits: yes" in text.stdout
     bad = _cli("plan", "--model", str(tmp_path), "--gpu-memory", "lots")
     assert bad.returncode == 2 and "--gpu-memory: cannot read 'lots'" in bad.stderr
+
+
+def test_counts_must_be_positive_and_the_bundled_paths_resolve_from_anywhere(tmp_path, monkeypatch):
+    """--max-model-len 0 was read as "not given" (the model's whole context); and the bundled config's
+    relative paths (models/demo, deployments/policies/) failed outside the project's root."""
+    from deployments import cli
+
+    r = _cli("plan", "--model", "models/demo", "--max-model-len", "0")
+    assert r.returncode == 2 and "--max-model-len: must be at least 1, not 0" in r.stderr
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    assert cli._local_path("mine") == str(tmp_path / "mine")  # the user's own, from where the command runs
+    assert cli._local_path("models/demo") == str(cli.PROJECT_ROOT / "models" / "demo")
+    assert cli._local_path("nowhere/x") == "nowhere/x"  # left as written: its error names it so
+    from pathlib import Path
+
+    from deployments.config import load_serve_config
+
+    args = cli.build_parser().parse_args(["serve"])
+    app = load_serve_config(args.config)["applications"][0]  # the bundled config, read from tmp_path
+    resolved = cli._config_paths(app["args"])
+    assert Path(resolved["model"], "config.json").exists() and Path(resolved["policy_file"]).exists()

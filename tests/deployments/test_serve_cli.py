@@ -58,15 +58,18 @@ def test_serve_starts_answers_and_stops(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="/tmp/moe-cli-")  # unique: tells this server's Ray processes from others'
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "MOE_CLUSTER_API_KEY": KEY}
     before, started = _listeners(), time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "deployments.cli", "serve", "--num-workers", "1",
-                             "--config", _config(tmp_path), "--http-port", str(http), "--grpc-port", str(grpc_port)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # run from another directory: the config's relative paths (models/demo, its policy file) still resolve
+    proc = subprocess.Popen([sys.executable, "-m", "deployments.cli", "serve", "--num-workers", "1", "--max-model-len",
+                             "512", "--config", _config(tmp_path), "--http-port", str(http), "--grpc-port",
+                             str(grpc_port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = _read_until_ready(proc)
         assert any(line.startswith("ready:") for line in lines), "".join(lines[-30:])
         r = requests.post(f"http://127.0.0.1:{http}/v1/completions", timeout=120, headers=AUTH,
                           json={"model": "demo", "prompt": "def main(", "max_tokens": 8, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+        card = requests.get(f"http://127.0.0.1:{http}/v1/models", timeout=60, headers=AUTH).json()["data"][0]
+        assert card["max_model_len"] == 512
         bad = requests.post(f"http://127.0.0.1:{http}/v1/completions", timeout=120, headers=AUTH,
                             json={"model": "demo", "prompt": "x", "max_tokens": 0})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
