@@ -200,7 +200,7 @@ class ChatCompletionRequest(SamplingFields):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         if self.max_tokens is not None and self.max_completion_tokens is not None:
-            raise ValueError("give max_tokens or max_completion_tokens, not both")
+            raise ValueError("max_completion_tokens: give it or max_tokens, not both")
         given = (self.chat_template_kwargs or {}).get("reasoning_effort", self.reasoning_effort)
         if self.reasoning_effort is not None and given != self.reasoning_effort:
             raise ValueError("reasoning_effort: chat_template_kwargs sets another one")
@@ -247,7 +247,7 @@ class TokenizeRequest(_Body):
     @model_validator(mode="after")
     def _one(self):
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt and messages")
+            raise ValueError("prompt: give exactly one of prompt and messages")
         return self
 
 

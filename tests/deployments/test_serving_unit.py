@@ -174,3 +174,24 @@ def test_models_retrieve_by_name_as_the_openai_sdk_asks():
     listed, card, missing = asyncio.run(run())
     assert listed == [card.id] == ["org/demo-7b"] and card.object == "model"
     assert missing.body["param"] == "model" and "gpt-9" in missing.body["message"]
+
+
+def test_checks_across_fields_name_a_field_in_param():
+    """A check across fields names one of them, not the first word of its message ("give" once)."""
+    import pydantic
+    import pytest
+
+    from deployments.api.body import validation_error
+    from deployments.api.schema import TokenizeRequest
+
+    msg = [{"role": "user", "content": "hi"}]
+    cases = [(ChatCompletionRequest, {"messages": msg, "max_tokens": 2, "max_completion_tokens": 2}),
+             (ChatCompletionRequest, {"messages": msg, "top_logprobs": 2}),
+             (ChatCompletionRequest, {"messages": msg, "tool_choice": "required"}),
+             (CompletionRequest, {"prompt": "x", "stream_options": {"include_usage": True}}),
+             (TokenizeRequest, {}), (TokenizeRequest, {"prompt": "x", "messages": msg})]
+    for model, body in cases:
+        with pytest.raises(pydantic.ValidationError) as e:
+            model.model_validate(body)
+        error = validation_error(e.value)
+        assert error.param in model.model_fields, (body, error.param, error.message)
