@@ -38,12 +38,12 @@ class GrammarSpec:
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any] | str) -> "GrammarSpec":
-        text = schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True, separators=(",", ":"))
+        text = schema if isinstance(schema, str) else json.dumps(schema, separators=(",", ":"))
         return cls(SCHEMA, text)
 
     @classmethod
     def wrapped(cls, schema: dict[str, Any], prefix: str, suffix: str) -> "GrammarSpec":
-        return cls(SCHEMA, json.dumps(schema, sort_keys=True, separators=(",", ":")), prefix, suffix)
+        return cls(SCHEMA, json.dumps(schema, separators=(",", ":")), prefix, suffix)
 
     @classmethod
     def json_object(cls) -> "GrammarSpec":

@@ -60,6 +60,18 @@ def test_engine_masks_only_the_constrained_rows_of_a_batch(model):
     assert outs[4].token_ids == unconstrained.token_ids  # a sequence without a grammar is not touched
 
 
+def test_properties_come_in_the_schemas_order(model):
+    """As OpenAI and xgrammar write them (a sorted copy of the schema wrote "alpha" before "zeta", and a
+    forced hermes call as {"arguments", "name"}, the reverse of what the template teaches)."""
+    schema = {"type": "object", "properties": {"zeta": {"type": "boolean"}, "alpha": {"type": "boolean"}},
+              "required": ["zeta", "alpha"], "additionalProperties": False}
+    engine = LLMEngine.from_pretrained(str(model), max_num_seqs=4)
+    params = [SamplingParams(max_tokens=40, temperature=1.0, seed=i, grammar=GrammarSpec.json_schema(schema))
+              for i in range(3)]
+    for out in engine.generate(["Flags?"] * 3, params):
+        assert list(json.loads(out.text)) == ["zeta", "alpha"], out.text
+
+
 @pytest.fixture(scope="module")
 def served(model):
     serving = Serving(app_config({"model": str(model)}), type("R", (), {"options": lambda self, **kw: self})())
