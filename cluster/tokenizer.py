@@ -12,13 +12,26 @@ what to do.
 """
 from __future__ import annotations
 
+import json
 import re
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
+_BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: printable bytes stand for themselves, the other 68 are
+    moved to 256 and up (the table every byte-level BPE vocabulary is written in)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + i): b for i, b in enumerate(moved)}}
+
+
+_UNICODE_TO_BYTE = _byte_alphabet()
 _OTHER_FORMATS = ("tiktoken.model", "tokenizer.model", "vocab.json", "tokenizer.tiktoken")
 
 
@@ -38,6 +51,29 @@ class TextTokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, a part of a UTF-8 character included (what OpenAI's logprobs
+        `bytes` carry, so a client can join them), where its decoded text would be U+FFFD."""
+        piece = self.tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self._added or not (self._byte_level or _BYTE_FALLBACK.fullmatch(piece)):
+            return self.tok.decode([token_id], skip_special_tokens=False).encode("utf-8")
+        if not self._byte_level:  # sentencepiece's byte fallback: <0xCA>
+            return bytes([int(piece[3:5], 16)])
+        if all(c in _UNICODE_TO_BYTE for c in piece):
+            return bytes(_UNICODE_TO_BYTE[c] for c in piece)
+        return piece.encode("utf-8")
+
+    @cached_property
+    def _added(self) -> frozenset[int]:
+        return frozenset(self.tok.get_added_tokens_decoder())
+
+    @cached_property
+    def _byte_level(self) -> bool:
+        """GPT-2's byte-level vocabulary (Qwen, DeepSeek, gpt-oss, ...): each byte written as one character."""
+        return '"ByteLevel"' in json.dumps(json.loads(self.tok.to_str()).get("decoder"))
 
     def decode_stream(self) -> "TokenStream":
         """Incremental decoding with special tokens kept: one token at a time, no re-decoding of the past."""

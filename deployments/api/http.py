@@ -200,7 +200,8 @@ async def _generate(serving, rid: str, choices, req, *, chat: bool, echo: bool, 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         writer = ChunkWriter(rid, serving.cfg.model_name, serving.decode, chat=chat, echo=echo,
-                             with_logprobs=with_logprobs, include_usage=include_usage, reply=reply)
+                             with_logprobs=with_logprobs, include_usage=include_usage, reply=reply,
+                             token_bytes=serving.token_bytes)
         return StreamingResponse(_sse(head, events, results, writer, req.n), media_type="text/event-stream")
     try:
         _add(results, *head)
@@ -212,7 +213,8 @@ async def _generate(serving, rid: str, choices, req, *, chat: bool, echo: bool, 
     ordered = [results[c.index] for c in choices]
     _count_expert_tokens(ordered)
     return JSONResponse(completion_body(rid, serving.cfg.model_name, ordered, req.n, serving.decode, chat=chat,
-                                        echo=echo, with_logprobs=with_logprobs, reply=reply))
+                                        echo=echo, with_logprobs=with_logprobs, reply=reply,
+                                        token_bytes=serving.token_bytes))
 
 
 def _add(results: dict[int, ChoiceResult], index: int, batch: list) -> None:

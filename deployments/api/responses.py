@@ -14,6 +14,7 @@ from cluster.engine.sampling import Sampled
 from deployments.api.chat_reply import ChatReply
 
 Decode = Callable[[list[int]], str]
+TokenBytes = Callable[[int], bytes]  # a token's own bytes (TextTokenizer.token_bytes): part of a character too
 
 
 @dataclass
@@ -68,8 +69,17 @@ def completion_logprobs(scored: list[tuple[int, Sampled | None]], decode: Decode
         offsets.append(pos)
         pos += len(t)
     return {"tokens": tokens, "token_logprobs": [s.logprob if s is not None else None for _, s in scored],
-            "top_logprobs": [{decode([t]): lp for t, lp in s.top_logprobs} if s is not None else None
-                             for _, s in scored], "text_offset": offsets}
+            "top_logprobs": [_top_with_chosen(s, decode) if s is not None else None for _, s in scored],
+            "text_offset": offsets}
+
+
+def _top_with_chosen(s: Sampled, decode: Decode) -> dict[str, float]:
+    """The top alternatives and the chosen token, also where it is not among them (up to logprobs + 1
+    entries, as OpenAI's and vLLM's legacy completions give)."""
+    top = {decode([t]): lp for t, lp in s.top_logprobs}
+    if s.token_id not in {t for t, _ in s.top_logprobs}:
+        top.setdefault(decode([s.token_id]), s.logprob)
+    return top
 
 
 def _generated(sampled: list[Sampled]) -> list[tuple[int, Sampled | None]]:
@@ -82,21 +92,23 @@ def _scored(c: ChoiceResult) -> list[tuple[int, Sampled | None]]:
     return list(zip(c.prompt_ids, prompt)) + _generated(c.logprobs)
 
 
-def chat_logprobs(sampled: list[Sampled], decode: Decode) -> dict[str, Any]:
+def chat_logprobs(sampled: list[Sampled], decode: Decode, token_bytes: TokenBytes | None = None) -> dict[str, Any]:
+    """token_bytes None: each token's bytes are its decoded text's (a part of a character is U+FFFD then)."""
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
         text = decode([token_id])
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "replace"))}
+        raw = token_bytes(token_id) if token_bytes is not None else text.encode("utf-8", "replace")
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
     return {"content": [{**entry(s.token_id, s.logprob),
                          "top_logprobs": [entry(t, lp) for t, lp in s.top_logprobs]} for s in sampled]}
 
 
 def _choice(c: ChoiceResult, decode: Decode, chat: bool, echo: bool, with_logprobs: bool,
-            reply: ChatReply) -> dict[str, Any]:
+            reply: ChatReply, token_bytes: TokenBytes | None) -> dict[str, Any]:
     out: dict[str, Any] = {"index": c.index, "finish_reason": c.finish_reason}
     if chat:
         out["message"], out["finish_reason"] = reply.message(c.text, c.finish_reason, c.token_ids)
-        out["logprobs"] = chat_logprobs(c.logprobs, decode) if with_logprobs else None
+        out["logprobs"] = chat_logprobs(c.logprobs, decode, token_bytes) if with_logprobs else None
     else:
         out["text"] = (c.echo_text if echo else "") + c.text
         out["logprobs"] = None
@@ -109,9 +121,11 @@ def _choice(c: ChoiceResult, decode: Decode, chat: bool, echo: bool, with_logpro
 
 
 def completion_body(rid: str, model: str, choices: list[ChoiceResult], n: int, decode: Decode, *, chat: bool,
-                    echo: bool = False, with_logprobs: bool = False, reply: ChatReply = ChatReply()) -> dict[str, Any]:
+                    echo: bool = False, with_logprobs: bool = False, reply: ChatReply = ChatReply(),
+                    token_bytes: TokenBytes | None = None) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [_choice(c, decode, chat, echo, with_logprobs, reply) for c in choices],
+            "model": model,
+            "choices": [_choice(c, decode, chat, echo, with_logprobs, reply, token_bytes) for c in choices],
             "usage": usage(choices, n)}
 
 
@@ -121,8 +135,9 @@ class ChunkWriter:
     `choices: []` and the usage, and the others `usage: null`."""
 
     def __init__(self, rid: str, model: str, decode: Decode, *, chat: bool, echo: bool, with_logprobs: bool,
-                 include_usage: bool, reply: ChatReply = ChatReply()):
+                 include_usage: bool, reply: ChatReply = ChatReply(), token_bytes: TokenBytes | None = None):
         self.rid, self.model, self.decode, self.chat = rid, model, decode, chat
+        self.token_bytes = token_bytes
         self.reply, self.replies = reply, {}  # choice index -> its ReplyStream
         self.echo, self.with_logprobs, self.include_usage = echo, with_logprobs, include_usage
         self.created = int(time.time())
@@ -172,7 +187,7 @@ class ChunkWriter:
                                   "token_ids": [] if o.token_id is None else [o.token_id]}
         logprobs = None
         if self.with_logprobs and o.sampled is not None and o.sampled.logprob is not None:
-            logprobs = chat_logprobs([o.sampled], self.decode) if self.chat else \
+            logprobs = chat_logprobs([o.sampled], self.decode, self.token_bytes) if self.chat else \
                 completion_logprobs(_generated([o.sampled]), self.decode, self.offsets.get(index, 0))
         self.offsets[index] = self.offsets.get(index, 0) + len(o.text_delta)
         if self.chat:

@@ -195,3 +195,42 @@ def test_checks_across_fields_name_a_field_in_param():
             model.model_validate(body)
         error = validation_error(e.value)
         assert error.param in model.model_fields, (body, error.param, error.message)
+
+
+def test_logprobs_carry_a_tokens_own_bytes_and_completions_the_chosen_token():
+    """Over the real HTTP app and the demo engine: chat's `bytes` of a token holding part of a character
+    is that byte (0xCA), not U+FFFD's three; a completion's top_logprobs holds the chosen token too."""
+    import httpx2
+
+    from cluster.engine import LLMEngine
+    from cluster.engine.async_engine import AsyncEngine
+    from deployments.api.http import build_http_app
+    from tests.deployments.helpers import IngressStub
+    from tests.helpers import GeneratorClient
+
+    serving = Serving(app_config({"model": str(DEMO)}), NoRouters())
+    engine = AsyncEngine(LLMEngine.from_pretrained(str(DEMO)))
+    partial = 135  # "Ê" in the byte-level alphabet: the byte 0xCA, the start of a two-byte character
+
+    async def run():
+        serving.client = GeneratorClient(engine.generate, engine.shutdown)
+        serving.cut = asyncio.Event()
+        async with httpx2.AsyncClient(transport=httpx2.ASGITransport(build_http_app(IngressStub(serving))),
+                                      base_url="http://test") as client:
+            chat = await client.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": True,
+                "top_logprobs": 2, "logit_bias": {str(partial): 100}})
+            cmpl = await client.post("/v1/completions", json={
+                "prompt": "def main(", "max_tokens": 6, "temperature": 1.5, "seed": 3, "logprobs": 0, "echo": True})
+            return chat.json(), cmpl.json()
+
+    try:
+        chat, cmpl = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert [c["bytes"] for c in content] == [[0xCA], [0xCA]] and content[0]["token"] == "\ufffd"
+    lp = cmpl["choices"][0]["logprobs"]
+    scored = [(tok, top) for tok, top in zip(lp["tokens"], lp["top_logprobs"]) if top is not None]
+    assert len(scored) == len(lp["tokens"]) - 1  # every token but the first echoed one
+    assert all(list(top) == [tok] for tok, top in scored)  # logprobs 0: the chosen token alone
