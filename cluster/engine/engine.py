@@ -188,6 +188,7 @@ class LLMEngine:
         seq = Sequence(request_id, prompt_ids, self.with_defaults(params))
         if params.grammar is not None:  # compiled here, on the engine's thread (cached by spec)
             seq.matcher = self._grammars().matcher(params.grammar)
+            seq.in_reasoning = bool(params.grammar.reasoning_end)  # the reply starts inside a reasoning block
         self.scheduler.add(seq)
         return request_id
 
@@ -225,8 +226,9 @@ class LLMEngine:
         for seq, chunk in zip(seqs, batch.chunks):
             self.scheduler.computed(seq, chunk.num_tokens)
         moe_rows = len(routing) * self.cfg.top_k
-        # rows that sample under a grammar this step (a prompt chunk samples nothing: no bitmask to fill)
-        constrained = [(i, s.matcher) for i, s in enumerate(seqs) if s.matcher is not None and not s.is_prefilling]
+        # rows that sample under a grammar this step (a prompt chunk samples nothing: no bitmask to fill; a
+        # reply still in its reasoning block is free until the block's end marker)
+        constrained = [(i, s.matcher) for i, s in enumerate(seqs) if s.constrained and not s.is_prefilling]
         if constrained:  # one bitmask (on host logits) for the constrained rows; the others are not touched
             logits = logits.float().cpu()
             self.grammars.mask(logits, constrained)
@@ -278,8 +280,7 @@ class LLMEngine:
     def _advance(self, seq: Sequence, sampled: Sampled, routing: TokenRouting | None,
                  scored: tuple | None = None) -> StepOutput:
         seq.output_ids.append(sampled.token_id)
-        if seq.matcher is not None:
-            seq.matcher.accept_token(sampled.token_id)
+        seq.advance_grammar(sampled.token_id)
         if seq.params.logprobs is not None:
             seq.logprobs.append(sampled)
         if routing is not None:

@@ -8,6 +8,10 @@ output inside it (JSON, or JSON matching a schema).
     grammars.mask(logits, [(row, matcher), ...])                # per step: one batched bitmask
     matcher.accept_token(token)                                 # after sampling
 
+A reply that starts inside a reasoning block (the prompt opened "<think>") is constrained only after it:
+`reasoning_end` holds the block's end marker as token ids, and the engine starts the matcher on the token
+after the generated ids end with them (vLLM's `is_reasoning_end`); the reasoning before is free text.
+
 Only the spec crosses processes; compiled grammars and matchers live in the router's engine. JSON is
 compact (no free whitespace): a model cannot fill its budget with blanks. xgrammar is imported on first
 use, so sequences without a grammar (and engines that never see one) pay nothing.
@@ -15,7 +19,7 @@ use, so sequences without a grammar (and engines that never see one) pay nothing
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -35,6 +39,9 @@ class GrammarSpec:
     prefix: str = ""  # literal text before the JSON (a tool-call format's opening, e.g. "<tool_call>\n")
     suffix: str = ""  # and after it
     parts: tuple["GrammarSpec", ...] = ()  # SEQUENCE / ANY_OF: the pieces
+    # the reply starts in a reasoning block ended by these token ids ("</think>"): the grammar applies from
+    # the token after them, the reasoning is free. () = from the first token. Set on the whole spec only.
+    reasoning_end: tuple[int, ...] = ()
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any] | str) -> "GrammarSpec":
@@ -135,7 +142,8 @@ class Grammars:
         return self.compiler.compile_grammar(grammar_of(self.xgr, spec))
 
     def matcher(self, spec: GrammarSpec):
-        return self.xgr.GrammarMatcher(self.compiled(spec))
+        """A fresh matcher (where it starts is the engine's business: `reasoning_end` is not compiled)."""
+        return self.xgr.GrammarMatcher(self.compiled(replace(spec, reasoning_end=()) if spec.reasoning_end else spec))
 
     def mask(self, logits, rows: list[tuple[int, Any]]) -> None:
         """Set to -inf, in place, every token a row's matcher forbids. One bitmask for the batch (kept

@@ -31,6 +31,7 @@ class Sequence:
     routing: list = field(default_factory=list)  # per generated token, when params.return_routing
     sent_chars: int = 0  # text already handed out as deltas
     matcher: object | None = None  # its xgrammar GrammarMatcher when params.grammar is set (engine-side only)
+    in_reasoning: bool = False  # its grammar waits for params.grammar.reasoning_end (kept across preemption)
     generator: torch.Generator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -48,6 +49,20 @@ class Sequence:
     @property
     def wants_prompt_logprobs(self) -> bool:
         return self.params.prompt_logprobs is not None and not self.prompt_logprobs
+
+    @property
+    def constrained(self) -> bool:
+        """Its next token is sampled under its grammar (it has one, and no reasoning block is open)."""
+        return self.matcher is not None and not self.in_reasoning
+
+    def advance_grammar(self, token: int) -> None:
+        """After `token` was appended: the matcher takes it, or, while reasoning, the grammar starts on the
+        next token once the output ends with the block's end marker."""
+        if self.in_reasoning:
+            end = self.params.grammar.reasoning_end
+            self.in_reasoning = tuple(self.output_ids[-len(end):]) != end
+        elif self.matcher is not None:
+            self.matcher.accept_token(token)
 
     @property
     def is_prefilling(self) -> bool:

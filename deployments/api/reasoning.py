@@ -8,6 +8,8 @@ Two shapes (parser names are vLLM's `--reasoning-parser` names):
 - gpt-oss's harmony `analysis` channel (`gpt_oss`): read by the harmony parser (tool_parsers/openai.py).
 
 Thinking cut off by max_tokens (no `</think>`) is all reasoning, with empty content (vLLM does the same).
+A grammar (forced call, response_format) on a reply that starts inside a block waits for `</think>`:
+serving.py puts its ids in GrammarSpec.reasoning_end, and the engine starts the matcher after them.
 Newlines right inside the tags are dropped, as the templates drop them when they render a past turn.
 """
 from __future__ import annotations

@@ -61,6 +61,9 @@ class Serving:
         self.tool_parser = cfg.tool_call_parser or detect_tool_parser(self.templates)
         self.reasoning = reasoning.PARSERS.get(cfg.reasoning_parser) if cfg.reasoning_parser else \
             detect_reasoning(self.templates)
+        # the ids a reply writes to end its reasoning block: its grammar starts after them (reasoning_end)
+        self.reasoning_end = tuple(self.tokenizer.encode(reasoning.CLOSE, add_special_tokens=False)) \
+            if self.tokenizer is not None and self.reasoning == reasoning.THINK else ()
         self.client = RouterClient(routers, sink)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self.active = 0
@@ -152,6 +155,8 @@ class Serving:
         prompt_ids = await self.off_loop(self.render_chat, req)
         grammar = await self.off_loop(checked_grammar, self.request_grammar(req),
                                       "response_format" if req.forced_tools() is None else "tools")
+        if grammar is not None and self.opens_thinking(prompt_ids):  # reasoning first, free; then the grammar
+            grammar = replace(grammar, reasoning_end=self.reasoning_end)
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = limit if limit is not None else max(self.max_model_len - len(prompt_ids), 1)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
