@@ -242,3 +242,25 @@ def streamed(chunks) -> tuple[str, str]:
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     return ("".join(getattr(d, "reasoning_content", None) or "" for d in deltas),
             "".join(d.content or "" for d in deltas))
+
+
+def openai_over_engine(serving, engine: LLMEngine, use):
+    """`await use(client, model_name)` with the official openai client over the real HTTP app and
+    `serving`, whose router is `engine` in process (AsyncEngine, no Ray)."""
+    import httpx2
+    import openai
+
+    from cluster.engine.async_engine import AsyncEngine
+
+    async def run():
+        async_engine = AsyncEngine(engine)
+        serving.client = GeneratorClient(async_engine.generate, async_engine.shutdown)
+        serving.cut = asyncio.Event()
+        transport = httpx2.ASGITransport(app=build_http_app(IngressStub(serving)))
+        try:
+            async with openai.AsyncOpenAI(base_url="http://test/v1", api_key="x", max_retries=0,
+                                          http_client=httpx2.AsyncClient(transport=transport)) as client:
+                return await use(client, serving.cfg.model_name)
+        finally:
+            serving.client.shutdown()
+    return asyncio.run(run())

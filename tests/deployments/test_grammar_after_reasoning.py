@@ -23,15 +23,13 @@ import pytest
 from pydantic import BaseModel, Field
 
 from cluster.engine import LLMEngine, SamplingParams
-from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.grammar import GrammarSpec
-from deployments.api.http import build_http_app
 from deployments.api.schema import ChatCompletionRequest
 from deployments.api.serving import Serving
 from deployments.config import app_config
-from tests.deployments.helpers import IngressStub
+from tests.deployments.helpers import openai_over_engine
 from tests.deployments.released_templates import DEEPSEEK_R1, DEEPSEEK_V31
-from tests.helpers import DEMO, GeneratorClient
+from tests.helpers import DEMO
 from tests.published_checkpoints import build
 
 openai = pytest.importorskip("openai")
@@ -91,18 +89,7 @@ def serving_for(path) -> Serving:
 
 
 def run_client(serving, engine, use):
-    async def run():
-        async_engine = AsyncEngine(engine)
-        serving.client = GeneratorClient(async_engine.generate, async_engine.shutdown)
-        serving.cut = asyncio.Event()
-        transport = httpx2.ASGITransport(app=build_http_app(IngressStub(serving)))
-        try:
-            async with openai.AsyncOpenAI(base_url="http://test/v1", api_key="x", max_retries=0,
-                                          http_client=httpx2.AsyncClient(transport=transport)) as client:
-                return await use(client, serving.cfg.model_name)
-        finally:
-            serving.client.shutdown()
-    return asyncio.run(run())
+    return openai_over_engine(serving, engine, use)
 
 
 def assert_search_call(choice) -> None:

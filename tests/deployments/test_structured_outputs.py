@@ -20,7 +20,7 @@ from deployments.api.serving import Serving
 from deployments.config import app_config
 from tests.helpers import GeneratorClient
 from tests.deployments.released_templates import QWEN3
-from tests.deployments.helpers import IngressStub
+from tests.deployments.helpers import IngressStub, openai_over_engine
 from tests.helpers import DEMO
 
 openai = pytest.importorskip("openai")
@@ -80,19 +80,7 @@ def served(model):
 
 def run_client(served, use):
     serving, engine = served
-
-    async def run():
-        async_engine = AsyncEngine(engine)
-        serving.client = GeneratorClient(async_engine.generate, async_engine.shutdown)
-        serving.cut = asyncio.Event()
-        transport = httpx2.ASGITransport(app=build_http_app(IngressStub(serving)))
-        try:
-            async with openai.AsyncOpenAI(base_url="http://test/v1", api_key="x", max_retries=0,
-                                          http_client=httpx2.AsyncClient(transport=transport)) as client:
-                return await use(client, serving.cfg.model_name)
-        finally:
-            serving.client.shutdown()
-    return asyncio.run(run())
+    return openai_over_engine(serving, engine, use)
 
 
 def test_openai_parse_with_a_pydantic_model_validates_100_of_100(served):
