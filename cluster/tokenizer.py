@@ -58,13 +58,12 @@ class TextTokenizer:
         piece = self.tok.id_to_token(token_id)
         if piece is None:
             return b""
-        if token_id in self._added or not (self._byte_level or _BYTE_FALLBACK.fullmatch(piece)):
-            return self.tok.decode([token_id], skip_special_tokens=False).encode("utf-8")
-        if not self._byte_level:  # sentencepiece's byte fallback: <0xCA>
-            return bytes([int(piece[3:5], 16)])
-        if all(c in _UNICODE_TO_BYTE for c in piece):
-            return bytes(_UNICODE_TO_BYTE[c] for c in piece)
-        return piece.encode("utf-8")
+        if token_id not in self._added:  # an added token's text is as written, in no byte alphabet
+            if self._byte_level and all(c in _UNICODE_TO_BYTE for c in piece):
+                return bytes(_UNICODE_TO_BYTE[c] for c in piece)
+            if not self._byte_level and _BYTE_FALLBACK.fullmatch(piece):  # sentencepiece's byte fallback: <0xCA>
+                return bytes([int(piece[3:5], 16)])
+        return self.tok.decode([token_id], skip_special_tokens=False).encode("utf-8")
 
     @cached_property
     def _added(self) -> frozenset[int]:

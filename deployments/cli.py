@@ -113,8 +113,9 @@ def _config_paths(app_args: dict) -> dict:
 
 
 def _overrides(args: argparse.Namespace, app_conf: dict) -> dict:
-    out = {"model": _local_path(args.model), "num_workers": args.num_workers, "max_model_len": args.max_model_len, "api_key": args.api_key, "dtype": args.dtype,
-           "tool_call_parser": args.tool_call_parser, "reasoning_parser": args.reasoning_parser,
+    out = {"model": _local_path(args.model), "num_workers": args.num_workers, "max_model_len": args.max_model_len,
+           "api_key": args.api_key, "dtype": args.dtype, "tool_call_parser": args.tool_call_parser,
+           "reasoning_parser": args.reasoning_parser,
            "app_name": app_conf.get("name", "moe"), "enable_prefix_caching": args.enable_prefix_caching}
     routers = dict(app_conf.get("args", {}).get("routers", {}))
     if args.routers is not None:

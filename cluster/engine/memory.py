@@ -41,8 +41,8 @@ def full_length_refusal(cfg: ModelConfig, kv_dtype: torch.dtype, memory_bytes: i
     fits = blocks * block_size
     if fits >= max_model_len:
         return None
-    slots = max_num_seqs if state_bytes_per_seq(cfg, kv_dtype) else 0  # the state slots come first
-    need = one_sequence_bytes(cfg, kv_dtype, max_model_len, block_size) + max(0, slots - 1) * state_bytes_per_seq(
+    # a hybrid model's state slots come first, one per sequence (budget_layout): the others' too
+    need = one_sequence_bytes(cfg, kv_dtype, max_model_len, block_size) + (max_num_seqs - 1) * state_bytes_per_seq(
         cfg, kv_dtype)
     return (f"kv_cache_memory_bytes={memory_bytes} holds {fits} tokens of this model's KV cache "
             f"({dtype_name(kv_dtype)}), less than one sequence of max_model_len={max_model_len}: "
