@@ -51,11 +51,11 @@ def spec_of(cfg: AppConfig) -> AppSpec:
     _check_kv_budget(cfg, model_cfg)
     placement = round_robin(model_cfg.experts(), cfg.num_workers, cfg.expert_copies) if cfg.num_workers else None
     layout = None
+    layers, policy = list(model_cfg.moe_layer_ids), cfg.policy()
+    loads = (profile_loads(policy.profile_file, layers, model_cfg.num_experts)  # another model's: refused here
+             if policy is not None and policy.mode == "static" else None)
     if cfg.tiers:  # the fast tier's room to the hottest experts (evenly, or from a static profile), the rest on host
         of_device = lambda d: model_cfg.expert_bytes(resolve_dtype(cfg.dtype, d, model_cfg.checkpoint_dtype))  # noqa
-        layers, policy = list(model_cfg.moe_layer_ids), cfg.policy()
-        loads = (profile_loads(policy.profile_file, layers, model_cfg.num_experts)
-                 if policy is not None and policy.mode == "static" else None)
         placement = initial_placement(cfg.tiers, layers, model_cfg.num_experts, of_device, loads)
         layout = tier_layout(cfg.tiers, of_device)
     # one copy's bytes at the dtype the workers hold it in (memory budgets, metrics)

@@ -91,10 +91,26 @@ def _start_ray(address: str | None, cfg, host: str) -> None:
 
         ray.init(address=address)
         return
+    _check_local_gpus(cfg)
     # Embedded single-node cluster: enough logical CPUs for the routers and every worker
     # (Ray CPUs are scheduling units here; torch threads are set per replica), every port on `host`.
     needed = cfg.routers.max * cfg.routers.num_cpus + cfg.num_workers * cfg.worker.num_cpus + 1
     start_local_ray(host, needed, cfg.max_body_bytes)
+
+
+def _check_local_gpus(cfg) -> None:
+    """A one-machine start with fewer GPUs than the config asks for would wait in Serve forever."""
+    needs = cfg.gpu_needs()
+    if not needs:
+        return
+    import torch
+
+    have = torch.cuda.device_count()
+    if sum(needs.values()) > have:
+        parts = ", ".join(f"{role} {n:g}" for role, n in needs.items())
+        raise ValueError(f"the config needs {sum(needs.values()):g} GPU(s) ({parts}) and this machine has {have}: "
+                         "run it where the GPUs are, join a cluster that has them (--address), or set "
+                         "num_gpus 0 / device cpu")
 
 
 def _local_path(path: str | None) -> str | None:
@@ -117,7 +133,9 @@ def _overrides(args: argparse.Namespace, app_conf: dict) -> dict:
            "api_key": args.api_key, "dtype": args.dtype, "tool_call_parser": args.tool_call_parser,
            "reasoning_parser": args.reasoning_parser,
            "app_name": app_conf.get("name", "moe"), "enable_prefix_caching": args.enable_prefix_caching}
-    routers = dict(app_conf.get("args", {}).get("routers", {}))
+    routers = app_conf.get("args", {}).get("routers") or {}
+    if not isinstance(routers, dict):  # merged with the flags below, so checked here rather than by pydantic
+        raise ValueError(f"bad application config: routers: expected a mapping (min, max, ...), got {routers!r}")
     if args.routers is not None:
         out["routers"] = routers = {**routers, "min": args.routers, "max": args.routers}
     if args.prefix_aware_routing is not None:

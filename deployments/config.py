@@ -230,6 +230,14 @@ class AppConfig(_Options):
                 "cuda_graph_max_seqs": self.cuda_graph_max_seqs,
                 "overlap": {"auto": None, "on": True, "off": False}[self.overlap]}
 
+    def gpu_needs(self) -> dict[str, float]:
+        """GPUs each role needs for Serve to start the application (routers.min, the fixed workers,
+        pool.min_workers): what a one-machine start checks before Ray waits forever for them."""
+        workers = ({f"tier {g.name!r}": g.count * g.num_gpus for g in self.tiers} if self.tiers else
+                   {"expert workers": (self.num_workers + self.pool.min_workers) * self.worker.num_gpus})
+        needs = {"routers": self.routers.min * self.routers.num_gpus, **workers}
+        return {role: n for role, n in needs.items() if n > 0}
+
     @property
     def worker_device(self) -> str:
         return "cuda" if self.worker.num_gpus > 0 else "cpu"
@@ -248,10 +256,20 @@ class AppConfig(_Options):
 
 
 def load_serve_config(path: str) -> dict[str, Any]:
-    with open(path) as f:
-        data = yaml.safe_load(f)
-    if not isinstance(data, dict) or not data.get("applications"):
-        raise ValueError(f"{path}: not a Ray Serve config (needs an 'applications' list)")
+    """The Serve config file; every way it can be malformed is one line naming the file."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    apps = data.get("applications") if isinstance(data, dict) else None
+    if not isinstance(apps, list) or not apps or not isinstance(apps[0], dict):
+        raise ValueError(f"{path}: not a Ray Serve config (needs an 'applications' list of mappings)")
+    if apps[0].get("args", {}) is None:
+        apps[0]["args"] = {}  # `args:` with nothing under it: the defaults
+    if not isinstance(apps[0].get("args", {}), dict):
+        raise ValueError(f"{path}: applications[0].args must be a mapping of option: value, "
+                         f"not a {type(apps[0]['args']).__name__}")
     return data
 
 

@@ -27,6 +27,7 @@ from deployments.messages import AppSpec, ControllerReply, RouterReport, RouterS
 from deployments.policy import AutoscalePolicy
 from deployments.rebalancer import Rebalancer
 from deployments.table_state import TableState
+from deployments.tier_config import profile_loads
 
 log = logging.getLogger("ray.serve")
 
@@ -158,8 +159,11 @@ class PlacementController:
                 metrics.REBALANCES.labels("failed").inc()
 
     async def set_policy(self, fields: dict) -> dict:
-        """Validated merge into the running policy (ValueError names the field)."""
+        """Validated merge into the running policy (ValueError names the field, or the profile file that
+        mode static cannot use: the running policy stays)."""
         policy = self.policy.merge(fields)
+        if policy.mode == "static":
+            profile_loads(policy.profile_file, list(self.spec.moe_layers), self.spec.num_experts)
         self.policy = policy
         self.rebalancer.set_policy(policy)
         return policy.model_dump()

@@ -110,8 +110,14 @@ def renamed(data: dict) -> dict:
 
 
 def describe(e: ValidationError) -> str:
-    """One line per bad field: 'worker.num_cpus: Input should be greater than or equal to 0'."""
-    return "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+    """One line per bad field: 'worker.num_cpus: Input should be greater than or equal to 0'. Our own
+    checks' messages go as written (no pydantic "Value error, "), and a whole-model check, which names
+    its fields itself, gets no location prefix."""
+    def one(err) -> str:
+        msg = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+        return f"{'.'.join(map(str, err['loc']))}: {msg}" if err["loc"] else msg
+
+    return "; ".join(one(err) for err in e.errors())
 
 
 def load_policy(path: str | Path) -> AutoscalePolicy:

@@ -81,3 +81,33 @@ def test_counts_must_be_positive_and_the_bundled_paths_resolve_from_anywhere(tmp
     app = load_serve_config(args.config)["applications"][0]  # the bundled config, read from tmp_path
     resolved = cli._config_paths(app["args"])
     assert Path(resolved["model"], "config.json").exists() and Path(resolved["policy_file"]).exists()
+
+
+_APP = {"model": "models/demo", "num_workers": 1}
+
+
+@pytest.mark.parametrize("text,message", [
+    ("applications: [ - oops", "not valid YAML (while parsing a flow node"),
+    ({"applications": [{"args": ["model", "models/demo"]}]}, "applications[0].args must be a mapping"),
+    ({"applications": [{"args": {**_APP, "routers": "2"}}]}, "routers: expected a mapping (min, max, ...), got '2'"),
+    ({"applications": [{"args": {**_APP, "tiers": [{"name": "fast", "count": 1, "budget_bytes": "1GiB"}]}}]},
+     "bad application config: tiers: a host tier is needed"),  # a whole-model check: no empty location first
+    ({"applications": [{"args": {"model": "models/demo", "tiers": [
+        {"name": "fast", "count": 1, "device": "cuda", "num_gpus": 1, "budget_bytes": "1MiB"},
+        {"name": "host", "count": 1, "budget_bytes": "1GiB"}]}}]},
+     "the config needs 1 GPU(s) (tier 'fast' 1) and this machine has 0"),  # Serve waited for it forever
+    ({"applications": [{"args": {**_APP, "worker": {"num_gpus": 0.5}}}]},
+     "needs 0.5 GPU(s) (expert workers 0.5) and this machine has 0"),
+])
+def test_serve_config_errors_are_one_line_before_ray_starts(tmp_path, text, message):
+    import os
+
+    import yaml
+
+    path = tmp_path / "serve.yaml"
+    path.write_text(text if isinstance(text, str) else yaml.safe_dump(text))
+    r = subprocess.run([sys.executable, "-m", "deployments.cli", "serve", "--config", str(path)], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    lines = [x for x in r.stderr.splitlines() if not x.startswith("starting moe-cluster")]
+    assert r.returncode == 2 and lines == [f"moe-cluster: error: {lines[0].removeprefix('moe-cluster: error: ')}"]
+    assert message in lines[0] and ": : " not in lines[0] and "Value error" not in lines[0]

@@ -137,6 +137,27 @@ def test_a_policy_change_validates_merges_and_reaches_the_rebalancer(monkeypatch
     asyncio.run(run())
 
 
+def test_mode_static_is_refused_with_a_profile_it_cannot_use_and_the_running_policy_stays(monkeypatch, tmp_path):
+    """It was accepted, then the policy loop failed on it every interval: a 200 for a policy that never ran."""
+    from cluster.profile import save_profile
+
+    save_profile(tmp_path / "other.json", np.ones((len(LAYERS), 3)), LAYERS)  # another model's: 3 experts
+    save_profile(tmp_path / "mine.json", np.ones((len(LAYERS), 2)), LAYERS)
+
+    async def run():
+        c = await _controller(monkeypatch)
+        before = c.policy
+        for name, reason in (("nope.json", "cannot read load profile"), ("other.json", "× 3 experts")):
+            with pytest.raises(ValueError, match=reason) as e:
+                await c.set_policy({"mode": "static", "profile_file": str(tmp_path / name)})
+            assert str(tmp_path / name) in str(e.value)
+            assert c.policy is before and c.rebalancer.policy is before
+        out = await c.set_policy({"mode": "static", "profile_file": str(tmp_path / "mine.json")})
+        assert out["mode"] == "static" and c.rebalancer.policy.profile_file == str(tmp_path / "mine.json")
+
+    asyncio.run(run())
+
+
 def test_live_worker_skips_retired_ones():
     table = Table(1, PLACEMENT, (REFS[0], WorkerRef("b:1", retired=True)))
     assert _live_worker(table, "a:1") == 0 and _live_worker(table, "b:1") is None and _live_worker(table, "c:1") is None
