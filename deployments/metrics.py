@@ -70,7 +70,8 @@ REBALANCES = Counter("moe_rebalances", "placement changes by outcome: started, d
                      "skipped_<reason>", ["outcome"], registry=CLUSTER)
 LAST_REBALANCE = Gauge("moe_last_rebalance_success_timestamp_seconds", "when the last placement change finished "
                        "(0: none yet)", registry=CLUSTER)
-WEIGHT_BYTES_MOVED = Counter("moe_weight_bytes_moved", "expert weight bytes loaded for new copies", registry=CLUSTER)
+WEIGHT_BYTES_MOVED = Counter("moe_weight_bytes_moved", "checkpoint bytes read to load new expert copies (at the "
+                             "checkpoint's dtype; the copy_bytes gauges count the serving dtype)", registry=CLUSTER)
 REBALANCE_SECONDS = Histogram("moe_rebalance_seconds", "time per placement change (load, switch, retire)",
                               buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=CLUSTER)
 EXPERT_CALL_FAILURES = ReportedCounter("moe_expert_call_failures", "expert calls that failed or timed out "
@@ -95,7 +96,7 @@ WORKER_IMBALANCE = Gauge("moe_layer_worker_load_max_over_mean",
                          registry=CLUSTER)
 COPIES = Gauge("moe_expert_copies", "expert copies held per worker (current placement)", ["worker"],
                registry=CLUSTER)
-COPY_BYTES = Gauge("moe_expert_copy_bytes", "expert weight bytes held per worker (current placement)", ["worker"],
+COPY_BYTES = Gauge("moe_expert_copy_bytes", "expert weight bytes held per worker (current placement, at the serving dtype)", ["worker"],
                    registry=CLUSTER)
 # Expert tiers (issue 23): one series per tier.
 TIER_ROWS = ReportedCounter("moe_tier_expert_rows", "expert rows ((token, expert) pairs) sent to each tier's "
@@ -104,10 +105,10 @@ TIER_COPIES = Gauge("moe_tier_expert_copies", "expert copies held per tier (curr
                     registry=CLUSTER)
 TIER_MOVES = Counter("moe_tier_moves", "experts the online tier step moved: promoted (to the fast tier) or "
                      "demoted", ["direction"], registry=CLUSTER)
-TIER_COPY_BYTES = Gauge("moe_tier_expert_copy_bytes", "expert weight bytes held per tier (current placement)",
+TIER_COPY_BYTES = Gauge("moe_tier_expert_copy_bytes", "expert weight bytes held per tier (current placement, at the serving dtype)",
                         ["tier"], registry=CLUSTER)
-TIER_BYTES_MOVED = Counter("moe_tier_bytes_moved", "expert weight bytes loaded for new copies, per tier of the "
-                           "worker that loaded them (promotions load on the fast tier, demotions on the host tier)",
+TIER_BYTES_MOVED = Counter("moe_tier_bytes_moved", "checkpoint bytes read to load new expert copies (at the "
+                           "checkpoint's dtype), per tier of the worker that loaded them (promotions load on the fast tier, demotions on the host tier)",
                            ["tier"], registry=CLUSTER)
 
 
