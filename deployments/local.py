@@ -59,6 +59,15 @@ def bind_serve_to_host() -> None:
         bind_haproxy_to_host(host)
 
 
+def _remove_after_ray(folder: str) -> None:
+    """At exit: Ray registered its own shutdown when it was imported, so it would run after this
+    one (atexit is last in, first out) and its HAProxy would lose its files while still up."""
+    import ray
+
+    ray.shutdown()  # a no-op when already down
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def local_env(host: str, max_message_bytes: int) -> dict[str, str]:
     """Environment for a local start (inherited by every Ray process it starts)."""
     env = {BIND_HOST_ENV: host, "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(max_message_bytes), **haproxy_env(host)}
@@ -75,7 +84,7 @@ def start_local_ray(host: str, num_cpus: float, max_message_bytes: int, **init_k
     env = local_env(host, max_message_bytes)
     os.environ.update(env)
     if "RAY_SERVE_HAPROXY_SERVER_STATE_BASE" in env:  # this start's HAProxy files go when the process does
-        atexit.register(shutil.rmtree, env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], ignore_errors=True)
+        atexit.register(_remove_after_ray, env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
     # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is imported, and this process
     # (the CLI, pytest) imported it before: without this, ray.init rewrites the node IP
     # 127.0.0.1 to the machine's address and Ray's ports face every interface.

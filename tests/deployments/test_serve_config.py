@@ -59,6 +59,20 @@ def test_a_local_start_binds_loopback_or_every_interface(host, bound):
     assert ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in env) == (bound == "127.0.0.1")  # Ray's node IP on loopback
 
 
+def test_the_haproxy_folder_goes_after_ray_is_down(monkeypatch, tmp_path):
+    """atexit runs last-in first-out and Ray registered its shutdown at import: removing the folder
+    first pulled HAProxy's files from under a still-running HAProxy."""
+    import ray
+
+    from deployments import local
+
+    folder, seen = tmp_path / "haproxy", []
+    folder.mkdir()
+    monkeypatch.setattr(ray, "shutdown", lambda: seen.append(folder.exists()))
+    local._remove_after_ray(str(folder))
+    assert seen == [True] and not folder.exists()
+
+
 @pytest.mark.parametrize("routers,device", [
     ({}, "cpu"),
     ({"num_gpus": 1}, "cuda"),  # a router holding a GPU runs on it (it used to stay on the CPU)
