@@ -73,9 +73,15 @@ class Rebalancer:
 
     def static_plan(self) -> Decision:
         """`cluster.autoscale.static` on the policy's recorded profile; with tiers, the fast tier's room
-        to the profile's hottest experts (`cluster.tiers.profile_placement`: the app started there, so
-        this moves copies only when the profile file changed since)."""
-        path = self.policy.profile_file
+        to the profile's hottest experts (`cluster.tiers.profile_placement`). A plan equal to the
+        placement in force moves nothing (the app started there, or the profile did not change)."""
+        decision = self._static_decision(self.policy.profile_file)
+        held = [set(w) for w in self.state.table.placement.workers]
+        if decision.placement is not None and [set(w) for w in decision.placement.workers] == held:
+            return Decision("static", None, decision.before, decision.before)  # held, as planned
+        return decision
+
+    def _static_decision(self, path: str) -> Decision:
         if self.tiers:
             experts = 1 + max(e for _, e in self.state.table.placement.copies())  # a tier placement covers all
             loads = profile_loads(path, self.moe_layers, experts)
@@ -89,7 +95,11 @@ class Rebalancer:
             raise ValueError(f"{path}: {e}") from None
 
     def set_policy(self, policy: AutoscalePolicy) -> None:
+        """Every policy put in static mode plans once more: back from online, or a profile re-recorded
+        at the same path, must not keep the placement of before."""
         self.policy = policy
+        if policy.mode == "static":
+            self.static_applied = None
 
     def reset_cooldown(self) -> None:
         self.last_change = 0.0

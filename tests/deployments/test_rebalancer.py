@@ -163,19 +163,31 @@ def test_static_mode_plans_once_from_a_profile_with_eplb(setup, tmp_path):
     rebalancer = _rebalancer(state, membership, layers, cfg, mode="static", profile_file=str(profile),
                              extra_slots_per_layer=4)
 
+    def placed(loads):
+        expected = to_placement(rebalance_experts(loads=loads, extra_per_layer=4, num_workers=4), layers)
+        return [set(w) for w in state.table.placement.workers] == [set(w) for w in expected.workers]
+
     async def run():
         task = asyncio.create_task(_keep_up(state))
         try:
             first = await rebalancer.step(np.zeros_like(loads), None)
             second = await rebalancer.step(np.ones_like(loads), None)  # live load does not matter: it holds
-            return first, second
+            assert (first, second) == ("done", "static") and placed(loads)
+            assert rebalancer.history[-1]["reason"] == "static" and len(rebalancer.history) == 1
+            # PUT /admin/policy in static mode plans again: a profile re-recorded at the same path (or a
+            # switch back from online) kept the old placement while the answer said static
+            rebalancer.set_policy(rebalancer.policy.model_copy(update={"min_gain": 0.02}))
+            assert await rebalancer.step(np.ones_like(loads), None) == "static"  # nothing to move: held
+            assert len(rebalancer.history) == 1
+            loads[:, 0], loads[:, 1] = 1.0, 40.0
+            save_profile(profile, loads, layers)
+            rebalancer.set_policy(rebalancer.policy.model_copy())
+            assert await rebalancer.step(np.ones_like(loads), None) == "done"
+            assert placed(loads) and len(rebalancer.history) == 2
         finally:
             task.cancel()
 
-    assert asyncio.run(run()) == ("done", "static")
-    expected = to_placement(rebalance_experts(loads=loads, extra_per_layer=4, num_workers=4), layers)
-    assert [set(w) for w in state.table.placement.workers] == [set(w) for w in expected.workers]
-    assert rebalancer.history[-1]["reason"] == "static" and len(rebalancer.history) == 1
+    asyncio.run(run())
 
 
 def test_tiers_promote_a_hot_expert_to_the_fast_worker(checkpoint_factory):
