@@ -28,6 +28,21 @@ class LoadProfile:
     meta: dict = field(default_factory=dict)
 
 
+def loads_for(profile: LoadProfile, moe_layers, num_experts: int) -> np.ndarray:
+    """The profile's loads [L, E] if it was recorded on a model with these MoE layers and experts,
+    else ValueError saying how the two differ."""
+    if tuple(profile.layers) == tuple(moe_layers) and profile.loads.shape[1] == num_experts:
+        return profile.loads
+    raise ValueError(f"the profile covers {_shape(profile.layers, profile.loads.shape[1])}; this model has "
+                     f"{_shape(moe_layers, num_experts)}")
+
+
+def _shape(layers, experts: int) -> str:
+    layers = list(layers)
+    names = str(layers) if len(layers) <= 6 else f"[{layers[0]}, {layers[1]}, …, {layers[-1]}]"
+    return f"{len(layers)} MoE layers {names} × {experts} experts"
+
+
 def _validate(loads, layers, meta) -> LoadProfile:
     """The checked profile, or ValueError saying what is wrong."""
     if not isinstance(layers, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool)

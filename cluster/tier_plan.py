@@ -19,7 +19,7 @@ from cluster.config import ModelConfig
 from cluster.model.kv_cache import kv_bytes_per_token
 from cluster.sizing import backbone_bytes, bytes_text, model_config, parse_bytes
 from cluster.precision import dtype_name, resolve_dtype, resolve_kv_dtype
-from cluster.profile import LoadProfile, load_profile
+from cluster.profile import LoadProfile, load_profile, loads_for
 from cluster.tiers import fast_sets
 
 
@@ -79,10 +79,10 @@ def tier_plan(c: ModelConfig, *, dtype: torch.dtype, kv_dtype: torch.dtype, gpus
 
 
 def _loads(profile: LoadProfile, c: ModelConfig) -> np.ndarray:
-    if tuple(profile.layers) != tuple(c.moe_layer_ids) or profile.loads.shape[1] != c.num_experts:
-        raise ValueError(f"--profile: it covers MoE layers {list(profile.layers)[:4]}… × {profile.loads.shape[1]} "
-                         f"experts; this model has layers {list(c.moe_layer_ids)[:4]}… × {c.num_experts}")
-    return profile.loads
+    try:
+        return loads_for(profile, c.moe_layer_ids, c.num_experts)
+    except ValueError as e:
+        raise ValueError(f"--profile: {e}") from None
 
 
 def format_tier_plan(p: TierPlan) -> str:

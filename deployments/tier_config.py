@@ -109,15 +109,15 @@ def initial_placement(groups: list[TierGroup], moe_layers: list[int], num_expert
 
 
 def profile_loads(path: str, moe_layers: list[int], num_experts: int) -> np.ndarray:
-    """A recorded load profile's [L, E] loads for static tiers (mode static: the fast tier's room to
-    the experts hottest in it, held); ValueError naming the file when it is another model's."""
-    from cluster.profile import load_profile
+    """A recorded load profile's [L, E] loads for mode static (EPLB, or the fast tier's room to the
+    experts hottest in it); ValueError naming the file when it is unreadable or another model's."""
+    from cluster.profile import load_profile, loads_for
 
-    profile = load_profile(path)
-    if tuple(profile.layers) != tuple(moe_layers) or profile.loads.shape[1] != num_experts:
-        raise ValueError(f"{path}: the profile covers MoE layers {list(profile.layers)[:4]}… × "
-                         f"{profile.loads.shape[1]} experts; this model has {list(moe_layers)[:4]}… × {num_experts}")
-    return profile.loads
+    try:
+        return loads_for(load_profile(path), moe_layers, num_experts)
+    except ValueError as e:
+        message = str(e)
+        raise ValueError(message if message.startswith(f"{path}:") else f"{path}: {message}") from None
 
 
 def tier_group_of(groups: list[TierGroup], worker: int) -> TierGroup:

@@ -62,4 +62,5 @@ def test_text_and_refusals(tmp_path, capsys):
     assert "--host-memory: cannot read 'lots'" in capsys.readouterr().err
     save_profile(tmp_path / "p.json", np.ones((2, 8)), [0, 1])
     assert main(["plan", "--model", str(tmp_path), "--profile", str(tmp_path / "p.json")]) == 2
-    assert "--profile: it covers MoE layers" in capsys.readouterr().err
+    assert ("--profile: the profile covers 2 MoE layers [0, 1] × 8 experts; this model has 48 MoE layers "
+            "[0, 1, …, 47] × 128 experts") in capsys.readouterr().err  # the counts: a cut-off list hid them
