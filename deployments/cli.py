@@ -239,6 +239,9 @@ def cmd_record_profile(args: argparse.Namespace) -> int:
 
     def totals():
         body = requests.get(f"{args.url.rstrip('/')}/admin/load", headers=headers, timeout=30)
+        if body.status_code == 401:
+            raise ValueError(f"{args.url}: the server needs its API key (--api-key or MOE_CLUSTER_API_KEY)"
+                             + (": this one was refused" if args.api_key else ""))
         body.raise_for_status()
         load = body.json()["load"]
         if load is None:

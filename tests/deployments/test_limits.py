@@ -71,6 +71,22 @@ def test_api_key_on_every_route_but_health(server):
     assert len(reply.token_ids) == 2
 
 
+def test_record_profile_names_the_missing_key(server):
+    """It printed requests' own '401 Client Error: Unauthorized for url: …'."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MOE_CLUSTER_API_KEY"}
+    for key in ((), ("--api-key", "wrong")):
+        r = subprocess.run([sys.executable, "-m", "deployments.cli", "record-profile", "--url", server.base,
+                            "--seconds", "0", "--out", os.devnull, *key], capture_output=True, text=True,
+                           timeout=120, env=env)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert "the server needs its API key (--api-key or MOE_CLUSTER_API_KEY)" in r.stderr
+        assert ("this one was refused" in r.stderr) == bool(key)
+
+
 def test_body_and_header_limits(server):
     r = post(server, {"prompt": "x" * 100_000, "max_tokens": 2})
     assert r.status_code == 413 and len(r.content) < 1000
