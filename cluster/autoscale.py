@@ -41,6 +41,7 @@ class Limits:
     co_activation: bool = False  # co-locate experts chosen together
     slots_per_worker: int | None = None  # most copies one worker holds (None: no limit)
     budget_bytes: int | None = None  # most bytes of copies one worker holds (None: no limit)
+    min_copies: int = 1  # copies every expert keeps (the app's expert_copies): retiring stops there
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,8 @@ def decide(loads: np.ndarray, *, table: Table, limits: Limits, moe_layers: list[
     room = workers(table, limits)
     new = plan(loads, moe_layers=moe_layers, workers=room, extra_per_layer=limits.extra_per_layer,
                current=current, hierarchical=limits.hierarchical, max_copies=limits.max_copies,
-               coactivation=coactivation if limits.co_activation else None, expert_bytes=expert_bytes)
+               coactivation=coactivation if limits.co_activation else None, expert_bytes=expert_bytes,
+               min_copies=limits.min_copies)
     if not new.changed:
         return Decision("no_change", None, before, new.max_over_mean)  # min_gain 0 must not move nothing
     if new.moves == 0 and new.retires > 0 and new.max_over_mean <= max(before, limits.hot_threshold):
@@ -87,10 +89,11 @@ def _evened_out(loads: np.ndarray, before: float, table: Table, limits: Limits, 
                 moe_layers: list[int], expert_bytes: int) -> Decision:
     """Balanced: if the placement without any extra copy stays under the threshold too, the extra
     copies are memory for nothing: retire them (the planner keeps copies where they are)."""
-    if sum(map(len, table.placement.workers)) <= len(table.placement.copies()):
+    if sum(map(len, table.placement.workers)) <= len(table.placement.copies()) * limits.min_copies:
         return Decision("balanced", None, before, before)  # no extra copies to free
     lean = plan(loads, moe_layers=moe_layers, workers=room, extra_per_layer=0, current=table.placement,
-                hierarchical=limits.hierarchical, max_copies=limits.max_copies, expert_bytes=expert_bytes)
+                hierarchical=limits.hierarchical, max_copies=limits.max_copies, expert_bytes=expert_bytes,
+                min_copies=limits.min_copies)
     if lean.changed and lean.moves == 0 and lean.max_over_mean < limits.hot_threshold:
         return Decision("retire", lean.placement, before, lean.max_over_mean)
     return Decision("balanced", None, before, before)

@@ -21,12 +21,13 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def copy_order(loads: np.ndarray, extra: int, max_copies: int) -> np.ndarray:
-    """[E] loads → the experts receiving extra copies, in the order DeepSeek EPLB's greedy gives
-    them (highest load per copy first; ties: fewer copies, then lower id); at most `max_copies`
-    copies of one expert, so the result may be shorter than `extra`. Prefix m of it = m extras."""
-    copies = [1] * len(loads)
-    heap = [(-float(load), 1, e) for e, load in enumerate(loads)] if max_copies > 1 else []
+def copy_order(loads: np.ndarray, extra: int, max_copies: int, base: int = 1) -> np.ndarray:
+    """[E] loads → the experts receiving extra copies beyond `base` each, in the order DeepSeek EPLB's
+    greedy gives them (highest load per copy first; ties: fewer copies, then lower id); at most
+    `max_copies` copies of one expert, so the result may be shorter than `extra`. Prefix m of it =
+    m extras."""
+    copies = [base] * len(loads)
+    heap = [(-float(load) / base, base, e) for e, load in enumerate(loads)] if max_copies > base else []
     heapq.heapify(heap)
     order: list[int] = []
     while heap and len(order) < extra:
@@ -38,9 +39,9 @@ def copy_order(loads: np.ndarray, extra: int, max_copies: int) -> np.ndarray:
     return np.array(order, dtype=np.int64)
 
 
-def copy_counts(num_experts: int, order: np.ndarray, extra: int) -> np.ndarray:
-    """[E] copies per expert with the first `extra` entries of `copy_order` added."""
-    return 1 + np.bincount(order[:extra], minlength=num_experts).astype(np.int64)
+def copy_counts(num_experts: int, order: np.ndarray, extra: int, base: int = 1) -> np.ndarray:
+    """[E] copies per expert: `base` each, with the first `extra` entries of `copy_order` added."""
+    return base + np.bincount(order[:extra], minlength=num_experts).astype(np.int64)
 
 
 def fits(copies: np.ndarray, caps: np.ndarray) -> bool:

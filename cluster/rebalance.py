@@ -106,18 +106,23 @@ def _pack(layer: _Layer, copies: np.ndarray, caps: np.ndarray) -> dict[int, list
     return pk.where
 
 
-def _plan_layer(layer: _Layer, room: LayerRoom, index: int, extra: int, max_copies: int) -> dict[int, list[int]]:
-    """One layer's copies and their workers. Extra copies are added in greedy order; of the counts
-    tried (all that fit, the fewest the load bound allows, then a few bisection steps between),
-    the fewest whose plain packing (flat, no preferences) is within EXTRA_GAIN of the best one win;
-    then the layer's own packing places them. The count does not depend on where copies are now,
-    so replanning the same loads keeps the same copies."""
+def _plan_layer(layer: _Layer, room: LayerRoom, index: int, extra: int, max_copies: int,
+                min_copies: int) -> dict[int, list[int]]:
+    """One layer's copies and their workers. Every expert gets `min_copies` (fewer only when the room
+    holds no more); extra copies are added in greedy order; of the counts tried (all that fit, the
+    fewest the load bound allows, then a few bisection steps between), the fewest whose plain packing
+    (flat, no preferences) is within EXTRA_GAIN of the best one win; then the layer's own packing
+    places them. The count does not depend on where copies are now, so replanning the same loads
+    keeps the same copies."""
     n_exp, free = len(layer.loads), replace(layer, sticky={}, hierarchical=False, affinity=None)
-    order = copy_order(layer.loads, extra, min(max_copies, int((room.caps(index) > 0).sum())))
-    counts = lambda m: copy_counts(n_exp, order, m)  # noqa: E731
-    feasible = lambda m: fits(counts(m), room.caps(index, n_exp + m))  # noqa: E731
+    most = min(max_copies, int((room.caps(index) > 0).sum()))
+    base = next((b for b in range(min(min_copies, most), 1, -1)
+                 if fits(np.full(n_exp, b), room.caps(index, n_exp * b))), 1)
+    order = copy_order(layer.loads, extra, most, base)
+    counts = lambda m: copy_counts(n_exp, order, m, base)  # noqa: E731
+    feasible = lambda m: fits(counts(m), room.caps(index, n_exp * base + m))  # noqa: E731
     hi = next(m for m in range(len(order), -1, -1) if feasible(m))
-    tried = {hi: _pack(free, counts(hi), room.caps(index, n_exp + hi))}
+    tried = {hi: _pack(free, counts(hi), room.caps(index, n_exp * base + hi))}
     ratio = {hi: free.ratio(tried[hi])}
     lo = _first(0, hi, lambda m: free.bound(counts(m)) <= ratio[hi] + EXTRA_GAIN)  # fewer cannot do as well
     probe = lo  # the bound is often tight (a few hot experts): try it first, then bisect
@@ -125,14 +130,14 @@ def _plan_layer(layer: _Layer, room: LayerRoom, index: int, extra: int, max_copi
         if lo >= hi:
             break
         if feasible(probe):
-            tried[probe] = _pack(free, counts(probe), room.caps(index, n_exp + probe))
+            tried[probe] = _pack(free, counts(probe), room.caps(index, n_exp * base + probe))
             ratio[probe] = free.ratio(tried[probe])
         good = probe in ratio and ratio[probe] <= min(ratio.values()) + EXTRA_GAIN
         lo, hi = (lo, probe) if good else (probe + 1, hi)
         probe = (lo + hi) // 2
     m = min(m for m in ratio if ratio[m] <= min(ratio.values()) + EXTRA_GAIN)
     plain = not layer.sticky and not layer.hierarchical and layer.affinity is None
-    return tried[m] if plain else _pack(layer, counts(m), room.caps(index, n_exp + m))
+    return tried[m] if plain else _pack(layer, counts(m), room.caps(index, n_exp * base + m))
 
 
 def _first(lo: int, hi: int, ok) -> int:
@@ -159,22 +164,23 @@ def _counts(where: dict[int, list[int]], num_workers: int) -> np.ndarray:
 
 def _keeps(layer: _Layer, now: dict[int, list[int]], new: dict[int, list[int]], caps: np.ndarray,
            max_copies: int, extra: int) -> bool:
-    """Keep the layer's current placement: it is valid (every expert, no two copies on one worker,
-    within room and limits) and the new one neither holds fewer copies nor balances better by
-    more than EXTRA_GAIN."""
+    """Keep the layer's current placement: it is valid (every expert with at least as many copies as
+    the new one gives every expert, no two copies on one worker, within room and limits) and the new
+    one neither holds fewer copies nor balances better by more than EXTRA_GAIN."""
     n_exp = len(layer.loads)
-    if sorted(now) != list(range(n_exp)) or any(len(set(ws)) != len(ws) or len(ws) > max_copies
+    base = min(map(len, new.values()), default=1)
+    if sorted(now) != list(range(n_exp)) or any(len(set(ws)) != len(ws) or not base <= len(ws) <= max_copies
                                                 for ws in now.values()):
         return False
     counts = _counts(now, len(caps))
-    if (counts > caps).any() or counts.sum() - n_exp > extra or counts.sum() > _counts(new, len(caps)).sum():
+    if (counts > caps).any() or counts.sum() - n_exp * base > extra or counts.sum() > _counts(new, len(caps)).sum():
         return False
     return layer.ratio(now) <= layer.ratio(new) + EXTRA_GAIN
 
 
 def plan(loads: np.ndarray, *, moe_layers: list[int], workers: list[Worker], extra_per_layer: int,
          current: Placement | None = None, hierarchical: bool = False, max_copies: int | None = None,
-         coactivation: np.ndarray | None = None, expert_bytes: int = 0) -> Plan:
+         coactivation: np.ndarray | None = None, expert_bytes: int = 0, min_copies: int = 1) -> Plan:
     """A new placement for the expert loads.
 
     loads [L, E]: tokens per expert over the window, row i for MoE layer `moe_layers[i]`.
@@ -185,6 +191,8 @@ def plan(loads: np.ndarray, *, moe_layers: list[int], workers: list[Worker], ext
     balance; a layer no better off keeps its current copies). max_copies: most copies of one
     expert (default and cap: the active workers). coactivation [L, E, E]: co-locate experts often
     chosen for the same token. expert_bytes: bytes of one copy (for `budget_bytes`, `worker_bytes`).
+    min_copies: copies every expert keeps (the app's `expert_copies`: a worker may die without failing
+    a request), capped by the active workers and the room; extra copies come beyond them.
     Returns a Plan; `plan.changed` is False when it is the current placement.
     Raises ValueError, naming the limit, when not even one copy per expert fits.
     """
@@ -201,7 +209,7 @@ def plan(loads: np.ndarray, *, moe_layers: list[int], workers: list[Worker], ext
         now = known.get(moe_layers[li], {})
         affinity = None if coactivation is None else coactivation[li] + coactivation[li].T
         layer = _Layer(loads[li], room.active, nodes, now, hierarchical, affinity)
-        where = _plan_layer(layer, room, li, extra_per_layer, max_copies)
+        where = _plan_layer(layer, room, li, extra_per_layer, max_copies, min_copies)
         if _keeps(layer, now, where, room.caps(li), max_copies, extra_per_layer):
             where = now
         room.commit(li, _counts(where, len(workers)))

@@ -28,6 +28,7 @@ from deployments.experts.host import WorkerSpec
 from deployments.experts.worker import ExpertPoolWorker, ExpertWorker
 from deployments.ingress import Ingress
 from deployments.messages import AppSpec
+from deployments.policy import check_copies
 from deployments.prefix_router import PrefixAffinityRouter
 from deployments.router import Router
 from deployments.tier_config import initial_placement, profile_loads, tier_group_of, tier_layout
@@ -52,6 +53,7 @@ def spec_of(cfg: AppConfig) -> AppSpec:
     placement = round_robin(model_cfg.experts(), cfg.num_workers, cfg.expert_copies) if cfg.num_workers else None
     layout = None
     layers, policy = list(model_cfg.moe_layer_ids), cfg.policy()
+    check_copies(policy, cfg.expert_copies)
     loads = (profile_loads(policy.profile_file, layers, model_cfg.num_experts)  # another model's: refused here
              if policy is not None and policy.mode == "static" else None)
     if cfg.tiers:  # the fast tier's room to the hottest experts (evenly, or from a static profile), the rest on host

@@ -24,7 +24,7 @@ from deployments.cluster_view import cluster_stats, down_workers, expert_load, l
 from deployments.ingress_board import IngressBoard
 from deployments.membership import Membership
 from deployments.messages import AppSpec, ControllerReply, RouterReport, RouterSettings
-from deployments.policy import AutoscalePolicy
+from deployments.policy import AutoscalePolicy, check_copies
 from deployments.rebalancer import Rebalancer
 from deployments.table_state import TableState
 from deployments.tier_config import profile_loads
@@ -48,7 +48,8 @@ class PlacementController:
         self.state = TableState(table)
         self.policy = spec.policy or AutoscalePolicy(enabled=False)
         self.rebalancer = Rebalancer(self.policy, self.state, self.membership, moe_layers=list(spec.moe_layers),
-                                     expert_bytes=spec.expert_bytes, tiers=spec.tiers)
+                                     expert_bytes=spec.expert_bytes, tiers=spec.tiers,
+                                     min_copies=spec.cfg.expert_copies if spec.cfg is not None else 1)
         self.reports: dict[str, RouterReport] = {}
         self.board = IngressBoard()
         self.report_count = 0
@@ -162,6 +163,7 @@ class PlacementController:
         """Validated merge into the running policy (ValueError names the field, or the profile file that
         mode static cannot use: the running policy stays)."""
         policy = self.policy.merge(fields)
+        check_copies(policy, self.rebalancer.min_copies)
         if policy.mode == "static":
             profile_loads(policy.profile_file, list(self.spec.moe_layers), self.spec.num_experts)
         self.policy = policy

@@ -78,9 +78,11 @@ class AutoscalePolicy(BaseModel):
             limits.append(share + self.extra_copy_bytes_per_worker)
         return min(limits) if limits else None
 
-    def limits(self, *, num_copies: int, active_workers: int, expert_bytes: int) -> Limits:
-        """The knobs `cluster.autoscale.decide` reads, with the byte budget for this many copies and workers."""
+    def limits(self, *, num_copies: int, active_workers: int, expert_bytes: int, min_copies: int = 1) -> Limits:
+        """The knobs `cluster.autoscale.decide` reads, with the byte budget for this many copies and workers
+        (num_copies: the copies every expert keeps, min_copies each)."""
         return Limits(hot_threshold=self.hot_threshold, min_gain=self.min_gain, cooldown_s=self.cooldown_s,
+                      min_copies=min_copies,
                       extra_per_layer=self.extra_slots_per_layer, max_copies=self.max_copies_per_expert,
                       hierarchical=self.hierarchical, co_activation=self.co_activation,
                       slots_per_worker=self.slots_per_worker,
@@ -118,6 +120,15 @@ def describe(e: ValidationError) -> str:
         return f"{'.'.join(map(str, err['loc']))}: {msg}" if err["loc"] else msg
 
     return "; ".join(one(err) for err in e.errors())
+
+
+def check_copies(policy: AutoscalePolicy | None, expert_copies: int) -> None:
+    """Mode static plans DeepSeek's EPLB (one copy per expert, plus extras to the hottest), which
+    would retire the redundancy `expert_copies` > 1 keeps for failures: refused, naming both."""
+    if policy is not None and policy.mode == "static" and expert_copies > 1:
+        raise ValueError(f"mode static plans one copy per expert (DeepSeek's EPLB) and would retire the "
+                         f"copies expert_copies ({expert_copies}) keeps for failures: use mode online, which "
+                         f"keeps {expert_copies} of every expert")
 
 
 def load_policy(path: str | Path) -> AutoscalePolicy:

@@ -34,9 +34,10 @@ log = logging.getLogger("ray.serve")
 
 class Rebalancer:
     def __init__(self, policy: AutoscalePolicy, state: TableState, membership: Membership, *,
-                 moe_layers: list[int], expert_bytes: int, tiers: TierLayout | None = None):
+                 moe_layers: list[int], expert_bytes: int, tiers: TierLayout | None = None, min_copies: int = 1):
         self.policy, self.state, self.membership = policy, state, membership
         self.moe_layers, self.expert_bytes = moe_layers, expert_bytes
+        self.min_copies = min_copies  # the app's expert_copies: the online planner never retires below it
         self.lock = asyncio.Lock()  # one placement change at a time (rebalance, heal, pool joins/leaves)
         self.last_change = 0.0
         self.history: list[dict] = []
@@ -48,8 +49,9 @@ class Rebalancer:
     def decide(self, loads: np.ndarray, coactivation: np.ndarray | None) -> Decision:
         """`cluster.autoscale.decide` on the table in force and the policy now."""
         table = self.state.table
-        limits = self.policy.limits(num_copies=len(table.placement.copies()), active_workers=len(table.active()),
-                                    expert_bytes=self.expert_bytes)
+        limits = self.policy.limits(num_copies=len(table.placement.copies()) * self.min_copies,
+                                    active_workers=len(table.active()), expert_bytes=self.expert_bytes,
+                                    min_copies=self.min_copies)
         return autoscale.decide(loads, table=table, limits=limits, moe_layers=self.moe_layers,
                                 expert_bytes=self.expert_bytes, since_change_s=time.monotonic() - self.last_change,
                                 coactivation=coactivation)

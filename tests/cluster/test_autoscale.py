@@ -76,3 +76,26 @@ def test_static_plans_with_eplb_over_the_active_workers():
 def test_static_refuses_a_profile_of_other_layers():
     with pytest.raises(ValueError, match=r"profile layers \[0, 1\] are not this model's MoE layers \[1, 3\]"):
         static(SKEWED, [0, 1], table=ONE_EACH, moe_layers=LAYERS, extra_per_layer=4)
+
+
+TWO_EACH = _table(round_robin([(layer, e) for layer in LAYERS for e in range(EXPERTS)], 4, 2))
+TWO_AND_HOT = _table(Placement(tuple(tuple(sorted(set(ws) | {(1, 0), (3, 0)})) for ws in TWO_EACH.placement.workers)))
+
+
+@pytest.mark.parametrize("loads,table,reason", [(EVEN, TWO_EACH, "no_change"), (SKEWED, TWO_EACH, "rebalance"),
+                                                (EVEN, TWO_AND_HOT, "retire")])
+def test_expert_copies_are_a_floor_the_planner_never_retires_below(loads, table, reason):
+    """With expert_copies 2 the online planner retired the redundancy as "extra copies" once traffic
+    was even, and a killed worker then failed requests: min_copies keeps every expert on two workers."""
+    limits = Limits(**{**vars(LIMITS), "min_copies": 2})
+    d = decide(loads, table=table, limits=limits, moe_layers=LAYERS, expert_bytes=0, since_change_s=1e9)
+    assert d.reason == reason
+    placement = d.placement or table.placement
+    copies = placement.copies()
+    assert all(len(set(ws)) == len(ws) >= 2 for ws in copies.values())
+    if reason == "retire":
+        assert all(len(ws) == 2 for ws in copies.values())  # only the hot extras go
+    if reason == "rebalance":
+        assert len(copies[(1, 0)]) > 2 and d.after < d.before  # the hot expert's extras come beyond the floor
+    one_floor = decide(loads, table=table, limits=LIMITS, moe_layers=LAYERS, expert_bytes=0, since_change_s=1e9)
+    assert min(map(len, (one_floor.placement or table.placement).copies().values())) == 1  # what it did before

@@ -63,3 +63,14 @@ def test_an_inline_policy_beside_a_policy_file_is_refused_not_ignored():
     with pytest.raises(ValueError, match=r"inline \(autoscaler\) or by file \(policy_file: p.yaml\), not both"):
         app_config({"autoscaler": {"interval_s": 5}, "policy_file": "p.yaml"})
     assert app_config({"autoscaler": {"interval_s": 5}}).policy().interval_s == 5
+
+
+def test_mode_static_is_refused_beside_expert_copies_it_would_retire():
+    from deployments.policy import check_copies
+
+    static = AutoscalePolicy(mode="static", profile_file="p.json")
+    check_copies(static, 1)
+    check_copies(AutoscalePolicy(), 2)  # online keeps the copies as a floor
+    check_copies(None, 2)
+    with pytest.raises(ValueError, match=r"would retire the copies expert_copies \(2\) keeps for failures"):
+        check_copies(static, 2)

@@ -2,6 +2,7 @@
 the ingress board, the table-version protocol of `PlacementController.report` and
 `ControllerLink.report_once` (a router's side), and a policy change. No Ray, no model."""
 import asyncio
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -133,6 +134,22 @@ def test_a_policy_change_validates_merges_and_reaches_the_rebalancer(monkeypatch
         with pytest.raises(ValueError, match="interval_s: Input should be greater than 0"):
             await c.set_policy({"interval_s": -1})
         assert c.policy.min_gain == 0.5
+
+    asyncio.run(run())
+
+
+def test_the_apps_expert_copies_reach_the_planner_as_its_floor(monkeypatch):
+    from dataclasses import replace
+
+    from deployments.config import app_config
+
+    monkeypatch.setattr(sys.modules[__name__], "SPEC", replace(SPEC, cfg=app_config({"expert_copies": 2})))
+
+    async def run():
+        c = await _controller(monkeypatch)
+        assert c.rebalancer.min_copies == 2  # Rebalancer.decide passes it to the planner's Limits
+        with pytest.raises(ValueError, match="would retire the copies expert_copies"):
+            await c.set_policy({"mode": "static", "profile_file": "p.json"})
 
     asyncio.run(run())
 
