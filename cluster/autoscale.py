@@ -10,6 +10,7 @@ routers, retires); this module only chooses. Shapes: L MoE layers, E experts, W 
 | no_load    | None | no traffic in the window |
 | cooldown   | None | the last change is younger than `cooldown_s` |
 | no_change  | None | the planner keeps the current placement |
+| floor      | new  | some expert has fewer than `min_copies` copies (a worker left): restored, at once |
 | retire     | new  | only retirements: traffic evened out, extra copies are memory for nothing |
 | balanced   | None | max/mean under `hot_threshold` and no extra copy to free |
 | small_gain | None | the plan lowers max/mean by less than `min_gain` |
@@ -63,19 +64,23 @@ def decide(loads: np.ndarray, *, table: Table, limits: Limits, moe_layers: list[
     """The next online change. loads [L, E]: tokens per expert over the window, row i for MoE layer
     `moe_layers[i]`; coactivation [L, E, E] (read only with `limits.co_activation`); since_change_s:
     seconds since the last change; expert_bytes: bytes of one copy."""
-    if loads.sum() <= 0:
-        return Decision("no_load", None, 0.0, 0.0)
     current, active = table.placement, table.active()
+    short = _fewest(current, active) < min(limits.min_copies, len(active))  # a worker left: restore the floor
+    if loads.sum() <= 0 and not short:
+        return Decision("no_load", None, 0.0, 0.0)
     before = imbalance(loads, moe_layers, current, active=active)
-    if since_change_s < limits.cooldown_s:
+    if since_change_s < limits.cooldown_s and not short:
         return Decision("cooldown", None, before, before)
     room = workers(table, limits)
+    loads = loads if loads.sum() > 0 else np.ones_like(loads)  # no traffic yet: the floor, spread evenly
     new = plan(loads, moe_layers=moe_layers, workers=room, extra_per_layer=limits.extra_per_layer,
                current=current, hierarchical=limits.hierarchical, max_copies=limits.max_copies,
                coactivation=coactivation if limits.co_activation else None, expert_bytes=expert_bytes,
                min_copies=limits.min_copies)
     if not new.changed:
         return Decision("no_change", None, before, new.max_over_mean)  # min_gain 0 must not move nothing
+    if short and _fewest(new.placement, active) > _fewest(current, active):
+        return Decision("floor", new.placement, before, new.max_over_mean)
     if new.moves == 0 and new.retires > 0 and new.max_over_mean <= max(before, limits.hot_threshold):
         return Decision("retire", new.placement, before, new.max_over_mean)  # traffic evened out: free memory
     if before < limits.hot_threshold:
@@ -83,6 +88,12 @@ def decide(loads: np.ndarray, *, table: Table, limits: Limits, moe_layers: list[
     if before - new.max_over_mean < limits.min_gain:
         return Decision("small_gain", None, before, new.max_over_mean)
     return Decision("rebalance", new.placement, before, new.max_over_mean)
+
+
+def _fewest(placement: Placement, active: list[int]) -> int:
+    """Copies on active workers of the expert that has the fewest."""
+    live = set(active)
+    return min((sum(w in live for w in ws) for ws in placement.copies().values()), default=0)
 
 
 def _evened_out(loads: np.ndarray, before: float, table: Table, limits: Limits, room: list[Worker],

@@ -12,7 +12,8 @@ A worker's room, all MoE layers together, is the least of its limits:
 A worker with no limit has unlimited room; a `retired` worker, or one with a limit
 of 0, holds nothing and does not count. Layers are planned one at a time: before a
 layer is planned, every layer not yet planned keeps its share of the copies it
-must have (one per expert), so the room a layer may use never starves a later one.
+must have (`floor` per expert: the planner's min_copies, as far as the room holds
+them), so the room a layer may use never starves a later one.
 """
 from __future__ import annotations
 
@@ -62,9 +63,10 @@ class LayerRoom:
     """Hands each worker's room to the layers, one layer at a time (`caps`, then `commit`)."""
 
     def __init__(self, workers: list[Worker], *, num_layers: int, num_experts: int, expert_bytes: int = 0,
-                 held: np.ndarray | None = None):
-        """held [W, L] (optional): copies each worker holds now per layer; when they fit the limits,
-        each layer keeps that room (so the current placement stays possible), else an even share."""
+                 held: np.ndarray | None = None, min_copies: int = 1):
+        """held [W, L] (optional): copies each worker holds now per layer; when they fit the limits and
+        give every layer its floor, each layer keeps that room (so the current placement stays
+        possible), else an even share. min_copies: copies of every expert wanted (see `floor`)."""
         limits = [_limits(w, num_layers, expert_bytes) for w in workers]
         self.room = np.array([min(x.values()) if x else UNLIMITED for x in limits], dtype=np.int64)  # [W]
         self.per_layer = np.array([UNLIMITED if w.layer_slots is None else w.layer_slots for w in workers],
@@ -75,20 +77,30 @@ class LayerRoom:
         self.retired = np.ones(len(workers), dtype=bool)  # [W] holds nothing, does not count
         self.retired[self.active] = False
         _check(limits, self.room, self.limited, num_layers, num_experts, self.active)
+        self.floor = self._floor(min_copies, num_layers, num_experts)
         self.base = self._even(num_layers, num_experts) if held is None or not self._holds(held, num_experts) else \
             np.where(self.limited[:, None], held, 0)  # [W, L] copies kept for each layer
         self.left = self.room.copy()  # [W] room not yet used by planned layers
         self.pending = self.base.sum(axis=1)  # [W] room kept for the layers not planned yet
 
+    def _floor(self, min_copies: int, num_layers: int, num_experts: int) -> int:
+        """Copies of every expert that every layer can have at once: min_copies, fewer when the active
+        workers are fewer or their room, all layers together, holds fewer."""
+        floor = max(1, min(min_copies, len(self.active)))
+        if self.limited[self.active].all():
+            room = int(np.minimum(self.room, self.per_layer * num_layers)[self.active].sum())
+            floor = max(1, min(floor, room // (num_layers * num_experts)))
+        return floor
+
     def _even(self, num_layers: int, num_experts: int) -> np.ndarray:
-        """[W, L] the copies every layer must have (one per expert), spread over the limited workers
+        """[W, L] the copies every layer must have (`floor` per expert), spread over the limited workers
         in proportion to their room and evenly over the layers; none when some worker has no limit."""
         base = np.zeros((len(self.room), num_layers), dtype=np.int64)
         limited = [w for w in self.active if self.limited[w]]
         if len(limited) < len(self.active):
             return base
         room = np.minimum(self.room[limited], self.per_layer[limited] * num_layers)
-        need = num_layers * num_experts
+        need = num_layers * num_experts * self.floor
         share = room * need // room.sum()
         for i in np.argsort(share - room, kind="stable")[: need - int(share.sum())]:
             share[i] += 1  # the rest, one each, to the workers with the most room left
@@ -101,7 +113,7 @@ class LayerRoom:
     def _holds(self, held: np.ndarray, num_experts: int) -> bool:
         """Do these per-layer counts fit every limit, with room for every expert in every layer?"""
         return bool((held.sum(axis=1) <= self.room).all() and (held <= self.per_layer[:, None]).all()
-                    and not held[self.retired].any() and (held.sum(axis=0) >= num_experts).all())
+                    and not held[self.retired].any() and (held.sum(axis=0) >= num_experts * self.floor).all())
 
     def caps(self, layer: int, copies: int | None = None) -> np.ndarray:
         """[W] most copies of layer `layer` (an index into the loads) each worker may take.

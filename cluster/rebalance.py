@@ -107,13 +107,13 @@ def _pack(layer: _Layer, copies: np.ndarray, caps: np.ndarray) -> dict[int, list
 
 
 def _plan_layer(layer: _Layer, room: LayerRoom, index: int, extra: int, max_copies: int,
-                min_copies: int) -> dict[int, list[int]]:
+                min_copies: int) -> tuple[dict[int, list[int]], int]:
     """One layer's copies and their workers. Every expert gets `min_copies` (fewer only when the room
     holds no more); extra copies are added in greedy order; of the counts tried (all that fit, the
     fewest the load bound allows, then a few bisection steps between), the fewest whose plain packing
     (flat, no preferences) is within EXTRA_GAIN of the best one win; then the layer's own packing
     places them. The count does not depend on where copies are now, so replanning the same loads
-    keeps the same copies."""
+    keeps the same copies. Returns the copies' workers and the copies every expert got (the floor)."""
     n_exp, free = len(layer.loads), replace(layer, sticky={}, hierarchical=False, affinity=None)
     most = min(max_copies, int((room.caps(index) > 0).sum()))
     base = next((b for b in range(min(min_copies, most), 1, -1)
@@ -137,7 +137,7 @@ def _plan_layer(layer: _Layer, room: LayerRoom, index: int, extra: int, max_copi
         probe = (lo + hi) // 2
     m = min(m for m in ratio if ratio[m] <= min(ratio.values()) + EXTRA_GAIN)
     plain = not layer.sticky and not layer.hierarchical and layer.affinity is None
-    return tried[m] if plain else _pack(layer, counts(m), room.caps(index, n_exp * base + m))
+    return (tried[m] if plain else _pack(layer, counts(m), room.caps(index, n_exp * base + m))), base
 
 
 def _first(lo: int, hi: int, ok) -> int:
@@ -163,12 +163,11 @@ def _counts(where: dict[int, list[int]], num_workers: int) -> np.ndarray:
 
 
 def _keeps(layer: _Layer, now: dict[int, list[int]], new: dict[int, list[int]], caps: np.ndarray,
-           max_copies: int, extra: int) -> bool:
-    """Keep the layer's current placement: it is valid (every expert with at least as many copies as
-    the new one gives every expert, no two copies on one worker, within room and limits) and the new
-    one neither holds fewer copies nor balances better by more than EXTRA_GAIN."""
+           max_copies: int, extra: int, base: int) -> bool:
+    """Keep the layer's current placement: it is valid (every expert with at least `base` copies, the
+    floor the new one was planned with; no two copies on one worker; within room and limits) and the
+    new one neither holds fewer copies nor balances better by more than EXTRA_GAIN."""
     n_exp = len(layer.loads)
-    base = min(map(len, new.values()), default=1)
     if sorted(now) != list(range(n_exp)) or any(len(set(ws)) != len(ws) or not base <= len(ws) <= max_copies
                                                 for ws in now.values()):
         return False
@@ -201,16 +200,16 @@ def plan(loads: np.ndarray, *, moe_layers: list[int], workers: list[Worker], ext
     known = _by_layer(current, len(workers))  # copies on workers that still exist
     held = np.stack([_counts(known.get(layer, {}), len(workers)) for layer in moe_layers], axis=1)  # [W, L]
     room = LayerRoom(workers, num_layers=loads.shape[0], num_experts=loads.shape[1], expert_bytes=expert_bytes,
-                     held=held)
-    max_copies = min(max_copies or len(workers), len(room.active))
+                     held=held, min_copies=min_copies)
+    max_copies = min(max(max_copies or len(workers), min_copies), len(room.active))  # the floor wins
     chosen: dict[int, dict[int, list[int]]] = {}
     need = loads.max(axis=1) / np.maximum(loads.sum(axis=1), 1e-300)  # skewed layers pick room first
     for li in np.argsort(-need, kind="stable"):
         now = known.get(moe_layers[li], {})
         affinity = None if coactivation is None else coactivation[li] + coactivation[li].T
         layer = _Layer(loads[li], room.active, nodes, now, hierarchical, affinity)
-        where = _plan_layer(layer, room, li, extra_per_layer, max_copies, min_copies)
-        if _keeps(layer, now, where, room.caps(li), max_copies, extra_per_layer):
+        where, base = _plan_layer(layer, room, li, extra_per_layer, max_copies, min_copies)
+        if _keeps(layer, now, where, room.caps(li), max_copies, extra_per_layer, base):
             where = now
         room.commit(li, _counts(where, len(workers)))
         chosen[int(li)] = where

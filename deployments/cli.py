@@ -133,7 +133,7 @@ def _overrides(args: argparse.Namespace, app_conf: dict) -> dict:
            "api_key": args.api_key, "dtype": args.dtype, "tool_call_parser": args.tool_call_parser,
            "reasoning_parser": args.reasoning_parser,
            "app_name": app_conf.get("name", "moe"), "enable_prefix_caching": args.enable_prefix_caching}
-    routers = app_conf.get("args", {}).get("routers") or {}
+    routers = app_conf.get("args", {}).get("routers", {})
     if not isinstance(routers, dict):  # merged with the flags below, so checked here rather than by pydantic
         raise ValueError(f"bad application config: routers: expected a mapping (min, max, ...), got {routers!r}")
     if args.routers is not None:

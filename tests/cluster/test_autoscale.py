@@ -99,3 +99,18 @@ def test_expert_copies_are_a_floor_the_planner_never_retires_below(loads, table,
         assert len(copies[(1, 0)]) > 2 and d.after < d.before  # the hot expert's extras come beyond the floor
     one_floor = decide(loads, table=table, limits=LIMITS, moe_layers=LAYERS, expert_bytes=0, since_change_s=1e9)
     assert min(map(len, (one_floor.placement or table.placement).copies().values())) == 1  # what it did before
+
+
+def test_the_floor_wins_over_max_copies_and_comes_back_when_a_worker_leaves():
+    from cluster.rebalance import hand_back
+
+    limits = Limits(**{**vars(LIMITS), "min_copies": 2, "max_copies": 1})
+    d = decide(EVEN, table=TWO_EACH, limits=limits, moe_layers=LAYERS, expert_bytes=0, since_change_s=1e9)
+    assert d.reason == "no_change"  # max_copies 1 retired the redundancy down to one copy
+    left = hand_back(TWO_EACH.placement, 3, [0, 1, 2, 3])  # a pool worker left: some experts hold one copy
+    table = _table(left, retired=(3,))
+    limits = Limits(**{**vars(LIMITS), "min_copies": 2})
+    for loads, since in ((EVEN, 1e9), (np.zeros_like(EVEN), 1e9), (SKEWED, 0.0)):  # balanced, idle, cooling down
+        d = decide(loads, table=table, limits=limits, moe_layers=LAYERS, expert_bytes=0, since_change_s=since)
+        assert d.reason == "floor"
+        assert all(len(ws) >= 2 and 3 not in ws for ws in d.placement.copies().values())

@@ -174,3 +174,24 @@ def test_max_copies_one_and_retired_workers_limit_the_copies():
     retired = plan(loads, moe_layers=[0], workers=[Worker(), Worker(slots=0), Worker(budget_bytes=0)],
                    extra_per_layer=3, max_copies=3, expert_bytes=10)
     assert retired.placement.workers[1:] == ((), ()) and retired.placement.copies()[(0, 0)] == (0,)
+
+
+def test_the_floor_is_kept_for_every_layer_when_slots_hold_it_exactly():
+    """Room for exactly two copies of every expert: the skewed layer planned first took the room for
+    its extras, and the next layer fell to one copy each with slots left empty."""
+    loads = np.array([[5, 1, 1, 1], [1, 1, 1, 1.0]])
+    p = plan(loads, moe_layers=[0, 1], workers=[Worker(slots=4)] * 4, extra_per_layer=2, min_copies=2)
+    assert sorted(len(ws) for ws in p.placement.copies().values()) == [2] * 8
+    assert [len(w) for w in p.placement.workers] == [4] * 4
+
+
+def test_a_layer_at_the_floor_of_one_is_kept_when_extras_would_give_every_expert_two():
+    """min_copies 1 (the default) plans as before the floor existed: a current layer holding one copy of
+    some expert is valid and kept when it balances as well (it was thrown out: 13 moves, not 7)."""
+    loads = np.array([[3, 3, 3, 2, 3, 3, 2, 1], [1, 2, 1, 1, 2, 3, 3, 1.0]])
+    current = Placement((((0, 0), (0, 1), (0, 2), (0, 6), (1, 0), (1, 3), (1, 5), (1, 7)),
+                         ((0, 0), (0, 3), (0, 4), (0, 5), (1, 0), (1, 1), (1, 4), (1, 6)),
+                         ((0, 2), (0, 4), (0, 5), (0, 6), (1, 0), (1, 1), (1, 4), (1, 6)),
+                         ((0, 1), (0, 2), (0, 3), (0, 7), (1, 1), (1, 2), (1, 4), (1, 6))))
+    p = plan(loads, moe_layers=[0, 1], workers=[Worker()] * 4, extra_per_layer=14, current=current)
+    assert (p.moves, p.retires, round(p.max_over_mean, 4)) == (7, 4, 1.1)
