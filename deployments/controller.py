@@ -7,13 +7,15 @@ answers every router's report with the newest table (deployments/table_state.py)
 
 Traffic never depends on it: routers keep their last table. If it dies, Serve
 restarts it; the new replica starts from the initial table, asks the routers
-for theirs (the newest version wins), pool workers register again, and the
-policy loop resumes.
+for theirs (the newest version wins), takes back from their reports the policy
+last set by PUT /admin/policy (every router keeps it), pool workers register
+again, and the policy loop resumes. The change history starts empty.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import numpy as np
 
@@ -30,6 +32,7 @@ from deployments.table_state import TableState
 from deployments.tier_config import profile_loads
 
 log = logging.getLogger("ray.serve")
+POLICY_HELD_TIMEOUT_S = 5.0  # a PUT waits this long at most for every live router to hold the new policy
 
 
 class WrongBuild(RuntimeError):
@@ -47,6 +50,8 @@ class PlacementController:
             table = Table(1, spec.placement, await self.membership.fixed_refs())
         self.state = TableState(table)
         self.policy = spec.policy or AutoscalePolicy(enabled=False)
+        self.policy_revision = 0.0  # when PUT /admin/policy last set it (0: the deployment's own)
+        self.policy_held: dict[str, float] = {}  # per router, the revision its last report held
         self.rebalancer = Rebalancer(self.policy, self.state, self.membership, moe_layers=list(spec.moe_layers),
                                      expert_bytes=spec.expert_bytes, tiers=spec.tiers,
                                      min_copies=spec.cfg.expert_copies if spec.cfg is not None else 1)
@@ -74,12 +79,29 @@ class PlacementController:
         if report.table is not None and self.state.restore_from(report.table):
             log.warning("controller: restored placement table v%d from router %s", report.table.version,
                         report.router_id)
+        self._restore_policy(report)
+        self.policy_held[report.router_id] = report.settings.revision if report.settings else 0.0
         table = self.state.table
         self._heal_reported(report)
-        settings = RouterSettings(self.policy.copy_choice, self.policy.ema_alpha)
+        settings = RouterSettings(self.policy.copy_choice, self.policy.ema_alpha,
+                                  self.policy.model_dump() if self.policy_revision else None, self.policy_revision)
         newer = table is not None and table.version > report.table_version
         behind = table is not None and report.table_version > table.version  # we restarted
         return ControllerReply(table if newer else None, settings, send_table=behind)
+
+    def _restore_policy(self, report: RouterReport) -> None:
+        """A router holds a policy set by PUT newer than ours: we restarted and lost it."""
+        held = report.settings
+        if held is None or held.policy is None or held.revision <= self.policy_revision:
+            return
+        try:
+            self._apply_policy(AutoscalePolicy(**held.policy), held.revision)
+        except ValueError as e:  # e.g. its profile file has gone since: keep ours, say why once
+            self.policy_revision = held.revision
+            log.error("controller: the policy router %s holds cannot be restored: %s", report.router_id, e)
+            return
+        log.warning("controller: restored the policy set by PUT /admin/policy at %s from router %s",
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.revision)), report.router_id)
 
     def _heal_reported(self, report: RouterReport) -> None:
         table = self.state.table
@@ -162,13 +184,31 @@ class PlacementController:
     async def set_policy(self, fields: dict) -> dict:
         """Validated merge into the running policy (ValueError names the field, or the profile file that
         mode static cannot use: the running policy stays)."""
+        await self.state.wait_confirmed()  # restarted: first take back the policy the routers hold
         policy = self.policy.merge(fields)
+        # later than any revision we hold, whatever this node's clock says against the last one's
+        self._apply_policy(policy, max(time.time(), self.policy_revision + 1e-3))
+        await self._wait_policy_held()
+        return policy.model_dump()
+
+    async def _wait_policy_held(self) -> None:
+        """Until every live router holds the policy in force (its next report, ~0.5 s): a controller
+        killed right after the PUT then still gets it back."""
+        deadline = time.monotonic() + POLICY_HELD_TIMEOUT_S
+        while any(self.policy_held.get(r, 0.0) < self.policy_revision for r in self.state.live_routers()):
+            if time.monotonic() > deadline:
+                log.warning("controller: not every router holds the new policy after %.0f s; a controller "
+                            "restart before they do falls back to the one they hold", POLICY_HELD_TIMEOUT_S)
+                return
+            await asyncio.sleep(0.05)
+
+    def _apply_policy(self, policy: AutoscalePolicy, revision: float) -> None:
+        """ValueError (the running policy stays) where the copies floor or a static profile refuse it."""
         check_copies(policy, self.rebalancer.min_copies)
         if policy.mode == "static":
             profile_loads(policy.profile_file, list(self.spec.moe_layers), self.spec.num_experts)
-        self.policy = policy
+        self.policy, self.policy_revision = policy, revision
         self.rebalancer.set_policy(policy)
-        return policy.model_dump()
 
     # -- what the ingress shows ----------------------------------------------------------------
     async def ingress_report(self, replica: str, in_flight: int,

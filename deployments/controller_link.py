@@ -14,7 +14,7 @@ import time
 from cluster.engine.async_engine import AsyncEngine
 from cluster.placement import Table
 from deployments.experts.remote import RemoteExperts
-from deployments.messages import AppSpec, ControllerReply, RouterReport
+from deployments.messages import AppSpec, ControllerReply, RouterReport, RouterSettings
 
 log = logging.getLogger("ray.serve")
 REPORT_INTERVAL_S = 0.5
@@ -29,6 +29,7 @@ class ControllerLink:
         self._loop = asyncio.get_running_loop()
         self._now = asyncio.Event()
         self._send_table = False
+        self.settings = RouterSettings()  # the newest sent (by revision): a restarted controller's may be older
 
     async def first_table(self, limit_s: float = 600.0) -> Table:
         """From the controller of this build (a rolling update may route to the previous one first);
@@ -57,7 +58,7 @@ class ControllerLink:
         return RouterReport(self.spec.build_id, self.router_id, self.node_id,
                             remote.table.version if remote and remote.table else -1, ema, totals, coactivation,
                             tuple(remote.down_workers()) if remote else (), self.stats(),
-                            remote.table if remote and self._send_table else None)
+                            remote.table if remote and self._send_table else None, self.settings)
 
     def stats(self) -> dict:
         data_plane = None
@@ -73,11 +74,13 @@ class ControllerLink:
         if reply is None:
             return  # the other build's controller (rolling update): ours answers the next report
         self._send_table = reply.send_table
+        if reply.settings.revision >= self.settings.revision:
+            self.settings = reply.settings
         if self.remote is not None:
             if reply.table is not None:
                 self.remote.adopt(reply.table)
-            self.remote.apply_settings(reply.settings.copy_choice)
-        self.engine.set_expert_load_window(reply.settings.ema_alpha)
+            self.remote.apply_settings(self.settings.copy_choice)
+        self.engine.set_expert_load_window(self.settings.ema_alpha)
 
     async def run_forever(self) -> None:
         while True:

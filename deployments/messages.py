@@ -39,6 +39,11 @@ class RouterSettings:
 
     copy_choice: str = "even"  # cluster.copy_choice.RULES
     ema_alpha: float = 2.0 / 51
+    # The policy last set by PUT /admin/policy (every field; None: the deployment's own) and when
+    # (time.time()). Every router keeps the newest it was sent, so a restarted controller gets it
+    # back from their reports, as it gets the table.
+    policy: dict | None = None
+    revision: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class RouterReport:
     down: tuple[tuple[int, int], ...]  # (worker, generation) this router saw fail
     stats: dict = field(default_factory=dict)  # engine and data-plane figures
     table: Table | None = None  # only when the controller asked for it (after a controller restart)
+    settings: RouterSettings | None = None  # the newest the router was sent: a restarted controller restores its policy
 
 
 @dataclass(frozen=True)

@@ -195,6 +195,8 @@ def test_controller_killed_under_load_fails_nothing_and_rebalancing_resumes(clus
         load.wait_ok(6)
         version = _wait("a first placement change", lambda: _admin(c.base, "load")["placement"]["version"] > 1 and
                         _admin(c.base, "load")["placement"]["version"])
+        put = requests.put(f"{c.base}/admin/policy", json={"switch_timeout_s": 31}, timeout=30)
+        assert put.status_code == 200, put.text
         [victim] = _replicas("controller")
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         load.wait_ok(load.ok + 10)  # traffic never waits on the controller
@@ -202,6 +204,8 @@ def test_controller_killed_under_load_fails_nothing_and_rebalancing_resumes(clus
         restored = _wait("the table restored from the routers",
                          lambda: (_admin(c.base, "load").get("placement") or {}).get("version", 0) >= version
                          and _admin(c.base, "load")["placement"]["version"])
+        _wait("the policy set by PUT restored from the routers",
+              lambda: _admin(c.base, "autoscaler")["policy"]["switch_timeout_s"] == 31)
         _wait("the new controller takes a policy change",  # a new plan to make
               lambda: requests.put(f"{c.base}/admin/policy", json={"extra_slots_per_layer": 5},
                                    timeout=30).status_code == 200)

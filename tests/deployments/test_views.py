@@ -29,10 +29,10 @@ SPEC = AppSpec("build-1", None, PLACEMENT, AutoscalePolicy(copy_choice="least_lo
 
 
 def _report(router: str, load, *, version: int = 3, down=(), build: str = "build-1", stats=None,
-            table: Table | None = None) -> RouterReport:
+            table: Table | None = None, settings: RouterSettings | None = None) -> RouterReport:
     load = np.asarray(load, dtype=float)
     return RouterReport(build, router, "node-a", version, load.tolist(), (load * 10).astype(int).tolist(), None,
-                        tuple(down), stats or {}, table)
+                        tuple(down), stats or {}, table, settings)
 
 
 # -- the cluster view ------------------------------------------------------------------------
@@ -103,6 +103,7 @@ async def _controller(monkeypatch) -> PlacementController:
         return REFS
 
     monkeypatch.setattr(Membership, "fixed_refs", fixed_refs)
+    monkeypatch.setattr("deployments.table_state.CONFIRM_GRACE_S", 0.0)  # no router ahead of it here
     controller = PlacementController.__new__(PlacementController)
     await controller.__init__(SPEC, [])  # Serve awaits the async __init__ the same way
     controller._loop_task.cancel()  # the policy loop is the Rebalancer's, tested in test_rebalancer.py
@@ -134,6 +135,52 @@ def test_a_policy_change_validates_merges_and_reaches_the_rebalancer(monkeypatch
         with pytest.raises(ValueError, match="interval_s: Input should be greater than 0"):
             await c.set_policy({"interval_s": -1})
         assert c.policy.min_gain == 0.5
+
+    asyncio.run(run())
+
+
+def test_a_restarted_controller_takes_back_the_policy_set_by_put_from_the_routers(monkeypatch, tmp_path):
+    """It came back with the deployment's policy: an operator's `enabled: false` or static mode was lost
+    silently when Serve restarted the controller."""
+    def _seen(router, settings):  # a router that routes by the controller's table, holding `settings`
+        return _report(router, [[1, 1], [1, 1]], version=1, settings=settings)
+
+    async def run():
+        old = await _controller(monkeypatch)
+        await old.set_policy({"min_gain": 0.3, "cooldown_s": 77})
+        held = (await old.report(_seen("r1", None))).settings  # what every router keeps
+        assert held.policy["min_gain"] == 0.3 and held.revision > 0
+
+        new = await _controller(monkeypatch)  # Serve's replacement: the deployment's policy
+        assert new.policy.min_gain != 0.3
+        reply = await new.report(_seen("r1", held))
+        assert (new.policy.min_gain, new.policy.cooldown_s, new.rebalancer.policy) == (0.3, 77, new.policy)
+        assert reply.settings == held  # and the routers it answers get it too
+        older = RouterSettings(policy={**held.policy, "min_gain": 0.9}, revision=held.revision - 1)
+        await new.report(_seen("r2", older))  # a router that missed the last PUT
+        assert new.policy.min_gain == 0.3
+
+        monkeypatch.setattr("deployments.controller.time.time", lambda: held.revision - 100)  # this node's clock lags
+        monkeypatch.setattr("deployments.controller.POLICY_HELD_TIMEOUT_S", 600.0)  # only the routers end the wait
+        put = asyncio.get_running_loop().create_task(new.set_policy({"min_gain": 0.4}))
+        for _ in range(500):
+            if new.policy.min_gain == 0.4:
+                break
+            await asyncio.sleep(0.01)
+        assert new.policy_revision > held.revision  # so the routers take it, and no report brings 0.3 back
+        assert not put.done()  # the PUT answers once every live router holds it: a kill right after loses nothing
+        latest = (await new.report(_seen("r1", held))).settings
+        assert new.policy.min_gain == 0.4 and latest.policy["min_gain"] == 0.4
+        await new.report(_seen("r1", latest))
+        await asyncio.sleep(0.1)
+        assert not put.done()  # r2 has not reported since
+        await new.report(_seen("r2", latest))
+        assert (await asyncio.wait_for(put, 5))["min_gain"] == 0.4
+
+        gone = RouterSettings(policy={**held.policy, "mode": "static", "profile_file": str(tmp_path / "gone.json")},
+                              revision=new.policy_revision + 1)
+        await new.report(_seen("r1", gone))  # its profile was deleted meanwhile
+        assert new.policy.mode == "online" and new.policy.min_gain == 0.4  # logged, not applied
 
     asyncio.run(run())
 
@@ -196,6 +243,26 @@ class _Controller:
 def _engine(tracker):
     return SimpleNamespace(expert_load_report=tracker.report, stats=lambda: {"running": 0},
                            set_expert_load_window=tracker.set_alpha)
+
+
+def test_the_router_keeps_the_newest_policy_it_was_sent_and_reports_it():
+    put = RouterSettings("least_loaded", 0.25, {"min_gain": 0.3}, revision=50.0)
+    controller = _Controller(ControllerReply(None, put),
+                             ControllerReply(None, RouterSettings("even", 0.5)),  # restarted, not restored yet
+                             ControllerReply(None, put))
+
+    async def run():
+        link = ControllerLink(SPEC, controller, "r1", "node-a")
+        tracker = ExpertLoadTracker(LAYERS, 2)
+        remote = RemoteExperts(TABLE, lambda ref: None, node_id="node-a")
+        link.attach(_engine(tracker), remote)
+        for _ in range(3):
+            await link.report_once()
+        assert controller.sent[0].settings == RouterSettings()
+        assert controller.sent[1].settings == put and controller.sent[2].settings == put
+        assert link.settings == put and remote.copy_choice == "least_loaded" and tracker.alpha == 0.25
+
+    asyncio.run(run())
 
 
 def test_the_router_adopts_a_newer_table_at_its_next_step_and_applies_the_settings():
