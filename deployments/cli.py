@@ -84,12 +84,10 @@ def _tier_plan(args: argparse.Namespace) -> int:
 
 
 def _start_ray(address: str | None, cfg, host: str) -> None:
-    from deployments.local import start_local_ray
+    from deployments.local import join_ray, start_local_ray
 
     if address:
-        import ray
-
-        ray.init(address=address)
+        join_ray(address, host, cfg.max_body_bytes)
         return
     _check_local_gpus(cfg)
     # Embedded single-node cluster: enough logical CPUs for the routers and every worker
@@ -167,31 +165,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
     base = f"http://{http['host']}:{http.get('port', 8000)}"
     print(f"ready: HTTP {base}/v1/completions (OpenAI API), gRPC {http['host']}:{grpc.get('port', 9000)} "
           f"(protos/moe_serving.proto), metrics {base}/metrics. Ctrl-C stops.", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop, cut = _stop_signals()
     stop.wait()
     try:
-        _drain(serve.get_deployment_handle("controller", cfg.app_name), cfg.drain_timeout_s)
+        _drain(serve.get_deployment_handle("controller", cfg.app_name), cfg.drain_timeout_s, cut)
     except Exception as e:  # noqa: BLE001 - a cluster that cannot drain must not keep us from stopping
         print(f"drain skipped: {e}", file=sys.stderr, flush=True)
     serve.shutdown()
     return 0
 
 
-def _drain(controller, timeout_s: float) -> None:
-    """New requests get 503 from now on; in-flight ones may finish for up to `timeout_s`, then
-    the rest end with an error event (streams) or a 503 before the server stops."""
+def _stop_signals() -> tuple[threading.Event, threading.Event]:
+    """SIGINT / SIGTERM: the first starts the drain (`stop`), the next ends it at once (`cut`), as a
+    second Ctrl-C does in uvicorn and vLLM."""
+    stop, cut = threading.Event(), threading.Event()
+
+    def handler(*_):
+        (cut if stop.is_set() else stop).set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+    return stop, cut
+
+
+def _drain(controller, timeout_s: float, cut: threading.Event) -> None:
+    """New requests get 503 from now on; in-flight ones may finish for up to `timeout_s` (or until
+    `cut` is set), then the rest end with an error event (streams) or a 503 before the server stops."""
     controller.start_drain.remote().result(timeout_s=30)
-    time.sleep(1.0)  # every ingress replica has polled the controller: none admits new requests
+    cut.wait(1.0)  # every ingress replica has polled the controller: none admits new requests
     left = controller.in_flight.remote().result(timeout_s=30)
-    print(f"shutting down: draining {left} in-flight request(s) (up to {timeout_s:g} s)", file=sys.stderr, flush=True)
+    print(f"shutting down: draining {left} in-flight request(s) (up to {timeout_s:g} s; Ctrl-C again to cut them "
+          "now)" if left else "shutting down: no request in flight", file=sys.stderr, flush=True)
     deadline = time.monotonic() + timeout_s
-    while left and time.monotonic() < deadline:
-        time.sleep(0.2)
+    while left and time.monotonic() < deadline and not cut.is_set():
+        cut.wait(0.2)
         left = controller.in_flight.remote().result(timeout_s=30)
     if left:
-        print(f"drain window over: {left} request(s) cut off", file=sys.stderr, flush=True)
+        why = "stop asked again" if cut.is_set() else "drain window over"
+        print(f"{why}: {left} request(s) cut off", file=sys.stderr, flush=True)
         controller.cut.remote().result(timeout_s=30)
         time.sleep(1.5)  # the ingress replicas end them with an error event / 503
 

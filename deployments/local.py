@@ -23,6 +23,8 @@ import shutil
 from deployments.edge import HAPROXY_ENV, bind_haproxy_to_host, haproxy_env
 
 BIND_HOST_ENV = "MOE_CLUSTER_BIND_HOST"
+API_HOST_ENV = "MOE_CLUSTER_API_HOST"
+SETUP_HOOK = "deployments.local.bind_serve_to_host"
 LOOPBACK = "127.0.0.1"
 EVERY_INTERFACE = "0.0.0.0"
 _ALIASES = {"localhost": LOOPBACK}
@@ -39,24 +41,27 @@ def local_host(host: str) -> str:
 
 
 def bind_serve_to_host() -> None:
-    """Ray worker_process_setup_hook: runs in every Ray worker process (controller, proxy, replicas)."""
-    host = os.environ.get(BIND_HOST_ENV)
-    if not host:
-        return
+    """Ray worker_process_setup_hook: runs in every Ray worker process (controller, proxy, replicas).
+    API_HOST_ENV: the public gRPC API and HAProxy's own ports (a local start and --address alike);
+    BIND_HOST_ENV: also each replica's server for calls between deployments (a local start only: on
+    a cluster, replicas on other nodes call it)."""
     from ray.serve._private import default_impl, replica
 
+    api_host, replica_host = os.environ.get(API_HOST_ENV), os.environ.get(BIND_HOST_ENV)
     add_grpc_address, add_port = default_impl.add_grpc_address, replica.add_port_to_grpc_server
 
     def grpc_proxy_address(server, address: str):
-        return add_grpc_address(server, address.replace("[::]", host, 1))
+        return add_grpc_address(server, address.replace("[::]", api_host, 1))
 
     def replica_port(server, address: str):
-        return add_port(server, address.replace("[::]", host, 1))
+        return add_port(server, address.replace("[::]", replica_host, 1))
 
-    default_impl.add_grpc_address = grpc_proxy_address
-    replica.add_port_to_grpc_server = replica_port
-    if os.environ.get(HAPROXY_ENV) == "1":
-        bind_haproxy_to_host(host)
+    if api_host:
+        default_impl.add_grpc_address = grpc_proxy_address
+        if os.environ.get(HAPROXY_ENV) == "1":
+            bind_haproxy_to_host(api_host)
+    if replica_host:
+        replica.add_port_to_grpc_server = replica_port
 
 
 def _remove_after_ray(folder: str) -> None:
@@ -68,9 +73,25 @@ def _remove_after_ray(folder: str) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def api_env(host: str, max_message_bytes: int) -> dict[str, str]:
+    """What Serve's gRPC proxy needs from us, on a local start or a cluster we join."""
+    return {API_HOST_ENV: host, "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(max_message_bytes)}
+
+
+def join_ray(address: str, host: str, max_message_bytes: int) -> None:
+    """An existing cluster (--address): Ray's own ports are the cluster's business (its operator chose
+    them when starting it); the public gRPC API binds to `host` as the HTTP API does, on every node's
+    proxy. The variables reach Serve's proxies and replicas through the job's runtime environment:
+    this process's environment does not reach a raylet it did not start."""
+    import ray
+
+    ray.init(address=address, runtime_env={"worker_process_setup_hook": SETUP_HOOK,
+                                           "env_vars": api_env(host, max_message_bytes)})
+
+
 def local_env(host: str, max_message_bytes: int) -> dict[str, str]:
     """Environment for a local start (inherited by every Ray process it starts)."""
-    env = {BIND_HOST_ENV: host, "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(max_message_bytes), **haproxy_env(host)}
+    env = {BIND_HOST_ENV: host, **api_env(host, max_message_bytes), **haproxy_env(host)}
     if host == LOOPBACK:
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep Ray's node IP (and its ports) on loopback
     return env
@@ -91,7 +112,7 @@ def start_local_ray(host: str, num_cpus: float, max_message_bytes: int, **init_k
     ray_constants.ENABLE_RAY_CLUSTER = host != LOOPBACK
     ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(num_cpus)), include_dashboard=False,
              _node_ip_address=host if host == LOOPBACK else None,
-             runtime_env={"worker_process_setup_hook": "deployments.local.bind_serve_to_host"}, **init_kwargs)
+             runtime_env={"worker_process_setup_hook": SETUP_HOOK}, **init_kwargs)
     # Ray's processes have inherited this start's HAProxy files and ports; a later start, or another
     # cluster this process launches (a test's subprocess), must not reuse them.
     for key in env:

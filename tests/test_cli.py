@@ -111,3 +111,56 @@ def test_serve_config_errors_are_one_line_before_ray_starts(tmp_path, text, mess
     lines = [x for x in r.stderr.splitlines() if not x.startswith("starting moe-cluster")]
     assert r.returncode == 2 and lines == [f"moe-cluster: error: {lines[0].removeprefix('moe-cluster: error: ')}"]
     assert message in lines[0] and ": : " not in lines[0] and "Value error" not in lines[0]
+
+
+class _Draining:
+    """The controller's drain calls, as `moe-cluster serve` makes them: 2 requests that never finish."""
+
+    def __init__(self):
+        self.calls = []
+        for name in ("start_drain", "in_flight", "cut"):
+            setattr(self, name, _Call(self, name))
+
+
+class _Call:
+    def __init__(self, owner, name):
+        self.owner, self.name = owner, name
+
+    def remote(self):
+        self.owner.calls.append(self.name)
+        return self
+
+    def result(self, timeout_s):
+        return 2 if self.name == "in_flight" else None
+
+
+def test_a_second_stop_signal_cuts_the_drain_at_once(capsys):
+    """A second Ctrl-C did nothing: the server drained on for up to drain_timeout_s (30 s by default)."""
+    import os
+    import signal
+    import threading
+
+    from deployments.cli import _drain, _stop_signals
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop, cut = _stop_signals()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.wait(10) and not cut.is_set()
+        controller = _Draining()
+        drain = threading.Thread(target=_drain, args=(controller, 3600.0, cut))
+        drain.start()
+        for _ in range(500):  # until the drain is under way
+            if controller.calls.count("in_flight") >= 2:
+                break
+            drain.join(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+        drain.join(60)
+        assert not drain.is_alive() and cut.is_set()
+        assert controller.calls[0] == "start_drain" and controller.calls[-1] == "cut"
+        err = capsys.readouterr().err
+        assert "draining 2 in-flight request(s) (up to 3600 s; Ctrl-C again" in err
+        assert "stop asked again: 2 request(s) cut off" in err
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
