@@ -220,6 +220,8 @@ class PlacementController:
         return self.board.state(table, down_workers(self.reports, live, table), len(live))
 
     async def admin(self, what: str) -> dict:
+        # restarted: not the initial table (or policy) while the routers' newer one is on its way
+        await self.state.wait_confirmed()
         live = self.state.live_routers()
         if what == "load":
             return load_view(self.reports, live, self.state.table, self.spec.moe_layers)

@@ -127,6 +127,21 @@ def test_the_controller_answers_each_report_by_version(monkeypatch):
     asyncio.run(run())
 
 
+def test_a_restarted_controller_shows_the_routers_table_not_its_initial_one(monkeypatch):
+    """/admin/load answered for ~0.5 s after a restart with the initial table v1 and its workers."""
+    async def run():
+        c = await _controller(monkeypatch)
+        await c.report(_report("r1", [[1, 1], [1, 1]], version=3))  # a router ahead: we restarted
+        view = asyncio.get_running_loop().create_task(c.admin("load"))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not view.done()
+        await c.report(_report("r1", [[1, 1], [1, 1]], version=3, table=TABLE))
+        assert (await asyncio.wait_for(view, 5))["placement"]["version"] == 3
+
+    asyncio.run(run())
+
+
 def test_a_policy_change_validates_merges_and_reaches_the_rebalancer(monkeypatch):
     async def run():
         c = await _controller(monkeypatch)
