@@ -66,6 +66,9 @@ class ApiError(Exception):
         return {"Retry-After": str(retry)} if retry is not None else {}
 
 
+CANCELLED = "cancelled"  # the `outcome` of a request whose client went away before it ended
+
+
 def outcome(error: ApiError) -> str:
     """The `outcome` label of moe_requests_total, the same for HTTP and gRPC."""
     return {401: "unauthorized", 408: "timeout", 503: "unavailable"}.get(

@@ -8,6 +8,7 @@ One status mapper: an ApiError's status becomes its gRPC code (deployments/api/e
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -15,7 +16,7 @@ import time
 from grpc_health.v1 import health_pb2
 
 from deployments import metrics
-from deployments.api.errors import ApiError, classify, outcome
+from deployments.api.errors import CANCELLED, ApiError, classify, outcome
 from deployments.api.responses import ChoiceResult
 from deployments.api.schema import CompletionRequest
 from protos import moe_serving_pb2 as pb
@@ -118,6 +119,9 @@ class GrpcServing:
     async def Complete(self, request: pb.CompleteRequest, grpc_context) -> pb.CompleteReply:
         try:
             [c] = await self.serving.run(await self._choices(request, grpc_context))
+        except asyncio.CancelledError:  # the client cancelled the call
+            metrics.REQUESTS.labels("grpc", CANCELLED).inc()
+            raise
         except Exception as e:  # noqa: BLE001 - every failure is mapped once
             raise self._fail(grpc_context, e) from None
         metrics.REQUESTS.labels("grpc", "ok").inc()
@@ -134,6 +138,9 @@ class GrpcServing:
                 for o in batch:
                     result.add(o)
                     yield self._reply(rid, o, result)
+        except (asyncio.CancelledError, GeneratorExit):  # the client cancelled the stream
+            metrics.REQUESTS.labels("grpc", CANCELLED).inc()
+            raise
         except Exception as e:  # noqa: BLE001 - after a stream started too: the status ends it
             raise self._fail(grpc_context, e) from None
         metrics.REQUESTS.labels("grpc", "ok").inc()

@@ -6,6 +6,7 @@ key set, the docs and the OpenAPI schema are off.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -21,7 +22,7 @@ from starlette.exceptions import HTTPException
 from deployments import metrics
 from deployments.api.admin import admin_routes
 from deployments.api.body import read_model
-from deployments.api.errors import ApiError, answered_types, classify, outcome
+from deployments.api.errors import CANCELLED, ApiError, answered_types, classify, outcome
 from deployments.api.chat_reply import ChatReply
 from deployments.api.responses import ChoiceResult, ChunkWriter, completion_body
 from deployments.api.schema import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -207,6 +208,9 @@ async def _generate(serving, rid: str, choices, req, *, chat: bool, echo: bool, 
         _add(results, *head)
         async for index, batch in events:
             _add(results, index, batch)
+    except asyncio.CancelledError:  # the client went away
+        metrics.REQUESTS.labels("http", CANCELLED).inc()
+        raise
     except Exception as e:
         raise classify(e) from None  # counted by _refused
     metrics.REQUESTS.labels("http", "ok").inc()
@@ -254,5 +258,8 @@ async def _sse(head, events, results: dict[int, ChoiceResult], writer: ChunkWrit
         error = classify(e)
         metrics.REQUESTS.labels("http", outcome(error)).inc()
         yield _event(error.body()) + "data: [DONE]\n\n"
+    except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
+        metrics.REQUESTS.labels("http", CANCELLED).inc()
+        raise
     finally:
         await events.aclose()

@@ -102,7 +102,16 @@ def test_request_timeout_releases_the_work(server):
     wait_idle(server, timeout=5)  # released at once: left alone it would run ≥ 44 s more
 
 
-def test_client_disconnect_frees_its_kv_cache(server):
+def cancelled(server) -> float:
+    """moe_requests_total's cancelled requests, HTTP and gRPC (the service's sum, whichever replica answers)."""
+    text = requests.get(f"{server.base}/metrics", headers=AUTH, timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("moe_requests_total{") and 'outcome="cancelled"' in line)
+
+
+def test_client_disconnect_frees_its_kv_cache_and_counts_the_request(server):
+    """A stream the client cut was counted under no outcome: 318 cut of 1260 left moe_requests_total at 945."""
+    before = cancelled(server)
     body = {"prompt": "def f(", "max_tokens": 400, "ignore_eos": True, "stream": True}
     with post(server, body, stream=True) as r:
         lines = r.iter_lines()
@@ -113,6 +122,15 @@ def test_client_disconnect_frees_its_kv_cache(server):
     after = wait_idle(server, timeout=5)  # left the batch at once (left alone it would run ≥ 35 s more)
     assert after["free_seq_slots"] == LIMITS["max_num_seqs"] and after["free_kv_blocks"] == after["kv_blocks"]
     assert post(server, {"prompt": "def f(", "max_tokens": 3}).status_code == 200
+    stream = grpc_stub(server.grpc_target).Generate(grpc_request("def f(", 400), timeout=60,  # greedy: no EOS
+                                                    metadata=[("authorization", f"Bearer {KEY}")])
+    next(stream)
+    stream.cancel()  # the gRPC client goes away mid-stream too
+    wait_idle(server, timeout=5)
+    deadline = time.time() + 30  # each ingress replica's figures reach the sum with its next report
+    while cancelled(server) < before + 2 and time.time() < deadline:
+        time.sleep(0.2)
+    assert cancelled(server) == before + 2
 
 
 def test_queue_limit_gives_503_and_resource_exhausted(server):
