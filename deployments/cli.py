@@ -142,6 +142,7 @@ def _overrides(args: argparse.Namespace, app_conf: dict) -> dict:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import ray
     from ray import serve
 
     from deployments.app import build_app
@@ -159,9 +160,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"starting moe-cluster: model {cfg.model}, {cfg.routers.min}-{cfg.routers.max} router(s), "
           f"{cfg.num_workers} expert worker(s)", file=sys.stderr)
     app = build_app(cfg)  # before Ray starts: a checkpoint or setting it refuses costs no cluster start
-    _start_ray(args.address, cfg, host)
-    serve.start(http_options=http, grpc_options=grpc)
-    serve.run(app, name=cfg.app_name, route_prefix="/")
+    for sig in (signal.SIGINT, signal.SIGTERM):  # until ready, a stop signal stops the start
+        signal.signal(sig, _interrupt)
+    try:
+        _start_ray(args.address, cfg, host)
+        serve.start(http_options=http, grpc_options=grpc)
+        serve.run(app, name=cfg.app_name, route_prefix="/")
+    except KeyboardInterrupt:
+        print("stopped before the application was ready", file=sys.stderr, flush=True)
+        if args.address and ray.is_initialized():  # Serve's actors are detached: on a cluster we joined
+            serve.shutdown()                       # they would serve on without us
+        return 130
     base = f"http://{http['host']}:{http.get('port', 8000)}"
     print(f"ready: HTTP {base}/v1/completions (OpenAI API), gRPC {http['host']}:{grpc.get('port', 9000)} "
           f"(protos/moe_serving.proto), metrics {base}/metrics. Ctrl-C stops.", flush=True)
@@ -173,6 +182,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"drain skipped: {e}", file=sys.stderr, flush=True)
     serve.shutdown()
     return 0
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
 
 
 def _stop_signals() -> tuple[threading.Event, threading.Event]:

@@ -2,6 +2,7 @@
 meets it. The public API stays on --host (127.0.0.1): its gRPC port was on every interface, as
 Serve's proxy binds it, because this process's environment does not reach a raylet it did not
 start. Stopping the server leaves the operator's cluster running."""
+import ast
 import os
 import signal
 import subprocess
@@ -36,11 +37,16 @@ def test_serve_joins_a_cluster_it_did_not_start_and_keeps_its_api_on_the_host(tm
                     "--dashboard-agent-listen-port", str(free_port())],
                    env=env, check=True, capture_output=True, timeout=180)
     proc = None
+    serve_cmd = [sys.executable, "-m", "deployments.cli", "serve", "--address", f"127.0.0.1:{port}", "--num-workers",
+                 "1", "--max-model-len", "256", "--http-port", str(http), "--grpc-port", str(grpc_port)]
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "deployments.cli", "serve", "--address", f"127.0.0.1:{port}",
-                                 "--num-workers", "1", "--max-model-len", "256", "--http-port", str(http),
-                                 "--grpc-port", str(grpc_port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(serve_cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        _ctrl_c_while_deploying(proc)  # it left the application serving on the cluster, without us
+        assert _serve_actors(port, env) == []
+
+        proc = subprocess.Popen(serve_cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
         lines = _read_until_ready(proc)
         assert any(line.startswith("ready:") for line in lines), "".join(lines[-30:])
         r = requests.post(f"http://127.0.0.1:{http}/v1/completions", timeout=120,
@@ -64,6 +70,30 @@ def test_serve_joins_a_cluster_it_did_not_start_and_keeps_its_api_on_the_host(tm
             proc.kill()
             proc.wait()
         _stop_cluster(ray_tmp)
+
+
+def _ctrl_c_while_deploying(proc) -> None:
+    """SIGINT once Serve deploys the application (its replicas take seconds to load the model)."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "Deploying new version of Deployment" in line:
+            break
+    assert seen and "Deploying new version" in seen[-1], "".join(seen[-30:])
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=180)[0]
+    # 130: stopped before ready (0 only if the application got ready first: the drain path, clean too)
+    assert proc.returncode in (130, 0), "".join(seen[-10:]) + rest[-3000:]
+    print(f"\nCtrl-C while deploying: exit {proc.returncode}")
+
+
+def _serve_actors(port: int, env: dict) -> list[str]:
+    """The named actors Serve leaves on the cluster (controller, proxies, replicas)."""
+    code = ("import ray; ray.init(address='127.0.0.1:%d', log_to_driver=False); "
+            "print([a['name'] for a in ray.util.list_named_actors(all_namespaces=True)])" % port)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return [name for name in ast.literal_eval(r.stdout.strip().splitlines()[-1]) if "SERVE" in name]
 
 
 def _stop_cluster(ray_tmp: str) -> None:
