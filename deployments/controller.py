@@ -32,7 +32,11 @@ from deployments.table_state import TableState
 from deployments.tier_config import profile_loads
 
 log = logging.getLogger("ray.serve")
-POLICY_HELD_TIMEOUT_S = 5.0  # a PUT waits this long at most for every live router to hold the new policy
+# A PUT /admin/policy waits this long at most for the routers to hold the new policy; with the restore
+# wait below (CONFIRM_GRACE_S, HEARD_TIMEOUT_S from the start) it stays within ADMIN_CALL_TIMEOUT_S.
+POLICY_HELD_TIMEOUT_S = 3.0
+REPORTING_S = 1.5  # routers report every 0.5 s: one silent this long is not waited for by a PUT
+HEARD_TIMEOUT_S = 5.0  # a restarted controller waits this long from its start for a first report
 
 
 class WrongBuild(RuntimeError):
@@ -58,6 +62,7 @@ class PlacementController:
         self.reports: dict[str, RouterReport] = {}
         self.board = IngressBoard()
         self.report_count = 0
+        self._started = time.monotonic()
         self._healing: dict[int, asyncio.Task] = {}
         self._loop_task = asyncio.get_running_loop().create_task(self._policy_forever())
 
@@ -172,6 +177,7 @@ class PlacementController:
         while True:
             await asyncio.sleep(self.policy.interval_s)
             self.state.forget_gone()
+            self.policy_held = {r: v for r, v in self.policy_held.items() if r in self.state.routers}
             if not (self.policy.enabled and self.state.table is not None and self.state.live_routers()):
                 continue
             try:
@@ -184,7 +190,7 @@ class PlacementController:
     async def set_policy(self, fields: dict) -> dict:
         """Validated merge into the running policy (ValueError names the field, or the profile file that
         mode static cannot use: the running policy stays)."""
-        await self.state.wait_confirmed()  # restarted: first take back the policy the routers hold
+        await self._wait_restored()  # restarted: first take back the policy the routers hold
         policy = self.policy.merge(fields)
         # later than any revision we hold, whatever this node's clock says against the last one's
         self._apply_policy(policy, max(time.time(), self.policy_revision + 1e-3))
@@ -192,14 +198,27 @@ class PlacementController:
         return policy.model_dump()
 
     async def _wait_policy_held(self) -> None:
-        """Until every live router holds the policy in force (its next report, ~0.5 s): a controller
-        killed right after the PUT then still gets it back."""
+        """Until every router that is reporting holds the policy in force (its next report, ~0.5 s): a
+        controller killed after the PUT answered still gets it back."""
         deadline = time.monotonic() + POLICY_HELD_TIMEOUT_S
-        while any(self.policy_held.get(r, 0.0) < self.policy_revision for r in self.state.live_routers()):
+        while any(self.policy_held.get(r, 0.0) < self.policy_revision for r in self._reporting()):
             if time.monotonic() > deadline:
                 log.warning("controller: not every router holds the new policy after %.0f s; a controller "
                             "restart before they do falls back to the one they hold", POLICY_HELD_TIMEOUT_S)
                 return
+            await asyncio.sleep(0.05)
+
+    def _reporting(self) -> list[str]:
+        """Routers heard from within REPORTING_S (live_routers keeps one for ROUTER_TIMEOUT_S: a router
+        that died would hold a PUT for its whole bound)."""
+        now = time.monotonic()
+        return [r for r, s in self.state.routers.items() if now - s.last_seen < REPORTING_S]
+
+    async def _wait_restored(self) -> None:
+        """A restarted controller: the routers' table confirmed, and a first report in (it brings back the
+        policy set by PUT; without it a PUT merges into, and a view shows, the deployment's own)."""
+        await self.state.wait_confirmed()
+        while self.report_count == 0 and time.monotonic() - self._started < HEARD_TIMEOUT_S:
             await asyncio.sleep(0.05)
 
     def _apply_policy(self, policy: AutoscalePolicy, revision: float) -> None:
@@ -220,8 +239,7 @@ class PlacementController:
         return self.board.state(table, down_workers(self.reports, live, table), len(live))
 
     async def admin(self, what: str) -> dict:
-        # restarted: not the initial table (or policy) while the routers' newer one is on its way
-        await self.state.wait_confirmed()
+        await self._wait_restored()  # restarted: not the initial table or policy while the routers' are on their way
         live = self.state.live_routers()
         if what == "load":
             return load_view(self.reports, live, self.state.table, self.spec.moe_layers)

@@ -104,6 +104,7 @@ async def _controller(monkeypatch) -> PlacementController:
 
     monkeypatch.setattr(Membership, "fixed_refs", fixed_refs)
     monkeypatch.setattr("deployments.table_state.CONFIRM_GRACE_S", 0.0)  # no router ahead of it here
+    monkeypatch.setattr("deployments.controller.HEARD_TIMEOUT_S", 0.0)  # nor one whose report is on its way
     controller = PlacementController.__new__(PlacementController)
     await controller.__init__(SPEC, [])  # Serve awaits the async __init__ the same way
     controller._loop_task.cancel()  # the policy loop is the Rebalancer's, tested in test_rebalancer.py
@@ -196,6 +197,54 @@ def test_a_restarted_controller_takes_back_the_policy_set_by_put_from_the_router
                               revision=new.policy_revision + 1)
         await new.report(_seen("r1", gone))  # its profile was deleted meanwhile
         assert new.policy.mode == "online" and new.policy.min_gain == 0.4  # logged, not applied
+
+    asyncio.run(run())
+
+
+def test_a_put_merges_into_the_policy_the_routers_bring_back_to_a_restarted_controller(monkeypatch):
+    """A PUT that reached a restarted controller before any router's report merged into the deployment's
+    policy: the operator's earlier PUT (here min_gain 0.3) was lost for good."""
+    async def run():
+        old = await _controller(monkeypatch)
+        await old.set_policy({"min_gain": 0.3})
+        held = (await old.report(_report("r1", [[1, 1], [1, 1]], version=1))).settings
+
+        new = await _controller(monkeypatch)
+        monkeypatch.setattr("deployments.controller.HEARD_TIMEOUT_S", 600.0)
+        put = asyncio.get_running_loop().create_task(new.set_policy({"cooldown_s": 5}))
+        await asyncio.sleep(0.2)
+        assert not put.done() and new.policy.cooldown_s != 5  # no report yet: nothing to merge into
+        await new.report(_report("r1", [[1, 1], [1, 1]], version=1, settings=held))
+        for _ in range(500):
+            if new.policy.cooldown_s == 5:
+                break
+            await asyncio.sleep(0.01)
+        latest = (await new.report(_report("r1", [[1, 1], [1, 1]], version=1, settings=held))).settings
+        await new.report(_report("r1", [[1, 1], [1, 1]], version=1, settings=latest))
+        out = await asyncio.wait_for(put, 30)
+        assert (out["min_gain"], out["cooldown_s"]) == (0.3, 5)
+
+    asyncio.run(run())
+
+
+def test_a_put_waits_for_the_routers_that_report_not_for_one_gone_silent(monkeypatch):
+    """A router dead for 2 s still counts as live (ROUTER_TIMEOUT_S 5): the PUT waited for it to the end
+    of its bound, which with a restart's wait came close to the admin call's 10 s."""
+    async def run():
+        c = await _controller(monkeypatch)
+        await c.report(_report("r1", [[1, 1], [1, 1]], version=1))
+        await c.report(_report("r2", [[1, 1], [1, 1]], version=1))
+        c.state.routers["r2"].last_seen -= 2.0  # r2 died 2 s ago
+        monkeypatch.setattr("deployments.table_state.ROUTER_TIMEOUT_S", 600.0)  # and stays "live" meanwhile
+        monkeypatch.setattr("deployments.controller.POLICY_HELD_TIMEOUT_S", 600.0)  # only the routers end the wait
+        put = asyncio.get_running_loop().create_task(c.set_policy({"min_gain": 0.4}))
+        for _ in range(500):
+            if c.policy.min_gain == 0.4:
+                break
+            await asyncio.sleep(0.01)
+        latest = (await c.report(_report("r1", [[1, 1], [1, 1]], version=1))).settings
+        await c.report(_report("r1", [[1, 1], [1, 1]], version=1, settings=latest))
+        assert (await asyncio.wait_for(put, 30))["min_gain"] == 0.4
 
     asyncio.run(run())
 
