@@ -194,6 +194,10 @@ async def _generate(serving, rid: str, choices, req, *, chat: bool, echo: bool, 
     events = serving.stream(choices)
     try:
         head = await anext(events)  # fails here (a proper HTTP error, counted by _refused) if it cannot start
+    except asyncio.CancelledError:  # the client went away before the routers admitted the request
+        metrics.REQUESTS.labels("http", CANCELLED).inc()
+        await events.aclose()
+        raise
     except Exception as e:
         await events.aclose()
         raise classify(e) from None

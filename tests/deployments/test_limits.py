@@ -133,6 +133,35 @@ def test_client_disconnect_frees_its_kv_cache_and_counts_the_request(server):
     assert cancelled(server) == before + 2
 
 
+def test_a_request_whose_client_leaves_while_it_is_queued_is_counted_cancelled(server):
+    """A client that leaves while its request waits for a sequence slot: counted, and its place freed."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    before = cancelled(server)
+    body = {"prompt": "def f(", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    streams = [post(server, body, stream=True) for _ in range(2)]  # both sequence slots, for ≥ 40 s
+    lines = [s.iter_lines() for s in streams]
+    try:
+        for reader in lines:
+            next(line for line in reader if line.startswith(b"data: "))
+        url = urlsplit(server.base)
+        queued = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+        queued.request("POST", "/v1/completions", json.dumps({"prompt": "def f(", "max_tokens": 2}),
+                       {**AUTH, "Content-Type": "application/json"})
+        wait_for(server, lambda s: s["active_requests"] == 3, "the third request queued")
+        queued.close()  # the client goes away before its first token (well within request_timeout_s)
+        wait_for(server, lambda s: s["active_requests"] == 2, "the queued request gone")
+        deadline = time.time() + 30  # each ingress replica's figures reach the sum with its next report
+        while cancelled(server) < before + 1 and time.time() < deadline:
+            time.sleep(0.2)
+        assert cancelled(server) == before + 1
+    finally:
+        for s in streams:
+            s.close()
+    wait_idle(server)
+
+
 def test_queue_limit_gives_503_and_resource_exhausted(server):
     body = {"prompt": "def f(", "max_tokens": 400, "ignore_eos": True, "stream": True}
     streams = [post(server, body, stream=True) for _ in range(3)]  # 2 running + 1 queued: the limit

@@ -234,3 +234,36 @@ def test_logprobs_carry_a_tokens_own_bytes_and_completions_the_chosen_token():
     scored = [(tok, top) for tok, top in zip(lp["tokens"], lp["top_logprobs"]) if top is not None]
     assert len(scored) == len(lp["tokens"]) - 1  # every token but the first echoed one
     assert all(list(top) == [tok] for tok, top in scored)  # logprobs 0: the chosen token alone
+
+
+def test_a_request_cut_before_its_router_admits_it_is_counted_cancelled():
+    """The client went away while `_generate` awaited the stream's head (the routers' admission): it was
+    counted under no outcome, and the stream was left for the garbage collector to close."""
+    from types import SimpleNamespace
+
+    from deployments import metrics
+    from deployments.api.errors import CANCELLED
+    from deployments.api.http import _generate
+
+    closed, counter = [], metrics.REQUESTS.labels("http", CANCELLED)
+
+    async def stream(choices):
+        try:
+            await asyncio.Event().wait()  # the routers never admit it
+            yield 0, []
+        finally:
+            closed.append(True)
+
+    async def run():
+        req = CompletionRequest(prompt="x", max_tokens=1)
+        task = asyncio.ensure_future(_generate(SimpleNamespace(stream=stream), "cmpl-1", [], req, chat=False,
+                                               echo=False, with_logprobs=False))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return task
+
+    before = counter._value.get()
+    assert asyncio.run(run()).cancelled()
+    assert counter._value.get() == before + 1 and closed == [True]
