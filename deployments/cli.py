@@ -4,9 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -14,11 +12,15 @@ from cluster.checkpoint import CheckpointError
 from cluster.engine import InvalidRequest, LLMEngine, SamplingParams
 from cluster.families import UnsupportedModelError
 from cluster.precision import SETTINGS as DTYPE_SETTINGS
+from deployments import stopping
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # beside deployments/: models/demo, the bundled config's paths
 LOCAL_CONFIG = PROJECT_ROOT / "deployments" / "serve_local.yaml"
 
 DEMO_MODEL = str(PROJECT_ROOT / "models" / "demo")
+GRPC_SERVICER = "protos.moe_serving_pb2_grpc.add_MoeServingServicer_to_server"
+SHARED_SERVE = ("Serve already runs on this cluster: its proxies keep their own HTTP/gRPC settings (host, ports, "
+                "gRPC services; not --host / --http-port / --grpc-port), and stopping removes only this application")
 
 
 def _token_ids(text: str) -> list[int]:
@@ -160,64 +162,59 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"starting moe-cluster: model {cfg.model}, {cfg.routers.min}-{cfg.routers.max} router(s), "
           f"{cfg.num_workers} expert worker(s)", file=sys.stderr)
     app = build_app(cfg)  # before Ray starts: a checkpoint or setting it refuses costs no cluster start
-    for sig in (signal.SIGINT, signal.SIGTERM):  # until ready, a stop signal stops the start
-        signal.signal(sig, _interrupt)
+    stopping.interrupt_on_stop_signals()  # until ready, a stop signal stops the start
+    started_serve = None  # unknown until Ray is up: nothing of ours is deployed before that
     try:
         _start_ray(args.address, cfg, host)
+        stopping.interrupt_on_stop_signals()  # ray.init put its own SIGTERM handler in place
+        started_serve = not (args.address and stopping.serve_running())
+        if not started_serve:
+            print(SHARED_SERVE, file=sys.stderr, flush=True)
         serve.start(http_options=http, grpc_options=grpc)
         serve.run(app, name=cfg.app_name, route_prefix="/")
-    except KeyboardInterrupt:
+        signals = stopping.StopSignals()  # from here on: drain
+    except BaseException as e:
+        if not stopping.is_stop_exit(e):
+            raise
+        stopping.ignore_stop_signals()
         print("stopped before the application was ready", file=sys.stderr, flush=True)
-        if args.address and ray.is_initialized():  # Serve's actors are detached: on a cluster we joined
-            serve.shutdown()                       # they would serve on without us
+        if args.address and started_serve is not None and ray.is_initialized():
+            stopping.remove(cfg.app_name, started_serve)  # Serve's actors are detached: they would serve on
         return 130
-    base = f"http://{http['host']}:{http.get('port', 8000)}"
-    print(f"ready: HTTP {base}/v1/completions (OpenAI API), gRPC {http['host']}:{grpc.get('port', 9000)} "
-          f"(protos/moe_serving.proto), metrics {base}/metrics. Ctrl-C stops.", flush=True)
-    stop, cut = _stop_signals()
-    stop.wait()
+    print(_ready_line(http, grpc, started_serve), flush=True)
+    signals.wait_stop()
     try:
-        _drain(serve.get_deployment_handle("controller", cfg.app_name), cfg.drain_timeout_s, cut)
+        stopping.drain(serve.get_deployment_handle("controller", cfg.app_name), cfg.drain_timeout_s, signals)
     except Exception as e:  # noqa: BLE001 - a cluster that cannot drain must not keep us from stopping
         print(f"drain skipped: {e}", file=sys.stderr, flush=True)
-    serve.shutdown()
+    stopping.remove(cfg.app_name, started_serve)
     return 0
 
 
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt
+def _ready_line(http: dict, grpc: dict, started_serve: bool) -> str:
+    """Where the API is: where Serve already ran, its proxies kept their own settings, not ours."""
+    if not started_serve:
+        http, grpc = _running_proxies()
+    host, port = http["host"], http.get("port", 8000)
+    base = f"http://{host}:{port}"
+    served = GRPC_SERVICER in grpc.get("grpc_servicer_functions", [GRPC_SERVICER])
+    grpc_text = (f"gRPC {host}:{grpc.get('port', 9000)} (protos/moe_serving.proto)" if served else
+                 "no gRPC API (the running Serve's grpc_servicer_functions lack it)")
+    return f"ready: HTTP {base}/v1/completions (OpenAI API), {grpc_text}, metrics {base}/metrics. Ctrl-C stops."
 
 
-def _stop_signals() -> tuple[threading.Event, threading.Event]:
-    """SIGINT / SIGTERM: the first starts the drain (`stop`), the next ends it at once (`cut`), as a
-    second Ctrl-C does in uvicorn and vLLM."""
-    stop, cut = threading.Event(), threading.Event()
+def _running_proxies() -> tuple[dict, dict]:
+    import ray
+    from ray.serve.context import _get_global_client
 
-    def handler(*_):
-        (cut if stop.is_set() else stop).set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, handler)
-    return stop, cut
-
-
-def _drain(controller, timeout_s: float, cut: threading.Event) -> None:
-    """New requests get 503 from now on; in-flight ones may finish for up to `timeout_s` (or until
-    `cut` is set), then the rest end with an error event (streams) or a 503 before the server stops."""
-    controller.start_drain.remote().result(timeout_s=30)
-    cut.wait(1.0)  # every ingress replica has polled the controller: none admits new requests
-    left = controller.in_flight.remote().result(timeout_s=30)
-    print(f"shutting down: draining {left} in-flight request(s) (up to {timeout_s:g} s; Ctrl-C again to cut them "
-          "now)" if left else "shutting down: no request in flight", file=sys.stderr, flush=True)
-    deadline = time.monotonic() + timeout_s
-    while left and time.monotonic() < deadline and not cut.is_set():
-        cut.wait(0.2)
-        left = controller.in_flight.remote().result(timeout_s=30)
-    if left:
-        why = "stop asked again" if cut.is_set() else "drain window over"
-        print(f"{why}: {left} request(s) cut off", file=sys.stderr, flush=True)
-        controller.cut.remote().result(timeout_s=30)
-        time.sleep(1.5)  # the ingress replicas end them with an error event / 503
+    try:
+        client = _get_global_client()
+        grpc = ray.get(client._controller.get_grpc_config.remote(), timeout=30)  # no public getter in Serve 2.60
+        return ({"host": client.http_config.host, "port": client.http_config.port},
+                {"port": grpc.port, "grpc_servicer_functions": list(grpc.grpc_servicer_functions)})
+    except Exception as e:  # noqa: BLE001 - private API: a Serve that changed it must not stop a ready server
+        print(f"cannot read the running Serve's proxy settings ({e}); see `serve status`", file=sys.stderr)
+        return {"host": "?", "port": "?"}, {"port": "?"}
 
 
 def _profile_from_text(args: argparse.Namespace) -> int:

@@ -45,9 +45,11 @@ def bind_serve_to_host() -> None:
     API_HOST_ENV: the public gRPC API and HAProxy's own ports (a local start and --address alike);
     BIND_HOST_ENV: also each replica's server for calls between deployments (a local start only: on
     a cluster, replicas on other nodes call it)."""
+    api_host, replica_host = os.environ.get(API_HOST_ENV), os.environ.get(BIND_HOST_ENV)
+    if not (api_host or replica_host):
+        return  # nothing to patch: no need to import Serve in this worker
     from ray.serve._private import default_impl, replica
 
-    api_host, replica_host = os.environ.get(API_HOST_ENV), os.environ.get(BIND_HOST_ENV)
     add_grpc_address, add_port = default_impl.add_grpc_address, replica.add_port_to_grpc_server
 
     def grpc_proxy_address(server, address: str):

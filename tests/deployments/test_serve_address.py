@@ -1,13 +1,16 @@
 """`moe-cluster serve --address`: a Ray cluster the operator started (`ray start`), as a user
 meets it. The public API stays on --host (127.0.0.1): its gRPC port was on every interface, as
 Serve's proxy binds it, because this process's environment does not reach a raylet it did not
-start. Stopping the server leaves the operator's cluster running."""
+start. Stopping the server leaves the operator's cluster running, and another application on its
+Serve with it: stopping shut Serve down, every application on it included."""
 import ast
 import os
+import queue
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -42,13 +45,10 @@ def test_serve_joins_a_cluster_it_did_not_start_and_keeps_its_api_on_the_host(tm
     try:
         proc = subprocess.Popen(serve_cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
-        _ctrl_c_while_deploying(proc)  # it left the application serving on the cluster, without us
-        assert _serve_actors(port, env) == []
+        _stop_while_deploying(proc)  # it left the application serving on the cluster, without us
+        assert _serve_actors(port, env, until=lambda names: names == []) == []
 
-        proc = subprocess.Popen(serve_cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
-        lines = _read_until_ready(proc)
-        assert any(line.startswith("ready:") for line in lines), "".join(lines[-30:])
+        proc, _ = _start(serve_cmd, tmp_path, env)
         r = requests.post(f"http://127.0.0.1:{http}/v1/completions", timeout=120,
                           json={"prompt": "def main(", "max_tokens": 4, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
@@ -58,12 +58,25 @@ def test_serve_joins_a_cluster_it_did_not_start_and_keeps_its_api_on_the_host(tm
         assert api and all(a.startswith(("127.0.0.1:", "::ffff:127.0.0.1:")) for a in api), api
         assert {int(a.rsplit(":", 1)[1]) for a in api} == {http, grpc_port}
 
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=180) == 0
+        _deploy_other(port, env)  # another team's application comes onto the Serve we started
+        _stop(proc)
         status = subprocess.run([RAY, "status", "--address", f"127.0.0.1:{port}"], env=env, capture_output=True,
                                 text=True, timeout=120)
         assert status.returncode == 0, status.stderr[-2000:]  # the operator's cluster is still up
-        with pytest.raises(grpc.RpcError):  # and our server is gone from it
+        _other_answers(http)  # and the other application on it
+        assert requests.post(f"http://127.0.0.1:{http}/v1/completions", json={"prompt": "x"},
+                             timeout=30).status_code == 404  # ours is gone
+
+        proc, lines = _start(serve_cmd, tmp_path, env)  # onto a Serve it did not start: its proxies stay
+        assert any("Serve already runs on this cluster" in line for line in lines), "".join(lines[-30:])
+        ready = next(line for line in lines if line.startswith("ready:"))  # the running proxies' addresses
+        assert f"HTTP http://127.0.0.1:{http}/" in ready and f"gRPC 127.0.0.1:{grpc_port} " in ready, ready
+        r = requests.post(f"http://127.0.0.1:{http}/v1/completions", timeout=120,
+                          json={"prompt": "def main(", "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        _stop(proc)
+        _other_answers(http)
+        with pytest.raises(grpc.RpcError):  # our application is gone from the proxy that stays
             grpc_stub(f"127.0.0.1:{grpc_port}").Complete(grpc_request("x", 1), timeout=10)
     finally:
         if proc is not None and proc.poll() is None:
@@ -72,28 +85,81 @@ def test_serve_joins_a_cluster_it_did_not_start_and_keeps_its_api_on_the_host(tm
         _stop_cluster(ray_tmp)
 
 
-def _ctrl_c_while_deploying(proc) -> None:
-    """SIGINT once Serve deploys the application (its replicas take seconds to load the model)."""
+def _start(serve_cmd: list[str], cwd, env: dict):
+    proc = subprocess.Popen(serve_cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = _read_until_ready(proc)
+    assert any(line.startswith("ready:") for line in lines), "".join(lines[-30:])
+    return proc, lines
+
+
+def _stop(proc) -> None:
+    proc.send_signal(signal.SIGINT)
+    code, rest = proc.wait(timeout=180), []
+    while True:  # the rest of its output (read by _read_until_ready's thread)
+        try:
+            rest.append(proc.lines.get(timeout=1))
+        except queue.Empty:
+            break
+    assert code == 0, "".join(rest[-30:])
+
+
+def _stop_while_deploying(proc) -> None:
+    """SIGTERM once Serve deploys the application (its replicas take seconds to load the model). After
+    ray.init, Ray's own SIGTERM handler (sys.exit) was in place: exit 15 and the application left behind."""
     seen = []
     for line in proc.stdout:
         seen.append(line)
         if "Deploying new version of Deployment" in line:
             break
     assert seen and "Deploying new version" in seen[-1], "".join(seen[-30:])
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
     rest = proc.communicate(timeout=180)[0]
     # 130: stopped before ready (0 only if the application got ready first: the drain path, clean too)
     assert proc.returncode in (130, 0), "".join(seen[-10:]) + rest[-3000:]
-    print(f"\nCtrl-C while deploying: exit {proc.returncode}")
+    print(f"\nSIGTERM while deploying: exit {proc.returncode}")
 
 
-def _serve_actors(port: int, env: dict) -> list[str]:
-    """The named actors Serve leaves on the cluster (controller, proxies, replicas)."""
+def _serve_actors(port: int, env: dict, until) -> list[str]:
+    """The named actors Serve has on the cluster (controller, proxies, replicas), once `until` holds of
+    them (a minute at most: actors that are stopping are listed until they are gone)."""
     code = ("import ray; ray.init(address='127.0.0.1:%d', log_to_driver=False); "
             "print([a['name'] for a in ray.util.list_named_actors(all_namespaces=True)])" % port)
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    deadline = time.monotonic() + 60
+    while True:
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        names = [name for name in ast.literal_eval(r.stdout.strip().splitlines()[-1]) if "SERVE" in name]
+        if until(names) or time.monotonic() > deadline:
+            return names
+        time.sleep(1)
+
+
+OTHER_APP = """
+import ray
+from ray import serve
+
+ray.init(address="127.0.0.1:%d", log_to_driver=False)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Other:
+    def __call__(self, request):
+        return "other"
+
+
+serve.run(Other.bind(), name="other", route_prefix="/other")
+"""
+
+
+def _deploy_other(port: int, env: dict) -> None:
+    r = subprocess.run([sys.executable, "-c", OTHER_APP % port], env=env, capture_output=True, text=True,
+                       timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
-    return [name for name in ast.literal_eval(r.stdout.strip().splitlines()[-1]) if "SERVE" in name]
+
+
+def _other_answers(http: int) -> None:
+    r = requests.get(f"http://127.0.0.1:{http}/other", timeout=30)
+    assert r.status_code == 200 and r.text == "other", (r.status_code, r.text[:200])
 
 
 def _stop_cluster(ray_tmp: str) -> None:
