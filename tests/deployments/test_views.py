@@ -155,6 +155,20 @@ def test_a_policy_change_validates_merges_and_reaches_the_rebalancer(monkeypatch
     asyncio.run(run())
 
 
+async def _put(c: PlacementController, fields: dict, applied) -> asyncio.Task:
+    """A PUT /admin/policy under way, once the controller has applied it (its answer waits for the routers)."""
+    put = asyncio.get_running_loop().create_task(c.set_policy(fields))
+    await _until(lambda: applied(c.policy))
+    return put
+
+
+async def _until(ok) -> None:
+    for _ in range(500):
+        if ok():
+            return
+        await asyncio.sleep(0.01)
+
+
 def test_a_restarted_controller_takes_back_the_policy_set_by_put_from_the_routers(monkeypatch, tmp_path):
     """It came back with the deployment's policy: an operator's `enabled: false` or static mode was lost
     silently when Serve restarted the controller."""
@@ -178,11 +192,7 @@ def test_a_restarted_controller_takes_back_the_policy_set_by_put_from_the_router
 
         monkeypatch.setattr("deployments.controller.time.time", lambda: held.revision - 100)  # this node's clock lags
         monkeypatch.setattr("deployments.controller.POLICY_HELD_TIMEOUT_S", 600.0)  # only the routers end the wait
-        put = asyncio.get_running_loop().create_task(new.set_policy({"min_gain": 0.4}))
-        for _ in range(500):
-            if new.policy.min_gain == 0.4:
-                break
-            await asyncio.sleep(0.01)
+        put = await _put(new, {"min_gain": 0.4}, lambda p: p.min_gain == 0.4)
         assert new.policy_revision > held.revision  # so the routers take it, and no report brings 0.3 back
         assert not put.done()  # the PUT answers once every live router holds it: a kill right after loses nothing
         latest = (await new.report(_seen("r1", held))).settings
@@ -215,10 +225,7 @@ def test_a_put_merges_into_the_policy_the_routers_bring_back_to_a_restarted_cont
         await asyncio.sleep(0.2)
         assert not put.done() and new.policy.cooldown_s != 5  # no report yet: nothing to merge into
         await new.report(_report("r1", [[1, 1], [1, 1]], version=1, settings=held))
-        for _ in range(500):
-            if new.policy.cooldown_s == 5:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: new.policy.cooldown_s == 5)
         latest = (await new.report(_report("r1", [[1, 1], [1, 1]], version=1, settings=held))).settings
         await new.report(_report("r1", [[1, 1], [1, 1]], version=1, settings=latest))
         out = await asyncio.wait_for(put, 30)
@@ -237,11 +244,7 @@ def test_a_put_waits_for_the_routers_that_report_not_for_one_gone_silent(monkeyp
         c.state.routers["r2"].last_seen -= 2.0  # r2 died 2 s ago
         monkeypatch.setattr("deployments.table_state.ROUTER_TIMEOUT_S", 600.0)  # and stays "live" meanwhile
         monkeypatch.setattr("deployments.controller.POLICY_HELD_TIMEOUT_S", 600.0)  # only the routers end the wait
-        put = asyncio.get_running_loop().create_task(c.set_policy({"min_gain": 0.4}))
-        for _ in range(500):
-            if c.policy.min_gain == 0.4:
-                break
-            await asyncio.sleep(0.01)
+        put = await _put(c, {"min_gain": 0.4}, lambda p: p.min_gain == 0.4)
         latest = (await c.report(_report("r1", [[1, 1], [1, 1]], version=1))).settings
         await c.report(_report("r1", [[1, 1], [1, 1]], version=1, settings=latest))
         assert (await asyncio.wait_for(put, 30))["min_gain"] == 0.4
