@@ -45,9 +45,10 @@ def bind_serve_to_host() -> None:
     API_HOST_ENV: the public gRPC API and HAProxy's own ports (a local start and --address alike);
     BIND_HOST_ENV: also each replica's server for calls between deployments (a local start only: on
     a cluster, replicas on other nodes call it)."""
+    exclusive_grpc_ports()
     api_host, replica_host = os.environ.get(API_HOST_ENV), os.environ.get(BIND_HOST_ENV)
     if not (api_host or replica_host):
-        return  # nothing to patch: no need to import Serve in this worker
+        return
     from ray.serve._private import default_impl, replica
 
     add_grpc_address, add_port = default_impl.add_grpc_address, replica.add_port_to_grpc_server
@@ -64,6 +65,26 @@ def bind_serve_to_host() -> None:
             bind_haproxy_to_host(api_host)
     if replica_host:
         replica.add_port_to_grpc_server = replica_port
+
+
+def exclusive_grpc_ports() -> None:
+    """Serve 2.60 turns SO_REUSEPORT off for its replicas' gRPC servers with the string "0", which gRPC
+    ignores (it reads an integer): it stays on. Every Serve counts its direct-ingress gRPC ports from 40000,
+    so a second one on the machine (another server, a test's cluster) bound the same port and the kernel
+    split connections between the two: a request reached the other server (there: "wrong API key").
+    As an integer the second bind fails and Serve takes the next port."""
+    from ray.serve._private import grpc_util
+
+    init = grpc_util.gRPCGenericServer.__init__
+    if getattr(init, "exclusive_ports", False):
+        return
+
+    def with_integer_options(self, service_handler_factory, *, extra_options=None):
+        options = [(k, int(v) if k == "grpc.so_reuseport" else v) for k, v in extra_options or ()]
+        init(self, service_handler_factory, extra_options=options)
+
+    with_integer_options.exclusive_ports = True
+    grpc_util.gRPCGenericServer.__init__ = with_integer_options
 
 
 def _remove_after_ray(folder: str) -> None:

