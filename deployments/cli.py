@@ -163,23 +163,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"{cfg.num_workers} expert worker(s)", file=sys.stderr)
     app = build_app(cfg)  # before Ray starts: a checkpoint or setting it refuses costs no cluster start
     stopping.interrupt_on_stop_signals()  # until ready, a stop signal stops the start
-    started_serve = None  # unknown until Ray is up: nothing of ours is deployed before that
+    started_serve, deploying = True, False  # nothing of ours is on the cluster before serve.start
     try:
         _start_ray(args.address, cfg, host)
         stopping.interrupt_on_stop_signals()  # ray.init put its own SIGTERM handler in place
-        started_serve = not (args.address and stopping.serve_running())
-        if not started_serve:
+        if args.address and stopping.serve_running():
+            started_serve = False
+            _check_name_free(cfg.app_name)
             print(SHARED_SERVE, file=sys.stderr, flush=True)
+        deploying = True
         serve.start(http_options=http, grpc_options=grpc)
         serve.run(app, name=cfg.app_name, route_prefix="/")
         signals = stopping.StopSignals()  # from here on: drain
     except BaseException as e:
-        if not stopping.is_stop_exit(e):
+        stopping.ignore_stop_signals()  # whatever comes next, what we deployed is removed
+        stop = stopping.is_stop_exit(e)
+        if stop:
+            print("stopped before the application was ready", file=sys.stderr, flush=True)
+        if args.address and deploying and ray.is_initialized():  # a failed start too: Serve's actors are
+            stopping.remove(cfg.app_name, started_serve)           # detached, they would stay on the cluster
+        if not stop:
             raise
-        stopping.ignore_stop_signals()
-        print("stopped before the application was ready", file=sys.stderr, flush=True)
-        if args.address and started_serve is not None and ray.is_initialized():
-            stopping.remove(cfg.app_name, started_serve)  # Serve's actors are detached: they would serve on
         return 130
     print(_ready_line(http, grpc, started_serve), flush=True)
     signals.wait_stop()
@@ -187,8 +191,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stopping.drain(serve.get_deployment_handle("controller", cfg.app_name), cfg.drain_timeout_s, signals)
     except Exception as e:  # noqa: BLE001 - a cluster that cannot drain must not keep us from stopping
         print(f"drain skipped: {e}", file=sys.stderr, flush=True)
-    stopping.remove(cfg.app_name, started_serve)
+    if args.address:
+        stopping.remove(cfg.app_name, started_serve)
+    else:
+        serve.shutdown()  # our own cluster: everything on it is ours
     return 0
+
+
+def _check_name_free(app_name: str) -> None:
+    """serve.run would replace an application of that name (another moe-cluster's), and our stop delete it."""
+    from ray import serve
+
+    if app_name in serve.status().applications:
+        raise ValueError(f"Serve on this cluster already runs an application named {app_name!r} (another "
+                         "moe-cluster, or one a killed run left): stop or delete it, or name this one otherwise "
+                         "(the application's `name` in --config)")
 
 
 def _ready_line(http: dict, grpc: dict, started_serve: bool) -> str:

@@ -100,9 +100,20 @@ def serve_running() -> bool:
 
 
 def remove(app_name: str, started_serve: bool) -> None:
-    """Our application; Serve too where we started it and no other application has come onto it since."""
+    """Our application; Serve too where we started it and no other application is left on it. Never
+    raises: a cluster or Serve gone meanwhile is said, and the process still stops."""
     from ray import serve
+    from ray.serve.context import _check_cached_client_alive
 
-    serve.delete(app_name)
-    if started_serve and not serve.status().applications:
-        serve.shutdown()
+    try:
+        # a 5 s probe, as serve.shutdown makes: a cluster that went away must not hang the stop
+        client, had_client = _check_cached_client_alive()
+        if client is None and (had_client or not serve_running()):
+            print("Serve is gone from the cluster: nothing to remove", file=sys.stderr, flush=True)
+            return
+        serve.delete(app_name)  # waits for its replicas to stop (60 s at most, then TimeoutError)
+        if started_serve and not serve.status().applications:
+            serve.shutdown()
+    except Exception as e:  # noqa: BLE001 - report it: the operator has to remove it by hand
+        print(f"could not remove application {app_name!r} from the cluster: {type(e).__name__}: {e} (see `serve "
+              "status`)", file=sys.stderr, flush=True)

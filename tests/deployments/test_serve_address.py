@@ -71,6 +71,9 @@ def test_serve_joins_a_cluster_it_did_not_start_and_keeps_its_api_on_the_host(tm
         assert any("Serve already runs on this cluster" in line for line in lines), "".join(lines[-30:])
         ready = next(line for line in lines if line.startswith("ready:"))  # the running proxies' addresses
         assert f"HTTP http://127.0.0.1:{http}/" in ready and f"gRPC 127.0.0.1:{grpc_port} " in ready, ready
+        second = subprocess.run(serve_cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-3000:]  # serve.run would have replaced the running one
+        assert "already runs an application named 'moe'" in second.stderr, second.stderr[-3000:]
         r = requests.post(f"http://127.0.0.1:{http}/v1/completions", timeout=120,
                           json={"prompt": "def main(", "max_tokens": 4, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
