@@ -32,8 +32,9 @@ from deployments.table_state import TableState
 from deployments.tier_config import profile_loads
 
 log = logging.getLogger("ray.serve")
-# A PUT /admin/policy waits this long at most for the routers to hold the new policy; with the restore
-# wait below (CONFIRM_GRACE_S, HEARD_TIMEOUT_S from the start) it stays within ADMIN_CALL_TIMEOUT_S.
+# A PUT /admin/policy waits this long at most for the routers to hold the new policy. Right after a
+# restart it first waits for the routers (HEARD_TIMEOUT_S from the start at most): 8 s in all, within the
+# admin route's ADMIN_CALL_TIMEOUT_S (10 s) once the new controller runs (not counting Serve's restart).
 POLICY_HELD_TIMEOUT_S = 3.0
 REPORTING_S = 1.5  # routers report every 0.5 s: one silent this long is not waited for by a PUT
 HEARD_TIMEOUT_S = 5.0  # a restarted controller waits this long from its start for a first report

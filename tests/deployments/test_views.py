@@ -167,6 +167,7 @@ async def _until(ok) -> None:
         if ok():
             return
         await asyncio.sleep(0.01)
+    raise AssertionError("not within 5 s")
 
 
 def test_a_restarted_controller_takes_back_the_policy_set_by_put_from_the_routers(monkeypatch, tmp_path):
@@ -192,6 +193,7 @@ def test_a_restarted_controller_takes_back_the_policy_set_by_put_from_the_router
 
         monkeypatch.setattr("deployments.controller.time.time", lambda: held.revision - 100)  # this node's clock lags
         monkeypatch.setattr("deployments.controller.POLICY_HELD_TIMEOUT_S", 600.0)  # only the routers end the wait
+        monkeypatch.setattr("deployments.controller.REPORTING_S", 600.0)  # and r2 is waited for, however slow we are
         put = await _put(new, {"min_gain": 0.4}, lambda p: p.min_gain == 0.4)
         assert new.policy_revision > held.revision  # so the routers take it, and no report brings 0.3 back
         assert not put.done()  # the PUT answers once every live router holds it: a kill right after loses nothing
@@ -245,6 +247,8 @@ def test_a_put_waits_for_the_routers_that_report_not_for_one_gone_silent(monkeyp
         monkeypatch.setattr("deployments.table_state.ROUTER_TIMEOUT_S", 600.0)  # and stays "live" meanwhile
         monkeypatch.setattr("deployments.controller.POLICY_HELD_TIMEOUT_S", 600.0)  # only the routers end the wait
         put = await _put(c, {"min_gain": 0.4}, lambda p: p.min_gain == 0.4)
+        await asyncio.sleep(0.1)
+        assert not put.done()  # r1, which reports, does not hold it yet
         latest = (await c.report(_report("r1", [[1, 1], [1, 1]], version=1))).settings
         await c.report(_report("r1", [[1, 1], [1, 1]], version=1, settings=latest))
         assert (await asyncio.wait_for(put, 30))["min_gain"] == 0.4
