@@ -76,6 +76,16 @@ def _prefix_metrics(mine: list[RouterReport]) -> None:
         metrics.PREFIX_CACHED_BLOCKS.labels(router).set(n)
 
 
+def _kv_metrics(mine: list[RouterReport]) -> None:
+    """Per router (each has its own KV cache): how full it is, and what running out of room cost."""
+    metrics.KV_USAGE.clear()  # routers gone drop out
+    for r in mine:
+        blocks = r.stats.get("kv_blocks", 0)
+        if blocks:
+            metrics.KV_USAGE.labels(r.router_id).set(1 - r.stats.get("free_kv_blocks", blocks) / blocks)
+    metrics.PREEMPTIONS.set({r.router_id: r.stats.get("preemptions", 0) for r in mine})
+
+
 def _data_plane(mine: list[RouterReport], state, spec: AppSpec) -> dict | None:
     table = state.table
     if table is None:
@@ -129,6 +139,7 @@ def update_metrics(reports, live, state, spec: AppSpec) -> None:
     metrics.RUNNING.set(stats["running"])
     metrics.WAITING.set(stats["waiting"])
     _prefix_metrics(mine)
+    _kv_metrics(mine)
     if table is not None:
         metrics.TABLE_VERSION.set(table.version)
         metrics.WORKERS_DOWN.set(len(down_workers(reports, live, table)))

@@ -87,6 +87,10 @@ PREFIX_EVICTIONS = ReportedCounter("moe_prefix_cache_evictions", "cached KV bloc
                                    CLUSTER)
 PREFIX_CACHED_BLOCKS = Gauge("moe_prefix_cached_blocks", "KV blocks holding a reusable prefix", ["router"],
                              registry=CLUSTER)
+KV_USAGE = Gauge("moe_kv_cache_usage_ratio", "share of a router's KV-cache blocks in use, 0 to 1 (cached prefixes "
+                 "nobody uses count as free)", ["router"], registry=CLUSTER)
+PREEMPTIONS = ReportedCounter("moe_preemptions", "sequences preempted for KV-cache room (their blocks freed, their "
+                              "tokens recomputed when they resume)", "router", CLUSTER)
 # One series per MoE layer or worker: bounded by the model and the pool, not by traffic.
 EXPERT_IMBALANCE = Gauge("moe_layer_expert_load_max_over_mean",
                          "hottest expert's load / mean expert load (EMA of tokens per step)", ["layer"],

@@ -54,3 +54,18 @@ def test_grpc_usage_reports_cached_prompt_tokens_as_http_does():
     u = _usage(c)
     assert (u.prompt_tokens, u.completion_tokens, u.prompt_tokens_details.cached_tokens) == (20, 1, 16)
     assert pb.Usage.FromString(pb.Usage(prompt_tokens=3).SerializeToString()).prompt_tokens_details.cached_tokens == 0
+
+
+def test_kv_cache_usage_and_preemptions_per_router_in_metrics():
+    """/metrics had no KV-cache figure: an operator could not see a router running out of room."""
+    from deployments.cluster_view import _kv_metrics
+
+    reports = [_report("r0", {"kv_blocks": 8, "free_kv_blocks": 2, "preemptions": 3}),
+               _report("r1", {"kv_blocks": 8, "free_kv_blocks": 8, "preemptions": 0})]
+    _kv_metrics(reports)
+    text = generate_latest(metrics.CLUSTER).decode()
+    assert 'moe_kv_cache_usage_ratio{router="r0"} 0.75' in text and 'moe_kv_cache_usage_ratio{router="r1"} 0.0' in text
+    assert 'moe_preemptions_total{router="r0"} 3.0' in text
+    _kv_metrics(reports[1:])  # r0 has gone
+    text = generate_latest(metrics.CLUSTER).decode()
+    assert 'moe_kv_cache_usage_ratio{router="r0"}' not in text

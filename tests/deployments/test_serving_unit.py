@@ -237,8 +237,8 @@ def test_logprobs_carry_a_tokens_own_bytes_and_completions_the_chosen_token():
 
 
 def test_a_request_cut_before_its_router_admits_it_is_counted_cancelled():
-    """The client went away while `_generate` awaited the stream's head (the routers' admission): it was
-    counted under no outcome, and the stream was left for the garbage collector to close."""
+    """The client went away while `_generate` awaited the stream's head (the ingress's handle waiting for a
+    router replica with room, or the router's admission): it was counted under no outcome."""
     from types import SimpleNamespace
 
     from deployments import metrics
