@@ -10,7 +10,6 @@ import torch
 from cluster.engine import LLMEngine, SamplingParams
 from cluster.errors import UnsupportedModelError
 from cluster.families import get_family, resolve
-from cluster.model.kv_cache import kv_bytes_per_token
 from cluster.model.mamba import chunked_selective_scan, scan_chunk, selective_scan
 from cluster.model.mamba2 import chunked_scan, recurrent_step
 from cluster.model.state_cache import state_bytes_per_seq

@@ -1,6 +1,5 @@
 """Every family against Hugging Face transformers: logits at every step and greedy tokens."""
 import pytest
-import torch
 
 from cluster.engine import LLMEngine, SamplingParams
 from tests.helpers import hf_greedy_logits, load_hf, our_greedy_logits
