@@ -17,7 +17,7 @@ from deployments.tier_config import TierGroup, check_tiers
 
 
 class _Options(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class WorkerOptions(_Options):

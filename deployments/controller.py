@@ -65,6 +65,7 @@ class PlacementController:
         self.report_count = 0
         self._started = time.monotonic()
         self._healing: dict[int, asyncio.Task] = {}
+        self._policy_changed = asyncio.Event()
         self._loop_task = asyncio.get_running_loop().create_task(self._policy_forever())
 
     # -- routers -------------------------------------------------------------------------------
@@ -176,7 +177,7 @@ class PlacementController:
     # -- the policy loop -----------------------------------------------------------------------
     async def _policy_forever(self) -> None:
         while True:
-            await asyncio.sleep(self.policy.interval_s)
+            await self._sleep_interval()
             self.state.forget_gone()
             self.policy_held = {r: v for r, v in self.policy_held.items() if r in self.state.routers}
             if not (self.policy.enabled and self.state.table is not None and self.state.live_routers()):
@@ -187,6 +188,16 @@ class PlacementController:
             except Exception:  # noqa: BLE001 - a failed change must not stop the loop
                 log.exception("rebalance failed")
                 metrics.REBALANCES.labels("failed").inc()
+
+    async def _sleep_interval(self) -> None:
+        """interval_s, started again when the policy changes: a PUT that lowered it (from a mistaken 3600)
+        took effect only once the old interval had run out."""
+        while True:
+            self._policy_changed.clear()
+            try:
+                await asyncio.wait_for(self._policy_changed.wait(), self.policy.interval_s)
+            except asyncio.TimeoutError:
+                return
 
     async def set_policy(self, fields: dict) -> dict:
         """Validated merge into the running policy (ValueError names the field, or the profile file that
@@ -229,6 +240,7 @@ class PlacementController:
             profile_loads(policy.profile_file, list(self.spec.moe_layers), self.spec.num_experts)
         self.policy, self.policy_revision = policy, revision
         self.rebalancer.set_policy(policy)
+        self._policy_changed.set()
 
     # -- what the ingress shows ----------------------------------------------------------------
     async def ingress_report(self, replica: str, in_flight: int,

@@ -19,7 +19,7 @@ RENAMED = {"token_split": "copy_choice"}  # old key → new key: old policy file
 
 
 class AutoscalePolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     enabled: bool = Field(True, description="run the rebalancing loop at all")
     mode: Literal["online", "static"] = Field(

@@ -31,7 +31,7 @@ from cluster.tiers import TierLayout, TierWorker, fast_sets, tier_placement, tie
 
 
 class TierGroup(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: Literal["fast", "host"] = Field(description="fast: the most-loaded experts; host: the rest")
     count: int = Field(ge=1, description="expert workers in this group")

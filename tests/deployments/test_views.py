@@ -256,6 +256,29 @@ def test_a_put_waits_for_the_routers_that_report_not_for_one_gone_silent(monkeyp
     asyncio.run(run())
 
 
+def test_a_lower_interval_takes_effect_at_once_and_infinity_is_refused(monkeypatch):
+    """After PUT interval_s 3600 then 1, the loop slept out the 3600 s. PUT interval_s Infinity was applied,
+    then its answer failed (500: not JSON) and every later view with it, across a controller restart too."""
+    async def run():
+        c = await _controller(monkeypatch)
+        await c.set_policy({"interval_s": 3600})
+        looked = []
+        monkeypatch.setattr(c.state, "forget_gone", lambda: looked.append(1))
+        loop = asyncio.get_running_loop().create_task(c._policy_forever())
+        await asyncio.sleep(0.05)
+        await c.set_policy({"interval_s": 0.01})
+        await _until(lambda: len(looked) >= 2)
+        loop.cancel()
+        for bad in (float("inf"), "1e999", float("nan")):
+            with pytest.raises(ValueError, match="interval_s"):
+                await c.set_policy({"interval_s": bad})
+        with pytest.raises(ValueError, match="enabled"):
+            await c.set_policy({"enabled": "yes"})  # no guessing at what "yes" meant
+        assert c.policy.interval_s == 0.01 and c.policy.enabled
+
+    asyncio.run(run())
+
+
 def test_the_apps_expert_copies_reach_the_planner_as_its_floor(monkeypatch):
     from dataclasses import replace
 
