@@ -89,7 +89,6 @@ def _key_dependency(key: str | None):
         auth = request.headers.get("authorization", "")
         presented = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
         if not hmac.compare_digest(presented.encode("utf-8", "replace"), key.encode()):
-            metrics.REQUESTS.labels("http", "unauthorized").inc()
             raise ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)")
     return require_key
 

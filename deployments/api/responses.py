@@ -97,6 +97,8 @@ def chat_logprobs(sampled: list[Sampled], decode: Decode, token_bytes: TokenByte
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
         text = decode([token_id])
         raw = token_bytes(token_id) if token_bytes is not None else text.encode("utf-8", "replace")
+        if not text and raw:  # a special token (the text skips it): named as its bytes spell it, as vLLM does
+            text = raw.decode("utf-8", "replace")
         return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
     return {"content": [{**entry(s.token_id, s.logprob),

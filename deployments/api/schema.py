@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from cluster.engine import InvalidRequest, SamplingParams
 from cluster.engine.grammar import GrammarSpec
-from cluster.engine.params import SEED_MAX, SEED_MIN
+from cluster.engine.params import MAX_LOGPROBS, SEED_MAX, SEED_MIN
 
 MAX_N = 16  # choices per prompt (and prompts per request)
 
@@ -199,6 +199,8 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("response_format: give either a JSON response_format or a forced tool_choice")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:  # else named `logprobs`
+            raise ValueError(f"top_logprobs: must be between 0 and {MAX_LOGPROBS}")
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise ValueError("max_completion_tokens: give it or max_tokens, not both")
         given = (self.chat_template_kwargs or {}).get("reasoning_effort", self.reasoning_effort)

@@ -195,6 +195,9 @@ def test_checks_across_fields_name_a_field_in_param():
             model.model_validate(body)
         error = validation_error(e.value)
         assert error.param in model.model_fields, (body, error.param, error.message)
+    with pytest.raises(pydantic.ValidationError) as e:  # it was named `logprobs`, the engine's name for it
+        ChatCompletionRequest.model_validate({"messages": msg, "logprobs": True, "top_logprobs": 50})
+    assert validation_error(e.value).param == "top_logprobs"
 
 
 def test_logprobs_carry_a_tokens_own_bytes_and_completions_the_chosen_token():
@@ -267,3 +270,45 @@ def test_a_request_cut_before_its_router_admits_it_is_counted_cancelled():
     before = counter._value.get()
     assert asyncio.run(run()).cancelled()
     assert counter._value.get() == before + 1 and closed == [True]
+
+
+def test_a_request_without_the_key_is_counted_once_and_only_on_generation_routes():
+    """A refused completion counted twice under unauthorized (the key check and the refusal), and every
+    /metrics scrape or /admin call without the key once: a scraper with a stale key inflated it."""
+    import httpx2
+
+    from deployments import metrics
+    from deployments.api.http import build_http_app
+    from tests.deployments.helpers import IngressStub
+
+    def unauthorized() -> float:
+        return metrics.API.get_sample_value("moe_requests_total", {"api": "http", "outcome": "unauthorized"}) or 0.0
+
+    serving = Serving(app_config({"model": str(DEMO), "api_key": "k"}), NoRouters())
+    app = build_http_app(IngressStub(serving))
+
+    async def run():
+        async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app), base_url="http://test") as client:
+            r = await client.post("/v1/completions", json={"prompt": "x"}, headers={"Authorization": "Bearer no"})
+            assert r.status_code == 401
+            r = await client.post("/v1/chat/completions", json={"messages": []})
+            assert r.status_code == 401
+            for path in ("/metrics", "/admin/load", "/v1/models"):
+                assert (await client.get(path)).status_code == 401
+
+    before = unauthorized()
+    asyncio.run(run())
+    assert unauthorized() == before + 2
+
+
+def test_a_special_tokens_chat_logprob_is_named_as_its_bytes_spell_it():
+    """`token` was "" (the reply's text skips special tokens) while `bytes` spelled <|endoftext|>."""
+    from cluster.engine.sampling import Sampled
+    from cluster.tokenizer import TextTokenizer
+    from deployments.api.responses import chat_logprobs
+
+    tok = TextTokenizer.from_checkpoint(str(DEMO))
+    eos = 0  # the demo's <|endoftext|>
+    [entry] = chat_logprobs([Sampled(eos, -0.5, ((eos, -0.5),))], tok.decode, tok.token_bytes)["content"]
+    assert entry["token"] == "<|endoftext|>" and bytes(entry["bytes"]) == b"<|endoftext|>"
+    assert entry["top_logprobs"][0]["token"] == "<|endoftext|>"
