@@ -12,7 +12,7 @@ from cluster.checkpoint import CheckpointError
 from cluster.engine import InvalidRequest, LLMEngine, SamplingParams
 from cluster.families import UnsupportedModelError
 from cluster.precision import SETTINGS as DTYPE_SETTINGS
-from deployments import stopping
+from deployments import start_checks, stopping
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # beside deployments/: models/demo, the bundled config's paths
 LOCAL_CONFIG = PROJECT_ROOT / "deployments" / "serve_local.yaml"
@@ -37,6 +37,7 @@ def _prefix_caching_flag(parser: argparse.ArgumentParser, default: bool | None =
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    start_checks.check_context(args.max_model_len, args.model)
     engine = LLMEngine.from_pretrained(args.model, device=args.device, show_progress=not args.quiet,
                                        max_model_len=args.max_model_len, dtype=args.dtype,
                                        enable_prefix_caching=args.enable_prefix_caching)
@@ -64,6 +65,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """Capacity plan from config.json alone (cluster/sizing.py): works before any weights are downloaded."""
     from cluster.sizing import format_sizing, sizing_from_config
 
+    start_checks.check_context(args.max_model_len, args.model)
     if args.gpus is not None or args.host_memory is not None or args.profile is not None:
         return _tier_plan(args)
     p = sizing_from_config(args.model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, workers=args.workers,
@@ -91,26 +93,11 @@ def _start_ray(address: str | None, cfg, host: str) -> None:
     if address:
         join_ray(address, host, cfg.max_body_bytes)
         return
-    _check_local_gpus(cfg)
+    start_checks.check_local_gpus(cfg)
     # Embedded single-node cluster: enough logical CPUs for the routers and every worker
     # (Ray CPUs are scheduling units here; torch threads are set per replica), every port on `host`.
     needed = cfg.routers.max * cfg.routers.num_cpus + cfg.num_workers * cfg.worker.num_cpus + 1
     start_local_ray(host, needed, cfg.max_body_bytes)
-
-
-def _check_local_gpus(cfg) -> None:
-    """A one-machine start with fewer GPUs than the config asks for would wait in Serve forever."""
-    needs = cfg.gpu_needs()
-    if not needs:
-        return
-    import torch
-
-    have = torch.cuda.device_count()
-    if sum(needs.values()) > have:
-        parts = ", ".join(f"{role} {n:g}" for role, n in needs.items())
-        raise ValueError(f"the config needs {sum(needs.values()):g} GPU(s) ({parts}) and this machine has {have}: "
-                         "run it where the GPUs are, join a cluster that has them (--address), or set "
-                         "num_gpus 0 / device cpu")
 
 
 def _local_path(path: str | None) -> str | None:
@@ -157,6 +144,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = app_config({**_config_paths(app_conf.get("args", {})), **_overrides(args, app_conf)})
     http = {**conf.get("http_options", {}), "host": host, **({"port": args.http_port} if args.http_port else {})}
     grpc = {**conf.get("grpc_options", {}), **({"port": args.grpc_port} if args.grpc_port else {})}
+    start_checks.check_key(args.api_key)
+    start_checks.check_context(args.max_model_len, cfg.model)
+    if not args.address:
+        start_checks.check_ports_free(host, {"--http-port": http.get("port", 8000),
+                                             "--grpc-port": grpc.get("port", 9000)})
     if cfg.resolved_api_key():
         grpc["enable_reflection"] = False  # the schema is not shown to callers without the key
     print(f"starting moe-cluster: model {cfg.model}, {cfg.routers.min}-{cfg.routers.max} router(s), "
@@ -185,7 +177,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not stop:
             raise
         return 130
-    print(_ready_line(http, grpc, started_serve), flush=True)
+    print(_ready_line(http, grpc, started_serve, cfg.app_name), flush=True)
     signals.wait_stop()
     try:
         stopping.drain(serve.get_deployment_handle("controller", cfg.app_name), cfg.drain_timeout_s, signals)
@@ -208,14 +200,16 @@ def _check_name_free(app_name: str) -> None:
                          "(the application's `name` in --config)")
 
 
-def _ready_line(http: dict, grpc: dict, started_serve: bool) -> str:
-    """Where the API is: where Serve already ran, its proxies kept their own settings, not ours."""
+def _ready_line(http: dict, grpc: dict, started_serve: bool, app_name: str) -> str:
+    """Where the API is: where Serve already ran, its proxies kept their own settings, not ours, and a gRPC
+    call must name our application (Serve's proxy answers NOT_FOUND without it when it serves several)."""
     if not started_serve:
         http, grpc = _running_proxies()
     host, port = http["host"], http.get("port", 8000)
     base = f"http://{host}:{port}"
     served = GRPC_SERVICER in grpc.get("grpc_servicer_functions", [GRPC_SERVICER])
-    grpc_text = (f"gRPC {host}:{grpc.get('port', 9000)} (protos/moe_serving.proto)" if served else
+    metadata = "" if started_serve else f", metadata application: {app_name}"
+    grpc_text = (f"gRPC {host}:{grpc.get('port', 9000)} (protos/moe_serving.proto{metadata})" if served else
                  "no gRPC API (the running Serve's grpc_servicer_functions lack it)")
     return f"ready: HTTP {base}/v1/completions (OpenAI API), {grpc_text}, metrics {base}/metrics. Ctrl-C stops."
 
@@ -300,6 +294,20 @@ def cmd_record_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {value:g}")
+    return value
+
+
+def _memory(text: str) -> str:
+    """A size with its unit: a bare 80 was read as 80 bytes."""
+    if text.strip().replace(".", "", 1).isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} has no unit: e.g. {text.strip()}GiB or {text.strip()}GB")
+    return text
+
+
 def _positive(text: str) -> int:
     """An argparse type for counts that must be ≥ 1 (0 would be read as "not given" further on)."""
     value = int(text)
@@ -338,14 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "checkpoint) | bfloat16 | float16 | float32")
     pl.add_argument("--kv-cache-dtype", default="auto", help="auto (= dtype) | bfloat16 | float16 | float32")
     pl.add_argument("--workers", type=int, default=1, help="expert workers, one GPU each (0: all in the router)")
-    pl.add_argument("--gpu-memory", default="80GiB", help="memory of each GPU, e.g. 80GiB, 141GB")
-    pl.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    pl.add_argument("--gpu-memory", type=_memory, default="80GiB", help="memory of each GPU, e.g. 80GiB, 141GB")
+    pl.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9)
     pl.add_argument("--max-model-len", type=_positive, default=None, help="default: the model's context length")
     pl.add_argument("--max-num-seqs", type=_positive, default=64)
     pl.add_argument("--json", action="store_true", help="print one JSON object")
     tiers = pl.add_argument_group("expert tiers: any of these plans a fast tier on the GPUs, the rest in host memory")
     tiers.add_argument("--gpus", type=int, default=None, help="GPUs: the router on the first, fast-tier experts on all")
-    tiers.add_argument("--host-memory", default=None, help="host tier's memory, e.g. 256GiB (default 256GiB)")
+    tiers.add_argument("--host-memory", type=_memory, default=None,
+                       help="host tier's memory, e.g. 256GiB (default 256GiB)")
     tiers.add_argument("--profile", default=None,
                        help="load profile (moe-cluster record-profile): fast experts by load")
     tiers.add_argument("--kv-tokens", type=_positive, default=8192, help="the router's KV cache, in tokens")

@@ -8,8 +8,9 @@ import pytest
 from cluster.engine import LLMEngine, SamplingParams
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "deployments.cli", *args], capture_output=True, text=True, timeout=300)
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "deployments.cli", *args], capture_output=True, text=True, timeout=300,
+                          **kw)
 
 
 def test_generate_json_matches_engine(checkpoint_factory):
@@ -168,3 +169,28 @@ def test_a_second_stop_signal_cuts_the_drain_at_once(capsys):
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+def test_serve_and_plan_refuse_what_they_used_to_take_silently(tmp_path):
+    """Each was accepted: a taken port failed after the Ray start in a 65-line HAProxy traceback; an empty
+    --api-key served every route to anyone; --max-model-len above the model's context was capped to it;
+    plan said a model fits at --gpu-memory-utilization 1.5, and read --gpu-memory 80 as 80 bytes."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = _cli("serve", "--http-port", str(port))
+    assert r.returncode == 2 and f"port {port} on 127.0.0.1 is taken" in r.stderr and "--http-port" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = _cli("serve", "--api-key", "")
+    assert r.returncode == 2 and "the API key is empty" in r.stderr
+    r = _cli("serve", "--max-model-len", "5000")
+    assert r.returncode == 2 and "--max-model-len 5000 is above the model's context length (1024" in r.stderr
+    r = _cli("generate", "--max-model-len", "5000", "--prompt", "x")
+    assert r.returncode == 2 and "above the model's context length (1024" in r.stderr
+    r = _cli("plan", "--model", "models/demo", "--gpu-memory-utilization", "1.5")
+    assert r.returncode == 2 and "--gpu-memory-utilization: must be in (0, 1], not 1.5" in r.stderr
+    r = _cli("plan", "--model", "models/demo", "--gpu-memory", "80")
+    assert r.returncode == 2 and "'80' has no unit: e.g. 80GiB" in r.stderr

@@ -71,6 +71,10 @@ def test_serve_joins_a_cluster_it_did_not_start_and_keeps_its_api_on_the_host(tm
         assert any("Serve already runs on this cluster" in line for line in lines), "".join(lines[-30:])
         ready = next(line for line in lines if line.startswith("ready:"))  # the running proxies' addresses
         assert f"HTTP http://127.0.0.1:{http}/" in ready and f"gRPC 127.0.0.1:{grpc_port} " in ready, ready
+        assert "metadata application: moe" in ready, ready  # two applications: Serve's proxy needs the name
+        reply = grpc_stub(f"127.0.0.1:{grpc_port}").Complete(grpc_request("def main(", 4), timeout=120,
+                                                             metadata=[("application", "moe")])
+        assert reply.usage.completion_tokens == 4
         second = subprocess.run(serve_cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert second.returncode == 2, second.stderr[-3000:]  # serve.run would have replaced the running one
         assert "already runs an application named 'moe'" in second.stderr, second.stderr[-3000:]
