@@ -144,11 +144,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = app_config({**_config_paths(app_conf.get("args", {})), **_overrides(args, app_conf)})
     http = {**conf.get("http_options", {}), "host": host, **({"port": args.http_port} if args.http_port else {})}
     grpc = {**conf.get("grpc_options", {}), **({"port": args.grpc_port} if args.grpc_port else {})}
-    start_checks.check_key(args.api_key)
+    start_checks.check_key(cfg.api_key)  # --api-key's, else the config's
     start_checks.check_context(args.max_model_len, cfg.model)
     if not args.address:
-        start_checks.check_ports_free(host, {"--http-port": http.get("port", 8000),
-                                             "--grpc-port": grpc.get("port", 9000)})
+        ports = {"--http-port": http.get("port", 8000)}
+        if grpc.get("grpc_servicer_functions") and grpc.get("port", 9000) > 0:  # else Serve starts no gRPC server
+            ports["--grpc-port"] = grpc.get("port", 9000)
+        start_checks.check_ports_free(host, ports)
     if cfg.resolved_api_key():
         grpc["enable_reflection"] = False  # the schema is not shown to callers without the key
     print(f"starting moe-cluster: model {cfg.model}, {cfg.routers.min}-{cfg.routers.max} router(s), "
@@ -207,10 +209,10 @@ def _ready_line(http: dict, grpc: dict, started_serve: bool, app_name: str) -> s
         http, grpc = _running_proxies()
     host, port = http["host"], http.get("port", 8000)
     base = f"http://{host}:{port}"
-    served = GRPC_SERVICER in grpc.get("grpc_servicer_functions", [GRPC_SERVICER])
+    served = GRPC_SERVICER in grpc.get("grpc_servicer_functions", ()) and grpc.get("port", 9000) > 0
     metadata = "" if started_serve else f", metadata application: {app_name}"
     grpc_text = (f"gRPC {host}:{grpc.get('port', 9000)} (protos/moe_serving.proto{metadata})" if served else
-                 "no gRPC API (the running Serve's grpc_servicer_functions lack it)")
+                 "no gRPC API (grpc_options' grpc_servicer_functions lack it)")
     return f"ready: HTTP {base}/v1/completions (OpenAI API), {grpc_text}, metrics {base}/metrics. Ctrl-C stops."
 
 

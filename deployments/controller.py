@@ -190,12 +190,16 @@ class PlacementController:
                 metrics.REBALANCES.labels("failed").inc()
 
     async def _sleep_interval(self) -> None:
-        """interval_s, started again when the policy changes: a PUT that lowered it (from a mistaken 3600)
-        took effect only once the old interval had run out."""
+        """interval_s from now, by the policy in force at each moment: a PUT that lowered it (from a mistaken
+        3600) took effect only once the old interval had run out. Other changes do not push the look back."""
+        started = time.monotonic()
         while True:
             self._policy_changed.clear()
+            left = started + self.policy.interval_s - time.monotonic()
+            if left <= 0:
+                return
             try:
-                await asyncio.wait_for(self._policy_changed.wait(), self.policy.interval_s)
+                await asyncio.wait_for(self._policy_changed.wait(), left)
             except asyncio.TimeoutError:
                 return
 

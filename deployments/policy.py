@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cluster.autoscale import Limits
 
@@ -19,7 +20,7 @@ RENAMED = {"token_split": "copy_choice"}  # old key → new key: old policy file
 
 
 class AutoscalePolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     enabled: bool = Field(True, description="run the rebalancing loop at all")
     mode: Literal["online", "static"] = Field(
@@ -63,6 +64,19 @@ class AutoscalePolicy(BaseModel):
     def _renamed_keys(cls, data: Any) -> Any:
         return renamed(data) if isinstance(data, dict) else data
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_guessing(cls, value: Any, info) -> Any:
+        """"yes" was taken for true and true for 1; a whole-number float stays (YAML reads 8.0e9 so)."""
+        kinds = _types(cls.model_fields[info.field_name].annotation)
+        if bool in kinds and value is not None and not isinstance(value, bool):
+            raise ValueError("must be true or false")
+        if bool not in kinds and isinstance(value, bool):
+            raise ValueError("must not be true or false")
+        if kinds & {int, float} and isinstance(value, str):
+            raise ValueError("must be a number, not text")
+        return value
+
     @model_validator(mode="after")
     def _static_needs_a_profile(self) -> "AutoscalePolicy":
         if self.mode == "static" and not self.profile_file:
@@ -98,6 +112,13 @@ class AutoscalePolicy(BaseModel):
     @property
     def ema_alpha(self) -> float:
         return 2.0 / (self.window_steps + 1)
+
+
+def _types(annotation) -> set:
+    """The types a field takes (each member of a union)."""
+    if get_origin(annotation) in (Union, UnionType):
+        return set().union(*map(_types, get_args(annotation)))
+    return {annotation}
 
 
 def renamed(data: dict) -> dict:

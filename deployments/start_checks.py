@@ -16,7 +16,8 @@ def check_context(max_model_len: int | None, model: str) -> None:
 
 
 def check_key(api_key: str | None) -> None:
-    """An empty key (`--api-key "$KEY"` with KEY unset) served every route to anyone, without a word."""
+    """An empty key (`--api-key "$KEY"` with KEY unset, `api_key: ""` in a config) served every route to
+    anyone, without a word. `api_key`: the flag's, else the config's."""
     if api_key == "" or (api_key is None and os.environ.get("MOE_CLUSTER_API_KEY") == ""):
         raise ValueError("the API key is empty (--api-key or MOE_CLUSTER_API_KEY): give the key, or leave both "
                          "unset to serve without one")

@@ -99,6 +99,7 @@ _APP = {"model": "models/demo", "num_workers": 1}
      "the config needs 1 GPU(s) (tier 'fast' 1) and this machine has 0"),  # Serve waited for it forever
     ({"applications": [{"args": {**_APP, "worker": {"num_gpus": 0.5}}}]},
      "needs 0.5 GPU(s) (expert workers 0.5) and this machine has 0"),
+    ({"applications": [{"args": {**_APP, "api_key": ""}}]}, "the API key is empty"),  # an open server
 ])
 def test_serve_config_errors_are_one_line_before_ray_starts(tmp_path, text, message):
     import os

@@ -13,7 +13,8 @@ def test_bundled_policy_loads():
     ("interval_s: 0\n", "interval_s: Input should be greater than 0"),
     ("hot_threshold: 0.5\n", "hot_threshold: Input should be greater than or equal to 1"),
     ("extra_slots: 2\n", "extra_slots: Extra inputs are not permitted"),
-    ("window_steps: many\n", "window_steps: Input should be a valid integer"),
+    ("window_steps: many\n", "window_steps: must be a number, not text"),
+    ("enabled: yes please\n", "enabled: must be true or false"),
     ("- a list\n", "policy.yaml"),
 ])
 def test_bad_policy_names_the_field(tmp_path, text, message):

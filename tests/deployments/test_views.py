@@ -268,13 +268,19 @@ def test_a_lower_interval_takes_effect_at_once_and_infinity_is_refused(monkeypat
         await asyncio.sleep(0.05)
         await c.set_policy({"interval_s": 0.01})
         await _until(lambda: len(looked) >= 2)
+        await c.set_policy({"interval_s": 0.3})
+        seen = len(looked)
+        for _ in range(5):  # PUTs of other fields, more often than the interval: the loop still looks
+            await c.set_policy({"min_gain": 0.1})
+            await asyncio.sleep(0.1)
+        await _until(lambda: len(looked) > seen)
         loop.cancel()
         for bad in (float("inf"), "1e999", float("nan")):
             with pytest.raises(ValueError, match="interval_s"):
                 await c.set_policy({"interval_s": bad})
         with pytest.raises(ValueError, match="enabled"):
             await c.set_policy({"enabled": "yes"})  # no guessing at what "yes" meant
-        assert c.policy.interval_s == 0.01 and c.policy.enabled
+        assert c.policy.interval_s == 0.3 and c.policy.enabled
 
     asyncio.run(run())
 
