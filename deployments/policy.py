@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cluster.autoscale import Limits
+from deployments.field_types import refuse_guessed
 
 log = logging.getLogger("ray.serve")
 RENAMED = {"token_split": "copy_choice"}  # old key → new key: old policy files keep working, with a warning
@@ -67,15 +67,7 @@ class AutoscalePolicy(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_guessing(cls, value: Any, info) -> Any:
-        """"yes" was taken for true and true for 1; a whole-number float stays (YAML reads 8.0e9 so)."""
-        kinds = _types(cls.model_fields[info.field_name].annotation)
-        if bool in kinds and value is not None and not isinstance(value, bool):
-            raise ValueError("must be true or false")
-        if bool not in kinds and isinstance(value, bool):
-            raise ValueError("must not be true or false")
-        if kinds & {int, float} and isinstance(value, str):
-            raise ValueError("must be a number, not text")
-        return value
+        return refuse_guessed(cls, value, info.field_name)
 
     @model_validator(mode="after")
     def _static_needs_a_profile(self) -> "AutoscalePolicy":
@@ -112,13 +104,6 @@ class AutoscalePolicy(BaseModel):
     @property
     def ema_alpha(self) -> float:
         return 2.0 / (self.window_steps + 1)
-
-
-def _types(annotation) -> set:
-    """The types a field takes (each member of a union)."""
-    if get_origin(annotation) in (Union, UnionType):
-        return set().union(*map(_types, get_args(annotation)))
-    return {annotation}
 
 
 def renamed(data: dict) -> dict:

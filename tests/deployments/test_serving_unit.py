@@ -96,7 +96,8 @@ def test_client_errors_are_answered_without_a_server_failure():
 
     serving = Serving(app_config({"model": str(DEMO)}), NoRouters())
     app = build_http_app(IngressStub(serving))
-    bad = [{"max_tokens": 0}, {"temperature": -1}, {"logit_bias": {"x": 1}}, {"messages": [{"role": "nobody"}]}]
+    bad = [{"max_tokens": 0}, {"temperature": -1}, {"logit_bias": {"x": 1}}, {"messages": [{"role": "nobody"}]},
+           {"max_tokens": "5"}, {"max_tokens": True}, {"stream": "yes"}]  # the last three: guessed, were 200
 
     async def post(body):
         async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app), base_url="http://test") as client:

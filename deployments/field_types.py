@@ -1,0 +1,26 @@
+"""One rule for every user-facing model (API bodies, the policy): a value of another kind is refused,
+not guessed at. Pydantic's lax mode took "yes" for true, true for 1 and "5" for 5; OpenAI answers 400.
+A whole-number float stays accepted for an integer (YAML writes 8.0e9 so; JSON clients send 16.0)."""
+from __future__ import annotations
+
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
+
+
+def refuse_guessed(model: type, value: Any, field_name: str) -> Any:
+    """A `field_validator("*", mode="before")` body: `value` for `model`'s field, or ValueError."""
+    kinds = _types(model.model_fields[field_name].annotation)
+    if bool in kinds and value is not None and not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    if bool not in kinds and isinstance(value, bool):
+        raise ValueError("must not be true or false")
+    if kinds & {int, float} and str not in kinds and isinstance(value, str):
+        raise ValueError("must be a number, not text")
+    return value
+
+
+def _types(annotation) -> set:
+    """The types a field takes (each member of a union)."""
+    if get_origin(annotation) in (Union, UnionType):
+        return set().union(*map(_types, get_args(annotation)))
+    return {annotation}
