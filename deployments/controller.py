@@ -217,18 +217,13 @@ class PlacementController:
         """Until every router that is reporting holds the policy in force (its next report, ~0.5 s): a
         controller killed after the PUT answered still gets it back."""
         deadline = time.monotonic() + POLICY_HELD_TIMEOUT_S
-        while any(self.policy_held.get(r, 0.0) < self.policy_revision for r in self._reporting()):
+        # only routers heard from lately: one that died counts as live for ROUTER_TIMEOUT_S, the PUT's whole bound
+        while any(self.policy_held.get(r, 0.0) < self.policy_revision for r in self.state.live_routers(REPORTING_S)):
             if time.monotonic() > deadline:
                 log.warning("controller: not every router holds the new policy after %.0f s; a controller "
                             "restart before they do falls back to the one they hold", POLICY_HELD_TIMEOUT_S)
                 return
             await asyncio.sleep(0.05)
-
-    def _reporting(self) -> list[str]:
-        """Routers heard from within REPORTING_S (live_routers keeps one for ROUTER_TIMEOUT_S: a router
-        that died would hold a PUT for its whole bound)."""
-        now = time.monotonic()
-        return [r for r, s in self.state.routers.items() if now - s.last_seen < REPORTING_S]
 
     async def _wait_restored(self) -> None:
         """A restarted controller: the routers' table confirmed, and a first report in (it brings back the

@@ -3,6 +3,7 @@ not guessed at. Pydantic's lax mode took "yes" for true, true for 1 and "5" for 
 A whole-number float stays accepted for an integer (YAML writes 8.0e9 so; JSON clients send 16.0)."""
 from __future__ import annotations
 
+from functools import cache
 from types import UnionType
 from typing import Any, Union, get_args, get_origin
 
@@ -19,8 +20,9 @@ def refuse_guessed(model: type, value: Any, field_name: str) -> Any:
     return value
 
 
-def _types(annotation) -> set:
+@cache  # every field of every request body: annotations are few and hashable
+def _types(annotation) -> frozenset:
     """The types a field takes (each member of a union)."""
     if get_origin(annotation) in (Union, UnionType):
-        return set().union(*map(_types, get_args(annotation)))
-    return {annotation}
+        return frozenset().union(*map(_types, get_args(annotation)))
+    return frozenset({annotation})

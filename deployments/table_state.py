@@ -59,9 +59,10 @@ class TableState:
         self.seen(router_id, self.table.version if self.table else -1)
         return self.table
 
-    def live_routers(self) -> dict[str, RouterSeen]:
-        now = time.monotonic()
-        return {r: s for r, s in self.routers.items() if now - s.last_seen < ROUTER_TIMEOUT_S}
+    def live_routers(self, within_s: float | None = None) -> dict[str, RouterSeen]:
+        """Routers heard from within `within_s` (default ROUTER_TIMEOUT_S)."""
+        now, within_s = time.monotonic(), ROUTER_TIMEOUT_S if within_s is None else within_s
+        return {r: s for r, s in self.routers.items() if now - s.last_seen < within_s}
 
     def forget_gone(self) -> None:
         now = time.monotonic()
