@@ -61,25 +61,37 @@ def routing_json(routing) -> list[dict[str, Any]]:
             for layer, ids, ws in routing]
 
 
-def completion_logprobs(scored: list[tuple[int, Sampled | None]], decode: Decode, offset: int = 0) -> dict[str, Any]:
-    """Legacy shape from (token id, its Sampled) pairs; an echoed first prompt token has no logprob (None)."""
-    tokens = [decode([t]) for t, _ in scored]
+def completion_logprobs(scored: list[tuple[int, Sampled | None]], decode: Decode, offset: int = 0,
+                       token_bytes: TokenBytes | None = None) -> dict[str, Any]:
+    """Legacy shape from (token id, its Sampled) pairs; an echoed first prompt token has no logprob (None).
+    `text_offset` counts the characters each token adds to the text, so a special token (named, but
+    skipped by the text) adds none."""
     offsets, pos = [], offset
-    for t in tokens:
+    for t, _ in scored:
         offsets.append(pos)
-        pos += len(t)
-    return {"tokens": tokens, "token_logprobs": [s.logprob if s is not None else None for _, s in scored],
-            "top_logprobs": [_top_with_chosen(s, decode) if s is not None else None for _, s in scored],
+        pos += len(decode([t]))
+    return {"tokens": [token_name(t, decode, token_bytes) for t, _ in scored],
+            "token_logprobs": [s.logprob if s is not None else None for _, s in scored],
+            "top_logprobs": [_top_with_chosen(s, decode, token_bytes) if s is not None else None
+                             for _, s in scored],
             "text_offset": offsets}
 
 
-def _top_with_chosen(s: Sampled, decode: Decode) -> dict[str, float]:
+def _top_with_chosen(s: Sampled, decode: Decode, token_bytes: TokenBytes | None) -> dict[str, float]:
     """The top alternatives and the chosen token, also where it is not among them (up to logprobs + 1
     entries, as OpenAI's and vLLM's legacy completions give)."""
-    top = {decode([t]): lp for t, lp in s.top_logprobs}
+    top = {token_name(t, decode, token_bytes): lp for t, lp in s.top_logprobs}
     if s.token_id not in {t for t, _ in s.top_logprobs}:
-        top.setdefault(decode([s.token_id]), s.logprob)
+        top.setdefault(token_name(s.token_id, decode, token_bytes), s.logprob)
     return top
+
+
+def token_name(token_id: int, decode: Decode, token_bytes: TokenBytes | None) -> str:
+    """A token's text; a special token (which the text skips) is named as its bytes spell it, as vLLM does."""
+    text = decode([token_id])
+    if not text and token_bytes is not None:
+        text = token_bytes(token_id).decode("utf-8", "replace")
+    return text
 
 
 def _generated(sampled: list[Sampled]) -> list[tuple[int, Sampled | None]]:
@@ -95,10 +107,8 @@ def _scored(c: ChoiceResult) -> list[tuple[int, Sampled | None]]:
 def chat_logprobs(sampled: list[Sampled], decode: Decode, token_bytes: TokenBytes | None = None) -> dict[str, Any]:
     """token_bytes None: each token's bytes are its decoded text's (a part of a character is U+FFFD then)."""
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        text = decode([token_id])
+        text = token_name(token_id, decode, token_bytes)
         raw = token_bytes(token_id) if token_bytes is not None else text.encode("utf-8", "replace")
-        if not text and raw:  # a special token (the text skips it): named as its bytes spell it, as vLLM does
-            text = raw.decode("utf-8", "replace")
         return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
     return {"content": [{**entry(s.token_id, s.logprob),
@@ -115,7 +125,8 @@ def _choice(c: ChoiceResult, decode: Decode, chat: bool, echo: bool, with_logpro
         out["text"] = (c.echo_text if echo else "") + c.text
         out["logprobs"] = None
         if with_logprobs:
-            out["logprobs"] = completion_logprobs(_scored(c) if echo else _generated(c.logprobs), decode)
+            out["logprobs"] = completion_logprobs(_scored(c) if echo else _generated(c.logprobs), decode,
+                                                  token_bytes=token_bytes)
     if c.routing:
         out["routing"] = [routing_json(r) for r in c.routing]
     out["token_ids"] = c.token_ids
@@ -159,8 +170,10 @@ class ChunkWriter:
             return self._body([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                 "finish_reason": None}])
         if self.echo:
-            logprobs = completion_logprobs(_scored(c)[:len(c.prompt_ids)], self.decode) \
-                if self.with_logprobs else None
+            logprobs = None
+            if self.with_logprobs:
+                logprobs = completion_logprobs(_scored(c)[:len(c.prompt_ids)], self.decode,
+                                               token_bytes=self.token_bytes)
             self.offsets[c.index] = len(c.echo_text)
             return self._body([{"index": c.index, "text": c.echo_text, "logprobs": logprobs,
                                 "finish_reason": None, "token_ids": []}])
@@ -190,7 +203,8 @@ class ChunkWriter:
         logprobs = None
         if self.with_logprobs and o.sampled is not None and o.sampled.logprob is not None:
             logprobs = chat_logprobs([o.sampled], self.decode, self.token_bytes) if self.chat else \
-                completion_logprobs(_generated([o.sampled]), self.decode, self.offsets.get(index, 0))
+                completion_logprobs(_generated([o.sampled]), self.decode, self.offsets.get(index, 0),
+                                    self.token_bytes)
         self.offsets[index] = self.offsets.get(index, 0) + len(o.text_delta)
         if self.chat:
             choice["delta"] = {"content": text, **({"reasoning_content": reasoning} if reasoning else {})}

@@ -313,3 +313,25 @@ def test_a_special_tokens_chat_logprob_is_named_as_its_bytes_spell_it():
     [entry] = chat_logprobs([Sampled(eos, -0.5, ((eos, -0.5),))], tok.decode, tok.token_bytes)["content"]
     assert entry["token"] == "<|endoftext|>" and bytes(entry["bytes"]) == b"<|endoftext|>"
     assert entry["top_logprobs"][0]["token"] == "<|endoftext|>"
+
+
+def test_a_special_tokens_completion_logprob_is_named_and_adds_no_text(tmp_path):
+    """Legacy completions named a special token "" (two specials among top_logprobs became one key);
+    it is named as its bytes spell it, and its text_offset step stays 0 (the text skips it)."""
+    from tokenizers import AddedToken, Tokenizer
+
+    from cluster.engine.sampling import Sampled
+    from cluster.tokenizer import TextTokenizer
+    from deployments.api.responses import completion_logprobs
+
+    raw = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
+    raw.add_special_tokens([AddedToken("<|im_end|>", special=True)])  # a second special, as chat models have
+    raw.save(str(tmp_path / "tokenizer.json"))
+    tok = TextTokenizer.from_checkpoint(tmp_path)
+    eos, end = 0, tok.tok.token_to_id("<|im_end|>")
+    word = tok.encode("hello", add_special_tokens=False)[0]
+    scored = [(eos, Sampled(eos, -0.5, ((eos, -0.5), (end, -1.5)))), (word, Sampled(word, -0.1, ()))]
+    out = completion_logprobs(scored, tok.decode, offset=3, token_bytes=tok.token_bytes)
+    assert out["tokens"] == ["<|endoftext|>", tok.decode([word])]
+    assert out["top_logprobs"] == [{"<|endoftext|>": -0.5, "<|im_end|>": -1.5}, {tok.decode([word]): -0.1}]
+    assert out["text_offset"] == [3, 3]  # the special token adds nothing to the text
