@@ -45,7 +45,7 @@ def test_bad_app_config_names_the_field(args, message):
 
 @pytest.mark.parametrize("host,bound", [("127.0.0.1", "127.0.0.1"), ("localhost", "127.0.0.1"),
                                         ("0.0.0.0", "0.0.0.0"), ("192.0.2.7", None), ("::1", None)])
-def test_a_local_start_binds_loopback_or_every_interface(host, bound):
+def test_a_local_start_binds_loopback_or_every_interface(host, bound, tmp_path):
     """Ray binds its own servers to loopback or to every interface only: any other --host is refused."""
     from deployments.local import local_env, local_host
 
@@ -55,6 +55,7 @@ def test_a_local_start_binds_loopback_or_every_interface(host, bound):
         return
     assert local_host(host) == bound
     env = local_env(bound, 1 << 20)
+    shutil.rmtree(env.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", tmp_path / "none"), ignore_errors=True)
     assert env["MOE_CLUSTER_BIND_HOST"] == bound  # Serve's hard-coded [::] servers follow it
     assert ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in env) == (bound == "127.0.0.1")  # Ray's node IP on loopback
 
