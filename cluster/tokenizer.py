@@ -74,9 +74,10 @@ class TextTokenizer:
         """GPT-2's byte-level vocabulary (Qwen, DeepSeek, gpt-oss, ...): each byte written as one character."""
         return '"ByteLevel"' in json.dumps(json.loads(self.tok.to_str()).get("decoder"))
 
-    def decode_stream(self) -> "TokenStream":
-        """Incremental decoding with special tokens kept: one token at a time, no re-decoding of the past."""
-        return TokenStream(self.tok)
+    def decode_stream(self, skip_special_tokens: bool = False) -> "TokenStream":
+        """Incremental decoding (special tokens kept unless skipped): one token at a time, no
+        re-decoding of the past; the pieces join into what `decode` gives for the whole."""
+        return TokenStream(self.tok, skip_special_tokens)
 
     @lru_cache(maxsize=64)
     def specials_except(self, kept: frozenset[str]) -> re.Pattern | None:
@@ -89,8 +90,8 @@ class TextTokenizer:
 
 
 class TokenStream:
-    def __init__(self, tok: Tokenizer):
-        self.tok, self.stream = tok, DecodeStream(skip_special_tokens=False)
+    def __init__(self, tok: Tokenizer, skip_special_tokens: bool = False):
+        self.tok, self.stream = tok, DecodeStream(skip_special_tokens=skip_special_tokens)
 
     def step(self, token_id: int) -> str:
         """The text token `token_id` completes ("" while a character is still partial)."""

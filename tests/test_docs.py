@@ -107,14 +107,14 @@ def test_the_readme_reply_is_what_the_server_builds_from_the_engine():
     from fastapi.responses import JSONResponse
 
     from cluster.engine import LLMEngine, SamplingParams
-    from deployments.api.responses import ChoiceResult, completion_body
+    from deployments.api.responses import ChoiceResult, TokenText, completion_body
 
     [shown] = [b for w, b in _blocks("json") if w.startswith("README.md")]
     engine = LLMEngine.from_pretrained(str(ROOT / "models/demo"))
     [c] = engine.generate(["def main("], SamplingParams(max_tokens=16, temperature=0))
     choice = ChoiceResult(index=0, prompt_ids=c.prompt_ids, token_ids=c.token_ids, text=c.text,
                           finish_reason=c.finish_reason, expert_tokens=c.expert_tokens, cached_tokens=c.cached_tokens)
-    body = completion_body("cmpl-…", "demo", [choice], 1, engine.tokenizer.decode, chat=False)
+    body = completion_body("cmpl-…", "demo", [choice], 1, TokenText(engine.tokenizer), chat=False)
     got = JSONResponse({**body, "created": 0}).body.decode().replace('"created":0', '"created":…')
     assert got == shown.strip()
 

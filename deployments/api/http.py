@@ -203,9 +203,8 @@ async def _generate(serving, rid: str, choices, req, *, chat: bool, echo: bool, 
     results = {c.index: ChoiceResult(c.index, c.prompt_ids, c.echo_text) for c in choices}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        writer = ChunkWriter(rid, serving.cfg.model_name, serving.decode, chat=chat, echo=echo,
-                             with_logprobs=with_logprobs, include_usage=include_usage, reply=reply,
-                             token_bytes=serving.token_bytes)
+        writer = ChunkWriter(rid, serving.cfg.model_name, serving.text, chat=chat, echo=echo,
+                             with_logprobs=with_logprobs, include_usage=include_usage, reply=reply)
         return StreamingResponse(_sse(head, events, results, writer, req.n), media_type="text/event-stream")
     try:
         _add(results, *head)
@@ -219,9 +218,8 @@ async def _generate(serving, rid: str, choices, req, *, chat: bool, echo: bool, 
     metrics.REQUESTS.labels("http", "ok").inc()
     ordered = [results[c.index] for c in choices]
     _count_expert_tokens(ordered)
-    return JSONResponse(completion_body(rid, serving.cfg.model_name, ordered, req.n, serving.decode, chat=chat,
-                                        echo=echo, with_logprobs=with_logprobs, reply=reply,
-                                        token_bytes=serving.token_bytes))
+    return JSONResponse(completion_body(rid, serving.cfg.model_name, ordered, req.n, serving.text, chat=chat,
+                                        echo=echo, with_logprobs=with_logprobs, reply=reply))
 
 
 def _add(results: dict[int, ChoiceResult], index: int, batch: list) -> None:

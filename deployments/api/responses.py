@@ -11,10 +11,41 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from cluster.engine.sampling import Sampled
+from cluster.tokenizer import TextTokenizer
 from deployments.api.chat_reply import ChatReply
 
-Decode = Callable[[list[int]], str]
-TokenBytes = Callable[[int], bytes]  # a token's own bytes (TextTokenizer.token_bytes): part of a character too
+
+@dataclass(frozen=True)
+class TokenText:
+    """How a response names tokens and places them in its text (no tokenizer: token ids only, no text)."""
+
+    tokenizer: TextTokenizer | None = None
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer else ""
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """A token's own bytes: a part of a UTF-8 character too (its decoded text is U+FFFD then)."""
+        return self.tokenizer.token_bytes(token_id) if self.tokenizer else b""
+
+    def name(self, token_id: int) -> str:
+        """A token's text; a special token (which the text skips) is named as its bytes spell it, as vLLM does."""
+        return self.decode([token_id]) or self.token_bytes(token_id).decode("utf-8", "replace")
+
+    def offsets(self) -> Callable[[int], int]:
+        """For one text decoded token by token: each call takes the next token and gives the characters
+        of the text before it. The text skips special tokens and a character split over several tokens
+        is placed where it starts, so offsets never pass the text's length (a sum of each token's own
+        decoded length counted U+FFFD for every part of a character, and ran past it)."""
+        if self.tokenizer is None:
+            return lambda token_id: 0
+        stream, seen = self.tokenizer.decode_stream(skip_special_tokens=True), [0]
+
+        def before(token_id: int) -> int:
+            at = seen[0]
+            seen[0] += len(stream.step(token_id))
+            return at
+        return before
 
 
 @dataclass
@@ -61,84 +92,75 @@ def routing_json(routing) -> list[dict[str, Any]]:
             for layer, ids, ws in routing]
 
 
-def completion_logprobs(scored: list[tuple[int, Sampled | None]], decode: Decode, offset: int = 0,
-                       token_bytes: TokenBytes | None = None) -> dict[str, Any]:
+def completion_logprobs(scored: list[tuple[int, Sampled | None]], text: TokenText, offset: int = 0,
+                        offsets: Callable[[int], int] | None = None) -> dict[str, Any]:
     """Legacy shape from (token id, its Sampled) pairs; an echoed first prompt token has no logprob (None).
-    `text_offset` counts the characters each token adds to the text, so a special token (named, but
-    skipped by the text) adds none."""
-    offsets, pos = [], offset
-    for t, _ in scored:
-        offsets.append(pos)
-        pos += len(decode([t]))
-    return {"tokens": [token_name(t, decode, token_bytes) for t, _ in scored],
+    `text_offset`: `offset` plus where each token starts in the text `offsets` decodes (a new one: the
+    text is these tokens')."""
+    offsets = offsets or text.offsets()
+    return {"tokens": [text.name(t) for t, _ in scored],
             "token_logprobs": [s.logprob if s is not None else None for _, s in scored],
-            "top_logprobs": [_top_with_chosen(s, decode, token_bytes) if s is not None else None
-                             for _, s in scored],
-            "text_offset": offsets}
+            "top_logprobs": [_top_with_chosen(s, text) if s is not None else None for _, s in scored],
+            "text_offset": [offset + offsets(t) for t, _ in scored]}
 
 
-def _top_with_chosen(s: Sampled, decode: Decode, token_bytes: TokenBytes | None) -> dict[str, float]:
+def _top_with_chosen(s: Sampled, text: TokenText) -> dict[str, float]:
     """The top alternatives and the chosen token, also where it is not among them (up to logprobs + 1
     entries, as OpenAI's and vLLM's legacy completions give)."""
-    top = {token_name(t, decode, token_bytes): lp for t, lp in s.top_logprobs}
+    top = {text.name(t): lp for t, lp in s.top_logprobs}
     if s.token_id not in {t for t, _ in s.top_logprobs}:
-        top.setdefault(token_name(s.token_id, decode, token_bytes), s.logprob)
+        top.setdefault(text.name(s.token_id), s.logprob)
     return top
-
-
-def token_name(token_id: int, decode: Decode, token_bytes: TokenBytes | None) -> str:
-    """A token's text; a special token (which the text skips) is named as its bytes spell it, as vLLM does."""
-    text = decode([token_id])
-    if not text and token_bytes is not None:
-        text = token_bytes(token_id).decode("utf-8", "replace")
-    return text
 
 
 def _generated(sampled: list[Sampled]) -> list[tuple[int, Sampled | None]]:
     return [(s.token_id, s) for s in sampled]
 
 
-def _scored(c: ChoiceResult) -> list[tuple[int, Sampled | None]]:
-    """Echoed prompt tokens first (the first has no logprob), then the generated ones."""
-    prompt = c.prompt_logprobs or [None] * len(c.prompt_ids)
-    return list(zip(c.prompt_ids, prompt)) + _generated(c.logprobs)
+def _scored_prompt(c: ChoiceResult) -> list[tuple[int, Sampled | None]]:
+    """Echoed prompt tokens (the first has no logprob)."""
+    return list(zip(c.prompt_ids, c.prompt_logprobs or [None] * len(c.prompt_ids)))
 
 
-def chat_logprobs(sampled: list[Sampled], decode: Decode, token_bytes: TokenBytes | None = None) -> dict[str, Any]:
-    """token_bytes None: each token's bytes are its decoded text's (a part of a character is U+FFFD then)."""
+def _completion_logprobs(c: ChoiceResult, text: TokenText, echo: bool) -> dict[str, Any]:
+    """Echoed prompt tokens first, then the generated ones, each placed in its own part of the text
+    (the echoed prompt's text, then the reply's, decoded apart as they are)."""
+    generated = completion_logprobs(_generated(c.logprobs), text, len(c.echo_text) if echo else 0)
+    if not echo:
+        return generated
+    prompt = completion_logprobs(_scored_prompt(c), text)
+    return {key: prompt[key] + generated[key] for key in prompt}
+
+
+def chat_logprobs(sampled: list[Sampled], text: TokenText) -> dict[str, Any]:
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        text = token_name(token_id, decode, token_bytes)
-        raw = token_bytes(token_id) if token_bytes is not None else text.encode("utf-8", "replace")
-        return {"token": text, "logprob": logprob, "bytes": list(raw)}
+        return {"token": text.name(token_id), "logprob": logprob, "bytes": list(text.token_bytes(token_id))}
 
     return {"content": [{**entry(s.token_id, s.logprob),
                          "top_logprobs": [entry(t, lp) for t, lp in s.top_logprobs]} for s in sampled]}
 
 
-def _choice(c: ChoiceResult, decode: Decode, chat: bool, echo: bool, with_logprobs: bool,
-            reply: ChatReply, token_bytes: TokenBytes | None) -> dict[str, Any]:
+def _choice(c: ChoiceResult, text: TokenText, chat: bool, echo: bool, with_logprobs: bool,
+            reply: ChatReply) -> dict[str, Any]:
     out: dict[str, Any] = {"index": c.index, "finish_reason": c.finish_reason}
     if chat:
         out["message"], out["finish_reason"] = reply.message(c.text, c.finish_reason, c.token_ids)
-        out["logprobs"] = chat_logprobs(c.logprobs, decode, token_bytes) if with_logprobs else None
+        out["logprobs"] = chat_logprobs(c.logprobs, text) if with_logprobs else None
     else:
         out["text"] = (c.echo_text if echo else "") + c.text
-        out["logprobs"] = None
-        if with_logprobs:
-            out["logprobs"] = completion_logprobs(_scored(c) if echo else _generated(c.logprobs), decode,
-                                                  token_bytes=token_bytes)
+        out["logprobs"] = _completion_logprobs(c, text, echo) if with_logprobs else None
     if c.routing:
         out["routing"] = [routing_json(r) for r in c.routing]
     out["token_ids"] = c.token_ids
     return out
 
 
-def completion_body(rid: str, model: str, choices: list[ChoiceResult], n: int, decode: Decode, *, chat: bool,
-                    echo: bool = False, with_logprobs: bool = False, reply: ChatReply = ChatReply(),
-                    token_bytes: TokenBytes | None = None) -> dict[str, Any]:
+def completion_body(rid: str, model: str, choices: list[ChoiceResult], n: int, text: TokenText, *, chat: bool,
+                    echo: bool = False, with_logprobs: bool = False,
+                    reply: ChatReply = ChatReply()) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": model,
-            "choices": [_choice(c, decode, chat, echo, with_logprobs, reply, token_bytes) for c in choices],
+            "choices": [_choice(c, text, chat, echo, with_logprobs, reply) for c in choices],
             "usage": usage(choices, n)}
 
 
@@ -147,15 +169,17 @@ class ChunkWriter:
     role, the first completion chunk the echoed prompt; with include_usage a last chunk has
     `choices: []` and the usage, and the others `usage: null`."""
 
-    def __init__(self, rid: str, model: str, decode: Decode, *, chat: bool, echo: bool, with_logprobs: bool,
-                 include_usage: bool, reply: ChatReply = ChatReply(), token_bytes: TokenBytes | None = None):
-        self.rid, self.model, self.decode, self.chat = rid, model, decode, chat
-        self.token_bytes = token_bytes
+    def __init__(self, rid: str, model: str, text: TokenText, *, chat: bool, echo: bool, with_logprobs: bool,
+                 include_usage: bool, reply: ChatReply = ChatReply()):
+        self.rid, self.model, self.text, self.chat = rid, model, text, chat
         self.reply, self.replies = reply, {}  # choice index -> its ReplyStream
         self.echo, self.with_logprobs, self.include_usage = echo, with_logprobs, include_usage
         self.created = int(time.time())
         self.started: set[int] = set()
-        self.offsets: dict[int, int] = {}  # characters of each choice's text sent so far (text_offset)
+        # text_offset of each choice's tokens: its echoed prompt's length, and where in the reply's text
+        # a token starts (from its tokens, not from the text sent so far: a stop string holds text back)
+        self.echoed: dict[int, int] = {}
+        self.offsets: dict[int, Callable[[int], int]] = {}
 
     def _body(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         body = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
@@ -170,11 +194,8 @@ class ChunkWriter:
             return self._body([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                 "finish_reason": None}])
         if self.echo:
-            logprobs = None
-            if self.with_logprobs:
-                logprobs = completion_logprobs(_scored(c)[:len(c.prompt_ids)], self.decode,
-                                               token_bytes=self.token_bytes)
-            self.offsets[c.index] = len(c.echo_text)
+            logprobs = completion_logprobs(_scored_prompt(c), self.text) if self.with_logprobs else None
+            self.echoed[c.index] = len(c.echo_text)
             return self._body([{"index": c.index, "text": c.echo_text, "logprobs": logprobs,
                                 "finish_reason": None, "token_ids": []}])
         return None
@@ -202,10 +223,9 @@ class ChunkWriter:
                                   "token_ids": [] if o.token_id is None else [o.token_id]}
         logprobs = None
         if self.with_logprobs and o.sampled is not None and o.sampled.logprob is not None:
-            logprobs = chat_logprobs([o.sampled], self.decode, self.token_bytes) if self.chat else \
-                completion_logprobs(_generated([o.sampled]), self.decode, self.offsets.get(index, 0),
-                                    self.token_bytes)
-        self.offsets[index] = self.offsets.get(index, 0) + len(o.text_delta)
+            logprobs = chat_logprobs([o.sampled], self.text) if self.chat else \
+                completion_logprobs(_generated([o.sampled]), self.text, self.echoed.get(index, 0),
+                                    self.offsets.setdefault(index, self.text.offsets()))
         if self.chat:
             choice["delta"] = {"content": text, **({"reasoning_content": reasoning} if reasoning else {})}
         else:

@@ -31,7 +31,7 @@ from deployments.api.chat_reply import ChatReply, detect_reasoning, detect_tool_
 from deployments.api.reply_view import ReplyView
 from deployments.api.errors import ApiError, overloaded
 from deployments.api.tool_parsers import forced_call
-from deployments.api.responses import ChoiceResult
+from deployments.api.responses import ChoiceResult, TokenText
 from deployments.api.router_client import RouterClient
 from deployments.api.schema import ChatCompletionRequest, CompletionRequest
 from deployments.config import AppConfig
@@ -55,6 +55,7 @@ class Serving:
         _, _, model_cfg = open_model(cfg.model)
         self.cfg, self.model_cfg = cfg, model_cfg
         self.tokenizer = TextTokenizer.from_checkpoint(cfg.model)
+        self.text = TokenText(self.tokenizer)
         self.max_model_len = min(cfg.max_model_len, model_cfg.context_limit)
         self.checker = PromptChecker(model_cfg, self.tokenizer, self.max_model_len)
         self.templates = ChatTemplates.from_checkpoint(cfg.model)
@@ -72,10 +73,7 @@ class Serving:
         self._open: set[asyncio.Queue] = set()  # the merged output queue of each request streaming now
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids) if self.tokenizer else ""
-
-    def token_bytes(self, token_id: int) -> bytes:
-        return self.tokenizer.token_bytes(token_id) if self.tokenizer else b""
+        return self.text.decode(ids)
 
     async def off_loop(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)

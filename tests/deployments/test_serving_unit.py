@@ -306,11 +306,11 @@ def test_a_special_tokens_chat_logprob_is_named_as_its_bytes_spell_it():
     """`token` was "" (the reply's text skips special tokens) while `bytes` spelled <|endoftext|>."""
     from cluster.engine.sampling import Sampled
     from cluster.tokenizer import TextTokenizer
-    from deployments.api.responses import chat_logprobs
+    from deployments.api.responses import TokenText, chat_logprobs
 
     tok = TextTokenizer.from_checkpoint(str(DEMO))
     eos = 0  # the demo's <|endoftext|>
-    [entry] = chat_logprobs([Sampled(eos, -0.5, ((eos, -0.5),))], tok.decode, tok.token_bytes)["content"]
+    [entry] = chat_logprobs([Sampled(eos, -0.5, ((eos, -0.5),))], TokenText(tok))["content"]
     assert entry["token"] == "<|endoftext|>" and bytes(entry["bytes"]) == b"<|endoftext|>"
     assert entry["top_logprobs"][0]["token"] == "<|endoftext|>"
 
@@ -322,7 +322,7 @@ def test_a_special_tokens_completion_logprob_is_named_and_adds_no_text(tmp_path)
 
     from cluster.engine.sampling import Sampled
     from cluster.tokenizer import TextTokenizer
-    from deployments.api.responses import completion_logprobs
+    from deployments.api.responses import TokenText, completion_logprobs
 
     raw = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
     raw.add_special_tokens([AddedToken("<|im_end|>", special=True)])  # a second special, as chat models have
@@ -331,7 +331,49 @@ def test_a_special_tokens_completion_logprob_is_named_and_adds_no_text(tmp_path)
     eos, end = 0, tok.tok.token_to_id("<|im_end|>")
     word = tok.encode("hello", add_special_tokens=False)[0]
     scored = [(eos, Sampled(eos, -0.5, ((eos, -0.5), (end, -1.5)))), (word, Sampled(word, -0.1, ()))]
-    out = completion_logprobs(scored, tok.decode, offset=3, token_bytes=tok.token_bytes)
+    out = completion_logprobs(scored, TokenText(tok), offset=3)
     assert out["tokens"] == ["<|endoftext|>", tok.decode([word])]
     assert out["top_logprobs"] == [{"<|endoftext|>": -0.5, "<|im_end|>": -1.5}, {tok.decode([word]): -0.1}]
     assert out["text_offset"] == [3, 3]  # the special token adds nothing to the text
+
+
+def test_text_offsets_place_each_token_in_the_text_streamed_or_not():
+    """Through the real HTTP app and engine (demo model): text_offset summed each token's own decoded
+    length, so every part of a split character counted one U+FFFD (offsets past the end of the text);
+    streamed, it counted the text sent so far, which a stop string holds back (every offset lagged by
+    its length - 1, and echoed offsets ran on into the generated ones)."""
+    from cluster.engine import LLMEngine
+    from cluster.tokenizer import TextTokenizer
+    from tests.deployments.helpers import openai_over_engine
+
+    serving = Serving(app_config({"model": str(DEMO)}), NoRouters())
+    engine = LLMEngine.from_pretrained(str(DEMO), max_num_seqs=4)
+    tok = TextTokenizer.from_checkpoint(str(DEMO))
+    prompt = "héllo wörld 日本 def main("
+    split = [i for i in range(tok.tok.get_vocab_size()) if tok.decode([i]) == "\ufffd"][:2]
+    asks = [dict(prompt=prompt, echo=True), dict(prompt="def main(", stop=["zzz"]),
+            dict(prompt="def main(", logit_bias={str(t): 100 for t in split}, stop=["\n\n\n"])]
+
+    async def use(client, name):
+        out = []
+        for ask in asks:
+            kw = dict(model=name, max_tokens=12, temperature=0, logprobs=1, **ask)
+            whole = (await client.completions.create(**kw)).choices[0]
+            chunks = [c.choices[0] async for c in await client.completions.create(stream=True, **kw) if c.choices]
+            out.append((whole, chunks))
+        return out
+
+    for ask, (whole, chunks) in zip(asks, openai_over_engine(serving, engine, use)):
+        offsets, text = whole.logprobs.text_offset, whole.text
+        assert offsets == sorted(offsets) and offsets[-1] <= len(text), (ask, offsets, len(text))
+        assert [o for c in chunks if c.logprobs for o in c.logprobs.text_offset] == offsets, ask
+        assert "".join(c.text for c in chunks) == text
+        echoed = tok.encode(prompt) if ask.get("echo") else []
+        want = _offsets(tok, echoed, 0) + _offsets(tok, whole.token_ids, len(prompt) if echoed else 0)
+        assert offsets == want, (ask, offsets, want)
+
+
+def _offsets(tok, ids: list[int], start: int) -> list[int]:
+    """Where each token starts in its text: the length of the text of the tokens before it, less a
+    character they have not finished (U+FFFD at the end)."""
+    return [start + len(tok.decode(ids[:i]).rstrip("\ufffd")) for i in range(len(ids))]
