@@ -63,7 +63,24 @@ class TextTokenizer:
                 return bytes(_UNICODE_TO_BYTE[c] for c in piece)
             if not self._byte_level and _BYTE_FALLBACK.fullmatch(piece):  # sentencepiece's byte fallback: <0xCA>
                 return bytes([int(piece[3:5], 16)])
-        return self.tok.decode([token_id], skip_special_tokens=False).encode("utf-8")
+        return self.token_text(token_id).encode("utf-8")
+
+    def token_text(self, token_id: int) -> str:
+        """The text a token adds after other text, special tokens written out. Alone, a sentencepiece
+        word loses its space (Mixtral's decoder strips the text's first one: '▁yo' reads 'yo', but ' yo'
+        after a word), so it is read after an anchor token and the anchor's text taken off."""
+        alone = self.tok.decode([token_id], skip_special_tokens=False)
+        if token_id in self._added or self._byte_level:
+            return alone
+        anchor, anchor_text = self._anchor
+        after = self.tok.decode([anchor, token_id], skip_special_tokens=False)
+        return after[len(anchor_text):] if after.startswith(anchor_text) else alone
+
+    @cached_property
+    def _anchor(self) -> tuple[int, str]:
+        """A plain word token and its text alone."""
+        anchor = self.tok.encode("a", add_special_tokens=False).ids[-1]
+        return anchor, self.tok.decode([anchor], skip_special_tokens=False)
 
     @cached_property
     def _added(self) -> frozenset[int]:

@@ -29,8 +29,8 @@ class TokenText:
         return self.tokenizer.token_bytes(token_id) if self.tokenizer else b""
 
     def name(self, token_id: int) -> str:
-        """A token's text; a special token (which the text skips) is named as its bytes spell it, as vLLM does."""
-        return self.decode([token_id]) or self.token_bytes(token_id).decode("utf-8", "replace")
+        """A token's text after other text; a special token (which the text skips) written out, as vLLM does."""
+        return self.tokenizer.token_text(token_id) if self.tokenizer else ""
 
     def offsets(self) -> Callable[[int], int]:
         """For one text decoded token by token: each call takes the next token and gives the characters

@@ -1,6 +1,6 @@
 """A token's own bytes (TextTokenizer.token_bytes), for OpenAI's logprobs `bytes`: a token that holds
 part of a UTF-8 character decodes to U+FFFD, but its bytes must join with its neighbours' into the text."""
-from tokenizers import Tokenizer, decoders
+from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE
 
 from cluster.tokenizer import TextTokenizer
@@ -29,3 +29,19 @@ def test_sentencepiece_byte_fallback_tokens_are_their_byte(tmp_path):
     tok = TextTokenizer.from_checkpoint(tmp_path)
     assert [tok.token_bytes(i) for i in (1, 2, 4)] == [b"\xc3", b"\xa9", b"i"]
     assert (tok.token_bytes(1) + tok.token_bytes(2)).decode() == "é"
+
+
+def test_a_sentencepiece_words_space_is_its_own(tmp_path):
+    """Mixtral's decoder strips the text's first space: alone, '▁yo' decoded to 'yo', so its logprob
+    `bytes` (and `token`) lost the space, and a client joining them wrote "hiyo" for "hi yo"."""
+    vocab = {"<unk>": 0, "▁h": 1, "i": 2, "▁yo": 3, "▁a": 4}
+    raw = Tokenizer(BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    raw.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])  # as Mixtral-8x7B's tokenizer.json has it
+    raw.save(str(tmp_path / "tokenizer.json"))
+    tok = TextTokenizer.from_checkpoint(tmp_path)
+    ids = [1, 2, 3]
+    assert tok.decode(ids) == "hi yo"
+    assert [tok.token_bytes(i) for i in ids] == [b" h", b"i", b" yo"]
+    assert [tok.token_text(i) for i in ids] == [" h", "i", " yo"]
