@@ -146,10 +146,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     grpc = {**conf.get("grpc_options", {}), **({"port": args.grpc_port} if args.grpc_port else {})}
     start_checks.check_key(cfg.api_key)  # --api-key's, else the config's
     start_checks.check_context(args.max_model_len, cfg.model)
+    ports = {"--http-port": http.get("port", 8000)}
+    if grpc.get("grpc_servicer_functions") and grpc.get("port", 9000) > 0:  # else Serve starts no gRPC server
+        ports["--grpc-port"] = grpc.get("port", 9000)
+    start_checks.check_ports_differ(ports)
     if not args.address:
-        ports = {"--http-port": http.get("port", 8000)}
-        if grpc.get("grpc_servicer_functions") and grpc.get("port", 9000) > 0:  # else Serve starts no gRPC server
-            ports["--grpc-port"] = grpc.get("port", 9000)
         start_checks.check_ports_free(host, ports)
     if cfg.resolved_api_key():
         grpc["enable_reflection"] = False  # the schema is not shown to callers without the key

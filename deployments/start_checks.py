@@ -23,6 +23,13 @@ def check_key(api_key: str | None) -> None:
                          "unset to serve without one")
 
 
+def check_ports_differ(ports: dict[str, int]) -> None:
+    """HTTP and gRPC on one port: HAProxy's second frontend could not bind, a traceback after the Ray start."""
+    if len(set(ports.values())) < len(ports):
+        raise ValueError(f"{' and '.join(ports)} are both {next(iter(ports.values()))}: HTTP and gRPC each need "
+                         "a port of their own")
+
+
 def check_ports_free(host: str, ports: dict[str, int]) -> None:
     """A local start's public ports (`ports`: flag → port): one taken ended in a 65-line HAProxy traceback,
     after the Ray start."""

@@ -173,9 +173,9 @@ def test_a_second_stop_signal_cuts_the_drain_at_once(capsys):
 
 
 def test_serve_and_plan_refuse_what_they_used_to_take_silently(tmp_path):
-    """Each was accepted: a taken port failed after the Ray start in a 65-line HAProxy traceback; an empty
-    --api-key served every route to anyone; --max-model-len above the model's context was capped to it;
-    plan said a model fits at --gpu-memory-utilization 1.5, and read --gpu-memory 80 as 80 bytes."""
+    """Each was accepted: a taken port (or one port for HTTP and gRPC) failed after the Ray start in a
+    65-line HAProxy traceback; an empty --api-key served every route to anyone; --max-model-len above the
+    model's context was capped to it; plan said a model fits at --gpu-memory-utilization 1.5, and read --gpu-memory 80 as 80 bytes."""
     import socket
 
     with socket.socket() as taken:
@@ -185,6 +185,8 @@ def test_serve_and_plan_refuse_what_they_used_to_take_silently(tmp_path):
         r = _cli("serve", "--http-port", str(port))
     assert r.returncode == 2 and f"port {port} on 127.0.0.1 is taken" in r.stderr and "--http-port" in r.stderr
     assert "Traceback" not in r.stderr
+    r = _cli("serve", "--http-port", "8100", "--grpc-port", "8100")  # the same port twice: taken by the first
+    assert r.returncode == 2 and "--http-port and --grpc-port are both 8100" in r.stderr, r.stderr[-2000:]
     r = _cli("serve", "--api-key", "")
     assert r.returncode == 2 and "the API key is empty" in r.stderr
     r = _cli("serve", "--max-model-len", "5000")
