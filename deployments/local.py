@@ -19,6 +19,8 @@ import atexit
 import math
 import os
 import shutil
+import signal
+from contextlib import contextmanager
 
 from deployments.edge import HAPROXY_ENV, bind_haproxy_to_host, haproxy_env
 
@@ -45,6 +47,7 @@ def bind_serve_to_host() -> None:
     API_HOST_ENV: the public gRPC API and HAProxy's own ports (a local start and --address alike);
     BIND_HOST_ENV: also each replica's server for calls between deployments (a local start only: on
     a cluster, replicas on other nodes call it)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked in the raylet: see group_sigterm_left_to_us
     exclusive_grpc_ports()
     api_host, replica_host = os.environ.get(API_HOST_ENV), os.environ.get(BIND_HOST_ENV)
     if not (api_host or replica_host):
@@ -120,6 +123,21 @@ def local_env(host: str, max_message_bytes: int) -> dict[str, str]:
     return env
 
 
+@contextmanager
+def group_sigterm_left_to_us():
+    """Ray's processes started in here (GCS, raylet; they inherit this thread's signal mask) ignore
+    SIGTERM, as Ray makes them ignore SIGINT: a signal to the whole process group (`timeout`, systemd's
+    KillMode=control-group, a shell's kill -- -PGID) then reaches only this process, which drains and
+    stops them in order. Before, it killed the GCS and raylet under a draining server: it waited 60 s
+    for the GCS and left HAProxy listening on the ports. They still stop by SIGKILL, as Ray's own
+    shutdown sends after a second of SIGTERM; their workers get SIGTERM back (`bind_serve_to_host`)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def start_local_ray(host: str, num_cpus: float, max_message_bytes: int, **init_kwargs) -> None:
     import ray
     from ray._private import ray_constants
@@ -133,9 +151,10 @@ def start_local_ray(host: str, num_cpus: float, max_message_bytes: int, **init_k
     # (the CLI, pytest) imported it before: without this, ray.init rewrites the node IP
     # 127.0.0.1 to the machine's address and Ray's ports face every interface.
     ray_constants.ENABLE_RAY_CLUSTER = host != LOOPBACK
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(num_cpus)), include_dashboard=False,
-             _node_ip_address=host if host == LOOPBACK else None,
-             runtime_env={"worker_process_setup_hook": SETUP_HOOK}, **init_kwargs)
+    with group_sigterm_left_to_us():
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(num_cpus)), include_dashboard=False,
+                 _node_ip_address=host if host == LOOPBACK else None,
+                 runtime_env={"worker_process_setup_hook": SETUP_HOOK}, **init_kwargs)
     # Ray's processes have inherited this start's HAProxy files and ports; a later start, or another
     # cluster this process launches (a test's subprocess), must not reuse them.
     for key in env:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from deployments import start_checks
 from tests.deployments.conftest import free_port
 from tests.helpers import DEMO
 
@@ -61,7 +62,8 @@ def test_serve_starts_answers_and_stops(tmp_path):
     # run from another directory: the config's relative paths (models/demo, its policy file) still resolve
     proc = subprocess.Popen([sys.executable, "-m", "deployments.cli", "serve", "--num-workers", "1", "--max-model-len",
                              "512", "--config", _config(tmp_path), "--http-port", str(http), "--grpc-port",
-                             str(grpc_port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             str(grpc_port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)  # its own process group, as a shell's job has
     try:
         lines = _read_until_ready(proc)
         assert any(line.startswith("ready:") for line in lines), "".join(lines[-30:])
@@ -85,6 +87,7 @@ def test_serve_starts_answers_and_stops(tmp_path):
         assert drained["refused"] == 503 and drained["ready"] == 503  # new requests were turned away
         _serve_stopped_in_its_own_time(out, ray_tmp)
         _console_is_readable(out)
+        start_checks.check_ports_free("127.0.0.1", {"--http-port": http, "--grpc-port": grpc_port})  # HAProxy went
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -93,7 +96,9 @@ def test_serve_starts_answers_and_stops(tmp_path):
 
 def _sigterm_while_streaming(proc, base: str) -> dict:
     """SIGTERM once a long stream is under way; then a new request must get 503 while the
-    stream runs on to its end (the drain window)."""
+    stream runs on to its end (the drain window). The signal goes to the whole process group, as
+    `timeout` and systemd send it: it killed Ray's GCS and raylet under the draining server, which
+    then waited 60 s for the GCS and left HAProxy listening on the ports."""
     result: dict = {"tokens": 0, "finish_reason": None}
     started = threading.Event()
 
@@ -110,7 +115,7 @@ def _sigterm_while_streaming(proc, base: str) -> dict:
     t = threading.Thread(target=stream, daemon=True)
     t.start()
     assert started.wait(60)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     deadline = time.time() + 30
     while time.time() < deadline and "refused" not in result:
         r = requests.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=30, headers=AUTH)
