@@ -19,6 +19,7 @@ use, so sequences without a grammar (and engines that never see one) pay nothing
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
@@ -91,7 +92,13 @@ def check(spec: GrammarSpec) -> None:
         try:
             grammar_of(xgr, spec)
         except Exception as e:  # noqa: BLE001 xgrammar raises RuntimeError / ValueError / its own types
-            raise ValueError(f"unsupported or invalid JSON schema: {str(e)[:300]}") from None
+            raise ValueError(f"unsupported or invalid JSON schema: {_words(e)[:300]}") from None
+
+
+def _words(e: Exception) -> str:
+    """xgrammar's message without the time and C++ source line it starts with ("[05:24:31]
+    /project/cpp/json_schema_converter.cc:4944: Unsupported type ...")."""
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e).strip())
 
 
 def grammar_of(xgr, spec: GrammarSpec):

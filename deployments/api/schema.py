@@ -156,7 +156,7 @@ class ResponseFormat(_Body):
     @model_validator(mode="after")
     def _schema_given(self):
         if (self.type == "json_schema") != (self.json_schema is not None):
-            raise ValueError("response_format: json_schema is given with type json_schema, and only then")
+            raise ValueError("json_schema is given with type json_schema, and only then")  # the field name comes from loc
         return self
 
     def grammar(self) -> GrammarSpec | None:

@@ -377,3 +377,23 @@ def _offsets(tok, ids: list[int], start: int) -> list[int]:
     """Where each token starts in its text: the length of the text of the tokens before it, less a
     character they have not finished (U+FFFD at the end)."""
     return [start + len(tok.decode(ids[:i]).rstrip("\ufffd")) for i in range(len(ids))]
+
+
+def test_response_format_errors_read_as_one_plain_sentence():
+    """The field was named twice ("response_format: response_format: ..."), and a schema xgrammar refuses
+    came back with xgrammar's log time and C++ source line ("[05:24:31] /project/cpp/...cc:4944: ...")."""
+    import pytest
+    from pydantic import ValidationError
+
+    from cluster.engine.grammar import GrammarSpec, check
+    from deployments.api.body import validation_error
+
+    with pytest.raises(ValidationError) as e:
+        ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}],
+                                              "response_format": {"type": "json_schema"}})
+    err = validation_error(e.value)
+    assert (err.param, err.message) == ("response_format", "response_format: json_schema is given with type "
+                                                           "json_schema, and only then")
+    with pytest.raises(ValueError) as bad:
+        check(GrammarSpec.json_schema({"type": "nonsense"}))
+    assert str(bad.value) == 'unsupported or invalid JSON schema: Unsupported type "nonsense"'
