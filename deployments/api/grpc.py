@@ -9,13 +9,13 @@ One status mapper: an ApiError's status becomes its gRPC code (deployments/api/e
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 
 from grpc_health.v1 import health_pb2
 
 from deployments import metrics
+from deployments.api.api_key import bearer_key, key_matches
 from deployments.api.errors import CANCELLED, ApiError, classify, outcome
 from deployments.api.responses import ChoiceResult
 from deployments.api.schema import CompletionRequest
@@ -50,8 +50,8 @@ def quiet_answered_calls(logger: logging.Logger) -> None:
 def api_key_of(metadata) -> str | None:
     """The key a gRPC client sent: `authorization: Bearer KEY` or `x-api-key: KEY`."""
     for key, value in metadata or ():
-        if key == "authorization" and value.startswith("Bearer "):
-            return value[len("Bearer "):]
+        if key == "authorization" and bearer_key(value):
+            return bearer_key(value)
         if key == "x-api-key":
             return value
     return None
@@ -107,7 +107,7 @@ class GrpcServing:
     def _authorize(self, grpc_context) -> None:
         key = self.cfg.resolved_api_key()
         sent = api_key_of(grpc_context.invocation_metadata()) or ""
-        if key is not None and not hmac.compare_digest(sent.encode("utf-8", "replace"), key.encode()):
+        if key is not None and not key_matches(sent, key):
             raise ApiError(401, "missing or wrong API key (metadata authorization: Bearer <key>)")
 
     async def _choices(self, request, grpc_context):

@@ -7,7 +7,6 @@ key set, the docs and the OpenAPI schema are off.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import re
@@ -21,6 +20,7 @@ from starlette.exceptions import HTTPException
 
 from deployments import metrics
 from deployments.api.admin import admin_routes
+from deployments.api.api_key import bearer_key, key_matches
 from deployments.api.body import read_model
 from deployments.api.errors import CANCELLED, ApiError, answered_types, classify, outcome
 from deployments.api.chat_reply import ChatReply
@@ -86,9 +86,7 @@ def _key_dependency(key: str | None):
     async def require_key(request: Request) -> None:
         if key is None:
             return
-        auth = request.headers.get("authorization", "")
-        presented = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
-        if not hmac.compare_digest(presented.encode("utf-8", "replace"), key.encode()):
+        if not key_matches(bearer_key(request.headers.get("authorization", "")), key):
             raise ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)")
     return require_key
 

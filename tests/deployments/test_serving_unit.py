@@ -397,3 +397,23 @@ def test_response_format_errors_read_as_one_plain_sentence():
     with pytest.raises(ValueError) as bad:
         check(GrammarSpec.json_schema({"type": "nonsense"}))
     assert str(bad.value) == 'unsupported or invalid JSON schema: Unsupported type "nonsense"'
+
+
+def test_the_bearer_scheme_is_case_insensitive():
+    """RFC 9110: `Authorization: bearer KEY` is the same as `Bearer KEY`; both APIs refused it."""
+    import httpx2
+
+    from deployments.api.grpc import api_key_of
+    from deployments.api.http import build_http_app
+    from tests.deployments.helpers import IngressStub
+
+    serving = Serving(app_config({"model": str(DEMO), "api_key": "k"}), NoRouters())
+    app = build_http_app(IngressStub(serving))
+
+    async def run():
+        async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app), base_url="http://test") as client:
+            return [(await client.get("/v1/models", headers={"Authorization": auth})).status_code
+                    for auth in ("Bearer k", "bearer k", "BEARER  k", "bearer no", "Basic k", "k")]
+
+    assert asyncio.run(run()) == [200, 200, 200, 401, 401, 401]
+    assert [api_key_of([("authorization", a)]) for a in ("bearer k", "Bearer k", "Basic k")] == ["k", "k", None]
