@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cluster.engine import InvalidRequest, SamplingParams
 from cluster.engine.grammar import GrammarSpec
@@ -91,6 +91,17 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = None
     echo: bool = False
     best_of: int | None = None
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt_shape(cls, prompt, handler):
+        """One sentence for a prompt of no allowed shape: pydantic named the first of four
+        (`prompt.str: Input should be a valid string` for a batch mixing text and token ids)."""
+        try:
+            return handler(prompt)
+        except ValidationError:
+            raise ValueError("a string, a list of token ids, or a list of either (one kind per batch: "
+                             "strings or token-id lists, not both)") from None
 
     @field_validator("prompt")
     @classmethod

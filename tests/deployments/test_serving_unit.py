@@ -417,3 +417,19 @@ def test_the_bearer_scheme_is_case_insensitive():
 
     assert asyncio.run(run()) == [200, 200, 200, 401, 401, 401]
     assert [api_key_of([("authorization", a)]) for a in ("bearer k", "Bearer k", "Basic k")] == ["k", "k", None]
+
+
+def test_a_prompt_of_no_allowed_shape_is_named_in_one_sentence():
+    """A batch mixing text and token ids was refused as `prompt.str: Input should be a valid string`
+    (pydantic's error for the first of the four shapes), which does not say what is wrong."""
+    import pytest
+    from pydantic import ValidationError
+
+    from deployments.api.body import validation_error
+
+    for prompt in (["def a(", [5, 17, 33]], {"text": "x"}, 5):
+        with pytest.raises(ValidationError) as e:
+            CompletionRequest.model_validate({"prompt": prompt})
+        err = validation_error(e.value)
+        assert err.param == "prompt" and "one kind per batch" in err.message and ".str" not in err.message
+    assert CompletionRequest.model_validate({"prompt": [[1, 2], [3]]}).prompts() == [[1, 2], [3]]
