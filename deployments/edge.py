@@ -13,10 +13,14 @@ deployments.local's setup hook) binds those two listeners to the configured host
 """
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import logging
 import os
 import random
+import signal
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,6 +29,7 @@ HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 RAY_WORKER_PORTS_END = 19999  # Ray's default max_worker_port (workers take 10002-19999)
 INGRESS_PORTS_START = 30000  # Serve's direct-ingress replicas take 30000+ (HTTP) and 40000+ (gRPC)
 INGRESS_PORTS_END = 40999
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def haproxy_available() -> bool:
@@ -107,3 +112,42 @@ def bind_haproxy_to_host(host: str) -> None:
                                                 f"bind {host}:{{{{ config.metrics_port }}}}")
                                        .replace("bind *:{{ config.stats_port }}",
                                                 f"bind {host}:{{{{ config.stats_port }}}}"))
+
+
+def haproxy_dies_with_its_manager() -> None:
+    """Serve's HAProxy manager (an actor) starts HAProxy as a plain child: when the manager died hard
+    (its raylet killed, the OOM killer, a kill -9 of the start's process group) HAProxy ran on as an
+    orphan holding the public ports, and the next start found them taken. On Linux the kernel now
+    sends it SIGTERM when the manager's thread that started it (its event loop's) ends."""
+    if not sys.platform.startswith("linux"):
+        return
+    from ray.serve._private import haproxy
+
+    _Manager.pid, _Manager.prctl = os.getpid(), ctypes.CDLL(None, use_errno=True).prctl
+    haproxy.asyncio = HaproxyAsyncio()
+
+
+class _Manager:
+    pid = 0
+    prctl = None  # looked up in the manager: the forked child only calls it
+
+
+def _die_with_manager() -> None:
+    """Runs in HAProxy's process between fork and exec."""
+    if _Manager.prctl is None:  # a process the setup hook did not run in: as Serve starts it
+        return
+    _Manager.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != _Manager.pid:  # the manager died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class HaproxyAsyncio:
+    """Serve's haproxy module's `asyncio`, with HAProxy's start bound to its manager's life. Module
+    level: Ray pickles the manager's class, and its globals with it, by reference to this."""
+
+    def __getattr__(self, name: str):
+        return getattr(asyncio, name)
+
+    @staticmethod
+    def create_subprocess_exec(*args, **kwargs):
+        return asyncio.create_subprocess_exec(*args, preexec_fn=_die_with_manager, **kwargs)

@@ -22,7 +22,7 @@ import shutil
 import signal
 from contextlib import contextmanager
 
-from deployments.edge import HAPROXY_ENV, bind_haproxy_to_host, haproxy_env
+from deployments.edge import HAPROXY_ENV, bind_haproxy_to_host, haproxy_dies_with_its_manager, haproxy_env
 
 BIND_HOST_ENV = "MOE_CLUSTER_BIND_HOST"
 API_HOST_ENV = "MOE_CLUSTER_API_HOST"
@@ -66,6 +66,7 @@ def bind_serve_to_host() -> None:
         default_impl.add_grpc_address = grpc_proxy_address
         if os.environ.get(HAPROXY_ENV) == "1":
             bind_haproxy_to_host(api_host)
+            haproxy_dies_with_its_manager()
     if replica_host:
         replica.add_port_to_grpc_server = replica_port
 

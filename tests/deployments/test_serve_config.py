@@ -1,4 +1,5 @@
 """The bundled Serve config is a valid Ray Serve config whose application builds."""
+import os
 import shutil
 from pathlib import Path
 
@@ -163,3 +164,62 @@ def test_serve_grpc_servers_do_not_share_a_port_with_another_server(monkeypatch)
         asyncio.run(bind())
     finally:
         other.stop(0)
+
+
+MANAGER = """
+import asyncio, sys, time
+from ray.serve._private import haproxy
+from deployments.edge import haproxy_dies_with_its_manager
+
+haproxy_dies_with_its_manager()
+
+async def main():
+    proc = await haproxy.asyncio.create_subprocess_exec("sleep", "120")  # as Serve's manager starts HAProxy
+    print(proc.pid, flush=True)
+    await asyncio.sleep(120)
+
+asyncio.run(main())
+"""
+
+
+def test_haproxy_goes_when_its_manager_dies_hard(tmp_path):
+    """HAProxy outlived a manager killed hard (kill -9 of the start's process group, its raylet gone) and
+    held the public ports: the next start found them taken. The manager here is a process that starts
+    its child as Serve's does, through the patched module; SIGKILL it and the child goes too."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ray import cloudpickle
+
+    manager = subprocess.Popen([sys.executable, "-c", MANAGER], stdout=subprocess.PIPE, text=True,
+                               cwd=Path(__file__).resolve().parents[2])
+    try:
+        child = int(manager.stdout.readline())
+        os.kill(manager.pid, signal.SIGKILL)
+        manager.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while _running(child) and time.monotonic() < deadline:  # the kernel signals it at once
+            time.sleep(0.05)
+        assert not _running(child), "the child outlived its manager"
+    finally:
+        manager.kill()
+    from ray.serve._private import haproxy
+
+    from deployments.edge import haproxy_dies_with_its_manager
+
+    before = haproxy.asyncio
+    try:  # Ray ships the manager's class to its actor, globals included: the patch must pickle
+        haproxy_dies_with_its_manager()
+        cloudpickle.dumps(haproxy.HAProxyManager)
+    finally:
+        haproxy.asyncio = before
+
+
+def _running(pid: int) -> bool:
+    """Alive, not a zombie (a container's init may never reap an orphan)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
