@@ -65,22 +65,24 @@ class TextTokenizer:
                 return bytes([int(piece[3:5], 16)])
         return self.token_text(token_id).encode("utf-8")
 
+    @lru_cache(maxsize=1 << 16)  # two decodes a token, for every chosen and top logprob
     def token_text(self, token_id: int) -> str:
         """The text a token adds after other text, special tokens written out. Alone, a sentencepiece
         word loses its space (Mixtral's decoder strips the text's first one: '▁yo' reads 'yo', but ' yo'
-        after a word), so it is read after an anchor token and the anchor's text taken off."""
+        after a word), so it is read after an anchor token and the anchor's text taken off. (A reply's
+        first token keeps it too, where the reply's text, decoded alone, starts without it.)"""
         alone = self.tok.decode([token_id], skip_special_tokens=False)
-        if token_id in self._added or self._byte_level:
+        if token_id in self._added or self._byte_level or self._anchor is None:
             return alone
         anchor, anchor_text = self._anchor
         after = self.tok.decode([anchor, token_id], skip_special_tokens=False)
         return after[len(anchor_text):] if after.startswith(anchor_text) else alone
 
     @cached_property
-    def _anchor(self) -> tuple[int, str]:
-        """A plain word token and its text alone."""
-        anchor = self.tok.encode("a", add_special_tokens=False).ids[-1]
-        return anchor, self.tok.decode([anchor], skip_special_tokens=False)
+    def _anchor(self) -> tuple[int, str] | None:
+        """A plain word token and its text alone (None for a vocabulary that cannot write "a")."""
+        ids = self.tok.encode("a", add_special_tokens=False).ids
+        return (ids[-1], self.tok.decode(ids[-1:], skip_special_tokens=False)) if ids else None
 
     @cached_property
     def _added(self) -> frozenset[int]:

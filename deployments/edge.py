@@ -143,7 +143,10 @@ def _die_with_manager() -> None:
 
 class HaproxyAsyncio:
     """Serve's haproxy module's `asyncio`, with HAProxy's start bound to its manager's life. Module
-    level: Ray pickles the manager's class, and its globals with it, by reference to this."""
+    level: Ray pickles the manager's class, and its globals with it, by reference to this. The kernel
+    signals the child when the thread that forked it ends: Serve starts HAProxy from the manager's
+    event loop, whose thread lives as long as the actor (a start from a short-lived thread would have
+    HAProxy stopped with that thread)."""
 
     def __getattr__(self, name: str):
         return getattr(asyncio, name)

@@ -50,8 +50,8 @@ def quiet_answered_calls(logger: logging.Logger) -> None:
 def api_key_of(metadata) -> str | None:
     """The key a gRPC client sent: `authorization: Bearer KEY` or `x-api-key: KEY`."""
     for key, value in metadata or ():
-        if key == "authorization" and bearer_key(value):
-            return bearer_key(value)
+        if key == "authorization" and (presented := bearer_key(value)):
+            return presented
         if key == "x-api-key":
             return value
     return None

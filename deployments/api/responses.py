@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from cluster.engine.sampling import Sampled
 from cluster.tokenizer import TextTokenizer
@@ -32,20 +32,29 @@ class TokenText:
         """A token's text after other text; a special token (which the text skips) written out, as vLLM does."""
         return self.tokenizer.token_text(token_id) if self.tokenizer else ""
 
-    def offsets(self) -> Callable[[int], int]:
-        """For one text decoded token by token: each call takes the next token and gives the characters
-        of the text before it. The text skips special tokens and a character split over several tokens
-        is placed where it starts, so offsets never pass the text's length (a sum of each token's own
-        decoded length counted U+FFFD for every part of a character, and ran past it)."""
-        if self.tokenizer is None:
-            return lambda token_id: 0
-        stream, seen = self.tokenizer.decode_stream(skip_special_tokens=True), [0]
+    def placer(self) -> "TokenPlacer":
+        return TokenPlacer(self.tokenizer.decode_stream(skip_special_tokens=True) if self.tokenizer else None)
 
-        def before(token_id: int) -> int:
-            at = seen[0]
-            seen[0] += len(stream.step(token_id))
-            return at
-        return before
+    def starts(self, ids: list[int], start: int = 0) -> list[int]:
+        """`text_offset` of tokens that make one text (from `start` on)."""
+        place = self.placer()
+        return [start + place(t) for t in ids]
+
+
+class TokenPlacer:
+    """Where each next token of one text starts in it (`text_offset`), as the text is decoded token by
+    token: special tokens add nothing (the text skips them) and a character split over several tokens
+    is placed where it starts. Summing each token's own decoded length counted a U+FFFD for every
+    part of a split character, and offsets ran past the text."""
+
+    def __init__(self, stream):
+        self.stream, self.at = stream, 0
+
+    def __call__(self, token_id: int) -> int:
+        at = self.at
+        if self.stream is not None:
+            self.at += len(self.stream.step(token_id))
+        return at
 
 
 @dataclass
@@ -92,16 +101,14 @@ def routing_json(routing) -> list[dict[str, Any]]:
             for layer, ids, ws in routing]
 
 
-def completion_logprobs(scored: list[tuple[int, Sampled | None]], text: TokenText, offset: int = 0,
-                        offsets: Callable[[int], int] | None = None) -> dict[str, Any]:
-    """Legacy shape from (token id, its Sampled) pairs; an echoed first prompt token has no logprob (None).
-    `text_offset`: `offset` plus where each token starts in the text `offsets` decodes (a new one: the
-    text is these tokens')."""
-    offsets = offsets or text.offsets()
+def completion_logprobs(scored: list[tuple[int, Sampled | None]], text: TokenText,
+                        starts: list[int]) -> dict[str, Any]:
+    """Legacy shape from (token id, its Sampled) pairs and where each starts in the text (TokenText.starts);
+    an echoed first prompt token has no logprob (None)."""
     return {"tokens": [text.name(t) for t, _ in scored],
             "token_logprobs": [s.logprob if s is not None else None for _, s in scored],
             "top_logprobs": [_top_with_chosen(s, text) if s is not None else None for _, s in scored],
-            "text_offset": [offset + offsets(t) for t, _ in scored]}
+            "text_offset": starts}
 
 
 def _top_with_chosen(s: Sampled, text: TokenText) -> dict[str, float]:
@@ -122,14 +129,16 @@ def _scored_prompt(c: ChoiceResult) -> list[tuple[int, Sampled | None]]:
     return list(zip(c.prompt_ids, c.prompt_logprobs or [None] * len(c.prompt_ids)))
 
 
-def _completion_logprobs(c: ChoiceResult, text: TokenText, echo: bool) -> dict[str, Any]:
+def _echoed_and_generated(c: ChoiceResult, text: TokenText, echo: bool) -> dict[str, Any]:
     """Echoed prompt tokens first, then the generated ones, each placed in its own part of the text
     (the echoed prompt's text, then the reply's, decoded apart as they are)."""
-    generated = completion_logprobs(_generated(c.logprobs), text, len(c.echo_text) if echo else 0)
+    generated = _generated(c.logprobs)
+    out = completion_logprobs(generated, text, text.starts([t for t, _ in generated],
+                                                          len(c.echo_text) if echo else 0))
     if not echo:
-        return generated
-    prompt = completion_logprobs(_scored_prompt(c), text)
-    return {key: prompt[key] + generated[key] for key in prompt}
+        return out
+    prompt = completion_logprobs(_scored_prompt(c), text, text.starts(c.prompt_ids))
+    return {key: prompt[key] + out[key] for key in prompt}
 
 
 def chat_logprobs(sampled: list[Sampled], text: TokenText) -> dict[str, Any]:
@@ -148,7 +157,7 @@ def _choice(c: ChoiceResult, text: TokenText, chat: bool, echo: bool, with_logpr
         out["logprobs"] = chat_logprobs(c.logprobs, text) if with_logprobs else None
     else:
         out["text"] = (c.echo_text if echo else "") + c.text
-        out["logprobs"] = _completion_logprobs(c, text, echo) if with_logprobs else None
+        out["logprobs"] = _echoed_and_generated(c, text, echo) if with_logprobs else None
     if c.routing:
         out["routing"] = [routing_json(r) for r in c.routing]
     out["token_ids"] = c.token_ids
@@ -179,7 +188,7 @@ class ChunkWriter:
         # text_offset of each choice's tokens: its echoed prompt's length, and where in the reply's text
         # a token starts (from its tokens, not from the text sent so far: a stop string holds text back)
         self.echoed: dict[int, int] = {}
-        self.offsets: dict[int, Callable[[int], int]] = {}
+        self.placers: dict[int, TokenPlacer] = {}
 
     def _body(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         body = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
@@ -194,7 +203,8 @@ class ChunkWriter:
             return self._body([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                 "finish_reason": None}])
         if self.echo:
-            logprobs = completion_logprobs(_scored_prompt(c), self.text) if self.with_logprobs else None
+            logprobs = completion_logprobs(_scored_prompt(c), self.text, self.text.starts(c.prompt_ids)) \
+                if self.with_logprobs else None
             self.echoed[c.index] = len(c.echo_text)
             return self._body([{"index": c.index, "text": c.echo_text, "logprobs": logprobs,
                                 "finish_reason": None, "token_ids": []}])
@@ -221,11 +231,10 @@ class ChunkWriter:
     def chunk(self, index: int, o, text: str, finish_reason: str | None, reasoning: str = "") -> dict[str, Any]:
         choice: dict[str, Any] = {"index": index, "finish_reason": finish_reason,
                                   "token_ids": [] if o.token_id is None else [o.token_id]}
-        logprobs = None
+        logprobs, start = None, self._start(index, o.token_id)
         if self.with_logprobs and o.sampled is not None and o.sampled.logprob is not None:
             logprobs = chat_logprobs([o.sampled], self.text) if self.chat else \
-                completion_logprobs(_generated([o.sampled]), self.text, self.echoed.get(index, 0),
-                                    self.offsets.setdefault(index, self.text.offsets()))
+                completion_logprobs(_generated([o.sampled]), self.text, [start])
         if self.chat:
             choice["delta"] = {"content": text, **({"reasoning_content": reasoning} if reasoning else {})}
         else:
@@ -234,6 +243,14 @@ class ChunkWriter:
         if o.routing is not None:
             choice["routing"] = [routing_json(o.routing)]
         return self._body([choice])
+
+    def _start(self, index: int, token_id: int | None) -> int:
+        """Where this token starts in the choice's text (every token placed, whether it has a logprob or not)."""
+        if self.chat or not self.with_logprobs or token_id is None:
+            return 0
+        if index not in self.placers:
+            self.placers[index] = self.text.placer()
+        return self.echoed.get(index, 0) + self.placers[index](token_id)
 
     def closing(self, choices: list[ChoiceResult], n: int) -> dict[str, Any] | None:
         if not self.include_usage:

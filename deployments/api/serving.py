@@ -72,9 +72,6 @@ class Serving:
         self.cut = asyncio.Event()  # the drain window is over: end what is still running
         self._open: set[asyncio.Queue] = set()  # the merged output queue of each request streaming now
 
-    def decode(self, ids: list[int]) -> str:
-        return self.text.decode(ids)
-
     async def off_loop(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
@@ -123,7 +120,7 @@ class Serving:
         scoring = req.echo and (logprobs is not None or req.max_tokens == 0)
         choices = []
         for i, prompt_ids in enumerate(ids):
-            echo = (prompts[i] if isinstance(prompts[i], str) else self.decode(prompt_ids)) if req.echo else ""
+            echo = (prompts[i] if isinstance(prompts[i], str) else self.text.decode(prompt_ids)) if req.echo else ""
             for j in range(req.n):
                 params = req.sampling_params(j, 16 if req.max_tokens is None else req.max_tokens,
                                              logprobs=logprobs,
@@ -202,7 +199,7 @@ class Serving:
 
     def opens_thinking(self, prompt_ids: list[int]) -> bool:
         """Whether the rendered prompt left a <think> block open (R1, V3.1 thinking): the reply starts in it."""
-        return self.reasoning == reasoning.THINK and reasoning.opens_thinking(self.decode(prompt_ids[-16:]))
+        return self.reasoning == reasoning.THINK and reasoning.opens_thinking(self.text.decode(prompt_ids[-16:]))
 
     def tokenize(self, req) -> list[int]:
         """POST /tokenize: exactly the ids the model would receive (vLLM's shape)."""
@@ -217,7 +214,7 @@ class Serving:
         bad = next((t for t in tokens if not 0 <= t < vocab), None)
         if bad is not None:
             raise ApiError(400, f"tokens: token id {bad} is outside [0, {vocab})", "tokens")
-        return self.decode(tokens)
+        return self.text.decode(tokens)
 
     # -- choices → outputs -----------------------------------------------------------------------
     async def stream(self, choices: list[Choice]) -> AsyncIterator[tuple[int, list]]:

@@ -34,14 +34,25 @@ def test_sentencepiece_byte_fallback_tokens_are_their_byte(tmp_path):
 def test_a_sentencepiece_words_space_is_its_own(tmp_path):
     """Mixtral's decoder strips the text's first space: alone, '▁yo' decoded to 'yo', so its logprob
     `bytes` (and `token`) lost the space, and a client joining them wrote "hiyo" for "hi yo"."""
-    vocab = {"<unk>": 0, "▁h": 1, "i": 2, "▁yo": 3, "▁a": 4}
-    raw = Tokenizer(BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    vocab = {"<unk>": 0, "▁h": 1, "i": 2, "▁yo": 3, "▁": 4, "a": 5, "▁a": 6}
+    raw = Tokenizer(BPE(vocab=vocab, merges=[("▁", "a")], unk_token="<unk>", byte_fallback=True))
     raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     raw.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])  # as Mixtral-8x7B's tokenizer.json has it
     raw.save(str(tmp_path / "tokenizer.json"))
     tok = TextTokenizer.from_checkpoint(tmp_path)
+    assert tok._anchor == (6, "a")  # '▁a', as a real vocabulary writes "a"
     ids = [1, 2, 3]
     assert tok.decode(ids) == "hi yo"
     assert [tok.token_bytes(i) for i in ids] == [b" h", b"i", b" yo"]
     assert [tok.token_text(i) for i in ids] == [" h", "i", " yo"]
+
+
+def test_a_vocabulary_that_cannot_write_the_anchor_reads_tokens_alone(tmp_path):
+    """No "a" (no unk token, no byte fallback): finding the anchor raised IndexError on every logprob."""
+    raw = Tokenizer(BPE(vocab={"▁h": 0, "i": 1}, merges=[]))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    raw.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)])
+    raw.save(str(tmp_path / "tokenizer.json"))
+    tok = TextTokenizer.from_checkpoint(tmp_path)
+    assert tok._anchor is None and [tok.token_text(i) for i in (0, 1)] == ["h", "i"]

@@ -167,7 +167,8 @@ def test_serve_grpc_servers_do_not_share_a_port_with_another_server(monkeypatch)
 
 
 MANAGER = """
-import asyncio, sys, time
+import asyncio, threading
+import uvloop
 from ray.serve._private import haproxy
 from deployments.edge import haproxy_dies_with_its_manager
 
@@ -178,7 +179,10 @@ async def main():
     print(proc.pid, flush=True)
     await asyncio.sleep(120)
 
-asyncio.run(main())
+# as Ray runs an async actor: uvloop, on a thread of its own (the kernel's signal follows the forking thread)
+loop = threading.Thread(target=lambda: uvloop.new_event_loop().run_until_complete(main()))
+loop.start()
+loop.join()
 """
 
 

@@ -331,7 +331,7 @@ def test_a_special_tokens_completion_logprob_is_named_and_adds_no_text(tmp_path)
     eos, end = 0, tok.tok.token_to_id("<|im_end|>")
     word = tok.encode("hello", add_special_tokens=False)[0]
     scored = [(eos, Sampled(eos, -0.5, ((eos, -0.5), (end, -1.5)))), (word, Sampled(word, -0.1, ()))]
-    out = completion_logprobs(scored, TokenText(tok), offset=3)
+    out = completion_logprobs(scored, TokenText(tok), TokenText(tok).starts([t for t, _ in scored], 3))
     assert out["tokens"] == ["<|endoftext|>", tok.decode([word])]
     assert out["top_logprobs"] == [{"<|endoftext|>": -0.5, "<|im_end|>": -1.5}, {tok.decode([word]): -0.1}]
     assert out["text_offset"] == [3, 3]  # the special token adds nothing to the text
