@@ -214,7 +214,8 @@ class Serving:
         bad = next((t for t in tokens if not 0 <= t < vocab), None)
         if bad is not None:
             raise ApiError(400, f"tokens: token id {bad} is outside [0, {vocab})", "tokens")
-        return self.text.decode(tokens)
+        # special tokens kept, as vLLM's /detokenize: the text of a chat's /tokenize ids is its prompt
+        return self.tokenizer.decode(tokens, skip_special_tokens=False) if self.tokenizer else ""
 
     # -- choices → outputs -----------------------------------------------------------------------
     async def stream(self, choices: list[Choice]) -> AsyncIterator[tuple[int, list]]:

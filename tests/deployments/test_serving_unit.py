@@ -433,3 +433,11 @@ def test_a_prompt_of_no_allowed_shape_is_named_in_one_sentence():
         err = validation_error(e.value)
         assert err.param == "prompt" and "one kind per batch" in err.message and ".str" not in err.message
     assert CompletionRequest.model_validate({"prompt": [[1, 2], [3]]}).prompts() == [[1, 2], [3]]
+
+
+def test_detokenize_gives_back_the_text_tokenize_read():
+    """/detokenize skipped special tokens, so a chat's /tokenize ids came back without its markers
+    ('user\\nHi\\nassistant\\n'); vLLM keeps them."""
+    serving = Serving(app_config({"model": str(DEMO)}), NoRouters())
+    text = "<|endoftext|>def main(<|endoftext|>"
+    assert serving.detokenize(serving.checker.encode(text)) == text
