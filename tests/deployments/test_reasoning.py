@@ -119,7 +119,7 @@ def test_reasoning_effort_reaches_the_template_as_transformers_gives_it(tmp_path
                                              **({"reasoning_effort": effort} if effort else {}))
         got = oss.render_chat(ChatCompletionRequest(messages=MESSAGES, reasoning_effort=effort))
         assert got == list(want), effort
-        assert f"Reasoning: {effort or 'medium'}" in oss.decode(got)
+        assert f"Reasoning: {effort or 'medium'}" in oss.text.decode(got)
     assert ask(oss, HARMONY_REPLY, reasoning_effort="high").choices[0].message.content == "Sunny."
     with pytest.raises(openai.BadRequestError) as e:  # the two ways of setting it disagree
         ask(oss, HARMONY_REPLY, reasoning_effort="high",
