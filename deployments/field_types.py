@@ -7,9 +7,20 @@ from functools import cache
 from types import UnionType
 from typing import Any, Union, get_args, get_origin
 
+from pydantic import BaseModel, field_validator
+
+
+class NoGuessing(BaseModel):
+    """A model whose every field follows the rule (API bodies, the policy)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_guessing(cls, value: Any, info) -> Any:
+        return refuse_guessed(cls, value, info.field_name)
+
 
 def refuse_guessed(model: type, value: Any, field_name: str) -> Any:
-    """A `field_validator("*", mode="before")` body: `value` for `model`'s field, or ValueError."""
+    """`value` for `model`'s field, or ValueError."""
     kinds = _types(model.model_fields[field_name].annotation)
     if bool in kinds and value is not None and not isinstance(value, bool):
         raise ValueError("must be true or false")

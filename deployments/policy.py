@@ -10,16 +10,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from cluster.autoscale import Limits
-from deployments.field_types import refuse_guessed
+from deployments.field_types import NoGuessing
 
 log = logging.getLogger("ray.serve")
 RENAMED = {"token_split": "copy_choice"}  # old key → new key: old policy files keep working, with a warning
 
 
-class AutoscalePolicy(BaseModel):
+class AutoscalePolicy(NoGuessing):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     enabled: bool = Field(True, description="run the rebalancing loop at all")
@@ -63,11 +63,6 @@ class AutoscalePolicy(BaseModel):
     @classmethod
     def _renamed_keys(cls, data: Any) -> Any:
         return renamed(data) if isinstance(data, dict) else data
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_guessing(cls, value: Any, info) -> Any:
-        return refuse_guessed(cls, value, info.field_name)
 
     @model_validator(mode="after")
     def _static_needs_a_profile(self) -> "AutoscalePolicy":

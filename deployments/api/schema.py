@@ -16,18 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cluster.engine import InvalidRequest, SamplingParams
 from cluster.engine.grammar import GrammarSpec
 from cluster.engine.params import MAX_LOGPROBS, SEED_MAX, SEED_MIN
-from deployments.field_types import refuse_guessed
+from deployments.field_types import NoGuessing
 
 MAX_N = 16  # choices per prompt (and prompts per request)
 
 
-class _Body(BaseModel):
+class _Body(NoGuessing):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_guessing(cls, value: Any, info) -> Any:
-        return refuse_guessed(cls, value, info.field_name)
 
 
 class StreamOptions(_Body):
